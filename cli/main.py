@@ -1,0 +1,251 @@
+"""The `dalikd` command: a thin adapter from flags to config to a library call.
+
+Every user mistake surfaces as a DalikdError (or a click usage error) and is printed as one
+line with a non-zero exit; tracebacks are kept for dalikd's own bugs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from dalikd.config import TrainConfig
+from dalikd.errors import DalikdError
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def _default(dotted: str) -> Any:
+    obj: Any = TrainConfig()
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    if isinstance(obj, tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in obj)
+    return obj
+
+
+def _numbers(kind):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return [kind(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated numbers, got '{value}'") from None
+
+    return parse
+
+
+# (flag, dotted config key, click type or callback, help). Defaults come from TrainConfig.
+TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--data", "data.path", click.Path(), "dataset root with train/<class>/* and val/<class>/*"),
+    (
+        "--aug",
+        "kd.aug",
+        str,
+        "second-view recipe: a name (see `dalikd pipelines`), a+b, or file.py:function",
+    ),
+    (
+        "--teacher",
+        "model.teacher",
+        str,
+        "teacher model (torchvision name or module:function); omit to train supervised",
+    ),
+    (
+        "--teacher-weights",
+        "model.teacher_weights",
+        str,
+        "teacher weights: a file (state_dict or dalikd checkpoint) or a torchvision name",
+    ),
+    ("--student", "model.student", str, "student model (torchvision name or module:function)"),
+    ("--student-weights", "model.student_weights", str, "initial student weights (file)"),
+    ("--epochs", "optim.epochs", int, "epochs to train (with --resume: the new total)"),
+    ("--batch-size", "data.batch_size", int, "images per step"),
+    ("--lr", "optim.lr", float, "peak learning rate"),
+    ("--momentum", "optim.momentum", float, "SGD momentum"),
+    ("--nesterov/--no-nesterov", "optim.nesterov", None, "Nesterov momentum"),
+    ("--weight-decay", "optim.weight_decay", float, "weight decay (not on BN or biases)"),
+    ("--schedule", "optim.schedule", click.Choice(["step", "cosine"]), "learning-rate schedule"),
+    (
+        "--milestones",
+        "optim.milestones",
+        _numbers(int),
+        "step schedule: epochs where lr is multiplied by --gamma",
+    ),
+    ("--gamma", "optim.gamma", float, "step schedule factor"),
+    ("--warmup-epochs", "optim.warmup_epochs", float, "linear warmup length in epochs"),
+    ("--ce-weight", "kd.ce_weight", float, "weight of CE(s(x), y) (gamma)"),
+    ("--kd-weight", "kd.kd_weight", float, "weight of each KD term (alpha)"),
+    ("--temperature", "kd.temperature", float, "KD temperature T"),
+    ("--image-size", "data.image_size", int, "training and validation image side in px"),
+    ("--crop-scale", "data.crop_scale", _numbers(float), "random-resized-crop area range, MIN,MAX"),
+    ("--threads", "data.threads", int, "DALI CPU threads (0: one per core, at most 8)"),
+    ("--fp16-data/--fp32-data", "data.fp16", None, "hand images to torch as float16"),
+    (
+        "--device",
+        "device",
+        click.Choice(["auto", "cpu", "gpu"]),
+        "where DALI and torch run (auto: gpu when CUDA is available)",
+    ),
+    (
+        "--precision",
+        "precision",
+        click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        "autocast (auto: bf16 on GPU, fp32 on CPU)",
+    ),
+    ("--seed", "seed", int, "random seed for DALI and torch"),
+    ("--out", "out", click.Path(), "run directory (default runs/<timestamp>)"),
+    (
+        "--eval-teacher/--no-eval-teacher",
+        "eval_teacher",
+        None,
+        "report the teacher's val accuracy before training",
+    ),
+]
+
+
+def train_options(f):
+    for flag, dotted, kind, help_text in reversed(TRAIN_OPTIONS):
+        dest = dotted.replace(".", "__")
+        default = _default(dotted)
+        shown = f"{help_text}  [default: {default if default != '' else 'none'}]"
+        if kind is None:  # boolean on/off pair
+            f = click.option(flag, dest, default=None, help=shown)(f)
+        elif callable(kind) and not isinstance(kind, type | click.ParamType):
+            f = click.option(flag, dest, default=None, callback=kind, help=shown)(f)
+        else:
+            f = click.option(flag, dest, type=kind, default=None, help=shown)(f)
+    return f
+
+
+def overrides_from(params: dict[str, Any]) -> dict[str, Any]:
+    """The flags the user actually gave, as dotted config keys."""
+    return {k.replace("__", "."): v for k, v in params.items() if v is not None}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dalikd")
+def cli() -> None:
+    """dalikd: knowledge distillation with the augmentations computed by NVIDIA DALI."""
+
+
+@cli.command()
+@click.option(
+    "--config", "config_file", type=click.Path(), help="TOML file of settings; flags override it"
+)
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(),
+    help="continue the run in this directory from last.pt",
+)
+@train_options
+def train(config_file: str | None, resume_dir: str | None, **params: Any) -> None:
+    """Distill --student from --teacher on --data (or train it supervised without --teacher)."""
+    from dalikd.cli.report import RichReporter, print_summary
+
+    from dalikd.config import build_config, read_config_file
+    from dalikd.train import load_resume
+    from dalikd.train import train as run_training
+
+    overrides = overrides_from(params)
+    if resume_dir:
+        if config_file:
+            raise DalikdError("--resume takes the run's saved config; drop --config")
+        cfg = load_resume(resume_dir, overrides)
+    else:
+        file_values = read_config_file(config_file) if config_file else None
+        cfg = build_config(file_values, overrides)
+    with RichReporter() as reporter:
+        summary = run_training(cfg, reporter, resume=bool(resume_dir))
+    print_summary(summary)
+
+
+@cli.command(name="eval")
+@click.option(
+    "--data", required=True, type=click.Path(), help="dataset root (its val/ split is used)"
+)
+@click.option("--model", "model_name", required=True, help="torchvision name or module:function")
+@click.option("--weights", required=True, help="weights file or torchvision weights name")
+@click.option("--batch-size", default=100, show_default=True, type=int)
+@click.option("--image-size", default=224, show_default=True, type=int)
+@click.option(
+    "--threads", default=0, type=int, help="DALI CPU threads (0: one per core, at most 8)"
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
+)
+def evaluate_cmd(data, model_name, weights, batch_size, image_size, threads, device) -> None:
+    """Validation top-1 / top-5 / loss of a model on DATA/val."""
+    from dalikd.cli.report import print_eval
+
+    from dalikd.evaluate import evaluate_model
+
+    result = evaluate_model(
+        data, model_name, weights, batch_size=batch_size, image_size=image_size,
+        threads=threads, device=device,
+    )  # fmt: skip
+    print_eval(model_name, weights, result)
+
+
+@cli.command()
+def pipelines() -> None:
+    """List the built-in augmentation recipes for --aug."""
+    from dalikd.cli.report import print_recipes
+
+    from dalikd.recipes import builtin_recipes, recipe_info
+
+    print_recipes([recipe_info(r) for r in builtin_recipes().values()])
+
+
+@cli.command()
+@click.option(
+    "--out",
+    type=click.Path(),
+    default="runs/demo",
+    show_default=True,
+    help="where the three runs go",
+)
+@click.option(
+    "--epochs", type=int, default=None, help="override the demo's epoch count (all three runs)"
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
+)
+def demo(out: str, epochs: int | None, device: str) -> None:
+    """Build a small digits dataset, train a teacher, a student alone and a KD student."""
+    from dalikd.cli.report import RichReporter, print_demo
+    from dalikd.demo import run_demo
+
+    with RichReporter() as reporter:
+        rows = run_demo(Path(out), reporter, epochs=epochs, device=device)
+    print_demo(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="dalikd", standalone_mode=False)
+    except DalikdError as e:
+        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        sys.exit(1)
+    except click.UsageError as e:
+        hint = f" (see: dalikd {e.ctx.info_name if e.ctx and e.ctx.parent else ''} --help)".replace(
+            "  ", " "
+        )
+        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", soft_wrap=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        err_console.print(f"[bold red]error:[/] {e.format_message()}", soft_wrap=True)
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, click.Abort):
+        err_console.print("interrupted; a run continues with: dalikd train --resume RUN_DIR")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

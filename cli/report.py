@@ -1,0 +1,123 @@
+"""rich output for the CLI: the training progress bar and the end-of-run tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+console = Console(highlight=False)
+
+
+class RichReporter:
+    """Implements dalikd.train.Reporter: one bar per epoch with loss and live images/s."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "loss {task.fields[loss]}  {task.fields[speed]} img/s  lr {task.fields[lr]}"
+            ),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self._task = None
+
+    def __enter__(self) -> RichReporter:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.stop()
+
+    def message(self, text: str) -> None:
+        self._progress.console.print(text)
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(
+            f"epoch {epoch + 1}/{epochs}", total=steps, loss="-", speed="-", lr="-"
+        )
+
+    def step(self, step: int, loss: float, img_per_s: float, lr: float) -> None:
+        self._progress.update(
+            self._task,
+            completed=step,
+            loss=f"{loss:.4f}",
+            speed=f"{img_per_s:,.0f}",
+            lr=f"{lr:.4g}",
+        )
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        self._progress.console.print(
+            f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}  "
+            f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  "
+            f"top-5 {record['val_top5']:.2f}%  {record['img_per_s']:,.0f} img/s  "
+            f"{record['seconds']:.1f} s"
+        )
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    final = summary["final"]
+    table = Table(title="dalikd train", show_header=False)
+    table.add_row("run directory", summary["run_dir"])
+    table.add_row("device", summary["device"])
+    table.add_row("epochs", str(summary["epochs"]))
+    if final:
+        table.add_row(
+            "final val top-1 / top-5", f"{final['val_top1']:.2f}% / {final['val_top5']:.2f}%"
+        )
+        table.add_row("final val loss", f"{final['val_loss']:.4f}")
+        table.add_row("train images/s (last epoch)", f"{final['img_per_s']:,.0f}")
+    table.add_row("best val top-1", f"{summary['best_top1']:.2f}%")
+    table.add_row("files", "config.json  metrics.jsonl  last.pt  best.pt")
+    console.print(table)
+
+
+def print_eval(model: str, weights: str, result: dict[str, float]) -> None:
+    table = Table(title=f"{model} ({weights})")
+    for col in ("images", "top-1 %", "top-5 %", "loss"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(result["count"]),
+        f"{result['top1']:.2f}",
+        f"{result['top5']:.2f}",
+        f"{result['loss']:.4f}",
+    )
+    console.print(table)
+
+
+def print_recipes(infos: list[Any]) -> None:
+    table = Table(title="augmentation recipes (--aug NAME, A+B, or file.py:function)")
+    table.add_column("name", style="bold")
+    table.add_column("mixing")
+    table.add_column("description")
+    for info in infos:
+        table.add_row(info.name, "yes" if info.mixing else "", info.description)
+    console.print(table)
+
+
+def print_demo(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="dalikd demo: digits (10 classes)")
+    for col, justify in (("model", "left"), ("role", "left"), ("val top-1 %", "right"),
+                         ("val loss", "right"), ("run", "left")):  # fmt: skip
+        table.add_column(col, justify=justify)
+    for r in rows:
+        table.add_row(
+            r["model"], r["role"], f"{r['val_top1']:.2f}", f"{r['val_loss']:.4f}", r["run"]
+        )
+    console.print(table)

@@ -1,0 +1,229 @@
+"""The typed run configuration: frozen dataclasses, a TOML loader and the flag overrides.
+
+Precedence is defaults < ``--config FILE.toml`` < command-line flags. A key in the file that no
+dataclass field reads is an error, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from dalikd.errors import DalikdError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # dataset root holding train/<class>/* and val/<class>/*
+    image_size: int = 224  # px, square side fed to the models
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # area fraction range of the random crop
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect-ratio range of the random crop
+    val_crop_fraction: float = 0.875  # val: resize shorter side to image_size / this, centre crop
+    batch_size: int = 256  # images per step (per process)
+    threads: int = 0  # DALI CPU threads; 0 = one per core, at most 8
+    fp16: bool = False  # hand images to torch as float16 (halves the copy; GPU use)
+    antialias: bool = True  # antialiased resize, as torchvision's RandomResizedCrop
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    student: str = "resnet18"  # torchvision name or module:function
+    student_weights: str = ""  # optional initial weights for the student
+    teacher: str = ""  # empty: train the student supervised (no distillation)
+    teacher_weights: str = ""  # file (state_dict or dalikd checkpoint) or torchvision name
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 100
+    lr: float = 0.1  # peak learning rate, after warmup
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    schedule: str = "step"  # step | cosine
+    milestones: tuple[int, ...] = (30, 60, 90)  # epochs where the step schedule multiplies by gamma
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear warmup from 0, in epochs (fractions allowed)
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    aug: str = "none"  # recipe for the second view x'; none = plain KD
+    ce_weight: float = 0.1  # gamma: weight of CE(s(x), y)
+    kd_weight: float = 0.9  # alpha: weight of each D_T term
+    temperature: float = 4.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    device: str = "auto"  # auto | cpu | gpu
+    seed: int = 0
+    out: str = ""  # run directory; empty = runs/<timestamp>
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (GPU)
+    channels_last: bool = True  # only applied on GPU
+    eval_teacher: bool = False  # report the teacher's val accuracy before training
+    log_every: int = 10  # steps between progress updates (each one is a device sync)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("data", "model", "optim", "kd")
+
+_CHOICES = {
+    "device": ("auto", "cpu", "gpu"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "optim.schedule": ("step", "cosine"),
+}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check one value against the field's type; lists become tuples, ints may be floats."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, list | tuple):
+            raise DalikdError(f"config key '{key}' must be a list, got {value!r}")
+        item_type = args[0]
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            raise DalikdError(f"config key '{key}' must have {len(args)} values, got {len(value)}")
+        return tuple(_coerce(key, v, item_type) for v in value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise DalikdError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DalikdError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DalikdError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise DalikdError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {annotation!r}")  # a dalikd bug, not user input
+
+
+def _apply(obj: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in fields(obj)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+        raise DalikdError(
+            f"unknown config key '{prefix}{unknown[0]}' in {where}; "
+            f"known keys: {', '.join(sorted(known))}"
+        )
+    changes = {}
+    for name, value in values.items():
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise DalikdError(f"config key '{prefix}{name}' must be a table of keys")
+            changes[name] = _apply(current, value, f"{prefix}{name}.")
+        else:
+            changes[name] = _coerce(f"{prefix}{name}", value, hints[name])
+    return dataclasses.replace(obj, **changes)
+
+
+def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (or a saved config.json) into nested dicts; errors are one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DalikdError(f"config file not found: {path}")
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise DalikdError(f"cannot parse {path}: {e}") from None
+
+
+def build_config(
+    file_values: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    base: TrainConfig | None = None,
+) -> TrainConfig:
+    """Defaults (or ``base``) < file values (nested) < overrides (dotted keys, e.g. 'optim.lr')."""
+    cfg = base or TrainConfig()
+    if file_values:
+        cfg = _apply(cfg, file_values)
+    if overrides:
+        cfg = _apply(cfg, _nest(overrides))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    for key, allowed in _CHOICES.items():
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if obj not in allowed:
+            raise DalikdError(f"'{key}' must be one of {', '.join(allowed)}; got '{obj}'")
+    d, o, k = cfg.data, cfg.optim, cfg.kd
+    checks = [
+        (d.image_size >= 16, f"image size must be at least 16 px, got {d.image_size}"),
+        (d.batch_size >= 1, f"batch size must be positive, got {d.batch_size}"),
+        (d.threads >= 0, f"threads must be >= 0, got {d.threads}"),
+        (
+            0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+            f"crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}",
+        ),
+        (
+            0 < d.crop_ratio[0] <= d.crop_ratio[1],
+            f"crop_ratio must satisfy 0 < min <= max, got {d.crop_ratio}",
+        ),
+        (
+            0 < d.val_crop_fraction <= 1,
+            f"val_crop_fraction must be in (0, 1], got {d.val_crop_fraction}",
+        ),
+        (o.epochs >= 1, f"epochs must be positive, got {o.epochs}"),
+        (o.lr > 0, f"learning rate must be positive, got {o.lr}"),
+        (o.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {o.warmup_epochs}"),
+        (
+            list(o.milestones) == sorted(o.milestones),
+            f"milestones must be increasing, got {o.milestones}",
+        ),
+        (k.temperature > 0, f"temperature must be positive, got {k.temperature}"),
+        (k.ce_weight >= 0 and k.kd_weight >= 0, "loss weights must be >= 0"),
+        (cfg.log_every >= 1, f"log_every must be positive, got {cfg.log_every}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DalikdError(message)
+    if cfg.model.teacher and not cfg.model.teacher_weights:
+        raise DalikdError(
+            "--teacher needs --teacher-weights (a file or a torchvision weights name such as "
+            "IMAGENET1K_V1): distilling from an untrained teacher teaches nothing"
+        )
+    if not cfg.model.teacher and cfg.kd.aug != "none":
+        raise DalikdError(
+            f"--aug {cfg.kd.aug} makes a second view for the teacher to label; "
+            "without --teacher use --aug none"
+        )

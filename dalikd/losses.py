@@ -1,0 +1,26 @@
+"""The two-view distillation loss of Wang et al. (NeurIPS 2022), see PAPER.md.
+
+loss = ce_weight * CE(s(x), y) + kd_weight * [D_T(t(x), s(x)) + D_T(t(x'), s(x'))]
+D_T(t, s) = T^2 * sum_c KL(softmax(t/T) || softmax(s/T)) / batch size
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """D_T: KL(teacher || student) at temperature T, summed over classes, mean over the batch,
+    times T^2 (keeps gradient size independent of T, Hinton et al.). Computed in float32."""
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
+
+
+def soft_labels(labels: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, num_classes: int):
+    """lam * onehot(y) + (1 - lam) * onehot(y[perm]); rows sum to 1."""
+    own = F.one_hot(labels, num_classes).float()
+    return lam[:, None] * own + (1 - lam[:, None]) * own[perm]

@@ -1,0 +1,224 @@
+"""DALI graphs for training and validation, and their hand-off to PyTorch.
+
+``pipeline_def`` and the PyTorch iterator are applied here and nowhere else. Both graphs run on
+CPU (``device="cpu"``, DALI's ``device_id=None``) or GPU (``device="gpu"``: the decoder runs as
+"mixed" and everything after it on the GPU) from the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from dalikd.config import DataConfig
+from dalikd.data import Split
+from dalikd.recipes import AugContext, Recipe
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # RGB, 0-255 scale
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+READER = "Reader"
+
+
+def default_threads() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
+@dataclass
+class Batch:
+    """One training or validation batch as torch tensors on the training device."""
+
+    images: torch.Tensor  # x: [B, 3, S, S] float32 (float16 with data.fp16), normalized
+    labels: torch.Tensor  # [B] int64 class indices
+    aug_images: torch.Tensor | None = None  # x': like images; None for plain KD
+    lam: torch.Tensor | None = None  # [B] float32, fraction of own pixels in x' (mixing only)
+    perm: torch.Tensor | None = None  # [B] int64, partner index of each x' (mixing only)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+# -- graph pieces (DataNode -> DataNode) ---------------------------------------------------------
+
+
+def read(split: Split, *, shuffle: bool, shard_id: int, num_shards: int) -> tuple[Any, Any]:
+    """Encoded files and int32 labels of this shard. ``pad_last_batch`` gives every shard the
+    same number of batches; ``shuffle_after_epoch`` is a true global reshuffle each epoch."""
+    return fn.readers.file(
+        files=list(split.files),
+        labels=list(split.labels),
+        name=READER,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        shuffle_after_epoch=shuffle,
+        pad_last_batch=True,
+    )
+
+
+def random_resized_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
+    """Decode only a random crop window (area in crop_scale, aspect in crop_ratio), resize it to
+    image_size². Out: uint8 HWC RGB on ``device``."""
+    images = fn.decoders.image_random_crop(
+        jpegs,
+        device="mixed" if device == "gpu" else "cpu",
+        output_type=types.RGB,
+        random_area=list(data.crop_scale),
+        random_aspect_ratio=list(data.crop_ratio),
+        num_attempts=10,
+    )
+    return fn.resize(
+        images, resize_x=data.image_size, resize_y=data.image_size, antialias=data.antialias
+    )
+
+
+def center_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
+    """Decode, resize the shorter side to image_size / val_crop_fraction, crop the centre
+    image_size². Deterministic. Out: uint8 HWC RGB on ``device``."""
+    images = fn.decoders.image(
+        jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB
+    )
+    images = fn.resize(
+        images,
+        resize_shorter=round(data.image_size / data.val_crop_fraction),
+        antialias=data.antialias,
+    )
+    return fn.crop(images, crop=(data.image_size, data.image_size))
+
+
+def normalize(images: Any, data: DataConfig) -> Any:
+    """uint8 HWC -> float NCHW, (x - ImageNet mean) / ImageNet std."""
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT16 if data.fp16 else types.FLOAT,
+        output_layout="CHW",
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
+    )
+
+
+def train_graph(split, data, recipe, device, shard_id, num_shards):
+    """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode."""
+    jpegs, labels = read(split, shuffle=True, shard_id=shard_id, num_shards=num_shards)
+    images = random_resized_crop(jpegs, data, device)
+    images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+    outputs = {"images": normalize(images, data), "labels": labels}
+    if recipe is not None:
+        view = recipe(images, AugContext(data.image_size, device, IMAGENET_MEAN))
+        outputs["aug_images"] = normalize(view.images, data)
+        if view.lam is not None:
+            outputs["lam"] = fn.cast(view.lam, dtype=types.FLOAT)
+            outputs["perm"] = fn.cast(view.perm, dtype=types.INT64)
+    return outputs
+
+
+def val_graph(split, data, device, shard_id, num_shards):
+    jpegs, labels = read(split, shuffle=False, shard_id=shard_id, num_shards=num_shards)
+    return {"images": normalize(center_crop(jpegs, data, device), data), "labels": labels}
+
+
+# -- pipeline + iterator -------------------------------------------------------------------------
+
+
+def _dali_device_id(device: str) -> int | None:
+    return torch.cuda.current_device() if device == "gpu" else None
+
+
+def build_pipeline(graph, *, data: DataConfig, device: str, seed: int, **graph_kwargs):
+    """Apply pipeline_def to a graph function returning a dict of named outputs.
+
+    Returns ``(pipeline, output names)``. The graph is traced here; nothing is built yet.
+    """
+    names: list[str] = []
+
+    def graph_fn():
+        outputs = graph(data=data, device=device, **graph_kwargs)
+        names.extend(outputs)
+        return tuple(outputs.values())
+
+    pipe = pipeline_def(graph_fn, enable_conditionals=True)(
+        batch_size=data.batch_size,
+        num_threads=data.threads or default_threads(),
+        device_id=_dali_device_id(device),
+        seed=seed,
+    )
+    assert names, "pipeline_def traces the graph when the pipeline is created"
+    return pipe, names
+
+
+class Loader:
+    """Iterates one epoch of :class:`Batch`; ``len()`` is the number of batches per epoch."""
+
+    def __init__(
+        self, pipe, names: list[str], *, last_batch: LastBatchPolicy, device: torch.device
+    ):
+        self._device = device
+        self._iter = DALIGenericIterator(
+            [pipe],
+            names,
+            reader_name=READER,
+            last_batch_policy=last_batch,
+            auto_reset=True,
+        )
+
+    def __len__(self) -> int:
+        return len(self._iter)
+
+    def __iter__(self) -> Iterator[Batch]:
+        to = self._device
+        for out in self._iter:
+            d = out[0]
+            # Images come out of DALI already on the training device; the per-sample scalars
+            # come from CPU operators and are moved here.
+            yield Batch(
+                images=d["images"],
+                labels=_flat(d["labels"], to, torch.int64),
+                aug_images=d.get("aug_images"),
+                lam=_flat(d.get("lam"), to, torch.float32),
+                perm=_flat(d.get("perm"), to, torch.int64),
+            )
+
+
+def _flat(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1).to(device, dtype, non_blocking=True)
+
+
+def train_loader(
+    split: Split,
+    data: DataConfig,
+    recipe: Recipe | None,
+    *,
+    device: str,
+    seed: int,
+    shard_id: int = 0,
+    num_shards: int = 1,
+) -> Loader:
+    """Shuffled, augmented training batches; the incomplete last batch is dropped."""
+    pipe, names = build_pipeline(
+        train_graph, data=data, device=device, seed=seed, split=split, recipe=recipe,
+        shard_id=shard_id, num_shards=num_shards,
+    )  # fmt: skip
+    return Loader(pipe, names, last_batch=LastBatchPolicy.DROP, device=torch_device(device))
+
+
+def val_loader(
+    split: Split, data: DataConfig, *, device: str, shard_id: int = 0, num_shards: int = 1
+) -> Loader:
+    """Every validation image exactly once per epoch, in file order (last batch partial)."""
+    pipe, names = build_pipeline(
+        val_graph, data=data, device=device, seed=0, split=split,
+        shard_id=shard_id, num_shards=num_shards,
+    )  # fmt: skip
+    return Loader(pipe, names, last_batch=LastBatchPolicy.PARTIAL, device=torch_device(device))
+
+
+def torch_device(device: str) -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if device == "gpu"
+        else torch.device("cpu")
+    )

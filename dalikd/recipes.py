@@ -1,0 +1,163 @@
+"""Augmentation recipes: how the second view x' is made from the decoded images.
+
+A recipe is a plain function ``recipe(images, ctx) -> View | None`` over DALI DataNodes,
+marked with :func:`recipe` (metadata only). Built-in recipes live one per file in
+``dalikd.pipelines`` (the repository's ``pipelines/`` folder) and are found by scanning that
+package, so there is no import-time registry to keep in sync. ``--aug`` accepts a recipe name,
+a ``+`` composition (per-image recipes first, at most one mixing recipe, last), or
+``path/to/file.py:function`` for a user's own recipe.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dalikd.errors import DalikdError
+
+_ATTR = "__dalikd_recipe__"
+
+
+@dataclass(frozen=True)
+class AugContext:
+    """Static facts a recipe may use; nothing random lives here (randomness is graph input)."""
+
+    image_size: int  # px, side of the square images the recipe receives
+    device: str  # "cpu" | "gpu": where the images live
+    mean: tuple[float, float, float]  # dataset mean per RGB channel, 0-255 scale
+
+
+@dataclass(frozen=True)
+class View:
+    """A recipe's output, all per-sample DataNodes of one batch."""
+
+    images: Any  # DataNode: uint8, HWC, image_size x image_size, on ctx.device
+    lam: Any = None  # DataNode float32 per sample: fraction of the sample's own pixels
+    perm: Any = None  # DataNode int32 per sample: index of the partner in the batch
+
+
+@dataclass(frozen=True)
+class RecipeInfo:
+    name: str
+    description: str  # one line, shown by `dalikd pipelines`
+    mixing: bool = False  # mixes samples of the batch (returns lam and perm)
+
+
+Recipe = Callable[..., "View | None"]
+
+
+def recipe(name: str, description: str, *, mixing: bool = False) -> Callable[[Recipe], Recipe]:
+    """Mark a function as a recipe named ``name``; only attaches metadata."""
+
+    def mark(fn: Recipe) -> Recipe:
+        setattr(fn, _ATTR, RecipeInfo(name, description, mixing))
+        return fn
+
+    return mark
+
+
+def recipe_info(fn: Recipe) -> RecipeInfo:
+    info = getattr(fn, _ATTR, None)
+    if info is None:
+        return RecipeInfo(getattr(fn, "__name__", "custom"), "user recipe", mixing=False)
+    return info
+
+
+def builtin_recipes() -> dict[str, Recipe]:
+    """Name -> recipe for every recipe file shipped in ``dalikd.pipelines``, sorted by name."""
+    package = importlib.import_module("dalikd.pipelines")
+    found: dict[str, Recipe] = {}
+    for module_info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"dalikd.pipelines.{module_info.name}")
+        for value in vars(module).values():
+            info = getattr(value, _ATTR, None)
+            if info is None or value.__module__ != module.__name__:
+                continue
+            if info.name in found and found[info.name] is not value:
+                raise RuntimeError(f"two built-in recipes are named '{info.name}'")
+            found[info.name] = value
+    return dict(sorted(found.items()))
+
+
+def _load_file_recipe(spec: str) -> Recipe:
+    path_text, _, func_name = spec.rpartition(":")
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise DalikdError(f"recipe file not found: {path} (from --aug {spec})")
+    module_name = f"dalikd_user_recipe_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    # DALI's AutoGraph reads the source of recipes that use `if`; it needs a registered module.
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise DalikdError(f"cannot import {path}: {type(e).__name__}: {e}") from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise DalikdError(
+            f"{path} has no function '{func_name}'; it defines: {', '.join(names) or 'nothing'}"
+        )
+    return fn
+
+
+def _resolve_one(spec: str, known: dict[str, Recipe]) -> Recipe:
+    if spec.endswith(".py") or ".py:" in spec:
+        if ":" not in spec or spec.endswith(".py"):
+            raise DalikdError(f"--aug {spec}: name the function too, as path/to/file.py:function")
+        return _load_file_recipe(spec)
+    if spec not in known:
+        raise DalikdError(f"unknown augmentation '{spec}'; known: {', '.join(known)}")
+    return known[spec]
+
+
+def resolve(spec: str) -> Recipe | None:
+    """Turn an ``--aug`` value into one recipe; ``None`` for plain KD (no second view)."""
+    spec = spec.strip()
+    known = builtin_recipes()
+    parts = [p.strip() for p in spec.split("+")]
+    if any(not p for p in parts):
+        raise DalikdError(f"--aug '{spec}' has an empty part; write e.g. autoaugment+cutmix")
+    recipes = [_resolve_one(p, known) for p in parts]
+    if len(recipes) == 1:
+        return None if spec == "none" else recipes[0]
+    infos = [recipe_info(r) for r in recipes]
+    if "none" in parts:
+        raise DalikdError(f"--aug '{spec}': 'none' (no second view) cannot be composed")
+    mixing = [i for i, info in enumerate(infos) if info.mixing]
+    if len(mixing) > 1:
+        names = " and ".join(infos[i].name for i in mixing)
+        raise DalikdError(
+            f"--aug '{spec}' has two mixing recipes ({names}); at most one is allowed"
+        )
+    if mixing and mixing[0] != len(recipes) - 1:
+        raise DalikdError(
+            f"--aug '{spec}': the mixing recipe '{infos[mixing[0]].name}' must come last "
+            "(per-image recipes first)"
+        )
+    return compose(recipes, name=spec)
+
+
+def compose(recipes: list[Recipe], name: str) -> Recipe:
+    """Apply recipes in order, each to the images the previous one made."""
+
+    def composed(images: Any, ctx: AugContext) -> View:
+        view = View(images)
+        for r in recipes:
+            out = r(view.images, ctx)
+            if out is None:  # a recipe that declines leaves the images as they are
+                continue
+            view = View(out.images, out.lam, out.perm)
+        return view
+
+    mixing = any(recipe_info(r).mixing for r in recipes)
+    setattr(composed, _ATTR, RecipeInfo(name, "composition: " + name, mixing))
+    return composed
