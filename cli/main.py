@@ -147,7 +147,6 @@ def cli() -> None:
 def train(config_file: str | None, resume_dir: str | None, **params: Any) -> None:
     """Distill --student from --teacher on --data (or train it supervised without --teacher)."""
     from dalikd.cli.report import RichReporter, print_summary
-
     from dalikd.config import build_config, read_config_file
     from dalikd.train import load_resume
     from dalikd.train import train as run_training
@@ -182,7 +181,6 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
 def evaluate_cmd(data, model_name, weights, batch_size, image_size, threads, device) -> None:
     """Validation top-1 / top-5 / loss of a model on DATA/val."""
     from dalikd.cli.report import print_eval
-
     from dalikd.evaluate import evaluate_model
 
     result = evaluate_model(
@@ -196,7 +194,6 @@ def evaluate_cmd(data, model_name, weights, batch_size, image_size, threads, dev
 def pipelines() -> None:
     """List the built-in augmentation recipes for --aug."""
     from dalikd.cli.report import print_recipes
-
     from dalikd.recipes import builtin_recipes, recipe_info
 
     print_recipes([recipe_info(r) for r in builtin_recipes().values()])

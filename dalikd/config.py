@@ -56,6 +56,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class KDConfig:
     aug: str = "none"  # recipe for the second view x'; none = plain KD
+    granularity: str = "sample"  # sample: a random draw per image | batch: one per batch
     ce_weight: float = 0.1  # gamma: weight of CE(s(x), y)
     kd_weight: float = 0.9  # alpha: weight of each D_T term
     temperature: float = 4.0
@@ -85,6 +86,7 @@ _CHOICES = {
     "device": ("auto", "cpu", "gpu"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "optim.schedule": ("step", "cosine"),
+    "kd.granularity": ("sample", "batch"),
 }
 
 

@@ -101,14 +101,14 @@ def normalize(images: Any, data: DataConfig) -> Any:
     )
 
 
-def train_graph(split, data, recipe, device, shard_id, num_shards):
+def train_graph(split, data, recipe, device, shard_id, num_shards, granularity="sample"):
     """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode."""
     jpegs, labels = read(split, shuffle=True, shard_id=shard_id, num_shards=num_shards)
     images = random_resized_crop(jpegs, data, device)
     images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
     outputs = {"images": normalize(images, data), "labels": labels}
     if recipe is not None:
-        view = recipe(images, AugContext(data.image_size, device, IMAGENET_MEAN))
+        view = recipe(images, AugContext(data.image_size, device, IMAGENET_MEAN, granularity))
         outputs["aug_images"] = normalize(view.images, data)
         if view.lam is not None:
             outputs["lam"] = fn.cast(view.lam, dtype=types.FLOAT)
@@ -196,11 +196,12 @@ def train_loader(
     seed: int,
     shard_id: int = 0,
     num_shards: int = 1,
+    granularity: str = "sample",
 ) -> Loader:
     """Shuffled, augmented training batches; the incomplete last batch is dropped."""
     pipe, names = build_pipeline(
         train_graph, data=data, device=device, seed=seed, split=split, recipe=recipe,
-        shard_id=shard_id, num_shards=num_shards,
+        shard_id=shard_id, num_shards=num_shards, granularity=granularity,
     )  # fmt: skip
     return Loader(pipe, names, last_batch=LastBatchPolicy.DROP, device=torch_device(device))
 

@@ -31,6 +31,7 @@ class AugContext:
     image_size: int  # px, side of the square images the recipe receives
     device: str  # "cpu" | "gpu": where the images live
     mean: tuple[float, float, float]  # dataset mean per RGB channel, 0-255 scale
+    granularity: str = "sample"  # "sample": draws per image | "batch": one draw for the batch
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,12 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = Fal
 
     # A new seed per start keeps a resumed run from replaying the first epochs' augmentations.
     train_data = pipeline.train_loader(
-        dataset.train, cfg.data, recipe, device=device, seed=cfg.seed * 1000 + start_epoch
+        dataset.train,
+        cfg.data,
+        recipe,
+        device=device,
+        seed=cfg.seed * 1000 + start_epoch,
+        granularity=cfg.kd.granularity,
     )
     val_data = pipeline.val_loader(dataset.val, cfg.data, device=device)
     steps_per_epoch = len(train_data)
