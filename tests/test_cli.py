@@ -1,0 +1,141 @@
+"""The `dalikd` command end to end on small generated data, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny_models import tiny_cnn
+
+from dalikd.cli.main import main
+
+TINY = "tiny_models:tiny_cnn"
+SMALL = ["--image-size", "16", "--batch-size", "4", "--threads", "1", "--device", "cpu"]
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_train_two_epochs_then_resume_to_three(solid_dataset, tmp_path, tiny_env, capsys):
+    teacher = tmp_path / "teacher.pt"
+    torch.save(tiny_cnn(3).state_dict(), teacher)
+    run = tmp_path / "run"
+    args = ["train", "--data", solid_dataset, "--student", TINY, "--teacher", TINY,
+            "--teacher-weights", teacher, "--aug", "flip", "--epochs", 2, "--lr", 0.05,
+            "--out", run, "--eval-teacher", *SMALL]  # fmt: skip
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "teacher tiny_models:tiny_cnn: val top-1" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert {
+            "epoch",
+            "train_loss",
+            "val_loss",
+            "val_top1",
+            "val_top5",
+            "lr",
+            "img_per_s",
+            "seconds",
+        } <= set(r)
+        assert 0 <= r["val_top1"] <= r["val_top5"] <= 100
+    config = json.loads((run / "config.json").read_text())
+    assert config["kd"]["aug"] == "flip" and config["optim"]["epochs"] == 2
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert set(last) >= {"model", "optimizer", "scheduler", "scaler", "epoch", "config"}
+    assert last["epoch"] == 1 and last["scheduler"]["step"] == 2 * 6
+    assert (run / "best.pt").is_file() and not list(run.glob("*.tmp"))
+
+    code, out, err = run_cli(["train", "--resume", run, "--epochs", 3], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and last["scheduler"]["step"] == 3 * 6
+    assert json.loads((run / "config.json").read_text())["optim"]["epochs"] == 3
+
+    code, out, _ = run_cli(["eval", "--data", solid_dataset, "--model", TINY,
+                            "--weights", run / "best.pt", "--image-size", 16], capsys)  # fmt: skip
+    assert code == 0 and "top-1" in out
+
+
+def test_supervised_run_with_config_file(solid_dataset, tmp_path, tiny_env, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[model]\nstudent = "{TINY}"\n[optim]\nepochs = 1\nschedule = "cosine"\n')
+    code, _, err = run_cli(["train", "--config", cfg, "--data", solid_dataset,
+                            "--out", tmp_path / "r", *SMALL], capsys)  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["optim"]["schedule"] == "cosine"
+
+
+def test_pipelines_lists_the_built_in_recipes(capsys):
+    code, out, _ = run_cli(["pipelines"], capsys)
+    assert code == 0
+    for name in ("none", "identity", "flip"):
+        assert name in out
+
+
+@pytest.fixture
+def teacher_1000(tmp_path, tiny_env):
+    path = tmp_path / "t1000.pt"
+    torch.save(tiny_cnn(1000).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no data", "no dataset given: pass --data"),
+        ("no train", "has no train/ folder"),
+        ("unknown model", "unknown model 'resnet81'"),
+        ("class mismatch", "predict 1000 classes but the dataset has 3"),
+        ("missing weights", "weights file not found"),
+        ("unknown aug", "unknown augmentation 'fancy'; known: "),
+        ("unknown key", "unknown config key 'optim.lr_max'"),
+        ("bad choice", "Invalid value for '--device'"),
+        ("nothing to resume", "nothing to resume in"),
+    ],
+)
+def test_user_mistakes_are_one_line(case, message, solid_dataset, tmp_path, teacher_1000, capsys):
+    base = ["train", "--data", solid_dataset, "--student", TINY, "--out", tmp_path / "r", *SMALL]
+    bad_cfg = tmp_path / "bad.toml"
+    bad_cfg.write_text("[optim]\nlr_max = 1\n")
+    args = {
+        "no data": ["train", "--student", TINY],
+        "no train": ["train", "--data", tmp_path, "--student", TINY],
+        "unknown model": [*base, "--student", "resnet81"],
+        "class mismatch": [*base, "--teacher", TINY, "--teacher-weights", teacher_1000],
+        "missing weights": [*base, "--teacher", TINY, "--teacher-weights", tmp_path / "no.pt"],
+        "unknown aug": [
+            *base,
+            "--teacher",
+            TINY,
+            "--teacher-weights",
+            teacher_1000,
+            "--aug",
+            "fancy",
+        ],
+        "unknown key": [*base, "--config", bad_cfg],
+        "bad choice": [*base, "--device", "tpu"],
+        "nothing to resume": ["train", "--resume", tmp_path],
+    }[case]
+    code, _, err = run_cli(args, capsys)
+    assert code != 0
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_no_traceback_from_the_installed_command(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dalikd", "train", "--data", str(tmp_path / "nope")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: dataset folder not found: {tmp_path / 'nope'}"
