@@ -112,7 +112,7 @@ def train_options(f):
     for flag, dotted, kind, help_text in reversed(TRAIN_OPTIONS):
         dest = dotted.replace(".", "__")
         default = _default(dotted)
-        shown = f"{help_text}  [default: {default if default != '' else 'none'}]"
+        shown = help_text if default == "" else f"{help_text}  [default: {default}]"
         if kind is None:  # boolean on/off pair
             f = click.option(flag, dest, default=None, help=shown)(f)
         elif callable(kind) and not isinstance(kind, type | click.ParamType):

@@ -1,0 +1,204 @@
+"""Augmentation operators as DALI graph functions: DataNode in, DataNode(s) out.
+
+Every operator takes ``images``: uint8, layout HWC, square (side ``image_size`` px), on CPU or
+GPU; the same code serves both devices. Random draws are CPU nodes (DALI's random operators,
+``fn.batch_permutation`` and ``fn.random.beta`` exist only on CPU) and enter as keyword
+arguments; left as ``None`` they are drawn here from the pipeline's seed, passed in they let a
+test inject known values. Injected values are used as given, whatever the granularity.
+
+``granularity``: "sample" draws per image (timm's "elem" mode); "batch" makes one draw for the
+whole batch, as the paper's reference code does. Mixing always pairs samples with a per-batch
+permutation; "batch" shares λ and the box, not the partner.
+
+Per-image operators return images; mixing operators return ``(images, lam, perm)`` with ``lam``
+float32 per sample (fraction of the sample's own pixels) and ``perm`` int32 per sample (index of
+the partner in the batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import nvidia.dali.math as dmath
+from nvidia.dali import fn, types
+from nvidia.dali.auto_aug import auto_augment
+
+GRANULARITIES = ("sample", "batch")
+
+DataNode = Any  # nvidia.dali DataNode; DALI does not export a stable public type for it
+
+
+def _check(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity '{granularity}'; known: {', '.join(GRANULARITIES)}")
+
+
+def _per(granularity: str, value: DataNode, perm: DataNode | None = None) -> DataNode:
+    """``value`` drawn per sample, or sample 0's value copied to the whole batch ("batch").
+
+    permute_batch with all-zero indices is the batch-shared trick: it works for any batch size,
+    including a partial last batch. ``perm`` is any int32 per-sample node to derive them from.
+    """
+    if granularity == "sample":
+        return value
+    zeros = (fn.batch_permutation() if perm is None else perm) * 0
+    return fn.permute_batch(value, indices=zeros)
+
+
+def partner_permutation() -> DataNode:
+    """int32 per sample: a random permutation of the batch with no fixed points (i -> perm[i],
+    never i itself). CPU. Needs a batch of at least 2."""
+    return fn.batch_permutation(no_fixed_points=True)
+
+
+def flip(images: DataNode, granularity: str = "sample", *, coin: DataNode | None = None):
+    """Horizontal flip with p = 0.5. ``coin``: int32 per sample on CPU, 1 = mirror."""
+    _check(granularity)
+    if coin is None:
+        coin = _per(granularity, fn.random.coin_flip(probability=0.5, dtype=types.INT32))
+    return fn.flip(images, horizontal=coin)
+
+
+def crop_flip(
+    images: DataNode,
+    image_size: int,
+    *,
+    pad: int,
+    granularity: str = "sample",
+    offset: DataNode | None = None,
+    coin: DataNode | None = None,
+):
+    """Pad-and-random-crop then flip, as torchvision's RandomCrop(size, padding=pad) +
+    RandomHorizontalFlip: the image is zero-padded by ``pad`` px on every side and an
+    image_size² window is cut at a top-left corner uniform over the (2·pad + 1)² integer offsets.
+
+    ``offset``: int32 (2,) per sample on CPU, (y, x) of that corner in the padded image, each in
+    [0, 2·pad]. The padding is never materialized: ``fn.slice`` reads the window straight from
+    the image, starting at offset − pad, and fills what falls outside with zeros.
+    """
+    _check(granularity)
+    if offset is None:
+        offset = _per(granularity, fn.random.choice(2 * pad + 1, shape=[2]))
+    window = fn.slice(
+        images,
+        start=offset - pad,
+        shape=[image_size, image_size],
+        axis_names="HW",
+        out_of_bounds_policy="pad",
+        fill_values=0,
+    )
+    return flip(window, granularity, coin=coin)
+
+
+def cutout(
+    images: DataNode,
+    image_size: int,
+    *,
+    hole: int,
+    fill: Sequence[float],
+    granularity: str = "sample",
+    centre: DataNode | None = None,
+):
+    """One square hole of side ``hole`` px, filled with ``fill`` (RGB, rounded to integers).
+
+    ``centre``: int32 (2,) per sample on CPU, (y, x), each uniform in [0, image_size). The hole
+    covers rows centre_y − hole//2 .. centre_y − hole//2 + hole − 1 (columns alike), clipped to
+    the image, so near a border it is smaller (DeVries & Taylor's Cutout). ``fn.erase`` clips
+    boxes that stick out, so no extra clamping is needed.
+    """
+    _check(granularity)
+    if centre is None:
+        centre = _per(granularity, fn.random.choice(image_size, shape=[2]))
+    anchor = fn.cast(centre - hole // 2, dtype=types.FLOAT)  # erase takes float coordinates
+    return fn.erase(
+        images,
+        anchor=anchor,
+        shape=[float(hole), float(hole)],
+        axis_names="HW",
+        fill_value=[float(round(v)) for v in fill],
+    )
+
+
+def autoaugment(images: DataNode) -> DataNode:
+    """AutoAugment, ImageNet policy (DALI's ``auto_aug``): one of its 25 sub-policies per sample,
+    fill 128 where a geometric op leaves the canvas. Needs a pipeline with
+    ``enable_conditionals=True``. Always drawn per sample: DALI's policy draws are internal, so
+    there is no batch-shared variant."""
+    return auto_augment.auto_augment(images, policy_name="image_net")
+
+
+def mixup(
+    images: DataNode,
+    *,
+    alpha: float = 1.0,
+    granularity: str = "sample",
+    lam: DataNode | None = None,
+    perm: DataNode | None = None,
+):
+    """x' = λ·x + (1 − λ)·x[perm], λ ~ Beta(α, α). Returns ``(images, lam, perm)``.
+
+    ``lam``: float32 per sample on CPU; ``perm``: int32 per sample on CPU (default: a random
+    permutation without fixed points, so no sample is mixed with itself).
+    Arithmetic is float32 in exactly this order: ``v = x·λ + x[perm]·(1 − λ)``, then rounded half
+    up, ``floor(v + 0.5)``, and cast to uint8. Rounding explicitly (not by the cast) keeps CPU and
+    GPU equal: DALI's CPU cast rounds halves away from zero, CUDA's conversions round to even.
+    """
+    _check(granularity)
+    if perm is None:
+        perm = partner_permutation()
+    if lam is None:
+        lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha), perm)
+    partner = fn.permute_batch(images, indices=perm)
+    mixed = images * lam + partner * (1 - lam)  # DALI promotes uint8 -> float32 itself
+    return fn.cast(dmath.floor(mixed + 0.5), dtype=types.UINT8), lam, perm
+
+
+def cutmix_box(lam: DataNode, centre: DataNode, image_size: int) -> tuple[DataNode, DataNode]:
+    """The CutMix box of Yun et al.'s reference code, as int32 per-sample CPU nodes.
+
+    cut = floor(S·√(1 − λ)) (float32), half = cut // 2; the box spans [c − half, c + half) on each
+    axis, clipped to [0, S). Returns ``(anchor, shape)``, each (2,) = (y, x) / (h, w).
+    """
+    s = image_size
+    half = fn.cast(dmath.floor(s * dmath.sqrt(1 - lam)), dtype=types.INT32) // 2
+    cy, cx = centre[0], centre[1]
+    y0, x0 = dmath.clamp(cy - half, 0, s), dmath.clamp(cx - half, 0, s)
+    y1, x1 = dmath.clamp(cy + half, 0, s), dmath.clamp(cx + half, 0, s)
+    return fn.stack(y0, x0), fn.stack(y1 - y0, x1 - x0)
+
+
+def cutmix(
+    images: DataNode,
+    image_size: int,
+    *,
+    alpha: float = 1.0,
+    granularity: str = "sample",
+    lam: DataNode | None = None,
+    perm: DataNode | None = None,
+    centre: DataNode | None = None,
+):
+    """CutMix: a box of the partner x[perm] pasted over x. Returns ``(images, lam, perm)``.
+
+    Drawn (CPU, per sample or per batch): λ ~ Beta(α, α) and the box centre, int32 (2,) = (y, x)
+    uniform in [0, image_size); ``perm`` as in :func:`mixup`. The box is :func:`cutmix_box`. The
+    returned ``lam`` is recomputed from the real (clipped) box: 1 − h·w / S², float32.
+    ``fn.multi_paste`` does it in one pass: region 0 = the whole own image (input 0), region 1 =
+    the box from the partner (input 1) at the same place; later regions overwrite earlier ones.
+    """
+    _check(granularity)
+    s = image_size
+    if perm is None:
+        perm = partner_permutation()
+    if lam is None:
+        lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha), perm)
+    if centre is None:
+        centre = _per(granularity, fn.random.choice(s, shape=[2]), perm)
+    anchor, shape = cutmix_box(lam, centre, s)
+    whole = fn.stack(perm * 0 + s, perm * 0 + s)  # (S, S) per sample, int32
+    anchors = fn.stack(anchor * 0, anchor)  # (2 regions, 2): own image at (0, 0), box at anchor
+    shapes = fn.stack(whole, shape)
+    partner = fn.permute_batch(images, indices=perm)
+    mixed = fn.multi_paste(images, partner, in_anchors=anchors, shapes=shapes, out_anchors=anchors)
+    box_lam = 1.0 - fn.cast(shape[0] * shape[1], dtype=types.FLOAT) / float(s * s)
+    return mixed, box_lam, perm
