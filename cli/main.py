@@ -98,6 +98,12 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         "autocast (auto: bf16 on GPU, fp32 on CPU)",
     ),
     ("--seed", "seed", int, "random seed for DALI and torch"),
+    (
+        "--ckpt-every",
+        "ckpt_every",
+        int,
+        "also checkpoint every N steps mid-epoch (0: epoch ends only)",
+    ),
     ("--out", "out", click.Path(), "run directory (default runs/<timestamp>)"),
     (
         "--eval-teacher/--no-eval-teacher",

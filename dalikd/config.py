@@ -75,6 +75,7 @@ class TrainConfig:
     channels_last: bool = True  # only applied on GPU
     eval_teacher: bool = False  # report the teacher's val accuracy before training
     log_every: int = 10  # steps between progress updates (each one is a device sync)
+    ckpt_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -215,6 +216,7 @@ def validate(cfg: TrainConfig) -> None:
         (k.temperature > 0, f"temperature must be positive, got {k.temperature}"),
         (k.ce_weight >= 0 and k.kd_weight >= 0, "loss weights must be >= 0"),
         (cfg.log_every >= 1, f"log_every must be positive, got {cfg.log_every}"),
+        (cfg.ckpt_every >= 0, f"ckpt_every must be >= 0, got {cfg.ckpt_every}"),
     ]
     for ok, message in checks:
         if not ok:

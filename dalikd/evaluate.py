@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalikd import pipeline
+from dalikd import distributed, pipeline
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 from dalikd.device import autocast, prepare_images, resolve_device
@@ -15,28 +15,35 @@ from dalikd.models import build_model
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, loader: pipeline.Loader, device: str, precision: str = "auto"
+    model: nn.Module,
+    loader: pipeline.Loader,
+    device: str,
+    precision: str = "auto",
+    ctx: distributed.Dist | None = None,
 ) -> dict[str, float]:
-    """Validation loss and top-1 / top-5 accuracy (%) over every image of the loader."""
+    """Validation loss and top-1 / top-5 accuracy (%) over every image of the loader, summed
+    over all ranks when distributed (each rank holds one shard of the split)."""
     model.eval()
     # Sums stay on the device: no CPU-GPU sync until the end.
-    loss_sum = torch.zeros((), dtype=torch.float64, device=pipeline.torch_device(device))
-    correct = torch.zeros(2, dtype=torch.int64, device=loss_sum.device)
-    count = 0
+    # [loss sum, top-1 hits, top-5 hits, images]
+    sums = torch.zeros(4, dtype=torch.float64, device=pipeline.torch_device(device))
     for batch in loader:
         with autocast(device, precision):
             logits = model(prepare_images(batch.images, device, precision)).float()
-        loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").double()
         k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == batch.labels[:, None]
-        correct += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()])
-        count += len(batch)
+        hit = logits.topk(k, dim=1).indices == batch.labels[:, None]
+        sums += torch.stack([
+            F.cross_entropy(logits, batch.labels, reduction="sum").double(),
+            hit[:, 0].sum().double(),
+            hit.any(dim=1).sum().double(),
+            torch.tensor(len(batch), dtype=torch.float64, device=sums.device),
+        ])  # fmt: skip
+    loss_sum, top1, top5, count = distributed.all_sum(ctx or distributed.Dist(), sums).tolist()
     return {
-        "loss": float(loss_sum) / count,
-        "top1": 100.0 * float(correct[0]) / count,
-        "top5": 100.0 * float(correct[1]) / count,
-        "count": count,
+        "loss": loss_sum / count,
+        "top1": 100.0 * top1 / count,
+        "top5": 100.0 * top5 / count,
+        "count": int(count),
     }
 
 

@@ -46,10 +46,14 @@ class Batch:
 # -- graph pieces (DataNode -> DataNode) ---------------------------------------------------------
 
 
-def read(split: Split, *, shuffle: bool, shard_id: int, num_shards: int) -> tuple[Any, Any]:
+def read(
+    split: Split, *, shuffle: bool, shard_id: int, num_shards: int, seed: int = 0
+) -> tuple[Any, Any]:
     """Encoded files and int32 labels of this shard. ``pad_last_batch`` gives every shard the
-    same number of batches; ``shuffle_after_epoch`` is a true global reshuffle each epoch."""
+    same number of batches; ``shuffle_after_epoch`` is a true global reshuffle each epoch, and
+    the same ``seed`` on every rank makes the shards split one shared permutation."""
     return fn.readers.file(
+        seed=seed,
         files=list(split.files),
         labels=list(split.labels),
         name=READER,
@@ -101,9 +105,13 @@ def normalize(images: Any, data: DataConfig) -> Any:
     )
 
 
-def train_graph(split, data, recipe, device, shard_id, num_shards, granularity="sample"):
+def train_graph(
+    split, data, recipe, device, shard_id, num_shards, granularity="sample", reader_seed=0
+):
     """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode."""
-    jpegs, labels = read(split, shuffle=True, shard_id=shard_id, num_shards=num_shards)
+    jpegs, labels = read(
+        split, shuffle=True, shard_id=shard_id, num_shards=num_shards, seed=reader_seed
+    )
     images = random_resized_crop(jpegs, data, device)
     images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
     outputs = {"images": normalize(images, data), "labels": labels}
@@ -128,10 +136,20 @@ def _dali_device_id(device: str) -> int | None:
     return torch.cuda.current_device() if device == "gpu" else None
 
 
-def build_pipeline(graph, *, data: DataConfig, device: str, seed: int, **graph_kwargs):
+def build_pipeline(
+    graph,
+    *,
+    data: DataConfig,
+    device: str,
+    seed: int,
+    checkpoint: str | None = None,
+    **graph_kwargs,
+):
     """Apply pipeline_def to a graph function returning a dict of named outputs.
 
     Returns ``(pipeline, output names)``. The graph is traced here; nothing is built yet.
+    Checkpointing is always on: ``checkpoint`` (from :meth:`Loader.checkpoint`) restores the
+    readers and every random operator bit-exactly, mid-epoch included.
     """
     names: list[str] = []
 
@@ -140,11 +158,12 @@ def build_pipeline(graph, *, data: DataConfig, device: str, seed: int, **graph_k
         names.extend(outputs)
         return tuple(outputs.values())
 
-    pipe = pipeline_def(graph_fn, enable_conditionals=True)(
+    pipe = pipeline_def(graph_fn, enable_conditionals=True, enable_checkpointing=True)(
         batch_size=data.batch_size,
         num_threads=data.threads or default_threads(),
         device_id=_dali_device_id(device),
         seed=seed,
+        checkpoint=checkpoint,
     )
     assert names, "pipeline_def traces the graph when the pipeline is created"
     return pipe, names
@@ -167,6 +186,10 @@ class Loader:
 
     def __len__(self) -> int:
         return len(self._iter)
+
+    def checkpoint(self) -> str:
+        """The pipeline's state after the batches consumed so far (DALI checkpointing)."""
+        return self._iter.checkpoints()[0]
 
     def __iter__(self) -> Iterator[Batch]:
         to = self._device
@@ -197,11 +220,17 @@ def train_loader(
     shard_id: int = 0,
     num_shards: int = 1,
     granularity: str = "sample",
+    checkpoint: str | None = None,
 ) -> Loader:
-    """Shuffled, augmented training batches; the incomplete last batch is dropped."""
+    """Shuffled, augmented training batches; the incomplete last batch is dropped.
+
+    All shards shuffle with ``seed`` (one shared permutation, split between them); the
+    augmentations of shard i draw from ``seed + i``. ``checkpoint`` resumes a saved state.
+    """
     pipe, names = build_pipeline(
-        train_graph, data=data, device=device, seed=seed, split=split, recipe=recipe,
-        shard_id=shard_id, num_shards=num_shards, granularity=granularity,
+        train_graph, data=data, device=device, seed=seed + shard_id, checkpoint=checkpoint,
+        split=split, recipe=recipe, shard_id=shard_id, num_shards=num_shards,
+        granularity=granularity, reader_seed=seed,
     )  # fmt: skip
     return Loader(pipe, names, last_batch=LastBatchPolicy.DROP, device=torch_device(device))
 

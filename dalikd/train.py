@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dalikd import pipeline, recipes
+from dalikd import distributed, pipeline, recipes
 from dalikd.checkpoint import save_atomic, write_jsonl_atomic, write_text_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
 from dalikd.data import Dataset, scan_dataset
@@ -118,6 +121,17 @@ def build_models(cfg: TrainConfig, dataset: Dataset) -> Models:
     return Models(student, teacher)
 
 
+def make_optimizer(student: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in student.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)  # no weight decay on BN and biases
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": optim.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
+    )  # fmt: skip
+
+
 def default_run_dir() -> str:
     return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
 
@@ -131,86 +145,170 @@ def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
     return build_config(saved, {**overrides, "out": str(run_dir)})
 
 
-def train(cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = False) -> dict:
-    """Train ``cfg.model.student`` and return the final summary.
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DalikdError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
 
-    ``resume=True`` continues from ``cfg.out/last.pt`` (weights, optimizer, schedule step,
-    metrics history). Writes config.json, metrics.jsonl, last.pt and best.pt in ``cfg.out``.
+
+class StopSignals:
+    """SIGTERM, SIGINT and SIGUSR1 ask the loop to stop after the current step.
+
+    The loop then writes a checkpoint and returns; a second SIGINT interrupts at once.
+    Handlers are installed only in the main thread and restored on exit.
     """
-    reporter = reporter or SilentReporter()
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                signum = getattr(signal, name)
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def train(cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = False) -> dict:
+    """Train ``cfg.model.student``; return a summary.
+
+    Writes config.json, metrics.jsonl, last.pt and best.pt in ``cfg.out`` (rank 0 only).
+    ``resume=True`` continues from ``cfg.out/last.pt`` exactly where it stopped, mid-epoch
+    included: weights, optimizer, schedule step, metrics and the DALI pipeline state.
+    Launched by torchrun, each rank reads its own shard and the student is wrapped in DDP.
+    """
     device = resolve_device(cfg.device)
     if cfg.precision == "fp16" and device != "gpu":
         raise DalikdError("--precision fp16 needs a GPU; on CPU use fp32 (default) or bf16")
+    ctx = distributed.init(device)
+    try:
+        with StopSignals() as stop:
+            return _train(cfg, reporter if ctx.is_main and reporter else SilentReporter(),
+                          resume, device, ctx, stop)  # fmt: skip
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
+    # -- setup: data, models, optimizer ---------------------------------------------------------
     torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.out or default_run_dir())
+    cfg = build_config(overrides={"out": str(run_dir)}, base=cfg)
     dataset = scan_dataset(cfg.data.path)
     recipe = recipes.resolve(cfg.kd.aug)
     models = build_models(cfg, dataset)
     student, teacher = models.student, models.teacher
-    run_dir = Path(cfg.out or default_run_dir())
-    cfg = build_config(overrides={"out": str(run_dir)}, base=cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     tdev = pipeline.torch_device(device)
-    student.to(tdev)
-    if teacher is not None:
-        teacher.to(tdev)
-    if device == "gpu":
-        for model in (student, teacher):
-            if model is not None:
+    for model in (student, teacher):
+        if model is not None:
+            model.to(tdev)
+            if device == "gpu":
                 model.to(memory_format=torch.channels_last)
-
-    decay, no_decay = [], []
-    for p in student.parameters():
-        (decay if p.ndim > 1 else no_decay).append(p)  # no weight decay on BN and biases
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-    )  # fmt: skip
+    optimizer = make_optimizer(student, cfg.optim)
     # Loss scaling only for fp16 autocast; bf16 has fp32's exponent range and needs none.
     scaler = torch.amp.GradScaler(enabled=amp_dtype(device, cfg.precision) == torch.float16)
+    # The teacher stays unwrapped: it is frozen, there is nothing to synchronise.
+    model = (
+        DDP(student, device_ids=[ctx.local_rank] if device == "gpu" else None)
+        if ctx.enabled
+        else student
+    )
 
-    start_epoch, global_step, best_top1, history = 0, 0, -1.0, []
+    # -- resume ---------------------------------------------------------------------------------
+    epoch, step_in_epoch, global_step, best_top1, history = 0, 0, 0, -1.0, []
+    partial = {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}  # the interrupted epoch so far
+    dali_state = None
     if resume:
-        ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+        ckpt = _read_checkpoint(run_dir / "last.pt")
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        global_step = ckpt["scheduler"]["step"]
-        start_epoch, best_top1, history = ckpt["epoch"] + 1, ckpt["best_top1"], ckpt["history"]
-        reporter.message(f"resumed {run_dir} after epoch {start_epoch}")
-    write_text_atomic(json.dumps(cfg.to_dict(), indent=2) + "\n", run_dir / "config.json")
-    write_jsonl_atomic(history, run_dir / "metrics.jsonl")
+        torch.set_rng_state(ckpt["rng"])
+        epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+        global_step, best_top1, history = (
+            ckpt["scheduler"]["step"],
+            ckpt["best_top1"],
+            ckpt["history"],
+        )
+        partial = ckpt["partial"]
+        if len(ckpt["dali"]) == ctx.world_size:
+            dali_state = ckpt["dali"][ctx.rank]
+        elif step_in_epoch:
+            reporter.message(
+                f"world size changed ({len(ckpt['dali'])} -> {ctx.world_size}): epoch "
+                f"{epoch + 1} restarts with a fresh data order"
+            )
+            global_step -= step_in_epoch
+            step_in_epoch, partial = 0, {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}
+        reporter.message(f"resumed {run_dir} at epoch {epoch + 1}, step {step_in_epoch}")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json.dumps(cfg.to_dict(), indent=2) + "\n", run_dir / "config.json")
+        write_jsonl_atomic(history, run_dir / "metrics.jsonl")
 
-    # A new seed per start keeps a resumed run from replaying the first epochs' augmentations.
     train_data = pipeline.train_loader(
-        dataset.train,
-        cfg.data,
-        recipe,
-        device=device,
-        seed=cfg.seed * 1000 + start_epoch,
-        granularity=cfg.kd.granularity,
+        dataset.train, cfg.data, recipe, device=device, seed=cfg.seed,
+        shard_id=ctx.rank, num_shards=ctx.world_size, granularity=cfg.kd.granularity,
+        checkpoint=dali_state,
+    )  # fmt: skip
+    val_data = pipeline.val_loader(
+        dataset.val, cfg.data, device=device, shard_id=ctx.rank, num_shards=ctx.world_size
     )
-    val_data = pipeline.val_loader(dataset.val, cfg.data, device=device)
     steps_per_epoch = len(train_data)
     if steps_per_epoch == 0:
         raise DalikdError(
-            f"{len(dataset.train)} training images make no full batch of {cfg.data.batch_size}; "
-            "lower --batch-size"
+            f"{len(dataset.train)} training images make no full batch of {cfg.data.batch_size}"
+            f"{' per rank' if ctx.enabled else ''}; lower --batch-size"
         )
     if teacher is not None and cfg.eval_teacher:
-        t = evaluate(teacher, val_data, device, cfg.precision)
+        t = evaluate(teacher, val_data, device, cfg.precision, ctx)
         reporter.message(
             f"teacher {cfg.model.teacher}: val top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  "
             f"loss {t['loss']:.4f}"
         )
 
-    for epoch in range(start_epoch, cfg.optim.epochs):
+    def save_checkpoint(path_names: tuple[str, ...]) -> None:
+        """All ranks call this: each contributes its DALI state; rank 0 writes."""
+        states = distributed.gather_strings(ctx, train_data.checkpoint())
+        if not ctx.is_main:
+            return
+        ckpt = {
+            "model": student.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {"step": global_step},
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,  # epochs completed
+            "step_in_epoch": step_in_epoch,  # steps of the next epoch already done
+            "partial": partial,
+            "best_top1": best_top1,
+            "history": history,
+            "dali": states,
+            "rng": torch.get_rng_state(),
+            "config": cfg.to_dict(),
+            "classes": list(dataset.classes),
+        }
+        for name in path_names:
+            save_atomic(ckpt, run_dir / name)
+
+    while epoch < cfg.optim.epochs:
         reporter.epoch_start(epoch, cfg.optim.epochs, steps_per_epoch)
         student.train()
-        loss_sum = torch.zeros((), device=tdev)
-        seen, t0 = 0, time.perf_counter()
-        for step, batch in enumerate(train_data):
+        loss_sum = torch.tensor(partial["loss_sum"], device=tdev)
+        seen, t0 = partial["seen"], time.perf_counter() - partial["seconds"]
+        for batch in train_data:
             # lr
             lr = lr_at(global_step, steps_per_epoch, cfg.optim)
             for group in optimizer.param_groups:
@@ -219,65 +317,90 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = Fal
             batch.images = prepare_images(batch.images, device, cfg.precision)
             if batch.aug_images is not None:
                 batch.aug_images = prepare_images(batch.aug_images, device, cfg.precision)
-            with autocast(device, cfg.precision):
-                losses = kd_step(student, teacher, batch, cfg)
-            # backward + step
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
+            try:
+                with autocast(device, cfg.precision):
+                    losses = kd_step(model, teacher, batch, cfg)
+                # backward + step
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(losses["loss"]).backward()
+            except torch.OutOfMemoryError:
+                raise DalikdError(
+                    f"out of memory at --batch-size {cfg.data.batch_size} "
+                    f"(student {cfg.model.student}, teacher {cfg.model.teacher or 'none'}); "
+                    "lower --batch-size"
+                ) from None
             scaler.step(optimizer)
             scaler.update()
             global_step += 1
+            step_in_epoch += 1
             # log: .item() is a CPU-GPU sync point, so only every log_every steps
             loss_sum += losses["loss"].detach()
             seen += len(batch)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
+            boundary = step_in_epoch % cfg.log_every == 0 or step_in_epoch == steps_per_epoch
+            if boundary:
                 loss = losses["loss"].item()
                 if not math.isfinite(loss):
                     raise DalikdError(
                         f"loss is {loss} at step {global_step} (epoch {epoch + 1}); "
-                        "lower --lr; last.pt keeps the last good epoch"
+                        "lower --lr; last.pt keeps the last good checkpoint"
                     )
-                reporter.step(step + 1, loss, seen / (time.perf_counter() - t0), lr)
+                reporter.step(
+                    step_in_epoch, loss, seen * ctx.world_size / (time.perf_counter() - t0), lr
+                )
+            # stop requests are agreed across ranks (a sync point, so at log boundaries only)
+            stopping = (boundary or not ctx.enabled) and distributed.any_rank(
+                ctx, stop.received is not None, tdev
+            )
+            # mid-epoch checkpoint: every ckpt_every steps, and before stopping
+            periodic = cfg.ckpt_every and step_in_epoch % cfg.ckpt_every == 0
+            if step_in_epoch < steps_per_epoch and (stopping or periodic):
+                elapsed = time.perf_counter() - t0
+                partial = {"loss_sum": float(loss_sum), "seen": seen, "seconds": elapsed}
+                save_checkpoint(("last.pt",))
+                if stopping:
+                    stop.received = stop.received or "SIGTERM"  # signalled on another rank
+                    break
+        if step_in_epoch < steps_per_epoch:  # stopped mid-epoch
+            break
         train_seconds = time.perf_counter() - t0
 
         # validate
-        val = evaluate(student, val_data, device, cfg.precision)
+        val = evaluate(student, val_data, device, cfg.precision, ctx)
+        totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=tdev)
+        distributed.all_sum(ctx, totals)
         record = {
             "epoch": epoch + 1,
-            "train_loss": float(loss_sum) / steps_per_epoch,
+            "train_loss": float(totals[0]) / (steps_per_epoch * ctx.world_size),
             "val_loss": val["loss"],
             "val_top1": val["top1"],
             "val_top5": val["top5"],
             "lr": lr,
-            "img_per_s": seen / train_seconds,
+            "img_per_s": float(totals[1]) / train_seconds,
             "seconds": time.perf_counter() - t0,
         }
         history.append(record)
+        epoch, step_in_epoch = epoch + 1, 0
+        partial = {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}
 
         # checkpoint: last.pt every epoch, best.pt when val top-1 improves
-        ckpt = {
-            "model": student.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {"step": global_step},
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "best_top1": max(best_top1, val["top1"]),
-            "history": history,
-            "config": cfg.to_dict(),
-            "classes": list(dataset.classes),
-        }
-        save_atomic(ckpt, run_dir / "last.pt")
-        if val["top1"] > best_top1:
-            best_top1 = val["top1"]
-            save_atomic(ckpt, run_dir / "best.pt")
-        write_jsonl_atomic(history, run_dir / "metrics.jsonl")
+        improved = val["top1"] > best_top1
+        best_top1 = max(best_top1, val["top1"])
+        save_checkpoint(("last.pt", "best.pt") if improved else ("last.pt",))
+        if ctx.is_main:
+            write_jsonl_atomic(history, run_dir / "metrics.jsonl")
         reporter.epoch_end(record)
+        if distributed.any_rank(ctx, stop.received is not None, tdev):
+            stop.received = stop.received or "SIGTERM"
+            break
 
-    last = history[-1] if history else {}
     return {
         "run_dir": str(run_dir),
         "device": device,
+        "world_size": ctx.world_size,
         "epochs": cfg.optim.epochs,
+        "epochs_done": epoch,
         "best_top1": best_top1,
-        "final": last,
+        "final": history[-1] if history else {},
+        "stopped_by": stop.received,
+        "step_in_epoch": step_in_epoch,
     }

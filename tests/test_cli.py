@@ -49,7 +49,8 @@ def test_train_two_epochs_then_resume_to_three(solid_dataset, tmp_path, tiny_env
     assert config["kd"]["aug"] == "flip" and config["optim"]["epochs"] == 2
     last = torch.load(run / "last.pt", weights_only=True)
     assert set(last) >= {"model", "optimizer", "scheduler", "scaler", "epoch", "config"}
-    assert last["epoch"] == 1 and last["scheduler"]["step"] == 2 * 6
+    assert last["epoch"] == 2 and last["step_in_epoch"] == 0  # epochs completed
+    assert last["scheduler"]["step"] == 2 * 6
     assert (run / "best.pt").is_file() and not list(run.glob("*.tmp"))
 
     code, out, err = run_cli(["train", "--resume", run, "--epochs", 3], capsys)
@@ -57,7 +58,7 @@ def test_train_two_epochs_then_resume_to_three(solid_dataset, tmp_path, tiny_env
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     last = torch.load(run / "last.pt", weights_only=True)
-    assert last["epoch"] == 2 and last["scheduler"]["step"] == 3 * 6
+    assert last["epoch"] == 3 and last["scheduler"]["step"] == 3 * 6
     assert json.loads((run / "config.json").read_text())["optim"]["epochs"] == 3
 
     code, out, _ = run_cli(["eval", "--data", solid_dataset, "--model", TINY,

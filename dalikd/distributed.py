@@ -1,0 +1,72 @@
+"""torch.distributed set-up from torchrun's environment; a single process needs none of it.
+
+``torchrun --nproc_per_node N -m dalikd train ...`` sets RANK, WORLD_SIZE and LOCAL_RANK. The
+student is wrapped in DDP; the teacher is frozen and stays unwrapped. NCCL on GPU, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init(device: str) -> Dist:
+    """Join the process group when launched by torchrun; select this rank's GPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "gpu":
+        torch.cuda.set_device(local_rank)
+    if world_size == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "gpu" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def shutdown(ctx: Dist) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(ctx: Dist, values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks (in place; a sync point)."""
+    if ctx.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def any_rank(ctx: Dist, flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is set on any rank, so every rank takes the same branch."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_strings(ctx: Dist, value: str) -> list[str]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if not ctx.enabled:
+        return [value]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, value)
+    return out
