@@ -48,11 +48,13 @@ def _per(granularity: str, value: DataNode, perm: DataNode | None = None) -> Dat
 
 def partner_permutation() -> DataNode:
     """int32 per sample: a random permutation of the batch with no fixed points (i -> perm[i],
-    never i itself). CPU. Needs a batch of at least 2."""
+    never i itself). CPU. With a batch of 1 DALI returns [0]: the sample is its own partner."""
     return fn.batch_permutation(no_fixed_points=True)
 
 
-def flip(images: DataNode, granularity: str = "sample", *, coin: DataNode | None = None):
+def flip(
+    images: DataNode, granularity: str = "sample", *, coin: DataNode | None = None
+) -> DataNode:
     """Horizontal flip with p = 0.5. ``coin``: int32 per sample on CPU, 1 = mirror."""
     _check(granularity)
     if coin is None:
@@ -68,7 +70,7 @@ def crop_flip(
     granularity: str = "sample",
     offset: DataNode | None = None,
     coin: DataNode | None = None,
-):
+) -> DataNode:
     """Pad-and-random-crop then flip, as torchvision's RandomCrop(size, padding=pad) +
     RandomHorizontalFlip: the image is zero-padded by ``pad`` px on every side and an
     image_size² window is cut at a top-left corner uniform over the (2·pad + 1)² integer offsets.
@@ -99,7 +101,7 @@ def cutout(
     fill: Sequence[float],
     granularity: str = "sample",
     centre: DataNode | None = None,
-):
+) -> DataNode:
     """One square hole of side ``hole`` px, filled with ``fill`` (RGB, rounded to integers).
 
     ``centre``: int32 (2,) per sample on CPU, (y, x), each uniform in [0, image_size). The hole
@@ -135,14 +137,15 @@ def mixup(
     granularity: str = "sample",
     lam: DataNode | None = None,
     perm: DataNode | None = None,
-):
+) -> tuple[DataNode, DataNode, DataNode]:
     """x' = λ·x + (1 − λ)·x[perm], λ ~ Beta(α, α). Returns ``(images, lam, perm)``.
 
     ``lam``: float32 per sample on CPU; ``perm``: int32 per sample on CPU (default: a random
     permutation without fixed points, so no sample is mixed with itself).
     Arithmetic is float32 in exactly this order: ``v = x·λ + x[perm]·(1 − λ)``, then rounded half
-    up, ``floor(v + 0.5)``, and cast to uint8. Rounding explicitly (not by the cast) keeps CPU and
-    GPU equal: DALI's CPU cast rounds halves away from zero, CUDA's conversions round to even.
+    up, ``floor(v + 0.5)``, and cast to uint8. Rounding before the cast keeps the result free of
+    how each device's cast treats halves (DALI's CPU cast gives 2.5 -> 3; GPU unchecked), and
+    halves are common: λ = 0.5 with x + x[perm] odd.
     """
     _check(granularity)
     if perm is None:
@@ -177,7 +180,7 @@ def cutmix(
     lam: DataNode | None = None,
     perm: DataNode | None = None,
     centre: DataNode | None = None,
-):
+) -> tuple[DataNode, DataNode, DataNode]:
     """CutMix: a box of the partner x[perm] pasted over x. Returns ``(images, lam, perm)``.
 
     Drawn (CPU, per sample or per batch): λ ~ Beta(α, α) and the box centre, int32 (2,) = (y, x)
