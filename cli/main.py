@@ -6,6 +6,7 @@ line with a non-zero exit; tracebacks are kept for dalikd's own bugs.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from dalikd.cli.report import ScanProgress
 from dalikd.config import TrainConfig
 from dalikd.errors import DalikdError
 
@@ -167,6 +169,15 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
         cfg = build_config(file_values, overrides)
     with RichReporter() as reporter:
         summary = run_training(cfg, reporter, resume=bool(resume_dir))
+    if summary["stopped_by"]:
+        # Preempted (SIGTERM/SIGUSR1) or Ctrl-C: the checkpoint is written; exit 128 + signal.
+        err_console.print(
+            f"stopped by {summary['stopped_by']} at epoch {summary['epochs_done'] + 1}, step "
+            f"{summary['step_in_epoch']}, checkpoint written; "
+            f"continue with: dalikd train --resume {summary['run_dir']}",
+            soft_wrap=True,
+        )
+        sys.exit(128 + getattr(signal, summary["stopped_by"]))
     print_summary(summary)
 
 
@@ -194,6 +205,23 @@ def evaluate_cmd(data, model_name, weights, batch_size, image_size, threads, dev
         threads=threads, device=device,
     )  # fmt: skip
     print_eval(model_name, weights, result)
+
+
+@cli.command(name="check-data")
+@click.argument("data", type=click.Path())
+@click.option("--decode", is_flag=True, help="also decode every image with PIL (slow, thorough)")
+@click.option("--no-cache", is_flag=True, help="check every file again, ignoring the scan cache")
+def check_data(data: str, decode: bool, no_cache: bool) -> None:
+    """Scan DATA's train/ and val/ for files that would stop a run; list what is left out.
+
+    Exits non-zero only when a split has no usable image.
+    """
+    from dalikd.cli.report import print_check
+    from dalikd.data import scan_dataset
+
+    with ScanProgress() as progress:
+        dataset = scan_dataset(data, decode=decode, cache=not no_cache, progress=progress.update)
+    print_check(dataset)
 
 
 @cli.command()

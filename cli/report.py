@@ -121,3 +121,37 @@ def print_demo(rows: list[dict[str, Any]]) -> None:
             r["model"], r["role"], f"{r['val_top1']:.2f}", f"{r['val_loss']:.4f}", r["run"]
         )
     console.print(table)
+
+
+class ScanProgress:
+    """A bar for the data scan; shown only once a scan has files to check."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]checking files"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+        )  # fmt: skip
+        self._task = None
+
+    def __enter__(self) -> ScanProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.stop()
+
+    def update(self, done: int, total: int) -> None:
+        if self._task is None:
+            self._task = self._progress.add_task("scan", total=total)
+        self._progress.update(self._task, completed=done)
+
+
+def print_check(dataset: Any) -> None:
+    # One plain line per file (no table): paths stay whole and greppable.
+    for path, reason in dataset.skipped:
+        console.print(f"left out: {path}  ({reason})", soft_wrap=True, markup=False)
+    console.print(
+        f"{dataset.root}: {len(dataset.train):,} train and {len(dataset.val):,} val images "
+        f"usable, {dataset.num_classes} classes, {len(dataset.skipped)} files left out",
+        soft_wrap=True,
+    )

@@ -7,9 +7,11 @@ ImageFolder convention, so a teacher trained elsewhere lines up with the labels 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dalikd.datacheck import check_files
 from dalikd.errors import DalikdError
 
 # What DALI's image decoder reads; other files (.txt, .csv, ...) are left out.
@@ -33,6 +35,7 @@ class Dataset:
     classes: tuple[str, ...]
     train: Split
     val: Split
+    skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of every file left out
 
     @property
     def num_classes(self) -> int:
@@ -45,7 +48,16 @@ def _class_dirs(split_dir: Path) -> list[str]:
     )
 
 
-def _scan_split(split_dir: Path, classes: tuple[str, ...]) -> Split:
+def cache_dir() -> Path:
+    """$DALIKD_CACHE, else $XDG_CACHE_HOME/dalikd, else ~/.cache/dalikd."""
+    if os.environ.get("DALIKD_CACHE"):
+        return Path(os.environ["DALIKD_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dalikd"
+
+
+def _scan_split(split_dir: Path, classes: tuple[str, ...], others: list[str]) -> Split:
+    """Image files by extension; other files go to ``others``."""
     index = {name: i for i, name in enumerate(classes)}
     files: list[str] = []
     labels: list[int] = []
@@ -55,18 +67,31 @@ def _scan_split(split_dir: Path, classes: tuple[str, ...]) -> Split:
                 f"{split_dir}/{name} is a class that train/ does not have; "
                 "val/ classes must be a subset of train/ classes"
             )
-        found = sorted(
-            entry.path
-            for entry in os.scandir(split_dir / name)
-            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        found = []
+        for entry in os.scandir(split_dir / name):
+            if entry.is_file():
+                is_image = entry.name.lower().endswith(IMAGE_EXTENSIONS)
+                (found if is_image else others).append(entry.path)
+        found.sort()
         files += found
         labels += [index[name]] * len(found)
     return Split(tuple(files), tuple(labels))
 
 
-def scan_dataset(root: str | Path) -> Dataset:
-    """List the classes and image files of an ImageNet-style folder (no image is opened)."""
+def scan_dataset(
+    root: str | Path,
+    *,
+    check: bool = True,
+    decode: bool = False,
+    cache: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> Dataset:
+    """List the classes and usable image files of an ImageNet-style folder.
+
+    ``check`` runs the data scan of :mod:`dalikd.datacheck` (cached): files that would kill
+    the DALI pipeline are left out and listed in ``Dataset.skipped``. A split with no usable
+    image is an error.
+    """
     if not str(root):
         raise DalikdError("no dataset given: pass --data DIR (a folder with train/ and val/)")
     root = Path(root).expanduser().resolve()
@@ -81,11 +106,25 @@ def scan_dataset(root: str | Path) -> Dataset:
     classes = tuple(_class_dirs(root / "train"))
     if not classes:
         raise DalikdError(f"{root}/train has no class folders")
-    train = _scan_split(root / "train", classes)
-    val = _scan_split(root / "val", classes)
-    for split_name, split in (("train", train), ("val", val)):
-        if len(split) == 0:
+    others: list[str] = []
+    splits = {name: _scan_split(root / name, classes, others) for name in ("train", "val")}
+    bad: dict[str, str] = {}
+    if check:
+        bad = check_files(
+            [f for split in splits.values() for f in split.files],
+            root=root, cache_root=cache_dir() if cache else None, decode=decode,
+            progress=progress,
+        )  # fmt: skip
+    for name, split in splits.items():
+        keep = [i for i, f in enumerate(split.files) if f not in bad]
+        if not keep:
+            left = f"; {len(split)} left out, see: dalikd check-data {root}" if len(split) else ""
             raise DalikdError(
-                f"{root}/{split_name} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
+                f"{root}/{name} holds no usable images{left} "
+                f"(looked for {', '.join(IMAGE_EXTENSIONS)})"
             )
-    return Dataset(root=root, classes=classes, train=train, val=val)
+        splits[name] = Split(
+            tuple(split.files[i] for i in keep), tuple(split.labels[i] for i in keep)
+        )
+    skipped = sorted(bad.items()) + [(p, "not an image (file extension)") for p in sorted(others)]
+    return Dataset(root, classes, splits["train"], splits["val"], tuple(skipped))

@@ -18,19 +18,12 @@ import numpy as np
 from PIL import Image
 
 from dalikd.config import build_config
+from dalikd.data import cache_dir
 from dalikd.train import Reporter, SilentReporter, train
 
 DATASET_VERSION = "digits-v1"  # bump when the rendering changes, so caches rebuild
 SIDE = 32  # px, rendered image side
 VAL_EVERY = 5  # every 5th image of a class goes to val/ (20%)
-
-
-def cache_dir() -> Path:
-    """$DALIKD_CACHE, else $XDG_CACHE_HOME/dalikd, else ~/.cache/dalikd."""
-    if os.environ.get("DALIKD_CACHE"):
-        return Path(os.environ["DALIKD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "dalikd"
 
 
 def build_digits(root: Path | None = None) -> Path:

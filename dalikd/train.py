@@ -258,6 +258,15 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(cfg.to_dict(), indent=2) + "\n", run_dir / "config.json")
         write_jsonl_atomic(history, run_dir / "metrics.jsonl")
+        report = "".join(f"{path}\t{reason}\n" for path, reason in dataset.skipped)
+        write_text_atomic("path\treason\n" + report, run_dir / "data_report.tsv")
+    left_out = (
+        f", {len(dataset.skipped)} files left out (see data_report.tsv)" if dataset.skipped else ""
+    )
+    reporter.message(
+        f"data: {len(dataset.train):,} train / {len(dataset.val):,} val images, "
+        f"{dataset.num_classes} classes{left_out}"
+    )
 
     train_data = pipeline.train_loader(
         dataset.train, cfg.data, recipe, device=device, seed=cfg.seed,

@@ -44,3 +44,17 @@ def tiny_env(monkeypatch):
     """Make tests/tiny_models.py importable as 'tiny_models' (also for subprocesses)."""
     monkeypatch.syspath_prepend(str(TESTS))
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Scan caches and the demo dataset go to a temporary folder, never ~/.cache."""
+    import os
+
+    old = os.environ.get("DALIKD_CACHE")
+    os.environ["DALIKD_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("DALIKD_CACHE", None)
+    else:
+        os.environ["DALIKD_CACHE"] = old

@@ -42,7 +42,7 @@ def test_val_may_lack_a_class_and_keeps_train_indices(tmp_path):
         ([], "dataset folder not found"),
         (["train/a/x.jpg"], "has no val/ folder"),
         (["val/a/x.jpg"], "has no train/ folder"),
-        (["train/a/x.txt", "val/a/x.jpg"], "train holds no images"),
+        (["train/a/x.txt", "val/a/x.jpg"], "train holds no usable images"),
     ],
 )
 def test_bad_layouts(tmp_path, layout, message):
