@@ -294,6 +294,11 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         states = distributed.gather_strings(ctx, train_data.checkpoint())
         if not ctx.is_main:
             return
+        if not all(p.isfinite().all() for p in student.parameters()):
+            raise DalikdError(
+                f"the weights became non-finite by step {global_step} (epoch {epoch + 1}); "
+                "lower --lr; last.pt keeps the last good checkpoint"
+            )
         ckpt = {
             "model": student.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -342,27 +347,29 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             scaler.update()
             global_step += 1
             step_in_epoch += 1
-            # log: .item() is a CPU-GPU sync point, so only every log_every steps
             loss_sum += losses["loss"].detach()
             seen += len(batch)
+            # stop requests are agreed across ranks (a sync point, so at log boundaries only)
             boundary = step_in_epoch % cfg.log_every == 0 or step_in_epoch == steps_per_epoch
-            if boundary:
+            stopping = (boundary or not ctx.enabled) and distributed.any_rank(
+                ctx, stop.received is not None, tdev
+            )
+            # mid-epoch checkpoint: every ckpt_every steps, and before stopping
+            periodic = bool(cfg.ckpt_every) and step_in_epoch % cfg.ckpt_every == 0
+            save_now = step_in_epoch < steps_per_epoch and (stopping or periodic)
+            # log: .item() is a CPU-GPU sync point, so only at log boundaries and before a
+            # checkpoint, which must never hold the weights of a non-finite loss
+            if boundary or save_now:
                 loss = losses["loss"].item()
                 if not math.isfinite(loss):
                     raise DalikdError(
                         f"loss is {loss} at step {global_step} (epoch {epoch + 1}); "
                         "lower --lr; last.pt keeps the last good checkpoint"
                     )
-                reporter.step(
-                    step_in_epoch, loss, seen * ctx.world_size / (time.perf_counter() - t0), lr
-                )
-            # stop requests are agreed across ranks (a sync point, so at log boundaries only)
-            stopping = (boundary or not ctx.enabled) and distributed.any_rank(
-                ctx, stop.received is not None, tdev
-            )
-            # mid-epoch checkpoint: every ckpt_every steps, and before stopping
-            periodic = cfg.ckpt_every and step_in_epoch % cfg.ckpt_every == 0
-            if step_in_epoch < steps_per_epoch and (stopping or periodic):
+                if boundary:
+                    img_per_s = seen * ctx.world_size / (time.perf_counter() - t0)
+                    reporter.step(step_in_epoch, loss, img_per_s, lr)
+            if save_now:
                 elapsed = time.perf_counter() - t0
                 partial = {"loss_sum": float(loss_sum), "seen": seen, "seconds": elapsed}
                 save_checkpoint(("last.pt",))

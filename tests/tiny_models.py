@@ -22,3 +22,22 @@ def tiny_cnn_wide(num_classes: int) -> nn.Module:
         nn.Flatten(),
         nn.Linear(16, num_classes),
     )
+
+
+class _Slow(nn.Module):
+    """Sleeps in forward so a subprocess run lasts long enough to be signalled mid-epoch."""
+
+    def __init__(self, inner: nn.Module, seconds: float) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seconds = seconds
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.seconds)
+        return self.inner(x)
+
+
+def slow_cnn(num_classes: int) -> nn.Module:
+    return _Slow(tiny_cnn(num_classes), 0.04)
