@@ -14,6 +14,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from dalikd.cli.preview_cmd import preview
 from dalikd.cli.report import ScanProgress
 from dalikd.config import TrainConfig
 from dalikd.errors import DalikdError
@@ -52,6 +53,12 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         "second-view recipe: a name (see `dalikd pipelines`), a+b, or file.py:function",
     ),
     (
+        "--aug-granularity",
+        "kd.granularity",
+        click.Choice(["sample", "batch"]),
+        "random draws per image, or one per batch (the paper's reference code)",
+    ),
+    (
         "--teacher",
         "model.teacher",
         str,
@@ -83,6 +90,12 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--ce-weight", "kd.ce_weight", float, "weight of CE(s(x), y) (gamma)"),
     ("--kd-weight", "kd.kd_weight", float, "weight of each KD term (alpha)"),
     ("--temperature", "kd.temperature", float, "KD temperature T"),
+    (
+        "--mixed-label-ce",
+        "kd.mixed_label_ce",
+        float,
+        "weight of CE on x' with its (mixed) soft labels; 0 is the paper's loss",
+    ),
     ("--image-size", "data.image_size", int, "training and validation image side in px"),
     ("--crop-scale", "data.crop_scale", _numbers(float), "random-resized-crop area range, MIN,MAX"),
     ("--threads", "data.threads", int, "DALI CPU threads (0: one per core, at most 8)"),
@@ -255,6 +268,9 @@ def demo(out: str, epochs: int | None, device: str) -> None:
     with RichReporter() as reporter:
         rows = run_demo(Path(out), reporter, epochs=epochs, device=device)
     print_demo(rows)
+
+
+cli.add_command(preview)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,6 +60,7 @@ class KDConfig:
     ce_weight: float = 0.1  # gamma: weight of CE(s(x), y)
     kd_weight: float = 0.9  # alpha: weight of each D_T term
     temperature: float = 4.0
+    mixed_label_ce: float = 0.0  # weight of CE(s(x'), soft labels of x'); 0 = the paper's loss
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ def validate(cfg: TrainConfig) -> None:
             f"milestones must be increasing, got {o.milestones}",
         ),
         (k.temperature > 0, f"temperature must be positive, got {k.temperature}"),
-        (k.ce_weight >= 0 and k.kd_weight >= 0, "loss weights must be >= 0"),
+        (min(k.ce_weight, k.kd_weight, k.mixed_label_ce) >= 0, "loss weights must be >= 0"),
         (cfg.log_every >= 1, f"log_every must be positive, got {cfg.log_every}"),
         (cfg.ckpt_every >= 0, f"ckpt_every must be >= 0, got {cfg.ckpt_every}"),
     ]
@@ -226,8 +227,8 @@ def validate(cfg: TrainConfig) -> None:
             "--teacher needs --teacher-weights (a file or a torchvision weights name such as "
             "IMAGENET1K_V1): distilling from an untrained teacher teaches nothing"
         )
-    if not cfg.model.teacher and cfg.kd.aug != "none":
+    if not cfg.model.teacher and cfg.kd.aug != "none" and not cfg.kd.mixed_label_ce:
         raise DalikdError(
-            f"--aug {cfg.kd.aug} makes a second view for the teacher to label; "
-            "without --teacher use --aug none"
+            f"--aug {cfg.kd.aug} makes a second view for the teacher to label; without "
+            "--teacher either use --aug none or train on x' with --mixed-label-ce WEIGHT"
         )

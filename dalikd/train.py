@@ -28,7 +28,7 @@ from dalikd.data import Dataset, scan_dataset
 from dalikd.device import amp_dtype, autocast, prepare_images, resolve_device
 from dalikd.errors import DalikdError
 from dalikd.evaluate import evaluate
-from dalikd.losses import kd_divergence
+from dalikd.losses import kd_divergence, soft_labels
 from dalikd.models import build_model
 
 
@@ -79,27 +79,43 @@ def kd_step(
 ) -> dict[str, torch.Tensor]:
     """Named losses of one step; ``loss`` is what to backpropagate.
 
-    No teacher: supervised, loss = CE(s(x), y). With a teacher: the two-view KD loss of
-    losses.py, with the x' term only when the batch carries aug_images.
+    With a teacher: the two-view KD loss of losses.py, the x' term only when the batch carries
+    aug_images. Without: supervised, CE(s(x), y). Either way ``kd.mixed_label_ce`` > 0 adds
+    that weight times CE(s(x'), lam * onehot(y) + (1 - lam) * onehot(y[perm])).
     """
     kd = cfg.kd
     student_logits = student(batch.images)
     ce_loss = F.cross_entropy(student_logits, batch.labels)
+    losses = {"ce_loss": ce_loss}
+    two_view = batch.aug_images is not None
+    # A second, separate student pass: x' is a different batch for BatchNorm statistics.
+    aug_student_logits = student(batch.aug_images) if two_view else None
     if teacher is None:
-        return {"loss": ce_loss, "ce_loss": ce_loss}
-    views = [batch.images] if batch.aug_images is None else [batch.images, batch.aug_images]
-    with torch.no_grad():  # one teacher pass over x and x' together: eval mode, same numbers
-        teacher_logits = teacher(torch.cat(views)).chunk(len(views))
-    kd_loss = kd_divergence(student_logits, teacher_logits[0], kd.temperature)
-    losses = {"ce_loss": ce_loss, "kd_loss": kd_loss}
-    total_kd = kd_loss
-    if batch.aug_images is not None:
-        # A second, separate student pass: x' is a different batch for BatchNorm statistics.
-        aug_student_logits = student(batch.aug_images)
-        losses["kd_aug_loss"] = kd_divergence(aug_student_logits, teacher_logits[1], kd.temperature)
-        total_kd = total_kd + losses["kd_aug_loss"]
-    losses["loss"] = kd.ce_weight * ce_loss + kd.kd_weight * total_kd
+        losses["loss"] = ce_loss
+    else:
+        views = [batch.images, batch.aug_images] if two_view else [batch.images]
+        with torch.no_grad():  # one teacher pass over x and x' together: eval mode, same numbers
+            teacher_logits = teacher(torch.cat(views)).chunk(len(views))
+        losses["kd_loss"] = kd_divergence(student_logits, teacher_logits[0], kd.temperature)
+        total_kd = losses["kd_loss"]
+        if two_view:
+            losses["kd_aug_loss"] = kd_divergence(
+                aug_student_logits, teacher_logits[1], kd.temperature
+            )
+            total_kd = total_kd + losses["kd_aug_loss"]
+        losses["loss"] = kd.ce_weight * ce_loss + kd.kd_weight * total_kd
+    if two_view and kd.mixed_label_ce:
+        targets = mixed_targets(batch, student_logits.shape[1])
+        losses["mixed_ce_loss"] = F.cross_entropy(aug_student_logits.float(), targets)
+        losses["loss"] = losses["loss"] + kd.mixed_label_ce * losses["mixed_ce_loss"]
     return losses
+
+
+def mixed_targets(batch: pipeline.Batch, num_classes: int) -> torch.Tensor:
+    """Class probabilities of x': soft labels for a mixing recipe, one-hot otherwise."""
+    if batch.lam is None:
+        return F.one_hot(batch.labels, num_classes).float()
+    return soft_labels(batch.labels, batch.lam, batch.perm, num_classes)
 
 
 # -- run setup ---------------------------------------------------------------------------------

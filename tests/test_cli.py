@@ -140,3 +140,32 @@ def test_no_traceback_from_the_installed_command(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"error: dataset folder not found: {tmp_path / 'nope'}"
+
+
+def test_kd_with_a_composed_mixing_recipe_and_mixed_label_ce(
+    solid_dataset, tmp_path, tiny_env, capsys
+):
+    teacher = tmp_path / "teacher.pt"
+    torch.save(tiny_cnn(3).state_dict(), teacher)
+    args = ["train", "--data", solid_dataset, "--student", TINY, "--teacher", TINY,
+            "--teacher-weights", teacher, "--aug", "crop_flip+cutmix", "--aug-granularity", "batch",
+            "--mixed-label-ce", 0.5, "--epochs", 1, "--out", tmp_path / "run", *SMALL]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["kd"]
+    assert (config["aug"], config["granularity"], config["mixed_label_ce"]) == (
+        "crop_flip+cutmix",
+        "batch",
+        0.5,
+    )
+
+
+def test_bad_compositions_say_why(solid_dataset, tmp_path, tiny_env, capsys):
+    teacher = tmp_path / "teacher.pt"
+    torch.save(tiny_cnn(3).state_dict(), teacher)
+    base = ["train", "--data", solid_dataset, "--student", TINY, "--teacher", TINY,
+            "--teacher-weights", teacher, "--out", tmp_path / "run", *SMALL]  # fmt: skip
+    for aug, message in (("cutmix+flip", "must come last"), ("mixup+cutmix", "two mixing recipes"),
+                         ("flip+none", "cannot be composed"), ("flip+", "empty part")):  # fmt: skip
+        code, _, err = run_cli([*base, "--aug", aug], capsys)
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err

@@ -102,3 +102,45 @@ def test_teacher_gets_no_gradient_and_student_does():
     kd_step(student, teacher, batch, build_config())["loss"].backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters())
+
+
+def test_soft_labels_match_numpy_and_sum_to_one():
+    from dalikd.losses import soft_labels
+
+    labels = torch.tensor([0, 2, 1, 2])
+    lam = torch.tensor([0.25, 1.0, 0.5, 0.0])
+    perm = torch.tensor([1, 0, 3, 2])
+    got = soft_labels(labels, lam, perm, 3).numpy()
+    expected = np.zeros((4, 3))
+    for i in range(4):
+        expected[i, labels[i]] += lam[i].item()
+        expected[i, labels[perm[i]]] += 1 - lam[i].item()
+    np.testing.assert_allclose(got, expected, atol=1e-7)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-6)
+
+
+def test_mixed_label_ce_adds_ce_on_x_prime_with_soft_labels():
+    student, teacher, batch = _models_and_batch(with_aug=True)
+    batch.lam = torch.tensor([0.2, 0.5, 0.9, 1.0, 0.3, 0.7])
+    batch.perm = torch.tensor([1, 2, 3, 4, 5, 0])
+    student.eval()  # deterministic logits for the independent recomputation
+    base = build_config()
+    cfg = build_config(overrides={"kd.mixed_label_ce": 0.5})
+    plain = kd_step(student, teacher, batch, base)["loss"].item()
+    losses = kd_step(student, teacher, batch, cfg)
+    log_p = F.log_softmax(student(batch.aug_images), 1).detach().numpy()
+    onehot = np.eye(5)[batch.labels.numpy()]
+    lam = batch.lam.numpy()[:, None]
+    target = lam * onehot + (1 - lam) * onehot[batch.perm.numpy()]
+    mixed_ce = -(target * log_p).sum(1).mean()
+    assert losses["mixed_ce_loss"].item() == pytest.approx(mixed_ce, rel=1e-5)
+    assert losses["loss"].item() == pytest.approx(plain + 0.5 * mixed_ce, rel=1e-5)
+
+
+def test_supervised_training_on_x_prime_only_with_mixed_label_ce():
+    student, _, batch = _models_and_batch(with_aug=True)
+    cfg = build_config(overrides={"kd.aug": "flip", "kd.mixed_label_ce": 1.0})
+    losses = kd_step(student, None, batch, cfg)
+    assert set(losses) == {"loss", "ce_loss", "mixed_ce_loss"}
+    expected = losses["ce_loss"] + losses["mixed_ce_loss"]
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
