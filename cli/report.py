@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -107,7 +108,7 @@ def print_recipes(infos: list[Any]) -> None:
     table.add_column("mixing")
     table.add_column("description")
     for info in infos:
-        table.add_row(info.name, "yes" if info.mixing else "", info.description)
+        table.add_row(info.name, "yes" if info.mixing else "", escape(info.description))
     console.print(table)
 
 

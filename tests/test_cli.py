@@ -78,7 +78,7 @@ def test_supervised_run_with_config_file(solid_dataset, tmp_path, tiny_env, caps
 def test_pipelines_lists_the_built_in_recipes(capsys):
     code, out, _ = run_cli(["pipelines"], capsys)
     assert code == 0
-    for name in ("none", "identity", "flip"):
+    for name in ("none", "identity", "flip", "cutmix", "x[perm]"):
         assert name in out
 
 
