@@ -61,6 +61,10 @@ class KDConfig:
     kd_weight: float = 0.9  # alpha: weight of each D_T term
     temperature: float = 4.0
     mixed_label_ce: float = 0.0  # weight of CE(s(x'), soft labels of x'); 0 = the paper's loss
+    pool_size: int = 2  # k: candidates per image for pool recipes (cutmixpick)
+    pick_count: int = 0  # candidates kept from a pool of k·B; 0 = pick_fraction of the pool
+    pick_fraction: float = 0.5  # share of the pool kept (0.5 of 2·B = B, the paper's)
+    pick_criterion: str = "teacher_entropy"  # teacher_entropy | student_entropy | kld
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ _CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "optim.schedule": ("step", "cosine"),
     "kd.granularity": ("sample", "batch"),
+    "kd.pick_criterion": ("teacher_entropy", "student_entropy", "kld"),
 }
 
 
@@ -215,6 +220,9 @@ def validate(cfg: TrainConfig) -> None:
             f"milestones must be increasing, got {o.milestones}",
         ),
         (k.temperature > 0, f"temperature must be positive, got {k.temperature}"),
+        (k.pool_size >= 1, f"pool_size must be positive, got {k.pool_size}"),
+        (k.pick_count >= 0, f"pick_count must be >= 0, got {k.pick_count}"),
+        (0 < k.pick_fraction <= 1, f"pick_fraction must be in (0, 1], got {k.pick_fraction}"),
         (min(k.ce_weight, k.kd_weight, k.mixed_label_ce) >= 0, "loss weights must be >= 0"),
         (cfg.log_every >= 1, f"log_every must be positive, got {cfg.log_every}"),
         (cfg.ckpt_every >= 0, f"ckpt_every must be >= 0, got {cfg.ckpt_every}"),

@@ -20,7 +20,15 @@ def kd_divergence(
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
 
 
-def soft_labels(labels: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, num_classes: int):
-    """lam * onehot(y) + (1 - lam) * onehot(y[perm]); rows sum to 1."""
-    own = F.one_hot(labels, num_classes).float()
-    return lam[:, None] * own + (1 - lam[:, None]) * own[perm]
+def soft_labels(
+    own_labels: torch.Tensor,
+    partner_labels: torch.Tensor,
+    lam: torch.Tensor | None,
+    num_classes: int,
+) -> torch.Tensor:
+    """lam · onehot(own) + (1 - lam) · onehot(partner); rows sum to 1. lam None means 1."""
+    own = F.one_hot(own_labels, num_classes).float()
+    if lam is None:
+        return own
+    partner = F.one_hot(partner_labels, num_classes).float()
+    return lam[:, None] * own + (1 - lam[:, None]) * partner

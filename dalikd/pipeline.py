@@ -18,7 +18,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from dalikd.config import DataConfig
 from dalikd.data import Split
-from dalikd.recipes import AugContext, Recipe
+from dalikd.recipes import AugContext, Pool, Recipe
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # RGB, 0-255 scale
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -38,6 +38,9 @@ class Batch:
     aug_images: torch.Tensor | None = None  # x': like images; None for plain KD
     lam: torch.Tensor | None = None  # [B] float32, fraction of own pixels in x' (mixing only)
     perm: torch.Tensor | None = None  # [B] int64, partner index of each x' (mixing only)
+    # A candidate pool of k views per image: aug_images, lam and perm hold k·B rows, view-major
+    # (row j·B + i is view j of image i; perm still indexes images).
+    pool: int = 1
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -106,7 +109,15 @@ def normalize(images: Any, data: DataConfig) -> Any:
 
 
 def train_graph(
-    split, data, recipe, device, shard_id, num_shards, granularity="sample", reader_seed=0
+    split,
+    data,
+    recipe,
+    device,
+    shard_id,
+    num_shards,
+    granularity="sample",
+    reader_seed=0,
+    pool_size=2,
 ):
     """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode."""
     jpegs, labels = read(
@@ -116,11 +127,13 @@ def train_graph(
     images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
     outputs = {"images": normalize(images, data), "labels": labels}
     if recipe is not None:
-        view = recipe(images, AugContext(data.image_size, device, IMAGENET_MEAN, granularity))
-        outputs["aug_images"] = normalize(view.images, data)
-        if view.lam is not None:
-            outputs["lam"] = fn.cast(view.lam, dtype=types.FLOAT)
-            outputs["perm"] = fn.cast(view.perm, dtype=types.INT64)
+        ctx = AugContext(data.image_size, device, IMAGENET_MEAN, granularity, pool_size)
+        out = recipe(images, ctx)
+        for j, view in enumerate(out.views if isinstance(out, Pool) else (out,)):
+            outputs[f"aug_images_{j}"] = normalize(view.images, data)
+            if view.lam is not None:
+                outputs[f"lam_{j}"] = fn.cast(view.lam, dtype=types.FLOAT)
+                outputs[f"perm_{j}"] = fn.cast(view.perm, dtype=types.INT64)
     return outputs
 
 
@@ -197,13 +210,23 @@ class Loader:
             d = out[0]
             # Images come out of DALI already on the training device; the per-sample scalars
             # come from CPU operators and are moved here.
+            views = sum(name.startswith("aug_images_") for name in d)
             yield Batch(
                 images=d["images"],
                 labels=_flat(d["labels"], to, torch.int64),
-                aug_images=d.get("aug_images"),
-                lam=_flat(d.get("lam"), to, torch.float32),
-                perm=_flat(d.get("perm"), to, torch.int64),
+                aug_images=_views(d, "aug_images", views),
+                lam=_flat(_views(d, "lam", views), to, torch.float32),
+                perm=_flat(_views(d, "perm", views), to, torch.int64),
+                pool=max(views, 1),
             )
+
+
+def _views(d: dict[str, torch.Tensor], name: str, views: int) -> torch.Tensor | None:
+    """Output ``name_0 .. name_{views-1}`` as one tensor, view-major; a single view uncopied."""
+    parts = [d[f"{name}_{j}"] for j in range(views) if f"{name}_{j}" in d]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _flat(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
@@ -220,6 +243,7 @@ def train_loader(
     shard_id: int = 0,
     num_shards: int = 1,
     granularity: str = "sample",
+    pool_size: int = 2,
     checkpoint: str | None = None,
 ) -> Loader:
     """Shuffled, augmented training batches; the incomplete last batch is dropped.
@@ -230,7 +254,7 @@ def train_loader(
     pipe, names = build_pipeline(
         train_graph, data=data, device=device, seed=seed + shard_id, checkpoint=checkpoint,
         split=split, recipe=recipe, shard_id=shard_id, num_shards=num_shards,
-        granularity=granularity, reader_seed=seed,
+        granularity=granularity, reader_seed=seed, pool_size=pool_size,
     )  # fmt: skip
     return Loader(pipe, names, last_batch=LastBatchPolicy.DROP, device=torch_device(device))
 

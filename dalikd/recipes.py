@@ -32,6 +32,7 @@ class AugContext:
     device: str  # "cpu" | "gpu": where the images live
     mean: tuple[float, float, float]  # dataset mean per RGB channel, 0-255 scale
     granularity: str = "sample"  # "sample": draws per image | "batch": one draw for the batch
+    pool_size: int = 2  # k: candidates per image a pool recipe (cutmixpick) makes
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,21 @@ class View:
 
 
 @dataclass(frozen=True)
+class Pool:
+    """A candidate pool: k views per image, each with its own random draws. The torch side
+    scores all k·B candidates and keeps the best (dalikd.pick); x' is what it keeps."""
+
+    views: tuple[View, ...]
+
+
+@dataclass(frozen=True)
 class RecipeInfo:
     name: str
     description: str  # one line, shown by `dalikd pipelines`
-    mixing: bool = False  # mixes samples of the batch (returns lam and perm)
+    mixing: bool = False  # mixes samples of the batch (returns lam and perm) or makes a Pool
 
 
-Recipe = Callable[..., "View | None"]
+Recipe = Callable[..., "View | Pool | None"]
 
 
 def recipe(name: str, description: str, *, mixing: bool = False) -> Callable[[Recipe], Recipe]:
@@ -150,13 +159,12 @@ def resolve(spec: str) -> Recipe | None:
 def compose(recipes: list[Recipe], name: str) -> Recipe:
     """Apply recipes in order, each to the images the previous one made."""
 
-    def composed(images: Any, ctx: AugContext) -> View:
-        view = View(images)
+    def composed(images: Any, ctx: AugContext) -> View | Pool:
+        view: View | Pool = View(images)
         for r in recipes:
             out = r(view.images, ctx)
-            if out is None:  # a recipe that declines leaves the images as they are
-                continue
-            view = View(out.images, out.lam, out.perm)
+            if out is not None:  # a recipe that declines leaves the images as they are
+                view = out  # a Pool only comes from the last (mixing) recipe
         return view
 
     mixing = any(recipe_info(r).mixing for r in recipes)

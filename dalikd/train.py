@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dalikd import distributed, pipeline, recipes
+from dalikd import distributed, pick, pipeline, recipes
 from dalikd.checkpoint import save_atomic, write_jsonl_atomic, write_text_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
 from dalikd.data import Dataset, scan_dataset
@@ -29,6 +29,7 @@ from dalikd.device import amp_dtype, autocast, prepare_images, resolve_device
 from dalikd.errors import DalikdError
 from dalikd.evaluate import evaluate
 from dalikd.losses import kd_divergence, soft_labels
+from dalikd.metrics import TStddev
 from dalikd.models import build_model
 
 
@@ -74,48 +75,82 @@ def lr_at(step: int, steps_per_epoch: int, optim: OptimConfig) -> float:
 # -- the loss ----------------------------------------------------------------------------------
 
 
+@dataclass
+class StepOutput:
+    losses: dict[str, torch.Tensor]  # named losses; "loss" is what to backpropagate
+    # The teacher rows the T. stddev metric counts: x's, then those of the x' trained on.
+    teacher_logits: torch.Tensor | None
+
+
 def kd_step(
     student: nn.Module, teacher: nn.Module | None, batch: pipeline.Batch, cfg: TrainConfig
-) -> dict[str, torch.Tensor]:
-    """Named losses of one step; ``loss`` is what to backpropagate.
+) -> StepOutput:
+    """Losses of one step.
 
     With a teacher: the two-view KD loss of losses.py, the x' term only when the batch carries
-    aug_images. Without: supervised, CE(s(x), y). Either way ``kd.mixed_label_ce`` > 0 adds
-    that weight times CE(s(x'), lam * onehot(y) + (1 - lam) * onehot(y[perm])).
+    aug_images. Without: supervised, CE(s(x), y). A candidate pool (batch.pool = k > 1) is
+    first scored and cut to the picked x' (CutMixPick); the teacher's logits of the pool are
+    reused as the KD targets of the kept candidates, so the teacher sees B + k·B images per
+    step. ``kd.mixed_label_ce`` > 0 adds CE(s(x'), lam·onehot(y) + (1 - lam)·onehot(y[perm])).
     """
     kd = cfg.kd
     student_logits = student(batch.images)
-    ce_loss = F.cross_entropy(student_logits, batch.labels)
-    losses = {"ce_loss": ce_loss}
-    two_view = batch.aug_images is not None
-    # A second, separate student pass: x' is a different batch for BatchNorm statistics.
-    aug_student_logits = student(batch.aug_images) if two_view else None
-    if teacher is None:
-        losses["loss"] = ce_loss
-    else:
-        views = [batch.images, batch.aug_images] if two_view else [batch.images]
+    losses = {"ce_loss": F.cross_entropy(student_logits, batch.labels)}
+    aug_images = batch.aug_images
+    teacher_x = teacher_aug = None
+    if teacher is not None:
+        views = [batch.images] if aug_images is None else [batch.images, aug_images]
         with torch.no_grad():  # one teacher pass over x and x' together: eval mode, same numbers
-            teacher_logits = teacher(torch.cat(views)).chunk(len(views))
-        losses["kd_loss"] = kd_divergence(student_logits, teacher_logits[0], kd.temperature)
+            teacher_all = teacher(torch.cat(views))
+        teacher_x, teacher_aug = teacher_all[: len(batch)], teacher_all[len(batch) :]
+    # Labels of each x' row: its own image's, and its partner's (the same without mixing).
+    own = batch.labels.repeat(batch.pool)
+    partner = own if batch.perm is None else batch.labels[batch.perm]
+    lam = batch.lam
+    if aug_images is not None and batch.pool > 1:
+        keep = _pick(student, teacher_aug, aug_images, cfg)
+        aug_images, own, partner = aug_images[keep], own[keep], partner[keep]
+        teacher_aug = teacher_aug[keep] if teacher_aug is not None else None
+        lam = lam[keep] if lam is not None else None
+    # A second, separate student pass: x' is a different batch for BatchNorm statistics.
+    aug_student_logits = student(aug_images) if aug_images is not None else None
+
+    if teacher is None:
+        losses["loss"] = losses["ce_loss"]
+    else:
+        losses["kd_loss"] = kd_divergence(student_logits, teacher_x, kd.temperature)
         total_kd = losses["kd_loss"]
-        if two_view:
-            losses["kd_aug_loss"] = kd_divergence(
-                aug_student_logits, teacher_logits[1], kd.temperature
-            )
+        if aug_images is not None:
+            losses["kd_aug_loss"] = kd_divergence(aug_student_logits, teacher_aug, kd.temperature)
             total_kd = total_kd + losses["kd_aug_loss"]
-        losses["loss"] = kd.ce_weight * ce_loss + kd.kd_weight * total_kd
-    if two_view and kd.mixed_label_ce:
-        targets = mixed_targets(batch, student_logits.shape[1])
+        losses["loss"] = kd.ce_weight * losses["ce_loss"] + kd.kd_weight * total_kd
+    if aug_images is not None and kd.mixed_label_ce:
+        num_classes = student_logits.shape[1]
+        targets = soft_labels(own, partner, lam, num_classes)
         losses["mixed_ce_loss"] = F.cross_entropy(aug_student_logits.float(), targets)
         losses["loss"] = losses["loss"] + kd.mixed_label_ce * losses["mixed_ce_loss"]
-    return losses
+    rows = None
+    if teacher_x is not None:
+        rows = teacher_x if teacher_aug is None else torch.cat([teacher_x, teacher_aug])
+    return StepOutput(losses, rows)
 
 
-def mixed_targets(batch: pipeline.Batch, num_classes: int) -> torch.Tensor:
-    """Class probabilities of x': soft labels for a mixing recipe, one-hot otherwise."""
-    if batch.lam is None:
-        return F.one_hot(batch.labels, num_classes).float()
-    return soft_labels(batch.labels, batch.lam, batch.perm, num_classes)
+def _pick(student, teacher_logits, pool_images, cfg: TrainConfig) -> torch.Tensor:
+    """Indices of the pool rows to keep, by ``kd.pick_criterion``."""
+    kd = cfg.kd
+    if teacher_logits is None and kd.pick_criterion != "student_entropy":
+        raise DalikdError(
+            f"--pick-criterion {kd.pick_criterion} needs a teacher; without --teacher use "
+            "student_entropy"
+        )
+    student_logits = None
+    if kd.pick_criterion != "teacher_entropy":
+        with torch.no_grad():  # scoring only: no gradient through the candidates
+            student_logits = student(pool_images)
+    count = pick.pick_count(len(pool_images), kd.pick_count, kd.pick_fraction)
+    return pick.pick(
+        pick.scores(kd.pick_criterion, teacher_logits, student_logits, kd.temperature), count
+    )
 
 
 # -- run setup ---------------------------------------------------------------------------------
@@ -166,6 +201,10 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise DalikdError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 class StopSignals:
@@ -247,6 +286,8 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     epoch, step_in_epoch, global_step, best_top1, history = 0, 0, 0, -1.0, []
     partial = {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}  # the interrupted epoch so far
     dali_state = None
+    # T. stddev of this rank's teacher rows (x and the x' trained on), cumulative over the run
+    tstd = TStddev()
     if resume:
         ckpt = _read_checkpoint(run_dir / "last.pt")
         student.load_state_dict(ckpt["model"])
@@ -260,6 +301,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             ckpt["history"],
         )
         partial = ckpt["partial"]
+        tstd.load_state_dict(ckpt["tstddev"], tdev)
         if len(ckpt["dali"]) == ctx.world_size:
             dali_state = ckpt["dali"][ctx.rank]
         elif step_in_epoch:
@@ -287,7 +329,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     train_data = pipeline.train_loader(
         dataset.train, cfg.data, recipe, device=device, seed=cfg.seed,
         shard_id=ctx.rank, num_shards=ctx.world_size, granularity=cfg.kd.granularity,
-        checkpoint=dali_state,
+        pool_size=cfg.kd.pool_size, checkpoint=dali_state,
     )  # fmt: skip
     val_data = pipeline.val_loader(
         dataset.val, cfg.data, device=device, shard_id=ctx.rank, num_shards=ctx.world_size
@@ -326,6 +368,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             "best_top1": best_top1,
             "history": history,
             "dali": states,
+            "tstddev": tstd.state_dict(),
             "rng": torch.get_rng_state(),
             "config": cfg.to_dict(),
             "classes": list(dataset.classes),
@@ -349,7 +392,8 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
                 batch.aug_images = prepare_images(batch.aug_images, device, cfg.precision)
             try:
                 with autocast(device, cfg.precision):
-                    losses = kd_step(model, teacher, batch, cfg)
+                    step_out = kd_step(model, teacher, batch, cfg)
+                losses = step_out.losses
                 # backward + step
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(losses["loss"]).backward()
@@ -359,6 +403,8 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
                     f"(student {cfg.model.student}, teacher {cfg.model.teacher or 'none'}); "
                     "lower --batch-size"
                 ) from None
+            if step_out.teacher_logits is not None:
+                tstd.add(step_out.teacher_logits.float().softmax(dim=1))
             scaler.step(optimizer)
             scaler.update()
             global_step += 1
@@ -410,6 +456,9 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             "img_per_s": float(totals[1]) / train_seconds,
             "seconds": time.perf_counter() - t0,
         }
+        if teacher is not None:  # NaN (before 2 groups) is written as null
+            record["t_stddev"] = _finite_or_none(tstd.value())
+            record["teacher_entropy"] = _finite_or_none(tstd.mean_entropy())
         history.append(record)
         epoch, step_in_epoch = epoch + 1, 0
         partial = {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}

@@ -13,7 +13,7 @@ from PIL import Image
 from dalikd import ops, pipeline
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
-from dalikd.recipes import AugContext, builtin_recipes, recipe_info, resolve
+from dalikd.recipes import AugContext, Pool, builtin_recipes, recipe_info, resolve
 
 B, S = 6, 16  # batch size, image side in px
 FILL = (123.675, 116.28, 103.53)  # ImageNet mean, 0-255: rounds to (124, 116, 104)
@@ -369,20 +369,24 @@ def test_gpu_graph_of_every_recipe_can_be_defined(name, granularity):
         images = fn.external_source(
             source=lambda: list(make_images()), batch=True, layout="HWC"
         ).gpu()
-        view = recipe(images, AugContext(S, "gpu", FILL, granularity))
-        views.append(view)
-        outputs = [view.images] + ([view.lam, view.perm] if view.lam is not None else [])
-        return tuple(outputs)
+        out = recipe(images, AugContext(S, "gpu", FILL, granularity))
+        views.extend(out.views if isinstance(out, Pool) else (out,))
+        return tuple(
+            node
+            for view in views
+            for node in [view.images] + ([view.lam, view.perm] if view.lam is not None else [])
+        )
 
     pipeline_def(graph, enable_conditionals=True)(
         batch_size=B, num_threads=1, device_id=None, seed=0
     )  # traces the graph; build() would need a GPU
-    (view,) = views
-    assert view.images.device == "gpu"
-    assert (view.lam is not None) == recipe_info(recipe).mixing
-    if view.lam is not None:
-        assert view.lam.device == "cpu" and view.perm.device == "cpu"
-    assert gpu_ops_without_a_gpu_backend([view.images]) == []
+    assert views
+    for view in views:
+        assert view.images.device == "gpu"
+        assert (view.lam is not None) == recipe_info(recipe).mixing
+        if view.lam is not None:
+            assert view.lam.device == "cpu" and view.perm.device == "cpu"
+        assert gpu_ops_without_a_gpu_backend([view.images]) == []
 
 
 def test_the_gpu_check_catches_a_cpu_only_operator():
@@ -424,13 +428,16 @@ def test_every_recipe_runs_through_the_train_loader(jpeg_dataset, name, granular
         if recipe is None:
             assert batch.aug_images is None
             continue
-        assert batch.aug_images.shape == (4, 3, 32, 32)
+        k = 2 if name == "cutmixpick" else 1  # a pool: k views per image, view-major
+        assert batch.pool == k
+        assert batch.aug_images.shape == (4 * k, 3, 32, 32)
         assert batch.aug_images.dtype == torch.float32
         if recipe_info(recipe).mixing:
-            assert sorted(batch.perm.tolist()) == [0, 1, 2, 3]
-            assert (batch.perm != torch.arange(4)).all()
-            assert ((batch.lam >= 0) & (batch.lam <= 1)).all()
-            if granularity == "batch":  # one λ (and, for cutmix, one box) per batch
-                assert (batch.lam == batch.lam[0]).all()
+            for perm, lam in zip(batch.perm.view(k, 4), batch.lam.view(k, 4), strict=True):
+                assert sorted(perm.tolist()) == [0, 1, 2, 3]
+                assert (perm != torch.arange(4)).all()
+                assert ((lam >= 0) & (lam <= 1)).all()
+                if granularity == "batch":  # one λ (and, for cutmix, one box) per batch
+                    assert (lam == lam[0]).all()
         else:
             assert batch.lam is None and batch.perm is None

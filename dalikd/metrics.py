@@ -1,0 +1,106 @@
+"""T. stddev: the teacher-only proxy for how good a data augmentation is for KD.
+
+Wang et al. (NeurIPS 2022): the lower the standard deviation of the teacher's mean probability,
+the lower the student's test loss. Exactly as their reference code: consecutive teacher
+probability rows (softmax at T = 1, clean x and augmented x' of every step, in order) are
+grouped by ``group_size`` rows (640 = 5 steps x (64 + 64)); each complete group gives one
+mean-probability vector; T. stddev = mean over classes of the unbiased standard deviation of
+those vectors across groups. It is cumulative over everything seen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dalikd.errors import DalikdError
+
+GROUP_SIZE = 640
+
+
+def t_stddev(probs: torch.Tensor, group_size: int = GROUP_SIZE) -> float:
+    """T. stddev of ``probs`` ([N, C] teacher probability rows, in the order seen).
+
+    Rows past the last complete group are ignored. Needs at least 2 complete groups.
+    """
+    groups = probs.shape[0] // group_size
+    if groups < 2:
+        raise DalikdError(
+            f"T. stddev needs at least 2 complete groups of {group_size} rows "
+            f"({2 * group_size} rows); got {probs.shape[0]}"
+        )
+    means = probs[: groups * group_size].double().reshape(groups, group_size, -1).mean(dim=1)
+    return means.std(dim=0, unbiased=True).mean().item()
+
+
+class TStddev:
+    """The same number, accumulated row by row in constant memory.
+
+    Group means enter Welford's running mean/variance (float64) one at a time, so a 100-epoch
+    ImageNet run needs no list of 400k group vectors. Sums stay on the rows' device: no sync
+    until :meth:`value`. Also tracks the mean teacher entropy of the rows.
+    """
+
+    def __init__(self, group_size: int = GROUP_SIZE) -> None:
+        self.group_size = group_size
+        self.rows = 0  # rows added so far
+        self.groups = 0  # complete groups so far
+        self._partial: torch.Tensor | None = None  # sum of the rows of the open group
+        self._mean: torch.Tensor | None = None  # running mean of the group means
+        self._m2: torch.Tensor | None = None  # running sum of squared deviations
+        self._entropy = 0.0  # sum of row entropies, as a tensor once rows arrive
+
+    def add(self, probs: torch.Tensor) -> None:
+        """Append rows ([n, C] probabilities), in order."""
+        probs = probs.detach().double()
+        if self._partial is None:
+            self._partial = torch.zeros(probs.shape[1], dtype=torch.float64, device=probs.device)
+            self._mean = torch.zeros_like(self._partial)
+            self._m2 = torch.zeros_like(self._partial)
+        self._entropy = self._entropy + -(probs * probs.clamp_min(1e-30).log()).sum()
+        start = 0
+        while start < len(probs):
+            in_group = self.rows % self.group_size
+            take = min(self.group_size - in_group, len(probs) - start)
+            self._partial += probs[start : start + take].sum(dim=0)
+            self.rows += take
+            start += take
+            if self.rows % self.group_size == 0:
+                self._close_group()
+
+    def _close_group(self) -> None:
+        group_mean = self._partial / self.group_size
+        self.groups += 1
+        delta = group_mean - self._mean
+        self._mean += delta / self.groups
+        self._m2 += delta * (group_mean - self._mean)
+        self._partial.zero_()
+
+    def value(self) -> float:
+        """T. stddev so far; NaN before 2 complete groups."""
+        if self.groups < 2:
+            return math.nan
+        return (self._m2 / (self.groups - 1)).sqrt().mean().item()
+
+    def mean_entropy(self) -> float:
+        return float(self._entropy) / self.rows if self.rows else math.nan
+
+    def state_dict(self) -> dict:
+        return {
+            "group_size": self.group_size, "rows": self.rows, "groups": self.groups,
+            "partial": self._partial, "mean": self._mean, "m2": self._m2,
+            "entropy": float(self._entropy),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
+        self.group_size, self.rows, self.groups = (
+            state["group_size"],
+            state["rows"],
+            state["groups"],
+        )
+        move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        self._partial = None if state["partial"] is None else move(state["partial"])
+        self._mean = None if state["mean"] is None else move(state["mean"])
+        self._m2 = None if state["m2"] is None else move(state["m2"])
+        self._entropy = state["entropy"]

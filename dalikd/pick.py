@@ -1,0 +1,58 @@
+"""CutMixPick's pick: score a pool of candidate views and keep the highest-scoring ones.
+
+Wang et al. (NeurIPS 2022): candidates on which the teacher is least certain (highest
+entropy) make the best KD inputs. The pick is generic over any pool (dalikd.recipes.Pool).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dalikd.errors import DalikdError
+
+CRITERIA = ("teacher_entropy", "student_entropy", "kld")
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-row entropy (natural log) of softmax(logits) at T = 1, in float32."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
+def kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float):
+    """Per-row KL(softmax(t/T) || softmax(s/T)), in float32."""
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    return (log_t.exp() * (log_t - log_s)).sum(dim=1)
+
+
+def pick_count(pool_rows: int, count: int, fraction: float) -> int:
+    """How many candidates to keep: ``count`` if set, else round(fraction · pool rows)."""
+    n = count or round(fraction * pool_rows)
+    if not 1 <= n <= pool_rows:
+        raise DalikdError(
+            f"the pick keeps {n} of a pool of {pool_rows} candidates; use 1..{pool_rows}"
+        )
+    return n
+
+
+def scores(
+    criterion: str,
+    teacher_logits: torch.Tensor | None,
+    student_logits: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """One score per candidate; higher is kept first."""
+    if criterion == "teacher_entropy":
+        return entropy(teacher_logits)
+    if criterion == "student_entropy":
+        return entropy(student_logits)
+    if criterion == "kld":
+        return kl_rows(teacher_logits, student_logits, temperature)
+    raise DalikdError(f"unknown pick criterion '{criterion}'; known: {', '.join(CRITERIA)}")
+
+
+def pick(candidate_scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` highest scores, highest first."""
+    return candidate_scores.topk(count, sorted=True).indices
