@@ -49,6 +49,7 @@ class PreviewBatch:
     classes: tuple[str, ...]  # class names, by index
     lam: list[float] | None  # fraction of own pixels in each x' (mixing recipes only)
     perm: list[int] | None  # partner index of each x' (mixing recipes only)
+    pool: int = 1  # k > 1: aug_images is the first of k candidate views per image
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -150,13 +151,17 @@ def preview_batch(
     )
     batch = next(iter(loader))
     assert batch.aug_images is not None, "a recipe that returns a View makes x'"
+    # A candidate pool (cutmixpick) holds k views per image, view-major; the preview draws the
+    # first view of each image: which candidates are kept is decided by the teacher in training.
+    b = len(batch)
     return PreviewBatch(
         images=to_uint8(batch.images),
-        aug_images=to_uint8(batch.aug_images),
+        aug_images=to_uint8(batch.aug_images[:b]),
         labels=batch.labels.tolist(),
         classes=dataset.classes,
-        lam=None if batch.lam is None else batch.lam.tolist(),
-        perm=None if batch.perm is None else batch.perm.tolist(),
+        lam=None if batch.lam is None else batch.lam[:b].tolist(),
+        perm=None if batch.perm is None else batch.perm[:b].tolist(),
+        pool=batch.pool,
     )
 
 
@@ -257,6 +262,8 @@ def write_preview(
         f"x (top) and x' (below), first training batch: --aug {aug}, granularity "
         f"{granularity}, seed {seed}, {image_size} px"
     )
+    if batch.pool > 1:
+        title += f"; x' shows candidate 1 of {batch.pool} (training keeps the teacher's pick)"
     grid, captions = render_grid(batch, title)
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_png_atomic(grid, out)

@@ -162,3 +162,13 @@ def test_mistakes_are_one_line(case, message, gradients, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_a_candidate_pool_previews_its_first_view(tmp_path):
+    from conftest import make_dataset
+
+    root = make_dataset(tmp_path / "d", n_train=4, n_val=1)
+    summary = preview.write_preview(root, "cutmixpick", tmp_path / "p.png", batch_size=4, image_size=16,
+                            device="cpu")  # fmt: skip
+    assert summary["n"] == 4 and len(summary["lam"]) == 4 and len(summary["perm"]) == 4
+    assert sorted(summary["perm"]) == [0, 1, 2, 3]
