@@ -168,7 +168,9 @@ def test_a_candidate_pool_previews_its_first_view(tmp_path):
     from conftest import make_dataset
 
     root = make_dataset(tmp_path / "d", n_train=4, n_val=1)
-    summary = preview.write_preview(root, "cutmixpick", tmp_path / "p.png", batch_size=4, image_size=16,
-                            device="cpu")  # fmt: skip
+    out = tmp_path / "p.png"
+    summary = preview.write_preview(
+        root, "cutmixpick", out, batch_size=4, image_size=16, device="cpu"
+    )
     assert summary["n"] == 4 and len(summary["lam"]) == 4 and len(summary["perm"]) == 4
     assert sorted(summary["perm"]) == [0, 1, 2, 3]
