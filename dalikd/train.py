@@ -108,7 +108,7 @@ def kd_step(
     partner = own if batch.perm is None else batch.labels[batch.perm]
     lam = batch.lam
     if aug_images is not None and batch.pool > 1:
-        keep = _pick(student, teacher_aug, aug_images, cfg)
+        keep = pick.select(kd, aug_images, teacher_aug, student)
         aug_images, own, partner = aug_images[keep], own[keep], partner[keep]
         teacher_aug = teacher_aug[keep] if teacher_aug is not None else None
         lam = lam[keep] if lam is not None else None
@@ -133,24 +133,6 @@ def kd_step(
     if teacher_x is not None:
         rows = teacher_x if teacher_aug is None else torch.cat([teacher_x, teacher_aug])
     return StepOutput(losses, rows)
-
-
-def _pick(student, teacher_logits, pool_images, cfg: TrainConfig) -> torch.Tensor:
-    """Indices of the pool rows to keep, by ``kd.pick_criterion``."""
-    kd = cfg.kd
-    if teacher_logits is None and kd.pick_criterion != "student_entropy":
-        raise DalikdError(
-            f"--pick-criterion {kd.pick_criterion} needs a teacher; without --teacher use "
-            "student_entropy"
-        )
-    student_logits = None
-    if kd.pick_criterion != "teacher_entropy":
-        with torch.no_grad():  # scoring only: no gradient through the candidates
-            student_logits = student(pool_images)
-    count = pick.pick_count(len(pool_images), kd.pick_count, kd.pick_fraction)
-    return pick.pick(
-        pick.scores(kd.pick_criterion, teacher_logits, student_logits, kd.temperature), count
-    )
 
 
 # -- run setup ---------------------------------------------------------------------------------
@@ -201,6 +183,9 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise DalikdError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+_EPOCH_START = {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}  # never mutated: rebound per epoch
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -284,7 +269,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
 
     # -- resume ---------------------------------------------------------------------------------
     epoch, step_in_epoch, global_step, best_top1, history = 0, 0, 0, -1.0, []
-    partial = {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}  # the interrupted epoch so far
+    partial = _EPOCH_START  # sums of the interrupted epoch so far
     dali_state = None
     # T. stddev of this rank's teacher rows (x and the x' trained on), cumulative over the run
     tstd = TStddev()
@@ -307,10 +292,10 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         elif step_in_epoch:
             reporter.message(
                 f"world size changed ({len(ckpt['dali'])} -> {ctx.world_size}): epoch "
-                f"{epoch + 1} restarts with a fresh data order"
+                f"{epoch + 1} restarts from its first step with a new data order"
             )
             global_step -= step_in_epoch
-            step_in_epoch, partial = 0, {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}
+            step_in_epoch, partial = 0, _EPOCH_START
         reporter.message(f"resumed {run_dir} at epoch {epoch + 1}, step {step_in_epoch}")
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -326,8 +311,11 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         f"{dataset.num_classes} classes{left_out}"
     )
 
+    # Without a saved DALI state (a fresh start, or another world size) epoch e starts from
+    # seed + e, so a restart does not replay the first epoch's order.
     train_data = pipeline.train_loader(
-        dataset.train, cfg.data, recipe, device=device, seed=cfg.seed,
+        dataset.train, cfg.data, recipe, device=device,
+        seed=cfg.seed + (epoch if dali_state is None else 0),
         shard_id=ctx.rank, num_shards=ctx.world_size, granularity=cfg.kd.granularity,
         pool_size=cfg.kd.pool_size, checkpoint=dali_state,
     )  # fmt: skip
@@ -461,7 +449,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             record["teacher_entropy"] = _finite_or_none(tstd.mean_entropy())
         history.append(record)
         epoch, step_in_epoch = epoch + 1, 0
-        partial = {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}
+        partial = _EPOCH_START
 
         # checkpoint: last.pt every epoch, best.pt when val top-1 improves
         improved = val["top1"] > best_top1
