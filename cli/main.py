@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 
 from dalikd.cli.preview_cmd import preview
+from dalikd.cli.profile_cmd import profile
 from dalikd.cli.report import ScanProgress
 from dalikd.config import TrainConfig
 from dalikd.errors import DalikdError
@@ -280,6 +281,7 @@ def demo(out: str, epochs: int | None, device: str) -> None:
 
 
 cli.add_command(preview)
+cli.add_command(profile)
 
 
 def main(argv: list[str] | None = None) -> None:

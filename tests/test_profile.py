@@ -1,0 +1,122 @@
+"""`dalikd profile` end to end on small generated data (CPU), and its one-line errors."""
+
+import json
+import math
+
+import pytest
+
+from dalikd import profile
+from dalikd.cli.main import main
+from dalikd.recipes import builtin_recipes
+
+TINY = "tiny_models:tiny_cnn"
+FAST = ["--image-size", 16, "--batch-size", 4, "--threads", 1, "--device", "cpu",
+        "--windows", 2, "--window-seconds", 0, "--warmup", 1]  # fmt: skip
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_profile_writes_every_stage_as_json(solid_dataset, tmp_path, tiny_env, capsys):
+    out = tmp_path / "profile.json"
+    args = ["profile", "--data", solid_dataset, "--aug", "flip,cutmix,cutmixpick",
+            "--teacher", TINY, "--student", TINY, "--json", out, *FAST]  # fmt: skip
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["cpu_count"] >= 1 and report["threads"] == 1
+    names = [st["name"] for st in report["stages"]]
+    assert len(names) == len(set(names))
+    assert names[:5] == [
+        "read",
+        "+ decode, random crop",
+        "+ resize 16² (antialias)",
+        "+ resize 16², no antialias (option)",
+        "+ flip, normalize (plain pipeline)",
+    ]
+    schemes = ["none", "flip", "cutmix", "cutmixpick"]
+    for aug in schemes:
+        per_scheme = [n for n, st in zip(names, report["stages"], strict=True) if st["aug"] == aug]
+        views = {"none": "B", "cutmixpick": "3B"}.get(aug, "2B")
+        expected = [
+            f"hand-off to torch ({aug})",
+            f"teacher forward, {views} images ({aug})",
+            f"student forward + backward, {'x' if aug == 'none' else 'x and x' + chr(39)} ({aug})",
+            f"KD step, synthetic tensors ({aug})",
+            f"KD step, fed by the pipeline ({aug})",
+        ]
+        if aug != "none":
+            expected.insert(0, f"+ {aug}" + (" (pool of 2·B)" if aug == "cutmixpick" else ""))
+        assert per_scheme == expected
+    for st in report["stages"]:
+        assert st["img_per_s"] > 0 and math.isfinite(st["img_per_s"])
+        assert len(st["windows"]) == 2 and st["kind"] in ("data", "side", "model", "step")
+    assert [b["aug"] for b in report["baseline"]] == schemes
+    assert all(b["img_per_s"] > 0 for b in report["baseline"])
+    assert set(report["ratio"]) == set(schemes) == set(report["bound"]) == set(report["efficiency"])
+    for bound in report["bound"].values():
+        assert bound["stage"] in names and bound["own_ms_per_img"] >= 0
+    assert "bound" in stdout and "torchvision" in stdout
+
+
+def test_data_path_only_without_models_or_baseline(solid_dataset, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    code, _, err = run_cli(
+        ["profile", "--data", solid_dataset, "--aug", "none", "--baseline", "none",
+         "--no-antialias", "--json", out, *FAST], capsys)  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["antialias"] is False and report["baseline"] == [] and report["ratio"] == {}
+    assert [st["name"] for st in report["stages"]] == [
+        "read", "+ decode, random crop", "+ resize 16² (NO antialias)",
+        "+ flip, normalize (plain pipeline)", "hand-off to torch (none)",
+    ]  # fmt: skip
+    assert report["efficiency"] == {} and report["bound"]["none"]["stage"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--aug", "flip,nosuch"], "unknown augmentation 'nosuch'"),
+        (["--aug", "flip,,cutmix"], "empty item"),
+        (["--teacher", TINY], "--teacher needs --student"),
+        (["--batch-size", 1000], "no full batch of 1000"),
+        (["--pool", 0], "--pool must be at least 1"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(solid_dataset, extra, message, capsys):
+    code, _, err = run_cli(["profile", "--data", solid_dataset, *FAST, *extra], capsys)
+    assert code == 1 and message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_data_is_a_one_line_error(tmp_path, capsys):
+    code, _, err = run_cli(["profile", "--data", tmp_path / "nope", *FAST], capsys)
+    assert code == 1 and "dataset folder not found" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_all_is_every_built_in_recipe_after_plain_kd():
+    names = [s.name for s in profile.resolve_schemes("all")]
+    assert names[0] == "none" and set(names) == set(builtin_recipes())
+    assert [s.name for s in profile.resolve_schemes("cutmix,flip,cutmix")] == [
+        "none", "cutmix", "flip",
+    ]  # fmt: skip
+
+
+def test_bound_is_the_largest_own_cost():
+    stages = [
+        {"name": "read", "kind": "data", "img_per_s": 10000.0},  # 0.1 ms
+        {"name": "+ decode", "kind": "data", "img_per_s": 2000.0},  # + 0.4 ms
+        {"name": "+ resize", "kind": "data", "img_per_s": 800.0},  # + 0.75 ms
+        {"name": "hand-off", "kind": "data", "img_per_s": 790.0},  # + ~0.016 ms
+        {"name": "teacher", "kind": "model", "img_per_s": 1600.0},  # 0.625 ms alone
+    ]
+    bound = profile._bound(stages, [st["name"] for st in stages])
+    assert bound["stage"] == "+ resize"
+    assert bound["own_ms_per_img"] == pytest.approx(1.25 - 0.5)
+    assert [round(st["own_ms_per_img"], 3) for st in stages] == [0.1, 0.4, 0.75, 0.016, 0.625]
