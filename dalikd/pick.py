@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from dalikd.config import KDConfig
 from dalikd.errors import DalikdError
 
 CRITERIA = ("teacher_entropy", "student_entropy", "kld")
@@ -56,3 +58,30 @@ def scores(
 def pick(candidate_scores: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the ``count`` highest scores, highest first."""
     return candidate_scores.topk(count, sorted=True).indices
+
+
+def select(
+    kd: KDConfig,
+    pool_images: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    student: nn.Module | None,
+) -> torch.Tensor:
+    """Indices of the pool rows to keep, by ``kd.pick_criterion``: the pick of training
+    (dalikd.train.kd_step) and of the T. stddev probe (dalikd.probe), one code path.
+
+    ``teacher_logits`` are the teacher's logits of ``pool_images`` (already computed: reused);
+    ``student`` scores the pool only for the student-based criteria, without gradient.
+    """
+    if teacher_logits is None and kd.pick_criterion != "student_entropy":
+        raise DalikdError(
+            f"--pick-criterion {kd.pick_criterion} needs a teacher; without --teacher use "
+            "student_entropy"
+        )
+    student_logits = None
+    if kd.pick_criterion != "teacher_entropy":
+        if student is None:
+            raise DalikdError(f"--pick-criterion {kd.pick_criterion} needs a student")
+        with torch.no_grad():  # scoring only: no gradient through the candidates
+            student_logits = student(pool_images)
+    count = pick_count(len(pool_images), kd.pick_count, kd.pick_fraction)
+    return pick(scores(kd.pick_criterion, teacher_logits, student_logits, kd.temperature), count)
