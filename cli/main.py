@@ -17,6 +17,7 @@ from rich.console import Console
 from dalikd.cli.preview_cmd import preview
 from dalikd.cli.profile_cmd import profile
 from dalikd.cli.report import ScanProgress
+from dalikd.cli.tstddev_cmd import tstddev
 from dalikd.config import TrainConfig
 from dalikd.errors import DalikdError
 
@@ -282,6 +283,7 @@ def demo(out: str, epochs: int | None, device: str) -> None:
 
 cli.add_command(preview)
 cli.add_command(profile)
+cli.add_command(tstddev)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,189 @@
+"""`dalikd tstddev`: options -> dalikd.probe.run_probe -> a ranked rich table, JSON, PNG."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from dalikd.cli.report import console
+
+SCHEMES = "identity,flip,crop_flip,cutout,autoaugment,mixup,cutmix,cutmixpick"
+
+
+class ProbeProgress:
+    """Implements dalikd.probe.ProbeReporter: one bar per scheme, a line when it ends."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("steps"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=console, transient=True,
+        )  # fmt: skip
+        self._task: Any = None
+
+    def __enter__(self) -> ProbeProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.stop()
+
+    def scheme_start(self, aug: str, steps: int) -> None:
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(escape(aug), total=steps)
+
+    def step(self, done: int) -> None:
+        self._progress.update(self._task, completed=done)
+
+    def scheme_end(self, result: Any) -> None:
+        self._progress.console.print(
+            f"{result.aug}: T. stddev {result.t_stddev:.6f}  mean entropy "
+            f"{result.mean_entropy:.4f}  {result.samples:,} samples, {result.groups} groups, "
+            f"{result.seconds:.1f} s",
+            markup=False,
+        )
+
+
+def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected MIN,MAX, got '{value}'") from None
+    return low, high
+
+
+@click.command()
+@click.option(
+    "--data", required=True, type=click.Path(), help="dataset root (its train/ split is used)"
+)
+@click.option("--teacher", required=True, help="teacher model: torchvision name or module:function")
+@click.option(
+    "--teacher-weights", required=True, help="teacher weights: a file or a torchvision name"
+)
+@click.option(
+    "--aug",
+    "augs",
+    default=SCHEMES,
+    show_default=True,
+    help="comma-separated schemes to rank (names, a+b, file.py:function; none = x only)",
+)
+@click.option(
+    "--epochs", type=int, default=None, help="probe length in epochs of train/  [default: 10]"
+)
+@click.option(
+    "--samples",
+    type=int,
+    default=None,
+    help="probe length in images of x instead (rounded up to whole steps)",
+)
+@click.option(
+    "--group-size",
+    type=int,
+    default=None,
+    help="teacher rows per group  [default: 640 = 5 steps x (64 x + 64 x'), the paper's]",
+)
+@click.option("--batch-size", default=64, show_default=True, type=int, help="images per step")
+@click.option("--image-size", default=224, show_default=True, type=int, help="image side in px")
+@click.option(
+    "--crop-scale",
+    default="0.08,1",
+    show_default=True,
+    callback=_pair,
+    help="random-resized-crop area range of x, MIN,MAX (as the training run's)",
+)
+@click.option(
+    "--threads", default=0, type=int, help="DALI CPU threads (0: one per core, at most 8)"
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="teacher autocast (auto: bf16 on GPU, fp32 on CPU)",
+)
+@click.option(
+    "--aug-granularity",
+    "granularity",
+    type=click.Choice(["sample", "batch"]),
+    default="sample",
+    show_default=True,
+    help="random draws per image, or one per batch (the paper's reference code)",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="random seed for DALI")
+@click.option(
+    "--pick-criterion",
+    type=click.Choice(["teacher_entropy", "student_entropy", "kld"]),
+    default="teacher_entropy",
+    show_default=True,
+    help="what the pick of a pool recipe (cutmixpick) keeps the highest of",
+)
+@click.option(
+    "--pool-size", default=2, show_default=True, type=int, help="candidates per image in a pool"
+)
+@click.option("--student", default="", help="student model, for student-based pick criteria")
+@click.option("--student-weights", default="", help="the student's weights (file)")
+@click.option("--json", "json_out", type=click.Path(), help="write the ranked results here")
+@click.option("--plot", type=click.Path(), help="write a bar chart PNG here")
+def tstddev(
+    data, teacher, teacher_weights, augs, epochs, samples, group_size, batch_size, image_size,
+    crop_scale, threads, device, precision, granularity, seed, pick_criterion, pool_size, student,
+    student_weights, json_out, plot,
+) -> None:  # fmt: skip
+    """Rank augmentation schemes by the teacher's T. stddev (lowest = best for KD first).
+
+    The frozen teacher sees x and x' of each scheme's training batches; nothing is trained.
+    """
+    from dalikd.config import DataConfig, KDConfig, ModelConfig
+    from dalikd.errors import DalikdError
+    from dalikd.metrics import GROUP_SIZE
+    from dalikd.probe import ProbeConfig, run_probe, write_json, write_plot
+
+    group_size = GROUP_SIZE if group_size is None else group_size
+    if epochs is not None and samples is not None:
+        raise DalikdError("give --epochs or --samples, not both")
+    cfg = ProbeConfig(
+        data=DataConfig(path=data, image_size=image_size, batch_size=batch_size, threads=threads,
+                        crop_scale=crop_scale),
+        model=ModelConfig(teacher=teacher, teacher_weights=teacher_weights, student=student,
+                          student_weights=student_weights),
+        augs=tuple(a for a in augs.split(",") if a.strip()),
+        epochs=epochs if epochs is not None else (0 if samples is not None else 10),
+        samples=samples or 0,
+        group_size=group_size,
+        kd=KDConfig(granularity=granularity, pick_criterion=pick_criterion, pool_size=pool_size),
+        device=device, precision=precision, seed=seed,
+    )  # fmt: skip
+    with ProbeProgress() as progress:
+        results = run_probe(cfg, progress)
+
+    table = Table(title=f"T. stddev of {escape(teacher)} (groups of {group_size} rows)")
+    for col, justify in (("rank", "right"), ("aug", "left"), ("T. stddev", "right"),
+                         ("mean entropy", "right"), ("samples", "right")):  # fmt: skip
+        table.add_column(col, justify=justify)
+    for i, r in enumerate(results, 1):
+        table.add_row(
+            str(i), escape(r.aug), f"{r.t_stddev:.6f}", f"{r.mean_entropy:.4f}", f"{r.samples:,}"
+        )
+    console.print(table)
+    console.print("lowest T. stddev first: the best candidates for KD (Wang et al., 2022)")
+    if json_out:
+        write_json(results, cfg, json_out)
+        console.print(f"wrote {json_out}", markup=False)
+    if plot:
+        write_plot(results, plot, title=f"T. stddev, teacher {teacher}")
+        console.print(f"wrote {plot}", markup=False)

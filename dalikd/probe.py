@@ -1,0 +1,270 @@
+"""The T. stddev probe: rank augmentation schemes for KD with the teacher alone.
+
+Wang et al. (NeurIPS 2022): the lower the T. stddev of a scheme (the standard deviation of the
+teacher's mean probability, dalikd.metrics), the lower the test loss of a student distilled
+with it. The probe trains nothing. For each scheme it runs the training data loader
+(:func:`dalikd.pipeline.train_loader`, the one ``dalikd train`` uses) for a number of steps;
+the frozen teacher sees x and x' of every step, and its softmax rows, x's then those of the x'
+a student would be trained on (for a candidate pool: the picked ones, by the same
+:func:`dalikd.pick.select` as training), go into one :class:`~dalikd.metrics.TStddev`, in the
+order of the paper's reference code. ``none`` contributes x only.
+
+One deliberate difference from the reference code: a group is ``group_size`` rows for every
+scheme. The reference groups 5 steps, which is 320 rows for plain KD and 640 for the others, so
+its number for plain KD is not comparable with the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from dalikd import pick, pipeline, recipes
+from dalikd.checkpoint import write_text_atomic
+from dalikd.config import DataConfig, KDConfig, ModelConfig, TrainConfig, validate
+from dalikd.data import Dataset, scan_dataset
+from dalikd.device import autocast, prepare_images, resolve_device
+from dalikd.errors import DalikdError
+from dalikd.metrics import GROUP_SIZE, TStddev
+from dalikd.models import build_model
+
+# The paper's nine schemes less the student-entropy pick (a --pick-criterion away).
+PAPER_SCHEMES = (
+    "identity", "flip", "crop_flip", "cutout", "autoaugment", "mixup", "cutmix", "cutmixpick",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    data: DataConfig  # path, image_size, batch_size (the paper's is 64), threads
+    model: ModelConfig  # teacher + teacher_weights; student only for student-based picks
+    augs: tuple[str, ...] = PAPER_SCHEMES  # --aug values, one probe each, in this order
+    epochs: int = 0  # probe length in epochs of train/ ...
+    samples: int = 0  # ... or in images of x (one of the two, > 0)
+    group_size: int = GROUP_SIZE  # teacher rows per group (640 = 5 steps x (64 + 64))
+    kd: KDConfig = field(default_factory=KDConfig)  # granularity, pool_size, pick_*
+    device: str = "auto"  # auto | cpu | gpu
+    precision: str = "auto"  # autocast of the teacher (auto: bf16 on GPU, fp32 on CPU)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    aug: str
+    t_stddev: float  # lower = better for KD
+    mean_entropy: float  # mean teacher entropy (nats, T = 1) of all the rows counted
+    samples: int  # images of x seen
+    rows: int  # teacher probability rows counted (x and x')
+    groups: int  # complete groups of group_size rows
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"aug": self.aug, "t_stddev": self.t_stddev, "mean_entropy": self.mean_entropy,
+                "samples": self.samples, "rows": self.rows, "groups": self.groups}  # fmt: skip
+
+
+class ProbeReporter(Protocol):
+    """What the probe tells the outside world; the CLI draws a bar per scheme."""
+
+    def scheme_start(self, aug: str, steps: int) -> None: ...
+    def step(self, done: int) -> None: ...
+    def scheme_end(self, result: ProbeResult) -> None: ...
+
+
+class SilentProbeReporter:
+    def scheme_start(self, aug: str, steps: int) -> None:
+        pass
+
+    def step(self, done: int) -> None:
+        pass
+
+    def scheme_end(self, result: ProbeResult) -> None:
+        pass
+
+
+def teacher_rows(
+    teacher: nn.Module, batch: pipeline.Batch, kd: KDConfig, student: nn.Module | None = None
+) -> torch.Tensor:
+    """Teacher logits of one batch as training counts them for T. stddev: x's B rows, then the
+    rows of the x' trained on (all of x', or the picked candidates of a pool). The teacher
+    runs once over x and x' together, as in dalikd.train.kd_step."""
+    views = [batch.images] if batch.aug_images is None else [batch.images, batch.aug_images]
+    with torch.no_grad():
+        logits = teacher(torch.cat(views))
+    if batch.pool > 1:
+        teacher_x, teacher_pool = logits[: len(batch)], logits[len(batch) :]
+        keep = pick.select(kd, batch.aug_images, teacher_pool, student)
+        logits = torch.cat([teacher_x, teacher_pool[keep]])
+    return logits
+
+
+def _views_per_step(cfg: ProbeConfig, split, recipe, device: str) -> int:
+    """x' views a recipe makes per image (k for a pool, 1 for a view, 0 for none), read from
+    the traced DALI graph; nothing is built or run."""
+    if recipe is None:
+        return 0
+    _, names = pipeline.build_pipeline(
+        pipeline.train_graph, data=cfg.data, device=device, seed=cfg.seed, split=split,
+        recipe=recipe, shard_id=0, num_shards=1, granularity=cfg.kd.granularity,
+        reader_seed=cfg.seed, pool_size=cfg.kd.pool_size,
+    )  # fmt: skip
+    return sum(name.startswith("aug_images_") for name in names)
+
+
+def rows_per_step(batch_size: int, views: int, kd: KDConfig) -> int:
+    """Teacher rows one step adds: B for x, plus B for x' (the kept count for a pool)."""
+    if views == 0:
+        return batch_size
+    if views == 1:
+        return 2 * batch_size
+    return batch_size + pick.pick_count(views * batch_size, kd.pick_count, kd.pick_fraction)
+
+
+def _check(cfg: ProbeConfig) -> None:
+    validate(TrainConfig(data=cfg.data, model=cfg.model, kd=cfg.kd, device=cfg.device,
+                         precision=cfg.precision, seed=cfg.seed))  # fmt: skip
+    if not cfg.model.teacher:
+        raise DalikdError("the T. stddev probe needs --teacher and --teacher-weights")
+    if (cfg.epochs > 0) == (cfg.samples > 0):
+        raise DalikdError("give the probe length as --epochs N or --samples N (one of them)")
+    if cfg.epochs < 0 or cfg.samples < 0:
+        raise DalikdError("--epochs and --samples must be positive")
+    if cfg.group_size < 1:
+        raise DalikdError(f"--group-size must be positive, got {cfg.group_size}")
+    if not cfg.augs:
+        raise DalikdError("no --aug to probe")
+
+
+def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[ProbeResult]:
+    """T. stddev of every scheme of ``cfg.augs``, ranked: lowest (best for KD) first.
+
+    Everything is checked before the first scheme runs: the recipes, the models, and that the
+    probe is long enough to close 2 groups of ``group_size`` rows for every scheme.
+    """
+    _check(cfg)
+    reporter = reporter or SilentProbeReporter()
+    device = resolve_device(cfg.device)
+    if cfg.precision == "fp16" and device != "gpu":
+        raise DalikdError("--precision fp16 needs a GPU; on CPU use fp32 (default) or bf16")
+    torch.manual_seed(cfg.seed)
+    dataset = scan_dataset(cfg.data.path)
+    schemes = {aug: recipes.resolve(aug) for aug in dict.fromkeys(a.strip() for a in cfg.augs)}
+    batch = cfg.data.batch_size
+    steps_per_epoch = len(dataset.train) // batch  # the loader drops the incomplete batch
+    if steps_per_epoch == 0:
+        raise DalikdError(
+            f"{len(dataset.train)} training images make no full batch of {batch}; "
+            "lower --batch-size"
+        )
+    steps = cfg.epochs * steps_per_epoch if cfg.epochs else math.ceil(cfg.samples / batch)
+    views = {aug: _views_per_step(cfg, dataset.train, r, device) for aug, r in schemes.items()}
+    needed = {aug: math.ceil(2 * cfg.group_size / rows_per_step(batch, v, cfg.kd))
+              for aug, v in views.items()}  # fmt: skip
+    worst = max(needed, key=needed.get)
+    if needed[worst] > steps:
+        rows = rows_per_step(batch, views[worst], cfg.kd)
+        raise DalikdError(
+            f"too few samples for T. stddev: 2 groups of {cfg.group_size} teacher rows at "
+            f"{rows} rows per step (--aug {worst}, batch {batch}) need "
+            f"{needed[worst] * batch} samples ({needed[worst]} steps); this probe has "
+            f"{steps * batch} ({steps} steps). Use --samples {needed[worst] * batch} or more, "
+            "or a smaller --group-size"
+        )
+
+    teacher = _model(cfg.model.teacher, cfg.model.teacher_weights, "teacher", dataset, device)
+    student = None
+    needs_student = cfg.kd.pick_criterion != "teacher_entropy" and any(
+        v > 1 for v in views.values()
+    )
+    if needs_student:
+        if not cfg.model.student:
+            raise DalikdError(
+                f"--pick-criterion {cfg.kd.pick_criterion} scores the pool with a student: "
+                "pass --student (and --student-weights)"
+            )
+        student = _model(cfg.model.student, cfg.model.student_weights, "student", dataset, device)
+
+    results = []
+    for aug, recipe in schemes.items():
+        reporter.scheme_start(aug, steps)
+        t0 = time.perf_counter()
+        loader = pipeline.train_loader(
+            dataset.train, cfg.data, recipe, device=device, seed=cfg.seed,
+            granularity=cfg.kd.granularity, pool_size=cfg.kd.pool_size,
+        )  # fmt: skip
+        acc = TStddev(cfg.group_size)
+        done = 0
+        while done < steps:  # the loader runs one epoch per iteration, reshuffled each time
+            for b in loader:
+                b.images = prepare_images(b.images, device, cfg.precision)
+                if b.aug_images is not None:
+                    b.aug_images = prepare_images(b.aug_images, device, cfg.precision)
+                with autocast(device, cfg.precision):
+                    logits = teacher_rows(teacher, b, cfg.kd, student)
+                acc.add(logits.float().softmax(dim=1))
+                done += 1
+                reporter.step(done)
+                if done == steps:
+                    break
+        del loader  # frees the DALI pipeline before the next scheme builds its own
+        result = ProbeResult(aug, acc.value(), acc.mean_entropy(), done * batch, acc.rows,
+                             acc.groups, time.perf_counter() - t0)  # fmt: skip
+        reporter.scheme_end(result)
+        results.append(result)
+    return sorted(results, key=lambda r: r.t_stddev)
+
+
+def _model(name: str, weights: str, role: str, dataset: Dataset, device: str) -> nn.Module:
+    model = build_model(name, dataset.num_classes, weights, role=role)
+    model.eval().requires_grad_(False)  # frozen: BatchNorm uses its running statistics
+    model.to(pipeline.torch_device(device))
+    if device == "gpu":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def results_json(results: list[ProbeResult], cfg: ProbeConfig) -> dict:
+    return {
+        "results": [r.to_dict() for r in results],
+        "group_size": cfg.group_size,
+        "batch_size": cfg.data.batch_size,
+        "teacher": cfg.model.teacher,
+        "teacher_weights": cfg.model.teacher_weights,
+    }
+
+
+def write_json(results: list[ProbeResult], cfg: ProbeConfig, path: str | Path) -> None:
+    write_text_atomic(json.dumps(results_json(results, cfg), indent=2) + "\n", path)
+
+
+def write_plot(results: list[ProbeResult], path: str | Path, title: str = "") -> None:
+    """A bar chart of T. stddev per scheme, in the ranked order (best first), as a PNG."""
+    # The object API with the Agg canvas: no pyplot, no global backend switch.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(max(4.0, 0.9 * len(results) + 1.5), 3.6), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bars = ax.bar(range(len(results)), [r.t_stddev for r in results], color="#4c72b0")
+    ax.bar_label(bars, labels=[f"{r.t_stddev:.3g}" for r in results], fontsize=7)
+    ax.set_xticks(range(len(results)), [r.aug for r in results], rotation=30, ha="right")
+    ax.set_ylabel("T. stddev (lower = better for KD)")
+    ax.margins(y=0.12)  # room for the value labels; bars start at 0
+    ax.set_title(title or "teacher T. stddev per augmentation", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)

@@ -1,0 +1,166 @@
+"""`dalikd tstddev`: the probe's numbers equal T. stddev of the same rows computed by hand."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import tiny_cnn
+
+from dalikd import pipeline
+from dalikd.cli.main import main
+from dalikd.config import DataConfig, KDConfig, build_config
+from dalikd.data import scan_dataset
+from dalikd.metrics import t_stddev
+from dalikd.pick import pick, pick_count, scores
+from dalikd.probe import teacher_rows
+from dalikd.recipes import resolve
+from dalikd.train import kd_step
+
+TINY = "tiny_models:tiny_cnn"
+SIZE, BATCH, GROUP = 16, 4, 6  # px, images per step, teacher rows per group (not a step's 8:
+# a group boundary inside a step makes the order of the rows matter)
+SAMPLES = 48  # 12 steps: 2 epochs of 24 images; 8 groups for none, 16 for two-view schemes
+SMALL = ["--image-size", SIZE, "--batch-size", BATCH, "--group-size", GROUP, "--threads", 1,
+         "--device", "cpu"]  # fmt: skip
+
+
+def make_noise_dataset(root: Path, classes=("ant", "bee", "cat"), n=8) -> Path:
+    """Random-noise PNGs (a per-class tint): every crop, flip and box changes the pixels."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n if split == "train" else 2):
+                pixels = rng.integers(0, 256, (24, 28, 3))
+                pixels[..., label] = pixels[..., label] // 2 + 128
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"img{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def noise(tmp_path_factory) -> Path:
+    return make_noise_dataset(tmp_path_factory.mktemp("noise"))
+
+
+@pytest.fixture
+def teacher_file(tmp_path, tiny_env) -> Path:
+    torch.manual_seed(0)
+    teacher = tiny_cnn(3)
+    with torch.no_grad():  # non-trivial running statistics, so eval mode matters
+        teacher[1].running_mean.uniform_(-0.5, 0.5)
+        teacher[1].running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "teacher.pt"
+    torch.save(teacher.state_dict(), path)
+    return path
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def rows_by_hand(data_dir: Path, teacher_file: Path, aug: str, steps: int) -> torch.Tensor:
+    """Softmax rows of the teacher, x then x' per step, from the library's loader directly;
+    a pool is cut with the pick's primitives (not dalikd.pick.select)."""
+    dataset = scan_dataset(data_dir)
+    data = DataConfig(path=str(data_dir), image_size=SIZE, batch_size=BATCH, threads=1)
+    loader = pipeline.train_loader(dataset.train, data, resolve(aug), device="cpu", seed=0)
+    teacher = tiny_cnn(3)
+    teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
+    teacher.eval()
+    rows = []
+    while len(rows) < steps:
+        for b in loader:
+            with torch.no_grad():
+                logits = teacher(torch.cat([b.images, b.aug_images]))
+            x, aug_rows = logits[:BATCH], logits[BATCH:]
+            if b.pool > 1:
+                kept = pick(scores("teacher_entropy", aug_rows, None, 4.0), pick_count(8, 0, 0.5))
+                aug_rows = aug_rows[kept]
+            rows.append(torch.cat([x, aug_rows]).softmax(dim=1))
+            if len(rows) == steps:
+                break
+    return torch.cat(rows)
+
+
+def test_probe_end_to_end_equals_t_stddev_of_the_same_rows(noise, teacher_file, tmp_path, capsys):
+    out_json, out_png = tmp_path / "tstd.json", tmp_path / "tstd.png"
+    args = ["tstddev", "--data", noise, "--teacher", TINY, "--teacher-weights", teacher_file,
+            "--aug", "none,flip,cutmix,cutmixpick", "--samples", SAMPLES, *SMALL,
+            "--json", out_json, "--plot", out_png]  # fmt: skip
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "T. stddev" in out and "cutmixpick" in out
+    results = json.loads(out_json.read_text())["results"]
+    assert {r["aug"] for r in results} == {"none", "flip", "cutmix", "cutmixpick"}
+    values = [r["t_stddev"] for r in results]
+    assert values == sorted(values) and all(v > 0 for v in values)  # ranked, best first
+    by_aug = {r["aug"]: r for r in results}
+    assert all(r["samples"] == SAMPLES for r in results)
+    assert by_aug["none"]["rows"] == SAMPLES and by_aug["none"]["groups"] == SAMPLES // GROUP
+    assert by_aug["cutmixpick"]["rows"] == 2 * SAMPLES  # B of x + the B kept of 2B candidates
+    with Image.open(out_png) as png:
+        assert png.format == "PNG" and png.width > 100
+    assert not list(tmp_path.glob("*.tmp"))
+
+    steps = SAMPLES // BATCH
+    for aug in ("cutmix", "cutmixpick"):
+        probs = rows_by_hand(noise, teacher_file, aug, steps)
+        assert probs.shape[0] == by_aug[aug]["rows"]
+        assert by_aug[aug]["t_stddev"] == pytest.approx(t_stddev(probs, GROUP), rel=1e-9)
+        entropy = -(probs.double() * probs.double().log()).sum(1).mean().item()
+        assert by_aug[aug]["mean_entropy"] == pytest.approx(entropy, rel=1e-6)
+
+
+def test_epochs_count_whole_passes_over_train(noise, teacher_file, tmp_path, capsys):
+    args = ["tstddev", "--data", noise, "--teacher", TINY, "--teacher-weights", teacher_file,
+            "--aug", "identity", "--epochs", 2, *SMALL, "--json", tmp_path / "r.json"]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    (result,) = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert result["samples"] == 2 * 24 and result["rows"] == 2 * 2 * 24
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        # none adds 4 rows per step: 2 groups of 6 need 3 steps = 12 samples
+        (["--aug", "flip,none", "--samples", 8], "need 12 samples (3 steps)"),
+        (["--aug", "flip,fancy", "--samples", 8], "unknown augmentation 'fancy'; known: "),
+        (["--samples", 48, "--epochs", 2], "give --epochs or --samples, not both"),
+        (
+            ["--aug", "cutmixpick", "--samples", 48, "--pick-criterion", "student_entropy"],
+            "pass --student",
+        ),  # fmt: skip
+    ],
+)
+def test_mistakes_are_one_line(extra, message, noise, teacher_file, capsys):
+    args = ["tstddev", "--data", noise, "--teacher", TINY, "--teacher-weights", teacher_file,
+            *SMALL, *extra]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 1
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("criterion", ["teacher_entropy", "student_entropy", "kld"])
+def test_probe_counts_the_rows_training_counts(criterion):
+    """teacher_rows (the probe) = StepOutput.teacher_logits of kd_step (training)."""
+    torch.manual_seed(0)
+    b, k = 4, 2
+    batch = pipeline.Batch(
+        images=torch.randn(b, 3, 8, 8), labels=torch.arange(b) % 3,
+        aug_images=torch.randn(k * b, 3, 8, 8), lam=torch.rand(k * b),
+        perm=torch.cat([torch.roll(torch.arange(b), j + 1) for j in range(k)]), pool=k,
+    )  # fmt: skip
+    student, teacher = tiny_cnn(3).eval(), tiny_cnn(3).eval().requires_grad_(False)
+    cfg = build_config(overrides={"kd.pick_criterion": criterion})
+    training = kd_step(student, teacher, batch, cfg).teacher_logits
+    probe = teacher_rows(teacher, batch, KDConfig(pick_criterion=criterion), student)
+    torch.testing.assert_close(probe, training, rtol=0, atol=0)
