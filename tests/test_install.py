@@ -16,6 +16,8 @@ def test_wheel_install_has_pipelines_and_cli(tmp_path):
         check=True, capture_output=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert (target / "dalikd" / "pipelines" / "flip.py").is_file()
+    for source in ("mix.h", "mix_cpu.cc", "mix_gpu.cu"):  # the native operator builds from them
+        assert (target / "dalikd" / "native" / source).is_file(), source
     assert not (target / "pipelines").exists() and not (target / "cli").exists()
     env = {**os.environ, "PYTHONPATH": str(target)}
     code = (

@@ -1,0 +1,132 @@
+// dalikd's fused mixing operator, shared by the CPU (mix_cpu.cc) and GPU (mix_gpu.cu) builds.
+//
+// DalikdMix writes k mixed candidates per sample in one pass: candidate j of sample i is
+// CutMix (the own image with a box pasted from sample perm[i][j]) or MixUp (a blend with that
+// sample). All random draws (partner, box, lambda) come in as CPU argument inputs, made by DALI's
+// random operators, so seeding and checkpointing stay DALI's; the operator itself is stateless.
+//
+// Inputs:  0 = images, uint8, HWC, every sample the same shape as its partners.
+// Outputs: 0 .. k-1 = the candidates (uint8, like the input); k = lambda, float32 (k,) per
+//          sample: the fraction of the sample's own pixels in each candidate.
+#ifndef DALIKD_NATIVE_MIX_H_
+#define DALIKD_NATIVE_MIX_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dali/pipeline/operator/checkpointing/stateless_operator.h"
+#include "dali/pipeline/operator/operator.h"
+
+namespace dalikd {
+
+enum class MixMode : int { kCutMix = 0, kMixUp = 1 };
+
+// One candidate: which sample is pasted/blended in, the box (CutMix) and lambda.
+struct Candidate {
+  int partner;
+  int y0, x0, h, w;  // CutMix box in px, (y, x) / (h, w); unused for MixUp
+  float lam;         // CutMix: 1 - h*w / (H*W), computed here; MixUp: the given lambda
+};
+
+inline MixMode ParseMode(const dali::OpSpec &spec) {
+  auto mode = spec.GetArgument<std::string>("mode");
+  if (mode == "cutmix") return MixMode::kCutMix;
+  if (mode == "mixup") return MixMode::kMixUp;
+  DALI_FAIL(dali::make_string("DalikdMix: mode '", mode, "'; known: cutmix, mixup"));
+}
+
+// The k candidates of every sample, row-major ([i * k + j]), validated against the images'
+// shapes. Argument inputs are CPU TensorLists whatever the operator's backend.
+inline std::vector<Candidate> ReadCandidates(const dali::OpSpec &spec, const dali::Workspace &ws,
+                                             MixMode mode, int k,
+                                             const dali::TensorListShape<> &shape) {
+  const int n = shape.num_samples();
+  std::vector<Candidate> cands(static_cast<size_t>(n) * k);
+  auto check_partner = [&](int i, int p) {
+    DALI_ENFORCE(p >= 0 && p < n, dali::make_string("DalikdMix: partner ", p, " of sample ", i,
+                                                    " is outside the batch of ", n));
+    DALI_ENFORCE(shape.tensor_shape(p) == shape.tensor_shape(i),
+                 dali::make_string("DalikdMix: sample ", i, " has shape ",
+                                   shape.tensor_shape(i), " but its partner ", p, " has ",
+                                   shape.tensor_shape(p)));
+  };
+  if (mode == MixMode::kCutMix) {
+    DALI_ENFORCE(spec.HasTensorArgument("boxes"),
+                 "DalikdMix: mode 'cutmix' needs `boxes`, int32 (k, 5) per sample");
+    const auto &boxes = ws.ArgumentInput("boxes");
+    DALI_ENFORCE(boxes.type() == DALI_INT32, "DalikdMix: `boxes` must be int32");
+    for (int i = 0; i < n; i++) {
+      auto bs = boxes.tensor_shape(i);
+      DALI_ENFORCE(bs.sample_dim() == 2 && bs[0] == k && bs[1] == 5,
+                   dali::make_string("DalikdMix: `boxes` of sample ", i, " has shape ", bs,
+                                     "; expected (", k, ", 5) = (perm, y, x, h, w) per candidate"));
+      const int32_t *b = boxes.tensor<int32_t>(i);
+      const auto sh = shape.tensor_shape(i);
+      const int64_t H = sh[0], W = sh[1];
+      for (int j = 0; j < k; j++, b += 5) {
+        Candidate c{b[0], b[1], b[2], b[3], b[4], 0.0f};
+        check_partner(i, c.partner);
+        DALI_ENFORCE(c.y0 >= 0 && c.x0 >= 0 && c.h >= 0 && c.w >= 0 && c.y0 + c.h <= H &&
+                         c.x0 + c.w <= W,
+                     dali::make_string("DalikdMix: box (y=", c.y0, ", x=", c.x0, ", h=", c.h,
+                                       ", w=", c.w, ") of sample ", i, " does not fit ", H, "x",
+                                       W));
+        // float32 in this order, as the composed graph: 1 - float(h*w) / float(H*W)
+        c.lam = 1.0f - static_cast<float>(static_cast<int64_t>(c.h) * c.w) /
+                           static_cast<float>(H * W);
+        cands[static_cast<size_t>(i) * k + j] = c;
+      }
+    }
+  } else {
+    DALI_ENFORCE(spec.HasTensorArgument("perm") && spec.HasTensorArgument("lam"),
+                 "DalikdMix: mode 'mixup' needs `perm` int32 (k,) and `lam` float32 (k,)");
+    const auto &perm = ws.ArgumentInput("perm");
+    const auto &lam = ws.ArgumentInput("lam");
+    DALI_ENFORCE(perm.type() == DALI_INT32, "DalikdMix: `perm` must be int32");
+    DALI_ENFORCE(lam.type() == DALI_FLOAT, "DalikdMix: `lam` must be float32");
+    for (int i = 0; i < n; i++) {
+      DALI_ENFORCE(perm.tensor_shape(i).num_elements() == k &&
+                       lam.tensor_shape(i).num_elements() == k,
+                   dali::make_string("DalikdMix: `perm` and `lam` need ", k,
+                                     " values per sample (one per candidate)"));
+      for (int j = 0; j < k; j++) {
+        Candidate c{perm.tensor<int32_t>(i)[j], 0, 0, 0, 0, lam.tensor<float>(i)[j]};
+        check_partner(i, c.partner);
+        cands[static_cast<size_t>(i) * k + j] = c;
+      }
+    }
+  }
+  return cands;
+}
+
+// Base of both backends: arguments, checks and output shapes.
+template <typename Backend>
+class MixBase : public dali::StatelessOperator<Backend> {
+ public:
+  explicit MixBase(const dali::OpSpec &spec)
+      : dali::StatelessOperator<Backend>(spec),
+        mode_(ParseMode(spec)),
+        k_(spec.GetArgument<int>("candidates")) {
+    DALI_ENFORCE(k_ >= 1, "DalikdMix: `candidates` must be >= 1");
+  }
+
+ protected:
+  bool SetupImpl(std::vector<dali::OutputDesc> &output_desc, const dali::Workspace &ws) override {
+    const auto &in = ws.Input<Backend>(0);
+    DALI_ENFORCE(in.type() == DALI_UINT8, "DalikdMix: images must be uint8");
+    DALI_ENFORCE(in.sample_dim() == 3, "DalikdMix: images must be HWC (3 dimensions)");
+    const int n = in.num_samples();
+    output_desc.resize(k_ + 1);
+    for (int j = 0; j < k_; j++) output_desc[j] = {in.shape(), DALI_UINT8};
+    output_desc[k_] = {dali::uniform_list_shape(n, dali::TensorShape<1>{k_}), DALI_FLOAT};
+    return true;
+  }
+
+  MixMode mode_;
+  int k_;
+};
+
+}  // namespace dalikd
+
+#endif  // DALIKD_NATIVE_MIX_H_
