@@ -137,6 +137,7 @@ def mixup(
     granularity: str = "sample",
     lam: DataNode | None = None,
     perm: DataNode | None = None,
+    native: bool | None = None,
 ) -> tuple[DataNode, DataNode, DataNode]:
     """x' = λ·x + (1 − λ)·x[perm], λ ~ Beta(α, α). Returns ``(images, lam, perm)``.
 
@@ -146,12 +147,19 @@ def mixup(
     up, ``floor(v + 0.5)``, and cast to uint8. Rounding before the cast keeps the result free of
     how each device's cast treats halves (DALI's CPU cast gives 2.5 -> 3; GPU unchecked), and
     halves are common: λ = 0.5 with x + x[perm] odd.
+    ``native``: the pixel work through dalikd's fused operator (True), the stock operators
+    (False), or as :func:`dalikd.native.use_native` decides (None); the results are identical.
     """
     _check(granularity)
     if perm is None:
         perm = partner_permutation()
     if lam is None:
         lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha), perm)
+    if _native(images, native):
+        # Argument names visit "lam" before "perm", as the composed arithmetic below does, so
+        # DALI seeds the random operators in the same order (it seeds in graph-visit order).
+        out = fn.dalikd_mix(images, mode="mixup", lam=fn.stack(lam), perm=fn.stack(perm))
+        return out[0], _cpu_lam(images, out[1], lam), perm
     partner = fn.permute_batch(images, indices=perm)
     mixed = images * lam + partner * (1 - lam)  # DALI promotes uint8 -> float32 itself
     return fn.cast(dmath.floor(mixed + 0.5), dtype=types.UINT8), lam, perm
@@ -171,6 +179,66 @@ def cutmix_box(lam: DataNode, centre: DataNode, image_size: int) -> tuple[DataNo
     return fn.stack(y0, x0), fn.stack(y1 - y0, x1 - x0)
 
 
+def cutmix_draws(
+    image_size: int,
+    *,
+    alpha: float = 1.0,
+    granularity: str = "sample",
+    lam: DataNode | None = None,
+    perm: DataNode | None = None,
+    centre: DataNode | None = None,
+) -> tuple[DataNode, DataNode, DataNode]:
+    """One CutMix draw (CPU): ``(perm, anchor, shape)``, the box as :func:`cutmix_box`.
+
+    λ ~ Beta(α, α) and the box centre, int32 (2,) = (y, x) uniform in [0, image_size), per
+    sample or per batch; ``perm`` as in :func:`mixup`. Injected values are used as given.
+    """
+    _check(granularity)
+    if perm is None:
+        perm = partner_permutation()
+    if lam is None:
+        lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha), perm)
+    if centre is None:
+        centre = _per(granularity, fn.random.choice(image_size, shape=[2]), perm)
+    anchor, shape = cutmix_box(lam, centre, image_size)
+    return perm, anchor, shape
+
+
+def _box_lam(shape: DataNode, image_size: int) -> DataNode:
+    """1 − h·w / S², float32: the fraction of own pixels left by the (clipped) box."""
+    return 1.0 - fn.cast(shape[0] * shape[1], dtype=types.FLOAT) / float(image_size * image_size)
+
+
+def _paste(images: DataNode, image_size: int, draw: tuple) -> tuple[DataNode, DataNode]:
+    """The composed CutMix: ``fn.multi_paste`` in one pass, region 0 = the whole own image
+    (input 0), region 1 = the box from the partner (input 1) at the same place; later regions
+    overwrite earlier ones."""
+    perm, anchor, shape = draw
+    s = image_size
+    whole = fn.stack(perm * 0 + s, perm * 0 + s)  # (S, S) per sample, int32
+    anchors = fn.stack(anchor * 0, anchor)  # (2 regions, 2): own image at (0, 0), box at anchor
+    shapes = fn.stack(whole, shape)
+    partner = fn.permute_batch(images, indices=perm)
+    mixed = fn.multi_paste(images, partner, in_anchors=anchors, shapes=shapes, out_anchors=anchors)
+    return mixed, _box_lam(shape, s)
+
+
+def _fused_cutmix(images: DataNode, image_size: int, draws: list[tuple]) -> list[tuple]:
+    """All candidates in one fn.dalikd_mix call; ``[(images, lam, perm)]`` per draw.
+
+    ``boxes`` is int32 (k, 5) per sample, rows (perm, y, x, h, w). Each row visits perm, then
+    the box (centre, then λ), candidate after candidate, as k composed pastes do, so DALI seeds
+    every random operator exactly as in the composed graph.
+    """
+    rows = [fn.cat(fn.stack(perm), anchor, shape) for perm, anchor, shape in draws]
+    boxes = fn.cast(fn.stack(*rows), dtype=types.INT32)
+    out = fn.dalikd_mix(images, mode="cutmix", candidates=len(draws), boxes=boxes)
+    return [
+        (out[j], _cpu_lam(images, out[-1], _box_lam(shape, image_size), j), perm)
+        for j, (perm, _, shape) in enumerate(draws)
+    ]
+
+
 def cutmix(
     images: DataNode,
     image_size: int,
@@ -180,28 +248,49 @@ def cutmix(
     lam: DataNode | None = None,
     perm: DataNode | None = None,
     centre: DataNode | None = None,
+    native: bool | None = None,
 ) -> tuple[DataNode, DataNode, DataNode]:
     """CutMix: a box of the partner x[perm] pasted over x. Returns ``(images, lam, perm)``.
 
-    Drawn (CPU, per sample or per batch): λ ~ Beta(α, α) and the box centre, int32 (2,) = (y, x)
-    uniform in [0, image_size); ``perm`` as in :func:`mixup`. The box is :func:`cutmix_box`. The
-    returned ``lam`` is recomputed from the real (clipped) box: 1 − h·w / S², float32.
-    ``fn.multi_paste`` does it in one pass: region 0 = the whole own image (input 0), region 1 =
-    the box from the partner (input 1) at the same place; later regions overwrite earlier ones.
+    The draws are :func:`cutmix_draws`. The returned ``lam`` is recomputed from the real
+    (clipped) box: 1 − h·w / S², float32. ``native`` as in :func:`mixup`.
     """
-    _check(granularity)
-    s = image_size
-    if perm is None:
-        perm = partner_permutation()
-    if lam is None:
-        lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha), perm)
-    if centre is None:
-        centre = _per(granularity, fn.random.choice(s, shape=[2]), perm)
-    anchor, shape = cutmix_box(lam, centre, s)
-    whole = fn.stack(perm * 0 + s, perm * 0 + s)  # (S, S) per sample, int32
-    anchors = fn.stack(anchor * 0, anchor)  # (2 regions, 2): own image at (0, 0), box at anchor
-    shapes = fn.stack(whole, shape)
-    partner = fn.permute_batch(images, indices=perm)
-    mixed = fn.multi_paste(images, partner, in_anchors=anchors, shapes=shapes, out_anchors=anchors)
-    box_lam = 1.0 - fn.cast(shape[0] * shape[1], dtype=types.FLOAT) / float(s * s)
-    return mixed, box_lam, perm
+    draw = cutmix_draws(
+        image_size, alpha=alpha, granularity=granularity, lam=lam, perm=perm, centre=centre
+    )
+    if _native(images, native):
+        return _fused_cutmix(images, image_size, [draw])[0]
+    mixed, box_lam = _paste(images, image_size, draw)
+    return mixed, box_lam, draw[0]
+
+
+def cutmix_pool(
+    images: DataNode,
+    image_size: int,
+    k: int,
+    *,
+    alpha: float = 1.0,
+    granularity: str = "sample",
+    native: bool | None = None,
+) -> list[tuple[DataNode, DataNode, DataNode]]:
+    """k independent CutMix candidates per image (own λ, box and partner each), as k calls of
+    :func:`cutmix`; natively all k come from one operator call that reads each image once."""
+    if not _native(images, native):
+        return [cutmix(images, image_size, alpha=alpha, granularity=granularity, native=False)
+                for _ in range(k)]  # fmt: skip
+    draws = [cutmix_draws(image_size, alpha=alpha, granularity=granularity) for _ in range(k)]
+    return _fused_cutmix(images, image_size, draws)
+
+
+def _native(images: DataNode, native: bool | None) -> bool:
+    if native is None:
+        from dalikd import native as native_op
+
+        return native_op.use_native(images.device)
+    return native
+
+
+def _cpu_lam(images: DataNode, lams: DataNode, cpu_lam: DataNode, j: int = 0) -> DataNode:
+    """λ of candidate j: the operator's own output on CPU; on GPU the same value computed on
+    the CPU side (``cpu_lam``), so λ stays a CPU node like every other draw."""
+    return lams[j] if images.device == "cpu" else cpu_lam

@@ -11,10 +11,7 @@ from dalikd.recipes import AugContext, Pool, View, recipe
 def cutmixpick(images, ctx: AugContext) -> Pool:
     """images: uint8 HWC on ctx.device. A pool of ctx.pool_size independent CutMix views; the
     torch side scores the k·B candidates and keeps the top ones (dalikd.pick)."""
-    views = []
-    for _ in range(ctx.pool_size):
-        mixed, lam, perm = ops.cutmix(
-            images, ctx.image_size, alpha=1.0, granularity=ctx.granularity
-        )
-        views.append(View(mixed, lam, perm))
-    return Pool(tuple(views))
+    pool = ops.cutmix_pool(
+        images, ctx.image_size, ctx.pool_size, alpha=1.0, granularity=ctx.granularity
+    )  # natively one operator call writes all k candidates (dalikd.native)
+    return Pool(tuple(View(mixed, lam, perm) for mixed, lam, perm in pool))
