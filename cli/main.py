@@ -14,6 +14,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from dalikd.cli.doctor_cmd import doctor
 from dalikd.cli.preview_cmd import preview
 from dalikd.cli.profile_cmd import profile
 from dalikd.cli.report import ScanProgress
@@ -284,6 +285,7 @@ def demo(out: str, epochs: int | None, device: str) -> None:
 cli.add_command(preview)
 cli.add_command(profile)
 cli.add_command(tstddev)
+cli.add_command(doctor)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,60 @@
+"""What this installation runs with: versions, CUDA, and which mixing path is active.
+
+:func:`report` is the library half of ``dalikd doctor``; it builds the native operator if it
+is not cached yet (that is the check), and never raises for a missing piece.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception as e:  # a missing or broken package is part of the report
+        return f"unavailable ({type(e).__name__})"
+
+
+def report() -> dict[str, Any]:
+    """Versions, CUDA as torch sees it, the native operator's state and the active mixing path
+    per device ("native" or "composed: <why>")."""
+    import nvidia.dali
+    import torch
+
+    from dalikd import native
+
+    mode = native.mode()
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "torchvision": _version("torchvision"),
+        "dali": nvidia.dali.__version__,
+        "dali_cuda": str(getattr(nvidia.dali, "__cuda_version__", "")),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "native_mode": mode,
+    }
+    if mode == "0":
+        info["native"] = None
+        info["mixing"] = {"cpu": "composed: DALIKD_NATIVE=0", "gpu": "composed: DALIKD_NATIVE=0"}
+        return info
+    status = native.load()
+    build = status.build
+    info["native"] = {
+        "cache": str(native.build_root() / native.build_key()),
+        "toolchain": build.toolchain if build else "",
+        "nvcc": build.nvcc_version if build else "",
+        "loaded": status.loaded,
+        "cpu": "loaded" if status.cpu else f"unavailable: {status.reason}",
+        "gpu": ("built and loaded; " + status.gpu_reason) if status.gpu else status.gpu_reason,
+    }
+    fallback = "error (DALIKD_NATIVE=1)" if mode == "1" else "composed"
+    info["mixing"] = {
+        "cpu": "native" if status.cpu else f"{fallback}: {status.reason}",
+        "gpu": "native (unverified)"
+        if status.gpu
+        else f"{fallback}: {status.reason or status.gpu_reason}",
+    }
+    return info
