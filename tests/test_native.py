@@ -1,0 +1,211 @@
+"""The native mixing operator (dalikd.native): it builds here, it is bit-identical to the
+composed stock-operator graph through the real training loader, and without a compiler dalikd
+falls back to the composed graph with exactly one warning.
+
+The build runs once per test session (conftest points DALIKD_CACHE at a session folder)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from nvidia.dali import fn, pipeline_def
+from PIL import Image
+
+from dalikd import native, ops, pipeline
+from dalikd.cli.main import main
+from dalikd.config import DataConfig
+from dalikd.data import scan_dataset
+from dalikd.errors import DalikdError
+from dalikd.recipes import AugContext, builtin_recipes, resolve
+
+S = 32  # px
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory):
+    """Noise JPEGs of several sizes: the random-resized crop differs per image."""
+    root = tmp_path_factory.mktemp("native_jpegs")
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for label in ("a", "b", "c"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                h, w = rng.integers(36, 64, 2)
+                pixels = rng.integers(0, 256, (h, w, 3), np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.jpg", quality=90)
+    return scan_dataset(root)
+
+
+@pytest.fixture
+def fresh_native():
+    """Forget the process's build/load answers before and after (the library stays loaded)."""
+    native.reset()
+    yield
+    native.reset()
+
+
+def batches(dataset, name, granularity, pool_size=2, steps=2):
+    data = DataConfig(path=str(dataset.root), image_size=S, batch_size=4, threads=2)
+    loader = pipeline.train_loader(
+        dataset.train, data, resolve(name), device="cpu", seed=5, granularity=granularity,
+        pool_size=pool_size,
+    )  # fmt: skip
+    return [b for _, b in zip(range(steps), loader, strict=False)]
+
+
+def schemas(dataset, name, granularity):
+    """The operator schemas in the training graph (to see which path was taken)."""
+    data = DataConfig(path=str(dataset.root), image_size=S, batch_size=4, threads=1)
+    pipe, _ = pipeline.build_pipeline(
+        pipeline.train_graph, data=data, device="cpu", seed=0, split=dataset.train,
+        recipe=resolve(name), shard_id=0, num_shards=1, granularity=granularity,
+    )  # fmt: skip
+    pipe._build_graph()  # private: collects the graph's operators without building the backend
+    return {getattr(op._op, "schema_name", "") for op in pipe._ops}
+
+
+def test_the_plugin_builds_loads_and_is_cached_by_dali_version_and_source_hash():
+    import nvidia.dali
+
+    status = native.load()
+    assert status.cpu, status.reason
+    info, folder = native.build()
+    assert folder.name == f"{nvidia.dali.__version__}-{native.source_hash()}"
+    assert json.loads((folder / "build.json").read_text())["cpu_library"] == info.cpu_library
+    assert native.build() == (info, folder)  # cached: no second build
+    if native.find_nvcc():  # CI with nvcc: the CUDA operator must compile (never run: no GPU)
+        assert status.gpu, status.gpu_reason
+        assert status.gpu_reason.startswith(native.GPU_UNVERIFIED)
+
+
+@pytest.mark.parametrize("granularity", ["sample", "batch"])
+@pytest.mark.parametrize("name", ["cutmix", "mixup", "cutmixpick"])
+def test_native_is_bit_identical_to_composed_through_the_train_loader(
+    jpegs, name, granularity, monkeypatch
+):
+    monkeypatch.setenv("DALIKD_NATIVE", "0")
+    composed = batches(jpegs, name, granularity, pool_size=3)
+    assert "DalikdMix" not in schemas(jpegs, name, granularity)
+    monkeypatch.setenv("DALIKD_NATIVE", "1")
+    fused = batches(jpegs, name, granularity, pool_size=3)
+    assert "DalikdMix" in schemas(jpegs, name, granularity)
+    assert "MultiPaste" not in schemas(jpegs, name, granularity)
+    assert len(composed) == len(fused) == 2
+    for c, f in zip(composed, fused, strict=True):
+        assert c.pool == f.pool == (3 if name == "cutmixpick" else 1)
+        for field in ("images", "labels", "aug_images", "lam", "perm"):
+            torch.testing.assert_close(getattr(f, field), getattr(c, field), rtol=0, atol=0)
+        assert not torch.equal(f.aug_images[:4], f.images)  # something was mixed
+
+
+def test_one_call_writes_k_candidates_exactly_as_k_composed_cutmix_calls():
+    # Straight through ops, on known images: every candidate pastes its own box and partner.
+    images = np.stack([np.full((S, S, 3), 20 * i + 5, np.uint8) for i in range(6)])
+    images[..., 0] = np.arange(S, dtype=np.uint8)[:, None] * 7  # position shows in red
+
+    def graph(native_op):
+        def run():
+            x = fn.external_source(source=lambda: list(images), batch=True, layout="HWC")
+            pool = ops.cutmix_pool(x, S, 3, native=native_op)
+            return tuple(node for candidate in pool for node in candidate)
+
+        pipe = pipeline_def(run)(batch_size=6, num_threads=2, device_id=None, seed=11)
+        pipe.build()
+        return [[o.as_array() for o in pipe.run()] for _ in range(3)]
+
+    for a, b in zip(graph(False), graph(True), strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_without_a_compiler_dalikd_falls_back_with_exactly_one_warning(
+    jpegs, tmp_path, monkeypatch, fresh_native
+):
+    monkeypatch.setenv("DALIKD_CACHE", str(tmp_path))  # nothing cached: it must build
+    monkeypatch.setenv("DALIKD_CXX", str(tmp_path / "no-such-g++"))
+    monkeypatch.setenv("DALIKD_NATIVE", "auto")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mixed = batches(jpegs, "cutmix", "sample") + batches(jpegs, "cutmixpick", "batch")
+    ours = [w for w in caught if "native mixing operator unavailable" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert "no C++ compiler" in str(ours[0].message)
+    assert all(b.aug_images is not None for b in mixed)
+    assert "DalikdMix" not in schemas(jpegs, "cutmix", "sample")
+    info, _ = native.build()  # the failure is cached until the toolchain changes
+    assert info.cpu_library is None and "no C++ compiler" in info.cpu_error
+
+    monkeypatch.setenv("DALIKD_NATIVE", "1")
+    with pytest.raises(DalikdError, match="DALIKD_NATIVE=1.*no C\\+\\+ compiler"):
+        batches(jpegs, "mixup", "sample")
+
+
+def test_native_0_never_builds(tmp_path, monkeypatch, fresh_native):
+    monkeypatch.setenv("DALIKD_CACHE", str(tmp_path))
+    monkeypatch.setenv("DALIKD_NATIVE", "0")
+    assert native.use_native("cpu") is False
+    assert not (tmp_path / "native").exists()
+
+
+def test_two_builders_at_once_compile_once(tmp_path, monkeypatch):
+    # torchrun ranks start together: the file lock lets one compile, the others reuse it.
+    monkeypatch.setenv("DALIKD_CACHE", str(tmp_path))
+    calls = []
+
+    def slow_fake(work, key):  # stands in for the ~30 s compile
+        calls.append(key)
+        threading.Event().wait(0.3)
+        (work / "libdalikd_mix_cpu.so").write_bytes(b"")
+        return native.BuildInfo(key, "fake", "libdalikd_mix_cpu.so", "", None, "n/a", "", "")
+
+    monkeypatch.setattr(native, "_compile", slow_fake)
+    monkeypatch.setattr(native, "_current_toolchain", lambda: "fake")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(native.build())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 3
+    assert len({folder for _, folder in results}) == 1
+    assert not [p for p in (tmp_path / "native").iterdir() if p.is_dir() and p.name[0] == "."]
+
+
+@pytest.mark.parametrize("name", ["cutmix", "mixup", "cutmixpick"])
+def test_the_gpu_graph_with_the_native_operator_can_be_defined(name):
+    if not native.load().gpu:
+        pytest.skip(f"no GPU backend built: {native.load().gpu_reason}")
+    nodes = []
+
+    def graph():
+        x = fn.external_source(source=lambda: [np.zeros((S, S, 3), np.uint8)] * 4, batch=True)
+        out = builtin_recipes()[name](x.gpu(), AugContext(S, "gpu", (0.0, 0.0, 0.0)))
+        views = getattr(out, "views", (out,))
+        nodes.extend(views)
+        return tuple(n for v in views for n in (v.images, v.lam, v.perm))
+
+    pipeline_def(graph)(batch_size=4, num_threads=1, device_id=None)  # build() needs a GPU
+    assert nodes
+    for view in nodes:
+        assert view.images.device == "gpu" and view.images.source._op.schema_name == "DalikdMix"
+        assert view.lam.device == "cpu" and view.perm.device == "cpu"
+
+
+def test_doctor_reports_the_active_mixing_path(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["doctor", "--json"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    info = json.loads(out)
+    assert info["mixing"]["cpu"] == "native"
+    assert info["native"]["cpu"] == "loaded"
+    assert info["dali"] and info["torch"] and "cuda_available" in info
+    monkeypatch.setenv("DALIKD_NATIVE", "0")
+    with pytest.raises(SystemExit):
+        main(["doctor"])
+    assert "composed: DALIKD_NATIVE=0" in capsys.readouterr().out
