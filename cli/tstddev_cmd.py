@@ -92,7 +92,8 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
     "--group-size",
     type=int,
     default=None,
-    help="teacher rows per group  [default: 640 = 5 steps x (64 x + 64 x'), the paper's]",
+    help="teacher rows per group with x'; half for none, so a group spans the same steps  "
+    "[default: 640 = 5 steps x (64 x + 64 x'), the paper's]",
 )
 @click.option("--batch-size", default=64, show_default=True, type=int, help="images per step")
 @click.option("--image-size", default=224, show_default=True, type=int, help="image side in px")

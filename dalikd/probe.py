@@ -9,9 +9,12 @@ a student would be trained on (for a candidate pool: the picked ones, by the sam
 :func:`dalikd.pick.select` as training), go into one :class:`~dalikd.metrics.TStddev`, in the
 order of the paper's reference code. ``none`` contributes x only.
 
-One deliberate difference from the reference code: a group is ``group_size`` rows for every
-scheme. The reference groups 5 steps, which is 320 rows for plain KD and 640 for the others, so
-its number for plain KD is not comparable with the rest.
+A group spans the same steps for every scheme, as in the reference code (5 steps: 640 rows
+with x', 320 for ``none``): ``group_size`` rows with a second view, half as many without. So each
+group holds the same images of x whatever the scheme, and ``identity`` (x' = x: every row
+twice, the same group means) gives exactly the number of ``none``. Groups of equal rows would
+instead credit ``none`` with twice the distinct images per group, a lower T. stddev (by about
+√2) that says nothing about the augmentation.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class ProbeConfig:
     augs: tuple[str, ...] = PAPER_SCHEMES  # --aug values, one probe each, in this order
     epochs: int = 0  # probe length in epochs of train/ ...
     samples: int = 0  # ... or in images of x (one of the two, > 0)
-    group_size: int = GROUP_SIZE  # teacher rows per group (640 = 5 steps x (64 + 64))
+    group_size: int = GROUP_SIZE  # rows per group with x' (640 = 5 steps x (64 + 64)); half
+    # as many for none, so that a group spans the same steps
     kd: KDConfig = field(default_factory=KDConfig)  # granularity, pool_size, pick_*
     device: str = "auto"  # auto | cpu | gpu
     precision: str = "auto"  # autocast of the teacher (auto: bf16 on GPU, fp32 on CPU)
@@ -63,12 +67,14 @@ class ProbeResult:
     mean_entropy: float  # mean teacher entropy (nats, T = 1) of all the rows counted
     samples: int  # images of x seen
     rows: int  # teacher probability rows counted (x and x')
-    groups: int  # complete groups of group_size rows
+    groups: int  # complete groups
+    group_rows: int  # rows per group: group_size, or half of it for none (the same steps)
     seconds: float
 
     def to_dict(self) -> dict:
         return {"aug": self.aug, "t_stddev": self.t_stddev, "mean_entropy": self.mean_entropy,
-                "samples": self.samples, "rows": self.rows, "groups": self.groups}  # fmt: skip
+                "samples": self.samples, "rows": self.rows, "groups": self.groups,
+                "group_rows": self.group_rows}  # fmt: skip
 
 
 class ProbeReporter(Protocol):
@@ -119,6 +125,12 @@ def _views_per_step(cfg: ProbeConfig, split, recipe, device: str) -> int:
     return sum(name.startswith("aug_images_") for name in names)
 
 
+def group_rows(group_size: int, views: int) -> int:
+    """Rows per group: ``group_size`` with a second view; half of it without (x only), so a
+    group spans the same steps, as the reference code's 5 steps (320 rows of x for plain KD)."""
+    return group_size if views else max(1, group_size // 2)
+
+
 def rows_per_step(batch_size: int, views: int, kd: KDConfig) -> int:
     """Teacher rows one step adds: B for x, plus B for x' (the kept count for a pool)."""
     if views == 0:
@@ -137,8 +149,8 @@ def _check(cfg: ProbeConfig) -> None:
         raise DalikdError("give the probe length as --epochs N or --samples N (one of them)")
     if cfg.epochs < 0 or cfg.samples < 0:
         raise DalikdError("--epochs and --samples must be positive")
-    if cfg.group_size < 1:
-        raise DalikdError(f"--group-size must be positive, got {cfg.group_size}")
+    if cfg.group_size < 2:
+        raise DalikdError(f"--group-size must be at least 2, got {cfg.group_size}")
     if not cfg.augs:
         raise DalikdError("no --aug to probe")
 
@@ -147,7 +159,7 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
     """T. stddev of every scheme of ``cfg.augs``, ranked: lowest (best for KD) first.
 
     Everything is checked before the first scheme runs: the recipes, the models, and that the
-    probe is long enough to close 2 groups of ``group_size`` rows for every scheme.
+    probe is long enough to close 2 groups for every scheme.
     """
     _check(cfg)
     reporter = reporter or SilentProbeReporter()
@@ -166,17 +178,20 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
         )
     steps = cfg.epochs * steps_per_epoch if cfg.epochs else math.ceil(cfg.samples / batch)
     views = {aug: _views_per_step(cfg, dataset.train, r, device) for aug, r in schemes.items()}
-    needed = {aug: math.ceil(2 * cfg.group_size / rows_per_step(batch, v, cfg.kd))
-              for aug, v in views.items()}  # fmt: skip
+    # Steps that close 2 groups (the same for every scheme unless a pool keeps more or fewer
+    # than B candidates; pick settings can change that).
+    needed = {}
+    for aug, v in views.items():
+        needed[aug] = math.ceil(2 * group_rows(cfg.group_size, v) / rows_per_step(batch, v, cfg.kd))
     worst = max(needed, key=needed.get)
     if needed[worst] > steps:
-        rows = rows_per_step(batch, views[worst], cfg.kd)
+        rows = group_rows(cfg.group_size, views[worst])
+        per_step = rows_per_step(batch, views[worst], cfg.kd)
         raise DalikdError(
-            f"too few samples for T. stddev: 2 groups of {cfg.group_size} teacher rows at "
-            f"{rows} rows per step (--aug {worst}, batch {batch}) need "
-            f"{needed[worst] * batch} samples ({needed[worst]} steps); this probe has "
-            f"{steps * batch} ({steps} steps). Use --samples {needed[worst] * batch} or more, "
-            "or a smaller --group-size"
+            f"too few samples for T. stddev: 2 groups of {rows} teacher rows at {per_step} rows "
+            f"per step (--aug {worst}, batch {batch}) need {needed[worst] * batch} samples "
+            f"({needed[worst]} steps); this probe has {steps * batch} ({steps} steps). Use "
+            f"--samples {needed[worst] * batch} or more, or a smaller --group-size"
         )
 
     teacher = _model(cfg.model.teacher, cfg.model.teacher_weights, "teacher", dataset, device)
@@ -200,7 +215,7 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
             dataset.train, cfg.data, recipe, device=device, seed=cfg.seed,
             granularity=cfg.kd.granularity, pool_size=cfg.kd.pool_size,
         )  # fmt: skip
-        acc = TStddev(cfg.group_size)
+        acc = TStddev(group_rows(cfg.group_size, views[aug]))
         done = 0
         while done < steps:  # the loader runs one epoch per iteration, reshuffled each time
             for b in loader:
@@ -216,7 +231,7 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
                     break
         del loader  # frees the DALI pipeline before the next scheme builds its own
         result = ProbeResult(aug, acc.value(), acc.mean_entropy(), done * batch, acc.rows,
-                             acc.groups, time.perf_counter() - t0)  # fmt: skip
+                             acc.groups, acc.group_size, time.perf_counter() - t0)  # fmt: skip
         reporter.scheme_end(result)
         results.append(result)
     return sorted(results, key=lambda r: r.t_stddev)

@@ -22,7 +22,7 @@ from dalikd.train import kd_step
 TINY = "tiny_models:tiny_cnn"
 SIZE, BATCH, GROUP = 16, 4, 6  # px, images per step, teacher rows per group (not a step's 8:
 # a group boundary inside a step makes the order of the rows matter)
-SAMPLES = 48  # 12 steps: 2 epochs of 24 images; 8 groups for none, 16 for two-view schemes
+SAMPLES = 48  # 12 steps: 2 epochs of 24 images; 16 groups (of 3 rows for none, 6 with x')
 SMALL = ["--image-size", SIZE, "--batch-size", BATCH, "--group-size", GROUP, "--threads", 1,
          "--device", "cpu"]  # fmt: skip
 
@@ -103,7 +103,9 @@ def test_probe_end_to_end_equals_t_stddev_of_the_same_rows(noise, teacher_file, 
     assert values == sorted(values) and all(v > 0 for v in values)  # ranked, best first
     by_aug = {r["aug"]: r for r in results}
     assert all(r["samples"] == SAMPLES for r in results)
-    assert by_aug["none"]["rows"] == SAMPLES and by_aug["none"]["groups"] == SAMPLES // GROUP
+    # none: a group spans the same steps as with x' (the reference's 5 steps), half the rows
+    assert (by_aug["none"]["rows"], by_aug["none"]["group_rows"]) == (SAMPLES, GROUP // 2)
+    assert by_aug["none"]["groups"] == by_aug["flip"]["groups"] == 2 * SAMPLES // GROUP
     assert by_aug["cutmixpick"]["rows"] == 2 * SAMPLES  # B of x + the B kept of 2B candidates
     with Image.open(out_png) as png:
         assert png.format == "PNG" and png.width > 100
@@ -118,21 +120,27 @@ def test_probe_end_to_end_equals_t_stddev_of_the_same_rows(noise, teacher_file, 
         assert by_aug[aug]["mean_entropy"] == pytest.approx(entropy, rel=1e-6)
 
 
-def test_epochs_count_whole_passes_over_train(noise, teacher_file, tmp_path, capsys):
+def test_identity_equals_none_and_epochs_count_passes(noise, teacher_file, tmp_path, capsys):
+    """Groups of whole steps (16 rows = 2 steps with x', 8 rows of x alone): identity (x' = x)
+    repeats each row of x, so its group means and T. stddev are those of none."""
     args = ["tstddev", "--data", noise, "--teacher", TINY, "--teacher-weights", teacher_file,
-            "--aug", "identity", "--epochs", 2, *SMALL, "--json", tmp_path / "r.json"]  # fmt: skip
+            "--aug", "none,identity", "--epochs", 2, *SMALL, "--group-size", 16,
+            "--json", tmp_path / "r.json"]  # fmt: skip
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
-    (result,) = json.loads((tmp_path / "r.json").read_text())["results"]
-    assert result["samples"] == 2 * 24 and result["rows"] == 2 * 2 * 24
+    by_aug = {r["aug"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert by_aug["none"]["samples"] == by_aug["identity"]["samples"] == 2 * 24
+    assert (by_aug["none"]["rows"], by_aug["identity"]["rows"]) == (2 * 24, 2 * 2 * 24)
+    assert by_aug["none"]["groups"] == by_aug["identity"]["groups"] == 6
+    assert by_aug["identity"]["t_stddev"] == pytest.approx(by_aug["none"]["t_stddev"], rel=1e-9)
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        # none adds 4 rows per step: 2 groups of 6 need 3 steps = 12 samples
-        (["--aug", "flip,none", "--samples", 8], "need 12 samples (3 steps)"),
-        (["--aug", "flip,fancy", "--samples", 8], "unknown augmentation 'fancy'; known: "),
+        # flip adds 8 rows per step (none 4 to groups of 3): 2 groups need 2 steps, 8 samples
+        (["--aug", "flip,none", "--samples", 4], "need 8 samples (2 steps); this probe has 4"),
+        (["--aug", "flip,fancy", "--samples", 48], "unknown augmentation 'fancy'; known: "),
         (["--samples", 48, "--epochs", 2], "give --epochs or --samples, not both"),
         (
             ["--aug", "cutmixpick", "--samples", 48, "--pick-criterion", "student_entropy"],
