@@ -117,7 +117,8 @@ def print_report(report: dict[str, Any]) -> None:
     base = {b["aug"]: b for b in report["baseline"]}
     handoff = {st["aug"]: st for st in report["stages"] if st["name"].startswith("hand-off")}
     summary = Table(title="per scheme: DALI -> torch vs torchvision DataLoader, same CPU budget")
-    for col in ("scheme", "DALI", "torchvision", "ratio", "bound", "KD step efficiency"):
+    cols = ("scheme", "DALI", "torchvision", "ratio", "CPU ratio", "bound", "KD step efficiency")
+    for col in cols:
         summary.add_column(col, justify="left" if col in ("scheme", "bound") else "right")
     for aug, b in report["bound"].items():
         eff = report["efficiency"].get(aug)
@@ -126,12 +127,14 @@ def print_report(report: dict[str, Any]) -> None:
             _rate(handoff[aug]["img_per_s"]),
             _rate(base[aug]["img_per_s"]) if aug in base else "-",
             f"{report['ratio'][aug]:.2f}x" if aug in report["ratio"] else "-",
+            f"{report['cpu_ratio'][aug]:.2f}x" if aug in report["cpu_ratio"] else "-",
             f"{b['stage']} ({b['own_ms_per_img']:.2f} ms)",
             "-" if eff is None else f"{eff:.2f}",
         )
     console.print(summary)
     console.print(
         "own ms/sample: a cumulative DALI stage's cost beyond the previous one. ratio: DALI "
-        "hand-off / torchvision, timed in interleaved windows. KD step efficiency: step fed by "
-        "the pipeline / the same step on tensors in memory."
+        "hand-off / torchvision samples/s, timed in interleaved windows; CPU ratio: torchvision "
+        "/ DALI CPU ms per sample (steadier on a shared machine). KD step efficiency: step fed "
+        "by the pipeline / the same step on tensors in memory."
     )

@@ -14,6 +14,10 @@ scheme. The model stages (teacher forward, student forward + backward) and the K
 synthetic tensors in memory are timed alone; the KD step fed by the pipeline is the real thing.
 Data-loading efficiency = fed step / synthetic step.
 
+``ratio`` = DALI hand-off rate / baseline rate per scheme (the headline); ``cpu_ratio`` =
+baseline CPU time / DALI CPU time per sample, the same comparison in work done, which a busy
+machine disturbs much less.
+
 The torchvision baseline is the usual ImageFolder + DataLoader (PIL) with as many workers as
 DALI has threads, the same RandomResizedCrop (antialiased), flip and normalize, and
 ``torchvision.transforms.v2`` CutMix / MixUp for the mixing schemes. It is timed in windows
@@ -349,10 +353,20 @@ class _BaselineStream:
     def step(self) -> None:
         next(self._it)
 
-    def worker_pids(self) -> list[int]:
+    def _workers(self) -> list:
         # DataLoader does not expose its worker processes; read them where they are today.
-        workers = getattr(getattr(self.loader, "_iterator", None), "_workers", None) or []
-        return [w.pid for w in workers if getattr(w, "pid", None)]
+        return getattr(getattr(self.loader, "_iterator", None), "_workers", None) or []
+
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self._workers() if getattr(w, "pid", None)]
+
+    def close(self) -> None:
+        """Stop the workers now: left to garbage collection, a worker holding prefetched
+        batches took 5 s (DataLoader's join timeout) to go."""
+        self._it.close()
+        shutdown = getattr(getattr(self.loader, "_iterator", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 # -- models and the KD step ------------------------------------------------------------------
@@ -538,6 +552,7 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
         "stages": profiler.stages,
         "baseline": profiler.baseline,
         "ratio": profiler.ratio,
+        "cpu_ratio": profiler.cpu_ratio,
         "bound": profiler.bound,
         "efficiency": profiler.efficiency,
     }
@@ -567,6 +582,7 @@ class _Profiler:
         self.chain: list[str] = []  # the plain pipeline's cumulative stages
         self.baseline: list[dict] = []
         self.ratio: dict[str, float] = {}
+        self.cpu_ratio: dict[str, float] = {}  # baseline CPU ms / DALI CPU ms, per sample
         self.bound: dict[str, dict] = {}
         self.efficiency: dict[str, float] = {}
 
@@ -655,7 +671,11 @@ class _Profiler:
                 }
             )
             self.ratio[a] = timings["dali"].img_per_s / t.img_per_s
-        del runs, tv  # stops the baseline's workers before the models run
+            if t.cpu_ms_per_img and timings["dali"].cpu_ms_per_img:
+                self.cpu_ratio[a] = t.cpu_ms_per_img / timings["dali"].cpu_ms_per_img
+        if tv is not None:
+            tv.close()  # the baseline's workers stop before the models run
+        del runs, tv
         if self.models is not None:
             names += self.model_stages(a, views, scheme.mixing, batches)
         self.bound[a] = _bound(self.stages, names)

@@ -58,6 +58,7 @@ def test_profile_writes_every_stage_as_json(solid_dataset, tmp_path, tiny_env, c
     assert [b["aug"] for b in report["baseline"]] == schemes
     assert all(b["img_per_s"] > 0 for b in report["baseline"])
     assert set(report["ratio"]) == set(schemes) == set(report["bound"]) == set(report["efficiency"])
+    assert set(report["cpu_ratio"]) == set(schemes)
     for bound in report["bound"].values():
         assert bound["stage"] in names and bound["own_ms_per_img"] >= 0
     assert "bound" in stdout and "torchvision" in stdout
