@@ -34,7 +34,7 @@ from pathlib import Path
 
 from dalikd.errors import DalikdError
 
-SOURCES = ("mix.h", "mix_cpu.cc", "mix_gpu.cu")
+SOURCES = ("mix.h", "mix_cpu.cc", "mix_gpu.h", "mix_gpu.cc", "mix_gpu.cu")
 MODES = ("auto", "0", "1")
 # Headers the build needs besides DALI's: cuda_runtime.h pulls in crt/host_config.h, and DALI's
 # float16 header includes CCCL's nv/target. pip's CUDA runtime wheels ship only the first.
@@ -172,18 +172,38 @@ def _toolchain(cxx: str | None, nvcc: str | None, include: list[str]) -> str:
 # -- build ---------------------------------------------------------------------------------------
 
 
+def _reason(cmd: list[str], returncode: int, output: str) -> str:
+    errors = [ln for ln in output.splitlines() if "error" in ln.lower()]
+    tail = errors[:3] or output.strip().splitlines()[-3:]
+    return f"{Path(cmd[0]).name} exited {returncode}: " + " | ".join(tail)
+
+
+def _run_all(cmds: list[list[str]], cwd: Path) -> list[str]:
+    """Run compilers side by side; per command '' on success, else the reason (its first error
+    lines)."""
+    procs: list[subprocess.Popen | str] = []
+    for cmd in cmds:
+        try:
+            procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        except OSError as e:
+            procs.append(f"{Path(cmd[0]).name}: {e}")
+    reasons = []
+    for cmd, proc in zip(cmds, procs, strict=True):
+        if isinstance(proc, str):
+            reasons.append(proc)
+            continue
+        try:
+            out, _ = proc.communicate(timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        reasons.append("" if proc.returncode == 0 else _reason(cmd, proc.returncode, out))
+    return reasons
+
+
 def _run(cmd: list[str], cwd: Path) -> str:
-    """Run a compiler; '' on success, else the reason (the command's last lines)."""
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
-                              timeout=COMPILE_TIMEOUT_S)  # fmt: skip
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"{Path(cmd[0]).name}: {e}"
-    if proc.returncode == 0:
-        return ""
-    errors = [ln for ln in (proc.stderr + proc.stdout).splitlines() if "error" in ln.lower()]
-    tail = errors[:3] or (proc.stderr + proc.stdout).strip().splitlines()[-3:]
-    return f"{Path(cmd[0]).name} exited {proc.returncode}: " + " | ".join(tail)
+    return _run_all([cmd], cwd)[0]
 
 
 _SMOKE = r"""
@@ -243,55 +263,42 @@ def _compile(work: Path, key: str) -> BuildInfo:
     lflags = list(sysconfig.get_link_flags()) + [f"-Wl,-rpath,{sysconfig.get_lib_dir()}"]
     src = work / "src"
 
-    gpu_proc = None
-    if nvcc:  # the slow one: start it first, compile the CPU object meanwhile
-        gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in GENCODES]
-        gencode.append(f"-gencode=arch=compute_{GENCODES[-1][3:]},code=compute_{GENCODES[-1][3:]}")
-        gpu_cmd = [nvcc, "-ccbin", cxx, "-std=c++20", "-O3", "-w", "-Xcompiler", "-fPIC,-w",
-                   *gencode, *cflags, "-c", str(src / "mix_gpu.cu"), "-o", "mix_gpu.o"]  # fmt: skip
-        try:
-            gpu_proc = subprocess.Popen(gpu_cmd, cwd=work, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        except OSError as e:
-            info["gpu_error"] = f"nvcc: {e}"
-    else:
-        info["gpu_error"] = (
-            "skipped (DALIKD_NATIVE_GPU=0)"
-            if os.environ.get("DALIKD_NATIVE_GPU", "1") == "0"
-            else "no nvcc found (CUDA_HOME, PATH, /usr/local/cuda)"
-        )
-
     # -ffp-contract=off: no fused multiply-add, so MixUp rounds exactly as DALI's arithmetic.
-    includes = [f"-I{d}" for d in include]
-    cpu_cmd = [cxx, "-std=c++20", "-O3", "-fPIC", "-ffp-contract=off", "-w", *cflags, *includes,
-               "-c", str(src / "mix_cpu.cc"), "-o", "mix_cpu.o"]  # fmt: skip
-    error = _run(cpu_cmd, work)
-    if not error:
-        error = _run([cxx, "-shared", "mix_cpu.o", "-o", "libdalikd_mix_cpu.so", *lflags], work)
-    if not error:
-        error = _smoke(work / "libdalikd_mix_cpu.so")
-    if error:
-        info["cpu_error"] = error
+    compile_cc = [cxx, "-std=c++20", "-O3", "-fPIC", "-ffp-contract=off", "-w", *cflags,
+                  *[f"-I{d}" for d in include], "-c"]  # fmt: skip
+    cmds = [[*compile_cc, str(src / "mix_cpu.cc"), "-o", "mix_cpu.o"]]
+    if nvcc:
+        # nvcc compiles only the kernel (no DALI headers: seconds); g++ the operator around it.
+        last = GENCODES[-1][3:]
+        gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in GENCODES]
+        cmds.append([nvcc, "-ccbin", cxx, "-std=c++17", "-O3", "-Xcompiler", "-fPIC", *gencode,
+                     f"-gencode=arch=compute_{last},code=compute_{last}",
+                     "-c", str(src / "mix_gpu.cu"), "-o", "mix_kernel.o"])  # fmt: skip
+        cmds.append([*compile_cc, str(src / "mix_gpu.cc"), "-o", "mix_gpu.o"])
+    elif os.environ.get("DALIKD_NATIVE_GPU", "1") == "0":
+        info["gpu_error"] = "skipped (DALIKD_NATIVE_GPU=0)"
+    else:
+        info["gpu_error"] = "no nvcc found (DALIKD_NVCC, CUDA_HOME, PATH, /usr/local/cuda)"
+    cpu_error, *gpu_errors = _run_all(cmds, work)
+
+    if not cpu_error:
+        link = [cxx, "-shared", "mix_cpu.o", "-o", "libdalikd_mix_cpu.so", *lflags]
+        cpu_error = _run(link, work) or _smoke(work / "libdalikd_mix_cpu.so")
+    if cpu_error:
+        info["cpu_error"] = cpu_error
     else:
         info["cpu_library"] = "libdalikd_mix_cpu.so"
 
-    if gpu_proc is not None:
-        try:
-            out, _ = gpu_proc.communicate(timeout=COMPILE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            gpu_proc.kill()
-            out, _ = gpu_proc.communicate()
-        gpu_error = ""
-        if gpu_proc.returncode != 0:
-            lines = [ln for ln in out.splitlines() if "error" in ln.lower()][:3]
-            gpu_error = f"nvcc exited {gpu_proc.returncode}: " + " | ".join(lines)
-        elif error:
+    if nvcc:
+        gpu_error = next((e for e in gpu_errors if e), "")
+        if not gpu_error and cpu_error:
             gpu_error = "the CPU part failed"
-        else:
+        if not gpu_error:
             # nvcc links: it knows its own static CUDA runtime, which keeps the plugin free of a
             # libcudart of another CUDA version than DALI's; --exclude-libs hides its symbols.
             link = [nvcc, "-ccbin", cxx, "-shared", "-cudart", "static", "mix_cpu.o",
-                    "mix_gpu.o", "-o", "libdalikd_mix.so", "-Xlinker", "--exclude-libs,ALL",
+                    "mix_gpu.o", "mix_kernel.o", "-o", "libdalikd_mix.so",
+                    "-Xlinker", "--exclude-libs,ALL",
                     *[f for f in lflags if not f.startswith("-Wl,")],
                     "-Xlinker", f"-rpath,{sysconfig.get_lib_dir()}", "-ldali_core"]  # fmt: skip
             gpu_error = _run(link, work) or _smoke(work / "libdalikd_mix.so")
