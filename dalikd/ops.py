@@ -159,7 +159,7 @@ def mixup(
         # Argument names visit "lam" before "perm", as the composed arithmetic below does, so
         # DALI seeds the random operators in the same order (it seeds in graph-visit order).
         out = fn.dalikd_mix(images, mode="mixup", lam=fn.stack(lam), perm=fn.stack(perm))
-        return out[0], _cpu_lam(images, out[1], lam), perm
+        return out[0], (out[1][0] if images.device == "cpu" else lam), perm
     partner = fn.permute_batch(images, indices=perm)
     mixed = images * lam + partner * (1 - lam)  # DALI promotes uint8 -> float32 itself
     return fn.cast(dmath.floor(mixed + 0.5), dtype=types.UINT8), lam, perm
@@ -188,10 +188,10 @@ def cutmix_draws(
     perm: DataNode | None = None,
     centre: DataNode | None = None,
 ) -> tuple[DataNode, DataNode, DataNode]:
-    """One CutMix draw (CPU): ``(perm, anchor, shape)``, the box as :func:`cutmix_box`.
+    """One CutMix draw (CPU): ``(perm, lam, centre)``; the box follows by :func:`cutmix_box`.
 
-    λ ~ Beta(α, α) and the box centre, int32 (2,) = (y, x) uniform in [0, image_size), per
-    sample or per batch; ``perm`` as in :func:`mixup`. Injected values are used as given.
+    λ ~ Beta(α, α) and the box centre, (2,) = (y, x) uniform in [0, image_size), per sample or
+    per batch; ``perm`` as in :func:`mixup`. Injected values are used as given.
     """
     _check(granularity)
     if perm is None:
@@ -200,8 +200,7 @@ def cutmix_draws(
         lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha), perm)
     if centre is None:
         centre = _per(granularity, fn.random.choice(image_size, shape=[2]), perm)
-    anchor, shape = cutmix_box(lam, centre, image_size)
-    return perm, anchor, shape
+    return perm, lam, centre
 
 
 def _box_lam(shape: DataNode, image_size: int) -> DataNode:
@@ -213,8 +212,9 @@ def _paste(images: DataNode, image_size: int, draw: tuple) -> tuple[DataNode, Da
     """The composed CutMix: ``fn.multi_paste`` in one pass, region 0 = the whole own image
     (input 0), region 1 = the box from the partner (input 1) at the same place; later regions
     overwrite earlier ones."""
-    perm, anchor, shape = draw
+    perm, lam, centre = draw
     s = image_size
+    anchor, shape = cutmix_box(lam, centre, s)
     whole = fn.stack(perm * 0 + s, perm * 0 + s)  # (S, S) per sample, int32
     anchors = fn.stack(anchor * 0, anchor)  # (2 regions, 2): own image at (0, 0), box at anchor
     shapes = fn.stack(whole, shape)
@@ -226,16 +226,26 @@ def _paste(images: DataNode, image_size: int, draw: tuple) -> tuple[DataNode, Da
 def _fused_cutmix(images: DataNode, image_size: int, draws: list[tuple]) -> list[tuple]:
     """All candidates in one fn.dalikd_mix call; ``[(images, lam, perm)]`` per draw.
 
-    ``boxes`` is int32 (k, 5) per sample, rows (perm, y, x, h, w). Each row visits perm, then
-    the box (centre, then λ), candidate after candidate, as k composed pastes do, so DALI seeds
-    every random operator exactly as in the composed graph.
+    The operator gets the raw draws, float32 (k, 4) per sample, rows (perm, centre y, centre x,
+    λ) (integers below 2^24 are exact in float32), and computes :func:`cutmix_box` and the
+    box's λ itself in the same float32 arithmetic: the ~20 scalar DALI operators per candidate
+    that the box takes in the graph cost more than the pixel work. Each row visits perm, then
+    the centre, then λ, candidate after candidate, as k composed pastes do, so DALI seeds every
+    random operator exactly as in the composed graph.
     """
-    rows = [fn.cat(fn.stack(perm), anchor, shape) for perm, anchor, shape in draws]
-    boxes = fn.cast(fn.stack(*rows), dtype=types.INT32)
-    out = fn.dalikd_mix(images, mode="cutmix", candidates=len(draws), boxes=boxes)
+    rows = [
+        fn.cat(fn.cast(fn.stack(perm), dtype=types.FLOAT), fn.cast(centre, dtype=types.FLOAT),
+               fn.cast(fn.stack(lam), dtype=types.FLOAT))
+        for perm, lam, centre in draws
+    ]  # fmt: skip
+    out = fn.dalikd_mix(images, mode="cutmix", candidates=len(draws), draws=fn.stack(*rows))
+    if images.device == "cpu":
+        return [(out[j], out[-1][j], perm) for j, (perm, _, _) in enumerate(draws)]
+    # On GPU the operator's λ output lives on the GPU; λ stays a CPU node like every other
+    # draw, so it is computed here from the same box (the same value).
     return [
-        (out[j], _cpu_lam(images, out[-1], _box_lam(shape, image_size), j), perm)
-        for j, (perm, _, shape) in enumerate(draws)
+        (out[j], _box_lam(cutmix_box(lam, centre, image_size)[1], image_size), perm)
+        for j, (perm, lam, centre) in enumerate(draws)
     ]
 
 
@@ -283,14 +293,10 @@ def cutmix_pool(
 
 
 def _native(images: DataNode, native: bool | None) -> bool:
+    from dalikd import native as native_op
+
     if native is None:
-        from dalikd import native as native_op
-
         return native_op.use_native(images.device)
+    if native:
+        native_op.require(images.device)
     return native
-
-
-def _cpu_lam(images: DataNode, lams: DataNode, cpu_lam: DataNode, j: int = 0) -> DataNode:
-    """λ of candidate j: the operator's own output on CPU; on GPU the same value computed on
-    the CPU side (``cpu_lam``), so λ stays a CPU node like every other draw."""
-    return lams[j] if images.device == "cpu" else cpu_lam

@@ -123,6 +123,35 @@ def test_one_call_writes_k_candidates_exactly_as_k_composed_cutmix_calls():
             np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("mode", ["cutmix", "mixup"])
+def test_injected_edge_draws_mix_the_same_both_ways(mode):
+    # The operator computes CutMix's box itself: full box, empty box, clipped at every border.
+    s, rng = 16, np.random.default_rng(3)
+    images = rng.integers(0, 256, (6, s, s, 3), np.uint8)
+    lam = np.array([0.0, 1.0, 0.5, 0.9, 0.3, 0.999], np.float32)
+    centres = np.array([(8, 8), (5, 5), (0, 0), (15, 3), (9, 15), (7, 7)], np.int32)
+    perm = np.array([3, 2, 4, 5, 1, 0], np.int32)
+
+    def run(native_op):
+        def graph():
+            def src(v):
+                return fn.external_source(source=lambda: list(v), batch=True)
+
+            x = fn.external_source(source=lambda: list(images), batch=True, layout="HWC")
+            if mode == "mixup":
+                return ops.mixup(x, lam=src(lam), perm=src(perm), native=native_op)
+            return ops.cutmix(
+                x, s, lam=src(lam), perm=src(perm), centre=src(centres), native=native_op
+            )
+
+        pipe = pipeline_def(graph)(batch_size=6, num_threads=1, device_id=None)
+        pipe.build()
+        return [o.as_array() for o in pipe.run()]
+
+    for a, b in zip(run(False), run(True), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_without_a_compiler_dalikd_falls_back_with_exactly_one_warning(
     jpegs, tmp_path, monkeypatch, fresh_native
 ):

@@ -212,12 +212,12 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, plugin_manager
 plugin_manager.load_library(sys.argv[1])
 x = [np.full((4, 4, 3), 10 * (i + 1), np.uint8) for i in range(2)]
-box = [np.array([[1 - i, 1, 1, 2, 2]], np.int32) for i in range(2)]
+draws = [np.array([[1 - i, 2, 2, 0.75]], np.float32) for i in range(2)]  # a 2x2 box
 @pipeline_def(batch_size=2, num_threads=1, device_id=None)
 def pipe():
     images = fn.external_source(source=lambda: x, batch=True, layout="HWC")
-    boxes = fn.external_source(source=lambda: box, batch=True)
-    return tuple(fn.dalikd_mix(images, mode="cutmix", boxes=boxes))
+    d = fn.external_source(source=lambda: draws, batch=True)
+    return tuple(fn.dalikd_mix(images, mode="cutmix", draws=d))
 p = pipe()
 p.build()
 out, lam = (o.as_array() for o in p.run())
@@ -424,16 +424,25 @@ def use_native(device: str) -> bool:
     m = mode()
     if m == "0":
         return False
-    status = load()
-    ok = status.gpu if device == "gpu" else status.cpu
-    if ok:
-        return True
-    reason = status.reason or (f"no GPU backend: {status.gpu_reason}" if device == "gpu" else "")
     if m == "1":
-        raise DalikdError(f"DALIKD_NATIVE=1, but the native mixing operator is unavailable: "
-                          f"{reason}")  # fmt: skip
-    _warn(reason)
+        try:
+            require(device)
+        except DalikdError as e:
+            raise DalikdError(f"DALIKD_NATIVE=1, but {e}") from None
+        return True
+    status = load()
+    if status.gpu if device == "gpu" else status.cpu:
+        return True
+    _warn(status.reason or f"no GPU backend: {status.gpu_reason}")
     return False
+
+
+def require(device: str) -> None:
+    """Load the operator for ``device`` or raise DalikdError saying why it is unavailable."""
+    status = load()
+    if not (status.gpu if device == "gpu" else status.cpu):
+        reason = status.reason or f"no GPU backend: {status.gpu_reason}"
+        raise DalikdError(f"the native mixing operator is unavailable: {reason}")
 
 
 def reset() -> None:

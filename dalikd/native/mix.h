@@ -11,6 +11,7 @@
 #ifndef DALIKD_NATIVE_MIX_H_
 #define DALIKD_NATIVE_MIX_H_
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -26,8 +27,29 @@ enum class MixMode : int { kCutMix = 0, kMixUp = 1 };
 struct Candidate {
   int partner;
   int y0, x0, h, w;  // CutMix box in px, (y, x) / (h, w); unused for MixUp
-  float lam;         // CutMix: 1 - h*w / (H*W), computed here; MixUp: the given lambda
+  float lam;         // CutMix: 1 - h*w / (H*W) of the clipped box; MixUp: the given lambda
 };
+
+inline int64_t Clamp(int64_t v, int64_t lo, int64_t hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// The CutMix box of Yun et al.'s reference code, in the float32 arithmetic of dalikd.ops
+// (cutmix_box and the box's lambda), so the result is bit-identical to the composed graph:
+// half = int(floor(S * sqrt(1 - lam))) / 2 per axis (S = H for y, W for x), the box spans
+// [c - half, c + half) clipped to the image, lambda = 1 - float(h*w) / float(H*W).
+inline Candidate CutMixBox(int partner, int64_t cy, int64_t cx, float lam, int64_t H,
+                           int64_t W) {
+  const float r = std::sqrt(1.0f - lam);
+  const int64_t half_y = static_cast<int64_t>(std::floor(static_cast<float>(H) * r)) / 2;
+  const int64_t half_x = static_cast<int64_t>(std::floor(static_cast<float>(W) * r)) / 2;
+  const int64_t y0 = Clamp(cy - half_y, 0, H), y1 = Clamp(cy + half_y, 0, H);
+  const int64_t x0 = Clamp(cx - half_x, 0, W), x1 = Clamp(cx + half_x, 0, W);
+  Candidate c{partner, static_cast<int>(y0), static_cast<int>(x0), static_cast<int>(y1 - y0),
+              static_cast<int>(x1 - x0), 0.0f};
+  c.lam = 1.0f - static_cast<float>((y1 - y0) * (x1 - x0)) / static_cast<float>(H * W);
+  return c;
+}
 
 inline MixMode ParseMode(const dali::OpSpec &spec) {
   auto mode = spec.GetArgument<std::string>("mode");
@@ -52,30 +74,30 @@ inline std::vector<Candidate> ReadCandidates(const dali::OpSpec &spec, const dal
                                    shape.tensor_shape(p)));
   };
   if (mode == MixMode::kCutMix) {
-    DALI_ENFORCE(spec.HasTensorArgument("boxes"),
-                 "DalikdMix: mode 'cutmix' needs `boxes`, int32 (k, 5) per sample");
-    const auto &boxes = ws.ArgumentInput("boxes");
-    DALI_ENFORCE(boxes.type() == DALI_INT32, "DalikdMix: `boxes` must be int32");
+    DALI_ENFORCE(spec.HasTensorArgument("draws"),
+                 "DalikdMix: mode 'cutmix' needs `draws`, float32 (k, 4) per sample");
+    const auto &draws = ws.ArgumentInput("draws");
+    DALI_ENFORCE(draws.type() == DALI_FLOAT, "DalikdMix: `draws` must be float32");
     for (int i = 0; i < n; i++) {
-      auto bs = boxes.tensor_shape(i);
-      DALI_ENFORCE(bs.sample_dim() == 2 && bs[0] == k && bs[1] == 5,
-                   dali::make_string("DalikdMix: `boxes` of sample ", i, " has shape ", bs,
-                                     "; expected (", k, ", 5) = (perm, y, x, h, w) per candidate"));
-      const int32_t *b = boxes.tensor<int32_t>(i);
+      auto ds = draws.tensor_shape(i);
+      DALI_ENFORCE(ds.sample_dim() == 2 && ds[0] == k && ds[1] == 4,
+                   dali::make_string("DalikdMix: `draws` of sample ", i, " has shape ", ds,
+                                     "; expected (", k, ", 4) = (perm, y, x, lambda) per "
+                                     "candidate"));
+      const float *d = draws.tensor<float>(i);
       const auto sh = shape.tensor_shape(i);
-      const int64_t H = sh[0], W = sh[1];
-      for (int j = 0; j < k; j++, b += 5) {
-        Candidate c{b[0], b[1], b[2], b[3], b[4], 0.0f};
-        check_partner(i, c.partner);
-        DALI_ENFORCE(c.y0 >= 0 && c.x0 >= 0 && c.h >= 0 && c.w >= 0 && c.y0 + c.h <= H &&
-                         c.x0 + c.w <= W,
-                     dali::make_string("DalikdMix: box (y=", c.y0, ", x=", c.x0, ", h=", c.h,
-                                       ", w=", c.w, ") of sample ", i, " does not fit ", H, "x",
-                                       W));
-        // float32 in this order, as the composed graph: 1 - float(h*w) / float(H*W)
-        c.lam = 1.0f - static_cast<float>(static_cast<int64_t>(c.h) * c.w) /
-                           static_cast<float>(H * W);
-        cands[static_cast<size_t>(i) * k + j] = c;
+      for (int j = 0; j < k; j++, d += 4) {
+        const float lam = d[3];
+        DALI_ENFORCE(d[0] == std::floor(d[0]) && d[1] == std::floor(d[1]) &&
+                         d[2] == std::floor(d[2]) && lam >= 0.0f && lam <= 1.0f,
+                     dali::make_string("DalikdMix: draw (", d[0], ", ", d[1], ", ", d[2], ", ",
+                                       lam, ") of sample ", i,
+                                       ": perm and centre must be integers, lambda in [0, 1]"));
+        const int partner = static_cast<int>(d[0]);
+        check_partner(i, partner);
+        cands[static_cast<size_t>(i) * k + j] =
+            CutMixBox(partner, static_cast<int64_t>(d[1]), static_cast<int64_t>(d[2]), lam,
+                      sh[0], sh[1]);
       }
     }
   } else {

@@ -96,8 +96,11 @@ is an argument input, so the operator is stateless.)")
     .AddArg("mode", "'cutmix' (paste a box of the partner) or 'mixup' (blend with it)",
             DALI_STRING)
     .AddOptionalArg("candidates", "k: mixed candidates per sample (outputs 0 .. k-1)", 1)
-    .AddOptionalArg<std::vector<int>>(
-        "boxes", "cutmix: int32 (k, 5) per sample, rows (perm, y, x, h, w) in px", nullptr, true)
+    .AddOptionalArg<std::vector<float>>(
+        "draws",
+        "cutmix: float32 (k, 4) per sample, rows (perm, centre y, centre x, lambda); the box "
+        "is Yun et al.'s, side floor(S * sqrt(1 - lambda)), clipped; lambda is recomputed from it",
+        nullptr, true)
     .AddOptionalArg<std::vector<int>>("perm", "mixup: int32 (k,) per sample, partner index",
                                       nullptr, true)
     .AddOptionalArg<std::vector<float>>("lam", "mixup: float32 (k,) per sample, own weight",
