@@ -1,0 +1,175 @@
+"""Composed vs native mixing on CPU: the training loader's images/s with and without the fused
+operator, in one run, on real photographs.
+
+    pip install scikit-image            # the photographs (scikit-image's samples; no download)
+    python benchmarks/native_mixing.py  # --threads 2 --batch-size 32 --image-size 224
+
+Builds (once) the recropped JPEG photo set of benchmarks/profile_photos.py (its builder is
+reused when that file is there; otherwise an equivalent one here), then measures, interleaved
+window by window so drift hits every row alike, ``dalikd.pipeline.train_loader`` (decode,
+random-resized crop, flip, normalize, the hand-off to torch) for:
+
+    plain                 x only (no second view)
+    cutmix composed/native          x + one CutMix view
+    cutmixpick composed/native      x + a pool of k = 2 CutMix views
+    2 views, no mixing    x + two unmixed copies: what emitting (normalizing and handing
+                          over) two more images costs by itself, mixing aside
+
+The composed path is DALIKD_NATIVE=0 (permute_batch + multi_paste per view); native is
+DALIKD_NATIVE=1 (one fn.dalikd_mix call for all views). Each row is measured twice: through
+the loader (what training gets: DALI plus the hand-off to torch, where a pool's views are
+concatenated view-major) and as DALI's outputs alone (``pipe.run()``). Throughput counts x
+images per second; each figure is the median over the windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry",
+          "retina", "rocket")  # fmt: skip
+
+
+def photo_set(per_class: int) -> Path:
+    """The JPEG set of benchmarks/profile_photos.py, built by its code when present."""
+    from dalikd.data import cache_dir
+
+    shared = HERE / "profile_photos.py"
+    if shared.is_file():
+        spec = importlib.util.spec_from_file_location("profile_photos", shared)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.build_photo_set(cache_dir() / module.VERSION, per_class, val_per_class=5)
+    return _own_photo_set(cache_dir() / "native-bench-photos", per_class)
+
+
+def _own_photo_set(root: Path, per_class: int) -> Path:
+    """Random windows of scikit-image's colour photographs, ~500x375, JPEG quality 90."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        from skimage import data
+    except ImportError:
+        sys.exit("this benchmark needs scikit-image: pip install scikit-image")
+    done = root / ".complete"
+    if done.is_file() and done.read_text() == str(per_class):
+        return root
+    rng = np.random.default_rng(0)
+    for name in PHOTOS:
+        photo = Image.fromarray(getattr(data, name)())
+        for split, count in (("train", per_class), ("val", 5)):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                w, h = (500, 375) if rng.random() < 0.5 else (375, 500)
+                fit = min(photo.width / w, photo.height / h, 1.0)
+                w, h = int(w * fit), int(h * fit)
+                x0 = rng.uniform(0, photo.width - w)
+                y0 = rng.uniform(0, photo.height - h)
+                window = photo.crop((int(x0), int(y0), int(x0) + w, int(y0) + h))
+                window.save(folder / f"{name}_{i:04d}.JPEG", quality=90)
+    done.write_text(str(per_class))
+    return root
+
+
+def two_plain_views(images, ctx):
+    """x' = two unmixed copies of x, as a pool: the emission cost of two views alone."""
+    from dalikd.recipes import Pool, View
+
+    return Pool((View(images), View(images)))
+
+
+ROWS = (  # name, --aug, DALIKD_NATIVE
+    ("plain (x only)", None, "0"),
+    ("cutmix, composed", "cutmix", "0"),
+    ("cutmix, native", "cutmix", "1"),
+    ("cutmixpick pool k=2, composed", "cutmixpick", "0"),
+    ("cutmixpick pool k=2, native", "cutmixpick", "1"),
+    ("2 views, no mixing (emission only)", two_plain_views, "0"),
+)
+
+
+def forever(loader):
+    """Batches across epoch ends (the loader resets itself)."""
+    while True:
+        yield from loader
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--per-class", type=int, default=120, help="train images per photo")
+    parser.add_argument("--windows", type=int, default=7)
+    parser.add_argument("--batches", type=int, default=8, help="timed batches per window")
+    args = parser.parse_args()
+
+    import torch
+
+    from dalikd import native, pipeline
+    from dalikd.config import DataConfig
+    from dalikd.data import scan_dataset
+    from dalikd.recipes import resolve
+
+    torch.set_num_threads(1)  # the main thread only moves batches; DALI owns the cores
+    dataset = scan_dataset(photo_set(args.per_class))
+    data = DataConfig(path=str(dataset.root), image_size=args.image_size,
+                      batch_size=args.batch_size, threads=args.threads)  # fmt: skip
+    status = native.load()
+    if not status.cpu:
+        sys.exit(f"the native operator is unavailable here: {status.reason}")
+
+    streams = {}  # (row, "loader" | "dali") -> an endless batch source
+    for name, aug, mode in ROWS:
+        os.environ["DALIKD_NATIVE"] = mode  # read while the graph is defined
+        recipe = resolve(aug) if isinstance(aug, str) else aug
+        loader = pipeline.train_loader(dataset.train, data, recipe, device="cpu", seed=0)
+        streams[name, "loader"] = forever(loader)
+        pipe, _ = pipeline.build_pipeline(
+            pipeline.train_graph, data=data, device="cpu", seed=0, split=dataset.train,
+            recipe=recipe, shard_id=0, num_shards=1,
+        )  # fmt: skip
+        pipe.build()
+        streams[name, "dali"] = iter(pipe.run, None)  # DALI's outputs only, no torch hand-off
+        for key in ((name, "loader"), (name, "dali")):
+            for _ in range(3):  # warm up: allocations, first epoch start
+                next(streams[key])
+
+    rates: dict[tuple[str, str], list[float]] = {key: [] for key in streams}
+    for _ in range(args.windows):
+        for key, stream in streams.items():
+            for _ in range(3):  # drain what this pipeline prefetched while the others ran
+                next(stream)
+            start = time.perf_counter()
+            for _ in itertools.islice(stream, args.batches):
+                pass
+            rates[key].append(args.batches * args.batch_size / (time.perf_counter() - start))
+
+    cores = len(os.sched_getaffinity(0))
+    print(f"\n{len(dataset.train)} JPEGs ({dataset.root}), batch {args.batch_size}, "
+          f"{args.image_size} px, DALI CPU, {args.threads} threads, {cores} cores, "
+          f"{args.windows} windows x {args.batches} batches; overhead = time per image vs "
+          "plain\n")  # fmt: skip
+    print("| pipeline | train_loader img/s | overhead | DALI outputs only img/s | overhead |")
+    print("|---|---|---|---|---|")
+    plain = {kind: statistics.median(rates[ROWS[0][0], kind]) for kind in ("loader", "dali")}
+    for name, _, _ in ROWS:
+        cells = []
+        for kind in ("loader", "dali"):
+            median = statistics.median(rates[name, kind])
+            cells += [f"{median:.0f}", f"{100 * (plain[kind] / median - 1):+.1f}%"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
