@@ -13,6 +13,11 @@ permutation; "batch" shares λ and the box, not the partner.
 Per-image operators return images; mixing operators return ``(images, lam, perm)`` with ``lam``
 float32 per sample (fraction of the sample's own pixels) and ``perm`` int32 per sample (index of
 the partner in the batch).
+
+Mixing's pixel work runs through dalikd's own DALI operator ``fn.dalikd_mix`` (one pass for all
+candidates; :mod:`dalikd.native`) where it is built and loaded, else through stock operators
+(``permute_batch`` + ``multi_paste`` / arithmetic). The draws are the same DALI random
+operators, visited in the same order, so both paths give bit-identical results for a seed.
 """
 
 from __future__ import annotations
