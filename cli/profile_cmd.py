@@ -88,7 +88,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"[bold]dalikd profile[/]: {report['device']}, {report['cpu_count']} cores, "
         f"{report['threads']} DALI threads (= torchvision workers), batch {report['batch_size']}, "
         f"{report['image_size']} px, {'antialiased' if report['antialias'] else 'NON-antialiased'}"
-        f" resize; {ds['train_images']} images, {ds['mean_file_kb']} KB mean"
+        f" resize; {ds['train_images']} images, {ds['mean_file_kb']} KB mean; mixing: "
+        f"{report['mixing']}"
     )
     bounds: dict[str, list[str]] = {}
     for aug, b in report["bound"].items():

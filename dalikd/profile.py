@@ -548,6 +548,7 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
         "windows": cfg.windows,
         "window_seconds": cfg.window_seconds,
         "dataset": _dataset_facts(dataset),
+        "mixing": _mixing_path(device),
         "versions": _versions(),
         "stages": profiler.stages,
         "baseline": profiler.baseline,
@@ -731,6 +732,15 @@ def _bound(stages: list[dict], names: list[str]) -> dict[str, Any]:
             worst = (name, own)
     assert worst is not None
     return {"stage": worst[0], "own_ms_per_img": worst[1]}
+
+
+def _mixing_path(device: str) -> str:
+    """Which implementation the mixing recipes ran on: dalikd's fused operator or stock ones."""
+    try:
+        from dalikd import native
+    except ImportError:
+        return "stock operators"
+    return "native (fn.dalikd_mix)" if native.use_native(device) else "stock operators"
 
 
 def _versions() -> dict[str, str]:
