@@ -1,7 +1,7 @@
 """Composed vs native mixing on CPU: the training loader's images/s with and without the fused
 operator, in one run, on real photographs.
 
-    pip install scikit-image            # the photographs (scikit-image's samples; no download)
+    pip install -e ".[bench]"           # scikit-image: the photographs (no download)
     python benchmarks/native_mixing.py  # --threads 2 --batch-size 32 --image-size 224
 
 Builds (once) the recropped JPEG photo set of benchmarks/profile_photos.py (its builder is
@@ -19,7 +19,9 @@ The composed path is DALIKD_NATIVE=0 (permute_batch + multi_paste per view); nat
 DALIKD_NATIVE=1 (one fn.dalikd_mix call for all views). Each row is measured twice: through
 the loader (what training gets: DALI plus the hand-off to torch, where a pool's views are
 concatenated view-major) and as DALI's outputs alone (``pipe.run()``). Throughput counts x
-images per second; each figure is the median over the windows.
+images per second; each figure is the median over the windows, each overhead the median of
+per-window ratios against plain. A last table times the mixing graphs alone (draws + pixel
+work) on decoded images in memory.
 """
 
 from __future__ import annotations
@@ -98,6 +100,53 @@ ROWS = (  # name, --aug, DALIKD_NATIVE
 )
 
 
+def mixing_alone(batch: int, size: int, threads: int, windows: int) -> dict[str, float]:
+    """ms per batch of the mixing graph alone (draws + pixel work) on uint8 images already in
+    memory, each variant interleaved with the others; "copy" is a one-copy floor."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def
+
+    from dalikd import ops
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (size, size, 3), np.uint8) for _ in range(batch)]
+    bodies = {
+        "copy (floor)": lambda x: (fn.copy(x),),
+        "mixup, composed": lambda x: ops.mixup(x, native=False)[:1],
+        "mixup, native": lambda x: ops.mixup(x, native=True)[:1],
+        "cutmix, composed": lambda x: ops.cutmix(x, size, native=False)[:1],
+        "cutmix, native": lambda x: ops.cutmix(x, size, native=True)[:1],
+        "cutmixpick pool k=2, composed": lambda x: tuple(
+            v[0] for v in ops.cutmix_pool(x, size, 2, native=False)
+        ),
+        "cutmixpick pool k=2, native": lambda x: tuple(
+            v[0] for v in ops.cutmix_pool(x, size, 2, native=True)
+        ),
+    }
+    pipes = {}
+    for name, body in bodies.items():
+
+        def graph(body=body):
+            return body(fn.external_source(source=lambda: images, batch=True, layout="HWC"))
+
+        pipes[name] = pipeline_def(graph)(
+            batch_size=batch, num_threads=threads, device_id=None, seed=0
+        )
+        pipes[name].build()
+        for _ in range(3):
+            pipes[name].run()
+    times: dict[str, list[float]] = {name: [] for name in pipes}
+    for _ in range(windows):
+        for name, pipe in pipes.items():
+            for _ in range(2):
+                pipe.run()
+            start = time.perf_counter()
+            for _ in range(10):
+                pipe.run()
+            times[name].append((time.perf_counter() - start) / 10 * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def forever(loader):
     """Batches across epoch ends (the loader resets itself)."""
     while True:
@@ -171,6 +220,16 @@ def main() -> None:
             overhead = statistics.median(100 * (p / r - 1) for p, r in pairs)
             cells += [f"{statistics.median(rates[name, kind]):.0f}", f"{overhead:+.1f}%"]
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+    batch_ms = 1000 * args.batch_size / statistics.median(rates[ROWS[0][0], "loader"])
+    print(f"\nMixing alone (draws + pixel work on uint8 {args.image_size} px images in memory), "
+          f"ms per batch of {args.batch_size}; share = of the plain loader's {batch_ms:.1f} ms "
+          "per batch\n")  # fmt: skip
+    print("| graph | ms per batch | share of a plain batch |")
+    print("|---|---|---|")
+    alone = mixing_alone(args.batch_size, args.image_size, args.threads, args.windows)
+    for name, ms in alone.items():
+        print(f"| {name} | {ms:.2f} | {100 * ms / batch_ms:.1f}% |")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ void PasteBox(uint8_t *out, const uint8_t *own, const uint8_t *partner, int64_t 
 // floor(v + 0.5) saturated to [0, 255]. Clamping to [0, 255] before truncating equals floor then
 // saturate for every finite v (and lets the loop vectorize without a floor call). The library
 // is built with -ffp-contract=off, so no fused multiply-add changes the rounding.
+__attribute__((target_clones("avx2", "default")))  // the same float32 ops, wider
 void Blend(uint8_t *out, const uint8_t *own, const uint8_t *partner, int64_t volume, float lam) {
   const float keep = lam, take = 1.0f - lam;
   for (int64_t t = 0; t < volume; t++) {
