@@ -12,8 +12,8 @@ random-resized crop, flip, normalize, the hand-off to torch) for:
     plain                 x only (no second view)
     cutmix composed/native          x + one CutMix view
     cutmixpick composed/native      x + a pool of k = 2 CutMix views
-    2 views, no mixing    x + two unmixed copies: what emitting (normalizing and handing
-                          over) two more images costs by itself, mixing aside
+    2 views, no mixing    x + two unmixed copies: what emitting (copying, normalizing and
+                          handing over) two more images costs by itself, mixing aside
 
 The composed path is DALIKD_NATIVE=0 (permute_batch + multi_paste per view); native is
 DALIKD_NATIVE=1 (one fn.dalikd_mix call for all views). Each row is measured twice: through
@@ -84,10 +84,14 @@ def _own_photo_set(root: Path, per_class: int) -> Path:
 
 
 def two_plain_views(images, ctx):
-    """x' = two unmixed copies of x, as a pool: the emission cost of two views alone."""
+    """x' = two unmixed copies of x, as a pool: the emission cost of two views alone. Two
+    different copy operators: DALI merges identical operators on the same input, so the plain
+    images twice would be normalized only once."""
+    from nvidia.dali import fn, types
+
     from dalikd.recipes import Pool, View
 
-    return Pool((View(images), View(images)))
+    return Pool((View(fn.copy(images)), View(fn.cast(images, dtype=types.UINT8))))
 
 
 ROWS = (  # name, --aug, DALIKD_NATIVE
@@ -145,6 +149,23 @@ def mixing_alone(batch: int, size: int, threads: int, windows: int) -> dict[str,
                 pipe.run()
             times[name].append((time.perf_counter() - start) / 10 * 1000)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def concat_cost(batch: int, size: int, k: int = 2, repeats: int = 10) -> tuple[float, float]:
+    """ms of the loader's view-major torch.cat of k [B, 3, S, S] float32 views: into fresh
+    memory (what the loader does: every page is faulted in anew) and into a reused buffer."""
+    import torch
+
+    parts = [torch.randn(batch, 3, size, size) for _ in range(k)]
+    out = torch.empty(k * batch, 3, size, size)
+    times = []
+    for target in (None, out):
+        torch.cat(parts, out=target) if target is not None else torch.cat(parts)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.cat(parts, out=target) if target is not None else torch.cat(parts)
+        times.append((time.perf_counter() - start) / repeats * 1000)
+    return times[0], times[1]
 
 
 def forever(loader):
@@ -230,6 +251,10 @@ def main() -> None:
     alone = mixing_alone(args.batch_size, args.image_size, args.threads, args.windows)
     for name, ms in alone.items():
         print(f"| {name} | {ms:.2f} | {100 * ms / batch_ms:.1f}% |")
+    fresh, reused = concat_cost(args.batch_size, args.image_size)
+    print(f"\nThe loader's view-major torch.cat of a k = 2 pool: {fresh:.1f} ms per batch into "
+          f"fresh memory ({100 * fresh / batch_ms:.0f}% of a plain batch), {reused:.1f} ms "
+          "into a reused buffer")  # fmt: skip
 
 
 if __name__ == "__main__":
