@@ -10,9 +10,10 @@ a student would be trained on (for a candidate pool: the picked ones, by the sam
 order of the paper's reference code. ``none`` contributes x only.
 
 A group spans the same steps for every scheme, as in the reference code (5 steps: 640 rows
-with x', 320 for ``none``): ``group_size`` rows with a second view, half as many without. So each
-group holds the same images of x whatever the scheme, and ``identity`` (x' = x: every row
-twice, the same group means) gives exactly the number of ``none``. Groups of equal rows would
+with x', 320 for ``none``): ``group_size`` rows with a second view, half as many without. Every
+scheme sees the same batches of x (the same seed), so with groups of whole steps each group
+holds the same images of x whatever the scheme, and ``identity`` (x' = x: every row twice, the
+same group means) gives exactly the number of ``none``. Groups of equal rows would
 instead credit ``none`` with twice the distinct images per group, a lower T. stddev (by about
 √2) that says nothing about the augmentation.
 """
