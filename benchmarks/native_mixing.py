@@ -18,8 +18,9 @@ random-resized crop, flip, normalize, the hand-off to torch) for:
 The composed path is DALIKD_NATIVE=0 (permute_batch + multi_paste per view); native is
 DALIKD_NATIVE=1 (one fn.dalikd_mix call for all views). Each row is measured twice: through
 the loader (what training gets: DALI plus the hand-off to torch, where a pool's views are
-concatenated view-major) and as DALI's outputs alone (``pipe.run()``). Throughput counts x
-images per second; each figure is the median over the windows, each overhead the median of
+concatenated view-major) and as DALI's outputs alone (``pipe.run()``), in wall time and in
+CPU time (every thread of this process: robust to other jobs on a shared machine). Throughput
+counts x images per second, the median over the windows; each overhead is the median of
 per-window ratios against plain. A last table times the mixing graphs alone (draws + pixel
 work) on decoded images in memory.
 """
@@ -157,13 +158,17 @@ def concat_cost(batch: int, size: int, k: int = 2, repeats: int = 10) -> tuple[f
     import torch
 
     parts = [torch.randn(batch, 3, size, size) for _ in range(k)]
-    out = torch.empty(k * batch, 3, size, size)
+    reused = torch.empty(k * batch, 3, size, size)
+
+    def cat(out):
+        return torch.cat(parts) if out is None else torch.cat(parts, out=out)
+
     times = []
-    for target in (None, out):
-        torch.cat(parts, out=target) if target is not None else torch.cat(parts)
+    for out in (None, reused):
+        cat(out)
         start = time.perf_counter()
         for _ in range(repeats):
-            torch.cat(parts, out=target) if target is not None else torch.cat(parts)
+            cat(out)
         times.append((time.perf_counter() - start) / repeats * 1000)
     return times[0], times[1]
 
@@ -215,32 +220,46 @@ def main() -> None:
             for _ in range(3):  # warm up: allocations, first epoch start
                 next(streams[key])
 
+    # Per window: images/s of wall time, and CPU ms per image (all of this process's threads:
+    # robust to other jobs on a shared machine, which wall time is not)
     rates: dict[tuple[str, str], list[float]] = {key: [] for key in streams}
+    cpu: dict[tuple[str, str], list[float]] = {key: [] for key in streams}
+    images = args.batches * args.batch_size
     for _ in range(args.windows):
         for key, stream in streams.items():
             for _ in range(3):  # drain what this pipeline prefetched while the others ran
                 next(stream)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in itertools.islice(stream, args.batches):
                 pass
-            rates[key].append(args.batches * args.batch_size / (time.perf_counter() - start))
+            rates[key].append(images / (time.perf_counter() - start))
+            cpu[key].append(1000 * (time.process_time() - start_cpu) / images)
+
+    def overhead(name: str, kind: str, cost: str) -> float:
+        """Median over windows of the extra cost per image against plain in the same window
+        (drift between windows cancels)."""
+        if cost == "wall":
+            pairs = zip(rates[ROWS[0][0], kind], rates[name, kind], strict=True)
+            return statistics.median(100 * (p / r - 1) for p, r in pairs)
+        pairs = zip(cpu[ROWS[0][0], kind], cpu[name, kind], strict=True)
+        return statistics.median(100 * (r / p - 1) for p, r in pairs)
 
     cores = len(os.sched_getaffinity(0))
     print(f"\n{len(dataset.train)} JPEGs ({dataset.root}), batch {args.batch_size}, "
           f"{args.image_size} px, DALI CPU, {args.threads} threads, {cores} cores, "
-          f"{args.windows} windows x {args.batches} batches; overhead = time per image vs "
-          "plain\n")  # fmt: skip
-    print("| pipeline | train_loader img/s | overhead | DALI outputs only img/s | overhead |")
-    print("|---|---|---|---|---|")
+          f"{args.windows} windows x {args.batches} batches; overhead = extra wall time or "
+          "CPU time per image vs plain\n")  # fmt: skip
+    print("| pipeline | loader img/s | overhead (wall) | overhead (CPU) | DALI-only img/s | "
+          "overhead (wall) | overhead (CPU) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for name, _, _ in ROWS:
         cells = []
         for kind in ("loader", "dali"):
-            # overhead per window against plain in the same window, then the median: drift
-            # between windows (other jobs on the machine) cancels
-            pairs = zip(rates[ROWS[0][0], kind], rates[name, kind], strict=True)
-            overhead = statistics.median(100 * (p / r - 1) for p, r in pairs)
-            cells += [f"{statistics.median(rates[name, kind]):.0f}", f"{overhead:+.1f}%"]
+            cells += [f"{statistics.median(rates[name, kind]):.0f}",
+                      f"{overhead(name, kind, 'wall'):+.1f}%",
+                      f"{overhead(name, kind, 'cpu'):+.1f}%"]  # fmt: skip
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"\nplain: {statistics.median(cpu[ROWS[0][0], 'loader']):.2f} CPU ms per image")
 
     batch_ms = 1000 * args.batch_size / statistics.median(rates[ROWS[0][0], "loader"])
     print(f"\nMixing alone (draws + pixel work on uint8 {args.image_size} px images in memory), "
