@@ -156,18 +156,22 @@ def time_alone(run: _Runner, cfg: ProfileConfig) -> Timing:
     return _timing([run.window(cfg.window_seconds) for _ in range(cfg.windows)])
 
 
-def time_interleaved(runs: dict[str, _Runner], cfg: ProfileConfig) -> dict[str, Timing]:
-    """Alternate windows of several runs, so drifting machine load hits them alike.
+def time_interleaved(
+    runs: dict[str, _Runner], cfg: ProfileConfig, settle_seconds: float = 0.0
+) -> dict[str, Timing]:
+    """Round-robin windows of several runs, so a machine whose load drifts (other jobs) slows
+    them alike and their ratios hold.
 
-    Before each window the run settles for half a window (and ``warmup`` batches): the other
-    run's prefetching threads or workers finish their queued batches then, not in the window.
+    Before each window a run settles (``warmup`` batches and ``settle_seconds``): the previous
+    run's prefetching threads or DataLoader workers finish their queued batches then, not in
+    this window. DALI queues two batches ahead; a DataLoader two per worker.
     """
     parts: dict[str, list] = {name: [] for name in runs}
     for run in runs.values():
         run.window(0.0, cfg.warmup)
     for _ in range(cfg.windows):
         for name, run in runs.items():
-            run.window(cfg.window_seconds / 2, cfg.warmup)
+            run.window(settle_seconds, cfg.warmup)
             parts[name].append(run.window(cfg.window_seconds))
     return {name: _timing(p) for name, p in parts.items()}
 
@@ -591,56 +595,51 @@ class _Profiler:
         self.stages.append(_stage(name, timing, kind, aug, **extra))
         return name
 
-    def dali(self, graph, data: DataConfig | None = None, **kw) -> tuple[Timing, int]:
-        run, views = _dali_runner(
+    def dali(self, graph, data: DataConfig | None = None, **kw) -> tuple[_Runner, int]:
+        return _dali_runner(
             graph, data or self.data, self.device, self.cfg.seed, split=self.dataset.train, **kw
         )
-        return time_alone(run, self.cfg), views
+
+    def plain_runner(self) -> _Runner:
+        graph_kw = {"recipe": None, "shard_id": 0, "num_shards": 1}
+        return self.dali(pipeline.train_graph, **graph_kw)[0]
 
     def plain_pipeline(self) -> None:
-        """read; + decode and random crop; + resize; + flip and normalize (cumulative)."""
+        """read; + decode and random crop; + resize; + flip and normalize (cumulative), in
+        interleaved windows."""
         s = self.cfg.image_size
-        steps = [
-            ("read", read_graph, {}),
-            ("+ decode, random crop", decode_graph, {}),
-            (
-                f"+ resize {s}² ({'antialias' if self.cfg.antialias else 'NO antialias'})",
-                resize_graph,
-                {},
-            ),
-            (
-                "+ flip, normalize (plain pipeline)",
-                pipeline.train_graph,
-                {"recipe": None, "shard_id": 0, "num_shards": 1},
-            ),
-        ]
-        for name, graph, kw in steps:
-            self.say(name)
-            self.chain.append(self.add(name, self.dali(graph, **kw)[0], "data"))
-            if graph is resize_graph and self.cfg.antialias:
-                # The faster, lower-quality option, reported beside the chain, never in it.
-                name = f"+ resize {s}², no antialias (option)"
-                self.say(name)
-                no_aa = replace(self.data, antialias=False)
-                self.add(name, self.dali(resize_graph, no_aa)[0], "side")
+        aa = "antialias" if self.cfg.antialias else "NO antialias"
+        runs = {
+            "read": self.dali(read_graph)[0],
+            "+ decode, random crop": self.dali(decode_graph)[0],
+            f"+ resize {s}² ({aa})": self.dali(resize_graph)[0],
+        }
+        side = f"+ resize {s}², no antialias (option)"
+        if self.cfg.antialias:  # the faster, lower-quality mode, beside the chain, never in it
+            runs[side] = self.dali(resize_graph, replace(self.data, antialias=False))[0]
+        runs["+ flip, normalize (plain pipeline)"] = self.plain_runner()
+        self.say("the plain pipeline, stage by stage")
+        for name, timing in time_interleaved(runs, self.cfg).items():
+            self.add(name, timing, "side" if name == side else "data")
+            if name != side:
+                self.chain.append(name)
 
     def scheme(self, scheme: Scheme) -> None:
+        """+ x' (interleaved with the plain pipeline, for its cost), the hand-off to torch
+        (interleaved with the torchvision baseline), then the model stages."""
         a, cfg = scheme.name, self.cfg
         names = list(self.chain)
+        runs: dict[str, _Runner] = {}
         views = 0
         if scheme.recipe is not None:  # + x' (or a pool of k candidates per image)
-            self.say(f"+ {a}")
-            timing, views = self.dali(
+            runs["plain"] = self.plain_runner()
+            runs["aug"], views = self.dali(
                 pipeline.train_graph,
                 recipe=scheme.recipe,
                 shard_id=0,
                 num_shards=1,
                 pool_size=cfg.pool,
             )
-            label = f"+ {a}" + (f" (pool of {views}·B)" if views > 1 else "")
-            names.append(self.add(label, timing, "data", a, views=views))
-        # hand-off to torch tensors, in windows interleaved with the torchvision baseline
-        self.say(f"hand-off to torch ({a})" + (" vs torchvision" * (cfg.baseline != "none")))
         loader = pipeline.train_loader(
             self.dataset.train,
             self.data,
@@ -650,7 +649,7 @@ class _Profiler:
             pool_size=cfg.pool,
         )
         batches = _forever(loader)
-        runs = {"dali": _Runner(lambda: next(batches), cfg.batch_size, self.sync)}
+        runs["handoff"] = _Runner(lambda: next(batches), cfg.batch_size, self.sync)
         tv = None
         if cfg.baseline == "torchvision":
             tv_loader = _baseline_loader(
@@ -659,24 +658,51 @@ class _Profiler:
             if tv_loader is not None:
                 tv = _BaselineStream(tv_loader, pipeline.torch_device(self.device))
                 runs["torchvision"] = _Runner(tv.step, cfg.batch_size, self.sync, tv.worker_pids)
-        timings = time_interleaved(runs, cfg)
-        names.append(self.add(f"hand-off to torch ({a})", timings["dali"], "data", a))
-        if tv is not None:
-            t = timings["torchvision"]
-            self.baseline.append(
-                {
-                    "aug": a,
-                    "img_per_s": t.img_per_s,
-                    "cpu_ms_per_img": t.cpu_ms_per_img,
-                    "windows": t.windows,
-                }
-            )
-            self.ratio[a] = timings["dali"].img_per_s / t.img_per_s
-            if t.cpu_ms_per_img and timings["dali"].cpu_ms_per_img:
-                self.cpu_ratio[a] = t.cpu_ms_per_img / timings["dali"].cpu_ms_per_img
+        self.say(f"{a}: pipeline, hand-off" + (" and torchvision" if tv else ""))
+        t = time_interleaved(runs, cfg, cfg.window_seconds / 2 if tv else 0.0)
         if tv is not None:
             tv.close()  # the baseline's workers stop before the models run
         del runs, tv
+        before = t["plain"] if "aug" in t else None
+        if "aug" in t:
+            label = f"+ {a}" + (f" (pool of {views}·B)" if views > 1 else "")
+            # Its own cost and its share of the plain pipeline's rate, from the same windows.
+            names.append(
+                self.add(
+                    label,
+                    t["aug"],
+                    "data",
+                    a,
+                    views=views,
+                    own_ms_per_img=_extra_ms(t["aug"], t["plain"]),
+                    vs_plain=t["aug"].img_per_s / t["plain"].img_per_s,
+                )
+            )
+            before = t["aug"]
+        handoff = f"hand-off to torch ({a})"
+        own = _extra_ms(t["handoff"], before) if before else None
+        names.append(
+            self.add(
+                handoff,
+                t["handoff"],
+                "data",
+                a,
+                **({"own_ms_per_img": own} if own is not None else {}),
+            )
+        )
+        if "torchvision" in t:
+            base = t["torchvision"]
+            self.baseline.append(
+                {
+                    "aug": a,
+                    "img_per_s": base.img_per_s,
+                    "cpu_ms_per_img": base.cpu_ms_per_img,
+                    "windows": base.windows,
+                }
+            )
+            self.ratio[a] = t["handoff"].img_per_s / base.img_per_s
+            if base.cpu_ms_per_img and t["handoff"].cpu_ms_per_img:
+                self.cpu_ratio[a] = base.cpu_ms_per_img / t["handoff"].cpu_ms_per_img
         if self.models is not None:
             names += self.model_stages(a, views, scheme.mixing, batches)
         self.bound[a] = _bound(self.stages, names)
@@ -714,20 +740,25 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def _extra_ms(timing: Timing, before: Timing) -> float:
+    """ms per sample a cumulative stage adds to the one before it (0 when within noise)."""
+    return max(0.0, 1e3 / timing.img_per_s - 1e3 / before.img_per_s)
+
+
 def _bound(stages: list[dict], names: list[str]) -> dict[str, Any]:
-    """The stage of a scheme's chain with the largest own cost (ms per sample). Cumulative data
-    stages cost the difference of inverse rates to the previous data stage; model stages cost
-    their own inverse rate. Sets ``own_ms_per_img`` on the stage records."""
+    """The stage of a scheme's chain with the largest own cost (ms per sample). A cumulative
+    data stage costs the difference of inverse rates to the data stage before it (unless its
+    record already holds one measured in the same windows); a model stage its inverse rate.
+    Sets ``own_ms_per_img`` on the stage records."""
     by_name = {st["name"]: st for st in stages}
     worst, previous = None, 0.0
     for name in names:
         st = by_name[name]
         cost = 1e3 / st["img_per_s"]
+        own = cost if st["kind"] != "data" else max(0.0, cost - previous)
         if st["kind"] == "data":
-            own, previous = max(0.0, cost - previous), cost
-        else:
-            own = cost
-        st.setdefault("own_ms_per_img", own)
+            previous = cost
+        own = st.setdefault("own_ms_per_img", own)
         if worst is None or own > worst[1]:
             worst = (name, own)
     assert worst is not None
@@ -778,8 +809,9 @@ def write_plot(report: dict[str, Any], path: str | Path) -> Path:
     for st in report["stages"]:
         rows.append((st["name"], st["img_per_s"], colours[st["kind"]]))
         if st["name"].startswith("hand-off") and st["aug"] in base:
-            rows.append((f"torchvision DataLoader ({st['aug']})", base[st["aug"]]["img_per_s"],
-                         "#c44e52"))  # fmt: skip
+            rows.append(
+                (f"torchvision DataLoader ({st['aug']})", base[st["aug"]]["img_per_s"], "#c44e52")
+            )
     fig, ax = plt.subplots(figsize=(9, 0.22 * len(rows) + 1.0))
     ax.barh(range(len(rows)), [r[1] for r in rows], color=[r[2] for r in rows])
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)

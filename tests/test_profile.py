@@ -61,6 +61,9 @@ def test_profile_writes_every_stage_as_json(solid_dataset, tmp_path, tiny_env, c
     assert set(report["cpu_ratio"]) == set(schemes)
     for bound in report["bound"].values():
         assert bound["stage"] in names and bound["own_ms_per_img"] >= 0
+    for st in report["stages"]:
+        if st["name"].startswith("+ ") and st["aug"]:
+            assert st["vs_plain"] > 0 and st["own_ms_per_img"] >= 0
     assert "bound" in stdout and "torchvision" in stdout
 
 
