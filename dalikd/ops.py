@@ -302,6 +302,6 @@ def _native(images: DataNode, native: bool | None) -> bool:
 
     if native is None:
         return native_op.use_native(images.device)
-    if native:
-        native_op.require(images.device)
+    if native:  # asked for by the caller, or by the DALI checkpoint being resumed
+        native_op.require(images.device, "needed (native=True, or a checkpoint saved with it)")
     return native

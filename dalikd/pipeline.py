@@ -118,8 +118,10 @@ def train_graph(
     granularity="sample",
     reader_seed=0,
     pool_size=2,
+    native=None,
 ):
-    """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode."""
+    """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode.
+    ``native``: the mixing path (AugContext.native)."""
     jpegs, labels = read(
         split, shuffle=True, shard_id=shard_id, num_shards=num_shards, seed=reader_seed
     )
@@ -127,7 +129,7 @@ def train_graph(
     images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
     outputs = {"images": normalize(images, data), "labels": labels}
     if recipe is not None:
-        ctx = AugContext(data.image_size, device, IMAGENET_MEAN, granularity, pool_size)
+        ctx = AugContext(data.image_size, device, IMAGENET_MEAN, granularity, pool_size, native)
         out = recipe(images, ctx)
         for j, view in enumerate(out.views if isinstance(out, Pool) else (out,)):
             outputs[f"aug_images_{j}"] = normalize(view.images, data)
@@ -255,8 +257,18 @@ def train_loader(
         train_graph, data=data, device=device, seed=seed + shard_id, checkpoint=checkpoint,
         split=split, recipe=recipe, shard_id=shard_id, num_shards=num_shards,
         granularity=granularity, reader_seed=seed, pool_size=pool_size,
+        native=_native_in(checkpoint),
     )  # fmt: skip
     return Loader(pipe, names, last_batch=LastBatchPolicy.DROP, device=torch_device(device))
+
+
+def _native_in(checkpoint: str | bytes | None) -> bool | None:
+    """The mixing path a DALI checkpoint was saved from (its operators are named in it), so a
+    resumed run rebuilds the same graph whatever DALIKD_NATIVE says now; None: no checkpoint."""
+    if checkpoint is None:
+        return None
+    name = "DalikdMix"
+    return (name.encode() if isinstance(checkpoint, bytes) else name) in checkpoint
 
 
 def val_loader(

@@ -12,6 +12,11 @@ def cutmixpick(images, ctx: AugContext) -> Pool:
     """images: uint8 HWC on ctx.device. A pool of ctx.pool_size independent CutMix views; the
     torch side scores the k·B candidates and keeps the top ones (dalikd.pick)."""
     pool = ops.cutmix_pool(
-        images, ctx.image_size, ctx.pool_size, alpha=1.0, granularity=ctx.granularity
+        images,
+        ctx.image_size,
+        ctx.pool_size,
+        alpha=1.0,
+        granularity=ctx.granularity,
+        native=ctx.native,
     )  # natively one operator call writes all k candidates (dalikd.native)
     return Pool(tuple(View(mixed, lam, perm) for mixed, lam, perm in pool))

@@ -152,6 +152,27 @@ def test_injected_edge_draws_mix_the_same_both_ways(mode):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("saved, now", [("0", "1"), ("1", "0")])
+def test_a_resumed_loader_keeps_the_mixing_path_of_its_checkpoint(jpegs, saved, now, monkeypatch):
+    # The two graphs have different operators, so a DALI checkpoint only restores into its own.
+    data = DataConfig(path=str(jpegs.root), image_size=S, batch_size=4, threads=1)
+
+    def loader(checkpoint=None):
+        return pipeline.train_loader(jpegs.train, data, resolve("cutmixpick"), device="cpu",
+                                     seed=2, checkpoint=checkpoint)  # fmt: skip
+
+    monkeypatch.setenv("DALIKD_NATIVE", saved)
+    first = loader()
+    batches = iter(first)
+    next(batches)
+    checkpoint = first.checkpoint()
+    expected = next(batches)
+    monkeypatch.setenv("DALIKD_NATIVE", now)
+    resumed = next(iter(loader(checkpoint)))
+    for field in ("images", "aug_images", "lam", "perm"):
+        assert torch.equal(getattr(resumed, field), getattr(expected, field)), field
+
+
 def test_without_a_compiler_dalikd_falls_back_with_exactly_one_warning(
     jpegs, tmp_path, monkeypatch, fresh_native
 ):
@@ -170,7 +191,7 @@ def test_without_a_compiler_dalikd_falls_back_with_exactly_one_warning(
     assert info.cpu_library is None and "no C++ compiler" in info.cpu_error
 
     monkeypatch.setenv("DALIKD_NATIVE", "1")
-    with pytest.raises(DalikdError, match="DALIKD_NATIVE=1.*no C\\+\\+ compiler"):
+    with pytest.raises(DalikdError, match="DALIKD_NATIVE=1.*unavailable: no C\\+\\+ compiler"):
         batches(jpegs, "mixup", "sample")
 
 

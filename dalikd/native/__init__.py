@@ -425,10 +425,7 @@ def use_native(device: str) -> bool:
     if m == "0":
         return False
     if m == "1":
-        try:
-            require(device)
-        except DalikdError as e:
-            raise DalikdError(f"DALIKD_NATIVE=1, but {e}") from None
+        require(device, "asked for (DALIKD_NATIVE=1)")
         return True
     status = load()
     if status.gpu if device == "gpu" else status.cpu:
@@ -437,12 +434,12 @@ def use_native(device: str) -> bool:
     return False
 
 
-def require(device: str) -> None:
+def require(device: str, why: str = "asked for") -> None:
     """Load the operator for ``device`` or raise DalikdError saying why it is unavailable."""
     status = load()
     if not (status.gpu if device == "gpu" else status.cpu):
         reason = status.reason or f"no GPU backend: {status.gpu_reason}"
-        raise DalikdError(f"the native mixing operator is unavailable: {reason}")
+        raise DalikdError(f"the native mixing operator is {why} but unavailable: {reason}")
 
 
 def reset() -> None:
