@@ -74,25 +74,26 @@ EPOCHS = {"teacher": 15, "student": 15}
 def run_demo(
     out: Path, reporter: Reporter | None = None, epochs: int | None = None, device: str = "auto"
 ) -> list[dict[str, Any]]:
-    """Train teacher, student alone and KD student; return one result row per run."""
+    """Train the teacher, the student alone, and the student distilled with flip and with
+    CutMixPick as x'; return one result row per run."""
     reporter = reporter or SilentReporter()
     data = build_digits()
     reporter.message(f"dataset: {data}")
+    teacher = {"model.teacher": TEACHER, "model.teacher_weights": str(out / "teacher" / "best.pt")}
+    # (role, run folder, model, settings)
     runs = [
-        ("teacher", TEACHER, {"model.student": TEACHER}),
-        ("student alone", STUDENT, {"model.student": STUDENT}),
-        ("KD student (aug flip)", STUDENT, {
-            "model.student": STUDENT,
-            "model.teacher": TEACHER,
-            "model.teacher_weights": str(out / "teacher" / "best.pt"),
-            "kd.aug": "flip",
-        }),
+        ("teacher", "teacher", TEACHER, {"model.student": TEACHER}),
+        ("student alone", "student", STUDENT, {"model.student": STUDENT}),
+        ("KD student (aug flip)", "kd", STUDENT,
+         {"model.student": STUDENT, **teacher, "kd.aug": "flip"}),
+        ("KD student (aug cutmixpick)", "kd_cutmixpick", STUDENT,
+         {"model.student": STUDENT, **teacher, "kd.aug": "cutmixpick"}),
     ]  # fmt: skip
     rows = []
-    for i, (role, model, settings) in enumerate(runs):
-        run_dir = out / ("teacher", "student", "kd")[i]
+    for i, (role, folder, model, settings) in enumerate(runs):
+        run_dir = out / folder
         n = epochs or EPOCHS["teacher" if i == 0 else "student"]
-        reporter.message(f"[{i + 1}/3] {role}: {model}, {n} epochs -> {run_dir}")
+        reporter.message(f"[{i + 1}/{len(runs)}] {role}: {model}, {n} epochs -> {run_dir}")
         cfg = build_config(
             overrides={
                 **COMMON, **settings, "data.path": str(data), "optim.epochs": n,

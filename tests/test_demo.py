@@ -30,7 +30,7 @@ def test_demo_command_runs_all_three_trainings(tmp_path, monkeypatch, capsys):
         main(["demo", "--epochs", "1", "--out", str(tmp_path / "demo"), "--device", "cpu"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
-    for role in ("teacher", "student alone", "KD student"):
+    for role in ("teacher", "student alone", "KD student (aug flip)", "cutmixpick"):
         assert role in out
-    for run in ("teacher", "student", "kd"):
+    for run in ("teacher", "student", "kd", "kd_cutmixpick"):
         assert (tmp_path / "demo" / run / "best.pt").is_file()
