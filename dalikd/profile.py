@@ -552,7 +552,7 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
         "windows": cfg.windows,
         "window_seconds": cfg.window_seconds,
         "dataset": _dataset_facts(dataset),
-        "mixing": _mixing_path(device),
+        "mixing": _mixing_path(device) if any(s.mixing for s in schemes) else "none profiled",
         "versions": _versions(),
         "stages": profiler.stages,
         "baseline": profiler.baseline,
