@@ -67,10 +67,10 @@ def read(
     )
 
 
-def random_resized_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
-    """Decode only a random crop window (area in crop_scale, aspect in crop_ratio), resize it to
-    image_size². Out: uint8 HWC RGB on ``device``."""
-    images = fn.decoders.image_random_crop(
+def random_crop_decode(jpegs: Any, data: DataConfig, device: str) -> Any:
+    """Decode only a random crop window (area in crop_scale, aspect in crop_ratio), at its own
+    size. Out: uint8 HWC RGB on ``device``."""
+    return fn.decoders.image_random_crop(
         jpegs,
         device="mixed" if device == "gpu" else "cpu",
         output_type=types.RGB,
@@ -78,6 +78,11 @@ def random_resized_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
         random_aspect_ratio=list(data.crop_ratio),
         num_attempts=10,
     )
+
+
+def random_resized_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
+    """:func:`random_crop_decode`, resized to image_size². Out: uint8 HWC RGB on ``device``."""
+    images = random_crop_decode(jpegs, data, device)
     return fn.resize(
         images, resize_x=data.image_size, resize_y=data.image_size, antialias=data.antialias
     )

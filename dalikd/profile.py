@@ -179,20 +179,6 @@ def time_interleaved(
 # -- DALI stages (graphs return dicts of named DataNodes, see pipeline.build_pipeline) ----------
 
 
-def _decode_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
-    """The decoder call of pipeline.random_resized_crop, without its resize."""
-    from nvidia.dali import fn, types
-
-    return fn.decoders.image_random_crop(
-        jpegs,
-        device="mixed" if device == "gpu" else "cpu",
-        output_type=types.RGB,
-        random_area=list(data.crop_scale),
-        random_aspect_ratio=list(data.crop_ratio),
-        num_attempts=10,
-    )
-
-
 def read_graph(split, data, device):
     jpegs, labels = pipeline.read(split, shuffle=True, shard_id=0, num_shards=1)
     return {"jpegs": jpegs, "labels": labels}
@@ -200,7 +186,7 @@ def read_graph(split, data, device):
 
 def decode_graph(split, data, device):
     jpegs, labels = pipeline.read(split, shuffle=True, shard_id=0, num_shards=1)
-    return {"images": _decode_crop(jpegs, data, device), "labels": labels}
+    return {"images": pipeline.random_crop_decode(jpegs, data, device), "labels": labels}
 
 
 def resize_graph(split, data, device):
