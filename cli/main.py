@@ -292,8 +292,9 @@ cli.add_command(doctor)
 def main(argv: list[str] | None = None) -> None:
     # torch's OpenMP threads spin while they wait for work; beside DALI's threads, and with any
     # other busy process on the machine, that starved training to ~1% of its speed on 2 cores
-    # (measured: 9 instead of 700 img/s). Sleeping waits keep idle-machine speed. It must be
-    # set before torch is first imported (nothing above imports it).
+    # (measured: 9 instead of 700 img/s). Sleeping waits kept ~60% under that load and cost
+    # 10-25% on an idle machine; OMP_WAIT_POLICY=ACTIVE in the environment wins. It must be set
+    # before torch is first imported (nothing above imports it).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         code = cli.main(args=argv, prog_name="dalikd", standalone_mode=False)
