@@ -6,19 +6,11 @@ import sys
 
 import pytest
 import torch
+from tests_helpers import run_cli
 from tiny_models import tiny_cnn
-
-from dalikd.cli.main import main
 
 TINY = "tiny_models:tiny_cnn"
 SMALL = ["--image-size", "16", "--batch-size", "4", "--threads", "1", "--device", "cpu"]
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def test_train_two_epochs_then_resume_to_three(solid_dataset, tmp_path, tiny_env, capsys):

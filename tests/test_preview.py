@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tests_helpers import run_cli
 
 from dalikd import pipeline, preview, recipes
-from dalikd.cli.main import main
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 
@@ -35,13 +35,6 @@ def make_gradient_dataset(root: Path, classes=("ant", "bee", "cat"), n=6) -> Pat
 @pytest.fixture(scope="module")
 def gradients(tmp_path_factory) -> Path:
     return make_gradient_dataset(tmp_path_factory.mktemp("gradients"))
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def reference_batch(data_dir: Path, aug: str, granularity: str) -> pipeline.Batch:

@@ -4,21 +4,14 @@ import json
 import math
 
 import pytest
+from tests_helpers import run_cli
 
 from dalikd import profile
-from dalikd.cli.main import main
 from dalikd.recipes import builtin_recipes
 
 TINY = "tiny_models:tiny_cnn"
 FAST = ["--image-size", 16, "--batch-size", 4, "--threads", 1, "--device", "cpu",
         "--windows", 2, "--window-seconds", 0, "--warmup", 1]  # fmt: skip
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def test_profile_writes_every_stage_as_json(solid_dataset, tmp_path, tiny_env, capsys):

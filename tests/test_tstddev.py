@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tests_helpers import run_cli
 from tiny_models import tiny_cnn
 
 from dalikd import pipeline
-from dalikd.cli.main import main
 from dalikd.config import DataConfig, KDConfig, build_config
 from dalikd.data import scan_dataset
 from dalikd.metrics import t_stddev
@@ -56,13 +56,6 @@ def teacher_file(tmp_path, tiny_env) -> Path:
     path = tmp_path / "teacher.pt"
     torch.save(teacher.state_dict(), path)
     return path
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def rows_by_hand(data_dir: Path, teacher_file: Path, aug: str, steps: int) -> torch.Tensor:

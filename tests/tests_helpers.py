@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -14,3 +15,13 @@ def touch_image(path: Path, colour=(200, 100, 50), size=(8, 8)) -> Path:
     pixels[:] = colour
     Image.fromarray(pixels).save(path, format="PNG" if path.suffix.lower() == ".png" else "JPEG")
     return path
+
+
+def run_cli(args, capsys):
+    """Run the `dalikd` entry point in-process: (exit code, stdout, stderr)."""
+    from dalikd.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
