@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -137,8 +138,17 @@ def check_files(
                 if progress and (done % 1000 == 0 or done + 1 == len(todo)):
                     progress(done + 1, len(todo))
         if cache_file:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            tmp.write_bytes(pickle.dumps(verdicts, protocol=pickle.HIGHEST_PROTOCOL))
-            os.replace(tmp, cache_file)
+            _write_cache(cache_file, verdicts)
     return {path: v[2] for path, v in verdicts.items() if v[2] is not None}
+
+
+def _write_cache(path: Path, verdicts: dict) -> None:
+    """Best effort: a cache that cannot be written only costs the next scan time. Each process
+    writes its own temporary file (torchrun ranks scan at once) and renames it into place."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            f.write(pickle.dumps(verdicts, protocol=pickle.HIGHEST_PROTOCOL))
+        os.replace(f.name, path)
+    except OSError:
+        pass

@@ -128,3 +128,23 @@ def test_check_data_fails_only_for_an_unusable_split(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 1
     assert "val holds no usable images; 3 left out" in err
+
+
+def test_concurrent_scans_share_the_cache_safely(tmp_path):
+    # torchrun ranks scan the same folder at once: every writer must finish, the cache stays whole.
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path / "d"
+    root.mkdir()
+    files = []
+    for i in range(20):
+        (root / f"{i}.JPEG").write_bytes(jpeg_bytes())
+        files.append(str(root / f"{i}.JPEG"))
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(lambda _: check_files(files, root=root, cache_root=cache), range(8))
+        )
+    assert results == [{}] * 8
+    assert not list((cache / "scans").glob("*.tmp"))
+    assert check_files(files, root=root, cache_root=cache, progress=lambda d, t: 1 / 0) == {}

@@ -23,7 +23,10 @@ from dalikd.cli.main import main
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 
-ENV = {**os.environ, "PYTHONPATH": str(TESTS)}
+
+def env() -> dict[str, str]:
+    """The environment for subprocesses, read at call time (after conftest's cache isolation)."""
+    return {**os.environ, "PYTHONPATH": str(TESTS)}
 
 
 def test_shards_cover_every_training_sample_once_per_epoch(tmp_path):
@@ -75,7 +78,7 @@ def test_torchrun_two_cpu_processes(solid_dataset, tmp_path):
          "--teacher", "tiny_models:tiny_cnn", "--teacher-weights", str(teacher), "--aug", "flip",
          "--epochs", "2", "--image-size", "16", "--batch-size", "4", "--threads", "1",
          "--device", "cpu", "--out", str(run)],
-        env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+        env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -123,7 +126,7 @@ def final_weights(run: Path) -> dict:
 def uninterrupted(noise_dataset, tmp_path_factory):
     run = tmp_path_factory.mktemp("full") / "run"
     proc = subprocess.run(
-        train_args(noise_dataset, run), env=ENV, capture_output=True, text=True, timeout=300
+        train_args(noise_dataset, run), env=env(), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
@@ -133,7 +136,7 @@ def start_and_signal(noise_dataset, run, sig) -> subprocess.Popen:
     """Start a run; send ``sig`` once a mid-epoch checkpoint of epoch 1 exists."""
     proc = subprocess.Popen(
         train_args(noise_dataset, run),
-        env=ENV,
+        env=env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -156,7 +159,7 @@ def start_and_signal(noise_dataset, run, sig) -> subprocess.Popen:
 def resume(run: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dalikd", "train", "--resume", str(run)],
-        env=ENV, capture_output=True, text=True, timeout=300,
+        env=env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
 
