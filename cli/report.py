@@ -19,40 +19,43 @@ from rich.table import Table
 console = Console(highlight=False)
 
 
-class RichReporter:
-    """Implements dalikd.train.Reporter: one bar per epoch with loss and live images/s."""
+class LiveBar:
+    """One transient rich bar at a time (description, bar, done/total, ``extra`` columns, times);
+    a context manager. The reporters below and in the other commands build on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra: TextColumn) -> None:
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(
-                "loss {task.fields[loss]}  {task.fields[speed]} img/s  lr {task.fields[lr]}"
-            ),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
-        self._task = None
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+        )  # fmt: skip
+        self._task: Any = None
 
-    def __enter__(self) -> RichReporter:
+    def __enter__(self) -> Any:
         self._progress.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._progress.stop()
 
+    def _new_bar(self, description: str, total: int, **fields: Any) -> None:
+        """Replace the current bar (if any) by a new one."""
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(description, total=total, **fields)
+
+
+class RichReporter(LiveBar):
+    """Implements dalikd.train.Reporter: one bar per epoch with loss and live images/s."""
+
+    def __init__(self) -> None:
+        fields = "loss {task.fields[loss]}  {task.fields[speed]} img/s  lr {task.fields[lr]}"
+        super().__init__(TextColumn(fields))
+
     def message(self, text: str) -> None:
         self._progress.console.print(text)
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        if self._task is not None:
-            self._progress.remove_task(self._task)
-        self._task = self._progress.add_task(
-            f"epoch {epoch + 1}/{epochs}", total=steps, loss="-", speed="-", lr="-"
-        )
+        self._new_bar(f"epoch {epoch + 1}/{epochs}", steps, loss="-", speed="-", lr="-")
 
     def step(self, step: int, loss: float, img_per_s: float, lr: float) -> None:
         self._progress.update(
@@ -124,26 +127,12 @@ def print_demo(rows: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
-class ScanProgress:
+class ScanProgress(LiveBar):
     """A bar for the data scan; shown only once a scan has files to check."""
-
-    def __init__(self) -> None:
-        self._progress = Progress(
-            TextColumn("[bold]checking files"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-        )  # fmt: skip
-        self._task = None
-
-    def __enter__(self) -> ScanProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._progress.stop()
 
     def update(self, done: int, total: int) -> None:
         if self._task is None:
-            self._task = self._progress.add_task("scan", total=total)
+            self._new_bar("checking files", total)
         self._progress.update(self._task, completed=done)
 
 

@@ -6,43 +6,22 @@ from typing import Any
 
 import click
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import TextColumn
 from rich.table import Table
 
-from dalikd.cli.report import console
+from dalikd.cli.report import LiveBar, console
 
 SCHEMES = "identity,flip,crop_flip,cutout,autoaugment,mixup,cutmix,cutmixpick"
 
 
-class ProbeProgress:
+class ProbeProgress(LiveBar):
     """Implements dalikd.probe.ProbeReporter: one bar per scheme, a line when it ends."""
 
     def __init__(self) -> None:
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("steps"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=console, transient=True,
-        )  # fmt: skip
-        self._task: Any = None
-
-    def __enter__(self) -> ProbeProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._progress.stop()
+        super().__init__(TextColumn("steps"))
 
     def scheme_start(self, aug: str, steps: int) -> None:
-        if self._task is not None:
-            self._progress.remove_task(self._task)
-        self._task = self._progress.add_task(escape(aug), total=steps)
+        self._new_bar(escape(aug), steps)
 
     def step(self, done: int) -> None:
         self._progress.update(self._task, completed=done)
