@@ -7,19 +7,21 @@ operator, in one run, on real photographs.
 Builds (once) the recropped JPEG photo set of benchmarks/profile_photos.py (its builder is
 reused when that file is there; otherwise an equivalent one here), then measures, interleaved
 window by window so drift hits every row alike, ``dalikd.pipeline.train_loader`` (decode,
-random-resized crop, flip, normalize, the hand-off to torch) for:
+random-resized crop, flip, the uint8 hand-off to torch) for:
 
     plain                 x only (no second view)
     cutmix composed/native          x + one CutMix view
     cutmixpick composed/native      x + a pool of k = 2 CutMix views
-    2 views, no mixing    x + two unmixed copies: what emitting (copying, normalizing and
-                          handing over) two more images costs by itself, mixing aside
+    2 views, no mixing    x + two unmixed copies: what emitting (copying and handing over) two
+                          more images costs by itself, mixing aside
 
 The composed path is DALIKD_NATIVE=0 (permute_batch + multi_paste per view); native is
-DALIKD_NATIVE=1 (one fn.dalikd_mix call for all views). Each row is measured twice: through
-the loader (what training gets: DALI plus the hand-off to torch, where a pool's views are
-concatenated view-major) and as DALI's outputs alone (``pipe.run()``), in wall time and in
-CPU time (every thread of this process: robust to other jobs on a shared machine). Throughput
+DALIKD_NATIVE=1 (one fn.dalikd_mix call for all views). Each row is measured three ways: DALI's
+outputs alone (``pipe.run()``: the pipeline); through the loader (what training gets: DALI plus
+the hand-off to torch, where a pool's views are concatenated view-major); and through the loader
+plus the normalization to float that the training step does on its device
+(``dalikd.device.prepare_batch``; on this CPU-only machine, on the CPU), in wall time and in CPU
+time (every thread of this process: robust to other jobs on a shared machine). Throughput
 counts x images per second, the median over the windows; each overhead is the median of
 per-window ratios against plain. A last table times the mixing graphs alone (draws + pixel
 work) on decoded images in memory.
@@ -86,8 +88,7 @@ def _own_photo_set(root: Path, per_class: int) -> Path:
 
 def two_plain_views(images, ctx):
     """x' = two unmixed copies of x, as a pool: the emission cost of two views alone. Two
-    different copy operators: DALI merges identical operators on the same input, so the plain
-    images twice would be normalized only once."""
+    different copy operators: DALI merges identical operators on the same input."""
     from nvidia.dali import fn, types
 
     from dalikd.recipes import Pool, View
@@ -152,31 +153,30 @@ def mixing_alone(batch: int, size: int, threads: int, windows: int) -> dict[str,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def concat_cost(batch: int, size: int, k: int = 2, repeats: int = 10) -> tuple[float, float]:
-    """ms of the loader's view-major torch.cat of k [B, 3, S, S] float32 views: into fresh
-    memory (what the loader does: every page is faulted in anew) and into a reused buffer."""
+def concat_cost(batch: int, size: int, k: int = 2, repeats: int = 10) -> float:
+    """ms of the loader's view-major torch.cat of k [B, S, S, 3] uint8 views."""
     import torch
 
-    parts = [torch.randn(batch, 3, size, size) for _ in range(k)]
-    reused = torch.empty(k * batch, 3, size, size)
-
-    def cat(out):
-        return torch.cat(parts) if out is None else torch.cat(parts, out=out)
-
-    times = []
-    for out in (None, reused):
-        cat(out)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            cat(out)
-        times.append((time.perf_counter() - start) / repeats * 1000)
-    return times[0], times[1]
+    parts = [torch.randint(256, (batch, size, size, 3), dtype=torch.uint8) for _ in range(k)]
+    torch.cat(parts)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.cat(parts)
+    return (time.perf_counter() - start) / repeats * 1000
 
 
 def forever(loader):
     """Batches across epoch ends (the loader resets itself)."""
     while True:
         yield from loader
+
+
+def normalized(loader):
+    """The loader's batches as the training step gets them: normalized to float32 NCHW."""
+    from dalikd.device import prepare_batch
+
+    for batch in forever(loader):
+        yield prepare_batch(batch, "cpu", "fp32")
 
 
 def main() -> None:
@@ -210,13 +210,15 @@ def main() -> None:
         recipe = resolve(aug) if isinstance(aug, str) else aug
         loader = pipeline.train_loader(dataset.train, data, recipe, device="cpu", seed=0)
         streams[name, "loader"] = forever(loader)
+        streams[name, "normalized"] = normalized(pipeline.train_loader(
+            dataset.train, data, recipe, device="cpu", seed=0))  # fmt: skip
         pipe, _ = pipeline.build_pipeline(
             pipeline.train_graph, data=data, device="cpu", seed=0, split=dataset.train,
             recipe=recipe, shard_id=0, num_shards=1,
         )  # fmt: skip
         pipe.build()
         streams[name, "dali"] = iter(pipe.run, None)  # DALI's outputs only, no torch hand-off
-        for key in ((name, "loader"), (name, "dali")):
+        for key in ((name, "loader"), (name, "normalized"), (name, "dali")):
             for _ in range(3):  # warm up: allocations, first epoch start
                 next(streams[key])
 
@@ -249,17 +251,18 @@ def main() -> None:
           f"{args.image_size} px, DALI CPU, {args.threads} threads, {cores} cores, "
           f"{args.windows} windows x {args.batches} batches; overhead = extra wall time or "
           "CPU time per image vs plain\n")  # fmt: skip
-    print("| pipeline | loader img/s | overhead (wall) | overhead (CPU) | DALI-only img/s | "
-          "overhead (wall) | overhead (CPU) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    kinds = (("dali", "DALI alone"), ("loader", "+ hand-off"), ("normalized", "+ normalize"))
+    print("| pipeline | " + " | ".join(f"{label} img/s | wall | CPU" for _, label in kinds) + " |")
+    print("|---|" + "---|---|---|" * len(kinds))
     for name, _, _ in ROWS:
         cells = []
-        for kind in ("loader", "dali"):
+        for kind, _ in kinds:
             cells += [f"{statistics.median(rates[name, kind]):.0f}",
                       f"{overhead(name, kind, 'wall'):+.1f}%",
                       f"{overhead(name, kind, 'cpu'):+.1f}%"]  # fmt: skip
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print(f"\nplain: {statistics.median(cpu[ROWS[0][0], 'loader']):.2f} CPU ms per image")
+    print(f"\nplain: {statistics.median(cpu[ROWS[0][0], 'loader']):.2f} CPU ms per image "
+          "through the loader")  # fmt: skip
 
     batch_ms = 1000 * args.batch_size / statistics.median(rates[ROWS[0][0], "loader"])
     print(f"\nMixing alone (draws + pixel work on uint8 {args.image_size} px images in memory), "
@@ -270,10 +273,9 @@ def main() -> None:
     alone = mixing_alone(args.batch_size, args.image_size, args.threads, args.windows)
     for name, ms in alone.items():
         print(f"| {name} | {ms:.2f} | {100 * ms / batch_ms:.1f}% |")
-    fresh, reused = concat_cost(args.batch_size, args.image_size)
-    print(f"\nThe loader's view-major torch.cat of a k = 2 pool: {fresh:.1f} ms per batch into "
-          f"fresh memory ({100 * fresh / batch_ms:.0f}% of a plain batch), {reused:.1f} ms "
-          "into a reused buffer")  # fmt: skip
+    cat = concat_cost(args.batch_size, args.image_size)
+    print(f"\nThe loader's view-major torch.cat of a k = 2 pool (uint8): {cat:.1f} ms per batch "
+          f"({100 * cat / batch_ms:.1f}% of a plain batch)")  # fmt: skip
 
 
 if __name__ == "__main__":

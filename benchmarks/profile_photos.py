@@ -122,7 +122,7 @@ def main() -> None:
     )  # fmt: skip
 
     s = args.image_size
-    plain = rate(report, "+ flip, normalize (plain pipeline)")
+    plain = rate(report, "+ flip (plain pipeline)")
     print(f"\n{report['cpu_count']} cores, {report['threads']} DALI threads = torchvision "
           f"workers, batch {report['batch_size']}, {s} px, {report['dataset']['train_images']} "
           f"photos ({report['dataset']['mean_file_kb']} KB mean)")  # fmt: skip

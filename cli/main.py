@@ -112,7 +112,6 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--image-size", "data.image_size", int, "training and validation image side in px"),
     ("--crop-scale", "data.crop_scale", _numbers(float), "random-resized-crop area range, MIN,MAX"),
     ("--threads", "data.threads", int, "DALI CPU threads (0: one per core, at most 8)"),
-    ("--fp16-data/--fp32-data", "data.fp16", None, "hand images to torch as float16"),
     (
         "--device",
         "device",

@@ -28,7 +28,6 @@ class DataConfig:
     val_crop_fraction: float = 0.875  # val: resize shorter side to image_size / this, centre crop
     batch_size: int = 256  # images per step (per process)
     threads: int = 0  # DALI CPU threads; 0 = one per core, at most 8
-    fp16: bool = False  # hand images to torch as float16 (halves the copy; GPU use)
     antialias: bool = True  # antialiased resize, as torchvision's RandomResizedCrop
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 
+from dalikd.batch import Batch, normalize
 from dalikd.errors import DalikdError
 
 
@@ -16,6 +18,15 @@ def resolve_device(device: str) -> str:
     if device == "gpu" and not torch.cuda.is_available():
         raise DalikdError("--device gpu asked for, but torch sees no CUDA device; use --device cpu")
     return device
+
+
+def torch_device(device: str) -> torch.device:
+    """The torch device of dalikd's ``device`` ("cpu" | "gpu": the current CUDA device)."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if device == "gpu"
+        else torch.device("cpu")
+    )
 
 
 def amp_dtype(device: str, precision: str) -> torch.dtype | None:
@@ -33,8 +44,18 @@ def autocast(device: str, precision: str):
 
 
 def prepare_images(images: torch.Tensor, device: str, precision: str) -> torch.Tensor:
-    if device == "gpu":
-        images = images.contiguous(memory_format=torch.channels_last)
-    if amp_dtype(device, precision) is None:
-        images = images.float()  # an fp16 hand-off meets fp32 weights; a no-op for fp32
-    return images
+    """The model's input from the pipeline's uint8 NHWC images: float32 NCHW, normalized, on
+    the images' device (channels_last on GPU). Autocast, where on, lowers the precision inside
+    the model; ``precision`` is taken for symmetry with the other helpers."""
+    del precision  # float32 in every mode: autocast casts at each layer
+    return normalize(images, channels_last=device == "gpu")
+
+
+def prepare_batch(batch: Batch, device: str, precision: str) -> Batch:
+    """``batch`` with its images (x, and x' where there is one) as the model's input."""
+    aug = batch.aug_images
+    return replace(
+        batch,
+        images=prepare_images(batch.images, device, precision),
+        aug_images=None if aug is None else prepare_images(aug, device, precision),
+    )

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalikd import distributed, pipeline
+from dalikd import distributed
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
-from dalikd.device import autocast, prepare_images, resolve_device
+from dalikd.device import autocast, prepare_images, resolve_device, torch_device
 from dalikd.models import build_model
+
+if TYPE_CHECKING:
+    from dalikd.pipeline import Loader
 
 
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    loader: pipeline.Loader,
+    loader: Loader,
     device: str,
     precision: str = "auto",
     ctx: distributed.Dist | None = None,
@@ -26,7 +31,7 @@ def evaluate(
     model.eval()
     # Sums stay on the device: no CPU-GPU sync until the end.
     # [loss sum, top-1 hits, top-5 hits, images]
-    sums = torch.zeros(4, dtype=torch.float64, device=pipeline.torch_device(device))
+    sums = torch.zeros(4, dtype=torch.float64, device=torch_device(device))
     for batch in loader:
         with autocast(device, precision):
             logits = model(prepare_images(batch.images, device, precision)).float()
@@ -61,6 +66,8 @@ def evaluate_model(
     device = resolve_device(device)
     dataset = scan_dataset(data)
     model = build_model(model_name, dataset.num_classes, weights)
-    model.to(pipeline.torch_device(device))
+    from dalikd import pipeline  # DALI: only where the loader is built
+
+    model.to(torch_device(device))
     data_cfg = DataConfig(path=data, image_size=image_size, batch_size=batch_size, threads=threads)
     return evaluate(model, pipeline.val_loader(dataset.val, data_cfg, device=device), device)

@@ -2,48 +2,35 @@
 
 ``pipeline_def`` and the PyTorch iterator are applied here and nowhere else. Both graphs run on
 CPU (``device="cpu"``, DALI's ``device_id=None``) or GPU (``device="gpu"``: the decoder runs as
-"mixed" and everything after it on the GPU) from the same code.
+"mixed" and everything after it on the GPU) from the same code. Their outputs are uint8 HWC
+images: torch normalizes them on the training device (:mod:`dalikd.batch`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from dalikd.batch import IMAGENET_MEAN, IMAGENET_STD, Batch
 from dalikd.config import DataConfig
 from dalikd.data import Split
+from dalikd.device import torch_device
 from dalikd.recipes import AugContext, Pool, Recipe
 
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # RGB, 0-255 scale
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "Batch", "torch_device", "train_loader", "val_loader",
+]  # fmt: skip
+
 READER = "Reader"
 
 
 def default_threads() -> int:
     return max(1, min(len(os.sched_getaffinity(0)), 8))
-
-
-@dataclass
-class Batch:
-    """One training or validation batch as torch tensors on the training device."""
-
-    images: torch.Tensor  # x: [B, 3, S, S] float32 (float16 with data.fp16), normalized
-    labels: torch.Tensor  # [B] int64 class indices
-    aug_images: torch.Tensor | None = None  # x': like images; None for plain KD
-    lam: torch.Tensor | None = None  # [B] float32, fraction of own pixels in x' (mixing only)
-    perm: torch.Tensor | None = None  # [B] int64, partner index of each x' (mixing only)
-    # A candidate pool of k views per image: aug_images, lam and perm hold k·B rows, view-major
-    # (row j·B + i is view j of image i; perm still indexes images).
-    pool: int = 1
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
 
 
 # -- graph pieces (DataNode -> DataNode) ---------------------------------------------------------
@@ -102,17 +89,6 @@ def center_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
     return fn.crop(images, crop=(data.image_size, data.image_size))
 
 
-def normalize(images: Any, data: DataConfig) -> Any:
-    """uint8 HWC -> float NCHW, (x - ImageNet mean) / ImageNet std."""
-    return fn.crop_mirror_normalize(
-        images,
-        dtype=types.FLOAT16 if data.fp16 else types.FLOAT,
-        output_layout="CHW",
-        mean=list(IMAGENET_MEAN),
-        std=list(IMAGENET_STD),
-    )
-
-
 def train_graph(
     split,
     data,
@@ -126,18 +102,18 @@ def train_graph(
     native=None,
 ):
     """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode.
-    ``native``: the mixing path (AugContext.native)."""
+    Every image output is uint8 HWC. ``native``: the mixing path (AugContext.native)."""
     jpegs, labels = read(
         split, shuffle=True, shard_id=shard_id, num_shards=num_shards, seed=reader_seed
     )
     images = random_resized_crop(jpegs, data, device)
     images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
-    outputs = {"images": normalize(images, data), "labels": labels}
+    outputs = {"images": images, "labels": labels}
     if recipe is not None:
         ctx = AugContext(data.image_size, device, IMAGENET_MEAN, granularity, pool_size, native)
         out = recipe(images, ctx)
         for j, view in enumerate(out.views if isinstance(out, Pool) else (out,)):
-            outputs[f"aug_images_{j}"] = normalize(view.images, data)
+            outputs[f"aug_images_{j}"] = view.images
             if view.lam is not None:
                 outputs[f"lam_{j}"] = fn.cast(view.lam, dtype=types.FLOAT)
                 outputs[f"perm_{j}"] = fn.cast(view.perm, dtype=types.INT64)
@@ -146,7 +122,7 @@ def train_graph(
 
 def val_graph(split, data, device, shard_id, num_shards):
     jpegs, labels = read(split, shuffle=False, shard_id=shard_id, num_shards=num_shards)
-    return {"images": normalize(center_crop(jpegs, data, device), data), "labels": labels}
+    return {"images": center_crop(jpegs, data, device), "labels": labels}
 
 
 # -- pipeline + iterator -------------------------------------------------------------------------
@@ -215,8 +191,8 @@ class Loader:
         to = self._device
         for out in self._iter:
             d = out[0]
-            # Images come out of DALI already on the training device; the per-sample scalars
-            # come from CPU operators and are moved here.
+            # Images come out of DALI already on the training device, uint8 NHWC; the
+            # per-sample scalars come from CPU operators and are moved here.
             views = sum(name.startswith("aug_images_") for name in d)
             yield Batch(
                 images=d["images"],
@@ -229,7 +205,8 @@ class Loader:
 
 
 def _views(d: dict[str, torch.Tensor], name: str, views: int) -> torch.Tensor | None:
-    """Output ``name_0 .. name_{views-1}`` as one tensor, view-major; a single view uncopied."""
+    """Output ``name_0 .. name_{views-1}`` as one tensor, view-major; a single view uncopied.
+    (uint8 images: the concatenation copies a quarter of the bytes a float hand-off would.)"""
     parts = [d[f"{name}_{j}"] for j in range(views) if f"{name}_{j}" in d]
     if not parts:
         return None
@@ -285,11 +262,3 @@ def val_loader(
         shard_id=shard_id, num_shards=num_shards,
     )  # fmt: skip
     return Loader(pipe, names, last_batch=LastBatchPolicy.PARTIAL, device=torch_device(device))
-
-
-def torch_device(device: str) -> torch.device:
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if device == "gpu"
-        else torch.device("cpu")
-    )

@@ -2,9 +2,9 @@
 
 The batch comes from :func:`dalikd.pipeline.train_loader`, the loader training uses, with the
 same seed, so the grid shows exactly the first batch a run with these settings would see. The
-images are un-normalized with the ImageNet mean/std back to uint8 and drawn with PIL; each x is
-labelled with its index in the batch and its class, each x' of a mixing recipe with λ (the
-fraction of its own pixels) and its partner's index.
+pipeline's uint8 pixels are drawn with PIL as they are; each x is labelled with its index in
+the batch and its class, each x' of a mixing recipe with λ (the fraction of its own pixels)
+and its partner's index.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from dalikd import pipeline, recipes
@@ -113,16 +112,6 @@ class Layout:
         return x, y + (self.tile + ROW_GAP if view == "x'" else 0)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Normalized float NCHW (any device) -> uint8 NHWC on the CPU: x·std + mean, rounded.
-
-    Exact: normalization in float32 moves a pixel by far less than 0.5 on the way back."""
-    mean = torch.tensor(pipeline.IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(pipeline.IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    pixels = (images.float() * std + mean).round().clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def preview_batch(
     data: DataConfig, aug: str, *, seed: int = 0, granularity: str = "sample", device: str = "cpu"
 ) -> PreviewBatch:
@@ -155,8 +144,8 @@ def preview_batch(
     # first view of each image: which candidates are kept is decided by the teacher in training.
     b = len(batch)
     return PreviewBatch(
-        images=to_uint8(batch.images),
-        aug_images=to_uint8(batch.aug_images[:b]),
+        images=batch.images.cpu().numpy(),  # uint8 NHWC: the pipeline's own pixels
+        aug_images=batch.aug_images[:b].cpu().numpy(),
         labels=batch.labels.tolist(),
         classes=dataset.classes,
         lam=None if batch.lam is None else batch.lam[:b].tolist(),

@@ -35,7 +35,7 @@ from dalikd import pick, pipeline, recipes
 from dalikd.checkpoint import write_text_atomic
 from dalikd.config import DataConfig, KDConfig, ModelConfig, TrainConfig, validate
 from dalikd.data import Dataset, scan_dataset
-from dalikd.device import autocast, prepare_images, resolve_device
+from dalikd.device import autocast, prepare_batch, resolve_device
 from dalikd.errors import DalikdError
 from dalikd.metrics import GROUP_SIZE, TStddev
 from dalikd.models import build_model
@@ -220,9 +220,7 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
         done = 0
         while done < steps:  # the loader runs one epoch per iteration, reshuffled each time
             for b in loader:
-                b.images = prepare_images(b.images, device, cfg.precision)
-                if b.aug_images is not None:
-                    b.aug_images = prepare_images(b.aug_images, device, cfg.precision)
+                b = prepare_batch(b, device, cfg.precision)
                 with autocast(device, cfg.precision):
                     logits = teacher_rows(teacher, b, cfg.kd, student)
                 acc.add(logits.float().softmax(dim=1))

@@ -7,11 +7,12 @@ at least ``window_seconds`` each; the rate is the median window. CPU time per sa
 process, all threads; plus the DataLoader workers for the baseline) comes with every stage: it
 stays meaningful on a machine that other work shares.
 
-The DALI stages are cumulative (read; + decode and random crop; + resize; + flip and normalize
-= the plain training pipeline; + the scheme's x'; + the hand-off to torch), so a stage's own
-cost is the difference of the inverse rates; the stage with the largest own cost bounds the
-scheme. The model stages (teacher forward, student forward + backward) and the KD step on
-synthetic tensors in memory are timed alone; the KD step fed by the pipeline is the real thing.
+The DALI stages are cumulative (read; + decode and random crop; + resize; + flip = the plain
+training pipeline, uint8 out; + the scheme's x'; + the hand-off to torch and the normalization
+on the training device), so a stage's own cost is the difference of the inverse rates; the
+stage with the largest own cost bounds the scheme. The model stages (teacher forward, student
+forward + backward) and the KD step on synthetic tensors in memory are timed alone; the KD step
+fed by the pipeline is the real thing.
 Data-loading efficiency = fed step / synthetic step.
 
 ``ratio`` = DALI hand-off rate / baseline rate per scheme (the headline); ``cpu_ratio`` =
@@ -41,7 +42,7 @@ from torch import nn
 from dalikd import __version__, pipeline
 from dalikd.config import DataConfig, KDConfig, OptimConfig, TrainConfig, validate
 from dalikd.data import Dataset, scan_dataset
-from dalikd.device import autocast, prepare_images, resolve_device
+from dalikd.device import autocast, prepare_batch, prepare_images, resolve_device
 from dalikd.errors import DalikdError
 from dalikd.recipes import Recipe, builtin_recipes, recipe_info, resolve
 
@@ -212,7 +213,7 @@ def _forever(loader: pipeline.Loader) -> Iterator[pipeline.Batch]:
 class _TwoViews:
     """Per-sample transform of the baseline: x = RandomResizedCrop + flip + ToTensor +
     Normalize; with a second view, x' = the per-image augmentation of the same crop, then the
-    same ToTensor + Normalize (as the DALI graph normalizes x' separately)."""
+    same ToTensor + Normalize (as dalikd normalizes x' separately)."""
 
     def __init__(self, data: DataConfig, second: bool, pil_aug=None, tensor_aug=None):
         from torchvision import transforms as T
@@ -393,31 +394,32 @@ def _build_models(cfg: ProfileConfig, num_classes: int, device: str) -> _Models 
 
 
 def _train_step(models: _Models, batch: pipeline.Batch, cfg: TrainConfig) -> None:
-    """The body of the training loop (train.py) for one batch: forward, backward, SGD step."""
-    from dalikd.train import kd_step
+    """The training loop's step (:func:`dalikd.train.train_step`) on one batch, fp32 or bf16
+    (no loss scaling)."""
+    from dalikd.train import train_step
 
-    batch.images = prepare_images(batch.images, cfg.device, cfg.precision)
-    if batch.aug_images is not None:
-        batch.aug_images = prepare_images(batch.aug_images, cfg.device, cfg.precision)
-    with autocast(cfg.device, cfg.precision):
-        loss = kd_step(models.student, models.teacher, batch, cfg).losses["loss"]
-    models.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    models.optimizer.step()
+    train_step(models.student, models.teacher, batch, cfg, cfg.device, models.optimizer,
+               _NO_SCALER)  # fmt: skip
+
+
+_NO_SCALER = torch.amp.GradScaler(enabled=False)
 
 
 def _synthetic_batch(views: int, mixing: bool, data: DataConfig, classes: int, device: str):
-    """A Batch of random tensors already on the device, shaped as the Loader's: x' holds
+    """A Batch of random uint8 images already on the device, shaped as the Loader's: x' holds
     views·B rows, view-major, with per-row λ and partner for mixing schemes."""
     tdev = pipeline.torch_device(device)
     b, s = data.batch_size, data.image_size
     gen = torch.Generator().manual_seed(0)
     rows = views * b
-    aug = torch.randn(rows, 3, s, s, generator=gen).to(tdev) if views else None
+
+    def pixels(n: int) -> torch.Tensor:
+        return torch.randint(256, (n, s, s, 3), generator=gen, dtype=torch.uint8).to(tdev)
+
     return pipeline.Batch(
-        images=torch.randn(b, 3, s, s, generator=gen).to(tdev),
+        images=pixels(b),
         labels=torch.randint(classes, (b,), generator=gen).to(tdev),
-        aug_images=aug,
+        aug_images=pixels(rows) if views else None,
         lam=torch.rand(rows, generator=gen).to(tdev) if views and mixing else None,
         perm=torch.randint(b, (rows,), generator=gen).to(tdev) if views and mixing else None,
         pool=max(views, 1),
@@ -461,7 +463,7 @@ def _model_runners(
     runs["student"] = _Runner(student_step, b, sync)
 
     def synthetic_step():
-        _train_step(models, replace(batch), cfg)  # a copy: the step reassigns fields
+        _train_step(models, batch, cfg)
 
     runs["synthetic"] = _Runner(synthetic_step, b, sync)
     return runs
@@ -591,8 +593,8 @@ class _Profiler:
         return self.dali(pipeline.train_graph, **graph_kw)[0]
 
     def plain_pipeline(self) -> None:
-        """read; + decode and random crop; + resize; + flip and normalize (cumulative), in
-        interleaved windows."""
+        """read; + decode and random crop; + resize; + flip (cumulative), in interleaved
+        windows."""
         s = self.cfg.image_size
         aa = "antialias" if self.cfg.antialias else "NO antialias"
         runs = {
@@ -603,7 +605,7 @@ class _Profiler:
         side = f"+ resize {s}², no antialias (option)"
         if self.cfg.antialias:  # the faster, lower-quality mode, beside the chain, never in it
             runs[side] = self.dali(resize_graph, replace(self.data, antialias=False))[0]
-        runs["+ flip, normalize (plain pipeline)"] = self.plain_runner()
+        runs["+ flip (plain pipeline)"] = self.plain_runner()
         self.say("the plain pipeline, stage by stage")
         for name, timing in time_interleaved(runs, self.cfg).items():
             self.add(name, timing, "side" if name == side else "data")
@@ -635,7 +637,12 @@ class _Profiler:
             pool_size=cfg.pool,
         )
         batches = _forever(loader)
-        runs["handoff"] = _Runner(lambda: next(batches), cfg.batch_size, self.sync)
+        precision = self.train_cfg.precision
+
+        def handoff() -> None:  # what the model gets: the batch, normalized on the device
+            prepare_batch(next(batches), self.device, precision)
+
+        runs["handoff"] = _Runner(handoff, cfg.batch_size, self.sync)
         tv = None
         if cfg.baseline == "torchvision":
             tv_loader = _baseline_loader(
@@ -665,7 +672,7 @@ class _Profiler:
                 )
             )
             before = t["aug"]
-        handoff = f"hand-off to torch ({a})"
+        handoff = f"hand-off to torch, normalize ({a})"
         own = _extra_ms(t["handoff"], before) if before else None
         names.append(
             self.add(

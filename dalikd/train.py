@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dalikd import distributed, pick, pipeline, recipes
+from dalikd import distributed, pick, recipes
+from dalikd.batch import Batch
 from dalikd.checkpoint import save_atomic, write_jsonl_atomic, write_text_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
 from dalikd.data import Dataset, scan_dataset
-from dalikd.device import amp_dtype, autocast, prepare_images, resolve_device
+from dalikd.device import amp_dtype, autocast, prepare_batch, resolve_device, torch_device
 from dalikd.errors import DalikdError
 from dalikd.evaluate import evaluate
 from dalikd.losses import kd_divergence, soft_labels
@@ -83,7 +84,7 @@ class StepOutput:
 
 
 def kd_step(
-    student: nn.Module, teacher: nn.Module | None, batch: pipeline.Batch, cfg: TrainConfig
+    student: nn.Module, teacher: nn.Module | None, batch: Batch, cfg: TrainConfig
 ) -> StepOutput:
     """Losses of one step.
 
@@ -133,6 +134,28 @@ def kd_step(
     if teacher_x is not None:
         rows = teacher_x if teacher_aug is None else torch.cat([teacher_x, teacher_aug])
     return StepOutput(losses, rows)
+
+
+def train_step(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    batch: Batch,
+    cfg: TrainConfig,
+    device: str,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> StepOutput:
+    """One optimization step on a batch as the loader hands it over (uint8 images): normalize
+    on the device, :func:`kd_step` under autocast, backward (loss-scaled where ``scaler`` is
+    enabled: fp16), optimizer step. The training loop and ``dalikd profile`` both run this."""
+    batch = prepare_batch(batch, device, cfg.precision)
+    with autocast(device, cfg.precision):
+        out = kd_step(student, teacher, batch, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out.losses["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return out
 
 
 # -- run setup ---------------------------------------------------------------------------------
@@ -251,7 +274,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     recipe = recipes.resolve(cfg.kd.aug)
     models = build_models(cfg, dataset)
     student, teacher = models.student, models.teacher
-    tdev = pipeline.torch_device(device)
+    tdev = torch_device(device)
     for model in (student, teacher):
         if model is not None:
             model.to(tdev)
@@ -313,6 +336,8 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
 
     # Without a saved DALI state (a fresh start, or another world size) epoch e starts from
     # seed + e, so a restart does not replay the first epoch's order.
+    from dalikd import pipeline  # DALI: only where the loaders are built
+
     train_data = pipeline.train_loader(
         dataset.train, cfg.data, recipe, device=device,
         seed=cfg.seed + (epoch if dali_state is None else 0),
@@ -374,27 +399,17 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             lr = lr_at(global_step, steps_per_epoch, cfg.optim)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # forward
-            batch.images = prepare_images(batch.images, device, cfg.precision)
-            if batch.aug_images is not None:
-                batch.aug_images = prepare_images(batch.aug_images, device, cfg.precision)
             try:
-                with autocast(device, cfg.precision):
-                    step_out = kd_step(model, teacher, batch, cfg)
-                losses = step_out.losses
-                # backward + step
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses["loss"]).backward()
+                step_out = train_step(model, teacher, batch, cfg, device, optimizer, scaler)
             except torch.OutOfMemoryError:
                 raise DalikdError(
                     f"out of memory at --batch-size {cfg.data.batch_size} "
                     f"(student {cfg.model.student}, teacher {cfg.model.teacher or 'none'}); "
                     "lower --batch-size"
                 ) from None
+            losses = step_out.losses
             if step_out.teacher_logits is not None:
                 tstd.add(step_out.teacher_logits.float().softmax(dim=1))
-            scaler.step(optimizer)
-            scaler.update()
             global_step += 1
             step_in_epoch += 1
             loss_sum += losses["loss"].detach()

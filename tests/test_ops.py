@@ -430,8 +430,8 @@ def test_every_recipe_runs_through_the_train_loader(jpeg_dataset, name, granular
             continue
         k = 2 if name == "cutmixpick" else 1  # a pool: k views per image, view-major
         assert batch.pool == k
-        assert batch.aug_images.shape == (4 * k, 3, 32, 32)
-        assert batch.aug_images.dtype == torch.float32
+        assert batch.aug_images.shape == (4 * k, 32, 32, 3)  # NHWC, as DALI hands them over
+        assert batch.aug_images.dtype == torch.uint8
         if recipe_info(recipe).mixing:
             for perm, lam in zip(batch.perm.view(k, 4), batch.lam.view(k, 4), strict=True):
                 assert sorted(perm.tolist()) == [0, 1, 2, 3]

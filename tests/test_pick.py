@@ -11,6 +11,7 @@ from tiny_models import tiny_cnn
 from dalikd import pipeline
 from dalikd.config import DataConfig, build_config
 from dalikd.data import scan_dataset
+from dalikd.device import prepare_batch
 from dalikd.errors import DalikdError
 from dalikd.losses import kd_divergence
 from dalikd.metrics import TStddev, t_stddev
@@ -123,9 +124,10 @@ def test_cutmixpick_pool_through_the_real_pipeline(solid_dataset):
         ds.train, data, resolve("cutmixpick"), device="cpu", seed=0, pool_size=3
     )
     batch = next(iter(loader))
-    assert batch.pool == 3 and batch.aug_images.shape == (12, 3, 16, 16)
+    assert batch.pool == 3 and batch.aug_images.shape == (12, 16, 16, 3)
     assert batch.lam.shape == (12,) and batch.perm.shape == (12,)
     teacher = CountingTeacher(tiny_cnn(3)).eval().requires_grad_(False)
+    batch = prepare_batch(batch, "cpu", "fp32")
     out = kd_step(tiny_cnn(3), teacher, batch, build_config(overrides={"kd.pool_size": 3}))
     assert teacher.images == 4 + 12
     assert out.teacher_logits.shape[0] == 4 + 6  # half of the pool kept

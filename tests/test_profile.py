@@ -29,14 +29,14 @@ def test_profile_writes_every_stage_as_json(solid_dataset, tmp_path, tiny_env, c
         "+ decode, random crop",
         "+ resize 16² (antialias)",
         "+ resize 16², no antialias (option)",
-        "+ flip, normalize (plain pipeline)",
+        "+ flip (plain pipeline)",
     ]
     schemes = ["none", "flip", "cutmix", "cutmixpick"]
     for aug in schemes:
         per_scheme = [n for n, st in zip(names, report["stages"], strict=True) if st["aug"] == aug]
         views = {"none": "B", "cutmixpick": "3B"}.get(aug, "2B")
         expected = [
-            f"hand-off to torch ({aug})",
+            f"hand-off to torch, normalize ({aug})",
             f"teacher forward, {views} images ({aug})",
             f"student forward + backward, {'x' if aug == 'none' else 'x and x' + chr(39)} ({aug})",
             f"KD step, synthetic tensors ({aug})",
@@ -70,7 +70,7 @@ def test_data_path_only_without_models_or_baseline(solid_dataset, tmp_path, caps
     assert report["antialias"] is False and report["baseline"] == [] and report["ratio"] == {}
     assert [st["name"] for st in report["stages"]] == [
         "read", "+ decode, random crop", "+ resize 16² (NO antialias)",
-        "+ flip, normalize (plain pipeline)", "hand-off to torch (none)",
+        "+ flip (plain pipeline)", "hand-off to torch, normalize (none)",
     ]  # fmt: skip
     assert report["efficiency"] == {} and report["bound"]["none"]["stage"]
 

@@ -11,6 +11,7 @@ from tests_helpers import run_cli
 from tiny_models import tiny_cnn
 
 from dalikd import pipeline
+from dalikd.batch import normalize
 from dalikd.config import DataConfig, KDConfig, build_config
 from dalikd.data import scan_dataset
 from dalikd.metrics import t_stddev
@@ -71,7 +72,7 @@ def rows_by_hand(data_dir: Path, teacher_file: Path, aug: str, steps: int) -> to
     while len(rows) < steps:
         for b in loader:
             with torch.no_grad():
-                logits = teacher(torch.cat([b.images, b.aug_images]))
+                logits = teacher(normalize(torch.cat([b.images, b.aug_images])))
             x, aug_rows = logits[:BATCH], logits[BATCH:]
             if b.pool > 1:
                 kept = pick(scores("teacher_entropy", aug_rows, None, 4.0), pick_count(8, 0, 0.5))

@@ -1,0 +1,71 @@
+"""The hand-off from the data pipeline to the model: :class:`Batch`, and :func:`normalize`.
+
+DALI hands images over as they come out of the augmentations, uint8 HWC, and torch normalizes
+them on the training device. That moves a quarter of the bytes of a float32 hand-off (the DALI
+output copy, the iterator's copy into torch, a pool's view-major concatenation), and the
+normalization runs where the model runs: on a GPU it is one cheap elementwise pass per batch,
+and the mixing schemes' extra views cost the data pipeline only their pixel work.
+
+No DALI import here: the model side (training step, pick, metrics) runs without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # RGB, 0-255 scale
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclass
+class Batch:
+    """One training or validation batch as torch tensors on the training device.
+
+    Images are uint8 NHWC as DALI makes them; :func:`normalize` (through
+    :func:`dalikd.device.prepare_images`) turns them into the model's float NCHW input.
+    """
+
+    images: torch.Tensor  # x: [B, S, S, 3] uint8 RGB
+    labels: torch.Tensor  # [B] int64 class indices
+    aug_images: torch.Tensor | None = None  # x': like images; None for plain KD
+    lam: torch.Tensor | None = None  # [B] float32, fraction of own pixels in x' (mixing only)
+    perm: torch.Tensor | None = None  # [B] int64, partner index of each x' (mixing only)
+    # A candidate pool of k views per image: aug_images, lam and perm hold k·B rows, view-major
+    # (row j·B + i is view j of image i; perm still indexes images).
+    pool: int = 1
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W], ``(x - mean) / std`` with the ImageNet
+    mean/std (0-255 scale), each step rounded as float32 (the same as NumPy's float32 ops).
+
+    Two passes: the uint8 -> float conversion, transposed, fused with the subtraction, then the
+    division in place. ``channels_last``: the result is NCHW with NHWC memory, which is the
+    input's own order, so no transposition happens at all (the layout convolutions on a GPU
+    prefer); otherwise it is contiguous NCHW.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 [N, H, W, 3] images, got {images.dtype} {images.shape}")
+    nchw = images.permute(0, 3, 1, 2)  # a view: NCHW indices over NHWC memory
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(nchw.shape, dtype=torch.float32, device=images.device, memory_format=fmt)
+    mean, std = (_per_channel(v, images.device) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    torch.sub(nchw, mean, out=out)
+    return out.div_(std)
+
+
+_CONSTANTS: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
+
+
+def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """[1, 3, 1, 1] float32 on ``device``, made once per device (no host-to-device copy per
+    batch)."""
+    key = (values, device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return _CONSTANTS[key]
