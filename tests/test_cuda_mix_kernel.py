@@ -46,10 +46,10 @@ def nvcc_command(nvcc: str, arch: str, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
+def build_shim(folder: Path) -> ctypes.CDLL:
+    """Compile the shim and the kernel for this GPU into ``folder``; load the library."""
     major, minor = torch.cuda.get_device_capability()
-    out = tmp_path_factory.mktemp("mix_kernel") / "libmix_kernel_shim.so"
+    out = folder / "libmix_kernel_shim.so"
     cmd = nvcc_command(NVCC, f"{major}{minor}", out)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
@@ -63,6 +63,11 @@ def lib(tmp_path_factory):
     ]  # fmt: skip
     lib.dalikd_test_launch_mix.restype = c_int
     return lib
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return build_shim(tmp_path_factory.mktemp("mix_kernel"))
 
 
 def launch(lib, images, mode, partner, box, lam):
