@@ -6,6 +6,12 @@ GPU; the same code serves both devices. Random draws are CPU nodes (DALI's rando
 arguments; left as ``None`` they are drawn here from the pipeline's seed, passed in they let a
 test inject known values. Injected values are used as given, whatever the granularity.
 
+Each draw made here has its own seed, derived from the pipeline's seed and the order in which
+the recipe makes its draws (:func:`_seed`), not from DALI's automatic seeding, which follows the
+order the pipeline happens to visit its operators in. So two graphs that make the same draws in
+the same order draw the same values however their pixel work is wired: the fused operator,
+which takes every draw as an argument, and the composed graph.
+
 ``granularity``: "sample" draws per image (timm's "elem" mode); "batch" makes one draw for the
 whole batch, as the paper's reference code does. Mixing always pairs samples with a per-batch
 permutation; "batch" shares λ and the box, not the partner.
@@ -22,12 +28,15 @@ operators, visited in the same order, so both paths give bit-identical results f
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
 from nvidia.dali.auto_aug import auto_augment
+from nvidia.dali.pipeline import Pipeline
 
 GRANULARITIES = ("sample", "batch")
 
@@ -39,6 +48,21 @@ def _check(granularity: str) -> None:
         raise ValueError(f"granularity '{granularity}'; known: {', '.join(GRANULARITIES)}")
 
 
+_DRAWS: weakref.WeakKeyDictionary[Pipeline, int] = weakref.WeakKeyDictionary()
+
+
+def _seed() -> dict[str, int]:
+    """``{"seed": s}`` for the next draw of the pipeline being defined: s from its seed and how
+    many draws were made before this one. ``{}`` (DALI's automatic seed) when the pipeline has
+    no fixed seed."""
+    pipe = Pipeline.current()
+    if pipe is None or pipe.seed is None:
+        return {}
+    count = _DRAWS.get(pipe, 0)
+    _DRAWS[pipe] = count + 1
+    return {"seed": int(np.random.SeedSequence([pipe.seed, count]).generate_state(1)[0] >> 1)}
+
+
 def _per(granularity: str, value: DataNode, perm: DataNode | None = None) -> DataNode:
     """``value`` drawn per sample, or sample 0's value copied to the whole batch ("batch").
 
@@ -47,14 +71,14 @@ def _per(granularity: str, value: DataNode, perm: DataNode | None = None) -> Dat
     """
     if granularity == "sample":
         return value
-    zeros = (fn.batch_permutation() if perm is None else perm) * 0
+    zeros = (fn.batch_permutation(**_seed()) if perm is None else perm) * 0
     return fn.permute_batch(value, indices=zeros)
 
 
 def partner_permutation() -> DataNode:
     """int32 per sample: a random permutation of the batch with no fixed points (i -> perm[i],
     never i itself). CPU. With a batch of 1 DALI returns [0]: the sample is its own partner."""
-    return fn.batch_permutation(no_fixed_points=True)
+    return fn.batch_permutation(no_fixed_points=True, **_seed())
 
 
 def flip(
@@ -63,7 +87,7 @@ def flip(
     """Horizontal flip with p = 0.5. ``coin``: int32 per sample on CPU, 1 = mirror."""
     _check(granularity)
     if coin is None:
-        coin = _per(granularity, fn.random.coin_flip(probability=0.5, dtype=types.INT32))
+        coin = _per(granularity, fn.random.coin_flip(probability=0.5, dtype=types.INT32, **_seed()))
     return fn.flip(images, horizontal=coin)
 
 
@@ -86,7 +110,7 @@ def crop_flip(
     """
     _check(granularity)
     if offset is None:
-        offset = _per(granularity, fn.random.choice(2 * pad + 1, shape=[2]))
+        offset = _per(granularity, fn.random.choice(2 * pad + 1, shape=[2], **_seed()))
     window = fn.slice(
         images,
         start=offset - pad,
@@ -116,7 +140,7 @@ def cutout(
     """
     _check(granularity)
     if centre is None:
-        centre = _per(granularity, fn.random.choice(image_size, shape=[2]))
+        centre = _per(granularity, fn.random.choice(image_size, shape=[2], **_seed()))
     anchor = fn.cast(centre - hole // 2, dtype=types.FLOAT)  # erase takes float coordinates
     return fn.erase(
         images,
@@ -159,12 +183,10 @@ def mixup(
     if perm is None:
         perm = partner_permutation()
     if lam is None:
-        lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha), perm)
+        lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha, **_seed()), perm)
     if _native(images, native):
-        # Argument names visit "lam" before "perm", as the composed arithmetic below does, so
-        # DALI seeds the random operators in the same order (it seeds in graph-visit order).
-        out = fn.dalikd_mix(images, mode="mixup", lam=fn.stack(lam), perm=fn.stack(perm))
-        return out[0], (out[1][0] if images.device == "cpu" else lam), perm
+        out = fn.dalikd_mix(images, mode="mixup", lam=lam, perm=perm)
+        return out[0], (out[1] if images.device == "cpu" else lam), perm
     partner = fn.permute_batch(images, indices=perm)
     mixed = images * lam + partner * (1 - lam)  # DALI promotes uint8 -> float32 itself
     return fn.cast(dmath.floor(mixed + 0.5), dtype=types.UINT8), lam, perm
@@ -202,9 +224,9 @@ def cutmix_draws(
     if perm is None:
         perm = partner_permutation()
     if lam is None:
-        lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha), perm)
+        lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha, **_seed()), perm)
     if centre is None:
-        centre = _per(granularity, fn.random.choice(image_size, shape=[2]), perm)
+        centre = _per(granularity, fn.random.choice(image_size, shape=[2], **_seed()), perm)
     return perm, lam, centre
 
 
@@ -231,22 +253,24 @@ def _paste(images: DataNode, image_size: int, draw: tuple) -> tuple[DataNode, Da
 def _fused_cutmix(images: DataNode, image_size: int, draws: list[tuple]) -> list[tuple]:
     """All candidates in one fn.dalikd_mix call; ``[(images, lam, perm)]`` per draw.
 
-    The operator gets the raw draws, float32 (k, 4) per sample, rows (perm, centre y, centre x,
-    λ) (integers below 2^24 are exact in float32), and computes :func:`cutmix_box` and the
-    box's λ itself in the same float32 arithmetic: the ~20 scalar DALI operators per candidate
-    that the box takes in the graph cost more than the pixel work. Each row visits perm, then
-    the centre, then λ, candidate after candidate, as k composed pastes do, so DALI seeds every
-    random operator exactly as in the composed graph.
+    The operator gets the raw draws, per sample ``perm`` int32 (k,), ``lam`` float32 (k,) and
+    ``centre`` int32 (k, 2) (one candidate: the draws as they are, no stacking), and computes
+    :func:`cutmix_box` and the box's λ itself in the same float32 arithmetic: the ~20 scalar
+    DALI operators per candidate that the box takes in the graph cost more than the pixel work.
     """
-    rows = [
-        fn.cat(fn.cast(fn.stack(perm), dtype=types.FLOAT), fn.cast(centre, dtype=types.FLOAT),
-               fn.cast(fn.stack(lam), dtype=types.FLOAT))
-        for perm, lam, centre in draws
-    ]  # fmt: skip
-    out = fn.dalikd_mix(images, mode="cutmix", candidates=len(draws), draws=fn.stack(*rows))
+    perms, lams, centres = ([d[t] for d in draws] for t in range(3))  # (AutoGraph: no zip)
+
+    def per_sample(nodes):
+        return nodes[0] if len(nodes) == 1 else fn.stack(*nodes)
+
+    out = fn.dalikd_mix(
+        images, mode="cutmix", candidates=len(draws),
+        perm=per_sample(perms), centre=per_sample(centres), lam=per_sample(lams),
+    )  # fmt: skip
+    k = len(draws)
     if images.device == "cpu":
-        return [(out[j], out[-1][j], perm) for j, (perm, _, _) in enumerate(draws)]
-    # On GPU the operator's λ output lives on the GPU; λ stays a CPU node like every other
+        return [(out[j], out[k + j], perm) for j, perm in enumerate(perms)]
+    # On GPU the operator's λ outputs live on the GPU; λ stays a CPU node like every other
     # draw, so it is computed here from the same box (the same value).
     return [
         (out[j], _box_lam(cutmix_box(lam, centre, image_size)[1], image_size), perm)

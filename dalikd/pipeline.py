@@ -114,9 +114,9 @@ def train_graph(
         out = recipe(images, ctx)
         for j, view in enumerate(out.views if isinstance(out, Pool) else (out,)):
             outputs[f"aug_images_{j}"] = view.images
-            if view.lam is not None:
-                outputs[f"lam_{j}"] = fn.cast(view.lam, dtype=types.FLOAT)
-                outputs[f"perm_{j}"] = fn.cast(view.perm, dtype=types.INT64)
+            if view.lam is not None:  # float32 and int32 here; the Loader makes perm int64
+                outputs[f"lam_{j}"] = view.lam
+                outputs[f"perm_{j}"] = view.perm
     return outputs
 
 

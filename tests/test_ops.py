@@ -275,8 +275,9 @@ MIXING = {
 @pytest.mark.parametrize("name", [*PER_IMAGE, *MIXING])
 def test_batch_granularity_shares_the_draw_sample_granularity_does_not(name):
     # One image repeated: a per-image op makes equal outputs iff the draw is shared; for mixing
-    # the draw shows in lam (and cutmix's box, through lam).
-    images = np.repeat(make_images(1), 8, axis=0)
+    # the draw shows in lam (and cutmix's box, through lam). 32 images: independent coin flips
+    # all land alike once in 2^31 (with 8, a seed could hit it: 1 in 128).
+    images = np.repeat(make_images(1), 32, axis=0)
     op = PER_IMAGE.get(name) or MIXING[name]
     for granularity, shared in (("batch", True), ("sample", False)):
         for out in run(lambda images, g=granularity: op(images, g), {"images": images}, iters=3):

@@ -212,16 +212,18 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, plugin_manager
 plugin_manager.load_library(sys.argv[1])
 x = [np.full((4, 4, 3), 10 * (i + 1), np.uint8) for i in range(2)]
-draws = [np.array([[1 - i, 2, 2, 0.75]], np.float32) for i in range(2)]  # a 2x2 box
+def arg(values, dtype):
+    return fn.external_source(source=lambda: [np.array(v, dtype) for v in values], batch=True)
 @pipeline_def(batch_size=2, num_threads=1, device_id=None)
 def pipe():
     images = fn.external_source(source=lambda: x, batch=True, layout="HWC")
-    d = fn.external_source(source=lambda: draws, batch=True)
-    return tuple(fn.dalikd_mix(images, mode="cutmix", draws=d))
+    return tuple(fn.dalikd_mix(images, mode="cutmix", perm=arg([1, 0], np.int32),
+                               lam=arg([0.75, 0.75], np.float32),  # a 2x2 box at (2, 2)
+                               centre=arg([[2, 2], [2, 2]], np.int32)))
 p = pipe()
 p.build()
 out, lam = (o.as_array() for o in p.run())
-assert out[0][1:3, 1:3].min() == 20 and out[0][0, 0, 0] == 10 and lam[0, 0] == 0.75, (out, lam)
+assert out[0][1:3, 1:3].min() == 20 and out[0][0, 0, 0] == 10 and lam[0] == 0.75, (out, lam)
 """
 
 

@@ -6,8 +6,8 @@
 // random operators, so seeding and checkpointing stay DALI's; the operator itself is stateless.
 //
 // Inputs:  0 = images, uint8, HWC, every sample the same shape as its partners.
-// Outputs: 0 .. k-1 = the candidates (uint8, like the input); k = lambda, float32 (k,) per
-//          sample: the fraction of the sample's own pixels in each candidate.
+// Outputs: 0 .. k-1 = the candidates (uint8, like the input); k .. 2k-1 = their lambdas, a
+//          float32 scalar per sample: the fraction of the sample's own pixels in the candidate.
 #ifndef DALIKD_NATIVE_MIX_H_
 #define DALIKD_NATIVE_MIX_H_
 
@@ -59,63 +59,54 @@ inline MixMode ParseMode(const dali::OpSpec &spec) {
 }
 
 // The k candidates of every sample, row-major ([i * k + j]), validated against the images'
-// shapes. Argument inputs are CPU TensorLists whatever the operator's backend.
+// shapes. Argument inputs are CPU TensorLists whatever the operator's backend; each holds k
+// values per sample ((k,) or, for k = 1, a scalar; `centre` (k, 2) or (2,)).
 inline std::vector<Candidate> ReadCandidates(const dali::OpSpec &spec, const dali::Workspace &ws,
                                              MixMode mode, int k,
                                              const dali::TensorListShape<> &shape) {
   const int n = shape.num_samples();
+  const bool cutmix = mode == MixMode::kCutMix;
+  DALI_ENFORCE(spec.HasTensorArgument("perm") && spec.HasTensorArgument("lam") &&
+                   (!cutmix || spec.HasTensorArgument("centre")),
+               cutmix ? "DalikdMix: mode 'cutmix' needs `perm` int32 (k,), `lam` float32 (k,) "
+                        "and `centre` int32 (k, 2)"
+                      : "DalikdMix: mode 'mixup' needs `perm` int32 (k,) and `lam` float32 (k,)");
+  const auto &perm = ws.ArgumentInput("perm");
+  const auto &lam = ws.ArgumentInput("lam");
+  DALI_ENFORCE(perm.type() == DALI_INT32, "DalikdMix: `perm` must be int32");
+  DALI_ENFORCE(lam.type() == DALI_FLOAT, "DalikdMix: `lam` must be float32");
+  const dali::TensorList<dali::CPUBackend> *centre = nullptr;
+  if (cutmix) {
+    centre = &ws.ArgumentInput("centre");
+    DALI_ENFORCE(centre->type() == DALI_INT32, "DalikdMix: `centre` must be int32");
+  }
   std::vector<Candidate> cands(static_cast<size_t>(n) * k);
-  auto check_partner = [&](int i, int p) {
-    DALI_ENFORCE(p >= 0 && p < n, dali::make_string("DalikdMix: partner ", p, " of sample ", i,
-                                                    " is outside the batch of ", n));
-    DALI_ENFORCE(shape.tensor_shape(p) == shape.tensor_shape(i),
-                 dali::make_string("DalikdMix: sample ", i, " has shape ",
-                                   shape.tensor_shape(i), " but its partner ", p, " has ",
-                                   shape.tensor_shape(p)));
-  };
-  if (mode == MixMode::kCutMix) {
-    DALI_ENFORCE(spec.HasTensorArgument("draws"),
-                 "DalikdMix: mode 'cutmix' needs `draws`, float32 (k, 4) per sample");
-    const auto &draws = ws.ArgumentInput("draws");
-    DALI_ENFORCE(draws.type() == DALI_FLOAT, "DalikdMix: `draws` must be float32");
-    for (int i = 0; i < n; i++) {
-      auto ds = draws.tensor_shape(i);
-      DALI_ENFORCE(ds.sample_dim() == 2 && ds[0] == k && ds[1] == 4,
-                   dali::make_string("DalikdMix: `draws` of sample ", i, " has shape ", ds,
-                                     "; expected (", k, ", 4) = (perm, y, x, lambda) per "
-                                     "candidate"));
-      const float *d = draws.tensor<float>(i);
-      const auto sh = shape.tensor_shape(i);
-      for (int j = 0; j < k; j++, d += 4) {
-        const float lam = d[3];
-        DALI_ENFORCE(d[0] == std::floor(d[0]) && d[1] == std::floor(d[1]) &&
-                         d[2] == std::floor(d[2]) && lam >= 0.0f && lam <= 1.0f,
-                     dali::make_string("DalikdMix: draw (", d[0], ", ", d[1], ", ", d[2], ", ",
-                                       lam, ") of sample ", i,
-                                       ": perm and centre must be integers, lambda in [0, 1]"));
-        const int partner = static_cast<int>(d[0]);
-        check_partner(i, partner);
-        cands[static_cast<size_t>(i) * k + j] =
-            CutMixBox(partner, static_cast<int64_t>(d[1]), static_cast<int64_t>(d[2]), lam,
-                      sh[0], sh[1]);
-      }
-    }
-  } else {
-    DALI_ENFORCE(spec.HasTensorArgument("perm") && spec.HasTensorArgument("lam"),
-                 "DalikdMix: mode 'mixup' needs `perm` int32 (k,) and `lam` float32 (k,)");
-    const auto &perm = ws.ArgumentInput("perm");
-    const auto &lam = ws.ArgumentInput("lam");
-    DALI_ENFORCE(perm.type() == DALI_INT32, "DalikdMix: `perm` must be int32");
-    DALI_ENFORCE(lam.type() == DALI_FLOAT, "DalikdMix: `lam` must be float32");
-    for (int i = 0; i < n; i++) {
-      DALI_ENFORCE(perm.tensor_shape(i).num_elements() == k &&
-                       lam.tensor_shape(i).num_elements() == k,
-                   dali::make_string("DalikdMix: `perm` and `lam` need ", k,
-                                     " values per sample (one per candidate)"));
-      for (int j = 0; j < k; j++) {
-        Candidate c{perm.tensor<int32_t>(i)[j], 0, 0, 0, 0, lam.tensor<float>(i)[j]};
-        check_partner(i, c.partner);
-        cands[static_cast<size_t>(i) * k + j] = c;
+  for (int i = 0; i < n; i++) {
+    DALI_ENFORCE(perm.tensor_shape(i).num_elements() == k &&
+                     lam.tensor_shape(i).num_elements() == k &&
+                     (!cutmix || centre->tensor_shape(i).num_elements() == 2 * k),
+                 dali::make_string("DalikdMix: sample ", i, " needs ", k, " values of `perm` and "
+                                   "`lam`", cutmix ? " and (y, x) pairs of `centre`" : "",
+                                   " (one per candidate)"));
+    const auto sh = shape.tensor_shape(i);
+    for (int j = 0; j < k; j++) {
+      const int partner = perm.tensor<int32_t>(i)[j];
+      const float l = lam.tensor<float>(i)[j];
+      DALI_ENFORCE(partner >= 0 && partner < n,
+                   dali::make_string("DalikdMix: partner ", partner, " of sample ", i,
+                                     " is outside the batch of ", n));
+      DALI_ENFORCE(shape.tensor_shape(partner) == sh,
+                   dali::make_string("DalikdMix: sample ", i, " has shape ", sh,
+                                     " but its partner ", partner, " has ",
+                                     shape.tensor_shape(partner)));
+      DALI_ENFORCE(l >= 0.0f && l <= 1.0f,  // false for NaN too
+                   dali::make_string("DalikdMix: lambda ", l, " of sample ", i,
+                                     " is outside [0, 1]"));
+      if (cutmix) {
+        const int32_t *c = centre->tensor<int32_t>(i) + 2 * j;
+        cands[static_cast<size_t>(i) * k + j] = CutMixBox(partner, c[0], c[1], l, sh[0], sh[1]);
+      } else {
+        cands[static_cast<size_t>(i) * k + j] = Candidate{partner, 0, 0, 0, 0, l};
       }
     }
   }
@@ -139,9 +130,11 @@ class MixBase : public dali::StatelessOperator<Backend> {
     DALI_ENFORCE(in.type() == DALI_UINT8, "DalikdMix: images must be uint8");
     DALI_ENFORCE(in.sample_dim() == 3, "DalikdMix: images must be HWC (3 dimensions)");
     const int n = in.num_samples();
-    output_desc.resize(k_ + 1);
-    for (int j = 0; j < k_; j++) output_desc[j] = {in.shape(), DALI_UINT8};
-    output_desc[k_] = {dali::uniform_list_shape(n, dali::TensorShape<1>{k_}), DALI_FLOAT};
+    output_desc.resize(2 * k_);
+    for (int j = 0; j < k_; j++) {
+      output_desc[j] = {in.shape(), DALI_UINT8};
+      output_desc[k_ + j] = {dali::uniform_list_shape(n, dali::TensorShape<0>{}), DALI_FLOAT};
+    }
     return true;
   }
 

@@ -52,9 +52,10 @@ class MixCPU : public MixBase<dali::CPUBackend> {
     const int n = shape.num_samples();
     const auto cands = ReadCandidates(spec_, ws, mode_, k_, shape);
 
-    auto &lam_out = ws.Output<dali::CPUBackend>(k_);
-    for (int i = 0; i < n; i++)
-      for (int j = 0; j < k_; j++) lam_out.mutable_tensor<float>(i)[j] = cands[i * k_ + j].lam;
+    for (int j = 0; j < k_; j++) {
+      auto &lam_out = ws.Output<dali::CPUBackend>(k_ + j);
+      for (int i = 0; i < n; i++) *lam_out.mutable_tensor<float>(i) = cands[i * k_ + j].lam;
+    }
 
     auto &pool = ws.GetThreadPool();
     for (int j = 0; j < k_; j++) {
@@ -88,21 +89,23 @@ DALI_REGISTER_OPERATOR(DalikdMix, ::dalikd::MixCPU, ::dali::CPU);
 DALI_SCHEMA(DalikdMix)
     .DocStr(R"(dalikd's fused CutMix / MixUp: k mixed candidates per sample in one pass.
 
-Input: uint8 HWC images. Outputs: ``candidates`` images like the input, then lambda, float32
-(k,) per sample (the fraction of the sample's own pixels in each candidate). Every random draw
-is an argument input, so the operator is stateless.)")
+Input: uint8 HWC images. Outputs: ``candidates`` images like the input, then as many lambdas,
+a float32 scalar per sample each (the fraction of the sample's own pixels in that candidate).
+Every random draw is an argument input, so the operator is stateless.)")
     .NumInput(1)
     .InputLayout(0, "HWC")
-    .OutputFn([](const dali::OpSpec &spec) { return spec.GetArgument<int>("candidates") + 1; })
+    .OutputFn([](const dali::OpSpec &spec) { return 2 * spec.GetArgument<int>("candidates"); })
     .AddArg("mode", "'cutmix' (paste a box of the partner) or 'mixup' (blend with it)",
             DALI_STRING)
     .AddOptionalArg("candidates", "k: mixed candidates per sample (outputs 0 .. k-1)", 1)
-    .AddOptionalArg<std::vector<float>>(
-        "draws",
-        "cutmix: float32 (k, 4) per sample, rows (perm, centre y, centre x, lambda); the box "
-        "is Yun et al.'s, side floor(S * sqrt(1 - lambda)), clipped; lambda is recomputed from it",
-        nullptr, true)
-    .AddOptionalArg<std::vector<int>>("perm", "mixup: int32 (k,) per sample, partner index",
+    .AddOptionalArg<std::vector<int>>("perm", "int32 (k,) per sample: each candidate's partner",
                                       nullptr, true)
-    .AddOptionalArg<std::vector<float>>("lam", "mixup: float32 (k,) per sample, own weight",
-                                        nullptr, true);
+    .AddOptionalArg<std::vector<float>>(
+        "lam",
+        "float32 (k,) per sample, in [0, 1]. mixup: the own image's weight. cutmix: the drawn "
+        "lambda that sizes the box (side floor(S * sqrt(1 - lambda)), Yun et al.); the lambda "
+        "output is recomputed from the clipped box",
+        nullptr, true)
+    .AddOptionalArg<std::vector<int>>("centre",
+                                      "cutmix: int32 (k, 2) per sample, the box centre (y, x)",
+                                      nullptr, true);

@@ -19,11 +19,11 @@ class MixGPU : public MixBase<dali::GPUBackend> {
     const int n = shape.num_samples();
     const auto cands = ReadCandidates(spec_, ws, mode_, k_, shape);
 
-    auto &lam_out = ws.Output<dali::GPUBackend>(k_);
     std::vector<GpuCandidate> host(static_cast<size_t>(n) * k_);
     int64_t max_pixels = 0;
     for (int j = 0; j < k_; j++) {
       auto &out = ws.Output<dali::GPUBackend>(j);
+      auto &lam_out = ws.Output<dali::GPUBackend>(k_ + j);
       out.SetLayout(in.GetLayout());
       for (int i = 0; i < n; i++) {
         const auto sh = shape.tensor_shape(i);
@@ -32,7 +32,7 @@ class MixGPU : public MixBase<dali::GPUBackend> {
         g.out = out.mutable_tensor<uint8_t>(i);
         g.own = in.tensor<uint8_t>(i);
         g.partner = in.tensor<uint8_t>(c.partner);
-        g.lam_out = lam_out.mutable_tensor<float>(i) + j;
+        g.lam_out = lam_out.mutable_tensor<float>(i);
         g.pixels = sh[0] * sh[1];
         g.W = static_cast<int>(sh[1]);
         g.C = static_cast<int>(sh[2]);

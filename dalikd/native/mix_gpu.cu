@@ -43,9 +43,15 @@ cudaError_t LaunchMix(const GpuCandidate *cands, int count, int64_t max_pixels, 
   const int block = 256;
   int64_t blocks_x = (max_pixels + block - 1) / block;
   blocks_x = blocks_x < 1 ? 1 : (blocks_x > 64 ? 64 : blocks_x);  // grid-stride beyond 64
-  dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(count));
-  MixKernel<<<grid, block, 0, stream>>>(cands, mode);
-  return cudaGetLastError();
+  constexpr int kMaxGridY = 65535;  // CUDA's limit on gridDim.y: larger batches go in chunks
+  for (int first = 0; first < count; first += kMaxGridY) {
+    const int chunk = count - first < kMaxGridY ? count - first : kMaxGridY;
+    dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(chunk));
+    MixKernel<<<grid, block, 0, stream>>>(cands + first, mode);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace dalikd
