@@ -235,3 +235,15 @@ def test_large_images_stride_over_the_grid(lib, mode):
     out, lam_out = launch(lib, images, mode, partner, box, lam)
     np.testing.assert_array_equal(out, ref)
     np.testing.assert_array_equal(lam_out, lam)
+
+
+def test_more_candidates_than_one_grid_holds_are_launched_in_chunks(lib):
+    # gridDim.y is at most 65535 (one candidate per row): 40000 samples x 2 go in two launches.
+    n, h, w, c, k = 40_000, 2, 2, 3, 2
+    rng = np.random.default_rng(11)
+    images = rng.integers(0, 256, (n, h, w, c), np.uint8)
+    partner = random_partners(rng, n, k)
+    lam = rng.random((n, k), dtype=np.float32)
+    out, lam_out = launch(lib, images, MIXUP, partner, (np.zeros((n, k)),) * 4, lam)
+    np.testing.assert_array_equal(out, blend_ref(images, partner, lam))
+    np.testing.assert_array_equal(lam_out, lam)
