@@ -41,12 +41,13 @@ class Batch:
 
 
 def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W], ``(x - mean) / std`` with the ImageNet
-    mean/std (0-255 scale), each step rounded as float32 (the same as NumPy's float32 ops).
+    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W]: ``(x - mean) / std`` with the ImageNet
+    mean/std (0-255 scale), computed as ``x * (1 / std) + (-mean / std)`` in one pass (within
+    a float32 rounding or two of the subtract-then-divide form).
 
-    Two passes: the uint8 -> float conversion, transposed, fused with the subtraction, then the
-    division in place. ``channels_last``: the result is NCHW with NHWC memory, which is the
-    input's own order, so no transposition happens at all (the layout convolutions on a GPU
+    One pass: the uint8 -> float conversion, the transposition and the scale-and-shift in a
+    single elementwise operation. ``channels_last``: the result is NCHW with NHWC memory, the
+    input's own order, so nothing is transposed at all (the layout convolutions on a GPU
     prefer); otherwise it is contiguous NCHW.
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
@@ -54,18 +55,18 @@ def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor
     nchw = images.permute(0, 3, 1, 2)  # a view: NCHW indices over NHWC memory
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(nchw.shape, dtype=torch.float32, device=images.device, memory_format=fmt)
-    mean, std = (_per_channel(v, images.device) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    torch.sub(nchw, mean, out=out)
-    return out.div_(std)
+    scale, shift = _scale_shift(images.device)
+    return torch.addcmul(shift, nchw, scale, out=out)
 
 
-_CONSTANTS: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
+_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """[1, 3, 1, 1] float32 on ``device``, made once per device (no host-to-device copy per
-    batch)."""
-    key = (values, device)
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return _CONSTANTS[key]
+def _scale_shift(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 / std, -mean / std), each [1, 3, 1, 1] float32 on ``device``, made once per device
+    (no host-to-device copy per batch)."""
+    if device not in _CONSTANTS:
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+        _CONSTANTS[device] = ((1 / std).float().to(device), (-mean / std).float().to(device))
+    return _CONSTANTS[device]

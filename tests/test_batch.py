@@ -12,14 +12,19 @@ from dalikd.device import prepare_images
 
 
 def numpy_normalize(images: np.ndarray) -> np.ndarray:
-    """float32 (x - mean) / std, NCHW: each operation rounded as float32."""
-    mean = np.array(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
-    std = np.array(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
-    return (images.transpose(0, 3, 1, 2).astype(np.float32) - mean) / std
+    """(x - mean) / std, NCHW, in float64: the exact values."""
+    mean = np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = np.array(IMAGENET_STD).reshape(1, 3, 1, 1)
+    return (images.transpose(0, 3, 1, 2).astype(np.float64) - mean) / std
+
+
+def assert_normalized(out: torch.Tensor, images: np.ndarray) -> None:
+    """Within 2 float32 roundings of the exact value (|values| < 2.7: 2 ulp < 5e-7)."""
+    np.testing.assert_allclose(out.numpy(), numpy_normalize(images), rtol=0, atol=5e-7)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_normalize_equals_numpy_exactly_in_either_memory_format(channels_last):
+def test_normalize_equals_numpy_in_either_memory_format(channels_last):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 7, 11, 3), np.uint8)
     images[0] = 0  # the extremes of the range
@@ -28,7 +33,7 @@ def test_normalize_equals_numpy_exactly_in_either_memory_format(channels_last):
     assert out.shape == (5, 3, 7, 11) and out.dtype == torch.float32
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert out.is_contiguous(memory_format=fmt)
-    np.testing.assert_array_equal(out.numpy(), numpy_normalize(images))
+    assert_normalized(out, images)
 
 
 def test_normalize_reads_views_without_copying_them_first():
@@ -36,7 +41,7 @@ def test_normalize_reads_views_without_copying_them_first():
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (6, 4, 4, 3), np.uint8)
     rows = torch.from_numpy(images)[1::2]  # every second row: not contiguous
-    np.testing.assert_array_equal(normalize(rows).numpy(), numpy_normalize(images[1::2]))
+    assert_normalized(normalize(rows), images[1::2])
 
 
 @pytest.mark.parametrize(

@@ -50,11 +50,11 @@ def pool_batch(device: torch.device, k: int = 2) -> Batch:
                     for f, v in vars(batch).items()})  # fmt: skip
 
 
-def test_normalize_on_the_gpu_equals_the_cpu_exactly_and_is_channels_last():
+def test_normalize_on_the_gpu_equals_the_cpu_and_is_channels_last():
     images = torch.randint(256, (16, 33, 47, 3), dtype=torch.uint8)
     gpu = prepare_images(images.to(CUDA), "gpu", "auto")
     assert gpu.is_contiguous(memory_format=torch.channels_last) and gpu.dtype == torch.float32
-    assert torch.equal(gpu.cpu(), normalize(images))
+    torch.testing.assert_close(gpu.cpu(), normalize(images), rtol=0, atol=5e-7)  # FMA or not
 
 
 def test_the_pick_on_the_gpu_keeps_the_rows_the_cpu_keeps():

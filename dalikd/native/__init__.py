@@ -41,7 +41,10 @@ MODES = ("auto", "0", "1")
 CUDA_HEADERS = ("cuda_runtime.h", "crt/host_config.h", "nv/target")
 # SASS for Turing .. Hopper, PTX for anything newer; one small kernel, so each costs little.
 GENCODES = ("sm_75", "sm_80", "sm_86", "sm_90")
-GPU_UNVERIFIED = "the CUDA kernel has never run on a GPU (unverified)"
+GPU_UNVERIFIED = (
+    "the GPU operator has never run inside DALI (unverified; its CUDA kernel passed its tests on "
+    "an H200 without DALI)"
+)
 SMOKE_TIMEOUT_S = 120
 COMPILE_TIMEOUT_S = 600
 
