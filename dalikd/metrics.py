@@ -11,6 +11,7 @@ those vectors across groups. It is cumulative over everything seen.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -85,6 +86,30 @@ class TStddev:
 
     def mean_entropy(self) -> float:
         return float(self._entropy) / self.rows if self.rows else math.nan
+
+    def pooled(self, all_sum: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
+        """(T. stddev, mean entropy) over the groups and rows of every process, where each
+        process accumulated its own rows (one data shard per rank) and ``all_sum`` sums a
+        tensor over the processes (every process calls this, in step).
+
+        Welford states combine exactly (Chan et al.): with n_r groups, mean m_r and squared
+        deviations M2_r on rank r, N = Σ n_r, m = Σ n_r·m_r / N and M2 = Σ (M2_r + n_r·(m_r -
+        m)²). Identity for a single process (``all_sum`` = identity): the same as
+        :meth:`value` and :meth:`mean_entropy`.
+        """
+        if self._mean is None:
+            raise DalikdError("T. stddev: no rows were added on this process")
+        n = torch.tensor([float(self.groups)], dtype=torch.float64, device=self._mean.device)
+        entropy = torch.as_tensor(self._entropy, dtype=torch.float64, device=n.device).view(1)
+        rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=n.device)
+        totals = all_sum(torch.cat([n, rows, entropy, n * self._mean]))
+        groups, all_rows, all_entropy = (float(v) for v in totals[:3])
+        entropy_mean = all_entropy / all_rows if all_rows else math.nan
+        if groups < 2:
+            return math.nan, entropy_mean
+        mean = totals[3:] / groups
+        m2 = all_sum(self._m2 + n * (self._mean - mean) ** 2)
+        return (m2 / (groups - 1)).sqrt().mean().item(), entropy_mean
 
     def state_dict(self) -> dict:
         return {

@@ -312,13 +312,34 @@ def cutmix_pool(
     granularity: str = "sample",
     native: bool | None = None,
 ) -> list[tuple[DataNode, DataNode, DataNode]]:
-    """k independent CutMix candidates per image (own λ, box and partner each), as k calls of
-    :func:`cutmix`; natively all k come from one operator call that reads each image once."""
+    """k independent CutMix candidates per image (own λ, box and partner each).
+
+    The draws are made for all k at once where DALI allows: k partner permutations, but one
+    Beta draw of shape (k,) and one centre draw of shape (k, 2) per sample (with "batch"
+    granularity, candidate j shares its λ and box over the batch). Natively all k candidates
+    come from one operator call that reads each image once; composed, candidate j is
+    :func:`cutmix` with draw j injected."""
+    _check(granularity)
+    perms = [partner_permutation() for _ in range(k)]
+    lams = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha, shape=[k], **_seed()),
+                perms[0])  # fmt: skip
+    centres = _per(granularity, fn.random.choice(image_size, shape=[k, 2], **_seed()), perms[0])
     if not _native(images, native):
-        return [cutmix(images, image_size, alpha=alpha, granularity=granularity, native=False)
-                for _ in range(k)]  # fmt: skip
-    draws = [cutmix_draws(image_size, alpha=alpha, granularity=granularity) for _ in range(k)]
-    return _fused_cutmix(images, image_size, draws)
+        return [cutmix(images, image_size, lam=lams[j], perm=perms[j], centre=centres[j],
+                       native=False) for j in range(k)]  # fmt: skip
+    out = fn.dalikd_mix(
+        images,
+        mode="cutmix",
+        candidates=k,
+        perm=fn.stack(*perms) if k > 1 else perms[0],
+        lam=lams,
+        centre=centres,
+    )
+    if images.device == "cpu":
+        return [(out[j], out[k + j], perms[j]) for j in range(k)]
+    # On GPU the operator's λ outputs live on the GPU; λ stays a CPU node (as in _fused_cutmix).
+    return [(out[j], _box_lam(cutmix_box(lams[j], centres[j], image_size)[1], image_size),
+             perms[j]) for j in range(k)]  # fmt: skip
 
 
 def _native(images: DataNode, native: bool | None) -> bool:

@@ -294,7 +294,8 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     epoch, step_in_epoch, global_step, best_top1, history = 0, 0, 0, -1.0, []
     partial = _EPOCH_START  # sums of the interrupted epoch so far
     dali_state = None
-    # T. stddev of this rank's teacher rows (x and the x' trained on), cumulative over the run
+    # T. stddev of this rank's teacher rows (x and the x' trained on), cumulative over the run;
+    # pooled over the ranks at each epoch end (TStddev.pooled)
     tstd = TStddev()
     if resume:
         ckpt = _read_checkpoint(run_dir / "last.pt")
@@ -459,9 +460,10 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             "img_per_s": float(totals[1]) / train_seconds,
             "seconds": time.perf_counter() - t0,
         }
-        if teacher is not None:  # NaN (before 2 groups) is written as null
-            record["t_stddev"] = _finite_or_none(tstd.value())
-            record["teacher_entropy"] = _finite_or_none(tstd.mean_entropy())
+        if teacher is not None:  # over every rank's rows; NaN (before 2 groups) is written null
+            t_std, entropy = tstd.pooled(lambda t: distributed.all_sum(ctx, t))
+            record["t_stddev"] = _finite_or_none(t_std)
+            record["teacher_entropy"] = _finite_or_none(entropy)
         history.append(record)
         epoch, step_in_epoch = epoch + 1, 0
         partial = _EPOCH_START

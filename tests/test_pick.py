@@ -2,6 +2,7 @@
 
 import copy
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -168,3 +169,41 @@ def test_accumulator_equals_the_function_on_the_same_rows(chunk):
     restored.add(probs[:1280])
     acc.add(probs[:1280])
     assert restored.value() == acc.value()
+
+
+def test_pooled_t_stddev_over_ranks_equals_the_number_of_all_their_groups():
+    """Two ranks (threads here), each with its own rows: the pooled value is T. stddev of the
+    group means of both, and the entropy the mean over both ranks' rows."""
+    torch.manual_seed(5)
+    shards = [torch.softmax(torch.randn(n, 7) * 2, dim=1) for n in (6 * 64, 9 * 64 + 10)]
+    accs = [TStddev(group_size=64) for _ in shards]
+    for acc, rows in zip(accs, shards, strict=True):
+        acc.add(rows)
+    barrier, parts, results = threading.Barrier(2), [None, None], [None, None]
+
+    def all_sum(rank):
+        def reduce(t):  # every rank contributes, then every rank reads the sum
+            parts[rank] = t
+            barrier.wait()
+            total = parts[0] + parts[1]
+            barrier.wait()
+            return total
+
+        return reduce
+
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(
+        r, accs[r].pooled(all_sum(r)))) for r in range(2)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    means = torch.cat([rows[: len(rows) // 64 * 64].double().reshape(-1, 64, 7).mean(1)
+                       for rows in shards])  # fmt: skip
+    expected = means.std(dim=0, unbiased=True).mean().item()
+    rows = torch.cat(shards).double()
+    entropy = -(rows * rows.log()).sum(1).mean().item()
+    for value, ent in results:
+        assert value == pytest.approx(expected, rel=1e-12)
+        assert ent == pytest.approx(entropy, rel=1e-12)
+    # One process: the same as value() and mean_entropy().
+    assert accs[1].pooled(lambda t: t) == pytest.approx((accs[1].value(), accs[1].mean_entropy()))
