@@ -63,8 +63,8 @@ def any_rank(ctx: Dist, flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def gather_strings(ctx: Dist, value: str) -> list[str]:
-    """Every rank's ``value``, in rank order, on every rank."""
+def gather_objects(ctx: Dist, value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable; tensors on the CPU), in rank order, on every rank."""
     if not ctx.enabled:
         return [value]
     out: list[Any] = [None] * ctx.world_size

@@ -111,12 +111,32 @@ class TStddev:
         m2 = all_sum(self._m2 + n * (self._mean - mean) ** 2)
         return (m2 / (groups - 1)).sqrt().mean().item(), entropy_mean
 
-    def state_dict(self) -> dict:
+    def state_dict(self, cpu: bool = False) -> dict:
+        """The accumulator's state; ``cpu``: its tensors copied to the CPU (to gather them)."""
+        move = (lambda t: None if t is None else t.cpu()) if cpu else (lambda t: t)
         return {
             "group_size": self.group_size, "rows": self.rows, "groups": self.groups,
-            "partial": self._partial, "mean": self._mean, "m2": self._m2,
+            "partial": move(self._partial), "mean": move(self._mean), "m2": move(self._m2),
             "entropy": float(self._entropy),
         }  # fmt: skip
+
+    @staticmethod
+    def combine(states: list[dict]) -> dict:
+        """One state whose complete groups are those of all ``states`` (Chan's combination of
+        their Welford sums), for a run resumed with fewer processes than it was saved with.
+        The open group of the first state is kept; the rows of the others' open groups (fewer
+        than a group each) are dropped."""
+        first = states[0]
+        with_groups = [st for st in states if st["groups"]]
+        if len(states) == 1 or not with_groups:
+            return first
+        groups = sum(st["groups"] for st in with_groups)
+        mean = sum(st["groups"] * st["mean"] for st in with_groups) / groups
+        m2 = sum(st["m2"] + st["groups"] * (st["mean"] - mean) ** 2 for st in with_groups)
+        closed = [st["groups"] * first["group_size"] for st in states[1:]]
+        return {**first, "groups": groups, "mean": mean, "m2": m2,
+                "rows": first["rows"] + sum(closed),
+                "entropy": sum(st["entropy"] for st in states)}  # fmt: skip
 
     def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
         self.group_size, self.rows, self.groups = (

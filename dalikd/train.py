@@ -192,18 +192,30 @@ def default_run_dir() -> str:
     return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
 
 
+# 2: the DALI graph hands uint8 images over and seeds its draws explicitly; T. stddev is saved
+# per rank. A checkpoint of another format cannot restore this version's data pipeline.
+CHECKPOINT_FORMAT = 2
+
+
 def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
     """The config a run was started with, updated by flags given again (e.g. more epochs)."""
     run_dir = Path(run_dir)
     if not (run_dir / "last.pt").is_file() or not (run_dir / "config.json").is_file():
         raise DalikdError(f"nothing to resume in {run_dir}: no last.pt and config.json there")
+    found = _read_checkpoint(run_dir / "last.pt", mmap=True).get("format", 1)
+    if found != CHECKPOINT_FORMAT:
+        raise DalikdError(
+            f"{run_dir / 'last.pt'} has checkpoint format {found}; this dalikd resumes format "
+            f"{CHECKPOINT_FORMAT} only (its data pipeline changed). Start a new run; the old "
+            f"weights can seed it: --student-weights {run_dir / 'last.pt'}"
+        )
     saved = json.loads((run_dir / "config.json").read_text())
     return build_config(saved, {**overrides, "out": str(run_dir)})
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+def _read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise DalikdError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
 
@@ -310,7 +322,13 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             ckpt["history"],
         )
         partial = ckpt["partial"]
-        tstd.load_state_dict(ckpt["tstddev"], tdev)
+        tstd_states = ckpt["tstddev"]  # one per rank (a single dict before they were gathered)
+        tstd_states = [tstd_states] if isinstance(tstd_states, dict) else tstd_states
+        if len(tstd_states) > ctx.world_size:  # fewer ranks now: rank 0 takes the surplus
+            tstd_states = [TStddev.combine([tstd_states[0], *tstd_states[ctx.world_size :]]),
+                           *tstd_states[1 : ctx.world_size]]  # fmt: skip
+        if ctx.rank < len(tstd_states):  # more ranks now: the new ones start empty
+            tstd.load_state_dict(tstd_states[ctx.rank], tdev)
         if len(ckpt["dali"]) == ctx.world_size:
             dali_state = ckpt["dali"][ctx.rank]
         elif step_in_epoch:
@@ -362,8 +380,9 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         )
 
     def save_checkpoint(path_names: tuple[str, ...]) -> None:
-        """All ranks call this: each contributes its DALI state; rank 0 writes."""
-        states = distributed.gather_strings(ctx, train_data.checkpoint())
+        """All ranks call this: each contributes its DALI and T. stddev states; rank 0 writes."""
+        states = distributed.gather_objects(ctx, train_data.checkpoint())
+        tstd_states = distributed.gather_objects(ctx, tstd.state_dict(cpu=True))
         if not ctx.is_main:
             return
         if not all(p.isfinite().all() for p in student.parameters()):
@@ -372,6 +391,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
                 "lower --lr; last.pt keeps the last good checkpoint"
             )
         ckpt = {
+            "format": CHECKPOINT_FORMAT,
             "model": student.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": {"step": global_step},
@@ -382,7 +402,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             "best_top1": best_top1,
             "history": history,
             "dali": states,
-            "tstddev": tstd.state_dict(),
+            "tstddev": tstd_states,
             "rng": torch.get_rng_state(),
             "config": cfg.to_dict(),
             "classes": list(dataset.classes),

@@ -207,3 +207,23 @@ def test_pooled_t_stddev_over_ranks_equals_the_number_of_all_their_groups():
         assert ent == pytest.approx(entropy, rel=1e-12)
     # One process: the same as value() and mean_entropy().
     assert accs[1].pooled(lambda t: t) == pytest.approx((accs[1].value(), accs[1].mean_entropy()))
+
+
+def test_states_saved_by_more_ranks_combine_into_one_with_every_closed_group():
+    """Resuming on fewer ranks: rank 0 takes the surplus ranks' groups (Chan's combination)."""
+    torch.manual_seed(6)
+    shards = [torch.softmax(torch.randn(n, 5), dim=1) for n in (3 * 32 + 7, 5 * 32, 2 * 32 + 31)]
+    states = []
+    for rows in shards:
+        acc = TStddev(group_size=32)
+        acc.add(rows)
+        states.append(acc.state_dict())
+    merged = TStddev(group_size=32)
+    merged.load_state_dict(TStddev.combine(states))
+    means = torch.cat([rows[: len(rows) // 32 * 32].double().reshape(-1, 32, 5).mean(1)
+                       for rows in shards])  # fmt: skip
+    assert merged.groups == 10
+    assert merged.value() == pytest.approx(means.std(dim=0).mean().item(), rel=1e-12)
+    assert merged.rows == 3 * 32 + 7 + 5 * 32 + 2 * 32  # rank 0's open group kept, others' not
+    merged.add(shards[0][:25])  # rank 0's open group goes on: 7 + 25 rows close it
+    assert merged.groups == 11
