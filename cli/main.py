@@ -264,16 +264,17 @@ def pipelines() -> None:
     type=click.Path(),
     default="runs/demo",
     show_default=True,
-    help="where the three runs go",
+    help="where the four runs go",
 )
 @click.option(
-    "--epochs", type=int, default=None, help="override the demo's epoch count (all three runs)"
+    "--epochs", type=int, default=None, help="override the demo's epoch count (all four runs)"
 )
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
 )
 def demo(out: str, epochs: int | None, device: str) -> None:
-    """Build a small digits dataset, train a teacher, a student alone and a KD student."""
+    """Build a small digits dataset; train a teacher, a student alone, and the student
+    distilled with --aug flip and with --aug cutmixpick."""
     from dalikd.cli.report import RichReporter, print_demo
     from dalikd.demo import run_demo
 

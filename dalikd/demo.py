@@ -1,9 +1,10 @@
 """`dalikd demo`: the whole method on a dataset that ships with an installed package.
 
 scikit-learn carries 1,797 handwritten digits (8x8, 10 classes). They are rendered once to
-32x32 JPEGs in the ImageNet layout (a user cache dir), then three runs go through the same
+32x32 JPEGs in the ImageNet layout (a user cache dir), then four runs go through the same
 ``train`` as any user's: a ResNet-18 teacher, a small student trained alone, and the same
-student distilled from the teacher with a second view (the paper's two-view loss).
+student distilled from the teacher with a second view (the paper's two-view loss), once with
+``flip`` and once with ``cutmixpick``.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def build_digits(root: Path | None = None) -> Path:
     return root
 
 
-# Shared by the three runs: small images, short cosine schedule, CIFAR-like optimiser.
+# Shared by the four runs: small images, short cosine schedule, CIFAR-like optimiser.
 COMMON = {
     "data.image_size": SIDE,
     "data.batch_size": 64,

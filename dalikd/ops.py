@@ -22,8 +22,8 @@ the partner in the batch).
 
 Mixing's pixel work runs through dalikd's own DALI operator ``fn.dalikd_mix`` (one pass for all
 candidates; :mod:`dalikd.native`) where it is built and loaded, else through stock operators
-(``permute_batch`` + ``multi_paste`` / arithmetic). The draws are the same DALI random
-operators, visited in the same order, so both paths give bit-identical results for a seed.
+(``permute_batch`` + ``multi_paste`` / arithmetic). Both paths make the same draws with the
+same explicit seeds (above), so they give bit-identical results for a pipeline seed.
 """
 
 from __future__ import annotations
@@ -257,6 +257,8 @@ def _fused_cutmix(images: DataNode, image_size: int, draws: list[tuple]) -> list
     ``centre`` int32 (k, 2) (one candidate: the draws as they are, no stacking), and computes
     :func:`cutmix_box` and the box's λ itself in the same float32 arithmetic: the ~20 scalar
     DALI operators per candidate that the box takes in the graph cost more than the pixel work.
+    On GPU that saving is the pixel work's only: λ is still computed by those CPU operators,
+    so that it stays a CPU node like every other draw (the operator's λ is on the GPU).
     """
     perms, lams, centres = ([d[t] for d in draws] for t in range(3))  # (AutoGraph: no zip)
 

@@ -20,6 +20,7 @@ from dalikd.batch import IMAGENET_MEAN, IMAGENET_STD, Batch
 from dalikd.config import DataConfig
 from dalikd.data import Split
 from dalikd.device import torch_device
+from dalikd.errors import DalikdError
 from dalikd.recipes import AugContext, Pool, Recipe
 
 __all__ = [
@@ -194,6 +195,14 @@ class Loader:
             # Images come out of DALI already on the training device, uint8 NHWC; the
             # per-sample scalars come from CPU operators and are moved here.
             views = sum(name.startswith("aug_images_") for name in d)
+            for name in ("images", *(f"aug_images_{j}" for j in range(views))):
+                if d[name].dtype != torch.uint8 or d[name].dim() != 4 or d[name].shape[-1] != 3:
+                    raise DalikdError(
+                        f"the pipeline's {name.removesuffix('_0')} are "
+                        f"{str(d[name].dtype).removeprefix('torch.')} "
+                        f"{tuple(d[name].shape)}; a recipe must return uint8 HWC RGB images, "
+                        "as it receives them"
+                    )
             yield Batch(
                 images=d["images"],
                 labels=_flat(d["labels"], to, torch.int64),

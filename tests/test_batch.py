@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,5 +79,6 @@ def test_the_model_side_imports_without_dali():
         "import dalikd.train, dalikd.evaluate, dalikd.pick, dalikd.metrics, dalikd.device\n"
         "assert not any(m.startswith('nvidia.dali') for m in sys.modules)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    root = Path(__file__).resolve().parent.parent  # importable from the checkout, installed or not
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert done.returncode == 0, done.stderr

@@ -55,9 +55,17 @@ def test_train_two_epochs_then_resume_to_three(solid_dataset, tmp_path, tiny_env
     assert last["epoch"] == 3 and last["scheduler"]["step"] == 3 * 6
     assert json.loads((run / "config.json").read_text())["optim"]["epochs"] == 3
 
+    assert len(last["tstddev"]) == 1 and last["tstddev"][0]["rows"] == 3 * 48  # one per rank
+
     code, out, _ = run_cli(["eval", "--data", solid_dataset, "--model", TINY,
                             "--weights", run / "best.pt", "--image-size", 16], capsys)  # fmt: skip
     assert code == 0 and "top-1" in out
+
+    # A checkpoint of an older format (before the uint8 hand-off) is refused in one line.
+    torch.save({k: v for k, v in last.items() if k != "format"}, run / "last.pt")
+    code, _, err = run_cli(["train", "--resume", run, "--epochs", 4], capsys)
+    assert code != 0 and "checkpoint format 1; this dalikd resumes format 2" in err
+    assert "Traceback" not in err
 
 
 def test_supervised_run_with_config_file(solid_dataset, tmp_path, tiny_env, capsys):
@@ -95,12 +103,19 @@ def teacher_1000(tmp_path, tiny_env):
         ("unknown key", "unknown config key 'optim.lr_max'"),
         ("bad choice", "Invalid value for '--device'"),
         ("nothing to resume", "nothing to resume in"),
+        ("float recipe", "are float32 (4, 16, 16, 3); a recipe must return uint8 HWC RGB"),
     ],
 )
 def test_user_mistakes_are_one_line(case, message, solid_dataset, tmp_path, teacher_1000, capsys):
     base = ["train", "--data", solid_dataset, "--student", TINY, "--out", tmp_path / "r", *SMALL]
     bad_cfg = tmp_path / "bad.toml"
     bad_cfg.write_text("[optim]\nlr_max = 1\n")
+    float_recipe = tmp_path / "float_recipe.py"  # x' as float: DALI cannot hand that over
+    float_recipe.write_text("from nvidia.dali import fn, types\nfrom dalikd.recipes import View"
+                            "\n\n\ndef aug(images, ctx):\n"
+                            "    return View(fn.cast(images, dtype=types.FLOAT))\n")  # fmt: skip
+    teacher_3 = tmp_path / "t3.pt"
+    torch.save(tiny_cnn(3).state_dict(), teacher_3)
     args = {
         "no data": ["train", "--student", TINY],
         "no train": ["train", "--data", tmp_path, "--student", TINY],
@@ -119,6 +134,15 @@ def test_user_mistakes_are_one_line(case, message, solid_dataset, tmp_path, teac
         "unknown key": [*base, "--config", bad_cfg],
         "bad choice": [*base, "--device", "tpu"],
         "nothing to resume": ["train", "--resume", tmp_path],
+        "float recipe": [
+            *base,
+            "--teacher",
+            TINY,
+            "--teacher-weights",
+            teacher_3,
+            "--aug",
+            f"{float_recipe}:aug",
+        ],  # fmt: skip
     }[case]
     code, _, err = run_cli(args, capsys)
     assert code != 0

@@ -226,20 +226,22 @@ def test_two_builders_at_once_compile_once(tmp_path, monkeypatch):
     assert not [p for p in (tmp_path / "native").iterdir() if p.is_dir() and p.name[0] == "."]
 
 
+@pytest.mark.parametrize("granularity", ["sample", "batch"])
 @pytest.mark.parametrize("name", ["cutmix", "mixup", "cutmixpick"])
-def test_the_gpu_graph_with_the_native_operator_can_be_defined(name):
+def test_the_gpu_graph_with_the_native_operator_can_be_defined(name, granularity):
     if not native.load().gpu:
         pytest.skip(f"no GPU backend built: {native.load().gpu_reason}")
     nodes = []
 
     def graph():
         x = fn.external_source(source=lambda: [np.zeros((S, S, 3), np.uint8)] * 4, batch=True)
-        out = builtin_recipes()[name](x.gpu(), AugContext(S, "gpu", (0.0, 0.0, 0.0)))
+        ctx = AugContext(S, "gpu", (0.0, 0.0, 0.0), granularity)
+        out = builtin_recipes()[name](x.gpu(), ctx)
         views = getattr(out, "views", (out,))
         nodes.extend(views)
         return tuple(n for v in views for n in (v.images, v.lam, v.perm))
 
-    pipeline_def(graph)(batch_size=4, num_threads=1, device_id=None)  # build() needs a GPU
+    pipeline_def(graph)(batch_size=4, num_threads=1, device_id=None, seed=0)  # build(): GPU
     assert nodes
     for view in nodes:
         assert view.images.device == "gpu" and view.images.source._op.schema_name == "DalikdMix"

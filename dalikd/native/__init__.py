@@ -70,7 +70,7 @@ class Status:
     build: BuildInfo | None  # None when the build itself could not run
     loaded: str | None  # the library loaded into DALI, or None
     cpu: bool  # fn.dalikd_mix runs on CPU
-    gpu: bool  # ... and has a GPU backend (compiled and loaded, never run: unverified)
+    gpu: bool  # ... and has a GPU backend (compiled and loaded; never run inside DALI)
     reason: str  # why the CPU operator is unavailable, or ""
     gpu_reason: str  # why there is no GPU backend, or GPU_UNVERIFIED
 
