@@ -63,13 +63,16 @@ COMMON = {
     "data.image_size": SIDE,
     "data.batch_size": 64,
     "data.crop_scale": (0.35, 1.0),
-    "optim.lr": 0.05,
     "optim.weight_decay": 5e-4,
     "optim.schedule": "cosine",
     "optim.warmup_epochs": 1.0,
 }
 TEACHER, STUDENT = "resnet18", "shufflenet_v2_x0_5"
 EPOCHS = {"teacher": 15, "student": 15}
+# The students (alone and distilled) share one learning rate, so the runs compare. At 0.05 the
+# student alone trained erratically (val loss spikes; 57-75% top-1 depending on rounding); at
+# 0.02 it trains smoothly.
+LR = {"teacher": 0.05, "student": 0.02}
 
 
 def run_demo(
@@ -93,11 +96,13 @@ def run_demo(
     rows = []
     for i, (role, folder, model, settings) in enumerate(runs):
         run_dir = out / folder
-        n = epochs or EPOCHS["teacher" if i == 0 else "student"]
+        kind = "teacher" if i == 0 else "student"
+        n = epochs or EPOCHS[kind]
         reporter.message(f"[{i + 1}/{len(runs)}] {role}: {model}, {n} epochs -> {run_dir}")
         cfg = build_config(
             overrides={
                 **COMMON, **settings, "data.path": str(data), "optim.epochs": n,
+                "optim.lr": LR[kind],
                 "out": str(run_dir), "device": device,
             }
         )  # fmt: skip
