@@ -83,9 +83,9 @@ def main() -> None:
                   aug_images=pool, pool=k)  # fmt: skip
     rows: dict[str, float] = {}
     rows[f"normalize x and the pool ({(1 + k) * b} images)"] = timed(
-        lambda: prepare_batch(batch, "gpu", "auto"), args.repeats
+        lambda: prepare_batch(batch, "gpu"), args.repeats
     )
-    prepared = prepare_batch(batch, "gpu", "auto")
+    prepared = prepare_batch(batch, "gpu")
     teacher_in = torch.cat([prepared.images, prepared.aug_images])
     teacher = torchvision.models.resnet34().to(cuda, memory_format=torch.channels_last).eval()
     student = torchvision.models.resnet18().to(cuda, memory_format=torch.channels_last)

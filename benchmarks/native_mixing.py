@@ -176,7 +176,7 @@ def normalized(loader):
     from dalikd.device import prepare_batch
 
     for batch in forever(loader):
-        yield prepare_batch(batch, "cpu", "fp32")
+        yield prepare_batch(batch, "cpu")
 
 
 def main() -> None:

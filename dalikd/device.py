@@ -43,19 +43,18 @@ def autocast(device: str, precision: str):
     return torch.autocast("cuda" if device == "gpu" else "cpu", dtype=dtype)
 
 
-def prepare_images(images: torch.Tensor, device: str, precision: str) -> torch.Tensor:
+def prepare_images(images: torch.Tensor, device: str) -> torch.Tensor:
     """The model's input from the pipeline's uint8 NHWC images: float32 NCHW, normalized, on
-    the images' device (channels_last on GPU). Autocast, where on, lowers the precision inside
-    the model; ``precision`` is taken for symmetry with the other helpers."""
-    del precision  # float32 in every mode: autocast casts at each layer
+    the images' device (channels_last on GPU), in every precision: autocast, where on, casts
+    inside the model."""
     return normalize(images, channels_last=device == "gpu")
 
 
-def prepare_batch(batch: Batch, device: str, precision: str) -> Batch:
+def prepare_batch(batch: Batch, device: str) -> Batch:
     """``batch`` with its images (x, and x' where there is one) as the model's input."""
     aug = batch.aug_images
     return replace(
         batch,
-        images=prepare_images(batch.images, device, precision),
-        aug_images=None if aug is None else prepare_images(aug, device, precision),
+        images=prepare_images(batch.images, device),
+        aug_images=None if aug is None else prepare_images(aug, device),
     )

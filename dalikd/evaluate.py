@@ -34,7 +34,7 @@ def evaluate(
     sums = torch.zeros(4, dtype=torch.float64, device=torch_device(device))
     for batch in loader:
         with autocast(device, precision):
-            logits = model(prepare_images(batch.images, device, precision)).float()
+            logits = model(prepare_images(batch.images, device)).float()
         k = min(5, logits.shape[1])
         hit = logits.topk(k, dim=1).indices == batch.labels[:, None]
         sums += torch.stack([

@@ -220,7 +220,7 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
         done = 0
         while done < steps:  # the loader runs one epoch per iteration, reshuffled each time
             for b in loader:
-                b = prepare_batch(b, device, cfg.precision)
+                b = prepare_batch(b, device)
                 with autocast(device, cfg.precision):
                     logits = teacher_rows(teacher, b, cfg.kd, student)
                 acc.add(logits.float().softmax(dim=1))

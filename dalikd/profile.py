@@ -440,7 +440,7 @@ def _model_runners(
     runs: dict[str, _Runner] = {}
     seen = [batch.images] if batch.aug_images is None else [batch.images, batch.aug_images]
     if models.teacher is not None:
-        teacher_input = prepare_images(torch.cat(seen), device, precision)
+        teacher_input = prepare_images(torch.cat(seen), device)
 
         def teacher_forward():
             with torch.no_grad(), autocast(device, precision):
@@ -450,7 +450,7 @@ def _model_runners(
     if views > 1:  # the student trains on the picked rows only
         kd = cfg.kd
         seen[1] = seen[1][: pick_count(len(seen[1]), kd.pick_count, kd.pick_fraction)]
-    student_views = [prepare_images(x, device, precision) for x in seen]
+    student_views = [prepare_images(x, device) for x in seen]
     targets = [batch.labels.repeat(-(-len(x) // b))[: len(x)] for x in seen]
 
     def student_step():
@@ -637,10 +637,9 @@ class _Profiler:
             pool_size=cfg.pool,
         )
         batches = _forever(loader)
-        precision = self.train_cfg.precision
 
         def handoff() -> None:  # what the model gets: the batch, normalized on the device
-            prepare_batch(next(batches), self.device, precision)
+            prepare_batch(next(batches), self.device)
 
         runs["handoff"] = _Runner(handoff, cfg.batch_size, self.sync)
         tv = None

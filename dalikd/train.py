@@ -148,7 +148,7 @@ def train_step(
     """One optimization step on a batch as the loader hands it over (uint8 images): normalize
     on the device, :func:`kd_step` under autocast, backward (loss-scaled where ``scaler`` is
     enabled: fp16), optimizer step. The training loop and ``dalikd profile`` both run this."""
-    batch = prepare_batch(batch, device, cfg.precision)
+    batch = prepare_batch(batch, device)
     with autocast(device, cfg.precision):
         out = kd_step(student, teacher, batch, cfg)
     optimizer.zero_grad(set_to_none=True)

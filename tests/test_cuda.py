@@ -52,7 +52,7 @@ def pool_batch(device: torch.device, k: int = 2) -> Batch:
 
 def test_normalize_on_the_gpu_equals_the_cpu_and_is_channels_last():
     images = torch.randint(256, (16, 33, 47, 3), dtype=torch.uint8)
-    gpu = prepare_images(images.to(CUDA), "gpu", "auto")
+    gpu = prepare_images(images.to(CUDA), "gpu")
     assert gpu.is_contiguous(memory_format=torch.channels_last) and gpu.dtype == torch.float32
     torch.testing.assert_close(gpu.cpu(), normalize(images), rtol=0, atol=5e-7)  # FMA or not
 
@@ -107,7 +107,7 @@ def test_a_cutmixpick_train_step_on_the_gpu_matches_the_cpu(precision):
 
 def test_bf16_autocast_runs_the_model_in_bf16_on_the_gpu():
     model = small_resnet().to(CUDA).to(memory_format=torch.channels_last)
-    x = prepare_images(pool_batch(CUDA).images, "gpu", "auto")
+    x = prepare_images(pool_batch(CUDA).images, "gpu")
     with autocast("gpu", "auto"):
         assert model(x).dtype == torch.bfloat16
 

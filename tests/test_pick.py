@@ -128,7 +128,7 @@ def test_cutmixpick_pool_through_the_real_pipeline(solid_dataset):
     assert batch.pool == 3 and batch.aug_images.shape == (12, 16, 16, 3)
     assert batch.lam.shape == (12,) and batch.perm.shape == (12,)
     teacher = CountingTeacher(tiny_cnn(3)).eval().requires_grad_(False)
-    batch = prepare_batch(batch, "cpu", "fp32")
+    batch = prepare_batch(batch, "cpu")
     out = kd_step(tiny_cnn(3), teacher, batch, build_config(overrides={"kd.pool_size": 3}))
     assert teacher.images == 4 + 12
     assert out.teacher_logits.shape[0] == 4 + 6  # half of the pool kept
