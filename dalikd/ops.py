@@ -250,34 +250,30 @@ def _paste(images: DataNode, image_size: int, draw: tuple) -> tuple[DataNode, Da
     return mixed, _box_lam(shape, s)
 
 
-def _fused_cutmix(images: DataNode, image_size: int, draws: list[tuple]) -> list[tuple]:
-    """All candidates in one fn.dalikd_mix call; ``[(images, lam, perm)]`` per draw.
+def _fused_cutmix(
+    images: DataNode, image_size: int, perms: list, lam: DataNode, centre: DataNode
+) -> list[tuple]:
+    """k = len(perms) candidates in one fn.dalikd_mix call; ``[(images, lam, perm)]`` each.
 
-    The operator gets the raw draws, per sample ``perm`` int32 (k,), ``lam`` float32 (k,) and
-    ``centre`` int32 (k, 2) (one candidate: the draws as they are, no stacking), and computes
-    :func:`cutmix_box` and the box's λ itself in the same float32 arithmetic: the ~20 scalar
-    DALI operators per candidate that the box takes in the graph cost more than the pixel work.
-    On GPU that saving is the pixel work's only: λ is still computed by those CPU operators,
-    so that it stays a CPU node like every other draw (the operator's λ is on the GPU).
+    The operator gets the draws as they are drawn: ``perms``, k int32 nodes (stacked to (k,)
+    per sample), ``lam`` float32 (k,) and ``centre`` int32 (k, 2) per sample (a scalar and
+    (2,) for k = 1), and computes :func:`cutmix_box` and the box's λ itself in the same
+    float32 arithmetic: the ~20 scalar DALI operators per candidate that the box takes in the
+    graph cost more than the pixel work. On GPU that saving is the pixel work's only: λ is
+    still computed by those CPU operators, so that it stays a CPU node like every other draw
+    (the operator's λ is on the GPU).
     """
-    perms, lams, centres = ([d[t] for d in draws] for t in range(3))  # (AutoGraph: no zip)
-
-    def per_sample(nodes):
-        return nodes[0] if len(nodes) == 1 else fn.stack(*nodes)
-
-    out = fn.dalikd_mix(
-        images, mode="cutmix", candidates=len(draws),
-        perm=per_sample(perms), centre=per_sample(centres), lam=per_sample(lams),
-    )  # fmt: skip
-    k = len(draws)
+    k = len(perms)
+    out = fn.dalikd_mix(images, mode="cutmix", candidates=k, lam=lam, centre=centre,
+                        perm=perms[0] if k == 1 else fn.stack(*perms))  # fmt: skip
     if images.device == "cpu":
-        return [(out[j], out[k + j], perm) for j, perm in enumerate(perms)]
-    # On GPU the operator's λ outputs live on the GPU; λ stays a CPU node like every other
-    # draw, so it is computed here from the same box (the same value).
-    return [
-        (out[j], _box_lam(cutmix_box(lam, centre, image_size)[1], image_size), perm)
-        for j, (perm, lam, centre) in enumerate(draws)
-    ]
+        return [(out[j], out[k + j], perms[j]) for j in range(k)]
+
+    def nth(node: DataNode, j: int) -> DataNode:
+        return node if k == 1 else node[j]
+
+    return [(out[j], _box_lam(cutmix_box(nth(lam, j), nth(centre, j), image_size)[1], image_size),
+             perms[j]) for j in range(k)]  # fmt: skip
 
 
 def cutmix(
@@ -300,7 +296,8 @@ def cutmix(
         image_size, alpha=alpha, granularity=granularity, lam=lam, perm=perm, centre=centre
     )
     if _native(images, native):
-        return _fused_cutmix(images, image_size, [draw])[0]
+        perm, lam, centre = draw
+        return _fused_cutmix(images, image_size, [perm], lam, centre)[0]
     mixed, box_lam = _paste(images, image_size, draw)
     return mixed, box_lam, draw[0]
 
@@ -329,19 +326,7 @@ def cutmix_pool(
     if not _native(images, native):
         return [cutmix(images, image_size, lam=lams[j], perm=perms[j], centre=centres[j],
                        native=False) for j in range(k)]  # fmt: skip
-    out = fn.dalikd_mix(
-        images,
-        mode="cutmix",
-        candidates=k,
-        perm=fn.stack(*perms) if k > 1 else perms[0],
-        lam=lams,
-        centre=centres,
-    )
-    if images.device == "cpu":
-        return [(out[j], out[k + j], perms[j]) for j in range(k)]
-    # On GPU the operator's λ outputs live on the GPU; λ stays a CPU node (as in _fused_cutmix).
-    return [(out[j], _box_lam(cutmix_box(lams[j], centres[j], image_size)[1], image_size),
-             perms[j]) for j in range(k)]  # fmt: skip
+    return _fused_cutmix(images, image_size, perms, lams, centres)
 
 
 def _native(images: DataNode, native: bool | None) -> bool:
