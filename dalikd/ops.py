@@ -159,6 +159,19 @@ def autoaugment(images: DataNode) -> DataNode:
     return auto_augment.auto_augment(images, policy_name="image_net")
 
 
+def _partner_and_lam(
+    alpha: float, granularity: str, perm: DataNode | None, lam: DataNode | None
+) -> tuple[DataNode, DataNode]:
+    """The draws every mixing scheme starts with, in this order: the partner permutation, then
+    λ ~ Beta(α, α) per sample or per batch. Injected values are used as given."""
+    _check(granularity)
+    if perm is None:
+        perm = partner_permutation()
+    if lam is None:
+        lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha, **_seed()), perm)
+    return perm, lam
+
+
 def mixup(
     images: DataNode,
     *,
@@ -179,11 +192,7 @@ def mixup(
     ``native``: the pixel work through dalikd's fused operator (True), the stock operators
     (False), or as :func:`dalikd.native.use_native` decides (None); the results are identical.
     """
-    _check(granularity)
-    if perm is None:
-        perm = partner_permutation()
-    if lam is None:
-        lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha, **_seed()), perm)
+    perm, lam = _partner_and_lam(alpha, granularity, perm, lam)
     if _native(images, native):
         out = fn.dalikd_mix(images, mode="mixup", lam=lam, perm=perm)
         return out[0], (out[1] if images.device == "cpu" else lam), perm
@@ -220,11 +229,7 @@ def cutmix_draws(
     λ ~ Beta(α, α) and the box centre, (2,) = (y, x) uniform in [0, image_size), per sample or
     per batch; ``perm`` as in :func:`mixup`. Injected values are used as given.
     """
-    _check(granularity)
-    if perm is None:
-        perm = partner_permutation()
-    if lam is None:
-        lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha, **_seed()), perm)
+    perm, lam = _partner_and_lam(alpha, granularity, perm, lam)
     if centre is None:
         centre = _per(granularity, fn.random.choice(image_size, shape=[2], **_seed()), perm)
     return perm, lam, centre
