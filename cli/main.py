@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 
 from dalikd.cli.doctor_cmd import doctor
+from dalikd.cli.plot_cmd import plot
 from dalikd.cli.preview_cmd import preview
 from dalikd.cli.profile_cmd import profile
 from dalikd.cli.report import ScanProgress
@@ -275,18 +276,20 @@ def pipelines() -> None:
 def demo(out: str, epochs: int | None, device: str) -> None:
     """Build a small digits dataset; train a teacher, a student alone, and the student
     distilled with --aug flip and with --aug cutmixpick."""
-    from dalikd.cli.report import RichReporter, print_demo
-    from dalikd.demo import run_demo
+    from dalikd.cli.report import RichReporter, console, print_demo
+    from dalikd.demo import CURVES, run_demo
 
     with RichReporter() as reporter:
         rows = run_demo(Path(out), reporter, epochs=epochs, device=device)
     print_demo(rows)
+    console.print(f"curves of the four runs: {Path(out) / CURVES}", markup=False, soft_wrap=True)
 
 
 cli.add_command(preview)
 cli.add_command(profile)
 cli.add_command(tstddev)
 cli.add_command(doctor)
+cli.add_command(plot)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -132,10 +132,7 @@ def tstddev(
     from dalikd.errors import DalikdError
     from dalikd.metrics import GROUP_SIZE
     from dalikd.probe import ProbeConfig, run_probe, write_json, write_plot
-    from dalikd.profile import require_matplotlib
 
-    if plot:
-        require_matplotlib()  # before the probe runs, not after
     group_size = GROUP_SIZE if group_size is None else group_size
     if epochs is not None and samples is not None:
         raise DalikdError("give --epochs or --samples, not both")

@@ -778,18 +778,9 @@ def _versions() -> dict[str, str]:
     }
 
 
-def require_matplotlib() -> None:
-    """--plot's dependency, checked before minutes of measuring; one line if it is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise DalikdError("--plot needs matplotlib: pip install matplotlib") from None
-
-
 def write_plot(report: dict[str, Any], path: str | Path) -> Path:
     """A horizontal bar chart of every stage's rate; each scheme's torchvision baseline sits
     under its DALI hand-off."""
-    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")

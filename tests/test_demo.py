@@ -34,3 +34,5 @@ def test_demo_command_runs_all_three_trainings(tmp_path, monkeypatch, capsys):
         assert role in out
     for run in ("teacher", "student", "kd", "kd_cutmixpick"):
         assert (tmp_path / "demo" / run / "best.pt").is_file()
+    curves = tmp_path / "demo" / "curves.png"
+    assert curves.is_file() and f"curves of the four runs: {curves}" in out

@@ -1,8 +1,6 @@
 """`dalikd tstddev`: the probe's numbers equal T. stddev of the same rows computed by hand."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,10 +85,9 @@ def rows_by_hand(data_dir: Path, teacher_file: Path, aug: str, steps: int) -> to
 
 def test_probe_end_to_end_equals_t_stddev_of_the_same_rows(noise, teacher_file, tmp_path, capsys):
     out_json, out_png = tmp_path / "tstd.json", tmp_path / "tstd.png"
-    plot = importlib.util.find_spec("matplotlib") is not None  # optional: pip install matplotlib
     args = ["tstddev", "--data", noise, "--teacher", TINY, "--teacher-weights", teacher_file,
             "--aug", "none,flip,cutmix,cutmixpick", "--samples", SAMPLES, *SMALL,
-            "--json", out_json, *(["--plot", out_png] if plot else [])]  # fmt: skip
+            "--json", out_json, "--plot", out_png]  # fmt: skip
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     assert "T. stddev" in out and "cutmixpick" in out
@@ -104,9 +101,8 @@ def test_probe_end_to_end_equals_t_stddev_of_the_same_rows(noise, teacher_file, 
     assert (by_aug["none"]["rows"], by_aug["none"]["group_rows"]) == (SAMPLES, GROUP // 2)
     assert by_aug["none"]["groups"] == by_aug["flip"]["groups"] == 2 * SAMPLES // GROUP
     assert by_aug["cutmixpick"]["rows"] == 2 * SAMPLES  # B of x + the B kept of 2B candidates
-    if plot:
-        with Image.open(out_png) as png:
-            assert png.format == "PNG" and png.width > 100
+    with Image.open(out_png) as png:
+        assert png.format == "PNG" and png.width > 100
     assert not list(tmp_path.glob("*.tmp"))
 
     steps = SAMPLES // BATCH
@@ -170,15 +166,3 @@ def test_probe_counts_the_rows_training_counts(criterion):
     training = kd_step(student, teacher, batch, cfg).teacher_logits
     probe = teacher_rows(teacher, batch, KDConfig(pick_criterion=criterion), student)
     torch.testing.assert_close(probe, training, rtol=0, atol=0)
-
-
-def test_plot_without_matplotlib_is_one_line_before_any_work(
-    noise, teacher_file, tmp_path, capsys, monkeypatch
-):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    args = ["tstddev", "--data", noise, "--teacher", TINY, "--teacher-weights", teacher_file,
-            "--aug", "flip", "--samples", SAMPLES, *SMALL,
-            "--plot", tmp_path / "t.png"]  # fmt: skip
-    code, out, err = run_cli(args, capsys)
-    assert code != 0 and err.strip() == "error: --plot needs matplotlib: pip install matplotlib"
-    assert "T. stddev" not in out  # refused before the probe ran
