@@ -467,7 +467,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         train_seconds = time.perf_counter() - t0
 
         # validate
-        val = evaluate(student, val_data, device, cfg.precision, ctx)
+        val = evaluate(student, val_data, device, cfg.precision, ctx, teacher=teacher)
         totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=tdev)
         distributed.all_sum(ctx, totals)
         record = {
@@ -484,6 +484,8 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             t_std, entropy = tstd.pooled(lambda t: distributed.all_sum(ctx, t))
             record["t_stddev"] = _finite_or_none(t_std)
             record["teacher_entropy"] = _finite_or_none(entropy)
+            # teacher-student agreement on val: top-1 (%) and KL(teacher || student) at T = 1
+            record["val_agree_top1"], record["val_kl_ts"] = val["agree_top1"], val["kl_ts"]
         history.append(record)
         epoch, step_in_epoch = epoch + 1, 0
         partial = _EPOCH_START
