@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from dalikd.cli.doctor_cmd import doctor
 from dalikd.cli.plot_cmd import plot
@@ -301,8 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         code = cli.main(args=argv, prog_name="dalikd", standalone_mode=False)
-    except DalikdError as e:
-        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+    except DalikdError as e:  # the message is text, not markup: "dalikd[timm]" stays whole
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(1)
     except click.UsageError as e:
         hint = f" (see: dalikd {e.ctx.info_name if e.ctx and e.ctx.parent else ''} --help)".replace(

@@ -18,6 +18,13 @@ import tomllib
 
 from dalikd.errors import DalikdError
 
+TIMM_PREFIX = "timm:"  # --teacher/--student timm:NAME: a timm model by name
+
+
+def timm_pretrained(name: str) -> bool:
+    """A timm name with a pretrained tag (``timm:resnet50.a1_in1k``): its weights come with it."""
+    return name.startswith(TIMM_PREFIX) and "." in name.removeprefix(TIMM_PREFIX)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -33,7 +40,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    student: str = "resnet18"  # torchvision name or module:function
+    student: str = "resnet18"  # torchvision name, timm:NAME or module:function
     student_weights: str = ""  # optional initial weights for the student
     teacher: str = ""  # empty: train the student supervised (no distillation)
     teacher_weights: str = ""  # file (state_dict or dalikd checkpoint) or torchvision name
@@ -229,10 +236,15 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise DalikdError(message)
-    if cfg.model.teacher and not cfg.model.teacher_weights:
+    if (
+        cfg.model.teacher
+        and not cfg.model.teacher_weights
+        and not timm_pretrained(cfg.model.teacher)
+    ):
         raise DalikdError(
             "--teacher needs --teacher-weights (a file or a torchvision weights name such as "
-            "IMAGENET1K_V1): distilling from an untrained teacher teaches nothing"
+            "IMAGENET1K_V1) or a timm name with a pretrained tag (timm:resnet50.a1_in1k): "
+            "distilling from an untrained teacher teaches nothing"
         )
     if not cfg.model.teacher and cfg.kd.aug != "none" and not cfg.kd.mixed_label_ce:
         raise DalikdError(

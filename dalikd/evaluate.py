@@ -13,7 +13,7 @@ from dalikd import distributed
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 from dalikd.device import autocast, prepare_images, resolve_device, torch_device
-from dalikd.models import build_model
+from dalikd.models import build_model, input_norm
 
 if TYPE_CHECKING:
     from dalikd.pipeline import Loader
@@ -49,11 +49,12 @@ def evaluate(
     (nats per image), a cheap signal of how far the distillation has come.
     """
     model.eval()
+    norm = input_norm(model)  # a teacher takes the model's inputs (models.adapt_input)
     # Sums stay on the device: no CPU-GPU sync until the end.
     # [loss sum, top-1 hits, top-5 hits, images, agreeing images, KL sum]
     sums = torch.zeros(6, dtype=torch.float64, device=torch_device(device))
     for batch in loader:
-        images = prepare_images(batch.images, device)
+        images = prepare_images(batch.images, device, norm)
         with autocast(device, precision):
             logits = model(images).float()
             teacher_logits = teacher(images).float() if teacher is not None else None

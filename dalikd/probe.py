@@ -38,7 +38,7 @@ from dalikd.data import Dataset, scan_dataset
 from dalikd.device import autocast, prepare_batch, resolve_device
 from dalikd.errors import DalikdError
 from dalikd.metrics import GROUP_SIZE, TStddev
-from dalikd.models import build_model
+from dalikd.models import adapt_input, build_model, input_norm
 
 # The paper's nine schemes less the student-entropy pick (a --pick-criterion away).
 PAPER_SCHEMES = (
@@ -207,6 +207,8 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
                 "pass --student (and --student-weights)"
             )
         student = _model(cfg.model.student, cfg.model.student_weights, "student", dataset, device)
+        teacher = adapt_input(teacher, input_norm(student))  # it takes the student's inputs
+    norm = input_norm(teacher)
 
     results = []
     for aug, recipe in schemes.items():
@@ -220,7 +222,7 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
         done = 0
         while done < steps:  # the loader runs one epoch per iteration, reshuffled each time
             for b in loader:
-                b = prepare_batch(b, device)
+                b = prepare_batch(b, device, norm)
                 with autocast(device, cfg.precision):
                     logits = teacher_rows(teacher, b, cfg.kd, student)
                 acc.add(logits.float().softmax(dim=1))

@@ -31,7 +31,7 @@ from dalikd.errors import DalikdError
 from dalikd.evaluate import evaluate
 from dalikd.losses import kd_divergence, soft_labels
 from dalikd.metrics import TStddev
-from dalikd.models import build_model
+from dalikd.models import adapt_input, build_model, input_norm
 
 
 class Reporter(Protocol):
@@ -148,7 +148,7 @@ def train_step(
     """One optimization step on a batch as the loader hands it over (uint8 images): normalize
     on the device, :func:`kd_step` under autocast, backward (loss-scaled where ``scaler`` is
     enabled: fp16), optimizer step. The training loop and ``dalikd profile`` both run this."""
-    batch = prepare_batch(batch, device)
+    batch = prepare_batch(batch, device, input_norm(student))  # the teacher adapts (build_models)
     with autocast(device, cfg.precision):
         out = kd_step(student, teacher, batch, cfg)
     optimizer.zero_grad(set_to_none=True)
@@ -174,6 +174,8 @@ def build_models(cfg: TrainConfig, dataset: Dataset) -> Models:
     if m.teacher:
         teacher = build_model(m.teacher, dataset.num_classes, m.teacher_weights, role="teacher")
         teacher.eval().requires_grad_(False)  # frozen once, never switched back to train
+        # it gets the student's inputs and maps them to its own normalization (timm's may differ)
+        teacher = adapt_input(teacher, input_norm(student))
     return Models(student, teacher)
 
 
