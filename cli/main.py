@@ -140,6 +140,12 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         None,
         "report the teacher's val accuracy before training",
     ),
+    (
+        "--tensorboard/--no-tensorboard",
+        "tensorboard",
+        None,
+        "also write the metrics.jsonl scalars to RUN_DIR/tb/ (pip install 'dalikd[tensorboard]')",
+    ),
 ]
 
 

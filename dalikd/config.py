@@ -85,6 +85,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (GPU)
     channels_last: bool = True  # only applied on GPU
     eval_teacher: bool = False  # report the teacher's val accuracy before training
+    tensorboard: bool = False  # also write metrics.jsonl's scalars to RUN_DIR/tb/
     log_every: int = 10  # steps between progress updates (each one is a device sync)
     ckpt_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
 

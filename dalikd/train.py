@@ -32,6 +32,7 @@ from dalikd.evaluate import evaluate
 from dalikd.losses import kd_divergence, soft_labels
 from dalikd.metrics import TStddev
 from dalikd.models import adapt_input, build_model, input_norm
+from dalikd.tensorboard import ScalarWriter
 
 
 class Reporter(Protocol):
@@ -341,7 +342,9 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             global_step -= step_in_epoch
             step_in_epoch, partial = 0, _EPOCH_START
         reporter.message(f"resumed {run_dir} at epoch {epoch + 1}, step {step_in_epoch}")
+    tb = None  # --tensorboard: rank 0 writes the epoch records to RUN_DIR/tb/ too
     if ctx.is_main:
+        tb = ScalarWriter(run_dir / "tb") if cfg.tensorboard else None
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(cfg.to_dict(), indent=2) + "\n", run_dir / "config.json")
         write_jsonl_atomic(history, run_dir / "metrics.jsonl")
@@ -498,11 +501,15 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         save_checkpoint(("last.pt", "best.pt") if improved else ("last.pt",))
         if ctx.is_main:
             write_jsonl_atomic(history, run_dir / "metrics.jsonl")
+            if tb is not None:
+                tb.add(record)
         reporter.epoch_end(record)
         if distributed.any_rank(ctx, stop.received is not None, tdev):
             stop.received = stop.received or "SIGTERM"
             break
 
+    if tb is not None:
+        tb.close()
     return {
         "run_dir": str(run_dir),
         "device": device,
