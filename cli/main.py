@@ -68,15 +68,21 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         "--teacher",
         "model.teacher",
         str,
-        "teacher model (torchvision name or module:function); omit to train supervised",
+        "teacher model (torchvision name, timm:NAME or module:function); omit to train supervised",
     ),
     (
         "--teacher-weights",
         "model.teacher_weights",
         str,
-        "teacher weights: a file (state_dict or dalikd checkpoint) or a torchvision name",
+        "teacher weights: a file (state_dict or dalikd checkpoint) or a torchvision name; "
+        "none for a timm name with a pretrained tag (timm:resnet50.a1_in1k)",
     ),
-    ("--student", "model.student", str, "student model (torchvision name or module:function)"),
+    (
+        "--student",
+        "model.student",
+        str,
+        "student model (torchvision name, timm:NAME or module:function)",
+    ),
     ("--student-weights", "model.student_weights", str, "initial student weights (file)"),
     ("--epochs", "optim.epochs", int, "epochs to train (with --resume: the new total)"),
     ("--batch-size", "data.batch_size", int, "images per step"),
@@ -218,7 +224,9 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
 @click.option(
     "--data", required=True, type=click.Path(), help="dataset root (its val/ split is used)"
 )
-@click.option("--model", "model_name", required=True, help="torchvision name or module:function")
+@click.option(
+    "--model", "model_name", required=True, help="torchvision name, timm:NAME or module:function"
+)
 @click.option("--weights", required=True, help="weights file or torchvision weights name")
 @click.option("--batch-size", default=100, show_default=True, type=int)
 @click.option("--image-size", default=224, show_default=True, type=int)
