@@ -135,6 +135,12 @@ def print_recipes(infos: list[Any]) -> None:
 
 
 def print_demo(rows: list[dict[str, Any]]) -> None:
+    if not console.is_terminal:  # a log: one whole line per run, no truncated cells
+        for r in rows:
+            line = (f"{r['model']}  {r['role']}: val top-1 {r['val_top1']:.2f}%  "
+                    f"val loss {r['val_loss']:.4f}  {r['run']}")  # fmt: skip
+            console.print(line, soft_wrap=True, markup=False)
+        return
     table = Table(title="dalikd demo: digits (10 classes)")
     for col, justify in (("model", "left"), ("role", "left"), ("val top-1 %", "right"),
                          ("val loss", "right"), ("run", "left")):  # fmt: skip
