@@ -15,12 +15,13 @@ from typing import Any
 
 from dalikd.errors import DalikdError
 
-# (panel title, y label, [(metrics.jsonl key, line style)])
-PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
-    ("loss (solid: train, dashed: val)", "loss", [("train_loss", "-"), ("val_loss", "--")]),
-    ("val top-1", "%", [("val_top1", "-")]),
-    ("learning rate (at the epoch's end)", "lr", [("lr", "-")]),
-    ("teacher T. stddev (KD runs)", "T. stddev", [("t_stddev", "-")]),
+# (panel title, y label, y scale, [(metrics.jsonl key, line style)]); the loss on a log scale:
+# an early val-loss spike (hundreds, in a short run's first epoch) would flatten the rest
+PANELS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
+    ("loss (solid: train, dashed: val)", "loss", "log", [("train_loss", "-"), ("val_loss", "--")]),
+    ("val top-1", "%", "linear", [("val_top1", "-")]),
+    ("learning rate (at the epoch's end)", "lr", "linear", [("lr", "-")]),
+    ("teacher T. stddev (KD runs)", "T. stddev", "linear", [("t_stddev", "-")]),
 ]
 
 
@@ -65,7 +66,7 @@ def curves_figure(runs: dict[str, list[dict[str, Any]]]) -> Any:
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2).ravel()
     colours = [f"C{i % 10}" for i in range(len(runs))]
-    for ax, (title, ylabel, series) in zip(axes, PANELS, strict=True):
+    for ax, (title, ylabel, yscale, series) in zip(axes, PANELS, strict=True):
         for colour, (name, records) in zip(colours, runs.items(), strict=True):
             epochs = [r["epoch"] for r in records]
             for key, style in series:
@@ -77,6 +78,7 @@ def curves_figure(runs: dict[str, list[dict[str, Any]]]) -> Any:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
+        ax.set_yscale(yscale)
         ax.grid(alpha=0.3)
         if not ax.lines:
             ax.text(0.5, 0.5, "no run has this metric", ha="center", va="center",

@@ -32,7 +32,8 @@ def line_data(ax):
 def test_each_panel_holds_each_runs_values_per_epoch():
     fig = curves_figure({"kd": KD, "student": ALONE})
     loss, top1, lr, tstd = fig.axes
-    assert [ax.get_title() for ax in fig.axes] == [title for title, _, _ in PANELS]
+    assert [ax.get_title() for ax in fig.axes] == [title for title, _, _, _ in PANELS]
+    assert loss.get_yscale() == "log" and top1.get_yscale() == "linear"
     # loss: train (labelled) and val (unlabelled, dashed) per run, in run order
     (kd_train, kd_val, alone_train, alone_val) = loss.lines
     assert kd_train.get_label() == "kd" and alone_train.get_label() == "student"
