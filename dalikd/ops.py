@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
-from nvidia.dali.auto_aug import auto_augment
 from nvidia.dali.pipeline import Pipeline
 
 GRANULARITIES = ("sample", "batch")
@@ -149,14 +148,6 @@ def cutout(
         axis_names="HW",
         fill_value=[float(round(v)) for v in fill],
     )
-
-
-def autoaugment(images: DataNode) -> DataNode:
-    """AutoAugment, ImageNet policy (DALI's ``auto_aug``): one of its 25 sub-policies per sample,
-    fill 128 where a geometric op leaves the canvas. Needs a pipeline with
-    ``enable_conditionals=True``. Always drawn per sample: DALI's policy draws are internal, so
-    there is no batch-shared variant."""
-    return auto_augment.auto_augment(images, policy_name="image_net")
 
 
 def _partner_and_lam(
