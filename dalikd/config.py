@@ -46,6 +46,9 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
+    # decay BatchNorm weights and biases too (the reference code's plain SGD over every
+    # parameter, docs/method.md); False: weights of conv and linear layers only
+    decay_norm_and_bias: bool = False
     schedule: str = "step"  # step | cosine
     milestones: tuple[int, ...] = (30, 60, 90)  # epochs where the step schedule multiplies by gamma
     gamma: float = 0.1
