@@ -19,7 +19,7 @@ def _version(module: str) -> str:
 
 def report() -> dict[str, Any]:
     """Versions, CUDA as torch sees it, the native operator's state and the active mixing path
-        per device ("native" or "composed: <why>"). On a CUDA machine the GPU backend is run on the
+    per device ("native" or "composed: <why>"). On a CUDA machine the GPU backend is run on the
     GPU (:func:`dalikd.native.verify_gpu`): "gpu_backend" is "verified on <GPU>" or "not used:
     <why>"."""
     import nvidia.dali
