@@ -47,30 +47,40 @@ MARK = "@@case "  # a child's result line: MARK + {"name", "ok", "detail"}
 # -- synthetic data (parent, PIL only) -----------------------------------------------------------
 
 
+def _save_jpeg(job: tuple[Path, int, int, int]) -> str:
+    """One smooth noisy image, 64-500 px a side; i % 7 picks CMYK (0), grayscale (1),
+    progressive (2) or plain RGB. Returns its kind."""
+    path, c, i, seed = job
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(64, 500, 2))
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 40 * c % 256)], -1)
+    pixels = np.clip(base + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+    image, options, kind = Image.fromarray(pixels), {"quality": 90}, "rgb"
+    if i % 7 == 0:
+        image, kind = image.convert("CMYK"), "cmyk"
+    elif i % 7 == 1:
+        image, kind = image.convert("L"), "gray"
+    elif i % 7 == 2:
+        options, kind = {"quality": 90, "progressive": True}, "progressive"
+    image.save(path, **options)
+    return kind
+
+
 def make_jpegs(root: Path, classes: int, per_class: int, val_per_class: int) -> dict[str, int]:
-    """``root/{train,val}/c<i>/*.jpg``: smooth images with noise, 64-500 px a side, every 7th
-    CMYK, every 7th + 1 grayscale, every 7th + 2 progressive. Returns counts by kind."""
-    rng = np.random.default_rng(0)
-    kinds = {"rgb": 0, "cmyk": 0, "gray": 0, "progressive": 0}
+    """``root/{train,val}/c<i>/<j>.jpg`` (see :func:`_save_jpeg`), made by a process pool.
+    Returns how many of each kind."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = []
     for split, n in (("train", per_class), ("val", val_per_class)):
         for c in range(classes):
             folder = root / split / f"c{c}"
             folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                h, w = (int(v) for v in rng.integers(64, 500, 2))
-                yy, xx = np.mgrid[0:h, 0:w]
-                base = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 40 * c % 256)], -1)
-                pixels = np.clip(base + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
-                image, options, kind = Image.fromarray(pixels), {"quality": 90}, "rgb"
-                if i % 7 == 0:
-                    image, kind = image.convert("CMYK"), "cmyk"
-                elif i % 7 == 1:
-                    image, kind = image.convert("L"), "gray"
-                elif i % 7 == 2:
-                    options, kind = {"quality": 90, "progressive": True}, "progressive"
-                image.save(folder / f"{i}.jpg", **options)
-                kinds[kind] += 1
-    return kinds
+            jobs += [(folder / f"{i}.jpg", c, i, len(jobs) + i) for i in range(n)]
+    with ProcessPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        made = list(pool.map(_save_jpeg, jobs, chunksize=16))
+    return {k: made.count(k) for k in ("rgb", "cmyk", "gray", "progressive")}
 
 
 # -- the cases, run in children (python gpu_check.py --child CASE ...) ---------------------------
@@ -423,8 +433,8 @@ def main() -> None:
     check.save()
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     data, classes = work / "data", 4
-    # B = 256 profile batches need >= 256 training images; the CPU dry run needs few.
-    per_class = 80 if args.device == "gpu" else 6
+    # The profile's batches of 256: 4 per epoch, so epoch ends are not every other batch.
+    per_class = 256 if args.device == "gpu" else 6
     kinds = make_jpegs(data, classes, per_class, val_per_class=7)
     print(f"data: {data} ({', '.join(f'{n} {k}' for k, n in kinds.items())})", flush=True)
     teacher = work / "teacher.pt"
