@@ -89,7 +89,13 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--lr", "optim.lr", float, "peak learning rate"),
     ("--momentum", "optim.momentum", float, "SGD momentum"),
     ("--nesterov/--no-nesterov", "optim.nesterov", None, "Nesterov momentum"),
-    ("--weight-decay", "optim.weight_decay", float, "weight decay (not on BN or biases)"),
+    ("--weight-decay", "optim.weight_decay", float, "weight decay"),
+    (
+        "--decay-norm-and-bias/--no-decay-norm-and-bias",
+        "optim.decay_norm_and_bias",
+        None,
+        "weight decay on BatchNorm and biases too (the reference code's SGD)",
+    ),
     ("--schedule", "optim.schedule", click.Choice(["step", "cosine"]), "learning-rate schedule"),
     (
         "--milestones",

@@ -36,6 +36,13 @@ class DataConfig:
     batch_size: int = 256  # images per step (per process)
     threads: int = 0  # DALI CPU threads; 0 = one per core, at most 8
     antialias: bool = True  # antialiased resize, as torchvision's RandomResizedCrop
+    # The "mixed" (GPU) JPEG decoder only (ignored on CPU); values of NVIDIA's ResNet-50 DALI
+    # example, sized for ImageNet's largest image, so nvJPEG never reallocates mid-run.
+    hw_decoder_load: float = 0.65  # share (0-1) of JPEG data for the GPU's JPEG engines (A100+)
+    preallocate_width_hint: int = 5980  # px, image width the JPEG engines preallocate for
+    preallocate_height_hint: int = 6430  # px, image height the JPEG engines preallocate for
+    device_memory_padding: int = 211025920  # bytes of padding per nvJPEG GPU buffer
+    host_memory_padding: int = 140544512  # bytes of padding per nvJPEG pinned host buffer
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,9 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
+    # decay BatchNorm weights and biases too (the reference code's plain SGD over every
+    # parameter, docs/method.md); False: weights of conv and linear layers only
+    decay_norm_and_bias: bool = False
     schedule: str = "step"  # step | cosine
     milestones: tuple[int, ...] = (30, 60, 90)  # epochs where the step schedule multiplies by gamma
     gamma: float = 0.1
@@ -219,6 +229,20 @@ def validate(cfg: TrainConfig) -> None:
             0 < d.val_crop_fraction <= 1,
             f"val_crop_fraction must be in (0, 1], got {d.val_crop_fraction}",
         ),
+        (
+            0 <= d.hw_decoder_load <= 1,
+            f"hw_decoder_load must be in [0, 1], got {d.hw_decoder_load}",
+        ),
+        (
+            min(
+                d.preallocate_width_hint,
+                d.preallocate_height_hint,
+                d.device_memory_padding,
+                d.host_memory_padding,
+            )
+            >= 0,
+            "decoder hints and paddings must be >= 0",
+        ),  # fmt: skip
         (o.epochs >= 1, f"epochs must be positive, got {o.epochs}"),
         (o.lr > 0, f"learning rate must be positive, got {o.lr}"),
         (o.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {o.warmup_epochs}"),

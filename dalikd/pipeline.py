@@ -55,12 +55,28 @@ def read(
     )
 
 
+def decoder_args(data: DataConfig, device: str) -> dict[str, Any]:
+    """The decoder's device, and on GPU the "mixed" decoder's throughput settings (DataConfig:
+    JPEG-engine share, preallocation hints, nvJPEG buffer paddings); DALI's CPU decoder takes
+    none of them."""
+    if device != "gpu":
+        return {"device": "cpu"}
+    return {
+        "device": "mixed",
+        "hw_decoder_load": data.hw_decoder_load,
+        "preallocate_width_hint": data.preallocate_width_hint,
+        "preallocate_height_hint": data.preallocate_height_hint,
+        "device_memory_padding": data.device_memory_padding,
+        "host_memory_padding": data.host_memory_padding,
+    }
+
+
 def random_crop_decode(jpegs: Any, data: DataConfig, device: str) -> Any:
     """Decode only a random crop window (area in crop_scale, aspect in crop_ratio), at its own
     size. Out: uint8 HWC RGB on ``device``."""
     return fn.decoders.image_random_crop(
         jpegs,
-        device="mixed" if device == "gpu" else "cpu",
+        **decoder_args(data, device),
         output_type=types.RGB,
         random_area=list(data.crop_scale),
         random_aspect_ratio=list(data.crop_ratio),
@@ -79,9 +95,7 @@ def random_resized_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
 def center_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
     """Decode, resize the shorter side to image_size / val_crop_fraction, crop the centre
     image_size². Deterministic. Out: uint8 HWC RGB on ``device``."""
-    images = fn.decoders.image(
-        jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB
-    )
+    images = fn.decoders.image(jpegs, **decoder_args(data, device), output_type=types.RGB)
     images = fn.resize(
         images,
         resize_shorter=round(data.image_size / data.val_crop_fraction),
@@ -103,7 +117,12 @@ def train_graph(
     native=None,
 ):
     """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode.
-    Every image output is uint8 HWC. ``native``: the mixing path (AugContext.native)."""
+    Every image output is uint8 HWC. ``native``: the mixing path (AugContext.native).
+
+    On GPU, λ and perm leave the pipeline as GPU nodes (``.gpu()``; a no-op for the native
+    operator's λ, already there): a CPU node that also feeds GPU work (``images * lam``) is
+    allocated in pinned host memory, which DALI exports over DLPack as kDLCUDAHost, a device
+    type torch's ``from_dlpack`` rejects. Labels feed nothing on the GPU and stay on CPU."""
     jpegs, labels = read(
         split, shuffle=True, shard_id=shard_id, num_shards=num_shards, seed=reader_seed
     )
@@ -116,8 +135,8 @@ def train_graph(
         for j, view in enumerate(out.views if isinstance(out, Pool) else (out,)):
             outputs[f"aug_images_{j}"] = view.images
             if view.lam is not None:  # float32 and int32 here; the Loader makes perm int64
-                outputs[f"lam_{j}"] = view.lam
-                outputs[f"perm_{j}"] = view.perm
+                outputs[f"lam_{j}"] = view.lam.gpu() if device == "gpu" else view.lam
+                outputs[f"perm_{j}"] = view.perm.gpu() if device == "gpu" else view.perm
     return outputs
 
 
@@ -192,8 +211,8 @@ class Loader:
         to = self._device
         for out in self._iter:
             d = out[0]
-            # Images come out of DALI already on the training device, uint8 NHWC; the
-            # per-sample scalars come from CPU operators and are moved here.
+            # Images come out of DALI already on the training device, uint8 NHWC; labels
+            # (and on CPU λ, perm) are moved here: a no-op for what is already there.
             views = sum(name.startswith("aug_images_") for name in d)
             for name in ("images", *(f"aug_images_{j}" for j in range(views))):
                 if d[name].dtype != torch.uint8 or d[name].dim() != 4 or d[name].shape[-1] != 3:

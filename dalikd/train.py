@@ -30,7 +30,7 @@ from dalikd.device import amp_dtype, autocast, prepare_batch, resolve_device, to
 from dalikd.errors import DalikdError
 from dalikd.evaluate import evaluate
 from dalikd.losses import kd_divergence, soft_labels
-from dalikd.metrics import TStddev
+from dalikd.metrics import GROUP_STEPS, TStddev
 from dalikd.models import adapt_input, build_model, input_norm
 from dalikd.tensorboard import ScalarWriter
 
@@ -182,8 +182,8 @@ def build_models(cfg: TrainConfig, dataset: Dataset) -> Models:
 
 def make_optimizer(student: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for p in student.parameters():
-        (decay if p.ndim > 1 else no_decay).append(p)  # no weight decay on BN and biases
+    for p in student.parameters():  # 1-d parameters: BatchNorm weights and biases
+        (decay if p.ndim > 1 or optim.decay_norm_and_bias else no_decay).append(p)
     return torch.optim.SGD(
         [{"params": decay, "weight_decay": optim.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
@@ -310,8 +310,9 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     partial = _EPOCH_START  # sums of the interrupted epoch so far
     dali_state = None
     # T. stddev of this rank's teacher rows (x and the x' trained on), cumulative over the run;
-    # pooled over the ranks at each epoch end (TStddev.pooled)
-    tstd = TStddev()
+    # pooled over the ranks at each epoch end (TStddev.pooled). A group is GROUP_STEPS steps of
+    # rows (the reference's 5); its size in rows is set at the first step (0: not yet known).
+    tstd = TStddev(group_size=0)
     if resume:
         ckpt = _read_checkpoint(run_dir / "last.pt")
         student.load_state_dict(ckpt["model"])
@@ -435,6 +436,8 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
                 ) from None
             losses = step_out.losses
             if step_out.teacher_logits is not None:
+                if not tstd.group_size:  # x's rows + the x' trained on, GROUP_STEPS times
+                    tstd.group_size = GROUP_STEPS * len(step_out.teacher_logits)
                 tstd.add(step_out.teacher_logits.float().softmax(dim=1))
             global_step += 1
             step_in_epoch += 1
@@ -489,6 +492,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             t_std, entropy = tstd.pooled(lambda t: distributed.all_sum(ctx, t))
             record["t_stddev"] = _finite_or_none(t_std)
             record["teacher_entropy"] = _finite_or_none(entropy)
+            record["group_rows"] = tstd.group_size
             # teacher-student agreement on val: top-1 (%) and KL(teacher || student) at T = 1
             record["val_agree_top1"], record["val_kl_ts"] = val["agree_top1"], val["kl_ts"]
         history.append(record)
