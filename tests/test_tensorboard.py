@@ -30,12 +30,27 @@ def test_tensorboard_scalars_equal_metrics_jsonl(solid_dataset, tmp_path, tiny_e
     numbers = {k for r in records for k, v in r.items() if k != "epoch" and v is not None}
     assert tags == numbers
     assert {"val_top1", "val_agree_top1", "val_kl_ts", "lr", "train_loss"} <= tags
-    assert "t_stddev" not in tags  # null in every epoch of this short run: nothing to draw
     for tag in tags:
         points = [(e.step, e.value) for e in events.Scalars(tag)]
-        expected = [(r["epoch"], r[tag]) for r in records]
+        expected = [(r["epoch"], r[tag]) for r in records if r.get(tag) is not None]
         assert [s for s, _ in points] == [s for s, _ in expected], tag
         assert [v for _, v in points] == pytest.approx([v for _, v in expected], rel=1e-6), tag
+
+
+def test_null_values_are_left_out_as_gaps(tmp_path):
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator"
+    )
+    from dalikd.tensorboard import ScalarWriter
+
+    writer = ScalarWriter(tmp_path / "tb")
+    writer.add({"epoch": 1, "val_top1": 50.0, "t_stddev": None})
+    writer.add({"epoch": 2, "val_top1": 75.0, "t_stddev": 0.25})
+    writer.close()
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val_top1")] == [(1, 50.0), (2, 75.0)]
+    assert [(e.step, e.value) for e in events.Scalars("t_stddev")] == [(2, 0.25)]
 
 
 def test_without_tensorboard_the_error_is_one_line(
