@@ -127,6 +127,13 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--crop-scale", "data.crop_scale", _numbers(float), "random-resized-crop area range, MIN,MAX"),
     ("--threads", "data.threads", int, "DALI CPU threads (0: one per core, at most 8)"),
     (
+        "--mixing",
+        "data.mixing",
+        click.Choice(["auto", "native", "composed"]),
+        "mixing's pixel work: dalikd's fused operator, stock DALI operators (the same pixels), "
+        "or auto (native where it builds; DALIKD_NATIVE=0|1 sets auto); saved with the run",
+    ),
+    (
         "--device",
         "device",
         click.Choice(["auto", "cpu", "gpu"]),

@@ -88,6 +88,13 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
     "--threads", default=0, type=int, help="DALI CPU threads (0: one per core, at most 8)"
 )
 @click.option(
+    "--mixing",
+    type=click.Choice(["auto", "native", "composed"]),
+    default="auto",
+    show_default=True,
+    help="mixing's pixel work: dalikd's fused operator or stock DALI operators (same pixels)",
+)
+@click.option(
     "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
 )
 @click.option(
@@ -122,8 +129,8 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
 @click.option("--plot", type=click.Path(), help="write a bar chart PNG here")
 def tstddev(
     data, teacher, teacher_weights, augs, epochs, samples, group_steps, batch_size, image_size,
-    crop_scale, threads, device, precision, granularity, seed, pick_criterion, pool_size, student,
-    student_weights, json_out, plot,
+    crop_scale, threads, mixing, device, precision, granularity, seed, pick_criterion, pool_size,
+    student, student_weights, json_out, plot,
 ) -> None:  # fmt: skip
     """Rank augmentation schemes by the teacher's T. stddev (lowest = best for KD first).
 
@@ -137,7 +144,7 @@ def tstddev(
         raise DalikdError("give --epochs or --samples, not both")
     cfg = ProbeConfig(
         data=DataConfig(path=data, image_size=image_size, batch_size=batch_size, threads=threads,
-                        crop_scale=crop_scale),
+                        crop_scale=crop_scale, mixing=mixing),
         model=ModelConfig(teacher=teacher, teacher_weights=teacher_weights, student=student,
                           student_weights=student_weights),
         augs=tuple(a for a in augs.split(",") if a.strip()),

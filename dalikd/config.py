@@ -36,6 +36,10 @@ class DataConfig:
     batch_size: int = 256  # images per step (per process)
     threads: int = 0  # DALI CPU threads; 0 = one per core, at most 8
     antialias: bool = True  # antialiased resize, as torchvision's RandomResizedCrop
+    # mixing's pixel work: native (dalikd's fused fn.dalikd_mix) | composed (stock DALI
+    # operators; the same pixels) | auto (native where it builds and loads; DALIKD_NATIVE=0|1
+    # is auto's default). A run resolves it once and saves the answer with its state.
+    mixing: str = "auto"
     # The "mixed" (GPU) JPEG decoder only (ignored on CPU); values of NVIDIA's ResNet-50 DALI
     # example, sized for ImageNet's largest image, so nvJPEG never reallocates mid-run.
     hw_decoder_load: float = 0.65  # share (0-1) of JPEG data for the GPU's JPEG engines (A100+)
@@ -108,6 +112,7 @@ SECTIONS = ("data", "model", "optim", "kd")
 _CHOICES = {
     "device": ("auto", "cpu", "gpu"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
+    "data.mixing": ("auto", "native", "composed"),
     "optim.schedule": ("step", "cosine"),
     "kd.granularity": ("sample", "batch"),
     "kd.pick_criterion": ("teacher_entropy", "student_entropy", "kld"),

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from dalikd import ops
 from dalikd.batch import IMAGENET_MEAN, IMAGENET_STD, Batch
 from dalikd.config import DataConfig
 from dalikd.data import Split
 from dalikd.device import torch_device
 from dalikd.errors import DalikdError
-from dalikd.recipes import AugContext, Pool, Recipe
+from dalikd.recipes import AugContext, Pool, Recipe, recipe_info
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "Batch", "torch_device", "train_loader", "val_loader",
@@ -114,10 +116,10 @@ def train_graph(
     granularity="sample",
     reader_seed=0,
     pool_size=2,
-    native=None,
 ):
     """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode.
-    Every image output is uint8 HWC. ``native``: the mixing path (AugContext.native).
+    Every image output is uint8 HWC. The recipe's mixing ops run on the path of
+    ``data.mixing`` (:func:`dalikd.ops.mixing_path`; "auto" is resolved by the first of them).
 
     On GPU, λ and perm leave the pipeline as GPU nodes (``.gpu()``; a no-op for the native
     operator's λ, already there): a CPU node that also feeds GPU work (``images * lam``) is
@@ -130,8 +132,9 @@ def train_graph(
     images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
     outputs = {"images": images, "labels": labels}
     if recipe is not None:
-        ctx = AugContext(data.image_size, device, IMAGENET_MEAN, granularity, pool_size, native)
-        out = recipe(images, ctx)
+        ctx = AugContext(data.image_size, device, IMAGENET_MEAN, granularity, pool_size)
+        with ops.mixing_path(data.mixing):
+            out = recipe(images, ctx)
         for j, view in enumerate(out.views if isinstance(out, Pool) else (out,)):
             outputs[f"aug_images_{j}"] = view.images
             if view.lam is not None:  # float32 and int32 here; the Loader makes perm int64
@@ -263,22 +266,37 @@ def train_loader(
     All shards shuffle with ``seed`` (one shared permutation, split between them); the
     augmentations of shard i draw from ``seed + i``. ``checkpoint`` resumes a saved state.
     """
+    data = _restored_data(data, recipe, checkpoint)
     pipe, names = build_pipeline(
         train_graph, data=data, device=device, seed=seed + shard_id, checkpoint=checkpoint,
         split=split, recipe=recipe, shard_id=shard_id, num_shards=num_shards,
         granularity=granularity, reader_seed=seed, pool_size=pool_size,
-        native=_native_in(checkpoint),
     )  # fmt: skip
     return Loader(pipe, names, last_batch=LastBatchPolicy.DROP, device=torch_device(device))
 
 
-def _native_in(checkpoint: str | bytes | None) -> bool | None:
-    """The mixing path a DALI checkpoint was saved from (its operators are named in it), so a
-    resumed run rebuilds the same graph whatever DALIKD_NATIVE says now; None: no checkpoint."""
-    if checkpoint is None:
-        return None
+def checkpoint_mixing(checkpoint: str | bytes) -> str:
+    """The mixing path a DALI checkpoint was saved from ("native" | "composed"): the
+    operators of its graph are named in it."""
     name = "DalikdMix"
-    return (name.encode() if isinstance(checkpoint, bytes) else name) in checkpoint
+    found = (name.encode() if isinstance(checkpoint, bytes) else name) in checkpoint
+    return "native" if found else "composed"
+
+
+def _restored_data(data: DataConfig, recipe: Recipe | None, checkpoint: str | None) -> DataConfig:
+    """``data`` for a graph that restores ``checkpoint``: a DALI state only restores into the
+    graph it was saved from, so its mixing path wins over "auto" and contradicts any other."""
+    if checkpoint is None or recipe is None or not recipe_info(recipe).mixing:
+        return data
+    saved = checkpoint_mixing(checkpoint)
+    if data.mixing == "auto":
+        return replace(data, mixing=saved)
+    if data.mixing != saved:
+        raise DalikdError(
+            f"the data pipeline state was saved with the {saved} mixing path; this run asks for "
+            f"{data.mixing} (--mixing {saved} resumes it)"
+        )
+    return data
 
 
 def val_loader(

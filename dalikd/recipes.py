@@ -33,9 +33,6 @@ class AugContext:
     mean: tuple[float, float, float]  # dataset mean per RGB channel, 0-255 scale
     granularity: str = "sample"  # "sample": draws per image | "batch": one draw for the batch
     pool_size: int = 2  # k: candidates per image a pool recipe (cutmixpick) makes
-    # mixing's pixel work: dalikd's fn.dalikd_mix (True), stock operators (False), or as
-    # dalikd.native decides (None); pinned when resuming a DALI checkpoint of either graph
-    native: bool | None = None
 
 
 @dataclass(frozen=True)

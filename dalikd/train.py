@@ -86,7 +86,8 @@ def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
     run_dir = Path(run_dir)
     if not (run_dir / "last.pt").is_file() or not (run_dir / "config.json").is_file():
         raise DalikdError(f"nothing to resume in {run_dir}: no last.pt and config.json there")
-    found = _read_checkpoint(run_dir / "last.pt", mmap=True).get("format", 1)
+    ckpt = _read_checkpoint(run_dir / "last.pt", mmap=True)
+    found = ckpt.get("format", 1)
     if found != CHECKPOINT_FORMAT:
         raise DalikdError(
             f"{run_dir / 'last.pt'} has checkpoint format {found}; this dalikd resumes format "
@@ -94,7 +95,30 @@ def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
             f"weights can seed it: --student-weights {run_dir / 'last.pt'}"
         )
     saved = json.loads((run_dir / "config.json").read_text())
+    data = saved.setdefault("data", {})
+    if "mixing" not in data and ckpt.get("dali"):  # saved before the path was configuration
+        from dalikd.pipeline import checkpoint_mixing
+
+        data["mixing"] = checkpoint_mixing(ckpt["dali"][0])
+    asked = overrides.get("data.mixing", data.get("mixing", "auto"))
+    if data.get("mixing", "auto") not in ("auto", asked):
+        raise DalikdError(
+            f"{run_dir} mixes on the {data['mixing']} path (its data pipeline state needs the "
+            f"same graph); drop --mixing {asked}"
+        )
     return build_config(saved, {**overrides, "out": str(run_dir)})
+
+
+def resolve_mixing(cfg: TrainConfig, recipe: recipes.Recipe | None, device: str) -> TrainConfig:
+    """``cfg`` with its mixing path resolved once ("native" | "composed"), when the recipe
+    mixes: config.json and the checkpoint record the graph the data state belongs to."""
+    if recipe is None or not recipes.recipe_info(recipe).mixing:
+        return cfg
+    from dalikd import native
+
+    return build_config(
+        overrides={"data.mixing": native.resolve(cfg.data.mixing, device)}, base=cfg
+    )
 
 
 def _read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -168,6 +192,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     cfg = build_config(overrides={"out": str(run_dir)}, base=cfg)
     dataset = scan_dataset(cfg.data.path)
     recipe = recipes.resolve(cfg.kd.aug)
+    cfg = resolve_mixing(cfg, recipe, device)
     distiller = Distiller.build(cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision)
     student, teacher = distiller.student, distiller.teacher
     tdev = torch_device(device)

@@ -17,6 +17,5 @@ def cutmixpick(images, ctx: AugContext) -> Pool:
         ctx.pool_size,
         alpha=1.0,
         granularity=ctx.granularity,
-        native=ctx.native,
     )  # natively one operator call writes all k candidates (dalikd.native)
     return Pool(tuple(View(mixed, lam, perm) for mixed, lam, perm in pool))

@@ -22,11 +22,11 @@ def traced_gpu_train_graph(monkeypatch, root, aug: str, granularity: str, native
     """The pipeline train_loader(device="gpu") would build, traced but not built: the DALI
     device id is None (no GPU here). Returns ``{name: output node}`` and the pipeline."""
     monkeypatch.setattr(pipeline, "_dali_device_id", lambda device: None)
-    data = DataConfig(path=str(root), image_size=S, batch_size=4, threads=1)
+    data = DataConfig(path=str(root), image_size=S, batch_size=4, threads=1,
+                      mixing="native" if native_path else "composed")  # fmt: skip
     pipe, names = pipeline.build_pipeline(
         pipeline.train_graph, data=data, device="gpu", seed=0, split=scan_dataset(root).train,
         recipe=resolve(aug), shard_id=0, num_shards=1, granularity=granularity,
-        native=native_path,
     )  # fmt: skip
     pipe._build_graph()  # private: collects the operators without building the backend
     return dict(zip(names, pipe._graph_outputs, strict=True)), pipe

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import threading
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from nvidia.dali import fn, pipeline_def
 from PIL import Image
+from tests_helpers import run_cli
 
 from dalikd import native, ops, pipeline
 from dalikd.cli.main import main
@@ -173,6 +175,53 @@ def test_a_resumed_loader_keeps_the_mixing_path_of_its_checkpoint(jpegs, saved, 
         assert torch.equal(getattr(resumed, field), getattr(expected, field)), field
 
 
+@pytest.mark.parametrize("path", ["native", "composed"])
+def test_the_configured_mixing_path_wins_over_the_environment(jpegs, path, monkeypatch):
+    """data.mixing picks the graph; DALIKD_NATIVE is only auto's default."""
+    monkeypatch.setenv("DALIKD_NATIVE", "0" if path == "native" else "1")
+    data = DataConfig(path=str(jpegs.root), image_size=S, batch_size=4, threads=1, mixing=path)
+    pipe, _ = pipeline.build_pipeline(
+        pipeline.train_graph, data=data, device="cpu", seed=0, split=jpegs.train,
+        recipe=resolve("cutmix"), shard_id=0, num_shards=1,
+    )  # fmt: skip
+    pipe._build_graph()
+    found = {getattr(op._op, "schema_name", "") for op in pipe._ops}
+    assert ("DalikdMix" in found) == (path == "native")
+    assert ("MultiPaste" in found) == (path == "composed")
+
+
+def test_a_checkpoint_restores_only_into_its_own_mixing_path(jpegs):
+    data = DataConfig(path=str(jpegs.root), image_size=S, batch_size=4, threads=1,
+                      mixing="composed")  # fmt: skip
+    first = pipeline.train_loader(jpegs.train, data, resolve("mixup"), device="cpu", seed=0)
+    next(iter(first))
+    checkpoint = first.checkpoint()
+    assert pipeline.checkpoint_mixing(checkpoint) == "composed"
+    with pytest.raises(DalikdError, match="saved with the composed mixing path"):
+        pipeline.train_loader(jpegs.train, replace(data, mixing="native"), resolve("mixup"),
+                              device="cpu", seed=0, checkpoint=checkpoint)  # fmt: skip
+
+
+def test_a_run_saves_its_resolved_mixing_path_and_resumes_on_it(
+    jpegs, tmp_path, tiny_env, monkeypatch, capsys
+):
+    """auto is resolved once (here by DALIKD_NATIVE=0), written to config.json and the
+    checkpoint; a resume keeps it, and a contradicting --mixing is one line."""
+    monkeypatch.setenv("DALIKD_NATIVE", "0")
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        ["train", "--data", jpegs.root, "--student", "tiny_models:tiny_cnn", "--aug", "mixup",
+         "--mixed-label-ce", 1, "--epochs", 1, "--image-size", 16, "--batch-size", 4,
+         "--threads", 1, "--device", "cpu", "--out", out], capsys)  # fmt: skip
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["data"]["mixing"] == "composed"
+    saved = torch.load(out / "last.pt", weights_only=True)["config"]["data"]["mixing"]
+    assert saved == "composed"
+    code, _, err = run_cli(["train", "--resume", out, "--epochs", 2, "--mixing", "native"], capsys)
+    assert code == 1 and "mixes on the composed path" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_without_a_compiler_dalikd_falls_back_with_exactly_one_warning(
     jpegs, tmp_path, monkeypatch, fresh_native
 ):
@@ -236,8 +285,9 @@ def test_the_gpu_graph_with_the_native_operator_can_be_defined(name, granularity
 
     def graph():
         x = fn.external_source(source=lambda: [np.zeros((S, S, 3), np.uint8)] * 4, batch=True)
-        ctx = AugContext(S, "gpu", (0.0, 0.0, 0.0), granularity, native=True)
-        out = builtin_recipes()[name](x.gpu(), ctx)
+        ctx = AugContext(S, "gpu", (0.0, 0.0, 0.0), granularity)
+        with ops.mixing_path("native"):  # as train_graph sets it for data.mixing = native
+            out = builtin_recipes()[name](x.gpu(), ctx)
         views = getattr(out, "views", (out,))
         nodes.extend(views)
         return tuple(n for v in views for n in (v.images, v.lam, v.perm))

@@ -7,7 +7,9 @@ The result is cached in ``cache_dir()/native/<DALI version>-<source hash>/`` (bu
 temporary folder, then renamed; a file lock keeps torchrun ranks from building it twice) and
 loaded with ``nvidia.dali.plugin_manager.load_library``.
 
-``DALIKD_NATIVE`` picks the mixing path: ``auto`` (default) uses the operator where it loads
+The mixing path is configuration, ``data.mixing`` (``--mixing``): ``native``, ``composed``, or
+``auto``, resolved once per run by :func:`resolve` and saved in config.json and the checkpoint.
+``auto`` takes ``DALIKD_NATIVE`` as its default: ``auto`` (default) uses the operator where it loads
 and otherwise the composed stock-operator graph of :mod:`dalikd.ops`, with one warning per
 process naming the reason; ``1`` makes an unavailable operator an error; ``0`` never builds it.
 On the GPU "loads" is not enough: before its first use in a process the GPU backend runs a tiny
@@ -518,6 +520,19 @@ def use_native(device: str) -> bool:
         return True
     _warn(reason)
     return False
+
+
+def resolve(mixing: str, device: str) -> str:
+    """The mixing path of ``mixing`` ("auto" | "native" | "composed", the config's
+    ``data.mixing``) on ``device``: "native" (fn.dalikd_mix) or "composed" (stock operators).
+    "auto" takes DALIKD_NATIVE as its default (see :func:`use_native`); "native" makes an
+    unavailable operator an error. A run resolves it once and saves the answer."""
+    if mixing == "composed":
+        return "composed"
+    if mixing == "native":
+        require(device, "asked for (mixing = native)")
+        return "native"
+    return "native" if use_native(device) else "composed"
 
 
 def require(device: str, why: str = "asked for") -> None:
