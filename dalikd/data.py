@@ -56,8 +56,25 @@ def cache_dir() -> Path:
     return Path(base) / "dalikd"
 
 
-def _scan_split(split_dir: Path, classes: tuple[str, ...], others: list[str]) -> Split:
-    """Image files by extension; other files go to ``others``."""
+def _utf8(path: str) -> bool:
+    """DALI takes file names as UTF-8 strings only ("Unsupported argument type")."""
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(path: str) -> str:
+    """A path whose undecodable bytes show as U+FFFD, for messages and reports."""
+    return path.encode(errors="surrogateescape").decode(errors="replace")
+
+
+def _scan_split(
+    split_dir: Path, classes: tuple[str, ...], others: list[str], bad_names: list[str]
+) -> Split:
+    """Image files by extension; other files go to ``others``, names DALI cannot take (not
+    UTF-8) to ``bad_names``."""
     index = {name: i for i, name in enumerate(classes)}
     files: list[str] = []
     labels: list[int] = []
@@ -71,6 +88,9 @@ def _scan_split(split_dir: Path, classes: tuple[str, ...], others: list[str]) ->
         for entry in os.scandir(split_dir / name):
             if entry.is_file():
                 is_image = entry.name.lower().endswith(IMAGE_EXTENSIONS)
+                if is_image and not _utf8(entry.path):
+                    bad_names.append(entry.path)
+                    continue
                 (found if is_image else others).append(entry.path)
         found.sort()
         files += found
@@ -107,7 +127,10 @@ def scan_dataset(
     if not classes:
         raise DalikdError(f"{root}/train has no class folders")
     others: list[str] = []
-    splits = {name: _scan_split(root / name, classes, others) for name in ("train", "val")}
+    bad_names: list[str] = []
+    splits = {
+        name: _scan_split(root / name, classes, others, bad_names) for name in ("train", "val")
+    }
     bad: dict[str, str] = {}
     if check:
         bad = check_files(
@@ -126,5 +149,12 @@ def scan_dataset(
         splits[name] = Split(
             tuple(split.files[i] for i in keep), tuple(split.labels[i] for i in keep)
         )
-    skipped = sorted(bad.items()) + [(p, "not an image (file extension)") for p in sorted(others)]
+    skipped = (
+        sorted(bad.items())
+        + [(p, "not an image (file extension)") for p in sorted(others)]
+        + [
+            (_printable(p), "file name is not valid UTF-8 (DALI cannot open it)")
+            for p in sorted(bad_names)
+        ]  # fmt: skip
+    )
     return Dataset(root, classes, splits["train"], splits["val"], tuple(skipped))

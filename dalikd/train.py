@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dalikd import distributed, pick, recipes
+from dalikd import distributed, pick, recipes, recovery
 from dalikd.batch import Batch
 from dalikd.checkpoint import save_atomic, write_jsonl_atomic, write_text_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
@@ -339,12 +339,13 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             global_step -= step_in_epoch
             step_in_epoch, partial = 0, _EPOCH_START
         reporter.message(f"resumed {run_dir} at epoch {epoch + 1}, step {step_in_epoch}")
+    if resume:  # files that failed in training before stay out
+        dataset = recovery.apply_skips(dataset, recovery.read_report(run_dir))
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(cfg.to_dict(), indent=2) + "\n", run_dir / "config.json")
         write_jsonl_atomic(history, run_dir / "metrics.jsonl")
-        report = "".join(f"{path}\t{reason}\n" for path, reason in dataset.skipped)
-        write_text_atomic("path\treason\n" + report, run_dir / "data_report.tsv")
+        recovery.write_report(run_dir, dataset.skipped)
     left_out = (
         f", {len(dataset.skipped)} files left out (see data_report.tsv)" if dataset.skipped else ""
     )
@@ -357,11 +358,12 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     # seed + e, so a restart does not replay the first epoch's order.
     from dalikd import pipeline  # DALI: only where the loaders are built
 
-    train_data = pipeline.train_loader(
-        dataset.train, cfg.data, recipe, device=device,
-        seed=cfg.seed + (epoch if dali_state is None else 0),
-        shard_id=ctx.rank, num_shards=ctx.world_size, granularity=cfg.kd.granularity,
-        pool_size=cfg.kd.pool_size, checkpoint=dali_state,
+    # the training loader; a file that fails to decode is left out and the epoch goes on
+    train_data = recovery.TrainData(
+        dataset, cfg.data, recipe, device=device, seed=cfg.seed,
+        epoch=epoch, step=step_in_epoch, run_dir=run_dir, reporter=reporter,
+        is_main=ctx.is_main, shard_id=ctx.rank, num_shards=ctx.world_size,
+        granularity=cfg.kd.granularity, pool_size=cfg.kd.pool_size, checkpoint=dali_state,
     )  # fmt: skip
     val_data = pipeline.val_loader(
         dataset.val, cfg.data, device=device, shard_id=ctx.rank, num_shards=ctx.world_size
@@ -411,6 +413,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             save_atomic(ckpt, run_dir / name)
 
     while epoch < cfg.optim.epochs:
+        steps_per_epoch = len(train_data)  # fewer once files that failed in training are out
         reporter.epoch_start(epoch, cfg.optim.epochs, steps_per_epoch)
         student.train()
         loss_sum = torch.tensor(partial["loss_sum"], device=tdev)

@@ -1,0 +1,100 @@
+"""Never a dead run, never a traceback (issue 13): files that pass the scan and still fail in
+DALI are left out mid-run, with every good image of the epoch still trained on."""
+
+import io
+import os
+from collections import Counter
+
+import numpy as np
+from conftest import colour_of, make_dataset
+from PIL import Image
+from tests_helpers import run_cli
+
+CLASSES = ("ant", "bee", "cat", "dog")  # 4 x 5 good PNGs = 20 = 5 batches of 4
+
+
+def _jpeg(size=(40, 48), noise=False) -> bytes:
+    rng = np.random.default_rng(0)
+    pixels = (
+        rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        if noise
+        else np.full((*size, 3), 128, np.uint8)
+    )
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def corrupt_sof() -> bytes:
+    """A JPEG whose start-of-frame header says 0 x 0 pixels: head and tail look fine."""
+    data = bytearray(_jpeg())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = bytes(4)
+    return bytes(data)
+
+
+def truncated_with_thumbnail() -> bytes:
+    """A JPEG with an embedded thumbnail (APP1), cut off shortly after its scan starts: the
+    last 4 KiB hold the thumbnail's end-of-image marker, so the tail check passes."""
+    main = _jpeg((64, 64), noise=True)
+    thumb = _jpeg((8, 8))
+    app1 = b"Exif\x00\x00" + thumb
+    segment = b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1
+    whole = main[:2] + segment + main[2:]
+    sos = whole.find(b"\xff\xda")
+    cut = whole[: sos + 400]
+    assert b"\xff\xd9" in cut[-4096:] and not cut.endswith(b"\xff\xd9")
+    return cut
+
+
+def test_bad_files_are_left_out_mid_run_and_every_good_image_is_seen(tmp_path, capsys, tiny_env):
+    from tiny_models import Recording
+
+    root = make_dataset(tmp_path / "d", classes=CLASSES, n_train=5, n_val=2)
+    (root / "train/ant/bad_sof.jpg").write_bytes(corrupt_sof())
+    (root / "train/bee/bad_thumb.jpg").write_bytes(truncated_with_thumbnail())
+    replaced = root / "train/cat/bad_replaced.jpg"
+    replaced.write_bytes(_jpeg())
+    (root / "train/dog").joinpath(os.fsdecode(b"bad_\xff\xfe.jpg")).write_bytes(_jpeg())
+
+    # a cached scan passes every file; then one is replaced by garbage of the same size and
+    # mtime (the cache keys on those), as a disk error or a copy gone wrong would leave it
+    code, out, err = run_cli(["check-data", root], capsys)
+    assert code == 0, err
+    st = replaced.stat()
+    replaced.write_bytes(np.random.default_rng(1).bytes(st.st_size))
+    os.utime(replaced, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    Recording.seen = []
+    run = tmp_path / "run"
+    code, out, err = run_cli(
+        ["train", "--data", root, "--student", "tiny_models:recording_cnn", "--epochs", "2",
+         "--image-size", "16", "--batch-size", "4", "--threads", "1", "--device", "cpu",
+         "--out", run],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "Traceback" not in out + err
+    good = Counter(colour_of(label, i) for label in range(4) for i in range(5))
+    epochs = [Counter(Recording.seen[:20]), Counter(Recording.seen[20:])]
+    assert len(Recording.seen) == 40
+    assert epochs[0] == good  # the failing epoch: every good image exactly once
+    assert epochs[1] == good  # the next one, rebuilt without the bad files
+    report = (run / "data_report.tsv").read_text(errors="replace")
+    rows = dict(line.split("\t", 1) for line in report.splitlines()[1:])
+    for name in ("ant/bad_sof.jpg", "bee/bad_thumb.jpg", "cat/bad_replaced.jpg"):
+        path = str(root / "train" / name)
+        assert rows[path].startswith("failed in training (epoch 1, step"), rows
+    assert any("not valid UTF-8" in r for r in rows.values())
+    assert "left out" in out + err
+
+
+def test_batch_larger_than_the_training_set_is_one_line(solid_dataset, tmp_path, capsys):
+    code, out, err = run_cli(
+        ["train", "--data", solid_dataset, "--student", "resnet18", "--batch-size", "64",
+         "--epochs", "1", "--device", "cpu", "--out", tmp_path / "run"],
+        capsys,
+    )  # fmt: skip
+    assert code == 1
+    assert "lower --batch-size" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
