@@ -7,6 +7,7 @@ function of the step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dalikd import distributed, pick, recipes, recovery
+from dalikd import distributed, pick, recipes, recovery, rundir
 from dalikd.batch import Batch
 from dalikd.checkpoint import save_atomic, write_jsonl_atomic, write_text_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
@@ -270,7 +271,12 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = Fal
         raise DalikdError("--precision fp16 needs a GPU; on CPU use fp32 (default) or bf16")
     ctx = distributed.init(device)
     try:
-        with StopSignals() as stop:
+        cfg = build_config(overrides={"out": cfg.out or default_run_dir()}, base=cfg)
+        lock = contextlib.nullcontext()
+        if ctx.is_main:  # one run per run directory (a second one is refused in one line)
+            rundir.prepare(Path(cfg.out))
+            lock = rundir.locked(Path(cfg.out), (reporter or SilentReporter()).message)
+        with lock, StopSignals() as stop:
             return _train(cfg, reporter if ctx.is_main and reporter else SilentReporter(),
                           resume, device, ctx, stop)  # fmt: skip
     finally:

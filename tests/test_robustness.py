@@ -4,8 +4,10 @@ DALI are left out mid-run, with every good image of the epoch still trained on."
 import io
 import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import colour_of, make_dataset
 from PIL import Image
 from tests_helpers import run_cli
@@ -98,3 +100,57 @@ def test_batch_larger_than_the_training_set_is_one_line(solid_dataset, tmp_path,
     assert code == 1
     assert "lower --batch-size" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_second_run_on_one_out_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from dalikd.rundir import LOCK, locked
+
+    run = tmp_path / "run"
+    run.mkdir()
+    notes = []
+    with locked(run, notes.append):
+        code, out, err = run_cli(
+            ["train", "--data", tmp_path, "--student", "resnet18", "--out", run], capsys
+        )
+        assert code == 1 and "in use by another run" in err
+        assert len(err.strip().splitlines()) == 1
+    assert not (run / LOCK).exists()  # released
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    (run / LOCK).write_text(f"{dead} {socket.gethostname()}\n")
+    with locked(run, notes.append):
+        assert (run / LOCK).read_text().split()[0] == str(os.getpid())
+    assert notes and f"left by process {dead}" in notes[0]
+
+
+def test_out_that_is_a_file_is_one_line(solid_dataset, tmp_path, capsys):
+    out_file = tmp_path / "taken"
+    out_file.write_text("x")
+    code, out, err = run_cli(
+        ["train", "--data", solid_dataset, "--student", "resnet18", "--out", out_file], capsys
+    )
+    assert code == 1 and "is a file" in err and "Traceback" not in err
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import torch
+
+    from dalikd.checkpoint import save_atomic
+    from dalikd.errors import DalikdError
+
+    target = tmp_path / "last.pt"
+    save_atomic({"a": 1}, target)
+
+    def full_disk(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(DalikdError, match="No space left on device"):
+        save_atomic({"a": 2}, target)
+    assert not (tmp_path / "last.pt.tmp").exists()
+    assert torch.load(target, weights_only=True) == {"a": 1}  # the last good one is kept
