@@ -27,6 +27,7 @@ files (another rank cannot learn that this one shortened its epoch).
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -149,6 +150,10 @@ def find_culprits(
     return bad
 
 
+def _as_bytes(checkpoint: str | bytes) -> bytes:
+    return checkpoint if isinstance(checkpoint, bytes) else checkpoint.encode()
+
+
 # -- the loader --------------------------------------------------------------------------------
 
 
@@ -182,7 +187,7 @@ class TrainData:
         num_shards: int = 1,
         granularity: str = "sample",
         pool_size: int = 2,
-        checkpoint: str | None = None,
+        checkpoint: str | bytes | None = None,
     ) -> None:
         self.dataset = dataset
         self._data, self._recipe, self._device = data, recipe, device
@@ -199,11 +204,12 @@ class TrainData:
         self._remainder: _Remainder | None = None
         self._steps = per_shard // data.batch_size
         self._step = step  # steps of the current epoch done
-        if checkpoint is not None and checkpoint.startswith(_REMAINDER):
+        if isinstance(checkpoint, str) and checkpoint.startswith(_REMAINDER):
             state = json.loads(checkpoint.removeprefix(_REMAINDER))
             self._remainder = _Remainder(state["indices"], state["seed"])
             self._step = state["step"]
-            self._loader = self._build(self._remainder.indices, state["seed"], state["dali"])
+            dali = base64.b64decode(state["dali"])  # DALI's checkpoint is bytes
+            self._loader = self._build(self._remainder.indices, state["seed"], dali)
         else:  # a fresh epoch e starts from seed + e; a DALI state carries its own
             self._loader = self._build(
                 None, seed + (epoch if checkpoint is None else 0), checkpoint
@@ -224,11 +230,12 @@ class TrainData:
     def __len__(self) -> int:
         return self._steps
 
-    def checkpoint(self) -> str:
+    def checkpoint(self) -> str | bytes:
         if self._remainder is None:
             return self._loader.checkpoint()
+        dali = base64.b64encode(_as_bytes(self._loader.checkpoint())).decode()
         state = {"indices": self._remainder.indices, "seed": self._remainder.seed,
-                 "step": self._step, "dali": self._loader.checkpoint()}  # fmt: skip
+                 "step": self._step, "dali": dali}  # fmt: skip
         return _REMAINDER + json.dumps(state)
 
     def __iter__(self) -> Iterator[Any]:
