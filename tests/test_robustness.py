@@ -154,3 +154,64 @@ def test_a_failed_write_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
         save_atomic({"a": 2}, target)
     assert not (tmp_path / "last.pt.tmp").exists()
     assert torch.load(target, weights_only=True) == {"a": 1}  # the last good one is kept
+
+
+# -- item 6: caches are data, private, and validated --------------------------------------------
+
+
+def test_the_scan_cache_is_json_validated_and_private(tmp_path):
+    import json
+    import stat
+
+    from dalikd.datacheck import _cache_path, check_files
+
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), n_train=2, n_val=1)
+    files = sorted(str(p) for p in (root / "train").rglob("*.png"))
+    (root / "train/a/empty.png").write_bytes(b"")
+    files.append(str(root / "train/a/empty.png"))
+    cache = tmp_path / "cache" / "deep"
+    assert check_files(files, root=root, cache_root=cache) == {files[-1]: "empty file"}
+    cache_file = _cache_path(cache, root, False)
+    data = json.loads(cache_file.read_text())  # plain data, not a pickle
+    assert data["verdicts"][files[-1]][2] == "empty file"
+    for folder in (cache, cache / "scans"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(cache_file.stat().st_mode) == 0o600
+
+    # a cache that lies about a file's verdict in a wrong type, or is not even JSON, is rebuilt
+    for damaged in (
+        json.dumps({**data, "verdicts": {files[-1]: [0, "x", None]}}),
+        json.dumps({**data, "verdicts": {files[-1]: [*data["verdicts"][files[-1]][:2], 7]}}),
+        json.dumps([1, 2]),
+        "\x80\x04\x95 not json",
+    ):
+        cache_file.write_text(damaged)
+        assert check_files(files, root=root, cache_root=cache) == {files[-1]: "empty file"}
+        assert json.loads(cache_file.read_text())["verdicts"] == data["verdicts"]
+
+
+def test_the_native_operator_loads_only_from_a_folder_of_the_user(tmp_path, monkeypatch):
+    from dalikd import native
+    from dalikd.errors import DalikdError
+
+    monkeypatch.setenv("DALIKD_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_compile(work, key):  # stands in for the ~30 s compile
+        calls.append(key)
+        (work / "libdalikd_mix_cpu.so").write_bytes(b"")
+        return native.BuildInfo(key, "fake", "libdalikd_mix_cpu.so", "", None, "n/a", "", "")
+
+    monkeypatch.setattr(native, "_compile", fake_compile)
+    monkeypatch.setattr(native, "_current_toolchain", lambda: "fake")
+    _, folder = native.build()
+    assert len(calls) == 1 and oct(folder.parent.stat().st_mode & 0o777) == "0o700"
+    native.build()
+    assert len(calls) == 1  # ours: reused
+    folder.chmod(0o777)  # anyone could have swapped the library in it: rebuilt
+    native.build()
+    assert len(calls) == 2 and folder.stat().st_mode & 0o022 == 0
+    if os.getuid() == 0:  # a cache folder someone else owns is refused in one line
+        os.chown(folder.parent, 65534, 65534)
+        with pytest.raises(DalikdError, match="is not owned by you"):
+            native.build()
