@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from dalikd.cli.doctor_cmd import doctor
 from dalikd.cli.preview_cmd import preview
@@ -201,6 +202,7 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
             f"{summary['step_in_epoch']}, checkpoint written; "
             f"continue with: dalikd train --resume {summary['run_dir']}",
             soft_wrap=True,
+            markup=False,
         )
         sys.exit(128 + getattr(signal, summary["stopped_by"]))
     print_summary(summary)
@@ -245,8 +247,14 @@ def check_data(data: str, decode: bool, no_cache: bool) -> None:
     from dalikd.data import scan_dataset
 
     with ScanProgress() as progress:
-        dataset = scan_dataset(data, decode=decode, cache=not no_cache, progress=progress.update)
+        dataset = scan_dataset(
+            data, decode=decode, cache=not no_cache, progress=progress.update, strict=False
+        )
     print_check(dataset)
+    unusable = [name for name in ("train", "val") if not len(getattr(dataset, name))]
+    if unusable:  # the list above says why; the line below is what stops a run
+        raise DalikdError(f"{dataset.root}/{unusable[0]} holds no usable images (listed above)")
+    scan_dataset(data, decode=decode, cache=not no_cache)  # empty train classes: one line
 
 
 @cli.command()
@@ -299,16 +307,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="dalikd", standalone_mode=False)
     except DalikdError as e:
-        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(1)
     except click.UsageError as e:
         hint = f" (see: dalikd {e.ctx.info_name if e.ctx and e.ctx.parent else ''} --help)".replace(
             "  ", " "
         )
-        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {escape(e.format_message() + hint)}", soft_wrap=True
+        )
         sys.exit(2)
     except click.ClickException as e:
-        err_console.print(f"[bold red]error:[/] {e.format_message()}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", soft_wrap=True)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, click.Abort):
         err_console.print("interrupted; a run continues with: dalikd train --resume RUN_DIR")

@@ -52,7 +52,7 @@ class RichReporter(LiveBar):
         super().__init__(TextColumn(fields))
 
     def message(self, text: str) -> None:
-        self._progress.console.print(text)
+        self._progress.console.print(text, markup=False)  # paths may hold [brackets]
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         self._new_bar(f"epoch {epoch + 1}/{epochs}", steps, loss="-", speed="-", lr="-")

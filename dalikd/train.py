@@ -32,7 +32,7 @@ from dalikd.errors import DalikdError
 from dalikd.evaluate import evaluate
 from dalikd.losses import kd_divergence, soft_labels
 from dalikd.metrics import TStddev
-from dalikd.models import build_model
+from dalikd.models import build_model, check_shapes
 
 
 class Reporter(Protocol):
@@ -210,8 +210,48 @@ def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
             f"{CHECKPOINT_FORMAT} only (its data pipeline changed). Start a new run; the old "
             f"weights can seed it: --student-weights {run_dir / 'last.pt'}"
         )
-    saved = json.loads((run_dir / "config.json").read_text())
-    return build_config(saved, {**overrides, "out": str(run_dir)})
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise DalikdError(f"cannot read {run_dir / 'config.json'}: {e}") from None
+    if not isinstance(saved, dict):
+        raise DalikdError(f"{run_dir / 'config.json'} is damaged: not a table of settings")
+    try:
+        before = build_config(saved, {"out": str(run_dir)})
+    except DalikdError as e:
+        raise DalikdError(f"{run_dir / 'config.json'} is damaged: {e}") from None
+    cfg = build_config(overrides={**overrides, "out": str(run_dir)}, base=before)
+    old, new = _flat(before.to_dict()), _flat(cfg.to_dict())
+    fixed = [f"{k} {old[k]} -> {new[k]}" for k in old if old[k] != new[k] and k not in RESUMABLE]
+    if fixed:
+        raise DalikdError(
+            f"cannot change on resume: {', '.join(fixed)} (the data order, models or step count "
+            f"depend on them); start a new run, seeded with --student-weights {run_dir}/last.pt"
+        )
+    return cfg
+
+
+# What --resume may change: the schedule is a pure function of the step, the loss weights and
+# the optimizer's hyperparameters are read each step, the rest is bookkeeping. Everything else
+# (batch size, images, augmentation, models, seed, device, ...) is fixed by the checkpoint.
+RESUMABLE = frozenset(
+    {"optim.epochs", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay",
+     "optim.schedule", "optim.milestones", "optim.gamma", "optim.warmup_epochs",
+     "kd.ce_weight", "kd.kd_weight", "kd.temperature", "kd.mixed_label_ce",
+     "log_every", "ckpt_every", "eval_teacher", "channels_last", "out"}
+)  # fmt: skip
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _kept(run_dir: Path) -> str:
+    """The note for a stop on bad numbers: only a run that saved a checkpoint has one to keep."""
+    return "; last.pt keeps the last good checkpoint" if (run_dir / "last.pt").is_file() else ""
 
 
 def _read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -317,8 +357,13 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     tstd = TStddev()
     if resume:
         ckpt = _read_checkpoint(run_dir / "last.pt")
+        check_shapes(student, ckpt["model"], f"{run_dir / 'last.pt'} does not fit the student")
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        # settings given again on resume win over the saved ones (lr is set at every step)
+        optimizer.param_groups[0]["weight_decay"] = cfg.optim.weight_decay  # the decay group
+        for group in optimizer.param_groups:
+            group["momentum"], group["nesterov"] = cfg.optim.momentum, cfg.optim.nesterov
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
@@ -396,7 +441,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         if not all(p.isfinite().all() for p in student.parameters()):
             raise DalikdError(
                 f"the weights became non-finite by step {global_step} (epoch {epoch + 1}); "
-                "lower --lr; last.pt keeps the last good checkpoint"
+                f"lower --lr{_kept(run_dir)}"
             )
         ckpt = {
             "format": CHECKPOINT_FORMAT,
@@ -459,7 +504,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
                 if not math.isfinite(loss):
                     raise DalikdError(
                         f"loss is {loss} at step {global_step} (epoch {epoch + 1}); "
-                        "lower --lr; last.pt keeps the last good checkpoint"
+                        f"lower --lr{_kept(run_dir)}"
                     )
                 if boundary:
                     img_per_s = seen * ctx.world_size / (time.perf_counter() - t0)

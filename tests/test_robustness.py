@@ -215,3 +215,148 @@ def test_the_native_operator_loads_only_from_a_folder_of_the_user(tmp_path, monk
         os.chown(folder.parent, 65534, 65534)
         with pytest.raises(DalikdError, match="is not owned by you"):
             native.build()
+
+
+# -- items 4, 5, 7, 8: ordinary mistakes are one line ------------------------------------------
+
+TRAIN = ["train", "--student", "tiny_models:tiny_cnn", "--image-size", "16", "--batch-size", "4",
+         "--threads", "1", "--device", "cpu"]  # fmt: skip
+
+
+def _one_line(code, out, err, *needles):
+    assert code not in (0, None) and "Traceback" not in out + err, err
+    assert len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("small"), classes=("a", "b"), n_train=4, n_val=2)
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--momentum", "-1"], "momentum must be in [0, 1), got -1.0"),
+        (["--nesterov", "--momentum", "0"], "--nesterov needs a momentum above 0"),
+        (["--seed", "-1"], "seed must be >= 0, got -1"),
+        (["--weight-decay", "-1"], "weight decay must be >= 0, got -1.0"),
+        (["--student", "os:getcwd"], "model 'os:getcwd' cannot be built"),
+        (["--student", "types:SimpleNamespace"], "not return a torch.nn.Module (got Simple"),
+    ],
+)
+def test_bad_train_settings_are_one_line(flags, needle, small, tmp_path, capsys, tiny_env):
+    args = [*TRAIN, "--data", small, "--epochs", "1", "--out", tmp_path / "r", *flags]
+    _one_line(*run_cli(args, capsys), needle)
+
+
+def test_a_toml_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"[optim]\nlr = 0.1 # caf\xe9\n")
+    _one_line(*run_cli(["train", "--config", config], capsys), "not UTF-8 text")
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--image-size"])
+def test_eval_checks_its_settings(flag, small, capsys):
+    args = ["eval", "--data", small, "--model", "resnet18", "--weights", "x.pt", flag, "0"]
+    _one_line(*run_cli(args, capsys), "must be")
+
+
+def test_weights_of_the_wrong_shapes_name_the_first_key(small, tmp_path, capsys, tiny_env):
+    import torch
+    from tiny_models import tiny_cnn
+
+    weights = tmp_path / "wide.pt"
+    state = tiny_cnn(2).state_dict()
+    state["0.weight"] = torch.zeros(16, 3, 3, 3)
+    torch.save(state, weights)
+    needle = "0.weight has shape (16, 3, 3, 3) in the file, (8, 3, 3, 3) in the model"
+    for args in (
+        [*TRAIN, "--data", small, "--student-weights", weights, "--out", tmp_path / "r"],
+        ["eval", "--data", small, "--model", "tiny_models:tiny_cnn", "--weights", weights,
+         "--device", "cpu"],
+    ):  # fmt: skip
+        _one_line(*run_cli(args, capsys), needle)
+    from dalikd.errors import DalikdError
+    from dalikd.models import build_model
+
+    with pytest.raises(DalikdError, match=r"teacher weights .* 0\.weight has shape"):
+        build_model("tiny_models:tiny_cnn", 2, str(weights), role="teacher")  # tstddev's path
+
+
+def test_resume_refuses_fixed_settings_and_applies_the_others(small, tmp_path, capsys, tiny_env):
+    import json
+
+    import torch
+
+    run = tmp_path / "r"
+    base = [*TRAIN, "--data", small, "--out", run, "--lr", "0.05"]
+    code, out, err = run_cli([*base, "--epochs", "1"], capsys)
+    assert code == 0, err
+    _one_line(
+        *run_cli(
+            [
+                "train",
+                "--resume",
+                run,
+                "--batch-size",
+                "2",
+                "--aug-granularity",
+                "batch",
+                "--seed",
+                "3",
+            ],
+            capsys,
+        ),  # fmt: skip
+        "cannot change on resume: data.batch_size 4 -> 2",
+        "kd.granularity sample -> batch",
+        "seed 0 -> 3",
+    )
+    code, out, err = run_cli(
+        ["train", "--resume", run, "--epochs", "2", "--lr", "0.01", "--weight-decay", "0.5",
+         "--momentum", "0.5"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[0]["lr"] == 0.05 and history[1]["lr"] == 0.01
+    groups = torch.load(run / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert groups[0]["weight_decay"] == 0.5 and groups[1]["weight_decay"] == 0.0
+    assert {g["momentum"] for g in groups} == {0.5}
+    assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 0.01
+
+    for damaged in (b"{not json", b"\xff\xfe", b"[1, 2]", b'{"optim": {"lr": "fast"}}'):
+        (run / "config.json").write_bytes(damaged)
+        _one_line(*run_cli(["train", "--resume", run, "--epochs", "3"], capsys), "config.json")
+
+
+def test_empty_classes_broken_links_and_loops_are_reported(tmp_path, capsys):
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), n_train=2, n_val=1)
+    (root / "train/a/gone.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "train/b/loop.png").symlink_to(root / "train/b/loop.png")
+    (root / "train/b/dirloop").symlink_to(root / "train/b")
+    (root / "train/zloop").symlink_to(root / "train/zloop")  # a loop where a class would be
+    code, out, err = run_cli(["check-data", root], capsys)
+    assert code == 0, err
+    assert "gone.png  (broken symbolic link" in out and "loop.png  (broken symbolic link" in out
+    (root / "train/c[x]").mkdir()  # a class with no image is refused, its [brackets] kept
+    _one_line(*run_cli(["check-data", root], capsys), "train/c[x]", "hold no image file")
+
+
+def test_check_data_on_an_all_bad_split_lists_the_files_and_says_so(tmp_path, capsys):
+    root = make_dataset(tmp_path / "d", classes=("a",), n_train=1, n_val=1)
+    for f in (root / "val/a").iterdir():
+        f.write_bytes(b"")
+    code, out, err = run_cli(["check-data", root], capsys)
+    _one_line(code, out, err, "val holds no usable images (listed above)")
+    assert "check-data" not in err and "empty file" in out
+
+
+def test_last_pt_is_named_only_when_there_is_one(tmp_path):
+    from dalikd.train import _kept
+
+    assert _kept(tmp_path) == ""
+    (tmp_path / "last.pt").write_bytes(b"x")
+    assert "last.pt keeps the last good checkpoint" in _kept(tmp_path)
