@@ -360,3 +360,34 @@ def test_last_pt_is_named_only_when_there_is_one(tmp_path):
     assert _kept(tmp_path) == ""
     (tmp_path / "last.pt").write_bytes(b"x")
     assert "last.pt keeps the last good checkpoint" in _kept(tmp_path)
+
+
+RECIPES = """
+from nvidia.dali import fn
+from dalikd.recipes import View
+
+def not_a_view(images, ctx):
+    return images
+
+def numpy_images(images, ctx):
+    return View(images=[1, 2])
+
+def lam_only(images, ctx):
+    return View(images=images, lam=fn.random.uniform(range=[0.0, 1.0]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("fn_name", "needle"),
+    [
+        ("not_a_view", "recipe not_a_view returned DataNode, not a View"),
+        ("numpy_images", "recipe numpy_images: View.images is list, not a DALI DataNode"),
+        ("lam_only", "recipe lam_only returns lam without perm"),
+    ],
+)
+def test_a_broken_recipe_is_one_line_naming_it(fn_name, needle, small, tmp_path, capsys, tiny_env):
+    recipes = tmp_path / "my_recipes.py"
+    recipes.write_text(RECIPES)
+    args = [*TRAIN, "--data", small, "--epochs", "1", "--out", tmp_path / "r",
+            "--aug", f"{recipes}:{fn_name}", "--mixed-label-ce", "1"]  # fmt: skip
+    _one_line(*run_cli(args, capsys), needle)
