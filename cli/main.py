@@ -253,7 +253,9 @@ def check_data(data: str, decode: bool, no_cache: bool) -> None:
     print_check(dataset)
     unusable = [name for name in ("train", "val") if not len(getattr(dataset, name))]
     if unusable:  # the list above says why; the line below is what stops a run
-        raise DalikdError(f"{dataset.root}/{unusable[0]} holds no usable images (listed above)")
+        split = f"{dataset.root}/{unusable[0]}"
+        left = sum(path.startswith(split + "/") for path, _ in dataset.skipped)
+        raise DalikdError(f"{split} holds no usable images; {left} left out (listed above)")
     scan_dataset(data, decode=decode, cache=not no_cache)  # empty train classes: one line
 
 

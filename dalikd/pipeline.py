@@ -231,12 +231,16 @@ class Loader:
             # per-sample scalars come from CPU operators and are moved here.
             views = sum(name.startswith("aug_images_") for name in d)
             for name in ("images", *(f"aug_images_{j}" for j in range(views))):
-                if d[name].dtype != torch.uint8 or d[name].dim() != 4 or d[name].shape[-1] != 3:
+                if (
+                    d[name].dtype != torch.uint8
+                    or d[name].dim() != 4
+                    or d[name].shape[1:] != d["images"].shape[1:]
+                ):
                     raise DalikdError(
                         f"the pipeline's {name.removesuffix('_0')} are "
                         f"{str(d[name].dtype).removeprefix('torch.')} "
-                        f"{tuple(d[name].shape)}; a recipe must return uint8 HWC RGB images, "
-                        "as it receives them"
+                        f"{tuple(d[name].shape)}; a recipe must return uint8 HWC RGB images "
+                        f"of the size it receives ({tuple(d['images'].shape[1:])})"
                     )
             yield Batch(
                 images=d["images"],

@@ -372,6 +372,9 @@ def not_a_view(images, ctx):
 def numpy_images(images, ctx):
     return View(images=[1, 2])
 
+def smaller(images, ctx):
+    return View(images=fn.resize(images, size=[8, 8]))
+
 def lam_only(images, ctx):
     return View(images=images, lam=fn.random.uniform(range=[0.0, 1.0]))
 """
@@ -383,6 +386,7 @@ def lam_only(images, ctx):
         ("not_a_view", "recipe not_a_view returned DataNode, not a View"),
         ("numpy_images", "recipe numpy_images: View.images is list, not a DALI DataNode"),
         ("lam_only", "recipe lam_only returns lam without perm"),
+        ("smaller", "uint8 (4, 8, 8, 3); a recipe must return uint8 HWC RGB images of the size"),
     ],
 )
 def test_a_broken_recipe_is_one_line_naming_it(fn_name, needle, small, tmp_path, capsys, tiny_env):
