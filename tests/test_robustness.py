@@ -91,6 +91,32 @@ def test_bad_files_are_left_out_mid_run_and_every_good_image_is_seen(tmp_path, c
     assert "left out" in out + err
 
 
+def test_a_run_stopped_inside_a_remainder_resumes_it(tmp_path, capsys, tiny_env):
+    import torch
+    from tiny_models import Recording
+
+    root = make_dataset(tmp_path / "d", classes=CLASSES, n_train=5, n_val=2)
+    (root / "train/ant/bad_sof.jpg").write_bytes(corrupt_sof())
+    (root / "train/bee/bad_thumb.jpg").write_bytes(truncated_with_thumbnail())
+    Recording.seen, Recording.stop_at = [], 16  # SIGTERM during step 4 of 5
+    run = tmp_path / "run"
+    args = ["train", "--data", root, "--student", "tiny_models:recording_cnn", "--epochs", "1",
+            "--image-size", "16", "--batch-size", "4", "--threads", "1", "--device", "cpu",
+            "--out", run]  # fmt: skip
+    try:
+        code, out, err = run_cli(args, capsys)
+    finally:
+        Recording.stop_at = None
+    assert code == 128 + 15, err
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["step_in_epoch"] == 4
+    assert str(ckpt["dali"][0]).startswith("dalikd-remainder:")  # stopped inside one
+    code, out, err = run_cli(["train", "--resume", run], capsys)
+    assert code == 0, err
+    good = Counter(colour_of(label, i) for label in range(4) for i in range(5))
+    assert Counter(Recording.seen) == good  # the epoch across both runs: each image once
+
+
 def test_batch_larger_than_the_training_set_is_one_line(solid_dataset, tmp_path, capsys):
     code, out, err = run_cli(
         ["train", "--data", solid_dataset, "--student", "resnet18", "--batch-size", "64",

@@ -48,6 +48,7 @@ class Recording(nn.Module):
     count which images a run saw. ``seen`` is reset by the test."""
 
     seen: list[tuple[int, int, int]] = []
+    stop_at: int | None = None  # SIGTERM this process once this many images were seen
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -61,6 +62,11 @@ class Recording(nn.Module):
             std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
             rgb = (x.detach().float().cpu() * std + mean).mean(dim=(2, 3)).round().int()
             Recording.seen += [tuple(v) for v in rgb.tolist()]
+            if len(Recording.seen) == Recording.stop_at:
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGTERM)  # the loop stops after this step
         return self.inner(x)
 
 
