@@ -376,7 +376,7 @@ def test_check_data_on_an_all_bad_split_lists_the_files_and_says_so(tmp_path, ca
     for f in (root / "val/a").iterdir():
         f.write_bytes(b"")
     code, out, err = run_cli(["check-data", root], capsys)
-    _one_line(code, out, err, "val holds no usable images (listed above)")
+    _one_line(code, out, err, "val holds no usable images; 1 left out (listed above)")
     assert "check-data" not in err and "empty file" in out
 
 
