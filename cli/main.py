@@ -228,6 +228,7 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
             f"{summary['step_in_epoch']}, checkpoint written; "
             f"continue with: dalikd train --resume {summary['run_dir']}",
             soft_wrap=True,
+            markup=False,
         )
         sys.exit(128 + getattr(signal, summary["stopped_by"]))
     print_summary(summary)
@@ -274,8 +275,16 @@ def check_data(data: str, decode: bool, no_cache: bool) -> None:
     from dalikd.data import scan_dataset
 
     with ScanProgress() as progress:
-        dataset = scan_dataset(data, decode=decode, cache=not no_cache, progress=progress.update)
+        dataset = scan_dataset(
+            data, decode=decode, cache=not no_cache, progress=progress.update, strict=False
+        )
     print_check(dataset)
+    unusable = [name for name in ("train", "val") if not len(getattr(dataset, name))]
+    if unusable:  # the list above says why; the line below is what stops a run
+        split = f"{dataset.root}/{unusable[0]}"
+        left = sum(path.startswith(split + "/") for path, _ in dataset.skipped)
+        raise DalikdError(f"{split} holds no usable images; {left} left out (listed above)")
+    scan_dataset(data, decode=decode, cache=not no_cache)  # empty train classes: one line
 
 
 @cli.command()
@@ -336,10 +345,12 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" (see: dalikd {e.ctx.info_name if e.ctx and e.ctx.parent else ''} --help)".replace(
             "  ", " "
         )
-        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {escape(e.format_message() + hint)}", soft_wrap=True
+        )
         sys.exit(2)
     except click.ClickException as e:
-        err_console.print(f"[bold red]error:[/] {e.format_message()}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", soft_wrap=True)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, click.Abort):
         err_console.print("interrupted; a run continues with: dalikd train --resume RUN_DIR")

@@ -67,9 +67,9 @@ def profile(json_out: str | None, plot: str | None, **options: Any) -> None:
     print_report(report)
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"JSON: {json_out}")
+        console.print(f"JSON: {json_out}", markup=False)
     if plot:
-        console.print(f"plot: {write_plot(report, plot)}")
+        console.print(f"plot: {write_plot(report, plot)}", markup=False)
 
 
 def _rate(value: float | None) -> str:

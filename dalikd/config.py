@@ -188,11 +188,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DalikdError(f"config file not found: {path}")
     try:
-        if path.suffix == ".json":
-            return json.loads(path.read_text())
-        return tomllib.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except UnicodeDecodeError as e:
+        raise DalikdError(f"cannot read {path}: not UTF-8 text (byte {e.start})") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise DalikdError(f"cannot parse {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise DalikdError(f"{path} must hold a table of settings")
+    return values
 
 
 def build_config(
@@ -250,6 +254,10 @@ def validate(cfg: TrainConfig) -> None:
         ),  # fmt: skip
         (o.epochs >= 1, f"epochs must be positive, got {o.epochs}"),
         (o.lr > 0, f"learning rate must be positive, got {o.lr}"),
+        (0 <= o.momentum < 1, f"momentum must be in [0, 1), got {o.momentum}"),
+        (o.momentum > 0 or not o.nesterov, "--nesterov needs a momentum above 0"),
+        (o.weight_decay >= 0, f"weight decay must be >= 0, got {o.weight_decay}"),
+        (cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}"),
         (o.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {o.warmup_epochs}"),
         (
             list(o.milestones) == sorted(o.milestones),

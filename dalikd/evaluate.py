@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalikd import distributed
-from dalikd.config import DataConfig
+from dalikd.config import DataConfig, build_config
 from dalikd.data import scan_dataset
 from dalikd.device import autocast, prepare_images, resolve_device, torch_device
 from dalikd.models import build_model, input_norm
@@ -94,6 +94,11 @@ def evaluate_model(
     device: str = "auto",
 ) -> dict[str, float]:
     """Build ``model_name`` with ``weights`` and evaluate it on ``data``/val."""
+    # the same checks as training's (a batch of 0 or a 0 px image is one line, not a traceback)
+    build_config(
+        overrides={"data.batch_size": batch_size, "data.image_size": image_size,
+                   "data.threads": threads}
+    )  # fmt: skip
     device = resolve_device(device)
     dataset = scan_dataset(data)
     model = build_model(model_name, dataset.num_classes, weights)

@@ -7,6 +7,7 @@ function of the step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dalikd import distributed, recipes
+from dalikd import distributed, recipes, recovery, rundir
 from dalikd.checkpoint import save_atomic, write_jsonl_atomic, write_text_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
 from dalikd.data import scan_dataset
@@ -26,6 +27,7 @@ from dalikd.device import amp_dtype, resolve_device, torch_device
 from dalikd.errors import DalikdError
 from dalikd.evaluate import evaluate
 from dalikd.metrics import GROUP_STEPS, TStddev
+from dalikd.models import check_shapes
 from dalikd.step import Distiller, make_optimizer
 from dalikd.tensorboard import ScalarWriter
 
@@ -94,19 +96,54 @@ def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
             f"{CHECKPOINT_FORMAT} only (its data pipeline changed). Start a new run; the old "
             f"weights can seed it: --student-weights {run_dir / 'last.pt'}"
         )
-    saved = json.loads((run_dir / "config.json").read_text())
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise DalikdError(f"cannot read {run_dir / 'config.json'}: {e}") from None
+    if not isinstance(saved, dict):
+        raise DalikdError(f"{run_dir / 'config.json'} is damaged: not a table of settings")
     data = saved.setdefault("data", {})
-    if "mixing" not in data and ckpt.get("dali"):  # saved before the path was configuration
+    if isinstance(data, dict) and "mixing" not in data and ckpt.get("dali"):
+        # saved before the mixing path was configuration: the DALI state names its graph
         from dalikd.pipeline import checkpoint_mixing
 
         data["mixing"] = checkpoint_mixing(ckpt["dali"][0])
-    asked = overrides.get("data.mixing", data.get("mixing", "auto"))
-    if data.get("mixing", "auto") not in ("auto", asked):
+    try:
+        before = build_config(saved, {"out": str(run_dir)})
+    except DalikdError as e:
+        raise DalikdError(f"{run_dir / 'config.json'} is damaged: {e}") from None
+    cfg = build_config(overrides={**overrides, "out": str(run_dir)}, base=before)
+    old, new = _flat(before.to_dict()), _flat(cfg.to_dict())
+    fixed = [f"{k} {old[k]} -> {new[k]}" for k in old if old[k] != new[k] and k not in RESUMABLE]
+    if fixed:
         raise DalikdError(
-            f"{run_dir} mixes on the {data['mixing']} path (its data pipeline state needs the "
-            f"same graph); drop --mixing {asked}"
+            f"cannot change on resume: {', '.join(fixed)} (the data order, models or step count "
+            f"depend on them); start a new run, seeded with --student-weights {run_dir}/last.pt"
         )
-    return build_config(saved, {**overrides, "out": str(run_dir)})
+    return cfg
+
+
+# What --resume may change: the schedule is a pure function of the step, the loss weights and
+# the optimizer's hyperparameters are read each step, the rest is bookkeeping. Everything else
+# (batch size, images, augmentation, models, seed, device, ...) is fixed by the checkpoint.
+RESUMABLE = frozenset(
+    {"optim.epochs", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay",
+     "optim.schedule", "optim.milestones", "optim.gamma", "optim.warmup_epochs",
+     "kd.ce_weight", "kd.kd_weight", "kd.temperature", "kd.mixed_label_ce",
+     "log_every", "ckpt_every", "eval_teacher", "channels_last", "tensorboard", "out"}
+)  # fmt: skip
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _kept(run_dir: Path) -> str:
+    """The note for a stop on bad numbers: only a run that saved a checkpoint has one to keep."""
+    return "; last.pt keeps the last good checkpoint" if (run_dir / "last.pt").is_file() else ""
 
 
 def resolve_mixing(cfg: TrainConfig, recipe: recipes.Recipe | None, device: str) -> TrainConfig:
@@ -178,7 +215,12 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = Fal
         raise DalikdError("--precision fp16 needs a GPU; on CPU use fp32 (default) or bf16")
     ctx = distributed.init(device)
     try:
-        with StopSignals() as stop:
+        cfg = build_config(overrides={"out": cfg.out or default_run_dir()}, base=cfg)
+        lock = contextlib.nullcontext()
+        if ctx.is_main:  # one run per run directory (a second one is refused in one line)
+            rundir.prepare(Path(cfg.out))
+            lock = rundir.locked(Path(cfg.out), (reporter or SilentReporter()).message)
+        with lock, StopSignals() as stop:
             return _train(cfg, reporter if ctx.is_main and reporter else SilentReporter(),
                           resume, device, ctx, stop)  # fmt: skip
     finally:
@@ -213,8 +255,13 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     tstd = TStddev(group_size=0)
     if resume:
         ckpt = _read_checkpoint(run_dir / "last.pt")
+        check_shapes(student, ckpt["model"], f"{run_dir / 'last.pt'} does not fit the student")
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        # settings given again on resume win over the saved ones (lr is set at every step)
+        optimizer.param_groups[0]["weight_decay"] = cfg.optim.weight_decay  # the decay group
+        for group in optimizer.param_groups:
+            group["momentum"], group["nesterov"] = cfg.optim.momentum, cfg.optim.nesterov
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
@@ -241,14 +288,15 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             global_step -= step_in_epoch
             step_in_epoch, partial = 0, _EPOCH_START
         reporter.message(f"resumed {run_dir} at epoch {epoch + 1}, step {step_in_epoch}")
+    if resume:  # files that failed in training before stay out
+        dataset = recovery.apply_skips(dataset, recovery.read_report(run_dir))
     tb = None  # --tensorboard: rank 0 writes the epoch records to RUN_DIR/tb/ too
     if ctx.is_main:
         tb = ScalarWriter(run_dir / "tb") if cfg.tensorboard else None
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(cfg.to_dict(), indent=2) + "\n", run_dir / "config.json")
         write_jsonl_atomic(history, run_dir / "metrics.jsonl")
-        report = "".join(f"{path}\t{reason}\n" for path, reason in dataset.skipped)
-        write_text_atomic("path\treason\n" + report, run_dir / "data_report.tsv")
+        recovery.write_report(run_dir, dataset.skipped)
     left_out = (
         f", {len(dataset.skipped)} files left out (see data_report.tsv)" if dataset.skipped else ""
     )
@@ -261,11 +309,12 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     # seed + e, so a restart does not replay the first epoch's order.
     from dalikd import pipeline  # DALI: only where the loaders are built
 
-    train_data = pipeline.train_loader(
-        dataset.train, cfg.data, recipe, device=device,
-        seed=cfg.seed + (epoch if dali_state is None else 0),
-        shard_id=ctx.rank, num_shards=ctx.world_size, granularity=cfg.kd.granularity,
-        pool_size=cfg.kd.pool_size, checkpoint=dali_state,
+    # the training loader; a file that fails to decode is left out and the epoch goes on
+    train_data = recovery.TrainData(
+        dataset, cfg.data, recipe, device=device, seed=cfg.seed,
+        epoch=epoch, step=step_in_epoch, run_dir=run_dir, reporter=reporter,
+        is_main=ctx.is_main, shard_id=ctx.rank, num_shards=ctx.world_size,
+        granularity=cfg.kd.granularity, pool_size=cfg.kd.pool_size, checkpoint=dali_state,
     )  # fmt: skip
     val_data = pipeline.val_loader(
         dataset.val, cfg.data, device=device, shard_id=ctx.rank, num_shards=ctx.world_size
@@ -292,7 +341,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         if not all(p.isfinite().all() for p in student.parameters()):
             raise DalikdError(
                 f"the weights became non-finite by step {global_step} (epoch {epoch + 1}); "
-                "lower --lr; last.pt keeps the last good checkpoint"
+                f"lower --lr{_kept(run_dir)}"
             )
         ckpt = {
             "format": CHECKPOINT_FORMAT,
@@ -315,6 +364,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             save_atomic(ckpt, run_dir / name)
 
     while epoch < cfg.optim.epochs:
+        steps_per_epoch = len(train_data)  # fewer once files that failed in training are out
         reporter.epoch_start(epoch, cfg.optim.epochs, steps_per_epoch)
         distiller.train()
         loss_sum = torch.tensor(partial["loss_sum"], device=tdev)
@@ -356,7 +406,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
                 if not math.isfinite(loss):
                     raise DalikdError(
                         f"loss is {loss} at step {global_step} (epoch {epoch + 1}); "
-                        "lower --lr; last.pt keeps the last good checkpoint"
+                        f"lower --lr{_kept(run_dir)}"
                     )
                 if boundary:
                     img_per_s = seen * ctx.world_size / (time.perf_counter() - t0)

@@ -218,7 +218,7 @@ def test_a_run_saves_its_resolved_mixing_path_and_resumes_on_it(
     saved = torch.load(out / "last.pt", weights_only=True)["config"]["data"]["mixing"]
     assert saved == "composed"
     code, _, err = run_cli(["train", "--resume", out, "--epochs", 2, "--mixing", "native"], capsys)
-    assert code == 1 and "mixes on the composed path" in err
+    assert code == 1 and "data.mixing composed -> native" in err
     assert len(err.strip().splitlines()) == 1
 
 

@@ -319,6 +319,15 @@ def _compile(work: Path, key: str) -> BuildInfo:
     return BuildInfo(**info)
 
 
+def _private(path: Path) -> bool:
+    """Owned by this user and writable by no one else (a build found otherwise is rebuilt)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _read(folder: Path) -> BuildInfo | None:
     try:
         return BuildInfo(**json.loads((folder / "build.json").read_text()))
@@ -352,16 +361,24 @@ def build(force: bool = False) -> tuple[BuildInfo, Path]:
     compiler, nvcc or the CUDA headers were installed since). Returns the build record and
     its folder.
     """
+    from dalikd.datacheck import private_dir
+
     root = build_root()
     key = build_key()
     final = root / key
-    cached = None if force else _read(final)
+    private_dir(root)
+    if root.stat().st_uid != os.getuid():  # whoever can write here picks the code we load
+        raise DalikdError(
+            f"{root} is not owned by you; not loading a native library from there "
+            "(set DALIKD_CACHE to a folder of your own)"
+        )
+    os.chmod(root, 0o700)  # ours: made private (an older dalikd created it umask-wide)
+    cached = None if force or not _private(final) else _read(final)
     if _reusable(cached):
         return cached, final
-    root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be building this very key
-        cached = None if force else _read(final)
+        cached = None if force or not _private(final) else _read(final)
         if _reusable(cached):
             return cached, final
         work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
