@@ -150,6 +150,13 @@ def find_culprits(
     return bad
 
 
+def dali_state(checkpoint: str | bytes) -> str | bytes:
+    """The DALI pipeline state inside a :meth:`TrainData.checkpoint` (a remainder's wraps it)."""
+    if isinstance(checkpoint, str) and checkpoint.startswith(_REMAINDER):
+        return base64.b64decode(json.loads(checkpoint.removeprefix(_REMAINDER))["dali"])
+    return checkpoint
+
+
 def _as_bytes(checkpoint: str | bytes) -> bytes:
     return checkpoint if isinstance(checkpoint, bytes) else checkpoint.encode()
 

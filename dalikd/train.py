@@ -107,7 +107,7 @@ def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
         # saved before the mixing path was configuration: the DALI state names its graph
         from dalikd.pipeline import checkpoint_mixing
 
-        data["mixing"] = checkpoint_mixing(ckpt["dali"][0])
+        data["mixing"] = checkpoint_mixing(recovery.dali_state(ckpt["dali"][0]))
     try:
         before = build_config(saved, {"out": str(run_dir)})
     except DalikdError as e:
