@@ -220,6 +220,14 @@ def test_a_run_saves_its_resolved_mixing_path_and_resumes_on_it(
     code, _, err = run_cli(["train", "--resume", out, "--epochs", 2, "--mixing", "native"], capsys)
     assert code == 1 and "data.mixing composed -> native" in err
     assert len(err.strip().splitlines()) == 1
+    # a run dir saved before data.mixing existed: its DALI state names the graph
+    saved = json.loads((out / "config.json").read_text())
+    del saved["data"]["mixing"]
+    (out / "config.json").write_text(json.dumps(saved))
+    monkeypatch.setenv("DALIKD_NATIVE", "1")  # auto would now pick native: ignored on resume
+    code, _, err = run_cli(["train", "--resume", out, "--epochs", 2], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["data"]["mixing"] == "composed"
 
 
 def test_without_a_compiler_dalikd_falls_back_with_exactly_one_warning(
