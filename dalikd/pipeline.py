@@ -68,25 +68,53 @@ def random_crop_decode(jpegs: Any, data: DataConfig, device: str) -> Any:
     )
 
 
-def random_resized_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
-    """:func:`random_crop_decode`, resized to image_size². Out: uint8 HWC RGB on ``device``."""
+def native_resize(data: DataConfig, device: str, native: bool | None = None) -> bool:
+    """Whether the resize runs through dalikd's fn.dalikd_resize (CPU, antialiased, the flip
+    fused in) instead of DALI's fn.resize: only for the antialiased resize on CPU, where the
+    native library loads (:func:`dalikd.native.use_native_resize`); ``native`` pins the
+    answer (True raises where it cannot be met)."""
+    from dalikd import native as native_op
+
+    if not data.antialias or device != "cpu":  # --no-antialias and GPU keep DALI's resize
+        if native:
+            raise DalikdError("the native resize is CPU-only and antialiased")
+        return False
+    if native is None:
+        return native_op.use_native_resize(device)
+    if native and native_op.resize_reason(device):
+        raise DalikdError(f"the native resize is needed but {native_op.resize_reason(device)}")
+    return native
+
+
+def random_resized_crop(
+    jpegs: Any, data: DataConfig, device: str, flip: bool = False, native: bool | None = None
+) -> Any:
+    """:func:`random_crop_decode`, resized to image_size², and with ``flip`` mirrored
+    horizontally with probability 1/2 (a seeded coin per sample). Out: uint8 HWC RGB on
+    ``device``. ``native``: see :func:`native_resize`."""
     images = random_crop_decode(jpegs, data, device)
-    return fn.resize(
+    if native_resize(data, device, native):
+        kw = {"flip": fn.random.coin_flip(probability=0.5)} if flip else {}
+        return fn.dalikd_resize(images, size_y=data.image_size, size_x=data.image_size, **kw)
+    images = fn.resize(
         images, resize_x=data.image_size, resize_y=data.image_size, antialias=data.antialias
     )
+    if flip:
+        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+    return images
 
 
-def center_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
+def center_crop(jpegs: Any, data: DataConfig, device: str, native: bool | None = None) -> Any:
     """Decode, resize the shorter side to image_size / val_crop_fraction, crop the centre
     image_size². Deterministic. Out: uint8 HWC RGB on ``device``."""
     images = fn.decoders.image(
         jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB
     )
-    images = fn.resize(
-        images,
-        resize_shorter=round(data.image_size / data.val_crop_fraction),
-        antialias=data.antialias,
-    )
+    shorter = round(data.image_size / data.val_crop_fraction)
+    if native_resize(data, device, native):
+        images = fn.dalikd_resize(images, resize_shorter=shorter)
+    else:
+        images = fn.resize(images, resize_shorter=shorter, antialias=data.antialias)
     return fn.crop(images, crop=(data.image_size, data.image_size))
 
 
@@ -101,14 +129,15 @@ def train_graph(
     reader_seed=0,
     pool_size=2,
     native=None,
+    native_resize=None,
 ):
     """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode.
-    Every image output is uint8 HWC. ``native``: the mixing path (AugContext.native)."""
+    Every image output is uint8 HWC. ``native``: the mixing path (AugContext.native);
+    ``native_resize``: the resize path (:func:`native_resize`)."""
     jpegs, labels = read(
         split, shuffle=True, shard_id=shard_id, num_shards=num_shards, seed=reader_seed
     )
-    images = random_resized_crop(jpegs, data, device)
-    images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+    images = random_resized_crop(jpegs, data, device, flip=True, native=native_resize)
     outputs = {"images": images, "labels": labels}
     if recipe is not None:
         ctx = AugContext(data.image_size, device, IMAGENET_MEAN, granularity, pool_size, native)
@@ -248,17 +277,17 @@ def train_loader(
         train_graph, data=data, device=device, seed=seed + shard_id, checkpoint=checkpoint,
         split=split, recipe=recipe, shard_id=shard_id, num_shards=num_shards,
         granularity=granularity, reader_seed=seed, pool_size=pool_size,
-        native=_native_in(checkpoint),
+        native=_native_in(checkpoint), native_resize=_native_in(checkpoint, "DalikdResize"),
     )  # fmt: skip
     return Loader(pipe, names, last_batch=LastBatchPolicy.DROP, device=torch_device(device))
 
 
-def _native_in(checkpoint: str | bytes | None) -> bool | None:
-    """The mixing path a DALI checkpoint was saved from (its operators are named in it), so a
-    resumed run rebuilds the same graph whatever DALIKD_NATIVE says now; None: no checkpoint."""
+def _native_in(checkpoint: str | bytes | None, name: str = "DalikdMix") -> bool | None:
+    """The mixing (or, name="DalikdResize", resize) path a DALI checkpoint was saved from (its
+    operators are named in it), so a resumed run rebuilds the same graph whatever DALIKD_NATIVE
+    says now; None: no checkpoint."""
     if checkpoint is None:
         return None
-    name = "DalikdMix"
     return (name.encode() if isinstance(checkpoint, bytes) else name) in checkpoint
 
 
