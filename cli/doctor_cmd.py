@@ -10,9 +10,9 @@ import click
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 def doctor(as_json: bool) -> None:
-    """Report versions (Python, torch, torchvision, DALI), CUDA, whether the native mixing
-    operator is built and loaded (CPU, GPU), and which mixing path each device uses. Builds the
-    operator on first use (about half a minute), as training would."""
+    """Report versions (Python, torch, torchvision, DALI), CUDA, whether the native operators
+    are built and loaded (CPU, GPU), and which mixing and resize path each device uses. Builds
+    them on first use (about half a minute), as training would."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -38,6 +38,7 @@ def doctor(as_json: bool) -> None:
     native = info["native"] or {}
     rows += [(f"native {k}", str(v)) for k, v in native.items() if v not in ("", None)]
     rows += [(f"mixing on {device}", path) for device, path in info["mixing"].items()]
+    rows += [(f"resize on {device}", path) for device, path in info["resize"].items()]
     for name, value in rows:
         table.add_row(name, escape(value))
     console.print(table)

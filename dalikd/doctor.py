@@ -39,6 +39,7 @@ def report() -> dict[str, Any]:
     if mode == "0":
         info["native"] = None
         info["mixing"] = {"cpu": "composed: DALIKD_NATIVE=0", "gpu": "composed: DALIKD_NATIVE=0"}
+        info["resize"] = _resize_paths()
         return info
     status = native.load()
     build = status.build
@@ -57,4 +58,17 @@ def report() -> dict[str, Any]:
         if status.gpu
         else f"{fallback}: {status.reason or status.gpu_reason}",
     }
+    info["resize"] = _resize_paths()
     return info
+
+
+def _resize_paths() -> dict[str, str]:
+    """The antialiased resize per device: dalikd's operator, or DALI's fn.resize and why.
+    (--no-antialias always runs DALI's non-antialiased fn.resize.)"""
+    from dalikd import native
+
+    paths = {}
+    for device in ("cpu", "gpu"):
+        reason = native.resize_reason(device)
+        paths[device] = "native (fn.dalikd_resize)" if not reason else f"DALI fn.resize: {reason}"
+    return paths

@@ -256,8 +256,13 @@ def test_doctor_reports_the_active_mixing_path(capsys, monkeypatch):
     info = json.loads(out)
     assert info["mixing"]["cpu"] == "native"
     assert info["native"]["cpu"] == "loaded"
+    assert info["resize"] == {
+        "cpu": "native (fn.dalikd_resize)",
+        "gpu": "DALI fn.resize: CPU only (the GPU keeps DALI's resize)",
+    }
     assert info["dali"] and info["torch"] and "cuda_available" in info
     monkeypatch.setenv("DALIKD_NATIVE", "0")
     with pytest.raises(SystemExit):
         main(["doctor"])
-    assert "composed: DALIKD_NATIVE=0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "composed: DALIKD_NATIVE=0" in out and "DALI fn.resize: DALIKD_NATIVE=0" in out
