@@ -127,3 +127,46 @@ def test_gray_and_four_channels(loaded):
     (rgb,) = run_resize([img], size_y=224, size_x=224)
     np.testing.assert_array_equal(g[:, :, 0], rgb[:, :, 0])
     np.testing.assert_array_equal(r[:, :, :3], rgb)
+
+
+def test_training_and_validation_pipelines_use_it(loaded, tmp_path):
+    """Whole-image crops (crop_scale 1, the photo's aspect) of PNG photos: the training images
+    are torchvision's antialiased resize of the photo, flipped where the seeded coin says; the
+    checkpoint names the operator, so a resume rebuilds the same graph."""
+    from PIL import Image
+
+    from dalikd import pipeline
+    from dalikd.config import DataConfig
+    from dalikd.data import scan_dataset
+
+    img = np.ascontiguousarray(photos()[2][:, :400])  # chelsea, 300 x 400
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(img).save(tmp_path / split / c / f"{i}.png")
+    aspect = img.shape[1] / img.shape[0]
+    cfg = DataConfig(path=str(tmp_path), image_size=64, batch_size=8, threads=1,
+                     crop_scale=(1.0, 1.0), crop_ratio=(aspect, aspect))  # fmt: skip
+    assert pipeline.native_resize(cfg, "cpu")
+    assert not pipeline.native_resize(cfg, "gpu")
+    assert not pipeline.native_resize(DataConfig(antialias=False), "cpu")
+    ds = scan_dataset(tmp_path)
+    ref = tv_resize(img, [64, 64]).astype(np.int16)
+    loader = pipeline.train_loader(ds.train, cfg, None, device="cpu", seed=5)
+    flips = []
+    for _ in range(2):
+        batch = next(iter(loader))
+        for x in batch.images.numpy().astype(np.int16):
+            plain, mirrored = np.abs(x - ref).max(), np.abs(x[:, ::-1] - ref).max()
+            assert min(plain, mirrored) <= 1
+            flips.append(bool(mirrored < plain))
+    assert 0 < sum(flips) < len(flips), flips  # the coin flips some, not all
+    assert b"DalikdResize" in loader.checkpoint()
+
+    val = next(iter(pipeline.val_loader(ds.val, cfg, device="cpu")))
+    short = round(64 / cfg.val_crop_fraction)
+    full = tv_resize(img, short)
+    top, left = (int((s - 64) / 2 + 0.5) for s in full.shape[:2])  # fn.crop: round half up
+    want = full[top : top + 64, left : left + 64].astype(np.int16)
+    assert np.abs(val.images[0].numpy().astype(np.int16) - want).max() <= 1
