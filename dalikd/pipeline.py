@@ -72,7 +72,7 @@ def native_resize(data: DataConfig, device: str, native: bool | None = None) -> 
     """Whether the resize runs through dalikd's fn.dalikd_resize (CPU, antialiased, the flip
     fused in) instead of DALI's fn.resize: only for the antialiased resize on CPU, where the
     native library loads (:func:`dalikd.native.use_native_resize`); ``native`` pins the
-    answer (True raises where it cannot be met)."""
+    answer (True loads the operator whatever DALIKD_NATIVE says, or raises)."""
     from dalikd import native as native_op
 
     if not data.antialias or device != "cpu":  # --no-antialias and GPU keep DALI's resize
@@ -81,8 +81,8 @@ def native_resize(data: DataConfig, device: str, native: bool | None = None) -> 
         return False
     if native is None:
         return native_op.use_native_resize(device)
-    if native and native_op.resize_reason(device):
-        raise DalikdError(f"the native resize is needed but {native_op.resize_reason(device)}")
+    if native:  # asked for, or by the DALI checkpoint being resumed
+        native_op.require_resize("needed (a checkpoint saved with it)")
     return native
 
 

@@ -487,7 +487,10 @@ def use_native_resize(device: str) -> bool:
         return True
     if device == "cpu" and reason not in ("DALIKD_NATIVE=0", "DALIKD_NATIVE_RESIZE=0"):
         if mode() == "1":
-            raise DalikdError(f"the native resize operator is unavailable: {reason}")
+            raise DalikdError(
+                f"the native resize operator is asked for (DALIKD_NATIVE=1) but unavailable: "
+                f"{reason}"
+            )
         _warn_resize(reason)
     return False
 
@@ -500,3 +503,11 @@ def _warn_resize(reason: str) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def require_resize(why: str) -> None:
+    """Load fn.dalikd_resize whatever DALIKD_NATIVE / DALIKD_NATIVE_RESIZE say (a checkpoint
+    saved with it needs it), or raise DalikdError saying why it is unavailable."""
+    status = load()
+    if not status.cpu:
+        raise DalikdError(f"the native resize operator is {why} but unavailable: {status.reason}")
