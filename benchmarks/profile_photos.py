@@ -1,6 +1,6 @@
 """Profile dalikd's data path on real photographs against a torchvision DataLoader.
 
-    pip install -e ".[bench]"         # scikit-image (the photographs) and matplotlib (--plot)
+    pip install -e ".[bench]"         # scikit-image (the photographs)
     python benchmarks/profile_photos.py
 
 Builds, once, an ImageNet-like JPEG set from the colour photographs that ship inside

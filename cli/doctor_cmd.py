@@ -9,16 +9,39 @@ import click
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
-def doctor(as_json: bool) -> None:
+@click.option(
+    "--build",
+    "build_only",
+    is_flag=True,
+    help="only build the native operators (or confirm the cached build) and say what was built; "
+    "exit 1 if the CPU operators could not be built. Run it once before many ranks start.",
+)
+def doctor(as_json: bool, build_only: bool) -> None:
     """Report versions (Python, torch, torchvision, DALI), CUDA, whether the native operators
-    are built and loaded (CPU, GPU), and which mixing and resize path each device uses. Builds
-    them on first use (about half a minute), as training would."""
+    (mixing, resize) are built and loaded (CPU, GPU), whether the mixing GPU backend ran
+    correctly on this GPU ("GPU backend: verified on <GPU>", or why not), and which mixing and
+    resize path each device uses. Builds them on first use (about half a minute), as training
+    would."""
     from rich.markup import escape
     from rich.table import Table
 
     from dalikd.cli.report import console
-    from dalikd.doctor import report
+    from dalikd.doctor import build_native, report
+    from dalikd.errors import DalikdError
 
+    if build_only:
+        built = build_native()
+        if as_json:
+            click.echo(json.dumps(built, indent=1))
+        else:
+            folder = built["folder"]
+            click.echo(f"native operator: {'cached' if built['cached'] else 'built'} in {folder}")
+            cpu, gpu = built["cpu_library"], built["gpu_library"]
+            click.echo(f"CPU operator: {cpu or 'not built: ' + built['cpu_error']}")
+            click.echo(f"GPU operator: {gpu or 'not built: ' + built['gpu_error']}")
+        if not built["cpu_library"]:
+            raise DalikdError(f"the native CPU operator could not be built: {built['cpu_error']}")
+        return
     info = report()
     if as_json:
         click.echo(json.dumps(info, indent=1))
@@ -37,6 +60,7 @@ def doctor(as_json: bool) -> None:
     ]
     native = info["native"] or {}
     rows += [(f"native {k}", str(v)) for k, v in native.items() if v not in ("", None)]
+    rows.append(("GPU backend", info["gpu_backend"]))
     rows += [(f"mixing on {device}", path) for device, path in info["mixing"].items()]
     rows += [(f"resize on {device}", path) for device, path in info["resize"].items()]
     for name, value in rows:

@@ -14,8 +14,10 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from dalikd.cli.doctor_cmd import doctor
+from dalikd.cli.plot_cmd import plot
 from dalikd.cli.preview_cmd import preview
 from dalikd.cli.profile_cmd import profile
 from dalikd.cli.report import ScanProgress
@@ -66,22 +68,34 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         "--teacher",
         "model.teacher",
         str,
-        "teacher model (torchvision name or module:function); omit to train supervised",
+        "teacher model (torchvision name, timm:NAME or module:function); omit to train supervised",
     ),
     (
         "--teacher-weights",
         "model.teacher_weights",
         str,
-        "teacher weights: a file (state_dict or dalikd checkpoint) or a torchvision name",
+        "teacher weights: a file (state_dict or dalikd checkpoint) or a torchvision name; "
+        "none for a timm name with a pretrained tag (timm:resnet50.a1_in1k)",
     ),
-    ("--student", "model.student", str, "student model (torchvision name or module:function)"),
+    (
+        "--student",
+        "model.student",
+        str,
+        "student model (torchvision name, timm:NAME or module:function)",
+    ),
     ("--student-weights", "model.student_weights", str, "initial student weights (file)"),
     ("--epochs", "optim.epochs", int, "epochs to train (with --resume: the new total)"),
     ("--batch-size", "data.batch_size", int, "images per step"),
     ("--lr", "optim.lr", float, "peak learning rate"),
     ("--momentum", "optim.momentum", float, "SGD momentum"),
     ("--nesterov/--no-nesterov", "optim.nesterov", None, "Nesterov momentum"),
-    ("--weight-decay", "optim.weight_decay", float, "weight decay (not on BN or biases)"),
+    ("--weight-decay", "optim.weight_decay", float, "weight decay"),
+    (
+        "--decay-norm-and-bias/--no-decay-norm-and-bias",
+        "optim.decay_norm_and_bias",
+        None,
+        "weight decay on BatchNorm and biases too (the reference code's SGD)",
+    ),
     ("--schedule", "optim.schedule", click.Choice(["step", "cosine"]), "learning-rate schedule"),
     (
         "--milestones",
@@ -137,6 +151,12 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         "eval_teacher",
         None,
         "report the teacher's val accuracy before training",
+    ),
+    (
+        "--tensorboard/--no-tensorboard",
+        "tensorboard",
+        None,
+        "also write the metrics.jsonl scalars to RUN_DIR/tb/ (pip install 'dalikd[tensorboard]')",
     ),
 ]
 
@@ -201,6 +221,7 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
             f"{summary['step_in_epoch']}, checkpoint written; "
             f"continue with: dalikd train --resume {summary['run_dir']}",
             soft_wrap=True,
+            markup=False,
         )
         sys.exit(128 + getattr(signal, summary["stopped_by"]))
     print_summary(summary)
@@ -210,7 +231,9 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
 @click.option(
     "--data", required=True, type=click.Path(), help="dataset root (its val/ split is used)"
 )
-@click.option("--model", "model_name", required=True, help="torchvision name or module:function")
+@click.option(
+    "--model", "model_name", required=True, help="torchvision name, timm:NAME or module:function"
+)
 @click.option("--weights", required=True, help="weights file or torchvision weights name")
 @click.option("--batch-size", default=100, show_default=True, type=int)
 @click.option("--image-size", default=224, show_default=True, type=int)
@@ -245,8 +268,16 @@ def check_data(data: str, decode: bool, no_cache: bool) -> None:
     from dalikd.data import scan_dataset
 
     with ScanProgress() as progress:
-        dataset = scan_dataset(data, decode=decode, cache=not no_cache, progress=progress.update)
+        dataset = scan_dataset(
+            data, decode=decode, cache=not no_cache, progress=progress.update, strict=False
+        )
     print_check(dataset)
+    unusable = [name for name in ("train", "val") if not len(getattr(dataset, name))]
+    if unusable:  # the list above says why; the line below is what stops a run
+        split = f"{dataset.root}/{unusable[0]}"
+        left = sum(path.startswith(split + "/") for path, _ in dataset.skipped)
+        raise DalikdError(f"{split} holds no usable images; {left} left out (listed above)")
+    scan_dataset(data, decode=decode, cache=not no_cache)  # empty train classes: one line
 
 
 @cli.command()
@@ -275,18 +306,20 @@ def pipelines() -> None:
 def demo(out: str, epochs: int | None, device: str) -> None:
     """Build a small digits dataset; train a teacher, a student alone, and the student
     distilled with --aug flip and with --aug cutmixpick."""
-    from dalikd.cli.report import RichReporter, print_demo
-    from dalikd.demo import run_demo
+    from dalikd.cli.report import RichReporter, console, print_demo
+    from dalikd.demo import CURVES, run_demo
 
     with RichReporter() as reporter:
         rows = run_demo(Path(out), reporter, epochs=epochs, device=device)
     print_demo(rows)
+    console.print(f"curves of the four runs: {Path(out) / CURVES}", markup=False, soft_wrap=True)
 
 
 cli.add_command(preview)
 cli.add_command(profile)
 cli.add_command(tstddev)
 cli.add_command(doctor)
+cli.add_command(plot)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -298,17 +331,19 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         code = cli.main(args=argv, prog_name="dalikd", standalone_mode=False)
-    except DalikdError as e:
-        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+    except DalikdError as e:  # the message is text, not markup: "dalikd[timm]" stays whole
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(1)
     except click.UsageError as e:
         hint = f" (see: dalikd {e.ctx.info_name if e.ctx and e.ctx.parent else ''} --help)".replace(
             "  ", " "
         )
-        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {escape(e.format_message() + hint)}", soft_wrap=True
+        )
         sys.exit(2)
     except click.ClickException as e:
-        err_console.print(f"[bold red]error:[/] {e.format_message()}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", soft_wrap=True)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, click.Abort):
         err_console.print("interrupted; a run continues with: dalikd train --resume RUN_DIR")

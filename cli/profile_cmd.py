@@ -55,23 +55,21 @@ console = Console(highlight=False)
 )
 @click.option("--warmup", default=3, show_default=True, type=int, help="untimed batches first")
 @click.option("--json", "json_out", type=click.Path(), help="write the report as JSON here")
-@click.option("--plot", type=click.Path(), help="write a bar chart (PNG) here; needs matplotlib")
+@click.option("--plot", type=click.Path(), help="write a bar chart (PNG) here")
 def profile(json_out: str | None, plot: str | None, **options: Any) -> None:
     """Images/s of every stage of the data path and the KD step, against torchvision."""
-    from dalikd.profile import ProfileConfig, check, require_matplotlib, run_profile, write_plot
+    from dalikd.profile import ProfileConfig, check, run_profile, write_plot
 
     cfg = ProfileConfig(**options)
-    if plot:
-        require_matplotlib()
     check(cfg)  # user mistakes first, as one line, before minutes of measuring
     with console.status("profiling") as status:
         report = run_profile(cfg, progress=lambda stage: status.update(f"timing {stage}"))
     print_report(report)
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"JSON: {json_out}")
+        console.print(f"JSON: {json_out}", markup=False)
     if plot:
-        console.print(f"plot: {write_plot(report, plot)}")
+        console.print(f"plot: {write_plot(report, plot)}", markup=False)
 
 
 def _rate(value: float | None) -> str:

@@ -21,12 +21,17 @@ console = Console(highlight=False)
 
 class LiveBar:
     """One transient rich bar at a time (description, bar, done/total, ``extra`` columns, times);
-    a context manager. The reporters below and in the other commands build on it."""
+    a context manager. The reporters below and in the other commands build on it.
+
+    The bar is drawn on a terminal only: written to a pipe or a file, a log keeps just the
+    printed lines.
+    """
 
     def __init__(self, *extra: TextColumn) -> None:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+            disable=not console.is_terminal,
         )  # fmt: skip
         self._task: Any = None
 
@@ -52,7 +57,8 @@ class RichReporter(LiveBar):
         super().__init__(TextColumn(fields))
 
     def message(self, text: str) -> None:
-        self._progress.console.print(text)
+        # never broken at the width; no markup: paths may hold [brackets]
+        self._progress.console.print(text, soft_wrap=True, markup=False)
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         self._new_bar(f"epoch {epoch + 1}/{epochs}", steps, loss="-", speed="-", lr="-")
@@ -67,28 +73,42 @@ class RichReporter(LiveBar):
         )
 
     def epoch_end(self, record: dict[str, Any]) -> None:
-        self._progress.console.print(
-            f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}  "
-            f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  "
-            f"top-5 {record['val_top5']:.2f}%  {record['img_per_s']:,.0f} img/s  "
-            f"{record['seconds']:.1f} s"
-        )
+        # one line per epoch however narrow the terminal (or a pipe's 80 columns)
+        self._progress.console.print(epoch_line(record), soft_wrap=True, markup=False)
+
+
+def epoch_line(record: dict[str, Any]) -> str:
+    """The log line of one epoch's metrics.jsonl record."""
+    agree = ""
+    if "val_agree_top1" in record:
+        agree = f"agree {record['val_agree_top1']:.2f}%  KL(t||s) {record['val_kl_ts']:.4f}  "
+    return (
+        f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}  "
+        f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  "
+        f"top-5 {record['val_top5']:.2f}%  {agree}{record['img_per_s']:,.0f} img/s  "
+        f"{record['seconds']:.1f} s"
+    )
 
 
 def print_summary(summary: dict[str, Any]) -> None:
     final = summary["final"]
-    table = Table(title="dalikd train", show_header=False)
-    table.add_row("run directory", summary["run_dir"])
-    table.add_row("device", summary["device"])
-    table.add_row("epochs", str(summary["epochs"]))
+    rows = [("run directory", summary["run_dir"]), ("device", summary["device"]),
+            ("epochs", str(summary["epochs"]))]  # fmt: skip
     if final:
-        table.add_row(
-            "final val top-1 / top-5", f"{final['val_top1']:.2f}% / {final['val_top5']:.2f}%"
-        )
-        table.add_row("final val loss", f"{final['val_loss']:.4f}")
-        table.add_row("train images/s (last epoch)", f"{final['img_per_s']:,.0f}")
-    table.add_row("best val top-1", f"{summary['best_top1']:.2f}%")
-    table.add_row("files", "config.json  metrics.jsonl  last.pt  best.pt")
+        rows += [
+            ("final val top-1 / top-5", f"{final['val_top1']:.2f}% / {final['val_top5']:.2f}%"),
+            ("final val loss", f"{final['val_loss']:.4f}"),
+            ("train images/s (last epoch)", f"{final['img_per_s']:,.0f}"),
+        ]
+    rows += [("best val top-1", f"{summary['best_top1']:.2f}%"),
+             ("files", "config.json  metrics.jsonl  last.pt  best.pt")]  # fmt: skip
+    if not console.is_terminal:  # a log: whole, greppable lines, never a cell wrapped at 80
+        for key, value in rows:
+            console.print(f"{key}: {value}", soft_wrap=True, markup=False)
+        return
+    table = Table(title="dalikd train", show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
     console.print(table)
 
 
@@ -116,6 +136,12 @@ def print_recipes(infos: list[Any]) -> None:
 
 
 def print_demo(rows: list[dict[str, Any]]) -> None:
+    if not console.is_terminal:  # a log: one whole line per run, no truncated cells
+        for r in rows:
+            line = (f"{r['model']}  {r['role']}: val top-1 {r['val_top1']:.2f}%  "
+                    f"val loss {r['val_loss']:.4f}  {r['run']}")  # fmt: skip
+            console.print(line, soft_wrap=True, markup=False)
+        return
     table = Table(title="dalikd demo: digits (10 classes)")
     for col, justify in (("model", "left"), ("role", "left"), ("val top-1 %", "right"),
                          ("val loss", "right"), ("run", "left")):  # fmt: skip

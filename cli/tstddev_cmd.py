@@ -68,11 +68,12 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
     help="probe length in images of x instead (rounded up to whole steps)",
 )
 @click.option(
-    "--group-size",
+    "--group-steps",
     type=int,
-    default=None,
-    help="teacher rows per group with x'; half for none, so a group spans the same steps  "
-    "[default: 640 = 5 steps x (64 x + 64 x'), the paper's]",
+    default=5,
+    show_default=True,
+    help="steps of teacher rows per group, the reference's 5 (at batch 64: 640 rows with x', "
+    "320 for none)",
 )
 @click.option("--batch-size", default=64, show_default=True, type=int, help="images per step")
 @click.option("--image-size", default=224, show_default=True, type=int, help="image side in px")
@@ -120,7 +121,7 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
 @click.option("--json", "json_out", type=click.Path(), help="write the ranked results here")
 @click.option("--plot", type=click.Path(), help="write a bar chart PNG here")
 def tstddev(
-    data, teacher, teacher_weights, augs, epochs, samples, group_size, batch_size, image_size,
+    data, teacher, teacher_weights, augs, epochs, samples, group_steps, batch_size, image_size,
     crop_scale, threads, device, precision, granularity, seed, pick_criterion, pool_size, student,
     student_weights, json_out, plot,
 ) -> None:  # fmt: skip
@@ -130,13 +131,8 @@ def tstddev(
     """
     from dalikd.config import DataConfig, KDConfig, ModelConfig
     from dalikd.errors import DalikdError
-    from dalikd.metrics import GROUP_SIZE
     from dalikd.probe import ProbeConfig, run_probe, write_json, write_plot
-    from dalikd.profile import require_matplotlib
 
-    if plot:
-        require_matplotlib()  # before the probe runs, not after
-    group_size = GROUP_SIZE if group_size is None else group_size
     if epochs is not None and samples is not None:
         raise DalikdError("give --epochs or --samples, not both")
     cfg = ProbeConfig(
@@ -147,20 +143,27 @@ def tstddev(
         augs=tuple(a for a in augs.split(",") if a.strip()),
         epochs=epochs if epochs is not None else (0 if samples is not None else 10),
         samples=samples or 0,
-        group_size=group_size,
+        group_steps=group_steps,
         kd=KDConfig(granularity=granularity, pick_criterion=pick_criterion, pool_size=pool_size),
         device=device, precision=precision, seed=seed,
     )  # fmt: skip
     with ProbeProgress() as progress:
         results = run_probe(cfg, progress)
 
-    table = Table(title=f"T. stddev of {escape(teacher)} (groups of {group_size} rows)")
+    title = f"T. stddev of {escape(teacher)} (groups of {group_steps} steps)"
+    table = Table(title=title)
     for col, justify in (("rank", "right"), ("aug", "left"), ("T. stddev", "right"),
                          ("mean entropy", "right"), ("samples", "right")):  # fmt: skip
         table.add_column(col, justify=justify)
+    table.add_column("group rows", justify="right")
     for i, r in enumerate(results, 1):
         table.add_row(
-            str(i), escape(r.aug), f"{r.t_stddev:.6f}", f"{r.mean_entropy:.4f}", f"{r.samples:,}"
+            str(i),
+            escape(r.aug),
+            f"{r.t_stddev:.6f}",
+            f"{r.mean_entropy:.4f}",
+            f"{r.samples:,}",
+            str(r.group_rows),
         )
     console.print(table)
     console.print("lowest T. stddev first: the best candidates for KD (Wang et al., 2022)")

@@ -12,11 +12,22 @@ No DALI import here: the model side (training step, pick, metrics) runs without 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # RGB, 0-255 scale
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+class InputNorm(NamedTuple):
+    """A model's input normalization: ``(x - mean) / std`` per RGB channel, 0-255 scale."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+IMAGENET_NORM = InputNorm(IMAGENET_MEAN, IMAGENET_STD)  # torchvision's models, most of timm's
 
 
 @dataclass
@@ -40,10 +51,13 @@ class Batch:
         return self.labels.shape[0]
 
 
-def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W]: ``(x - mean) / std`` with the ImageNet
-    mean/std (0-255 scale), computed as ``x * (1 / std) + (-mean / std)`` in one pass (within
-    a float32 rounding or two of the subtract-then-divide form).
+def normalize(
+    images: torch.Tensor, channels_last: bool = False, norm: InputNorm = IMAGENET_NORM
+) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W]: ``(x - mean) / std`` with ``norm``'s
+    mean/std (0-255 scale; the ImageNet ones by default), computed as
+    ``x * (1 / std) + (-mean / std)`` in one pass (within a float32 rounding or two of the
+    subtract-then-divide form).
 
     One pass: the uint8 -> float conversion, the transposition and the scale-and-shift in a
     single elementwise operation. ``channels_last``: the result is NCHW with NHWC memory, the
@@ -55,18 +69,19 @@ def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor
     nchw = images.permute(0, 3, 1, 2)  # a view: NCHW indices over NHWC memory
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(nchw.shape, dtype=torch.float32, device=images.device, memory_format=fmt)
-    scale, shift = _scale_shift(images.device)
+    scale, shift = _scale_shift(images.device, norm)
     return torch.addcmul(shift, nchw, scale, out=out)
 
 
-_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_CONSTANTS: dict[tuple[torch.device, InputNorm], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _scale_shift(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale_shift(device: torch.device, norm: InputNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(1 / std, -mean / std), each [1, 3, 1, 1] float32 on ``device``, made once per device
-    (no host-to-device copy per batch)."""
-    if device not in _CONSTANTS:
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
-        _CONSTANTS[device] = ((1 / std).float().to(device), (-mean / std).float().to(device))
-    return _CONSTANTS[device]
+    and normalization (no host-to-device copy per batch)."""
+    key = (device, norm)
+    if key not in _CONSTANTS:
+        mean = torch.tensor(norm.mean, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(norm.std, dtype=torch.float64).view(1, 3, 1, 1)
+        _CONSTANTS[key] = ((1 / std).float().to(device), (-mean / std).float().to(device))
+    return _CONSTANTS[key]

@@ -18,6 +18,13 @@ import tomllib
 
 from dalikd.errors import DalikdError
 
+TIMM_PREFIX = "timm:"  # --teacher/--student timm:NAME: a timm model by name
+
+
+def timm_pretrained(name: str) -> bool:
+    """A timm name with a pretrained tag (``timm:resnet50.a1_in1k``): its weights come with it."""
+    return name.startswith(TIMM_PREFIX) and "." in name.removeprefix(TIMM_PREFIX)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -29,11 +36,18 @@ class DataConfig:
     batch_size: int = 256  # images per step (per process)
     threads: int = 0  # DALI CPU threads; 0 = one per core, at most 8
     antialias: bool = True  # antialiased resize, as torchvision's RandomResizedCrop
+    # The "mixed" (GPU) JPEG decoder only (ignored on CPU); values of NVIDIA's ResNet-50 DALI
+    # example, sized for ImageNet's largest image, so nvJPEG never reallocates mid-run.
+    hw_decoder_load: float = 0.65  # share (0-1) of JPEG data for the GPU's JPEG engines (A100+)
+    preallocate_width_hint: int = 5980  # px, image width the JPEG engines preallocate for
+    preallocate_height_hint: int = 6430  # px, image height the JPEG engines preallocate for
+    device_memory_padding: int = 211025920  # bytes of padding per nvJPEG GPU buffer
+    host_memory_padding: int = 140544512  # bytes of padding per nvJPEG pinned host buffer
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    student: str = "resnet18"  # torchvision name or module:function
+    student: str = "resnet18"  # torchvision name, timm:NAME or module:function
     student_weights: str = ""  # optional initial weights for the student
     teacher: str = ""  # empty: train the student supervised (no distillation)
     teacher_weights: str = ""  # file (state_dict or dalikd checkpoint) or torchvision name
@@ -46,6 +60,9 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
+    # decay BatchNorm weights and biases too (the reference code's plain SGD over every
+    # parameter, docs/method.md); False: weights of conv and linear layers only
+    decay_norm_and_bias: bool = False
     schedule: str = "step"  # step | cosine
     milestones: tuple[int, ...] = (30, 60, 90)  # epochs where the step schedule multiplies by gamma
     gamma: float = 0.1
@@ -78,6 +95,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (GPU)
     channels_last: bool = True  # only applied on GPU
     eval_teacher: bool = False  # report the teacher's val accuracy before training
+    tensorboard: bool = False  # also write metrics.jsonl's scalars to RUN_DIR/tb/
     log_every: int = 10  # steps between progress updates (each one is a device sync)
     ckpt_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
 
@@ -165,11 +183,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DalikdError(f"config file not found: {path}")
     try:
-        if path.suffix == ".json":
-            return json.loads(path.read_text())
-        return tomllib.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except UnicodeDecodeError as e:
+        raise DalikdError(f"cannot read {path}: not UTF-8 text (byte {e.start})") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise DalikdError(f"cannot parse {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise DalikdError(f"{path} must hold a table of settings")
+    return values
 
 
 def build_config(
@@ -211,8 +233,26 @@ def validate(cfg: TrainConfig) -> None:
             0 < d.val_crop_fraction <= 1,
             f"val_crop_fraction must be in (0, 1], got {d.val_crop_fraction}",
         ),
+        (
+            0 <= d.hw_decoder_load <= 1,
+            f"hw_decoder_load must be in [0, 1], got {d.hw_decoder_load}",
+        ),
+        (
+            min(
+                d.preallocate_width_hint,
+                d.preallocate_height_hint,
+                d.device_memory_padding,
+                d.host_memory_padding,
+            )
+            >= 0,
+            "decoder hints and paddings must be >= 0",
+        ),  # fmt: skip
         (o.epochs >= 1, f"epochs must be positive, got {o.epochs}"),
         (o.lr > 0, f"learning rate must be positive, got {o.lr}"),
+        (0 <= o.momentum < 1, f"momentum must be in [0, 1), got {o.momentum}"),
+        (o.momentum > 0 or not o.nesterov, "--nesterov needs a momentum above 0"),
+        (o.weight_decay >= 0, f"weight decay must be >= 0, got {o.weight_decay}"),
+        (cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}"),
         (o.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {o.warmup_epochs}"),
         (
             list(o.milestones) == sorted(o.milestones),
@@ -229,10 +269,15 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise DalikdError(message)
-    if cfg.model.teacher and not cfg.model.teacher_weights:
+    if (
+        cfg.model.teacher
+        and not cfg.model.teacher_weights
+        and not timm_pretrained(cfg.model.teacher)
+    ):
         raise DalikdError(
             "--teacher needs --teacher-weights (a file or a torchvision weights name such as "
-            "IMAGENET1K_V1): distilling from an untrained teacher teaches nothing"
+            "IMAGENET1K_V1) or a timm name with a pretrained tag (timm:resnet50.a1_in1k): "
+            "distilling from an untrained teacher teaches nothing"
         )
     if not cfg.model.teacher and cfg.kd.aug != "none" and not cfg.kd.mixed_label_ce:
         raise DalikdError(

@@ -20,11 +20,13 @@ from PIL import Image
 
 from dalikd.config import build_config
 from dalikd.data import cache_dir
+from dalikd.plots import write_curves
 from dalikd.train import Reporter, SilentReporter, train
 
 DATASET_VERSION = "digits-v1"  # bump when the rendering changes, so caches rebuild
 SIDE = 32  # px, rendered image side
 VAL_EVERY = 5  # every 5th image of a class goes to val/ (20%)
+CURVES = "curves.png"  # the four runs' curves (dalikd plot), in the demo's folder
 
 
 def build_digits(root: Path | None = None) -> Path:
@@ -79,7 +81,7 @@ def run_demo(
     out: Path, reporter: Reporter | None = None, epochs: int | None = None, device: str = "auto"
 ) -> list[dict[str, Any]]:
     """Train the teacher, the student alone, and the student distilled with flip and with
-    CutMixPick as x'; return one result row per run."""
+    CutMixPick as x'; draw their curves to ``out/curves.png``; return one result row per run."""
     reporter = reporter or SilentReporter()
     data = build_digits()
     reporter.message(f"dataset: {data}")
@@ -110,4 +112,5 @@ def run_demo(
         final = summary["final"]
         rows.append({"role": role, "model": model, "run": str(run_dir),
                      "val_top1": final["val_top1"], "val_loss": final["val_loss"]})  # fmt: skip
+    write_curves([row["run"] for row in rows], out / CURVES)
     return rows

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch
 
-from dalikd.batch import Batch, normalize
+from dalikd.batch import IMAGENET_NORM, Batch, InputNorm, normalize
 from dalikd.errors import DalikdError
 
 
@@ -43,18 +43,20 @@ def autocast(device: str, precision: str):
     return torch.autocast("cuda" if device == "gpu" else "cpu", dtype=dtype)
 
 
-def prepare_images(images: torch.Tensor, device: str) -> torch.Tensor:
-    """The model's input from the pipeline's uint8 NHWC images: float32 NCHW, normalized, on
-    the images' device (channels_last on GPU), in every precision: autocast, where on, casts
-    inside the model."""
-    return normalize(images, channels_last=device == "gpu")
+def prepare_images(
+    images: torch.Tensor, device: str, norm: InputNorm = IMAGENET_NORM
+) -> torch.Tensor:
+    """The model's input from the pipeline's uint8 NHWC images: float32 NCHW, normalized with
+    the model's own ``norm`` (:func:`dalikd.models.input_norm`), on the images' device
+    (channels_last on GPU), in every precision: autocast, where on, casts inside the model."""
+    return normalize(images, channels_last=device == "gpu", norm=norm)
 
 
-def prepare_batch(batch: Batch, device: str) -> Batch:
+def prepare_batch(batch: Batch, device: str, norm: InputNorm = IMAGENET_NORM) -> Batch:
     """``batch`` with its images (x, and x' where there is one) as the model's input."""
     aug = batch.aug_images
     return replace(
         batch,
-        images=prepare_images(batch.images, device),
-        aug_images=None if aug is None else prepare_images(aug, device),
+        images=prepare_images(batch.images, device, norm),
+        aug_images=None if aug is None else prepare_images(aug, device, norm),
     )

@@ -19,7 +19,9 @@ def _version(module: str) -> str:
 
 def report() -> dict[str, Any]:
     """Versions, CUDA as torch sees it, the native operator's state and the active mixing path
-    per device ("native" or "composed: <why>")."""
+    per device ("native" or "composed: <why>"). On a CUDA machine the GPU backend is run on the
+    GPU (:func:`dalikd.native.verify_gpu`): "gpu_backend" is "verified on <GPU>" or "not used:
+    <why>"."""
     import nvidia.dali
     import torch
 
@@ -38,25 +40,27 @@ def report() -> dict[str, Any]:
     }
     if mode == "0":
         info["native"] = None
+        info["gpu_backend"] = "not used: DALIKD_NATIVE=0"
         info["mixing"] = {"cpu": "composed: DALIKD_NATIVE=0", "gpu": "composed: DALIKD_NATIVE=0"}
         info["resize"] = _resize_paths()
         return info
     status = native.load()
     build = status.build
+    verified, detail = native.verify_gpu() if status.gpu else (False, status.gpu_reason)
+    gpu_backend = f"verified on {detail}" if verified else f"not used: {detail}"
     info["native"] = {
         "cache": str(native.build_root() / native.build_key()),
         "toolchain": build.toolchain if build else "",
         "nvcc": build.nvcc_version if build else "",
         "loaded": status.loaded,
         "cpu": "loaded" if status.cpu else f"unavailable: {status.reason}",
-        "gpu": ("built and loaded; " + status.gpu_reason) if status.gpu else status.gpu_reason,
+        "gpu": "built and loaded" if status.gpu else status.gpu_reason,
     }
+    info["gpu_backend"] = gpu_backend  # run on this machine's GPU against the composed graph
     fallback = "error (DALIKD_NATIVE=1)" if mode == "1" else "composed"
     info["mixing"] = {
         "cpu": "native" if status.cpu else f"{fallback}: {status.reason}",
-        "gpu": "native (unverified)"
-        if status.gpu
-        else f"{fallback}: {status.reason or status.gpu_reason}",
+        "gpu": "native" if verified else f"{fallback}: {status.reason or detail}",
     }
     info["resize"] = _resize_paths()
     return info
@@ -72,3 +76,16 @@ def _resize_paths() -> dict[str, str]:
         reason = native.resize_reason(device)
         paths[device] = "native (fn.dalikd_resize)" if not reason else f"DALI fn.resize: {reason}"
     return paths
+
+
+def build_native() -> dict[str, Any]:
+    """Build the native operators for this DALI and these sources, or confirm the cached build
+    (``dalikd doctor --build``: once, before many ranks start). Never raises for a failed
+    compile: ``cpu_library`` is then None and ``cpu_error`` says why."""
+    from dataclasses import asdict
+
+    from dalikd import native
+
+    cached = native.is_cached()
+    info, folder = native.build()
+    return {"folder": str(folder), "cached": cached, **asdict(info)}

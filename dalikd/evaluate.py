@@ -1,4 +1,5 @@
-"""Validation: loss and top-1 / top-5 accuracy of a model over a whole validation split."""
+"""Validation: loss and top-1 / top-5 accuracy of a model over a whole validation split, and
+(given a teacher) how closely the student agrees with it."""
 
 from __future__ import annotations
 
@@ -9,13 +10,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalikd import distributed
-from dalikd.config import DataConfig
+from dalikd.config import DataConfig, build_config
 from dalikd.data import scan_dataset
 from dalikd.device import autocast, prepare_images, resolve_device, torch_device
-from dalikd.models import build_model
+from dalikd.models import build_model, input_norm
 
 if TYPE_CHECKING:
     from dalikd.pipeline import Loader
+
+
+def agreement_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """[rows where the student's top-1 class is the teacher's, sum over rows of
+    KL(teacher || student) at T = 1], float64 on the logits' device.
+
+    KL(p_t || p_s) = sum_c p_t (log p_t - log p_s), from log-softmax of float32 logits.
+    """
+    log_s = F.log_softmax(student_logits.float(), dim=1)
+    log_t = F.log_softmax(teacher_logits.float(), dim=1)
+    agree = (student_logits.argmax(dim=1) == teacher_logits.argmax(dim=1)).sum()
+    kl = F.kl_div(log_s, log_t, reduction="sum", log_target=True)
+    return torch.stack([agree.double(), kl.double()])
 
 
 @torch.inference_mode()
@@ -25,31 +39,48 @@ def evaluate(
     device: str,
     precision: str = "auto",
     ctx: distributed.Dist | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict[str, float]:
     """Validation loss and top-1 / top-5 accuracy (%) over every image of the loader, summed
-    over all ranks when distributed (each rank holds one shard of the split)."""
+    over all ranks when distributed (each rank holds one shard of the split).
+
+    With a (frozen, eval-mode) ``teacher``, also ``agree_top1``: the % of images where the
+    model's top-1 class is the teacher's, and ``kl_ts``: the mean KL(teacher || model) at T = 1
+    (nats per image), a cheap signal of how far the distillation has come.
+    """
     model.eval()
+    norm = input_norm(model)  # a teacher takes the model's inputs (models.adapt_input)
     # Sums stay on the device: no CPU-GPU sync until the end.
-    # [loss sum, top-1 hits, top-5 hits, images]
-    sums = torch.zeros(4, dtype=torch.float64, device=torch_device(device))
+    # [loss sum, top-1 hits, top-5 hits, images, agreeing images, KL sum]
+    sums = torch.zeros(6, dtype=torch.float64, device=torch_device(device))
     for batch in loader:
+        images = prepare_images(batch.images, device, norm)
         with autocast(device, precision):
-            logits = model(prepare_images(batch.images, device)).float()
+            logits = model(images).float()
+            teacher_logits = teacher(images).float() if teacher is not None else None
         k = min(5, logits.shape[1])
         hit = logits.topk(k, dim=1).indices == batch.labels[:, None]
-        sums += torch.stack([
+        sums[:4] += torch.stack([
             F.cross_entropy(logits, batch.labels, reduction="sum").double(),
             hit[:, 0].sum().double(),
             hit.any(dim=1).sum().double(),
             torch.tensor(len(batch), dtype=torch.float64, device=sums.device),
         ])  # fmt: skip
-    loss_sum, top1, top5, count = distributed.all_sum(ctx or distributed.Dist(), sums).tolist()
-    return {
+        if teacher_logits is not None:
+            sums[4:] += agreement_sums(logits, teacher_logits)
+    loss_sum, top1, top5, count, agree, kl_sum = distributed.all_sum(
+        ctx or distributed.Dist(), sums
+    ).tolist()
+    result = {
         "loss": loss_sum / count,
         "top1": 100.0 * top1 / count,
         "top5": 100.0 * top5 / count,
         "count": int(count),
     }
+    if teacher is not None:
+        result["agree_top1"] = 100.0 * agree / count
+        result["kl_ts"] = kl_sum / count
+    return result
 
 
 def evaluate_model(
@@ -63,6 +94,11 @@ def evaluate_model(
     device: str = "auto",
 ) -> dict[str, float]:
     """Build ``model_name`` with ``weights`` and evaluate it on ``data``/val."""
+    # the same checks as training's (a batch of 0 or a 0 px image is one line, not a traceback)
+    build_config(
+        overrides={"data.batch_size": batch_size, "data.image_size": image_size,
+                   "data.threads": threads}
+    )  # fmt: skip
     device = resolve_device(device)
     dataset = scan_dataset(data)
     model = build_model(model_name, dataset.num_classes, weights)

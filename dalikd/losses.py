@@ -1,4 +1,4 @@
-"""The two-view distillation loss of Wang et al. (NeurIPS 2022), see PAPER.md.
+"""The two-view distillation loss of Wang et al. (NeurIPS 2022), see docs/method.md.
 
 loss = ce_weight * CE(s(x), y) + kd_weight * [D_T(t(x), s(x)) + D_T(t(x'), s(x'))]
 D_T(t, s) = T^2 * sum_c KL(softmax(t/T) || softmax(s/T)) / batch size

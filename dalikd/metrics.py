@@ -17,7 +17,10 @@ import torch
 
 from dalikd.errors import DalikdError
 
-GROUP_SIZE = 640
+GROUP_SIZE = 640  # rows: the reference's 5 steps at its batch 64, 5 x (64 + 64)
+# A group of the probe and of the training metric is this many steps of teacher rows, whatever
+# the batch (docs/method.md: the reference closes a group every 5 steps).
+GROUP_STEPS = 5
 
 
 def t_stddev(probs: torch.Tensor, group_size: int = GROUP_SIZE) -> float:

@@ -1,7 +1,13 @@
-"""Models by name: a torchvision builder name, or ``module:function`` for a user's own.
+"""Models by name: a torchvision builder name, ``timm:NAME`` (timm installed), or
+``module:function`` for a user's own.
 
 No model zoo is vendored. Weights come from a local file (a plain state_dict or a dalikd
-checkpoint) or a torchvision weights name such as ``IMAGENET1K_V1`` (torchvision downloads it).
+checkpoint), a torchvision weights name such as ``IMAGENET1K_V1`` (torchvision downloads it), or
+a timm name with a pretrained tag such as ``timm:resnet50.a1_in1k`` (timm downloads it).
+
+Each model sees its own input normalization (:func:`input_norm`): a timm model its pretrained
+config's mean/std, the others ImageNet's; a teacher fed the student's inputs maps them to its
+own on the device (:func:`adapt_input`).
 """
 
 from __future__ import annotations
@@ -9,15 +15,94 @@ from __future__ import annotations
 import difflib
 import importlib
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
+from dalikd.batch import IMAGENET_NORM, InputNorm
+from dalikd.config import TIMM_PREFIX, timm_pretrained
 from dalikd.errors import DalikdError
 
 
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise DalikdError("timm: models need timm: pip install 'dalikd[timm]'") from None
+    return timm
+
+
+def _timm_model(name: str, num_classes: int, pretrained: bool, role: str) -> nn.Module:
+    """``timm:ARCH[.TAG]`` with ``num_classes`` outputs; the tag's weights when ``pretrained``."""
+    timm = _timm()
+    arch = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+        raise DalikdError(f"unknown timm model '{arch}'{hint}")
+    if pretrained:
+        classes = timm.models.get_pretrained_cfg(arch).num_classes
+        if role == "teacher" and classes != num_classes:
+            raise DalikdError(
+                f"{name} predicts {classes} classes but the dataset has {num_classes}: a teacher "
+                "needs weights for the dataset's classes (--teacher-weights FILE)"
+            )
+    try:  # a student's classifier is new where the classes differ (fine-tuning)
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
+    except Exception as e:  # no network, no such tag file, ...
+        raise DalikdError(f"cannot build {name}: {str(e).splitlines()[0]}") from None
+
+
+def input_norm(model: nn.Module) -> InputNorm:
+    """The normalization ``model`` expects its uint8 images turned into: a timm model's
+    pretrained-config mean/std, an :func:`adapt_input` wrapper's input one, else ImageNet's.
+    Looks through DDP (``.module``) and torch.compile (``._orig_mod``)."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, AdaptInput):
+        return model.takes
+    cfg = getattr(model, "pretrained_cfg", None)  # timm sets it on every model it builds
+    if isinstance(cfg, dict) and "mean" in cfg and "std" in cfg:
+        mean, std = (tuple(255.0 * float(v) for v in cfg[k]) for k in ("mean", "std"))
+        if len(mean) == 3 and len(std) == 3:
+            return InputNorm(mean, std)  # type: ignore[arg-type]
+    return IMAGENET_NORM
+
+
+class AdaptInput(nn.Module):
+    """``model`` fed images normalized for another model (``takes``): each channel is mapped
+    to the model's own normalization first, on the device. For uint8 ``u``,
+    ``(u - m_own) / s_own = x * (s_in / s_own) + (m_in - m_own) / s_own`` with
+    ``x = (u - m_in) / s_in``: within float32 rounding of normalizing ``u`` directly."""
+
+    def __init__(self, model: nn.Module, takes: InputNorm, own: InputNorm) -> None:
+        super().__init__()
+        self.model = model
+        self.takes = takes
+        s_in, m_in = torch.tensor(takes.std, dtype=torch.float64), torch.tensor(takes.mean)
+        s_own, m_own = torch.tensor(own.std, dtype=torch.float64), torch.tensor(own.mean)
+        scale, shift = s_in / s_own, (m_in.double() - m_own.double()) / s_own
+        self.register_buffer("scale", scale.float().view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.float().view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.addcmul(self.shift, x, self.scale))
+
+
+def adapt_input(model: nn.Module, takes: InputNorm) -> nn.Module:
+    """``model`` taking inputs normalized with ``takes``: itself when that is its own
+    normalization, else wrapped in :class:`AdaptInput` (kept in ``model``'s train/eval mode)."""
+    own = input_norm(model)
+    if own == takes:
+        return model
+    return AdaptInput(model, takes, own).train(model.training)
+
+
 def _builder(name: str):
+    if name.startswith(TIMM_PREFIX):
+        return lambda num_classes: _timm_model(name, num_classes, pretrained=False, role="model")
     if ":" in name:
         module_name, _, fn_name = name.partition(":")
         try:
@@ -89,17 +174,39 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
+def check_shapes(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """One line naming the first tensor of ``state`` whose shape is not the model's (PyTorch's
+    own message is a multi-line traceback listing every one)."""
+    own = model.state_dict()
+    for key, tensor in state.items():
+        if key in own and own[key].shape != tensor.shape:
+            raise DalikdError(
+                f"{what}: {key} has shape {tuple(tensor.shape)} in the file, "
+                f"{tuple(own[key].shape)} in the model"
+            )
+
+
 def build_model(name: str, num_classes: int, weights: str = "", role: str = "model") -> nn.Module:
     """Build ``name`` with ``num_classes`` outputs and load ``weights`` if given.
 
-    A weights file or name whose classifier size is not ``num_classes`` is refused.
+    A weights file or name whose classifier size is not ``num_classes`` is refused. A timm
+    name with a pretrained tag and no weights file loads the tag's weights.
     """
+    if not weights and timm_pretrained(name):
+        return _timm_model(name, num_classes, pretrained=True, role=role)
     if weights and _is_torchvision_weights(name, weights):
         _builder(name)  # unknown names fail with the list hint first
         return _torchvision_weights(name, weights, num_classes)
-    model = _builder(name)(num_classes=num_classes)
+    try:
+        model = _builder(name)(num_classes=num_classes)
+    except TypeError as e:  # e.g. os:getcwd, a function that is not a model builder
+        raise DalikdError(
+            f"model '{name}' cannot be built as {name}(num_classes={num_classes}): {e}"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise DalikdError(f"model '{name}' did not return a torch.nn.Module")
+        raise DalikdError(
+            f"model '{name}' did not return a torch.nn.Module (got {type(model).__name__})"
+        )
     if not weights:
         return model
     state = load_state(weights)
@@ -109,6 +216,7 @@ def build_model(name: str, num_classes: int, weights: str = "", role: str = "mod
             f"{role} weights {weights} predict {state[key].shape[0]} classes "
             f"but the dataset has {num_classes}"
         )
+    check_shapes(model, state, f"{role} weights {weights} do not fit {name}")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise DalikdError(

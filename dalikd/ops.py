@@ -18,7 +18,8 @@ permutation; "batch" shares λ and the box, not the partner.
 
 Per-image operators return images; mixing operators return ``(images, lam, perm)`` with ``lam``
 float32 per sample (fraction of the sample's own pixels) and ``perm`` int32 per sample (index of
-the partner in the batch).
+the partner in the batch). ``perm`` is a CPU node; ``lam`` is a CPU node, except from the native
+operator on GPU, whose λ output lives on the GPU.
 
 Mixing's pixel work runs through dalikd's own DALI operator ``fn.dalikd_mix`` (one pass for all
 candidates; :mod:`dalikd.native`) where it is built and loaded, else through stock operators
@@ -35,7 +36,6 @@ from typing import Any
 import numpy as np
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
-from nvidia.dali.auto_aug import auto_augment
 from nvidia.dali.pipeline import Pipeline
 
 GRANULARITIES = ("sample", "batch")
@@ -151,14 +151,6 @@ def cutout(
     )
 
 
-def autoaugment(images: DataNode) -> DataNode:
-    """AutoAugment, ImageNet policy (DALI's ``auto_aug``): one of its 25 sub-policies per sample,
-    fill 128 where a geometric op leaves the canvas. Needs a pipeline with
-    ``enable_conditionals=True``. Always drawn per sample: DALI's policy draws are internal, so
-    there is no batch-shared variant."""
-    return auto_augment.auto_augment(images, policy_name="image_net")
-
-
 def _partner_and_lam(
     alpha: float, granularity: str, perm: DataNode | None, lam: DataNode | None
 ) -> tuple[DataNode, DataNode]:
@@ -195,7 +187,7 @@ def mixup(
     perm, lam = _partner_and_lam(alpha, granularity, perm, lam)
     if _native(images, native):
         out = fn.dalikd_mix(images, mode="mixup", lam=lam, perm=perm)
-        return out[0], (out[1] if images.device == "cpu" else lam), perm
+        return out[0], out[1], perm  # the operator's λ: on the images' device
     partner = fn.permute_batch(images, indices=perm)
     mixed = images * lam + partner * (1 - lam)  # DALI promotes uint8 -> float32 itself
     return fn.cast(dmath.floor(mixed + 0.5), dtype=types.UINT8), lam, perm
@@ -264,21 +256,13 @@ def _fused_cutmix(
     per sample), ``lam`` float32 (k,) and ``centre`` int32 (k, 2) per sample (a scalar and
     (2,) for k = 1), and computes :func:`cutmix_box` and the box's λ itself in the same
     float32 arithmetic: the ~20 scalar DALI operators per candidate that the box takes in the
-    graph cost more than the pixel work. On GPU that saving is the pixel work's only: λ is
-    still computed by those CPU operators, so that it stays a CPU node like every other draw
-    (the operator's λ is on the GPU).
+    graph cost more than the pixel work. Its λ outputs are used as they come, on the images'
+    device (on GPU: GPU nodes, which the Loader takes as they are).
     """
     k = len(perms)
     out = fn.dalikd_mix(images, mode="cutmix", candidates=k, lam=lam, centre=centre,
                         perm=perms[0] if k == 1 else fn.stack(*perms))  # fmt: skip
-    if images.device == "cpu":
-        return [(out[j], out[k + j], perms[j]) for j in range(k)]
-
-    def nth(node: DataNode, j: int) -> DataNode:
-        return node if k == 1 else node[j]
-
-    return [(out[j], _box_lam(cutmix_box(nth(lam, j), nth(centre, j), image_size)[1], image_size),
-             perms[j]) for j in range(k)]  # fmt: skip
+    return [(out[j], out[k + j], perms[j]) for j in range(k)]
 
 
 def cutmix(

@@ -21,7 +21,7 @@ from dalikd.config import DataConfig
 from dalikd.data import Split
 from dalikd.device import torch_device
 from dalikd.errors import DalikdError
-from dalikd.recipes import AugContext, Pool, Recipe
+from dalikd.recipes import AugContext, Pool, Recipe, View, recipe_info
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "Batch", "torch_device", "train_loader", "val_loader",
@@ -55,12 +55,28 @@ def read(
     )
 
 
+def decoder_args(data: DataConfig, device: str) -> dict[str, Any]:
+    """The decoder's device, and on GPU the "mixed" decoder's throughput settings (DataConfig:
+    JPEG-engine share, preallocation hints, nvJPEG buffer paddings); DALI's CPU decoder takes
+    none of them."""
+    if device != "gpu":
+        return {"device": "cpu"}
+    return {
+        "device": "mixed",
+        "hw_decoder_load": data.hw_decoder_load,
+        "preallocate_width_hint": data.preallocate_width_hint,
+        "preallocate_height_hint": data.preallocate_height_hint,
+        "device_memory_padding": data.device_memory_padding,
+        "host_memory_padding": data.host_memory_padding,
+    }
+
+
 def random_crop_decode(jpegs: Any, data: DataConfig, device: str) -> Any:
     """Decode only a random crop window (area in crop_scale, aspect in crop_ratio), at its own
     size. Out: uint8 HWC RGB on ``device``."""
     return fn.decoders.image_random_crop(
         jpegs,
-        device="mixed" if device == "gpu" else "cpu",
+        **decoder_args(data, device),
         output_type=types.RGB,
         random_area=list(data.crop_scale),
         random_aspect_ratio=list(data.crop_ratio),
@@ -107,9 +123,7 @@ def random_resized_crop(
 def center_crop(jpegs: Any, data: DataConfig, device: str, native: bool | None = None) -> Any:
     """Decode, resize the shorter side to image_size / val_crop_fraction, crop the centre
     image_size². Deterministic. Out: uint8 HWC RGB on ``device``."""
-    images = fn.decoders.image(
-        jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB
-    )
+    images = fn.decoders.image(jpegs, **decoder_args(data, device), output_type=types.RGB)
     shorter = round(data.image_size / data.val_crop_fraction)
     if native_resize(data, device, native):
         images = fn.dalikd_resize(images, resize_shorter=shorter)
@@ -133,7 +147,12 @@ def train_graph(
 ):
     """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode.
     Every image output is uint8 HWC. ``native``: the mixing path (AugContext.native);
-    ``native_resize``: the resize path (:func:`native_resize`)."""
+    ``native_resize``: the resize path (:func:`native_resize`).
+
+    On GPU, λ and perm leave the pipeline as GPU nodes (``.gpu()``; a no-op for the native
+    operator's λ, already there): a CPU node that also feeds GPU work (``images * lam``) is
+    allocated in pinned host memory, which DALI exports over DLPack as kDLCUDAHost, a device
+    type torch's ``from_dlpack`` rejects. Labels feed nothing on the GPU and stay on CPU."""
     jpegs, labels = read(
         split, shuffle=True, shard_id=shard_id, num_shards=num_shards, seed=reader_seed
     )
@@ -142,12 +161,37 @@ def train_graph(
     if recipe is not None:
         ctx = AugContext(data.image_size, device, IMAGENET_MEAN, granularity, pool_size, native)
         out = recipe(images, ctx)
+        _check_recipe_output(recipe, out)
         for j, view in enumerate(out.views if isinstance(out, Pool) else (out,)):
             outputs[f"aug_images_{j}"] = view.images
             if view.lam is not None:  # float32 and int32 here; the Loader makes perm int64
-                outputs[f"lam_{j}"] = view.lam
-                outputs[f"perm_{j}"] = view.perm
+                outputs[f"lam_{j}"] = view.lam.gpu() if device == "gpu" else view.lam
+                outputs[f"perm_{j}"] = view.perm.gpu() if device == "gpu" else view.perm
     return outputs
+
+
+def _check_recipe_output(recipe: Recipe, out: Any) -> None:
+    """A user recipe's mistakes as one line naming it, at trace time (DALI's own errors come
+    later, from deep inside the graph)."""
+    from nvidia.dali.data_node import DataNode
+
+    name = f"recipe {recipe_info(recipe).name}"
+    if not isinstance(out, View | Pool):
+        raise DalikdError(f"{name} returned {type(out).__name__}, not a View or a Pool of Views")
+    for view in out.views if isinstance(out, Pool) else (out,):
+        if not isinstance(view, View):
+            raise DalikdError(f"{name}: a Pool holds {type(view).__name__}, not a View")
+        for field in ("images", "lam", "perm"):
+            value = getattr(view, field)
+            if not (value is None and field != "images") and not isinstance(value, DataNode):
+                raise DalikdError(
+                    f"{name}: View.{field} is {type(value).__name__}, not a DALI DataNode"
+                )
+        if (view.lam is None) != (view.perm is None):
+            raise DalikdError(
+                f"{name} returns {'lam without perm' if view.perm is None else 'perm without lam'}"
+                "; a mixing recipe returns both (the loss needs the partner of each sample)"
+            )
 
 
 def val_graph(split, data, device, shard_id, num_shards):
@@ -178,19 +222,29 @@ def build_pipeline(
     readers and every random operator bit-exactly, mid-epoch included.
     """
     names: list[str] = []
+    errors: list[DalikdError] = []
 
     def graph_fn():
-        outputs = graph(data=data, device=device, **graph_kwargs)
+        try:
+            outputs = graph(data=data, device=device, **graph_kwargs)
+        except DalikdError as e:  # conditionals' tracing rewrites it into a multi-line one
+            errors.append(e)
+            raise
         names.extend(outputs)
         return tuple(outputs.values())
 
-    pipe = pipeline_def(graph_fn, enable_conditionals=True, enable_checkpointing=True)(
-        batch_size=data.batch_size,
-        num_threads=data.threads or default_threads(),
-        device_id=_dali_device_id(device),
-        seed=seed,
-        checkpoint=checkpoint,
-    )
+    try:
+        pipe = pipeline_def(graph_fn, enable_conditionals=True, enable_checkpointing=True)(
+            batch_size=data.batch_size,
+            num_threads=data.threads or default_threads(),
+            device_id=_dali_device_id(device),
+            seed=seed,
+            checkpoint=checkpoint,
+        )
+    except Exception:
+        if errors:
+            raise errors[0] from None
+        raise
     assert names, "pipeline_def traces the graph when the pipeline is created"
     return pipe, names
 
@@ -221,16 +275,20 @@ class Loader:
         to = self._device
         for out in self._iter:
             d = out[0]
-            # Images come out of DALI already on the training device, uint8 NHWC; the
-            # per-sample scalars come from CPU operators and are moved here.
+            # Images come out of DALI already on the training device, uint8 NHWC; labels
+            # (and on CPU λ, perm) are moved here: a no-op for what is already there.
             views = sum(name.startswith("aug_images_") for name in d)
             for name in ("images", *(f"aug_images_{j}" for j in range(views))):
-                if d[name].dtype != torch.uint8 or d[name].dim() != 4 or d[name].shape[-1] != 3:
+                if (
+                    d[name].dtype != torch.uint8
+                    or d[name].dim() != 4
+                    or d[name].shape[1:] != d["images"].shape[1:]
+                ):
                     raise DalikdError(
                         f"the pipeline's {name.removesuffix('_0')} are "
                         f"{str(d[name].dtype).removeprefix('torch.')} "
-                        f"{tuple(d[name].shape)}; a recipe must return uint8 HWC RGB images, "
-                        "as it receives them"
+                        f"{tuple(d[name].shape)}; a recipe must return uint8 HWC RGB images "
+                        f"of the size it receives ({tuple(d['images'].shape[1:])})"
                     )
             yield Batch(
                 images=d["images"],

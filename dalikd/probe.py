@@ -9,8 +9,8 @@ a student would be trained on (for a candidate pool: the picked ones, by the sam
 :func:`dalikd.pick.select` as training), go into one :class:`~dalikd.metrics.TStddev`, in the
 order of the paper's reference code. ``none`` contributes x only.
 
-A group spans the same steps for every scheme, as in the reference code (5 steps: 640 rows
-with x', 320 for ``none``): ``group_size`` rows with a second view, half as many without. Every
+A group is ``group_steps`` steps of teacher rows for every scheme and batch size, as in the
+reference code (5 steps: 640 rows with x' at batch 64, 320 for ``none``). Every
 scheme sees the same batches of x (the same seed), so with groups of whole steps each group
 holds the same images of x whatever the scheme, and ``identity`` (x' = x: every row twice, the
 same group means) gives exactly the number of ``none``. Groups of equal rows would
@@ -37,8 +37,8 @@ from dalikd.config import DataConfig, KDConfig, ModelConfig, TrainConfig, valida
 from dalikd.data import Dataset, scan_dataset
 from dalikd.device import autocast, prepare_batch, resolve_device
 from dalikd.errors import DalikdError
-from dalikd.metrics import GROUP_SIZE, TStddev
-from dalikd.models import build_model
+from dalikd.metrics import GROUP_STEPS, TStddev
+from dalikd.models import adapt_input, build_model, input_norm
 
 # The paper's nine schemes less the student-entropy pick (a --pick-criterion away).
 PAPER_SCHEMES = (
@@ -53,8 +53,8 @@ class ProbeConfig:
     augs: tuple[str, ...] = PAPER_SCHEMES  # --aug values, one probe each, in this order
     epochs: int = 0  # probe length in epochs of train/ ...
     samples: int = 0  # ... or in images of x (one of the two, > 0)
-    group_size: int = GROUP_SIZE  # rows per group with x' (640 = 5 steps x (64 + 64)); half
-    # as many for none, so that a group spans the same steps
+    group_steps: int = GROUP_STEPS  # steps per group (the reference's 5: 640 rows at batch 64
+    # with x', 320 for none); group_rows = group_steps x the teacher rows of one step
     kd: KDConfig = field(default_factory=KDConfig)  # granularity, pool_size, pick_*
     device: str = "auto"  # auto | cpu | gpu
     precision: str = "auto"  # autocast of the teacher (auto: bf16 on GPU, fp32 on CPU)
@@ -69,7 +69,7 @@ class ProbeResult:
     samples: int  # images of x seen
     rows: int  # teacher probability rows counted (x and x')
     groups: int  # complete groups
-    group_rows: int  # rows per group: group_size, or half of it for none (the same steps)
+    group_rows: int  # rows per group: group_steps x the teacher rows of one step
     seconds: float
 
     def to_dict(self) -> dict:
@@ -126,10 +126,10 @@ def _views_per_step(cfg: ProbeConfig, split, recipe, device: str) -> int:
     return sum(name.startswith("aug_images_") for name in names)
 
 
-def group_rows(group_size: int, views: int) -> int:
-    """Rows per group: ``group_size`` with a second view; half of it without (x only), so a
-    group spans the same steps, as the reference code's 5 steps (320 rows of x for plain KD)."""
-    return group_size if views else max(1, group_size // 2)
+def group_rows(group_steps: int, batch_size: int, views: int, kd: KDConfig) -> int:
+    """Rows per group: ``group_steps`` steps of teacher rows (the reference's 5 steps: 640 rows
+    at batch 64 with x', 320 of x alone for plain KD)."""
+    return group_steps * rows_per_step(batch_size, views, kd)
 
 
 def rows_per_step(batch_size: int, views: int, kd: KDConfig) -> int:
@@ -150,8 +150,8 @@ def _check(cfg: ProbeConfig) -> None:
         raise DalikdError("give the probe length as --epochs N or --samples N (one of them)")
     if cfg.epochs < 0 or cfg.samples < 0:
         raise DalikdError("--epochs and --samples must be positive")
-    if cfg.group_size < 2:
-        raise DalikdError(f"--group-size must be at least 2, got {cfg.group_size}")
+    if cfg.group_steps < 1:
+        raise DalikdError(f"--group-steps must be at least 1, got {cfg.group_steps}")
     if not cfg.augs:
         raise DalikdError("no --aug to probe")
 
@@ -179,20 +179,12 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
         )
     steps = cfg.epochs * steps_per_epoch if cfg.epochs else math.ceil(cfg.samples / batch)
     views = {aug: _views_per_step(cfg, dataset.train, r, device) for aug, r in schemes.items()}
-    # Steps that close 2 groups (the same for every scheme unless a pool keeps more or fewer
-    # than B candidates; pick settings can change that).
-    needed = {}
-    for aug, v in views.items():
-        needed[aug] = math.ceil(2 * group_rows(cfg.group_size, v) / rows_per_step(batch, v, cfg.kd))
-    worst = max(needed, key=needed.get)
-    if needed[worst] > steps:
-        rows = group_rows(cfg.group_size, views[worst])
-        per_step = rows_per_step(batch, views[worst], cfg.kd)
+    needed = 2 * cfg.group_steps  # steps that close 2 groups, the same for every scheme
+    if needed > steps:
         raise DalikdError(
-            f"too few samples for T. stddev: 2 groups of {rows} teacher rows at {per_step} rows "
-            f"per step (--aug {worst}, batch {batch}) need {needed[worst] * batch} samples "
-            f"({needed[worst]} steps); this probe has {steps * batch} ({steps} steps). Use "
-            f"--samples {needed[worst] * batch} or more, or a smaller --group-size"
+            f"too few samples for T. stddev: 2 groups of {cfg.group_steps} steps (batch {batch}) "
+            f"need {needed * batch} samples ({needed} steps); this probe has {steps * batch} "
+            f"({steps} steps). Use --samples {needed * batch} or more, or a smaller --group-steps"
         )
 
     teacher = _model(cfg.model.teacher, cfg.model.teacher_weights, "teacher", dataset, device)
@@ -207,6 +199,8 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
                 "pass --student (and --student-weights)"
             )
         student = _model(cfg.model.student, cfg.model.student_weights, "student", dataset, device)
+        teacher = adapt_input(teacher, input_norm(student))  # it takes the student's inputs
+    norm = input_norm(teacher)
 
     results = []
     for aug, recipe in schemes.items():
@@ -216,11 +210,11 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
             dataset.train, cfg.data, recipe, device=device, seed=cfg.seed,
             granularity=cfg.kd.granularity, pool_size=cfg.kd.pool_size,
         )  # fmt: skip
-        acc = TStddev(group_rows(cfg.group_size, views[aug]))
+        acc = TStddev(group_rows(cfg.group_steps, batch, views[aug], cfg.kd))
         done = 0
         while done < steps:  # the loader runs one epoch per iteration, reshuffled each time
             for b in loader:
-                b = prepare_batch(b, device)
+                b = prepare_batch(b, device, norm)
                 with autocast(device, cfg.precision):
                     logits = teacher_rows(teacher, b, cfg.kd, student)
                 acc.add(logits.float().softmax(dim=1))
@@ -251,7 +245,7 @@ def _model(name: str, weights: str, role: str, dataset: Dataset, device: str) ->
 def results_json(results: list[ProbeResult], cfg: ProbeConfig) -> dict:
     return {
         "results": [r.to_dict() for r in results],
-        "group_size": cfg.group_size,
+        "group_steps": cfg.group_steps,
         "batch_size": cfg.data.batch_size,
         "teacher": cfg.model.teacher,
         "teacher_weights": cfg.model.teacher_weights,

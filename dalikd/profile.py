@@ -408,7 +408,7 @@ def _build_models(cfg: ProfileConfig, num_classes: int, device: str) -> _Models 
         if cfg.teacher:
             raise DalikdError("--teacher needs --student: the KD step trains a student")
         return None
-    from dalikd.models import build_model
+    from dalikd.models import adapt_input, build_model, input_norm
     from dalikd.train import make_optimizer
 
     tdev = pipeline.torch_device(device)
@@ -417,6 +417,7 @@ def _build_models(cfg: ProfileConfig, num_classes: int, device: str) -> _Models 
     if cfg.teacher:
         teacher = build_model(cfg.teacher, num_classes, role="teacher").to(tdev)
         teacher.eval().requires_grad_(False)
+        teacher = adapt_input(teacher, input_norm(student))  # as in training
     if device == "gpu":
         for m in (student, teacher):
             if m is not None:
@@ -464,6 +465,7 @@ def _model_runners(
     """Teacher forward (B + views·B images: x and every x' row, a pool included), student
     forward + backward (x, and the B' rows of x' it trains on: all of them, or the pick of a
     pool), and the whole KD step on synthetic tensors already on the device."""
+    from dalikd.models import input_norm
     from dalikd.pick import pick_count
 
     device, precision, b = cfg.device, cfg.precision, cfg.data.batch_size
@@ -472,7 +474,7 @@ def _model_runners(
     runs: dict[str, _Runner] = {}
     seen = [batch.images] if batch.aug_images is None else [batch.images, batch.aug_images]
     if models.teacher is not None:
-        teacher_input = prepare_images(torch.cat(seen), device)
+        teacher_input = prepare_images(torch.cat(seen), device, input_norm(models.teacher))
 
         def teacher_forward():
             with torch.no_grad(), autocast(device, precision):
@@ -482,7 +484,7 @@ def _model_runners(
     if views > 1:  # the student trains on the picked rows only
         kd = cfg.kd
         seen[1] = seen[1][: pick_count(len(seen[1]), kd.pick_count, kd.pick_fraction)]
-    student_views = [prepare_images(x, device) for x in seen]
+    student_views = [prepare_images(x, device, input_norm(models.student)) for x in seen]
     targets = [batch.labels.repeat(-(-len(x) // b))[: len(x)] for x in seen]
 
     def student_step():
@@ -863,18 +865,9 @@ def _versions() -> dict[str, str]:
     }
 
 
-def require_matplotlib() -> None:
-    """--plot's dependency, checked before minutes of measuring; one line if it is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise DalikdError("--plot needs matplotlib: pip install matplotlib") from None
-
-
 def write_plot(report: dict[str, Any], path: str | Path) -> Path:
     """A horizontal bar chart of every stage's rate; each scheme's torchvision baseline sits
     under its DALI hand-off."""
-    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")

@@ -7,6 +7,7 @@ function of the step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dalikd import distributed, pick, recipes
+from dalikd import distributed, pick, recipes, recovery, rundir
 from dalikd.batch import Batch
 from dalikd.checkpoint import save_atomic, write_jsonl_atomic, write_text_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
@@ -30,8 +31,9 @@ from dalikd.device import amp_dtype, autocast, prepare_batch, resolve_device, to
 from dalikd.errors import DalikdError
 from dalikd.evaluate import evaluate
 from dalikd.losses import kd_divergence, soft_labels
-from dalikd.metrics import TStddev
-from dalikd.models import build_model
+from dalikd.metrics import GROUP_STEPS, TStddev
+from dalikd.models import adapt_input, build_model, check_shapes, input_norm
+from dalikd.tensorboard import ScalarWriter
 
 
 class Reporter(Protocol):
@@ -148,7 +150,7 @@ def train_step(
     """One optimization step on a batch as the loader hands it over (uint8 images): normalize
     on the device, :func:`kd_step` under autocast, backward (loss-scaled where ``scaler`` is
     enabled: fp16), optimizer step. The training loop and ``dalikd profile`` both run this."""
-    batch = prepare_batch(batch, device)
+    batch = prepare_batch(batch, device, input_norm(student))  # the teacher adapts (build_models)
     with autocast(device, cfg.precision):
         out = kd_step(student, teacher, batch, cfg)
     optimizer.zero_grad(set_to_none=True)
@@ -174,13 +176,15 @@ def build_models(cfg: TrainConfig, dataset: Dataset) -> Models:
     if m.teacher:
         teacher = build_model(m.teacher, dataset.num_classes, m.teacher_weights, role="teacher")
         teacher.eval().requires_grad_(False)  # frozen once, never switched back to train
+        # it gets the student's inputs and maps them to its own normalization (timm's may differ)
+        teacher = adapt_input(teacher, input_norm(student))
     return Models(student, teacher)
 
 
 def make_optimizer(student: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for p in student.parameters():
-        (decay if p.ndim > 1 else no_decay).append(p)  # no weight decay on BN and biases
+    for p in student.parameters():  # 1-d parameters: BatchNorm weights and biases
+        (decay if p.ndim > 1 or optim.decay_norm_and_bias else no_decay).append(p)
     return torch.optim.SGD(
         [{"params": decay, "weight_decay": optim.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
@@ -209,8 +213,48 @@ def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
             f"{CHECKPOINT_FORMAT} only (its data pipeline changed). Start a new run; the old "
             f"weights can seed it: --student-weights {run_dir / 'last.pt'}"
         )
-    saved = json.loads((run_dir / "config.json").read_text())
-    return build_config(saved, {**overrides, "out": str(run_dir)})
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise DalikdError(f"cannot read {run_dir / 'config.json'}: {e}") from None
+    if not isinstance(saved, dict):
+        raise DalikdError(f"{run_dir / 'config.json'} is damaged: not a table of settings")
+    try:
+        before = build_config(saved, {"out": str(run_dir)})
+    except DalikdError as e:
+        raise DalikdError(f"{run_dir / 'config.json'} is damaged: {e}") from None
+    cfg = build_config(overrides={**overrides, "out": str(run_dir)}, base=before)
+    old, new = _flat(before.to_dict()), _flat(cfg.to_dict())
+    fixed = [f"{k} {old[k]} -> {new[k]}" for k in old if old[k] != new[k] and k not in RESUMABLE]
+    if fixed:
+        raise DalikdError(
+            f"cannot change on resume: {', '.join(fixed)} (the data order, models or step count "
+            f"depend on them); start a new run, seeded with --student-weights {run_dir}/last.pt"
+        )
+    return cfg
+
+
+# What --resume may change: the schedule is a pure function of the step, the loss weights and
+# the optimizer's hyperparameters are read each step, the rest is bookkeeping. Everything else
+# (batch size, images, augmentation, models, seed, device, ...) is fixed by the checkpoint.
+RESUMABLE = frozenset(
+    {"optim.epochs", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay",
+     "optim.schedule", "optim.milestones", "optim.gamma", "optim.warmup_epochs",
+     "kd.ce_weight", "kd.kd_weight", "kd.temperature", "kd.mixed_label_ce",
+     "log_every", "ckpt_every", "eval_teacher", "channels_last", "tensorboard", "out"}
+)  # fmt: skip
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _kept(run_dir: Path) -> str:
+    """The note for a stop on bad numbers: only a run that saved a checkpoint has one to keep."""
+    return "; last.pt keeps the last good checkpoint" if (run_dir / "last.pt").is_file() else ""
 
 
 def _read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -270,7 +314,12 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = Fal
         raise DalikdError("--precision fp16 needs a GPU; on CPU use fp32 (default) or bf16")
     ctx = distributed.init(device)
     try:
-        with StopSignals() as stop:
+        cfg = build_config(overrides={"out": cfg.out or default_run_dir()}, base=cfg)
+        lock = contextlib.nullcontext()
+        if ctx.is_main:  # one run per run directory (a second one is refused in one line)
+            rundir.prepare(Path(cfg.out))
+            lock = rundir.locked(Path(cfg.out), (reporter or SilentReporter()).message)
+        with lock, StopSignals() as stop:
             return _train(cfg, reporter if ctx.is_main and reporter else SilentReporter(),
                           resume, device, ctx, stop)  # fmt: skip
     finally:
@@ -307,12 +356,18 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     partial = _EPOCH_START  # sums of the interrupted epoch so far
     dali_state = None
     # T. stddev of this rank's teacher rows (x and the x' trained on), cumulative over the run;
-    # pooled over the ranks at each epoch end (TStddev.pooled)
-    tstd = TStddev()
+    # pooled over the ranks at each epoch end (TStddev.pooled). A group is GROUP_STEPS steps of
+    # rows (the reference's 5); its size in rows is set at the first step (0: not yet known).
+    tstd = TStddev(group_size=0)
     if resume:
         ckpt = _read_checkpoint(run_dir / "last.pt")
+        check_shapes(student, ckpt["model"], f"{run_dir / 'last.pt'} does not fit the student")
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        # settings given again on resume win over the saved ones (lr is set at every step)
+        optimizer.param_groups[0]["weight_decay"] = cfg.optim.weight_decay  # the decay group
+        for group in optimizer.param_groups:
+            group["momentum"], group["nesterov"] = cfg.optim.momentum, cfg.optim.nesterov
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
@@ -339,12 +394,15 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             global_step -= step_in_epoch
             step_in_epoch, partial = 0, _EPOCH_START
         reporter.message(f"resumed {run_dir} at epoch {epoch + 1}, step {step_in_epoch}")
+    if resume:  # files that failed in training before stay out
+        dataset = recovery.apply_skips(dataset, recovery.read_report(run_dir))
+    tb = None  # --tensorboard: rank 0 writes the epoch records to RUN_DIR/tb/ too
     if ctx.is_main:
+        tb = ScalarWriter(run_dir / "tb") if cfg.tensorboard else None
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(cfg.to_dict(), indent=2) + "\n", run_dir / "config.json")
         write_jsonl_atomic(history, run_dir / "metrics.jsonl")
-        report = "".join(f"{path}\t{reason}\n" for path, reason in dataset.skipped)
-        write_text_atomic("path\treason\n" + report, run_dir / "data_report.tsv")
+        recovery.write_report(run_dir, dataset.skipped)
     left_out = (
         f", {len(dataset.skipped)} files left out (see data_report.tsv)" if dataset.skipped else ""
     )
@@ -357,11 +415,12 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     # seed + e, so a restart does not replay the first epoch's order.
     from dalikd import pipeline  # DALI: only where the loaders are built
 
-    train_data = pipeline.train_loader(
-        dataset.train, cfg.data, recipe, device=device,
-        seed=cfg.seed + (epoch if dali_state is None else 0),
-        shard_id=ctx.rank, num_shards=ctx.world_size, granularity=cfg.kd.granularity,
-        pool_size=cfg.kd.pool_size, checkpoint=dali_state,
+    # the training loader; a file that fails to decode is left out and the epoch goes on
+    train_data = recovery.TrainData(
+        dataset, cfg.data, recipe, device=device, seed=cfg.seed,
+        epoch=epoch, step=step_in_epoch, run_dir=run_dir, reporter=reporter,
+        is_main=ctx.is_main, shard_id=ctx.rank, num_shards=ctx.world_size,
+        granularity=cfg.kd.granularity, pool_size=cfg.kd.pool_size, checkpoint=dali_state,
     )  # fmt: skip
     val_data = pipeline.val_loader(
         dataset.val, cfg.data, device=device, shard_id=ctx.rank, num_shards=ctx.world_size
@@ -388,7 +447,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         if not all(p.isfinite().all() for p in student.parameters()):
             raise DalikdError(
                 f"the weights became non-finite by step {global_step} (epoch {epoch + 1}); "
-                "lower --lr; last.pt keeps the last good checkpoint"
+                f"lower --lr{_kept(run_dir)}"
             )
         ckpt = {
             "format": CHECKPOINT_FORMAT,
@@ -411,6 +470,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             save_atomic(ckpt, run_dir / name)
 
     while epoch < cfg.optim.epochs:
+        steps_per_epoch = len(train_data)  # fewer once files that failed in training are out
         reporter.epoch_start(epoch, cfg.optim.epochs, steps_per_epoch)
         student.train()
         loss_sum = torch.tensor(partial["loss_sum"], device=tdev)
@@ -430,6 +490,8 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
                 ) from None
             losses = step_out.losses
             if step_out.teacher_logits is not None:
+                if not tstd.group_size:  # x's rows + the x' trained on, GROUP_STEPS times
+                    tstd.group_size = GROUP_STEPS * len(step_out.teacher_logits)
                 tstd.add(step_out.teacher_logits.float().softmax(dim=1))
             global_step += 1
             step_in_epoch += 1
@@ -450,7 +512,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
                 if not math.isfinite(loss):
                     raise DalikdError(
                         f"loss is {loss} at step {global_step} (epoch {epoch + 1}); "
-                        "lower --lr; last.pt keeps the last good checkpoint"
+                        f"lower --lr{_kept(run_dir)}"
                     )
                 if boundary:
                     img_per_s = seen * ctx.world_size / (time.perf_counter() - t0)
@@ -467,7 +529,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         train_seconds = time.perf_counter() - t0
 
         # validate
-        val = evaluate(student, val_data, device, cfg.precision, ctx)
+        val = evaluate(student, val_data, device, cfg.precision, ctx, teacher=teacher)
         totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=tdev)
         distributed.all_sum(ctx, totals)
         record = {
@@ -484,6 +546,9 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             t_std, entropy = tstd.pooled(lambda t: distributed.all_sum(ctx, t))
             record["t_stddev"] = _finite_or_none(t_std)
             record["teacher_entropy"] = _finite_or_none(entropy)
+            record["group_rows"] = tstd.group_size
+            # teacher-student agreement on val: top-1 (%) and KL(teacher || student) at T = 1
+            record["val_agree_top1"], record["val_kl_ts"] = val["agree_top1"], val["kl_ts"]
         history.append(record)
         epoch, step_in_epoch = epoch + 1, 0
         partial = _EPOCH_START
@@ -494,11 +559,15 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         save_checkpoint(("last.pt", "best.pt") if improved else ("last.pt",))
         if ctx.is_main:
             write_jsonl_atomic(history, run_dir / "metrics.jsonl")
+            if tb is not None:
+                tb.add(record)
         reporter.epoch_end(record)
         if distributed.any_rank(ctx, stop.received is not None, tdev):
             stop.received = stop.received or "SIGTERM"
             break
 
+    if tb is not None:
+        tb.close()
     return {
         "run_dir": str(run_dir),
         "device": device,

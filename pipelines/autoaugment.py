@@ -1,9 +1,9 @@
-from dalikd import ops
+from dalikd.autoaugment import autoaugment as apply_policy
 from dalikd.recipes import AugContext, View, recipe
 
 
-@recipe("autoaugment", "AutoAugment, ImageNet policy (DALI auto_aug), drawn per sample")
+@recipe("autoaugment", "AutoAugment, torchvision's IMAGENET policy (the reference's, ImageNet)")
 def autoaugment(images, ctx: AugContext) -> View:
-    """images: uint8 HWC on ctx.device. One sub-policy per sample whatever ctx.granularity:
-    DALI draws the policy inside auto_augment, so a batch-shared draw is not available."""
-    return View(ops.autoaugment(images))
+    """images: uint8 HWC on ctx.device. torchvision's IMAGENET policy and magnitudes
+    (translation relative to the side), nearest pixel, fill 0; dalikd.autoaugment."""
+    return View(apply_policy(images, "imagenet", ctx.image_size, ctx.granularity))

@@ -37,8 +37,10 @@ def test_train_two_epochs_then_resume_to_three(solid_dataset, tmp_path, tiny_env
             "seconds",
         } <= set(r)
         assert 0 <= r["val_top1"] <= r["val_top5"] <= 100
-        assert r["t_stddev"] is None  # 48 teacher rows per epoch: not yet 2 groups of 640
         assert r["teacher_entropy"] > 0
+        assert r["group_rows"] == 5 * (4 + 4)  # 5 steps of x and x' at batch 4
+    # 48 teacher rows per epoch: 1 group of 40 after epoch 1, 2 after epoch 2
+    assert records[0]["t_stddev"] is None and records[1]["t_stddev"] > 0
     config = json.loads((run / "config.json").read_text())
     assert config["kd"]["aug"] == "flip" and config["optim"]["epochs"] == 2
     last = torch.load(run / "last.pt", weights_only=True)

@@ -34,3 +34,8 @@ def test_demo_command_runs_all_three_trainings(tmp_path, monkeypatch, capsys):
         assert role in out
     for run in ("teacher", "student", "kd", "kd_cutmixpick"):
         assert (tmp_path / "demo" / run / "best.pt").is_file()
+    # captured (not a terminal): one whole line per run, the run directory untruncated
+    assert "shufflenet_v2_x0_5  KD student (aug flip): val top-1 " in out
+    assert f"{tmp_path / 'demo' / 'kd_cutmixpick'}\n" in out
+    curves = tmp_path / "demo" / "curves.png"
+    assert curves.is_file() and f"curves of the four runs: {curves}" in out

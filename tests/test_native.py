@@ -229,14 +229,15 @@ def test_two_builders_at_once_compile_once(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("granularity", ["sample", "batch"])
 @pytest.mark.parametrize("name", ["cutmix", "mixup", "cutmixpick"])
-def test_the_gpu_graph_with_the_native_operator_can_be_defined(name, granularity):
+def test_the_gpu_graph_with_the_native_operator_can_be_defined(name, granularity, monkeypatch):
     if not native.load().gpu:
         pytest.skip(f"no GPU backend built: {native.load().gpu_reason}")
+    monkeypatch.setattr(native, "verify_gpu", lambda: (True, "a test GPU"))  # no GPU here
     nodes = []
 
     def graph():
         x = fn.external_source(source=lambda: [np.zeros((S, S, 3), np.uint8)] * 4, batch=True)
-        ctx = AugContext(S, "gpu", (0.0, 0.0, 0.0), granularity)
+        ctx = AugContext(S, "gpu", (0.0, 0.0, 0.0), granularity, native=True)
         out = builtin_recipes()[name](x.gpu(), ctx)
         views = getattr(out, "views", (out,))
         nodes.extend(views)
@@ -246,7 +247,8 @@ def test_the_gpu_graph_with_the_native_operator_can_be_defined(name, granularity
     assert nodes
     for view in nodes:
         assert view.images.device == "gpu" and view.images.source._op.schema_name == "DalikdMix"
-        assert view.lam.device == "cpu" and view.perm.device == "cpu"
+        assert view.lam.device == "gpu" and view.perm.device == "cpu"  # the operator's λ
+        assert view.lam.source is view.images.source
 
 
 def test_doctor_reports_the_active_mixing_path(capsys, monkeypatch):

@@ -10,7 +10,7 @@ from nvidia.dali import fn, pipeline_def
 from nvidia.dali.ops import _registry  # private: the only list of operators with a GPU backend
 from PIL import Image
 
-from dalikd import ops, pipeline
+from dalikd import autoaugment, ops, pipeline
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 from dalikd.recipes import AugContext, Pool, builtin_recipes, recipe_info, resolve
@@ -292,7 +292,11 @@ def test_unknown_granularity_fails_with_the_known_ones():
 
 @pytest.mark.parametrize("name", [*PER_IMAGE, *MIXING, "autoaugment"])
 def test_same_seed_same_batch_other_seed_differs(name):
-    op = PER_IMAGE.get(name) or MIXING.get(name) or (lambda images, g: ops.autoaugment(images))
+    op = (
+        PER_IMAGE.get(name)
+        or MIXING.get(name)
+        or (lambda images, g: autoaugment.autoaugment(images, "imagenet", 32, g))
+    )
     images = make_images(8, 32)  # 32 px: AutoAugment's ops are visible at this size
 
     def batches(seed):
@@ -315,7 +319,7 @@ def test_checkpoint_restores_every_draw_bit_exactly(granularity):
         outs = [PER_IMAGE[k](x, granularity) for k in PER_IMAGE]
         for k in MIXING:
             outs.extend(MIXING[k](x, granularity))
-        return (*outs, ops.autoaugment(x))
+        return (*outs, autoaugment.autoaugment(x, "imagenet", S, granularity))
 
     def make(checkpoint=None):
         pipe = pipeline_def(graph, enable_conditionals=True, enable_checkpointing=True)(
@@ -335,7 +339,8 @@ def test_checkpoint_restores_every_draw_bit_exactly(granularity):
 
 def test_autoaugment_keeps_shape_and_dtype():
     images = make_images(8, 32)
-    for (out,) in run(ops.autoaugment, {"images": images}, iters=3, conditionals=True):
+    graph = lambda images: autoaugment.autoaugment(images, "imagenet", 32)  # noqa: E731
+    for (out,) in run(graph, {"images": images}, iters=3, conditionals=True):
         assert out.shape == images.shape and out.dtype == np.uint8
 
 

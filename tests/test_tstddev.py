@@ -1,8 +1,6 @@
 """`dalikd tstddev`: the probe's numbers equal T. stddev of the same rows computed by hand."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +16,14 @@ from dalikd.config import DataConfig, KDConfig, build_config
 from dalikd.data import scan_dataset
 from dalikd.metrics import t_stddev
 from dalikd.pick import pick, pick_count, scores
-from dalikd.probe import teacher_rows
+from dalikd.probe import group_rows, teacher_rows
 from dalikd.recipes import resolve
 from dalikd.train import kd_step
 
 TINY = "tiny_models:tiny_cnn"
-SIZE, BATCH, GROUP = 16, 4, 6  # px, images per step, teacher rows per group (not a step's 8:
-# a group boundary inside a step makes the order of the rows matter)
-SAMPLES = 48  # 12 steps: 2 epochs of 24 images; 16 groups (of 3 rows for none, 6 with x')
-SMALL = ["--image-size", SIZE, "--batch-size", BATCH, "--group-size", GROUP, "--threads", 1,
+SIZE, BATCH, GROUP = 16, 4, 8  # px, images per step, teacher rows per group with x' (1 step)
+SAMPLES = 48  # 12 steps: 2 epochs of 24 images; 12 groups (of 4 rows for none, 8 with x')
+SMALL = ["--image-size", SIZE, "--batch-size", BATCH, "--group-steps", 1, "--threads", 1,
          "--device", "cpu"]  # fmt: skip
 
 
@@ -87,10 +84,9 @@ def rows_by_hand(data_dir: Path, teacher_file: Path, aug: str, steps: int) -> to
 
 def test_probe_end_to_end_equals_t_stddev_of_the_same_rows(noise, teacher_file, tmp_path, capsys):
     out_json, out_png = tmp_path / "tstd.json", tmp_path / "tstd.png"
-    plot = importlib.util.find_spec("matplotlib") is not None  # optional: pip install matplotlib
     args = ["tstddev", "--data", noise, "--teacher", TINY, "--teacher-weights", teacher_file,
             "--aug", "none,flip,cutmix,cutmixpick", "--samples", SAMPLES, *SMALL,
-            "--json", out_json, *(["--plot", out_png] if plot else [])]  # fmt: skip
+            "--json", out_json, "--plot", out_png]  # fmt: skip
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     assert "T. stddev" in out and "cutmixpick" in out
@@ -102,11 +98,11 @@ def test_probe_end_to_end_equals_t_stddev_of_the_same_rows(noise, teacher_file, 
     assert all(r["samples"] == SAMPLES for r in results)
     # none: a group spans the same steps as with x' (the reference's 5 steps), half the rows
     assert (by_aug["none"]["rows"], by_aug["none"]["group_rows"]) == (SAMPLES, GROUP // 2)
-    assert by_aug["none"]["groups"] == by_aug["flip"]["groups"] == 2 * SAMPLES // GROUP
+    assert by_aug["flip"]["group_rows"] == by_aug["cutmixpick"]["group_rows"] == GROUP
+    assert by_aug["none"]["groups"] == by_aug["flip"]["groups"] == SAMPLES // BATCH
     assert by_aug["cutmixpick"]["rows"] == 2 * SAMPLES  # B of x + the B kept of 2B candidates
-    if plot:
-        with Image.open(out_png) as png:
-            assert png.format == "PNG" and png.width > 100
+    with Image.open(out_png) as png:
+        assert png.format == "PNG" and png.width > 100
     assert not list(tmp_path.glob("*.tmp"))
 
     steps = SAMPLES // BATCH
@@ -122,7 +118,7 @@ def test_identity_equals_none_and_epochs_count_passes(noise, teacher_file, tmp_p
     """Groups of whole steps (16 rows = 2 steps with x', 8 rows of x alone): identity (x' = x)
     repeats each row of x, so its group means and T. stddev are those of none."""
     args = ["tstddev", "--data", noise, "--teacher", TINY, "--teacher-weights", teacher_file,
-            "--aug", "none,identity", "--epochs", 2, *SMALL, "--group-size", 16,
+            "--aug", "none,identity", "--epochs", 2, *SMALL, "--group-steps", 2,
             "--json", tmp_path / "r.json"]  # fmt: skip
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
@@ -136,7 +132,7 @@ def test_identity_equals_none_and_epochs_count_passes(noise, teacher_file, tmp_p
 @pytest.mark.parametrize(
     "extra, message",
     [
-        # flip adds 8 rows per step (none 4 to groups of 3): 2 groups need 2 steps, 8 samples
+        # groups of 1 step: 2 groups need 2 steps, 8 samples
         (["--aug", "flip,none", "--samples", 4], "need 8 samples (2 steps); this probe has 4"),
         (["--aug", "flip,fancy", "--samples", 48], "unknown augmentation 'fancy'; known: "),
         (["--samples", 48, "--epochs", 2], "give --epochs or --samples, not both"),
@@ -172,13 +168,14 @@ def test_probe_counts_the_rows_training_counts(criterion):
     torch.testing.assert_close(probe, training, rtol=0, atol=0)
 
 
-def test_plot_without_matplotlib_is_one_line_before_any_work(
-    noise, teacher_file, tmp_path, capsys, monkeypatch
-):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+def test_group_is_five_steps_whatever_the_batch(noise, teacher_file, tmp_path, capsys):
+    """The reference's groups: 5 steps of x and x', 5 x (32 + 32) = 320 rows at batch 32."""
     args = ["tstddev", "--data", noise, "--teacher", TINY, "--teacher-weights", teacher_file,
-            "--aug", "flip", "--samples", SAMPLES, *SMALL,
-            "--plot", tmp_path / "t.png"]  # fmt: skip
+            "--aug", "flip,none", "--batch-size", 4, "--samples", 40, "--image-size", SIZE,
+            "--threads", 1, "--device", "cpu", "--json", tmp_path / "r.json"]  # fmt: skip
     code, out, err = run_cli(args, capsys)
-    assert code != 0 and err.strip() == "error: --plot needs matplotlib: pip install matplotlib"
-    assert "T. stddev" not in out  # refused before the probe ran
+    assert code == 0, err
+    by_aug = {r["aug"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert by_aug["flip"]["group_rows"] == 5 * (4 + 4) and by_aug["none"]["group_rows"] == 5 * 4
+    assert by_aug["flip"]["groups"] == by_aug["none"]["groups"] == 2
+    assert group_rows(5, 32, 1, KDConfig()) == 320 and group_rows(5, 64, 1, KDConfig()) == 640

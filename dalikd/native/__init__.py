@@ -10,6 +10,9 @@ loaded with ``nvidia.dali.plugin_manager.load_library``.
 ``DALIKD_NATIVE`` picks the mixing path: ``auto`` (default) uses the operator where it loads
 and otherwise the composed stock-operator graph of :mod:`dalikd.ops`, with one warning per
 process naming the reason; ``1`` makes an unavailable operator an error; ``0`` never builds it.
+On the GPU "loads" is not enough: before its first use in a process the GPU backend runs a tiny
+pipeline on the GPU itself, in a child process, and must match the composed graph there
+(:func:`verify_gpu`); otherwise the composed graph is used (or, with ``1``, an error raised).
 ``DALIKD_CXX`` / ``DALIKD_NVCC`` name the compilers (default ``$CXX`` or g++, and nvcc from
 ``$CUDA_HOME``, ``PATH`` or /usr/local/cuda), ``DALIKD_CUDA_INCLUDE`` the CUDA headers (DALI's
 headers include cuda_runtime.h, so even the CPU operator needs them), ``DALIKD_NATIVE_GPU=0``
@@ -45,8 +48,8 @@ CUDA_HEADERS = ("cuda_runtime.h", "crt/host_config.h", "nv/target")
 # SASS for Turing .. Hopper, PTX for anything newer; one small kernel, so each costs little.
 GENCODES = ("sm_75", "sm_80", "sm_86", "sm_90")
 GPU_UNVERIFIED = (
-    "the GPU operator has never run inside DALI (unverified; its CUDA kernel passed its tests on "
-    "an H200 without DALI)"
+    "built and loaded, not yet run on a GPU here (it is run on the GPU and compared with the "
+    "composed graph before its first use on --device gpu)"
 )
 SMOKE_TIMEOUT_S = 120
 COMPILE_TIMEOUT_S = 600
@@ -73,7 +76,7 @@ class Status:
     build: BuildInfo | None  # None when the build itself could not run
     loaded: str | None  # the library loaded into DALI, or None
     cpu: bool  # fn.dalikd_mix runs on CPU
-    gpu: bool  # ... and has a GPU backend (compiled and loaded; never run inside DALI)
+    gpu: bool  # ... and has a GPU backend (compiled and loaded; see verify_gpu for running)
     reason: str  # why the CPU operator is unavailable, or ""
     gpu_reason: str  # why there is no GPU backend, or GPU_UNVERIFIED
 
@@ -320,6 +323,15 @@ def _compile(work: Path, key: str) -> BuildInfo:
     return BuildInfo(**info)
 
 
+def _private(path: Path) -> bool:
+    """Owned by this user and writable by no one else (a build found otherwise is rebuilt)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _read(folder: Path) -> BuildInfo | None:
     try:
         return BuildInfo(**json.loads((folder / "build.json").read_text()))
@@ -341,6 +353,11 @@ def _reusable(cached: BuildInfo | None) -> bool:
     )
 
 
+def is_cached() -> bool:
+    """Whether :func:`build` would reuse a finished build now (and compile nothing)."""
+    return _reusable(_read(build_root() / build_key()))
+
+
 def build(force: bool = False) -> tuple[BuildInfo, Path]:
     """Build (or find cached) libraries for the installed DALI and these sources.
 
@@ -348,16 +365,24 @@ def build(force: bool = False) -> tuple[BuildInfo, Path]:
     compiler, nvcc or the CUDA headers were installed since). Returns the build record and
     its folder.
     """
+    from dalikd.datacheck import private_dir
+
     root = build_root()
     key = build_key()
     final = root / key
-    cached = None if force else _read(final)
+    private_dir(root)
+    if root.stat().st_uid != os.getuid():  # whoever can write here picks the code we load
+        raise DalikdError(
+            f"{root} is not owned by you; not loading a native library from there "
+            "(set DALIKD_CACHE to a folder of your own)"
+        )
+    os.chmod(root, 0o700)  # ours: made private (an older dalikd created it umask-wide)
+    cached = None if force or not _private(final) else _read(final)
     if _reusable(cached):
         return cached, final
-    root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be building this very key
-        cached = None if force else _read(final)
+        cached = None if force or not _private(final) else _read(final)
         if _reusable(cached):
             return cached, final
         work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
@@ -417,6 +442,78 @@ def _cuda_mismatch(info: BuildInfo) -> str:
     )
 
 
+_GPU_SMOKE = r"""
+import sys
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, plugin_manager, types
+plugin_manager.load_library(sys.argv[1])
+from dalikd import ops  # native=False below: the composed graph, no plugin loading
+S, B = 16, 4
+rng = np.random.default_rng(0)
+x = [rng.integers(0, 256, (S, S, 3), np.uint8) for _ in range(B)]
+def arg(values, dtype):
+    return fn.external_source(source=lambda: [np.array(v, dtype) for v in values], batch=True)
+@pipeline_def(batch_size=B, num_threads=1, device_id=int(sys.argv[2]), seed=0)
+def pipe():
+    images = fn.external_source(source=lambda: x, batch=True, layout="HWC").gpu()
+    perm, lam = arg([1, 2, 3, 0], np.int32), arg([0.3, 0.5, 0.75, 0.9], np.float32)
+    centre = arg([[0, 0], [8, 8], [15, 3], [5, 12]], np.int32)
+    cut, cut_lam = fn.dalikd_mix(images, mode="cutmix", perm=perm, lam=lam, centre=centre)
+    ref, ref_lam, _ = ops.cutmix(images, S, perm=perm, lam=lam, centre=centre, native=False)
+    mix = fn.dalikd_mix(images, mode="mixup", perm=perm, lam=lam)[0]
+    mix_ref = ops.mixup(images, perm=perm, lam=lam, native=False)[0]
+    return cut, cut_lam, ref, ref_lam.gpu(), mix, mix_ref
+p = pipe()
+p.build()
+out = [o.as_cpu().as_array() for o in p.run()]
+for name, a, b in (("cutmix", 0, 2), ("cutmix lambda", 1, 3), ("mixup", 4, 5)):
+    assert out[a].shape == out[b].shape and (out[a] == out[b]).all(), f"{name} differs"
+print(torch.cuda.get_device_name(int(sys.argv[2])))
+"""
+
+
+@functools.cache  # once per process: the answer does not change while it runs
+def verify_gpu() -> tuple[bool, str]:
+    """Run the GPU backend on the current CUDA device, in a child process (a crash or hang in
+    the operator must not take this one down), against the composed graph on the same inputs.
+    ``(True, GPU name)`` when bit-identical, else ``(False, why)``. Never raises."""
+    status = load()
+    if not status.gpu:
+        return False, f"no GPU backend: {status.gpu_reason}"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU visible to torch"
+        device = torch.cuda.current_device()
+    except Exception as e:  # a broken CUDA install is a reason, not a crash
+        return False, f"CUDA: {type(e).__name__}: {e}"
+    return _gpu_smoke(status.loaded, device)
+
+
+def _gpu_smoke(library: str, device: int) -> tuple[bool, str]:
+    try:
+        proc = subprocess.run([sys.executable, "-c", _GPU_SMOKE, library, str(device)],
+                              capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)  # fmt: skip
+    except subprocess.SubprocessError as e:
+        return False, f"its test run on the GPU did not finish: {e}"
+    if proc.returncode == 0:
+        return True, (proc.stdout.strip().splitlines() or ["GPU"])[-1]
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return False, f"its test run on the GPU failed: {last}"
+
+
+def _gpu_reason(status: Status) -> str:
+    """Why the GPU backend is not used, or "" when it is loaded and verified on this GPU."""
+    if status.reason:
+        return status.reason
+    if not status.gpu:
+        return f"no GPU backend: {status.gpu_reason}"
+    ok, detail = verify_gpu()
+    return "" if ok else f"GPU backend not used: {detail}"
+
+
 @functools.cache  # once per process (and reason): the fallback is said once, not per pipeline
 def _warn(reason: str) -> None:
     warnings.warn(
@@ -439,17 +536,18 @@ def use_native(device: str) -> bool:
         require(device, "asked for (DALIKD_NATIVE=1)")
         return True
     status = load()
-    if status.gpu if device == "gpu" else status.cpu:
+    reason = _gpu_reason(status) if device == "gpu" else status.reason
+    if not reason:
         return True
-    _warn(status.reason or f"no GPU backend: {status.gpu_reason}")
+    _warn(reason)
     return False
 
 
 def require(device: str, why: str = "asked for") -> None:
     """Load the operator for ``device`` or raise DalikdError saying why it is unavailable."""
     status = load()
-    if not (status.gpu if device == "gpu" else status.cpu):
-        reason = status.reason or f"no GPU backend: {status.gpu_reason}"
+    reason = _gpu_reason(status) if device == "gpu" else status.reason
+    if reason:
         raise DalikdError(f"the native mixing operator is {why} but unavailable: {reason}")
 
 
@@ -457,6 +555,7 @@ def reset() -> None:
     """Forget this process's answers (tests): the next use builds/loads and may warn again.
     A library already loaded into DALI stays loaded."""
     load.cache_clear()
+    verify_gpu.cache_clear()
     _warn.cache_clear()
     _warn_resize.cache_clear()
 

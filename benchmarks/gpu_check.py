@@ -1,0 +1,459 @@
+"""One command that checks dalikd's DALI GPU path on a GPU: ``python benchmarks/gpu_check.py
+--out DIR`` (≤ 5 minutes on one H200, no network; see benchmarks/GPU_CHECK.md).
+
+Prints one line per case as it finishes, ``ok|FAIL <case> <detail>``, and rewrites
+``DIR/gpu_check.json`` after every case (a killed run leaves what it had):
+``{"gpu", "driver", "cuda", "torch", "dali", "device", "cases": [{"name", "ok", "detail"}],
+"efficiency": {aug: fed KD step / KD step on synthetic tensors}}``.
+
+Cases: ``doctor`` (builds the native operator and runs its GPU backend on the GPU); ``jpegs``
+(synthetic JPEGs of mixed sizes with CMYK, grayscale and progressive ones, every one decoded);
+``loader/<aug>/<path>/<granularity>`` (train_loader for every built-in recipe, native and
+composed mixing, 3 batches: device, dtype, shape, value range); ``same/<aug>/<granularity>``
+(native vs composed: bit-identical, or the largest difference); ``checkpoint`` (restore gives
+the same next batch); ``train`` (1 epoch of ``dalikd train --aug cutmixpick``); ``torchrun``
+(the same under ``torchrun --nproc_per_node 1``: NCCL on GPU); ``profile`` (``dalikd profile``,
+R34 -> R18, batch 256: data-loading efficiency for none, cutmix, cutmixpick).
+
+Every case but the JPEG set-up runs in a child process with its own timeout (a hang or a crash
+in DALI, NCCL or the plugin becomes a FAIL line), and all of them share a time budget
+(``--budget``, 290 s): a case that would start after it is reported FAIL, not run.
+Without CUDA, ``--device gpu`` (the default) prints one line and exits 0. ``--device cpu`` is a
+dry run of this script's logic on CPU with tiny sizes (its results say nothing about GPUs;
+give it ``--budget 1200`` on a slow machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CASES = ("doctor", "jpegs", "loader", "same", "checkpoint", "profile", "train", "torchrun")
+MIXING = ("mixup", "cutmix", "cutmixpick")
+MARK = "@@case "  # a child's result line: MARK + {"name", "ok", "detail"}
+
+
+# -- synthetic data (parent, PIL only) -----------------------------------------------------------
+
+
+def _save_jpeg(job: tuple[Path, int, int, int]) -> str:
+    """One smooth noisy image, 64-500 px a side; i % 7 picks CMYK (0), grayscale (1),
+    progressive (2) or plain RGB. Returns its kind."""
+    path, c, i, seed = job
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(64, 500, 2))
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 40 * c % 256)], -1)
+    pixels = np.clip(base + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+    image, options, kind = Image.fromarray(pixels), {"quality": 90}, "rgb"
+    if i % 7 == 0:
+        image, kind = image.convert("CMYK"), "cmyk"
+    elif i % 7 == 1:
+        image, kind = image.convert("L"), "gray"
+    elif i % 7 == 2:
+        options, kind = {"quality": 90, "progressive": True}, "progressive"
+    image.save(path, **options)
+    return kind
+
+
+def make_jpegs(root: Path, classes: int, per_class: int, val_per_class: int) -> dict[str, int]:
+    """``root/{train,val}/c<i>/<j>.jpg`` (see :func:`_save_jpeg`), made by a process pool.
+    Returns how many of each kind."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = []
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            jobs += [(folder / f"{i}.jpg", c, i, len(jobs) + i) for i in range(n)]
+    with ProcessPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        made = list(pool.map(_save_jpeg, jobs, chunksize=16))
+    return {k: made.count(k) for k in ("rgb", "cmyk", "gray", "progressive")}
+
+
+# -- the cases, run in children (python gpu_check.py --child CASE ...) ---------------------------
+
+
+def report(name: str, ok: bool, detail: str) -> None:
+    print(MARK + json.dumps({"name": name, "ok": bool(ok), "detail": detail}), flush=True)
+
+
+def sizes(device: str) -> dict[str, int]:
+    return {"image_size": 64, "batch_size": 32} if device == "gpu" else {
+        "image_size": 32, "batch_size": 4}  # fmt: skip
+
+
+def _loader(data_root: Path, device: str, aug: str, granularity: str, seed: int = 0, **kw):
+    from dalikd import pipeline
+    from dalikd.config import DataConfig
+    from dalikd.data import scan_dataset
+    from dalikd.recipes import resolve
+
+    data = DataConfig(path=str(data_root), threads=2, **sizes(device))
+    return pipeline.train_loader(scan_dataset(data_root).train, data, resolve(aug), device=device,
+                                 seed=seed, granularity=granularity, **kw)  # fmt: skip
+
+
+def _set_native(path: str) -> None:
+    os.environ["DALIKD_NATIVE"] = "1" if path == "native" else "0"
+
+
+def check_batch(batch, device: str, aug: str, mixing: bool, pool: int) -> str:
+    """'' when the batch has the right device, dtype, shape and value ranges, else what not."""
+    import torch
+
+    n, s = sizes(device)["batch_size"], sizes(device)["image_size"]
+    want = "cuda" if device == "gpu" else "cpu"
+    problems = []
+    tensors = {"images": batch.images, "labels": batch.labels, "aug_images": batch.aug_images,
+               "lam": batch.lam, "perm": batch.perm}  # fmt: skip
+    for name, t in tensors.items():
+        if t is not None and t.device.type != want:
+            problems.append(f"{name} on {t.device}")
+    if batch.images.dtype != torch.uint8 or tuple(batch.images.shape) != (n, s, s, 3):
+        problems.append(f"images {batch.images.dtype} {tuple(batch.images.shape)}")
+    if aug != "none":
+        x2 = batch.aug_images
+        if x2 is None or x2.dtype != torch.uint8 or tuple(x2.shape) != (n * pool, s, s, 3):
+            problems.append("aug_images " + ("missing" if x2 is None else f"{tuple(x2.shape)}"))
+    if int(batch.images.max()) == 0:
+        problems.append("images all zero")
+    if mixing:
+        if batch.lam is None or batch.perm is None:
+            return "; ".join([*problems, "lam/perm missing"])
+        lam, perm = batch.lam.float().cpu(), batch.perm.cpu()
+        if lam.shape != (n * pool,) or not bool(((lam >= 0) & (lam <= 1)).all()):
+            problems.append(f"lam {tuple(lam.shape)} in [{lam.min():.3f}, {lam.max():.3f}]")
+        if perm.dtype != torch.int64 or not bool(((perm >= 0) & (perm < n)).all()):
+            problems.append(f"perm {perm.dtype} in [{perm.min()}, {perm.max()}]")
+    elif batch.lam is not None:
+        problems.append("lam from a non-mixing recipe")
+    return "; ".join(problems)
+
+
+def child_loader(data_root: Path, device: str) -> None:
+    from dalikd.recipes import builtin_recipes, recipe_info
+
+    for aug, recipe in builtin_recipes().items():
+        mixing = recipe_info(recipe).mixing
+        for path in ("native", "composed") if mixing else ("composed",):
+            for granularity in ("sample", "batch"):
+                name = f"loader/{aug}/{path}/{granularity}"
+                try:
+                    _set_native(path)
+                    pool = 2 if aug == "cutmixpick" else 1
+                    loader = _loader(data_root, device, aug, granularity, pool_size=pool)
+                    batches = [b for _, b in zip(range(3), loader, strict=False)]
+                    bad = [check_batch(b, device, aug, mixing, pool) for b in batches]
+                    bad = [b for b in bad if b]
+                    ok = len(batches) == 3 and not bad
+                    report(name, ok, bad[0] if bad else f"{len(batches)} batches ok")
+                except Exception as e:
+                    report(name, False, f"{type(e).__name__}: {_line(e)}")
+
+
+def child_same(data_root: Path, device: str) -> None:
+    import torch
+
+    for aug in MIXING:
+        for granularity in ("sample", "batch"):
+            name = f"same/{aug}/{granularity}"
+            try:
+                runs = {}
+                for path in ("native", "composed"):
+                    _set_native(path)
+                    loader = _loader(data_root, device, aug, granularity, seed=3)
+                    runs[path] = [b for _, b in zip(range(2), loader, strict=False)]
+                diffs = []
+                for a, b in zip(runs["native"], runs["composed"], strict=True):
+                    for field in ("images", "aug_images", "lam", "perm", "labels"):
+                        x, y = getattr(a, field), getattr(b, field)
+                        if not torch.equal(x, y):
+                            diff = (x.double() - y.double()).abs().max().item()
+                            diffs.append(f"{field} differ (max |diff| {diff:g})")
+                report(name, not diffs, diffs[0] if diffs else "bit-identical (2 batches)")
+            except Exception as e:
+                report(name, False, f"{type(e).__name__}: {_line(e)}")
+
+
+def child_checkpoint(data_root: Path, device: str) -> None:
+    import torch
+
+    os.environ.setdefault("DALIKD_NATIVE", "auto")
+    first = _loader(data_root, device, "cutmixpick", "sample", seed=5)
+    batches = iter(first)
+    next(batches)
+    saved = first.checkpoint()
+    expected = next(batches)
+    resumed = next(iter(_loader(data_root, device, "cutmixpick", "sample", seed=5,
+                                checkpoint=saved)))  # fmt: skip
+    fields = ("images", "labels", "aug_images", "lam", "perm")
+    differ = [f for f in fields if not torch.equal(getattr(resumed, f), getattr(expected, f))]
+    same = "the restored loader's first batch equals the saved one's next (cutmixpick)"
+    report("checkpoint", not differ, "differ: " + ", ".join(differ) if differ else same)
+
+
+def child_jpegs(data_root: Path, device: str) -> None:
+    from dalikd import pipeline
+    from dalikd.config import DataConfig
+    from dalikd.data import scan_dataset
+
+    split = scan_dataset(data_root).val
+    data = DataConfig(path=str(data_root), threads=2, **sizes(device))
+    seen, flat = 0, 0
+    for batch in pipeline.val_loader(split, data, device=device):
+        seen += len(batch)
+        flat += int((batch.images.amax(dim=(1, 2, 3)) == batch.images.amin(dim=(1, 2, 3))).sum())
+    ok = seen == len(split.files) and flat == 0
+    report("jpegs", ok, f"{seen}/{len(split.files)} decoded on {device}, {flat} flat")
+
+
+def child_main(args) -> None:
+    {"loader": child_loader, "same": child_same, "checkpoint": child_checkpoint,
+     "jpegs": child_jpegs}[args.child](Path(args.data), args.device)  # fmt: skip
+
+
+def _line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0][:300] if lines else ""
+
+
+# -- the parent: runs cases, prints, records -----------------------------------------------------
+
+
+class Check:
+    def __init__(self, out: Path, device: str, budget_s: float):
+        self.out, self.device = out, device
+        self.deadline = time.monotonic() + budget_s
+        # the CPU dry run checks logic, on a slower machine: its cases get more time
+        self.timeout_scale = 3 if device == "cpu" else 1
+        self.result = {**versions(device), "device": device, "cases": [], "efficiency": {}}
+
+    def record(self, name: str, ok: bool, detail: str) -> None:
+        print(f"{'ok' if ok else 'FAIL'} {name} {detail}", flush=True)
+        self.result["cases"].append({"name": name, "ok": bool(ok), "detail": detail})
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.out / "gpu_check.json.tmp"
+        tmp.write_text(json.dumps(self.result, indent=1) + "\n")
+        os.replace(tmp, self.out / "gpu_check.json")
+
+    def run(self, case: str, cmd: list[str], timeout_s: float, env: dict | None = None) -> tuple:
+        """Run a child; relay its MARK lines as cases. Returns (returncode or None on timeout,
+        the last lines of its output)."""
+        left = self.deadline - time.monotonic()
+        if left < 5:
+            self.record(case, False, "not run: the time budget (--budget) was spent")
+            return None, ""
+        timeout_s = min(timeout_s * self.timeout_scale, left)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})}, start_new_session=True,
+        )  # fmt: skip
+        tail: list[str] = []
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(MARK):
+                    c = json.loads(line[len(MARK) :])
+                    self.record(c["name"], c["ok"], c["detail"])
+                else:
+                    tail.append(line.rstrip())
+                    del tail[:-40]
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            code = None
+        reader.join(timeout=5)
+        if code is None:
+            self.record(case, False, f"timed out after {timeout_s:.0f} s: {_last(tail)}")
+        return code, "\n".join(tail)
+
+    def child(self, case: str, data: Path, timeout_s: float) -> None:
+        before = len(self.result["cases"])
+        cmd = [sys.executable, __file__, "--child", case, "--data", str(data),
+               "--device", self.device]  # fmt: skip
+        code, tail = self.run(case, cmd, timeout_s)
+        if code not in (0, None) or (code == 0 and len(self.result["cases"]) == before):
+            self.record(case, False, f"exited {code}: {_last(tail.splitlines())}")
+
+
+def _last(lines: list[str]) -> str:
+    useful = [ln for ln in lines if ln.strip() and not ln.startswith(" ")]
+    return (useful or lines or ["no output"])[-1][:300]
+
+
+def versions(device: str) -> dict:
+    import torch
+
+    info = {"gpu": None, "driver": None, "cuda": torch.version.cuda, "torch": torch.__version__}
+    try:
+        import nvidia.dali
+
+        info["dali"] = nvidia.dali.__version__
+    except ImportError as e:
+        info["dali"] = f"unavailable: {e}"
+    if device == "gpu":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        try:
+            query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            smi = subprocess.run(query, capture_output=True, text=True, timeout=30)
+            info["driver"] = smi.stdout.strip().splitlines()[0] if smi.stdout.strip() else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+def dalikd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dalikd", *args]
+
+
+def case_doctor(check: Check) -> None:
+    code, out = check.run("doctor", dalikd("doctor", "--json"), 180)
+    if code is None:
+        return
+    try:
+        info = json.loads(out[out.index("{") :])
+    except ValueError:
+        check.record("doctor", False, f"exited {code}: {_last(out.splitlines())}")
+        return
+    backend = info.get("gpu_backend", "")
+    if check.device == "gpu":
+        ok = code == 0 and backend.startswith("verified on")
+        check.record(
+            "doctor", ok, f"GPU backend: {backend}; mixing on gpu: {info['mixing']['gpu']}"
+        )
+    else:
+        ok = code == 0 and info["mixing"]["cpu"] == "native"
+        check.record("doctor", ok, f"mixing on cpu: {info['mixing']['cpu']}")
+
+
+def case_train(check: Check, data: Path, teacher: Path, runs: Path, torchrun: bool) -> None:
+    name = "torchrun" if torchrun else "train"
+    size = sizes(check.device)
+    args = ["train", "--data", str(data), "--device", check.device, "--aug", "cutmixpick",
+            "--teacher", "resnet18", "--teacher-weights", str(teacher), "--student", "resnet18",
+            "--epochs", "1", "--batch-size", str(size["batch_size"]), "--image-size",
+            str(size["image_size"]), "--threads", "2", "--out", str(runs / name)]  # fmt: skip
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "1", "-m", "dalikd", *args]  # fmt: skip
+    else:
+        cmd = dalikd(*args)
+    code, tail = check.run(name, cmd, 90)
+    if code is None:
+        return
+    done = (runs / name / "last.pt").exists()
+    backend = "NCCL" if check.device == "gpu" else "gloo"
+    what = f"1 epoch, {backend}" if torchrun else "1 epoch"
+    check.record(name, code == 0 and done, what if code == 0 and done else
+                 f"exited {code}: {_last(tail.splitlines())}")  # fmt: skip
+
+
+def case_profile(check: Check, data: Path) -> None:
+    path = check.out / "profile.json"
+    if check.device == "gpu":
+        models = ["--teacher", "resnet34", "--student", "resnet18", "--batch-size", "256",
+                  "--image-size", "224", "--windows", "3", "--window-seconds", "1"]  # fmt: skip
+    else:
+        models = ["--teacher", "resnet18", "--student", "resnet18", "--batch-size", "4",
+                  "--image-size", "32", "--windows", "1", "--window-seconds", "0.1",
+                  "--warmup", "1"]  # fmt: skip
+    cmd = dalikd("profile", "--data", str(data), "--device", check.device, "--aug",
+                 "cutmix,cutmixpick", "--baseline", "none", *models,
+                 "--json", str(path))  # fmt: skip
+    code, tail = check.run("profile", cmd, 150)
+    if code is None:
+        return
+    if code != 0 or not path.exists():
+        check.record("profile", False, f"exited {code}: {_last(tail.splitlines())}")
+        return
+    prof = json.loads(path.read_text())
+    check.result["efficiency"] = {a: round(v, 4) for a, v in prof["efficiency"].items()}
+    check.result["profile_bound"] = prof.get("bound")
+    want = {"none", "cutmix", "cutmixpick"}
+    got = set(prof["efficiency"])
+    detail = ", ".join(f"{a} {v:.3f}" for a, v in prof["efficiency"].items())
+    check.record("profile", want <= got, f"data-loading efficiency: {detail}; mixing: "
+                 f"{prof.get('mixing')}")  # fmt: skip
+
+
+def save_teacher(path: Path, classes: int) -> None:
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=classes).state_dict(), path)  # random
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="gpu_check_out", help="folder for gpu_check.json")
+    parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                        help="cpu: a dry run of this script's logic with tiny sizes")  # fmt: skip
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset")
+    parser.add_argument("--budget", type=float, default=290, help="s, for all cases together")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    import torch
+
+    if args.device == "gpu" and not torch.cuda.is_available():
+        print("gpu_check: needs a CUDA GPU (torch sees none); --device cpu is a dry run of its "
+              "logic", flush=True)  # fmt: skip
+        return
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check = Check(out, args.device, args.budget)
+    check.save()
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    data, classes = work / "data", 4
+    # The profile's batches of 256: 4 per epoch, so epoch ends are not every other batch.
+    per_class = 256 if args.device == "gpu" else 6
+    kinds = make_jpegs(data, classes, per_class, val_per_class=7)
+    print(f"data: {data} ({', '.join(f'{n} {k}' for k, n in kinds.items())})", flush=True)
+    teacher = work / "teacher.pt"
+    for case in cases:
+        if case == "doctor":
+            case_doctor(check)
+        elif case in ("jpegs", "loader", "same", "checkpoint"):
+            check.child(case, data, {"loader": 120, "same": 60}.get(case, 45))
+        elif case == "profile":
+            case_profile(check, data)
+        elif case in ("train", "torchrun"):
+            if not teacher.exists():
+                save_teacher(teacher, classes)
+            case_train(check, data, teacher, work / "runs", torchrun=case == "torchrun")
+    shutil.rmtree(work, ignore_errors=True)
+    failed = [c["name"] for c in check.result["cases"] if not c["ok"]]
+    print(f"{len(check.result['cases']) - len(failed)} ok, {len(failed)} FAIL; "
+          f"{out / 'gpu_check.json'}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

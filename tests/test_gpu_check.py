@@ -1,0 +1,80 @@
+"""benchmarks/gpu_check.py's logic, on CPU (--device cpu, a dry run with tiny sizes), so that a
+Python bug does not spend the minutes of a GPU lease. The cheap cases only; the rest
+(loader, profile, train, torchrun, doctor) run in `--device cpu` by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def test_the_synthetic_jpegs_have_every_kind(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    kinds = gpu_check.make_jpegs(tmp_path, classes=2, per_class=7, val_per_class=3)
+    assert kinds == {"rgb": 8, "cmyk": 4, "gray": 4, "progressive": 4}
+    modes = {Image.open(p).mode for p in tmp_path.rglob("*.jpg")}
+    assert modes == {"RGB", "CMYK", "L"}
+    progressive = [p for p in tmp_path.rglob("*.jpg") if Image.open(p).info.get("progressive")]
+    assert len(progressive) == 4
+    shapes = {Image.open(p).size for p in tmp_path.rglob("*.jpg")}
+    assert len(shapes) > 10  # mixed sizes
+
+
+def test_the_cpu_dry_run_prints_a_line_per_case_and_writes_the_json(tmp_path):
+    env = {**os.environ, "DALIKD_NATIVE": "0"}  # the checkpoint case: no build in this test
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(tmp_path),
+         "--cases", "jpegs,checkpoint"],
+        capture_output=True, text=True, timeout=400, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.split(" ")[0] in ("ok", "FAIL")]
+    assert [ln.split(" ")[:2] for ln in lines] == [["ok", "jpegs"], ["ok", "checkpoint"]], lines
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(result) >= {"gpu", "driver", "cuda", "torch", "dali", "cases", "efficiency"}
+    assert [c["name"] for c in result["cases"]] == ["jpegs", "checkpoint"]
+    assert all(c["ok"] for c in result["cases"])
+    assert result["cases"][0]["detail"].startswith("28/28 decoded on cpu, 0 flat")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
+def test_without_cuda_the_gpu_check_says_so_in_one_line_and_exits_0(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0
+    assert proc.stdout.strip().splitlines() == [
+        "gpu_check: needs a CUDA GPU (torch sees none); --device cpu is a dry run of its logic"
+    ]
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_a_case_that_hangs_becomes_one_fail_line_and_the_json_keeps_it(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    check = gpu_check.Check(tmp_path, "cpu", budget_s=60)
+    check.timeout_scale = 1
+    hang = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    code, _ = check.run("hang", hang, timeout_s=2)
+    assert code is None
+    cases = json.loads((tmp_path / "gpu_check.json").read_text())["cases"]
+    assert cases == [{"name": "hang", "ok": False, "detail": "timed out after 2 s: started"}]
+    spent = gpu_check.Check(tmp_path, "cpu", budget_s=0)
+    assert spent.run("late", hang, timeout_s=10) == (None, "")
+    assert spent.result["cases"][-1]["detail"].startswith("not run: the time budget")

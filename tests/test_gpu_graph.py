@@ -1,0 +1,120 @@
+"""The GPU training graph, traced on CPU (DALI defines a GPU graph with device_id=None; only
+build() needs a GPU): no pipeline output may be a CPU node that is also copied to the GPU.
+
+Such a node is allocated in pinned host memory, DALI exports it over DLPack as kDLCUDAHost, and
+torch's from_dlpack rejects that device type (DALI_NOTES.md, GPU facts). Checked for every
+built-in recipe x both mixing paths x both granularities, and the "mixed" decoder's settings.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dalikd import native, pipeline
+from dalikd.config import DataConfig
+from dalikd.data import scan_dataset
+from dalikd.recipes import builtin_recipes, resolve
+
+S = 16  # px
+
+
+def traced_gpu_train_graph(monkeypatch, root, aug: str, granularity: str, native_path: bool):
+    """The pipeline train_loader(device="gpu") would build, traced but not built: the DALI
+    device id is None (no GPU here). Returns ``{name: output node}`` and the pipeline."""
+    monkeypatch.setattr(pipeline, "_dali_device_id", lambda device: None)
+    data = DataConfig(path=str(root), image_size=S, batch_size=4, threads=1)
+    pipe, names = pipeline.build_pipeline(
+        pipeline.train_graph, data=data, device="gpu", seed=0, split=scan_dataset(root).train,
+        recipe=resolve(aug), shard_id=0, num_shards=1, granularity=granularity,
+        native=native_path,
+    )  # fmt: skip
+    pipe._build_graph()  # private: collects the operators without building the backend
+    return dict(zip(names, pipe._graph_outputs, strict=True)), pipe
+
+
+def pinned_outputs(outputs: dict, pipe) -> list[str]:
+    """Names of outputs that are CPU nodes some operator (or another output) also takes on the
+    GPU. A ``.gpu()`` copy is a node with the same source and index on device "gpu"."""
+    devices: dict[tuple[int, int], set[str]] = {}
+    nodes = [n for op in pipe._ops for n in op.inputs] + list(outputs.values())
+    for node in nodes:
+        devices.setdefault((id(node.source), node.index), set()).add(node.device)
+    return [
+        name
+        for name, node in outputs.items()
+        if node.device == "cpu" and "gpu" in devices[(id(node.source), node.index)]
+    ]
+
+
+@pytest.fixture
+def gpu_backend_verified(monkeypatch):
+    """Pretend the GPU smoke test passed (there is no GPU here to run it on)."""
+    if not native.load().gpu:
+        pytest.skip(f"no GPU backend built: {native.load().gpu_reason}")
+    monkeypatch.setattr(native, "verify_gpu", lambda: (True, "a test GPU"))
+
+
+@pytest.mark.parametrize("granularity", ["sample", "batch"])
+@pytest.mark.parametrize("aug", sorted(builtin_recipes()))
+def test_no_output_of_the_composed_gpu_graph_is_a_pinned_cpu_node(
+    solid_dataset, monkeypatch, aug, granularity
+):
+    outputs, pipe = traced_gpu_train_graph(monkeypatch, solid_dataset, aug, granularity, False)
+    assert outputs["images"].device == "gpu"
+    assert pinned_outputs(outputs, pipe) == []
+    mixing = [name for name in outputs if name.startswith("lam_")]
+    assert bool(mixing) == (aug in ("mixup", "cutmix", "cutmixpick"))
+    for name in mixing:  # λ and perm leave the pipeline on the GPU
+        assert outputs[name].device == "gpu"
+        assert outputs[name.replace("lam", "perm")].device == "gpu"
+
+
+@pytest.mark.parametrize("granularity", ["sample", "batch"])
+@pytest.mark.parametrize("aug", ["mixup", "cutmix", "cutmixpick"])
+def test_no_output_of_the_native_gpu_graph_is_a_pinned_cpu_node(
+    solid_dataset, monkeypatch, gpu_backend_verified, aug, granularity
+):
+    outputs, pipe = traced_gpu_train_graph(monkeypatch, solid_dataset, aug, granularity, True)
+    schemas = {getattr(op._op, "schema_name", "") for op in pipe._ops}
+    assert "DalikdMix" in schemas and "MultiPaste" not in schemas
+    assert pinned_outputs(outputs, pipe) == []
+    lams = [name for name in outputs if name.startswith("lam_")]
+    assert len(lams) == (2 if aug == "cutmixpick" else 1)
+    for name in lams:  # the operator's own λ output, on the GPU (no CPU recomputation)
+        assert outputs[name].device == "gpu"
+        assert outputs[name].source._op.schema_name == "DalikdMix"
+
+
+def test_the_check_finds_a_cpu_output_that_feeds_gpu_arithmetic(solid_dataset, monkeypatch):
+    # The graph before the fix: composed MixUp's λ was both `images * lam` (copied to the GPU)
+    # and a pipeline output.
+    monkeypatch.setattr(pipeline, "_dali_device_id", lambda device: None)
+    from nvidia.dali import fn
+
+    from dalikd import ops
+
+    def graph(data, device, split):
+        jpegs, labels = pipeline.read(split, shuffle=True, shard_id=0, num_shards=1)
+        images = pipeline.random_resized_crop(jpegs, data, device)
+        mixed, lam, perm = ops.mixup(images, native=False)
+        return {"images": mixed, "labels": labels, "lam_0": lam, "perm_0": perm,
+                "coin": fn.random.coin_flip()}  # fmt: skip
+
+    data = DataConfig(path=str(solid_dataset), image_size=S, batch_size=4, threads=1)
+    pipe, names = pipeline.build_pipeline(
+        graph, data=data, device="gpu", seed=0, split=scan_dataset(solid_dataset).train
+    )
+    pipe._build_graph()
+    outputs = dict(zip(names, pipe._graph_outputs, strict=True))
+    assert pinned_outputs(outputs, pipe) == ["lam_0"]
+
+
+def test_the_mixed_decoder_gets_the_throughput_settings_only_on_gpu(solid_dataset, monkeypatch):
+    outputs, pipe = traced_gpu_train_graph(monkeypatch, solid_dataset, "none", "sample", False)
+    decoder = next(op for op in pipe._ops if op._op.schema_name.startswith("decoders__"))
+    data = DataConfig()
+    for name in ("hw_decoder_load", "preallocate_width_hint", "preallocate_height_hint",
+                 "device_memory_padding", "host_memory_padding"):  # fmt: skip
+        assert decoder._op._init_args[name] == getattr(data, name), name
+    assert pipeline.decoder_args(data, "gpu")["device"] == "mixed"
+    assert pipeline.decoder_args(data, "cpu") == {"device": "cpu"}
