@@ -87,7 +87,7 @@ def print_report(report: dict[str, Any]) -> None:
         f"{report['threads']} DALI threads (= torchvision workers), batch {report['batch_size']}, "
         f"{report['image_size']} px, {'antialiased' if report['antialias'] else 'NON-antialiased'}"
         f" resize; {ds['train_images']} images, {ds['mean_file_kb']} KB mean; mixing: "
-        f"{report['mixing']}"
+        f"{report['mixing']}; resize: {report['resize']}"
     )
     bounds: dict[str, list[str]] = {}
     for aug, b in report["bound"].items():
@@ -143,3 +143,9 @@ def print_report(report: dict[str, Any]) -> None:
         "pipeline rate / the plain pipeline's, same windows. KD efficiency: step fed by the "
         "pipeline / the same step on tensors in memory."
     )
+    for name, alt in report["alternatives"].items():  # plain KD, same interleaved windows
+        label = "timm's training loader (prefetcher)" if name == "timm" else f"dalikd with {name}"
+        console.print(
+            f"plain KD vs {label}: {_rate(alt['img_per_s'])} samples/s; dalikd "
+            f"{alt['dalikd_ratio']:.2f}x"
+        )

@@ -86,23 +86,51 @@ def random_crop_decode(jpegs: Any, data: DataConfig, device: str) -> Any:
     )
 
 
-def random_resized_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
-    """:func:`random_crop_decode`, resized to image_size². Out: uint8 HWC RGB on ``device``."""
+def native_resize(data: DataConfig, device: str, native: bool | None = None) -> bool:
+    """Whether the resize runs through dalikd's fn.dalikd_resize (CPU, antialiased, the flip
+    fused in) instead of DALI's fn.resize: only for the antialiased resize on CPU, where the
+    native library loads (:func:`dalikd.native.use_native_resize`); ``native`` pins the
+    answer (True loads the operator whatever DALIKD_NATIVE says, or raises)."""
+    from dalikd import native as native_op
+
+    if not data.antialias or device != "cpu":  # --no-antialias and GPU keep DALI's resize
+        if native:
+            raise DalikdError("the native resize is CPU-only and antialiased")
+        return False
+    if native is None:
+        return native_op.use_native_resize(device)
+    if native:  # asked for, or by the DALI checkpoint being resumed
+        native_op.require_resize("needed (a checkpoint saved with it)")
+    return native
+
+
+def random_resized_crop(
+    jpegs: Any, data: DataConfig, device: str, flip: bool = False, native: bool | None = None
+) -> Any:
+    """:func:`random_crop_decode`, resized to image_size², and with ``flip`` mirrored
+    horizontally with probability 1/2 (a seeded coin per sample). Out: uint8 HWC RGB on
+    ``device``. ``native``: see :func:`native_resize`."""
     images = random_crop_decode(jpegs, data, device)
-    return fn.resize(
+    if native_resize(data, device, native):
+        kw = {"flip": fn.random.coin_flip(probability=0.5)} if flip else {}
+        return fn.dalikd_resize(images, size_y=data.image_size, size_x=data.image_size, **kw)
+    images = fn.resize(
         images, resize_x=data.image_size, resize_y=data.image_size, antialias=data.antialias
     )
+    if flip:
+        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+    return images
 
 
-def center_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
+def center_crop(jpegs: Any, data: DataConfig, device: str, native: bool | None = None) -> Any:
     """Decode, resize the shorter side to image_size / val_crop_fraction, crop the centre
     image_size². Deterministic. Out: uint8 HWC RGB on ``device``."""
     images = fn.decoders.image(jpegs, **decoder_args(data, device), output_type=types.RGB)
-    images = fn.resize(
-        images,
-        resize_shorter=round(data.image_size / data.val_crop_fraction),
-        antialias=data.antialias,
-    )
+    shorter = round(data.image_size / data.val_crop_fraction)
+    if native_resize(data, device, native):
+        images = fn.dalikd_resize(images, resize_shorter=shorter)
+    else:
+        images = fn.resize(images, resize_shorter=shorter, antialias=data.antialias)
     return fn.crop(images, crop=(data.image_size, data.image_size))
 
 
@@ -116,10 +144,12 @@ def train_graph(
     granularity="sample",
     reader_seed=0,
     pool_size=2,
+    native_resize=None,
 ):
     """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode.
     Every image output is uint8 HWC. The recipe's mixing ops run on the path of
-    ``data.mixing`` (:func:`dalikd.ops.mixing_path`; "auto" is resolved by the first of them).
+    ``data.mixing`` (:func:`dalikd.ops.mixing_path`; "auto" is resolved by the first of them);
+    ``native_resize``: the resize path (:func:`native_resize`).
 
     On GPU, λ and perm leave the pipeline as GPU nodes (``.gpu()``; a no-op for the native
     operator's λ, already there): a CPU node that also feeds GPU work (``images * lam``) is
@@ -128,8 +158,7 @@ def train_graph(
     jpegs, labels = read(
         split, shuffle=True, shard_id=shard_id, num_shards=num_shards, seed=reader_seed
     )
-    images = random_resized_crop(jpegs, data, device)
-    images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+    images = random_resized_crop(jpegs, data, device, flip=True, native=native_resize)
     outputs = {"images": images, "labels": labels}
     if recipe is not None:
         ctx = AugContext(data.image_size, device, IMAGENET_MEAN, granularity, pool_size)
@@ -310,6 +339,7 @@ def train_loader(
         train_graph, data=data, device=device, seed=seed + shard_id, checkpoint=checkpoint,
         split=split, recipe=recipe, shard_id=shard_id, num_shards=num_shards,
         granularity=granularity, reader_seed=seed, pool_size=pool_size,
+        native_resize=_native_in(checkpoint, "DalikdResize"),
     )  # fmt: skip
     return Loader(pipe, names, last_batch=LastBatchPolicy.DROP, device=torch_device(device))
 
@@ -317,9 +347,7 @@ def train_loader(
 def checkpoint_mixing(checkpoint: str | bytes) -> str:
     """The mixing path a DALI checkpoint was saved from ("native" | "composed"): the
     operators of its graph are named in it."""
-    name = "DalikdMix"
-    found = (name.encode() if isinstance(checkpoint, bytes) else name) in checkpoint
-    return "native" if found else "composed"
+    return "native" if _native_in(checkpoint, "DalikdMix") else "composed"
 
 
 def _restored_data(data: DataConfig, recipe: Recipe | None, checkpoint: str | None) -> DataConfig:
@@ -336,6 +364,15 @@ def _restored_data(data: DataConfig, recipe: Recipe | None, checkpoint: str | No
             f"{data.mixing} (--mixing {saved} resumes it)"
         )
     return data
+
+
+def _native_in(checkpoint: str | bytes | None, name: str) -> bool | None:
+    """Whether a DALI checkpoint's graph holds operator ``name`` (the resize path it was saved
+    from, name="DalikdResize"), so a resumed run rebuilds the same graph whatever
+    DALIKD_NATIVE says now; None: no checkpoint."""
+    if checkpoint is None:
+        return None
+    return (name.encode() if isinstance(checkpoint, bytes) else name) in checkpoint
 
 
 def val_loader(

@@ -49,6 +49,7 @@ from dalikd.recipes import Recipe, builtin_recipes, recipe_info, resolve
 from dalikd.step import Distiller, make_optimizer
 
 BASELINES = ("torchvision", "none")
+DALI_RESIZE = "DALI's fn.resize"
 
 Progress = Callable[[str], None]
 
@@ -192,9 +193,10 @@ def decode_graph(split, data, device):
     return {"images": pipeline.random_crop_decode(jpegs, data, device), "labels": labels}
 
 
-def resize_graph(split, data, device):
+def resize_graph(split, data, device, native_resize=None):
     jpegs, labels = pipeline.read(split, shuffle=True, shard_id=0, num_shards=1)
-    return {"images": pipeline.random_resized_crop(jpegs, data, device), "labels": labels}
+    images = pipeline.random_resized_crop(jpegs, data, device, native=native_resize)
+    return {"images": images, "labels": labels}
 
 
 def _dali_runner(graph, data: DataConfig, device: str, seed: int, **kw) -> tuple[_Runner, int]:
@@ -346,9 +348,13 @@ class _BaselineStream:
     def step(self) -> None:
         next(self._it)
 
+    def _iterator(self):
+        # DataLoader does not expose its worker processes; read them where they are today
+        # (timm's PrefetchLoader wraps the DataLoader as .loader).
+        return getattr(getattr(self.loader, "loader", self.loader), "_iterator", None)
+
     def _workers(self) -> list:
-        # DataLoader does not expose its worker processes; read them where they are today.
-        return getattr(getattr(self.loader, "_iterator", None), "_workers", None) or []
+        return getattr(self._iterator(), "_workers", None) or []
 
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self._workers() if getattr(w, "pid", None)]
@@ -357,9 +363,35 @@ class _BaselineStream:
         """Stop the workers now: left to garbage collection, a worker holding prefetched
         batches took 5 s (DataLoader's join timeout) to go."""
         self._it.close()
-        shutdown = getattr(getattr(self.loader, "_iterator", None), "_shutdown_workers", None)
+        shutdown = getattr(self._iterator(), "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+
+
+def _timm_stream(root: Path, data: DataConfig, device: str) -> _BaselineStream | None:
+    """timm's own training loader (``timm.data.create_loader`` with its prefetcher: uint8
+    collate, normalization after, on the training device) with the same random-resized crop
+    (bilinear, PIL: antialiased) and flip, no colour jitter; None without timm."""
+    try:
+        from timm.data import ImageDataset, create_loader
+    except ImportError:
+        return None
+    loader = create_loader(
+        ImageDataset(str(root / "train")),
+        input_size=(3, data.image_size, data.image_size),
+        batch_size=data.batch_size,
+        is_training=True,
+        scale=data.crop_scale,
+        ratio=data.crop_ratio,
+        hflip=0.5,
+        color_jitter=0.0,
+        interpolation="bilinear",
+        num_workers=data.threads,
+        device=pipeline.torch_device(device),
+        use_prefetcher=True,
+        persistent_workers=data.threads > 0,
+    )
+    return _BaselineStream(loader, pipeline.torch_device(device))
 
 
 # -- models and the KD step ------------------------------------------------------------------
@@ -526,6 +558,8 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
         "window_seconds": cfg.window_seconds,
         "dataset": _dataset_facts(dataset),
         "mixing": _mixing_path(device) if any(s.mixing for s in schemes) else "none profiled",
+        "resize": _resize_path(profiler.data, device),
+        "alternatives": profiler.alternatives,
         "versions": _versions(),
         "stages": profiler.stages,
         "baseline": profiler.baseline,
@@ -563,6 +597,10 @@ class _Profiler:
         self.cpu_ratio: dict[str, float] = {}  # baseline CPU ms / DALI CPU ms, per sample
         self.bound: dict[str, dict] = {}
         self.efficiency: dict[str, float] = {}
+        # fn.dalikd_resize in the pipelines (CPU, antialiased, where it loads); when it is, the
+        # plain pipeline is also timed with DALI's fn.resize, in the same windows
+        self.native_resize = pipeline.native_resize(self.data, device)
+        self.alternatives: dict[str, dict] = {}  # plain KD: DALI's resize, timm's loader
 
     def add(self, name: str, timing: Timing, kind: str, aug: str | None = None, **extra) -> str:
         self.stages.append(_stage(name, timing, kind, aug, **extra))
@@ -573,9 +611,9 @@ class _Profiler:
             graph, data or self.data, self.device, self.cfg.seed, split=self.dataset.train, **kw
         )
 
-    def plain_runner(self) -> _Runner:
+    def plain_runner(self, native_resize: bool | None = None) -> _Runner:
         graph_kw = {"recipe": None, "shard_id": 0, "num_shards": 1}
-        return self.dali(pipeline.train_graph, **graph_kw)[0]
+        return self.dali(pipeline.train_graph, native_resize=native_resize, **graph_kw)[0]
 
     def plain_pipeline(self) -> None:
         """read; + decode and random crop; + resize; + flip (cumulative), in interleaved
@@ -591,10 +629,16 @@ class _Profiler:
         if self.cfg.antialias:  # the faster, lower-quality mode, beside the chain, never in it
             runs[side] = self.dali(resize_graph, replace(self.data, antialias=False))[0]
         runs["+ flip (plain pipeline)"] = self.plain_runner()
+        sides = [side]
+        if self.native_resize:  # DALI's own antialiased resize (and separate flip), beside it
+            dali = f" ({DALI_RESIZE})"
+            sides += [f"+ resize {s}² (antialias){dali}", f"+ flip (plain pipeline){dali}"]
+            runs[sides[1]] = self.dali(resize_graph, native_resize=False)[0]
+            runs[sides[2]] = self.plain_runner(native_resize=False)
         self.say("the plain pipeline, stage by stage")
         for name, timing in time_interleaved(runs, self.cfg).items():
-            self.add(name, timing, "side" if name == side else "data")
-            if name != side:
+            self.add(name, timing, "side" if name in sides else "data")
+            if name not in sides:
                 self.chain.append(name)
 
     def scheme(self, scheme: Scheme) -> None:
@@ -627,6 +671,14 @@ class _Profiler:
             prepare_batch(next(batches), self.device)
 
         runs["handoff"] = _Runner(handoff, cfg.batch_size, self.sync)
+        timm = None
+        if scheme.recipe is None:  # plain KD: the alternatives, in the same interleaved run
+            if self.native_resize:
+                runs[DALI_RESIZE] = self.dali_resize_handoff()
+            if cfg.baseline == "torchvision":
+                timm = _timm_stream(self.dataset.root, self.data, self.device)
+                if timm is not None:
+                    runs["timm"] = _Runner(timm.step, cfg.batch_size, self.sync, timm.worker_pids)
         tv = None
         if cfg.baseline == "torchvision":
             tv_loader = _baseline_loader(
@@ -637,9 +689,18 @@ class _Profiler:
                 runs["torchvision"] = _Runner(tv.step, cfg.batch_size, self.sync, tv.worker_pids)
         self.say(f"{a}: pipeline, hand-off" + (" and torchvision" if tv else ""))
         t = time_interleaved(runs, cfg, cfg.window_seconds / 2 if tv else 0.0)
-        if tv is not None:
-            tv.close()  # the baseline's workers stop before the models run
-        del runs, tv
+        for stream in (tv, timm):
+            if stream is not None:
+                stream.close()  # the baselines' workers stop before the models run
+        del runs, tv, timm
+        for name in (DALI_RESIZE, "timm"):
+            if name in t:
+                self.alternatives[name] = {
+                    "img_per_s": t[name].img_per_s,
+                    "cpu_ms_per_img": t[name].cpu_ms_per_img,
+                    "windows": t[name].windows,
+                    "dalikd_ratio": t["handoff"].img_per_s / t[name].img_per_s,
+                }
         before = t["plain"] if "aug" in t else None
         if "aug" in t:
             label = f"+ {a}" + (f" (pool of {views}·B)" if views > 1 else "")
@@ -683,6 +744,20 @@ class _Profiler:
         if self.models is not None:
             names += self.model_stages(a, views, scheme.mixing, batches)
         self.bound[a] = _bound(self.stages, names)
+
+    def dali_resize_handoff(self) -> _Runner:
+        """The plain training loader's hand-off with DALI's fn.resize + fn.flip instead of
+        fn.dalikd_resize."""
+        pipe, names = pipeline.build_pipeline(
+            pipeline.train_graph, data=self.data, device=self.device, seed=self.cfg.seed,
+            split=self.dataset.train, recipe=None, shard_id=0, num_shards=1,
+            native_resize=False,
+        )  # fmt: skip
+        loader = pipeline.Loader(pipe, names, last_batch=pipeline.LastBatchPolicy.DROP,
+                                 device=pipeline.torch_device(self.device))  # fmt: skip
+        batches = _forever(loader)
+        return _Runner(lambda: prepare_batch(next(batches), self.device), self.cfg.batch_size,
+                       self.sync)  # fmt: skip
 
     def model_stages(self, a: str, views: int, mixing: bool, batches) -> list[str]:
         cfg, names = self.cfg, []
@@ -749,6 +824,16 @@ def _mixing_path(device: str) -> str:
     except ImportError:
         return "stock operators"
     return "native (fn.dalikd_mix)" if native.use_native(device) else "stock operators"
+
+
+def _resize_path(data: DataConfig, device: str) -> str:
+    """Which resize the pipelines ran: dalikd's operator, or DALI's and why."""
+    from dalikd import native
+
+    if not data.antialias:
+        return f"{DALI_RESIZE}, antialias=False (--no-antialias)"
+    reason = native.resize_reason(device)
+    return f"{DALI_RESIZE}: {reason}" if reason else "native (fn.dalikd_resize, flip fused)"
 
 
 def _versions() -> dict[str, str]:

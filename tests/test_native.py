@@ -90,6 +90,7 @@ def test_the_plugin_builds_loads_and_is_cached_by_dali_version_and_source_hash()
 def test_native_is_bit_identical_to_composed_through_the_train_loader(
     jpegs, name, granularity, monkeypatch
 ):
+    monkeypatch.setenv("DALIKD_NATIVE_RESIZE", "0")  # both with DALI's resize: only mixing differs
     monkeypatch.setenv("DALIKD_NATIVE", "0")
     composed = batches(jpegs, name, granularity, pool_size=3)
     assert "DalikdMix" not in schemas(jpegs, name, granularity)
@@ -316,8 +317,13 @@ def test_doctor_reports_the_active_mixing_path(capsys, monkeypatch):
     info = json.loads(out)
     assert info["mixing"]["cpu"] == "native"
     assert info["native"]["cpu"] == "loaded"
+    assert info["resize"] == {
+        "cpu": "native (fn.dalikd_resize)",
+        "gpu": "DALI fn.resize: CPU only (the GPU keeps DALI's resize)",
+    }
     assert info["dali"] and info["torch"] and "cuda_available" in info
     monkeypatch.setenv("DALIKD_NATIVE", "0")
     with pytest.raises(SystemExit):
         main(["doctor"])
-    assert "composed: DALIKD_NATIVE=0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "composed: DALIKD_NATIVE=0" in out and "DALI fn.resize: DALIKD_NATIVE=0" in out

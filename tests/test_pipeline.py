@@ -80,7 +80,10 @@ def test_val_visits_every_image_exactly_once(tmp_path):
 
 
 def test_val_resize_and_center_crop_match_pil(tmp_path):
-    # A smooth non-square image: DALI's resize vs PIL's antialiased bilinear differ by rounding.
+    # A smooth non-square image. DALI's fn.resize rounds the longer side and differs from PIL's
+    # antialiased bilinear by rounding; dalikd's native resize (used on CPU where it loads)
+    # truncates the longer side as torchvision's Resize(int) and has the same filter, so it
+    # is held to 1 (of 255).
     h, w = 60, 90
     yy, xx = np.mgrid[0:h, 0:w]
     pixels = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (h + w)], -1).astype(
@@ -92,16 +95,16 @@ def test_val_resize_and_center_crop_match_pil(tmp_path):
     cfg = data_cfg(tmp_path, image_size=32, batch_size=1)
     batch = next(iter(pipeline.val_loader(scan_dataset(tmp_path).val, cfg, device="cpu")))
     short = round(32 / 0.875)  # 37
-    ref = Image.fromarray(pixels).resize((round(w * short / h), short), Image.BILINEAR)
+    native = pipeline.native_resize(cfg, "cpu")
+    long = int(w * short / h) if native else round(w * short / h)
+    ref = Image.fromarray(pixels).resize((long, short), Image.BILINEAR)
     # DALI places the centre crop at round-half-up((size - 32) / 2).
     left, top = int((ref.width - 32) / 2 + 0.5), int((ref.height - 32) / 2 + 0.5)
     ref = np.asarray(ref.crop((left, top, left + 32, top + 32)), np.float32)
     got = batch.images[0].numpy().astype(np.float32)
     assert got.shape == ref.shape
-    assert np.abs(got - ref).max() <= 2.0  # of 255: rounding only (seen: mean 0.19, max 1)
-    # Deterministic: a second pass gives the same tensor.
-    again = next(iter(pipeline.val_loader(scan_dataset(tmp_path).val, cfg, device="cpu")))
-    assert torch.equal(batch.images, again.images)
+    # of 255: rounding only (DALI's resize, seen: mean 0.19, max 1)
+    assert np.abs(got - ref).max() <= (1.0 if native else 2.0)
 
 
 def test_two_views_come_from_one_decode(solid_dataset):

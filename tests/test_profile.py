@@ -1,5 +1,6 @@
 """`dalikd profile` end to end on small generated data (CPU), and its one-line errors."""
 
+import importlib.util
 import json
 import math
 
@@ -31,6 +32,17 @@ def test_profile_writes_every_stage_as_json(solid_dataset, tmp_path, tiny_env, c
         "+ resize 16², no antialias (option)",
         "+ flip (plain pipeline)",
     ]
+    # With the native resize, DALI's own resize is timed beside it, and the plain hand-off
+    # against it and timm's loader (where timm is installed), in the same windows.
+    native = report["resize"].startswith("native")
+    dali = " (DALI's fn.resize)"
+    assert names[5:7] == (
+        [f"+ resize 16² (antialias){dali}", f"+ flip (plain pipeline){dali}"] if native else []
+    )
+    assert importlib.util.find_spec("timm") is None or "timm" in report["alternatives"]
+    assert ("DALI's fn.resize" in report["alternatives"]) == native
+    for alt in report["alternatives"].values():
+        assert alt["img_per_s"] > 0 and alt["dalikd_ratio"] > 0 and len(alt["windows"]) == 2
     schemes = ["none", "flip", "cutmix", "cutmixpick"]
     for aug in schemes:
         per_scheme = [n for n, st in zip(names, report["stages"], strict=True) if st["aug"] == aug]

@@ -40,6 +40,9 @@ from pathlib import Path
 from dalikd.errors import DalikdError
 
 SOURCES = ("mix.h", "mix_cpu.cc", "mix_gpu.h", "mix_gpu.cc", "mix_gpu.cu")
+# The CPU resize operator (fn.dalikd_resize) is compiled into both libraries beside the mixing
+# operator; :func:`use_native_resize` says whether it is used.
+RESIZE_SOURCES = ("resize.h", "resize_cpu.cc")
 MODES = ("auto", "0", "1")
 # Headers the build needs besides DALI's: cuda_runtime.h pulls in crt/host_config.h, and DALI's
 # float16 header includes CCCL's nv/target. pip's CUDA runtime wheels ship only the first.
@@ -93,7 +96,7 @@ def source_dir() -> Path:
 
 def source_hash() -> str:
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + RESIZE_SOURCES:
         digest.update(name.encode() + b"\0" + (source_dir() / name).read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -276,7 +279,8 @@ def _compile(work: Path, key: str) -> BuildInfo:
     # -ffp-contract=off: no fused multiply-add, so MixUp rounds exactly as DALI's arithmetic.
     compile_cc = [cxx, "-std=c++20", "-O3", "-fPIC", "-ffp-contract=off", "-w", *cflags,
                   *[f"-I{d}" for d in include], "-c"]  # fmt: skip
-    cmds = [[*compile_cc, str(src / "mix_cpu.cc"), "-o", "mix_cpu.o"]]
+    cmds = [[*compile_cc, str(src / "mix_cpu.cc"), "-o", "mix_cpu.o"],
+            [*compile_cc, str(src / "resize_cpu.cc"), "-o", "resize_cpu.o"]]  # fmt: skip
     if nvcc:
         # nvcc compiles only the kernel (no DALI headers: seconds); g++ the operator around it.
         last = GENCODES[-1][3:]
@@ -289,10 +293,12 @@ def _compile(work: Path, key: str) -> BuildInfo:
         info["gpu_error"] = "skipped (DALIKD_NATIVE_GPU=0)"
     else:
         info["gpu_error"] = "no nvcc found (DALIKD_NVCC, CUDA_HOME, PATH, /usr/local/cuda)"
-    cpu_error, *gpu_errors = _run_all(cmds, work)
+    cpu_error, resize_error, *gpu_errors = _run_all(cmds, work)
+    cpu_error = cpu_error or resize_error
 
     if not cpu_error:
-        link = [cxx, "-shared", "mix_cpu.o", "-o", "libdalikd_mix_cpu.so", *lflags]
+        objects = ["mix_cpu.o", "resize_cpu.o"]
+        link = [cxx, "-shared", *objects, "-o", "libdalikd_mix_cpu.so", *lflags]
         cpu_error = _run(link, work) or _smoke(work / "libdalikd_mix_cpu.so")
     if cpu_error:
         info["cpu_error"] = cpu_error
@@ -307,7 +313,7 @@ def _compile(work: Path, key: str) -> BuildInfo:
             # nvcc links: it knows its own static CUDA runtime, which keeps the plugin free of a
             # libcudart of another CUDA version than DALI's; --exclude-libs hides its symbols.
             link = [nvcc, "-ccbin", cxx, "-shared", "-cudart", "static", "mix_cpu.o",
-                    "mix_gpu.o", "mix_kernel.o", "-o", "libdalikd_mix.so",
+                    "resize_cpu.o", "mix_gpu.o", "mix_kernel.o", "-o", "libdalikd_mix.so",
                     "-Xlinker", "--exclude-libs,ALL",
                     *[f for f in lflags if not f.startswith("-Wl,")],
                     "-Xlinker", f"-rpath,{sysconfig.get_lib_dir()}", "-ldali_core"]  # fmt: skip
@@ -384,7 +390,7 @@ def build(force: bool = False) -> tuple[BuildInfo, Path]:
         work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         try:
             (work / "src").mkdir()
-            for name in SOURCES:
+            for name in SOURCES + RESIZE_SOURCES:
                 shutil.copy2(source_dir() / name, work / "src" / name)
             info = _compile(work, key)
             for obj in work.glob("*.o"):
@@ -566,3 +572,56 @@ def reset() -> None:
     load.cache_clear()
     verify_gpu.cache_clear()
     _warn.cache_clear()
+    _warn_resize.cache_clear()
+
+
+# -- the resize operator (fn.dalikd_resize, CPU only) -------------------------------------------
+
+
+def resize_reason(device: str) -> str:
+    """Why fn.dalikd_resize is not used on ``device`` ("" when it is): DALI's fn.resize runs
+    instead. GPU always keeps DALI's resize; DALIKD_NATIVE=0 or DALIKD_NATIVE_RESIZE=0 turn the
+    native one off; otherwise it is used wherever the CPU library loads."""
+    if device != "cpu":
+        return "CPU only (the GPU keeps DALI's resize)"
+    if mode() == "0":
+        return "DALIKD_NATIVE=0"
+    if os.environ.get("DALIKD_NATIVE_RESIZE", "1").strip() == "0":
+        return "DALIKD_NATIVE_RESIZE=0"
+    status = load()
+    return "" if status.cpu else status.reason
+
+
+def use_native_resize(device: str) -> bool:
+    """Whether the antialiased resize on ``device`` runs through fn.dalikd_resize. Falls back to
+    DALI's fn.resize with one warning (DALIKD_NATIVE=auto) or raises (DALIKD_NATIVE=1) when the
+    library does not load; GPU and the off switches fall back silently."""
+    reason = resize_reason(device)
+    if not reason:
+        return True
+    if device == "cpu" and reason not in ("DALIKD_NATIVE=0", "DALIKD_NATIVE_RESIZE=0"):
+        if mode() == "1":
+            raise DalikdError(
+                f"the native resize operator is asked for (DALIKD_NATIVE=1) but unavailable: "
+                f"{reason}"
+            )
+        _warn_resize(reason)
+    return False
+
+
+@functools.cache
+def _warn_resize(reason: str) -> None:
+    warnings.warn(
+        f"dalikd: native resize operator unavailable ({reason}); using DALI's fn.resize (same "
+        "filter family, slower on CPU). DALIKD_NATIVE_RESIZE=0 silences this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def require_resize(why: str) -> None:
+    """Load fn.dalikd_resize whatever DALIKD_NATIVE / DALIKD_NATIVE_RESIZE say (a checkpoint
+    saved with it needs it), or raise DalikdError saying why it is unavailable."""
+    status = load()
+    if not status.cpu:
+        raise DalikdError(f"the native resize operator is {why} but unavailable: {status.reason}")
