@@ -8,6 +8,16 @@ from typing import Any
 from dalikd.errors import DalikdError
 
 
+def require() -> None:
+    """Fail in one line now, before a run starts, when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise DalikdError(
+            "--tensorboard needs tensorboard: pip install 'dalikd[tensorboard]'"
+        ) from None
+
+
 class ScalarWriter:
     """TensorBoard event files under ``log_dir``: each epoch record's numbers, tagged with
     their metrics.jsonl key, at step = epoch. A resumed run appends a new event file there."""

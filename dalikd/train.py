@@ -13,16 +13,24 @@ import math
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dalikd import distributed, recipes, recovery, rundir
-from dalikd.checkpoint import save_atomic, write_jsonl_atomic, write_text_atomic
+from dalikd import distributed, recipes, recovery, rundir, tensorboard
+from dalikd.checkpoint import (
+    CHECKPOINT_FORMAT,
+    RunState,
+    save_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from dalikd.config import OptimConfig, TrainConfig, build_config
-from dalikd.data import scan_dataset
+from dalikd.data import Dataset, scan_dataset
 from dalikd.device import amp_dtype, resolve_device, torch_device
 from dalikd.errors import DalikdError
 from dalikd.evaluate import evaluate
@@ -76,11 +84,6 @@ def lr_at(step: int, steps_per_epoch: int, optim: OptimConfig) -> float:
 
 def default_run_dir() -> str:
     return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-
-
-# 2: the DALI graph hands uint8 images over and seeds its draws explicitly; T. stddev is saved
-# per rank. A checkpoint of another format cannot restore this version's data pipeline.
-CHECKPOINT_FORMAT = 2
 
 
 def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
@@ -165,9 +168,6 @@ def _read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
         raise DalikdError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
 
 
-_EPOCH_START = {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}  # never mutated: rebound per epoch
-
-
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -218,6 +218,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = Fal
         cfg = build_config(overrides={"out": cfg.out or default_run_dir()}, base=cfg)
         lock = contextlib.nullcontext()
         if ctx.is_main:  # one run per run directory (a second one is refused in one line)
+            if cfg.tensorboard:
+                tensorboard.require()  # before the run directory exists
             rundir.prepare(Path(cfg.out))
             lock = rundir.locked(Path(cfg.out), (reporter or SilentReporter()).message)
         with lock, StopSignals() as stop:
@@ -227,8 +229,209 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = Fal
         distributed.shutdown(ctx)
 
 
+@dataclass
+class Run:
+    """The objects of one run, made once before the loop (:func:`_setup`)."""
+
+    cfg: TrainConfig
+    device: str  # "cpu" | "gpu"
+    ctx: distributed.Dist
+    run_dir: Path
+    reporter: Reporter
+    dataset: Dataset
+    distiller: Distiller  # the student (DDP-wrapped where distributed), teacher and losses
+    student: nn.Module  # the student itself: what checkpoints save
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    state: RunState
+    # T. stddev of this rank's teacher rows (x and the x' trained on), cumulative over the run;
+    # pooled over the ranks at each epoch end (TStddev.pooled). A group is GROUP_STEPS steps of
+    # rows (the reference's 5); its size in rows is set at the first step (0: not yet known).
+    tstd: TStddev
+    train_data: Any = None  # recovery.TrainData
+    val_data: Any = None  # pipeline.Loader
+    tb: ScalarWriter | None = None  # --tensorboard: rank 0 writes the epoch records there too
+
+    @property
+    def tdev(self) -> torch.device:
+        return torch_device(self.device)
+
+
 def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
-    # -- setup: data, models, optimizer ---------------------------------------------------------
+    run = _setup(cfg, reporter, resume, device, ctx)
+    cfg, state, tdev = run.cfg, run.state, run.tdev
+    while state.epoch < cfg.optim.epochs:
+        steps_per_epoch = len(run.train_data)  # fewer once files that failed in training are out
+        reporter.epoch_start(state.epoch, cfg.optim.epochs, steps_per_epoch)
+        run.distiller.train()
+        loss_sum = torch.tensor(state.partial["loss_sum"], device=tdev)
+        seen, t0 = state.partial["seen"], time.perf_counter() - state.partial["seconds"]
+        for batch in run.train_data:
+            # lr: a pure function of the step
+            lr = lr_at(state.global_step, steps_per_epoch, cfg.optim)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            # step
+            losses = _step(run, batch)
+            state.global_step += 1
+            state.step_in_epoch += 1
+            loss_sum += losses["loss"].detach()
+            seen += len(batch)
+            # stop requests are agreed across ranks (a sync point, so at log boundaries only)
+            step = state.step_in_epoch
+            boundary = step % cfg.log_every == 0 or step == steps_per_epoch
+            stopping = (boundary or not ctx.enabled) and distributed.any_rank(
+                ctx, stop.received is not None, tdev
+            )
+            # mid-epoch checkpoint: every ckpt_every steps, and before stopping
+            periodic = bool(cfg.ckpt_every) and step % cfg.ckpt_every == 0
+            save_now = step < steps_per_epoch and (stopping or periodic)
+            # log: .item() is a CPU-GPU sync point, so only at log boundaries and before a
+            # checkpoint, which must never hold the weights of a non-finite loss
+            if boundary or save_now:
+                loss = _finite_loss(run, losses)
+                if boundary:
+                    img_per_s = seen * ctx.world_size / (time.perf_counter() - t0)
+                    reporter.step(step, loss, img_per_s, lr)
+            # checkpoint (mid-epoch)
+            if save_now:
+                elapsed = time.perf_counter() - t0
+                state.partial = {"loss_sum": float(loss_sum), "seen": seen, "seconds": elapsed}
+                _save(run, ("last.pt",))
+                if stopping:
+                    stop.received = stop.received or "SIGTERM"  # signalled on another rank
+                    break
+        if state.step_in_epoch < steps_per_epoch:  # stopped mid-epoch
+            break
+        train_seconds = time.perf_counter() - t0
+
+        # validate
+        record = _validate(run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0)
+
+        # checkpoint: last.pt every epoch, best.pt when val top-1 improves
+        improved = state.end_epoch(record)
+        _save(run, ("last.pt", "best.pt") if improved else ("last.pt",))
+        if ctx.is_main:
+            write_jsonl_atomic(state.history, run.run_dir / "metrics.jsonl")
+            if run.tb is not None:
+                run.tb.add(record)
+        reporter.epoch_end(record)
+        if distributed.any_rank(ctx, stop.received is not None, tdev):
+            stop.received = stop.received or "SIGTERM"
+            break
+
+    if run.tb is not None:
+        run.tb.close()
+    return _summary(run, stop.received)
+
+
+# -- the loop's parts ----------------------------------------------------------------------------
+
+
+def _summary(run: Run, stopped_by: str | None) -> dict[str, Any]:
+    state = run.state
+    return {
+        "run_dir": str(run.run_dir),
+        "device": run.device,
+        "world_size": run.ctx.world_size,
+        "epochs": run.cfg.optim.epochs,
+        "epochs_done": state.epoch,
+        "best_top1": state.best_top1,
+        "final": state.history[-1] if state.history else {},
+        "stopped_by": stopped_by,
+        "step_in_epoch": state.step_in_epoch,
+    }
+
+
+def _step(run: Run, batch: Any) -> dict[str, torch.Tensor]:
+    """One optimization step; its teacher rows go into T. stddev. Returns the named losses."""
+    try:
+        out = run.distiller.step(batch, run.optimizer, run.scaler)
+    except torch.OutOfMemoryError:
+        cfg = run.cfg
+        raise DalikdError(
+            f"out of memory at --batch-size {cfg.data.batch_size} "
+            f"(student {cfg.model.student}, teacher {cfg.model.teacher or 'none'}); "
+            "lower --batch-size"
+        ) from None
+    if out.teacher_logits is not None:
+        if not run.tstd.group_size:  # x's rows + the x' trained on, GROUP_STEPS times
+            run.tstd.group_size = GROUP_STEPS * len(out.teacher_logits)
+        run.tstd.add(out.teacher_logits.float().softmax(dim=1))
+    return out.losses
+
+
+def _finite_loss(run: Run, losses: dict[str, torch.Tensor]) -> float:
+    loss = losses["loss"].item()
+    if not math.isfinite(loss):
+        raise DalikdError(
+            f"loss is {loss} at step {run.state.global_step} (epoch {run.state.epoch + 1}); "
+            f"lower --lr{_kept(run.run_dir)}"
+        )
+    return loss
+
+
+def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) -> dict:
+    """The epoch's record: train loss and images/s over every rank, val metrics, and with a
+    teacher T. stddev and the teacher-student agreement on val."""
+    ctx, teacher = run.ctx, run.distiller.teacher
+    val = evaluate(run.student, run.val_data, run.device, run.cfg.precision, ctx, teacher=teacher)
+    totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=run.tdev)
+    distributed.all_sum(ctx, totals)
+    record = {
+        "epoch": run.state.epoch + 1,
+        "train_loss": float(totals[0]) / (steps_per_epoch * ctx.world_size),
+        "val_loss": val["loss"],
+        "val_top1": val["top1"],
+        "val_top5": val["top5"],
+        "lr": lr,
+        "img_per_s": float(totals[1]) / train_seconds,
+        "seconds": time.perf_counter() - t0,
+    }
+    if teacher is not None:  # over every rank's rows; NaN (before 2 groups) is written null
+        t_std, entropy = run.tstd.pooled(lambda t: distributed.all_sum(ctx, t))
+        record["t_stddev"] = _finite_or_none(t_std)
+        record["teacher_entropy"] = _finite_or_none(entropy)
+        record["group_rows"] = run.tstd.group_size
+        # teacher-student agreement on val: top-1 (%) and KL(teacher || student) at T = 1
+        record["val_agree_top1"], record["val_kl_ts"] = val["agree_top1"], val["kl_ts"]
+    return record
+
+
+def _save(run: Run, names: tuple[str, ...]) -> None:
+    """All ranks call this: each contributes its DALI and T. stddev states; rank 0 writes."""
+    ctx, state = run.ctx, run.state
+    dali_states = distributed.gather_objects(ctx, run.train_data.checkpoint())
+    tstd_states = distributed.gather_objects(ctx, run.tstd.state_dict(cpu=True))
+    if not ctx.is_main:
+        return
+    if not all(p.isfinite().all() for p in run.student.parameters()):
+        raise DalikdError(
+            f"the weights became non-finite by step {state.global_step} (epoch "
+            f"{state.epoch + 1}); lower --lr{_kept(run.run_dir)}"
+        )
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "model": run.student.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        **state.state_dict(),
+        "dali": dali_states,
+        "tstddev": tstd_states,
+        "rng": torch.get_rng_state(),
+        "config": run.cfg.to_dict(),
+        "classes": list(run.dataset.classes),
+    }
+    for name in names:
+        save_atomic(ckpt, run.run_dir / name)
+
+
+# -- setup and resume ------------------------------------------------------------------------------
+
+
+def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx) -> Run:
+    """Data, models, optimizer; the saved state where resuming; the run directory's files;
+    the loaders."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.out or default_run_dir())
     cfg = build_config(overrides={"out": str(run_dir)}, base=cfg)
@@ -236,240 +439,112 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     recipe = recipes.resolve(cfg.kd.aug)
     cfg = resolve_mixing(cfg, recipe, device)
     distiller = Distiller.build(cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision)
-    student, teacher = distiller.student, distiller.teacher
-    tdev = torch_device(device)
+    student = distiller.student
     optimizer = make_optimizer(student, cfg.optim)
     # Loss scaling only for fp16 autocast; bf16 has fp32's exponent range and needs none.
     scaler = torch.amp.GradScaler(enabled=amp_dtype(device, cfg.precision) == torch.float16)
     # The teacher stays unwrapped: it is frozen, there is nothing to synchronise.
     if ctx.enabled:  # the step calls the wrapper; checkpoints save the student itself
         distiller.student = DDP(student, device_ids=[ctx.local_rank] if device == "gpu" else None)
-
-    # -- resume ---------------------------------------------------------------------------------
-    epoch, step_in_epoch, global_step, best_top1, history = 0, 0, 0, -1.0, []
-    partial = _EPOCH_START  # sums of the interrupted epoch so far
-    dali_state = None
-    # T. stddev of this rank's teacher rows (x and the x' trained on), cumulative over the run;
-    # pooled over the ranks at each epoch end (TStddev.pooled). A group is GROUP_STEPS steps of
-    # rows (the reference's 5); its size in rows is set at the first step (0: not yet known).
-    tstd = TStddev(group_size=0)
-    if resume:
-        ckpt = _read_checkpoint(run_dir / "last.pt")
-        check_shapes(student, ckpt["model"], f"{run_dir / 'last.pt'} does not fit the student")
-        student.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        # settings given again on resume win over the saved ones (lr is set at every step)
-        optimizer.param_groups[0]["weight_decay"] = cfg.optim.weight_decay  # the decay group
-        for group in optimizer.param_groups:
-            group["momentum"], group["nesterov"] = cfg.optim.momentum, cfg.optim.nesterov
-        scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"])
-        epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
-        global_step, best_top1, history = (
-            ckpt["scheduler"]["step"],
-            ckpt["best_top1"],
-            ckpt["history"],
-        )
-        partial = ckpt["partial"]
-        tstd_states = ckpt["tstddev"]  # one per rank (a single dict before they were gathered)
-        tstd_states = [tstd_states] if isinstance(tstd_states, dict) else tstd_states
-        if len(tstd_states) > ctx.world_size:  # fewer ranks now: rank 0 takes the surplus
-            tstd_states = [TStddev.combine([tstd_states[0], *tstd_states[ctx.world_size :]]),
-                           *tstd_states[1 : ctx.world_size]]  # fmt: skip
-        if ctx.rank < len(tstd_states):  # more ranks now: the new ones start empty
-            tstd.load_state_dict(tstd_states[ctx.rank], tdev)
-        if len(ckpt["dali"]) == ctx.world_size:
-            dali_state = ckpt["dali"][ctx.rank]
-        elif step_in_epoch:
-            reporter.message(
-                f"world size changed ({len(ckpt['dali'])} -> {ctx.world_size}): epoch "
-                f"{epoch + 1} restarts from its first step with a new data order"
-            )
-            global_step -= step_in_epoch
-            step_in_epoch, partial = 0, _EPOCH_START
-        reporter.message(f"resumed {run_dir} at epoch {epoch + 1}, step {step_in_epoch}")
+    run = Run(cfg, device, ctx, run_dir, reporter, dataset, distiller, student, optimizer,
+              scaler, RunState(), TStddev(group_size=0))  # fmt: skip
+    dali_state = _resume(run) if resume else None
     if resume:  # files that failed in training before stay out
-        dataset = recovery.apply_skips(dataset, recovery.read_report(run_dir))
-    tb = None  # --tensorboard: rank 0 writes the epoch records to RUN_DIR/tb/ too
-    if ctx.is_main:
-        tb = ScalarWriter(run_dir / "tb") if cfg.tensorboard else None
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(json.dumps(cfg.to_dict(), indent=2) + "\n", run_dir / "config.json")
-        write_jsonl_atomic(history, run_dir / "metrics.jsonl")
-        recovery.write_report(run_dir, dataset.skipped)
+        run.dataset = recovery.apply_skips(dataset, recovery.read_report(run_dir))
+    _open_run_dir(run)
+    _open_loaders(run, recipe, dali_state)
+    return run
+
+
+def _resume(run: Run) -> str | bytes | None:
+    """Restore the run from last.pt: weights, optimizer, scaler, RNG, RunState, T. stddev.
+    Returns this rank's DALI state (None where the world size changed)."""
+    cfg, ctx, state = run.cfg, run.ctx, None
+    ckpt = _read_checkpoint(run.run_dir / "last.pt")
+    check_shapes(run.student, ckpt["model"], f"{run.run_dir / 'last.pt'} does not fit the student")
+    run.student.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    # settings given again on resume win over the saved ones (lr is set at every step)
+    run.optimizer.param_groups[0]["weight_decay"] = cfg.optim.weight_decay  # the decay group
+    for group in run.optimizer.param_groups:
+        group["momentum"], group["nesterov"] = cfg.optim.momentum, cfg.optim.nesterov
+    run.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"])
+    run.state = state = RunState.from_checkpoint(ckpt)
+    run.tstd = _restore_tstddev(ckpt["tstddev"], ctx, run.tdev)
+    dali_state = None
+    if len(ckpt["dali"]) == ctx.world_size:
+        dali_state = ckpt["dali"][ctx.rank]
+    elif state.step_in_epoch:
+        run.reporter.message(
+            f"world size changed ({len(ckpt['dali'])} -> {ctx.world_size}): epoch "
+            f"{state.epoch + 1} restarts from its first step with a new data order"
+        )
+        state.restart_epoch()
+    run.reporter.message(
+        f"resumed {run.run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch}"
+    )
+    return dali_state
+
+
+def _restore_tstddev(states: Any, ctx: distributed.Dist, tdev: torch.device) -> TStddev:
+    """This rank's T. stddev accumulator from the saved ones (one per rank then)."""
+    tstd = TStddev(group_size=0)
+    states = [states] if isinstance(states, dict) else states  # a single dict: before gathering
+    if len(states) > ctx.world_size:  # fewer ranks now: rank 0 takes the surplus
+        states = [TStddev.combine([states[0], *states[ctx.world_size :]]),
+                  *states[1 : ctx.world_size]]  # fmt: skip
+    if ctx.rank < len(states):  # more ranks now: the new ones start empty
+        tstd.load_state_dict(states[ctx.rank], tdev)
+    return tstd
+
+
+def _open_run_dir(run: Run) -> None:
+    """Rank 0 writes config.json, metrics.jsonl and the data report; everyone hears the data."""
+    dataset = run.dataset
+    if run.ctx.is_main:
+        run.tb = ScalarWriter(run.run_dir / "tb") if run.cfg.tensorboard else None
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        config = json.dumps(run.cfg.to_dict(), indent=2) + "\n"
+        write_text_atomic(config, run.run_dir / "config.json")
+        write_jsonl_atomic(run.state.history, run.run_dir / "metrics.jsonl")
+        recovery.write_report(run.run_dir, dataset.skipped)
     left_out = (
         f", {len(dataset.skipped)} files left out (see data_report.tsv)" if dataset.skipped else ""
     )
-    reporter.message(
+    run.reporter.message(
         f"data: {len(dataset.train):,} train / {len(dataset.val):,} val images, "
         f"{dataset.num_classes} classes{left_out}"
     )
 
-    # Without a saved DALI state (a fresh start, or another world size) epoch e starts from
-    # seed + e, so a restart does not replay the first epoch's order.
+
+def _open_loaders(run: Run, recipe: recipes.Recipe | None, dali_state: Any) -> None:
+    """The training loader (a file that fails to decode is left out and the epoch goes on)
+    and the validation loader; with --eval-teacher, the teacher's val accuracy first."""
     from dalikd import pipeline  # DALI: only where the loaders are built
 
-    # the training loader; a file that fails to decode is left out and the epoch goes on
-    train_data = recovery.TrainData(
-        dataset, cfg.data, recipe, device=device, seed=cfg.seed,
-        epoch=epoch, step=step_in_epoch, run_dir=run_dir, reporter=reporter,
-        is_main=ctx.is_main, shard_id=ctx.rank, num_shards=ctx.world_size,
-        granularity=cfg.kd.granularity, pool_size=cfg.kd.pool_size, checkpoint=dali_state,
+    cfg, ctx, dataset = run.cfg, run.ctx, run.dataset
+    # Without a saved DALI state (a fresh start, or another world size) epoch e starts from
+    # seed + e, so a restart does not replay the first epoch's order.
+    run.train_data = recovery.TrainData(
+        dataset, cfg.data, recipe, device=run.device, seed=cfg.seed,
+        epoch=run.state.epoch, step=run.state.step_in_epoch, run_dir=run.run_dir,
+        reporter=run.reporter, is_main=ctx.is_main, shard_id=ctx.rank,
+        num_shards=ctx.world_size, granularity=cfg.kd.granularity,
+        pool_size=cfg.kd.pool_size, checkpoint=dali_state,
     )  # fmt: skip
-    val_data = pipeline.val_loader(
-        dataset.val, cfg.data, device=device, shard_id=ctx.rank, num_shards=ctx.world_size
+    run.val_data = pipeline.val_loader(
+        dataset.val, cfg.data, device=run.device, shard_id=ctx.rank, num_shards=ctx.world_size
     )
-    steps_per_epoch = len(train_data)
-    if steps_per_epoch == 0:
+    if len(run.train_data) == 0:
         raise DalikdError(
             f"{len(dataset.train)} training images make no full batch of {cfg.data.batch_size}"
             f"{' per rank' if ctx.enabled else ''}; lower --batch-size"
         )
+    teacher = run.distiller.teacher
     if teacher is not None and cfg.eval_teacher:
-        t = evaluate(teacher, val_data, device, cfg.precision, ctx)
-        reporter.message(
+        t = evaluate(teacher, run.val_data, run.device, cfg.precision, ctx)
+        run.reporter.message(
             f"teacher {cfg.model.teacher}: val top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  "
             f"loss {t['loss']:.4f}"
         )
-
-    def save_checkpoint(path_names: tuple[str, ...]) -> None:
-        """All ranks call this: each contributes its DALI and T. stddev states; rank 0 writes."""
-        states = distributed.gather_objects(ctx, train_data.checkpoint())
-        tstd_states = distributed.gather_objects(ctx, tstd.state_dict(cpu=True))
-        if not ctx.is_main:
-            return
-        if not all(p.isfinite().all() for p in student.parameters()):
-            raise DalikdError(
-                f"the weights became non-finite by step {global_step} (epoch {epoch + 1}); "
-                f"lower --lr{_kept(run_dir)}"
-            )
-        ckpt = {
-            "format": CHECKPOINT_FORMAT,
-            "model": student.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {"step": global_step},
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,  # epochs completed
-            "step_in_epoch": step_in_epoch,  # steps of the next epoch already done
-            "partial": partial,
-            "best_top1": best_top1,
-            "history": history,
-            "dali": states,
-            "tstddev": tstd_states,
-            "rng": torch.get_rng_state(),
-            "config": cfg.to_dict(),
-            "classes": list(dataset.classes),
-        }
-        for name in path_names:
-            save_atomic(ckpt, run_dir / name)
-
-    while epoch < cfg.optim.epochs:
-        steps_per_epoch = len(train_data)  # fewer once files that failed in training are out
-        reporter.epoch_start(epoch, cfg.optim.epochs, steps_per_epoch)
-        distiller.train()
-        loss_sum = torch.tensor(partial["loss_sum"], device=tdev)
-        seen, t0 = partial["seen"], time.perf_counter() - partial["seconds"]
-        for batch in train_data:
-            # lr
-            lr = lr_at(global_step, steps_per_epoch, cfg.optim)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            try:
-                step_out = distiller.step(batch, optimizer, scaler)
-            except torch.OutOfMemoryError:
-                raise DalikdError(
-                    f"out of memory at --batch-size {cfg.data.batch_size} "
-                    f"(student {cfg.model.student}, teacher {cfg.model.teacher or 'none'}); "
-                    "lower --batch-size"
-                ) from None
-            losses = step_out.losses
-            if step_out.teacher_logits is not None:
-                if not tstd.group_size:  # x's rows + the x' trained on, GROUP_STEPS times
-                    tstd.group_size = GROUP_STEPS * len(step_out.teacher_logits)
-                tstd.add(step_out.teacher_logits.float().softmax(dim=1))
-            global_step += 1
-            step_in_epoch += 1
-            loss_sum += losses["loss"].detach()
-            seen += len(batch)
-            # stop requests are agreed across ranks (a sync point, so at log boundaries only)
-            boundary = step_in_epoch % cfg.log_every == 0 or step_in_epoch == steps_per_epoch
-            stopping = (boundary or not ctx.enabled) and distributed.any_rank(
-                ctx, stop.received is not None, tdev
-            )
-            # mid-epoch checkpoint: every ckpt_every steps, and before stopping
-            periodic = bool(cfg.ckpt_every) and step_in_epoch % cfg.ckpt_every == 0
-            save_now = step_in_epoch < steps_per_epoch and (stopping or periodic)
-            # log: .item() is a CPU-GPU sync point, so only at log boundaries and before a
-            # checkpoint, which must never hold the weights of a non-finite loss
-            if boundary or save_now:
-                loss = losses["loss"].item()
-                if not math.isfinite(loss):
-                    raise DalikdError(
-                        f"loss is {loss} at step {global_step} (epoch {epoch + 1}); "
-                        f"lower --lr{_kept(run_dir)}"
-                    )
-                if boundary:
-                    img_per_s = seen * ctx.world_size / (time.perf_counter() - t0)
-                    reporter.step(step_in_epoch, loss, img_per_s, lr)
-            if save_now:
-                elapsed = time.perf_counter() - t0
-                partial = {"loss_sum": float(loss_sum), "seen": seen, "seconds": elapsed}
-                save_checkpoint(("last.pt",))
-                if stopping:
-                    stop.received = stop.received or "SIGTERM"  # signalled on another rank
-                    break
-        if step_in_epoch < steps_per_epoch:  # stopped mid-epoch
-            break
-        train_seconds = time.perf_counter() - t0
-
-        # validate
-        val = evaluate(student, val_data, device, cfg.precision, ctx, teacher=teacher)
-        totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=tdev)
-        distributed.all_sum(ctx, totals)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": float(totals[0]) / (steps_per_epoch * ctx.world_size),
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "val_top5": val["top5"],
-            "lr": lr,
-            "img_per_s": float(totals[1]) / train_seconds,
-            "seconds": time.perf_counter() - t0,
-        }
-        if teacher is not None:  # over every rank's rows; NaN (before 2 groups) is written null
-            t_std, entropy = tstd.pooled(lambda t: distributed.all_sum(ctx, t))
-            record["t_stddev"] = _finite_or_none(t_std)
-            record["teacher_entropy"] = _finite_or_none(entropy)
-            record["group_rows"] = tstd.group_size
-            # teacher-student agreement on val: top-1 (%) and KL(teacher || student) at T = 1
-            record["val_agree_top1"], record["val_kl_ts"] = val["agree_top1"], val["kl_ts"]
-        history.append(record)
-        epoch, step_in_epoch = epoch + 1, 0
-        partial = _EPOCH_START
-
-        # checkpoint: last.pt every epoch, best.pt when val top-1 improves
-        improved = val["top1"] > best_top1
-        best_top1 = max(best_top1, val["top1"])
-        save_checkpoint(("last.pt", "best.pt") if improved else ("last.pt",))
-        if ctx.is_main:
-            write_jsonl_atomic(history, run_dir / "metrics.jsonl")
-            if tb is not None:
-                tb.add(record)
-        reporter.epoch_end(record)
-        if distributed.any_rank(ctx, stop.received is not None, tdev):
-            stop.received = stop.received or "SIGTERM"
-            break
-
-    if tb is not None:
-        tb.close()
-    return {
-        "run_dir": str(run_dir),
-        "device": device,
-        "world_size": ctx.world_size,
-        "epochs": cfg.optim.epochs,
-        "epochs_done": epoch,
-        "best_top1": best_top1,
-        "final": history[-1] if history else {},
-        "stopped_by": stop.received,
-        "step_in_epoch": step_in_epoch,
-    }
