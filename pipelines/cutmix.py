@@ -6,6 +6,7 @@ from dalikd.recipes import AugContext, View, recipe
     "cutmix",
     "paste a box of the partner x[perm], side ratio sqrt(1 - lam), lam ~ Beta(1, 1)",
     mixing=True,
+    torchvision="CutMix",
 )
 def cutmix(images, ctx: AugContext) -> View:
     """images: uint8 HWC on ctx.device. λ and box centre per sample or one per batch

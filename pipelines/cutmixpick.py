@@ -7,6 +7,7 @@ from dalikd.recipes import AugContext, Pool, View, recipe
     "CutMix k times (own lam, box, partner each; --pool-size k, default 2), then keep the "
     "candidates the teacher is least sure of (--pick-criterion)",
     mixing=True,
+    torchvision="CutMix pool",
 )
 def cutmixpick(images, ctx: AugContext) -> Pool:
     """images: uint8 HWC on ctx.device. A pool of ctx.pool_size independent CutMix views; the

@@ -125,7 +125,20 @@ def test_bound_is_the_largest_own_cost():
         {"name": "hand-off", "kind": "data", "img_per_s": 790.0},  # + ~0.016 ms
         {"name": "teacher", "kind": "model", "img_per_s": 1600.0},  # 0.625 ms alone
     ]
-    bound = profile._bound(stages, [st["name"] for st in stages])
+    bound = profile.bound(stages, [st["name"] for st in stages])
     assert bound["stage"] == "+ resize"
     assert bound["own_ms_per_img"] == pytest.approx(1.25 - 0.5)
     assert [round(st["own_ms_per_img"], 3) for st in stages] == [0.1, 0.4, 0.75, 0.016, 0.625]
+
+
+def test_every_declared_torchvision_equivalent_has_a_baseline():
+    """The baseline's names come from the recipe registry (@recipe(torchvision=...))."""
+    from dalikd.config import DataConfig
+    from dalikd.profile.baseline import torchvision_parts
+    from dalikd.recipes import recipe_info
+
+    declared = {n: recipe_info(r).torchvision for n, r in builtin_recipes().items()}
+    assert declared["cutmixpick"] == "CutMix pool" and declared["none"] == ""
+    for name, equivalent in declared.items():
+        parts = torchvision_parts(equivalent, DataConfig(image_size=32), 10)
+        assert (parts is None) == (equivalent == ""), name
