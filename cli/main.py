@@ -22,7 +22,16 @@ from dalikd.cli.preview_cmd import preview
 from dalikd.cli.profile_cmd import profile
 from dalikd.cli.report import ScanProgress
 from dalikd.cli.tstddev_cmd import tstddev
-from dalikd.config import TrainConfig
+from dalikd.config import (
+    Device,
+    Granularity,
+    Mixing,
+    PickCriterion,
+    Precision,
+    Schedule,
+    TrainConfig,
+    choices,
+)
 from dalikd.errors import DalikdError
 
 err_console = Console(stderr=True, highlight=False)
@@ -61,7 +70,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     (
         "--aug-granularity",
         "kd.granularity",
-        click.Choice(["sample", "batch"]),
+        click.Choice(choices(Granularity)),
         "random draws per image, or one per batch (the paper's reference code)",
     ),
     (
@@ -96,7 +105,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         None,
         "weight decay on BatchNorm and biases too (the reference code's SGD)",
     ),
-    ("--schedule", "optim.schedule", click.Choice(["step", "cosine"]), "learning-rate schedule"),
+    ("--schedule", "optim.schedule", click.Choice(choices(Schedule)), "learning-rate schedule"),
     (
         "--milestones",
         "optim.milestones",
@@ -120,7 +129,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     (
         "--pick-criterion",
         "kd.pick_criterion",
-        click.Choice(["teacher_entropy", "student_entropy", "kld"]),
+        click.Choice(choices(PickCriterion)),
         "what the pick keeps the highest of",
     ),
     ("--image-size", "data.image_size", int, "training and validation image side in px"),
@@ -129,20 +138,20 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     (
         "--mixing",
         "data.mixing",
-        click.Choice(["auto", "native", "composed"]),
+        click.Choice(choices(Mixing)),
         "mixing's pixel work: dalikd's fused operator, stock DALI operators (the same pixels), "
         "or auto (native where it builds; DALIKD_NATIVE=0|1 sets auto); saved with the run",
     ),
     (
         "--device",
         "device",
-        click.Choice(["auto", "cpu", "gpu"]),
+        click.Choice(choices(Device)),
         "where DALI and torch run (auto: gpu when CUDA is available)",
     ),
     (
         "--precision",
         "precision",
-        click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        click.Choice(choices(Precision)),
         "autocast (auto: bf16 on GPU, fp32 on CPU)",
     ),
     ("--seed", "seed", int, "random seed for DALI and torch"),
@@ -247,9 +256,7 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
 @click.option(
     "--threads", default=0, type=int, help="DALI CPU threads (0: one per core, at most 8)"
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
-)
+@click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
 def evaluate_cmd(data, model_name, weights, batch_size, image_size, threads, device) -> None:
     """Validation top-1 / top-5 / loss of a model on DATA/val."""
     from dalikd.cli.report import print_eval
@@ -307,9 +314,7 @@ def pipelines() -> None:
 @click.option(
     "--epochs", type=int, default=None, help="override the demo's epoch count (all four runs)"
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
-)
+@click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
 def demo(out: str, epochs: int | None, device: str) -> None:
     """Build a small digits dataset; train a teacher, a student alone, and the student
     distilled with --aug flip and with --aug cutmixpick."""

@@ -10,6 +10,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from dalikd.config import Device, choices
+
 console = Console(highlight=False)
 
 
@@ -23,9 +25,7 @@ console = Console(highlight=False)
     help="comma-separated schemes (names, a+b, file.py:function); all = every built-in recipe "
     "and the CutMixPick pool. Plain KD (none) is always measured",
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
-)
+@click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
 @click.option("--batch-size", default=32, show_default=True, type=int, help="samples per batch")
 @click.option(
     "--threads",
@@ -48,7 +48,10 @@ console = Console(highlight=False)
     show_default=True,
     help="antialiased resize (torchvision's quality); --no-antialias is faster, not comparable",
 )
-@click.option("--pool", default=2, show_default=True, type=int, help="CutMixPick candidates k")
+@click.option(
+    "--pool-size", "--pool", "pool_size", default=2, show_default=True, type=int,
+    help="CutMixPick candidates per image, k (--pool: the old name)",
+)  # fmt: skip
 @click.option("--windows", default=5, show_default=True, type=int, help="timed windows per stage")
 @click.option(
     "--window-seconds", default=1.0, show_default=True, type=float, help="min length of a window"

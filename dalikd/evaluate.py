@@ -13,6 +13,7 @@ from dalikd import distributed
 from dalikd.config import DataConfig, build_config
 from dalikd.data import scan_dataset
 from dalikd.device import autocast, prepare_images, resolve_device, torch_device
+from dalikd.losses import kl_divergence
 from dalikd.models import build_model, input_norm
 
 if TYPE_CHECKING:
@@ -25,10 +26,8 @@ def agreement_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -
 
     KL(p_t || p_s) = sum_c p_t (log p_t - log p_s), from log-softmax of float32 logits.
     """
-    log_s = F.log_softmax(student_logits.float(), dim=1)
-    log_t = F.log_softmax(teacher_logits.float(), dim=1)
     agree = (student_logits.argmax(dim=1) == teacher_logits.argmax(dim=1)).sum()
-    kl = F.kl_div(log_s, log_t, reduction="sum", log_target=True)
+    kl = kl_divergence(student_logits, teacher_logits, 1.0, reduction="sum")
     return torch.stack([agree.double(), kl.double()])
 
 

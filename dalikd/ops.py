@@ -40,7 +40,9 @@ import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
-GRANULARITIES = ("sample", "batch")
+from dalikd.config import Granularity, choices
+
+GRANULARITIES = choices(Granularity)  # "sample": a draw per image | "batch": one per batch
 
 DataNode = Any  # nvidia.dali DataNode; DALI does not export a stable public type for it
 

@@ -438,7 +438,8 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     dataset = scan_dataset(cfg.data.path)
     recipe = recipes.resolve(cfg.kd.aug)
     cfg = resolve_mixing(cfg, recipe, device)
-    distiller = Distiller.build(cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision)
+    distiller = Distiller.build(cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision,
+                                channels_last=cfg.channels_last)  # fmt: skip
     student = distiller.student
     optimizer = make_optimizer(student, cfg.optim)
     # Loss scaling only for fp16 autocast; bf16 has fp32's exponent range and needs none.

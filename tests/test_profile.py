@@ -94,7 +94,7 @@ def test_data_path_only_without_models_or_baseline(solid_dataset, tmp_path, caps
         (["--aug", "flip,,cutmix"], "empty item"),
         (["--teacher", TINY], "--teacher needs --student"),
         (["--batch-size", 1000], "no full batch of 1000"),
-        (["--pool", 0], "--pool must be at least 1"),
+        (["--pool-size", 0], "--pool-size must be at least 1"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(solid_dataset, extra, message, capsys):
@@ -110,9 +110,9 @@ def test_missing_data_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_all_is_every_built_in_recipe_after_plain_kd():
-    names = [s.name for s in profile.resolve_schemes("all")]
+    names = [s.name for s in profile.resolve_augs("all")]
     assert names[0] == "none" and set(names) == set(builtin_recipes())
-    assert [s.name for s in profile.resolve_schemes("cutmix,flip,cutmix")] == [
+    assert [s.name for s in profile.resolve_augs("cutmix,flip,cutmix")] == [
         "none", "cutmix", "flip",
     ]  # fmt: skip
 

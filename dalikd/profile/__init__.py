@@ -25,9 +25,9 @@ DALI has threads, the same RandomResizedCrop (antialiased), flip and normalize, 
 interleaved with DALI's hand-off of the same scheme, so a machine that gets busier slows both.
 """
 
-from dalikd.profile.config import ProfileConfig, Scheme, resolve_schemes
+from dalikd.profile.config import ProfileConfig, ProfiledAug, resolve_augs
 from dalikd.profile.report import bound, write_plot
 from dalikd.profile.run import check, run_profile
 
-__all__ = ["ProfileConfig", "Scheme", "bound", "check", "resolve_schemes", "run_profile",
+__all__ = ["ProfileConfig", "ProfiledAug", "bound", "check", "resolve_augs", "run_profile",
            "write_plot"]  # fmt: skip

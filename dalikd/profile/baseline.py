@@ -94,16 +94,16 @@ def torchvision_parts(name: str, data: DataConfig, num_classes: int):
     return table.get(name)
 
 
-def baseline_loader(scheme: str, root: Path, data: DataConfig, classes: int, pool: int):
-    """The torchvision DataLoader of one scheme (workers = DALI threads), or None when a part
+def baseline_loader(aug: str, root: Path, data: DataConfig, classes: int, pool_size: int):
+    """The torchvision DataLoader of one aug (workers = DALI threads), or None when a part
     of it has no torchvision equivalent."""
     from torch.utils.data import DataLoader
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
     pil, tensor, mix, k = [], [], None, 1
-    if scheme != "none":
-        for part in (p.strip() for p in scheme.split("+")):
+    if aug != "none":
+        for part in (p.strip() for p in aug.split("+")):
             equivalent = recipe_info(resolve(part)).torchvision  # the one recipe registry
             found = torchvision_parts(equivalent, data, classes)
             if found is None:
@@ -111,10 +111,10 @@ def baseline_loader(scheme: str, root: Path, data: DataConfig, classes: int, poo
             pil += [found[0]] if found[0] else []
             tensor += [found[1]] if found[1] else []
             mix = found[2] or mix
-            k = pool if equivalent == "CutMix pool" else k
+            k = pool_size if equivalent == "CutMix pool" else k
     transform = _TwoViews(
         data,
-        second=scheme != "none",
+        second=aug != "none",
         pil_aug=T.Compose(pil) if pil else None,
         tensor_aug=T.Compose(tensor) if tensor else None,
     )

@@ -26,7 +26,7 @@ class ProfileConfig:
     teacher: str = ""  # model name; empty: no teacher stages
     student: str = ""  # model name; empty: no model stages, no KD step
     baseline: str = "torchvision"  # torchvision | none
-    pool: int = 2  # k, CutMixPick candidates per sample (the paper: 2)
+    pool_size: int = 2  # k, CutMixPick candidates per sample (the paper: 2)
     windows: int = 5  # timed windows per stage; the median is reported
     window_seconds: float = 1.0  # s, minimum length of one timed window (at least one batch)
     warmup: int = 3  # batches run before timing a stage
@@ -34,7 +34,7 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
-class Scheme:
+class ProfiledAug:
     """One --aug value to profile."""
 
     name: str
@@ -45,7 +45,7 @@ class Scheme:
 # -- schemes -------------------------------------------------------------------------------------
 
 
-def resolve_schemes(spec: str) -> list[Scheme]:
+def resolve_augs(spec: str) -> list[ProfiledAug]:
     """The schemes to profile; plain KD ("none") always comes first, as the reference.
     ``all`` = every built-in recipe, so new recipes are profiled without a change here."""
     names = [n.strip() for n in spec.split(",")]
@@ -53,11 +53,11 @@ def resolve_schemes(spec: str) -> list[Scheme]:
         raise DalikdError(f"--aug '{spec}' has an empty item; write e.g. flip,cutmix")
     if "all" in names:
         names = [n for n in names if n != "all"] + list(builtin_recipes())
-    schemes = [Scheme("none", None)]
+    schemes = [ProfiledAug("none", None)]
     for name in dict.fromkeys(names):  # keeps order, drops repeats
         recipe = resolve(name)  # unknown names fail here, with the list of known ones
         if recipe is not None:
-            schemes.append(Scheme(name, recipe, mixing=recipe_info(recipe).mixing))
+            schemes.append(ProfiledAug(name, recipe, mixing=recipe_info(recipe).mixing))
     return schemes
 
 

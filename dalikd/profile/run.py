@@ -18,10 +18,10 @@ from dalikd.profile.config import (
     BASELINES,
     DALI_RESIZE,
     ProfileConfig,
+    ProfiledAug,
     Progress,
-    Scheme,
     Timing,
-    resolve_schemes,
+    resolve_augs,
 )
 from dalikd.profile.report import (
     bound,
@@ -47,7 +47,7 @@ from dalikd.profile.timing import Runner, time_alone, time_interleaved
 # -- the profile -----------------------------------------------------------------------------
 
 
-def check(cfg: ProfileConfig) -> tuple[Dataset, list[Scheme], str]:
+def check(cfg: ProfileConfig) -> tuple[Dataset, list[ProfiledAug], str]:
     """Every user mistake, before anything is measured: (dataset, schemes, device)."""
     device = resolve_device(cfg.device)
     if cfg.baseline not in BASELINES:
@@ -64,9 +64,9 @@ def check(cfg: ProfileConfig) -> tuple[Dataset, list[Scheme], str]:
             f"{len(dataset.train)} training images make no full batch of {cfg.batch_size}; "
             "lower --batch-size"
         )
-    if cfg.pool < 1:
-        raise DalikdError(f"--pool must be at least 1, got {cfg.pool}")
-    schemes = resolve_schemes(cfg.augs)
+    if cfg.pool_size < 1:
+        raise DalikdError(f"--pool-size must be at least 1, got {cfg.pool_size}")
+    schemes = resolve_augs(cfg.augs)
     if cfg.batch_size < 2 and any(s.mixing for s in schemes):
         raise DalikdError("mixing schemes need --batch-size of at least 2 (a partner)")
     return dataset, schemes, device
@@ -89,7 +89,7 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
         "antialias": cfg.antialias,
         "teacher": cfg.teacher or None,
         "student": cfg.student or None,
-        "pool": cfg.pool,
+        "pool_size": cfg.pool_size,
         "windows": cfg.windows,
         "window_seconds": cfg.window_seconds,
         "dataset": dataset_facts(dataset),
@@ -121,7 +121,7 @@ class _Profiler:
         # A pool is picked by teacher entropy (the paper's best); without a teacher, by the
         # student's, as `dalikd train` would require.
         criterion = "teacher_entropy" if cfg.teacher else "student_entropy"
-        kd = KDConfig(pool_size=cfg.pool, pick_criterion=criterion)
+        kd = KDConfig(pool_size=cfg.pool_size, pick_criterion=criterion)
 
         self.sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
         torch.manual_seed(cfg.seed)
@@ -177,7 +177,7 @@ class _Profiler:
             if name not in sides:
                 self.chain.append(name)
 
-    def scheme(self, scheme: Scheme) -> None:
+    def scheme(self, scheme: ProfiledAug) -> None:
         """+ x' (interleaved with the plain pipeline, for its cost), the hand-off to torch
         (interleaved with the torchvision baseline), then the model stages."""
         a, cfg = scheme.name, self.cfg
@@ -191,7 +191,7 @@ class _Profiler:
                 recipe=scheme.recipe,
                 shard_id=0,
                 num_shards=1,
-                pool_size=cfg.pool,
+                pool_size=cfg.pool_size,
             )
         loader = pipeline.train_loader(
             self.dataset.train,
@@ -199,7 +199,7 @@ class _Profiler:
             scheme.recipe,
             device=self.device,
             seed=cfg.seed,
-            pool_size=cfg.pool,
+            pool_size=cfg.pool_size,
         )
         batches = forever(loader)
 
@@ -218,7 +218,7 @@ class _Profiler:
         tv = None
         if cfg.baseline == "torchvision":
             tv_loader = baseline_loader(
-                a, self.dataset.root, self.data, self.dataset.num_classes, cfg.pool
+                a, self.dataset.root, self.data, self.dataset.num_classes, cfg.pool_size
             )
             if tv_loader is not None:
                 tv = BaselineStream(tv_loader, pipeline.torch_device(self.device))
