@@ -17,7 +17,7 @@ from dalikd.losses import kl_divergence
 from dalikd.models import build_model, input_norm
 
 if TYPE_CHECKING:
-    from dalikd.pipeline import Loader
+    from dalikd.loaders import Loader
 
 
 def agreement_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -101,8 +101,8 @@ def evaluate_model(
     device = resolve_device(device)
     dataset = scan_dataset(data)
     model = build_model(model_name, dataset.num_classes, weights)
-    from dalikd import pipeline  # DALI: only where the loader is built
+    from dalikd import loaders  # DALI: only where the loader is built
 
     model.to(torch_device(device))
     data_cfg = DataConfig(path=data, image_size=image_size, batch_size=batch_size, threads=threads)
-    return evaluate(model, pipeline.val_loader(dataset.val, data_cfg, device=device), device)
+    return evaluate(model, loaders.val_loader(dataset.val, data_cfg, device=device), device)

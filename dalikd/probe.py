@@ -3,7 +3,7 @@
 Wang et al. (NeurIPS 2022): the lower the T. stddev of a scheme (the standard deviation of the
 teacher's mean probability, dalikd.metrics), the lower the test loss of a student distilled
 with it. The probe trains nothing. For each scheme it runs the training data loader
-(:func:`dalikd.pipeline.train_loader`, the one ``dalikd train`` uses) for a number of steps;
+(:func:`dalikd.loaders.train_loader`, the one ``dalikd train`` uses) for a number of steps;
 the frozen teacher sees x and x' of every step, and its softmax rows, x's then those of the x'
 a student would be trained on (for a candidate pool: the picked ones, by the same
 :class:`dalikd.step.Distiller` as training), go into one :class:`~dalikd.metrics.TStddev`, in the
@@ -30,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from dalikd import pick, pipeline, recipes
+from dalikd import loaders, pick, recipes
 from dalikd.checkpoint import write_text_atomic
 from dalikd.config import DataConfig, KDConfig, ModelConfig, TrainConfig, validate
 from dalikd.data import scan_dataset
@@ -101,8 +101,8 @@ def _views_per_step(cfg: ProbeConfig, split, recipe, device: str) -> int:
     the traced DALI graph; nothing is built or run."""
     if recipe is None:
         return 0
-    _, names = pipeline.build_pipeline(
-        pipeline.train_graph, data=cfg.data, device=device, seed=cfg.seed, split=split,
+    _, names = loaders.build_pipeline(
+        loaders.train_graph, data=cfg.data, device=device, seed=cfg.seed, split=split,
         recipe=recipe, shard_id=0, num_shards=1, granularity=cfg.kd.granularity,
         reader_seed=cfg.seed, pool_size=cfg.kd.pool_size,
     )  # fmt: skip
@@ -191,7 +191,7 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
     for aug, recipe in recipes_by_aug.items():
         reporter.aug_start(aug, steps)
         t0 = time.perf_counter()
-        loader = pipeline.train_loader(
+        loader = loaders.train_loader(
             dataset.train, cfg.data, recipe, device=device, seed=cfg.seed,
             granularity=cfg.kd.granularity, pool_size=cfg.kd.pool_size,
         )  # fmt: skip

@@ -100,7 +100,7 @@ def _first_failure(files: list[str], data: Any, device: str) -> str | None:
     """Decode ``files`` as one batch the way training reads them; the DALI error or None."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from dalikd.pipeline import _dali_device_id
+    from dalikd.loaders import _dali_device_id
 
     def graph():
         jpegs, _ = fn.readers.file(files=files, name="Check")
@@ -173,7 +173,7 @@ class _Remainder:
 class TrainData:
     """The training loader of ``dalikd train``, with run-time decode failures recovered.
 
-    Same interface as :class:`dalikd.pipeline.Loader` (iterate one epoch, ``len()``,
+    Same interface as :class:`dalikd.loaders.Loader` (iterate one epoch, ``len()``,
     ``checkpoint()``). ``epoch``, ``step``: where the run is (a resumed one, mid-epoch).
     """
 
@@ -223,13 +223,13 @@ class TrainData:
             )
 
     def _build(self, indices: list[int] | None, seed: int, checkpoint: str | None):
-        from dalikd import pipeline
+        from dalikd import loaders
 
         train = self.dataset.train
         picked = range(len(train)) if indices is None else indices
         split = Split(tuple(train.files[i] for i in picked), tuple(picked))
         shard = self._shard if indices is None else {}
-        return pipeline.train_loader(
+        return loaders.train_loader(
             split, self._data, self._recipe, device=self._device, seed=seed,
             checkpoint=checkpoint, **shard, **self._graph,
         )  # fmt: skip

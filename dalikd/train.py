@@ -108,7 +108,7 @@ def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
     data = saved.setdefault("data", {})
     if isinstance(data, dict) and "mixing" not in data and ckpt.get("dali"):
         # saved before the mixing path was configuration: the DALI state names its graph
-        from dalikd.pipeline import checkpoint_mixing
+        from dalikd.loaders import checkpoint_mixing
 
         data["mixing"] = checkpoint_mixing(recovery.dali_state(ckpt["dali"][0]))
     try:
@@ -249,7 +249,7 @@ class Run:
     # rows (the reference's 5); its size in rows is set at the first step (0: not yet known).
     tstd: TStddev
     train_data: Any = None  # recovery.TrainData
-    val_data: Any = None  # pipeline.Loader
+    val_data: Any = None  # loaders.Loader
     tb: ScalarWriter | None = None  # --tensorboard: rank 0 writes the epoch records there too
 
     @property
@@ -522,7 +522,7 @@ def _open_run_dir(run: Run) -> None:
 def _open_loaders(run: Run, recipe: recipes.Recipe | None, dali_state: Any) -> None:
     """The training loader (a file that fails to decode is left out and the epoch goes on)
     and the validation loader; with --eval-teacher, the teacher's val accuracy first."""
-    from dalikd import pipeline  # DALI: only where the loaders are built
+    from dalikd import loaders  # DALI: only where the loaders are built
 
     cfg, ctx, dataset = run.cfg, run.ctx, run.dataset
     # Without a saved DALI state (a fresh start, or another world size) epoch e starts from
@@ -534,7 +534,7 @@ def _open_loaders(run: Run, recipe: recipes.Recipe | None, dali_state: Any) -> N
         num_shards=ctx.world_size, granularity=cfg.kd.granularity,
         pool_size=cfg.kd.pool_size, checkpoint=dali_state,
     )  # fmt: skip
-    run.val_data = pipeline.val_loader(
+    run.val_data = loaders.val_loader(
         dataset.val, cfg.data, device=run.device, shard_id=ctx.rank, num_shards=ctx.world_size
     )
     if len(run.train_data) == 0:

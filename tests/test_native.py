@@ -18,7 +18,7 @@ from nvidia.dali import fn, pipeline_def
 from PIL import Image
 from tests_helpers import run_cli
 
-from dalikd import native, ops, pipeline
+from dalikd import loaders, native, ops
 from dalikd.cli.main import main
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
@@ -53,7 +53,7 @@ def fresh_native():
 
 def batches(dataset, name, granularity, pool_size=2, steps=2):
     data = DataConfig(path=str(dataset.root), image_size=S, batch_size=4, threads=2)
-    loader = pipeline.train_loader(
+    loader = loaders.train_loader(
         dataset.train, data, resolve(name), device="cpu", seed=5, granularity=granularity,
         pool_size=pool_size,
     )  # fmt: skip
@@ -63,8 +63,8 @@ def batches(dataset, name, granularity, pool_size=2, steps=2):
 def schemas(dataset, name, granularity):
     """The operator schemas in the training graph (to see which path was taken)."""
     data = DataConfig(path=str(dataset.root), image_size=S, batch_size=4, threads=1)
-    pipe, _ = pipeline.build_pipeline(
-        pipeline.train_graph, data=data, device="cpu", seed=0, split=dataset.train,
+    pipe, _ = loaders.build_pipeline(
+        loaders.train_graph, data=data, device="cpu", seed=0, split=dataset.train,
         recipe=resolve(name), shard_id=0, num_shards=1, granularity=granularity,
     )  # fmt: skip
     pipe._build_graph()  # private: collects the graph's operators without building the backend
@@ -161,7 +161,7 @@ def test_a_resumed_loader_keeps_the_mixing_path_of_its_checkpoint(jpegs, saved, 
     data = DataConfig(path=str(jpegs.root), image_size=S, batch_size=4, threads=1)
 
     def loader(checkpoint=None):
-        return pipeline.train_loader(jpegs.train, data, resolve("cutmixpick"), device="cpu",
+        return loaders.train_loader(jpegs.train, data, resolve("cutmixpick"), device="cpu",
                                      seed=2, checkpoint=checkpoint)  # fmt: skip
 
     monkeypatch.setenv("DALIKD_NATIVE", saved)
@@ -181,8 +181,8 @@ def test_the_configured_mixing_path_wins_over_the_environment(jpegs, path, monke
     """data.mixing picks the graph; DALIKD_NATIVE is only auto's default."""
     monkeypatch.setenv("DALIKD_NATIVE", "0" if path == "native" else "1")
     data = DataConfig(path=str(jpegs.root), image_size=S, batch_size=4, threads=1, mixing=path)
-    pipe, _ = pipeline.build_pipeline(
-        pipeline.train_graph, data=data, device="cpu", seed=0, split=jpegs.train,
+    pipe, _ = loaders.build_pipeline(
+        loaders.train_graph, data=data, device="cpu", seed=0, split=jpegs.train,
         recipe=resolve("cutmix"), shard_id=0, num_shards=1,
     )  # fmt: skip
     pipe._build_graph()
@@ -194,12 +194,12 @@ def test_the_configured_mixing_path_wins_over_the_environment(jpegs, path, monke
 def test_a_checkpoint_restores_only_into_its_own_mixing_path(jpegs):
     data = DataConfig(path=str(jpegs.root), image_size=S, batch_size=4, threads=1,
                       mixing="composed")  # fmt: skip
-    first = pipeline.train_loader(jpegs.train, data, resolve("mixup"), device="cpu", seed=0)
+    first = loaders.train_loader(jpegs.train, data, resolve("mixup"), device="cpu", seed=0)
     next(iter(first))
     checkpoint = first.checkpoint()
-    assert pipeline.checkpoint_mixing(checkpoint) == "composed"
+    assert loaders.checkpoint_mixing(checkpoint) == "composed"
     with pytest.raises(DalikdError, match="saved with the composed mixing path"):
-        pipeline.train_loader(jpegs.train, replace(data, mixing="native"), resolve("mixup"),
+        loaders.train_loader(jpegs.train, replace(data, mixing="native"), resolve("mixup"),
                               device="cpu", seed=0, checkpoint=checkpoint)  # fmt: skip
 
 

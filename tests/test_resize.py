@@ -135,7 +135,7 @@ def test_training_and_validation_pipelines_use_it(loaded, tmp_path):
     checkpoint names the operator, so a resume rebuilds the same graph."""
     from PIL import Image
 
-    from dalikd import pipeline
+    from dalikd import loaders
     from dalikd.config import DataConfig
     from dalikd.data import scan_dataset
 
@@ -148,12 +148,12 @@ def test_training_and_validation_pipelines_use_it(loaded, tmp_path):
     aspect = img.shape[1] / img.shape[0]
     cfg = DataConfig(path=str(tmp_path), image_size=64, batch_size=8, threads=1,
                      crop_scale=(1.0, 1.0), crop_ratio=(aspect, aspect))  # fmt: skip
-    assert pipeline.native_resize(cfg, "cpu")
-    assert not pipeline.native_resize(cfg, "gpu")
-    assert not pipeline.native_resize(DataConfig(antialias=False), "cpu")
+    assert loaders.native_resize(cfg, "cpu")
+    assert not loaders.native_resize(cfg, "gpu")
+    assert not loaders.native_resize(DataConfig(antialias=False), "cpu")
     ds = scan_dataset(tmp_path)
     ref = tv_resize(img, [64, 64]).astype(np.int16)
-    loader = pipeline.train_loader(ds.train, cfg, None, device="cpu", seed=5)
+    loader = loaders.train_loader(ds.train, cfg, None, device="cpu", seed=5)
     flips = []
     for _ in range(2):
         batch = next(iter(loader))
@@ -164,7 +164,7 @@ def test_training_and_validation_pipelines_use_it(loaded, tmp_path):
     assert 0 < sum(flips) < len(flips), flips  # the coin flips some, not all
     assert b"DalikdResize" in loader.checkpoint()
 
-    val = next(iter(pipeline.val_loader(ds.val, cfg, device="cpu")))
+    val = next(iter(loaders.val_loader(ds.val, cfg, device="cpu")))
     short = round(64 / cfg.val_crop_fraction)
     full = tv_resize(img, short)
     top, left = (int((s - 64) / 2 + 0.5) for s in full.shape[:2])  # fn.crop: round half up

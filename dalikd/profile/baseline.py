@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dalikd import pipeline
+from dalikd import loaders
 from dalikd.config import DataConfig
 from dalikd.recipes import recipe_info, resolve
 
@@ -189,8 +189,8 @@ def timm_stream(root: Path, data: DataConfig, device: str) -> BaselineStream | N
         color_jitter=0.0,
         interpolation="bilinear",
         num_workers=data.threads,
-        device=pipeline.torch_device(device),
+        device=loaders.torch_device(device),
         use_prefetcher=True,
         persistent_workers=data.threads > 0,
     )
-    return BaselineStream(loader, pipeline.torch_device(device))
+    return BaselineStream(loader, loaders.torch_device(device))

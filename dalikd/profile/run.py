@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from dalikd import pipeline
+from dalikd import loaders
 from dalikd.config import DataConfig, KDConfig, TrainConfig, validate
 from dalikd.data import Dataset, scan_dataset
 from dalikd.device import prepare_batch, resolve_device
@@ -115,7 +115,7 @@ class _Profiler:
             path=cfg.data,
             image_size=cfg.image_size,
             batch_size=cfg.batch_size,
-            threads=cfg.threads or pipeline.default_threads(),
+            threads=cfg.threads or loaders.default_threads(),
             antialias=cfg.antialias,
         )
         # A pool is picked by teacher entropy (the paper's best); without a teacher, by the
@@ -135,7 +135,7 @@ class _Profiler:
         self.efficiency: dict[str, float] = {}
         # fn.dalikd_resize in the pipelines (CPU, antialiased, where it loads); when it is, the
         # plain pipeline is also timed with DALI's fn.resize, in the same windows
-        self.native_resize = pipeline.native_resize(self.data, device)
+        self.native_resize = loaders.native_resize(self.data, device)
         self.alternatives: dict[str, dict] = {}  # plain KD: DALI's resize, timm's loader
 
     def add(self, name: str, timing: Timing, kind: str, aug: str | None = None, **extra) -> str:
@@ -149,7 +149,7 @@ class _Profiler:
 
     def plain_runner(self, native_resize: bool | None = None) -> Runner:
         graph_kw = {"recipe": None, "shard_id": 0, "num_shards": 1}
-        return self.dali(pipeline.train_graph, native_resize=native_resize, **graph_kw)[0]
+        return self.dali(loaders.train_graph, native_resize=native_resize, **graph_kw)[0]
 
     def plain_pipeline(self) -> None:
         """read; + decode and random crop; + resize; + flip (cumulative), in interleaved
@@ -187,13 +187,13 @@ class _Profiler:
         if scheme.recipe is not None:  # + x' (or a pool of k candidates per image)
             runs["plain"] = self.plain_runner()
             runs["aug"], views = self.dali(
-                pipeline.train_graph,
+                loaders.train_graph,
                 recipe=scheme.recipe,
                 shard_id=0,
                 num_shards=1,
                 pool_size=cfg.pool_size,
             )
-        loader = pipeline.train_loader(
+        loader = loaders.train_loader(
             self.dataset.train,
             self.data,
             scheme.recipe,
@@ -221,7 +221,7 @@ class _Profiler:
                 a, self.dataset.root, self.data, self.dataset.num_classes, cfg.pool_size
             )
             if tv_loader is not None:
-                tv = BaselineStream(tv_loader, pipeline.torch_device(self.device))
+                tv = BaselineStream(tv_loader, loaders.torch_device(self.device))
                 runs["torchvision"] = Runner(tv.step, cfg.batch_size, self.sync, tv.worker_pids)
         self.say(f"{a}: pipeline, hand-off" + (" and torchvision" if tv else ""))
         t = time_interleaved(runs, cfg, cfg.window_seconds / 2 if tv else 0.0)
@@ -291,13 +291,13 @@ class _Profiler:
     def dali_resize_handoff(self) -> Runner:
         """The plain training loader's hand-off with DALI's fn.resize + fn.flip instead of
         fn.dalikd_resize."""
-        pipe, names = pipeline.build_pipeline(
-            pipeline.train_graph, data=self.data, device=self.device, seed=self.cfg.seed,
+        pipe, names = loaders.build_pipeline(
+            loaders.train_graph, data=self.data, device=self.device, seed=self.cfg.seed,
             split=self.dataset.train, recipe=None, shard_id=0, num_shards=1,
             native_resize=False,
         )  # fmt: skip
-        loader = pipeline.Loader(pipe, names, last_batch=pipeline.LastBatchPolicy.DROP,
-                                 device=pipeline.torch_device(self.device))  # fmt: skip
+        loader = loaders.Loader(pipe, names, last_batch=loaders.LastBatchPolicy.DROP,
+                                 device=loaders.torch_device(self.device))  # fmt: skip
         batches = forever(loader)
         return Runner(lambda: prepare_batch(next(batches), self.device), self.cfg.batch_size,
                        self.sync)  # fmt: skip

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dalikd import pipeline
+from dalikd import loaders
 from dalikd.config import DataConfig, KDConfig, ModelConfig, OptimConfig
 from dalikd.device import autocast, prepare_images
 from dalikd.errors import DalikdError
@@ -19,33 +19,33 @@ from dalikd.profile.config import ProfileConfig
 from dalikd.profile.timing import Runner
 from dalikd.step import Distiller, make_optimizer
 
-# -- DALI stages (graphs return dicts of named DataNodes, see pipeline.build_pipeline) ----------
+# -- DALI stages (graphs return dicts of named DataNodes, see loaders.build_pipeline) ----------
 
 
 def read_graph(split, data, device):
-    jpegs, labels = pipeline.read(split, shuffle=True, shard_id=0, num_shards=1)
+    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
     return {"jpegs": jpegs, "labels": labels}
 
 
 def decode_graph(split, data, device):
-    jpegs, labels = pipeline.read(split, shuffle=True, shard_id=0, num_shards=1)
-    return {"images": pipeline.random_crop_decode(jpegs, data, device), "labels": labels}
+    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
+    return {"images": loaders.random_crop_decode(jpegs, data, device), "labels": labels}
 
 
 def resize_graph(split, data, device, native_resize=None):
-    jpegs, labels = pipeline.read(split, shuffle=True, shard_id=0, num_shards=1)
-    images = pipeline.random_resized_crop(jpegs, data, device, native=native_resize)
+    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
+    images = loaders.random_resized_crop(jpegs, data, device, native=native_resize)
     return {"images": images, "labels": labels}
 
 
 def dali_runner(graph, data: DataConfig, device: str, seed: int, **kw) -> tuple[Runner, int]:
     """A built pipeline's run(), and how many x' views per image it emits (k for a pool)."""
-    pipe, names = pipeline.build_pipeline(graph, data=data, device=device, seed=seed, **kw)
+    pipe, names = loaders.build_pipeline(graph, data=data, device=device, seed=seed, **kw)
     pipe.build()
     return Runner(pipe.run, data.batch_size), sum(n.startswith("aug_images_") for n in names)
 
 
-def forever(loader: pipeline.Loader) -> Iterator[pipeline.Batch]:
+def forever(loader: loaders.Loader) -> Iterator[loaders.Batch]:
     while True:
         yield from loader
 
@@ -58,7 +58,7 @@ class Models:
     distiller: Distiller  # the training step's models and losses
     optimizer: torch.optim.Optimizer
 
-    def step(self, batch: pipeline.Batch) -> None:
+    def step(self, batch: loaders.Batch) -> None:
         """The training loop's step on one batch, fp32 or bf16 (no loss scaling)."""
         self.distiller.step(batch, self.optimizer, _NO_SCALER)
 
@@ -81,7 +81,7 @@ _NO_SCALER = torch.amp.GradScaler(enabled=False)
 def _synthetic_batch(views: int, mixing: bool, data: DataConfig, classes: int, device: str):
     """A Batch of random uint8 images already on the device, shaped as the Loader's: x' holds
     views·B rows, view-major, with per-row λ and partner for mixing schemes."""
-    tdev = pipeline.torch_device(device)
+    tdev = loaders.torch_device(device)
     b, s = data.batch_size, data.image_size
     gen = torch.Generator().manual_seed(0)
     rows = views * b
@@ -89,7 +89,7 @@ def _synthetic_batch(views: int, mixing: bool, data: DataConfig, classes: int, d
     def pixels(n: int) -> torch.Tensor:
         return torch.randint(256, (n, s, s, 3), generator=gen, dtype=torch.uint8).to(tdev)
 
-    return pipeline.Batch(
+    return loaders.Batch(
         images=pixels(b),
         labels=torch.randint(classes, (b,), generator=gen).to(tdev),
         aug_images=pixels(rows) if views else None,

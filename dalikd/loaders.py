@@ -1,4 +1,5 @@
-"""DALI graphs for training and validation, and their hand-off to PyTorch.
+"""The data loaders: the DALI graphs for training and validation, built into pipelines, and
+their hand-off to PyTorch (:class:`Loader`, :func:`train_loader`, :func:`val_loader`).
 
 ``pipeline_def`` and the PyTorch iterator are applied here and nowhere else. Both graphs run on
 CPU (``device="cpu"``, DALI's ``device_id=None``) or GPU (``device="gpu"``: the decoder runs as
