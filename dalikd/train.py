@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dalikd import distributed, pick, recipes, recovery, rundir
+from dalikd import distributed, pick, recipes, recovery, rundir, tensorboard
 from dalikd.batch import Batch
 from dalikd.checkpoint import save_atomic, write_jsonl_atomic, write_text_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
@@ -33,7 +33,6 @@ from dalikd.evaluate import evaluate
 from dalikd.losses import kd_divergence, soft_labels
 from dalikd.metrics import GROUP_STEPS, TStddev
 from dalikd.models import adapt_input, build_model, check_shapes, input_norm
-from dalikd.tensorboard import ScalarWriter
 
 
 class Reporter(Protocol):
@@ -312,6 +311,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = Fal
     device = resolve_device(cfg.device)
     if cfg.precision == "fp16" and device != "gpu":
         raise DalikdError("--precision fp16 needs a GPU; on CPU use fp32 (default) or bf16")
+    if cfg.tensorboard:
+        tensorboard.require()
     ctx = distributed.init(device)
     try:
         cfg = build_config(overrides={"out": cfg.out or default_run_dir()}, base=cfg)
@@ -398,7 +399,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         dataset = recovery.apply_skips(dataset, recovery.read_report(run_dir))
     tb = None  # --tensorboard: rank 0 writes the epoch records to RUN_DIR/tb/ too
     if ctx.is_main:
-        tb = ScalarWriter(run_dir / "tb") if cfg.tensorboard else None
+        tb = tensorboard.ScalarWriter(run_dir / "tb") if cfg.tensorboard else None
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(cfg.to_dict(), indent=2) + "\n", run_dir / "config.json")
         write_jsonl_atomic(history, run_dir / "metrics.jsonl")
