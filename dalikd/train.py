@@ -213,13 +213,13 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = Fal
     device = resolve_device(cfg.device)
     if cfg.precision == "fp16" and device != "gpu":
         raise DalikdError("--precision fp16 needs a GPU; on CPU use fp32 (default) or bf16")
+    if cfg.tensorboard:
+        tensorboard.require()
     ctx = distributed.init(device)
     try:
         cfg = build_config(overrides={"out": cfg.out or default_run_dir()}, base=cfg)
         lock = contextlib.nullcontext()
         if ctx.is_main:  # one run per run directory (a second one is refused in one line)
-            if cfg.tensorboard:
-                tensorboard.require()  # before the run directory exists
             rundir.prepare(Path(cfg.out))
             lock = rundir.locked(Path(cfg.out), (reporter or SilentReporter()).message)
         with lock, StopSignals() as stop:
