@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import TESTS, make_dataset
 from PIL import Image
-from test_pipeline import decode_colour
+from test_loaders import decode_colour
 from tiny_models import tiny_cnn
 
 from dalikd import loaders
