@@ -18,6 +18,8 @@ def test_wheel_install_has_pipelines_and_cli(tmp_path):
         check=True, capture_output=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert (target / "dalikd" / "pipelines" / "flip.py").is_file()
+    for module in (REPO / "dalikd").rglob("*.py"):  # every library module, subpackages too
+        assert (target / module.relative_to(REPO)).is_file(), module
     for source in SOURCES:  # the native operator is compiled from them on first use
         assert (target / "dalikd" / "native" / source).is_file(), source
     assert not (target / "pipelines").exists() and not (target / "cli").exists()
