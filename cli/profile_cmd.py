@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dalikd.config import Device, choices
+from dalikd.config import Device, Mixing, choices
 
 console = Console(highlight=False)
 
@@ -42,6 +42,13 @@ console = Console(highlight=False)
     "--baseline", type=click.Choice(["torchvision", "none"]), default="torchvision",
     show_default=True, help="what the DALI hand-off is compared with",
 )  # fmt: skip
+@click.option(
+    "--mixing",
+    type=click.Choice(choices(Mixing)),
+    default="auto",
+    show_default=True,
+    help="mixing's pixel work: dalikd's fused operator or stock DALI operators (same pixels)",
+)
 @click.option(
     "--antialias/--no-antialias",
     default=True,

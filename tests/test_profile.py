@@ -18,11 +18,13 @@ FAST = ["--image-size", 16, "--batch-size", 4, "--threads", 1, "--device", "cpu"
 def test_profile_writes_every_stage_as_json(solid_dataset, tmp_path, tiny_env, capsys):
     out = tmp_path / "profile.json"
     args = ["profile", "--data", solid_dataset, "--aug", "flip,cutmix,cutmixpick",
-            "--teacher", TINY, "--student", TINY, "--json", out, *FAST]  # fmt: skip
+            "--teacher", TINY, "--student", TINY, "--mixing", "composed", "--json", out,
+            *FAST]  # fmt: skip
     code, stdout, err = run_cli(args, capsys)
     assert code == 0, err
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["cpu_count"] >= 1 and report["threads"] == 1
+    assert report["mixing"] == "stock operators"  # --mixing composed
     names = [st["name"] for st in report["stages"]]
     assert len(names) == len(set(names))
     assert names[:5] == [

@@ -68,13 +68,13 @@ def bound(stages: list[dict], names: list[str]) -> dict[str, Any]:
     return {"stage": worst[0], "own_ms_per_img": worst[1]}
 
 
-def mixing_path(device: str) -> str:
-    """Which implementation the mixing recipes ran on: dalikd's fused operator or stock ones."""
-    try:
-        from dalikd import native
-    except ImportError:
-        return "stock operators"
-    return "native (fn.dalikd_mix)" if native.use_native(device) else "stock operators"
+def mixing_path(data: DataConfig, device: str) -> str:
+    """Which implementation the mixing recipes ran on (``data.mixing`` resolved): dalikd's
+    fused operator or stock ones."""
+    from dalikd import native
+
+    native_path = native.resolve(data.mixing, device) == "native"
+    return "native (fn.dalikd_mix)" if native_path else "stock operators"
 
 
 def resize_path(data: DataConfig, device: str) -> str:

@@ -54,10 +54,9 @@ def check(cfg: ProfileConfig) -> tuple[Dataset, list[ProfiledAug], str]:
         raise DalikdError(f"--baseline must be one of {', '.join(BASELINES)}; got {cfg.baseline}")
     if cfg.windows < 1 or cfg.window_seconds < 0 or cfg.warmup < 0:
         raise DalikdError("--windows must be >= 1, --window-seconds and --warmup >= 0")
-    data = DataConfig(
-        path=cfg.data, image_size=cfg.image_size, batch_size=cfg.batch_size, threads=cfg.threads
-    )
-    validate(TrainConfig(data=data))  # image size, batch size, threads
+    data = DataConfig(path=cfg.data, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                      threads=cfg.threads, mixing=cfg.mixing)  # fmt: skip
+    validate(TrainConfig(data=data))  # image size, batch size, threads, mixing
     dataset = scan_dataset(cfg.data)
     if len(dataset.train) < cfg.batch_size:
         raise DalikdError(
@@ -93,7 +92,9 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
         "windows": cfg.windows,
         "window_seconds": cfg.window_seconds,
         "dataset": dataset_facts(dataset),
-        "mixing": mixing_path(device) if any(s.mixing for s in schemes) else "none profiled",
+        "mixing": mixing_path(profiler.data, device)
+        if any(s.mixing for s in schemes)
+        else "none profiled",
         "resize": resize_path(profiler.data, device),
         "alternatives": profiler.alternatives,
         "versions": versions(),
@@ -117,6 +118,7 @@ class _Profiler:
             batch_size=cfg.batch_size,
             threads=cfg.threads or loaders.default_threads(),
             antialias=cfg.antialias,
+            mixing=cfg.mixing,
         )
         # A pool is picked by teacher entropy (the paper's best); without a teacher, by the
         # student's, as `dalikd train` would require.
