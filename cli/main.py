@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from dalikd.cli.cache_cmd import cache_info
 from dalikd.cli.doctor_cmd import doctor
 from dalikd.cli.plot_cmd import plot
 from dalikd.cli.preview_cmd import preview
@@ -311,6 +312,7 @@ cli.add_command(profile)
 cli.add_command(tstddev)
 cli.add_command(doctor)
 cli.add_command(plot)
+cli.add_command(cache_info)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -557,3 +557,62 @@ def cache_info(root: str | Path) -> dict[str, Any]:
         "bytes_per_row": train_bytes / rows if rows else math.nan,
         "imagenet": imagenet_projection(int(key.get("topk", 0))),
     }
+
+
+# -- the step's teacher pass -------------------------------------------------------------------
+
+
+class CachingTeacherPass:
+    """``--teacher-cache`` around a step's teacher pass (``live(batch)`` returns an object with
+    ``logits_x``, ``logits_aug`` (the kept x' rows) and ``keep``, such as
+    ``Distiller.teacher_outputs``): a hit returns the stored outputs, built by ``make(x, aug,
+    keep)``, and the teacher does not run; a miss calls ``load()`` once (the teacher is loaded
+    only when a step needs it), runs ``live`` and records its outputs.
+
+    Steps are counted here: :meth:`seek` sets the position (epoch, step of the epoch) of the
+    next call, as after a resume; each call advances it. ``tstd_sums`` are the last hit's
+    T. stddev sums (top-K only; None: count the returned rows, which are then exact).
+    """
+
+    def __init__(
+        self,
+        cache: TeacherCache,
+        live: Callable[[Any], Any],
+        make: Callable[..., Any],
+        load: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.cache, self.live, self.make, self._load = cache, live, make, load
+        self.loaded = False
+        self.epoch = self.step = self.steps_per_epoch = 0
+        self.tstd_sums: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def seek(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        self.epoch, self.step, self.steps_per_epoch = epoch, step, steps_per_epoch
+
+    def covers(self, first_epoch: int, first_step: int, epochs: int) -> bool:
+        """Whether every step from (first_epoch, first_step) to the end of ``epochs`` epochs is
+        cached (then the teacher need not be loaded for training)."""
+        return all(
+            self.cache.covers(e, first_step if e == first_epoch else 0, self.steps_per_epoch)
+            for e in range(first_epoch, epochs)
+        )
+
+    def load(self) -> None:
+        if not self.loaded:
+            self._load()
+            self.loaded = True
+
+    def __call__(self, batch: Any) -> Any:
+        epoch, step = self.epoch, self.step
+        self.step += 1
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        hit = self.cache.lookup(epoch, step, batch.images.device)
+        if hit is not None:
+            self.tstd_sums = hit.tstd_sums
+            return self.make(hit.teacher_x, hit.teacher_aug, hit.keep)
+        self.load()
+        out = self.live(batch)
+        self.cache.record(epoch, step, out.logits_x, out.logits_aug, out.keep)
+        self.tstd_sums = None
+        return out

@@ -258,3 +258,56 @@ def test_cache_info_counts_steps_bytes_and_projects(tmp_path):
     with pytest.raises(DalikdError, match="not a dalikd teacher cache"):
         tc.cache_info(tmp_path)
     assert math.isnan(tc.cache_info(tc.TeacherCache(tmp_path / "e", key).root)["bytes_per_row"])
+
+
+def test_cache_info_command(tmp_path, capsys):
+    from tests_helpers import run_cli
+
+    key = _key(topk=12, temperature=4.0, num_classes=1000)
+    cache = tc.TeacherCache(tmp_path / "c", key)
+    _record_steps(cache, 0, range(3), batch=8, kept=8, c=1000, pool=16)
+    cache.flush()
+    code, out, _ = run_cli(["cache-info", tmp_path / "c"], capsys)
+    assert code == 0
+    assert "epoch 1: rank 0: 3 steps" in out and "bytes per teacher row" in out
+    assert "500,400 steps" in out and "17.79 GB" in out and "fits in 20.00 GB" in out
+    code, _, err = run_cli(["cache-info", tmp_path], capsys)
+    assert code == 1 and "not a dalikd teacher cache" in err
+
+
+def test_caching_pass_hits_misses_and_loads_the_teacher_only_on_a_miss(tmp_path):
+    from types import SimpleNamespace
+
+    calls = {"live": 0, "load": 0}
+
+    def live(batch):
+        calls["live"] += 1
+        return SimpleNamespace(logits_x=batch.images.float()[:, :10], logits_aug=None, keep=None)
+
+    def load():
+        calls["load"] += 1
+
+    def make(x, aug, keep):
+        return SimpleNamespace(logits_x=x, logits_aug=aug, keep=keep)
+
+    def run(cache_root, epochs=2, steps=3, start=(0, 0)):
+        cache = tc.TeacherCache(cache_root, _key())
+        caching = tc.CachingTeacherPass(cache, live, make, load)
+        caching.seek(*start, steps)
+        covered = caching.covers(start[0], start[1], epochs)
+        outs = []
+        for e in range(start[0], epochs):
+            for s in range(start[1] if e == start[0] else 0, steps):
+                images = torch.full((2, 12), float(100 * e + s))
+                outs.append(caching(SimpleNamespace(images=images)).logits_x)
+            cache.flush()
+        return cache, covered, outs
+
+    cache, covered, first = run(tmp_path / "c")
+    assert not covered and (cache.hits, cache.misses) == (0, 6) and calls == {"live": 6, "load": 1}
+    cache, covered, again = run(tmp_path / "c")
+    assert covered and (cache.hits, cache.misses) == (6, 0) and calls["live"] == 6
+    assert calls["load"] == 1  # all cached: never loaded
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    cache, covered, _ = run(tmp_path / "c", epochs=3, start=(1, 2))  # resumed, one more epoch
+    assert not covered and (cache.hits, cache.misses) == (1, 3) and calls["load"] == 2
