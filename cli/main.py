@@ -148,6 +148,19 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ),
     ("--out", "out", click.Path(), "run directory (default runs/<timestamp>)"),
     (
+        "--teacher-cache",
+        "teacher_cache",
+        click.Path(),
+        "teacher-output cache folder: read the teacher's outputs where cached, else run it and "
+        "write them (docs/teacher_cache.md; `dalikd cache-info DIR`)",
+    ),
+    (
+        "--teacher-cache-topk",
+        "teacher_cache_topk",
+        int,
+        "store the top K teacher logits per row (fp16) and the rest's mass; 0: all, exact",
+    ),
+    (
         "--eval-teacher/--no-eval-teacher",
         "eval_teacher",
         None,

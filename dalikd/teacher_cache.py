@@ -40,13 +40,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dalikd.config import TrainConfig
 from dalikd.errors import DalikdError
 
 CACHE_FORMAT = 1  # the layout of key.json and the chunk files
-# Top-K default: ImageNet (1,281,167 images, 1000 classes), batch 256, 100 epochs, KD +
-# CutMixPick (pool 2, keep half) in <= 20 GB with about 10% to spare (imagenet_projection; the
-# largest K that fits is 14).
-DEFAULT_TOPK = 12
+# Top-K default (config's teacher_cache_topk): ImageNet (1,281,167 images, 1000 classes), batch
+# 256, 100 epochs, KD + CutMixPick (pool 2, keep half) in <= 20 GB with about 10% to spare
+# (imagenet_projection: 17.8 GB; the largest K that fits is 14).
+DEFAULT_TOPK = TrainConfig().teacher_cache_topk
 SIZE_TARGET = 20e9  # bytes: the ImageNet-100-epoch budget the default is chosen for
 
 _CHUNK = re.compile(r"c(\d{7})-(\d{7})\.pt$")
