@@ -67,7 +67,7 @@ def select(
     student: nn.Module | None,
 ) -> torch.Tensor:
     """Indices of the pool rows to keep, by ``kd.pick_criterion``: the pick of training
-    (dalikd.train.kd_step) and of the T. stddev probe (dalikd.probe), one code path.
+    (dalikd.step.Distiller, which the T. stddev probe runs too), one code path.
 
     ``teacher_logits`` are the teacher's logits of ``pool_images`` (already computed: reused);
     ``student`` scores the pool only for the student-based criteria, without gradient.

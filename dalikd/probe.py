@@ -6,7 +6,7 @@ with it. The probe trains nothing. For each scheme it runs the training data loa
 (:func:`dalikd.pipeline.train_loader`, the one ``dalikd train`` uses) for a number of steps;
 the frozen teacher sees x and x' of every step, and its softmax rows, x's then those of the x'
 a student would be trained on (for a candidate pool: the picked ones, by the same
-:func:`dalikd.pick.select` as training), go into one :class:`~dalikd.metrics.TStddev`, in the
+:class:`dalikd.step.Distiller` as training), go into one :class:`~dalikd.metrics.TStddev`, in the
 order of the paper's reference code. ``none`` contributes x only.
 
 A group is ``group_steps`` steps of teacher rows for every scheme and batch size, as in the
@@ -29,16 +29,15 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from torch import nn
 
 from dalikd import pick, pipeline, recipes
 from dalikd.checkpoint import write_text_atomic
 from dalikd.config import DataConfig, KDConfig, ModelConfig, TrainConfig, validate
-from dalikd.data import Dataset, scan_dataset
+from dalikd.data import scan_dataset
 from dalikd.device import autocast, prepare_batch, resolve_device
 from dalikd.errors import DalikdError
 from dalikd.metrics import GROUP_STEPS, TStddev
-from dalikd.models import adapt_input, build_model, input_norm
+from dalikd.step import Distiller
 
 # The paper's nine schemes less the student-entropy pick (a --pick-criterion away).
 PAPER_SCHEMES = (
@@ -95,22 +94,6 @@ class SilentProbeReporter:
 
     def scheme_end(self, result: ProbeResult) -> None:
         pass
-
-
-def teacher_rows(
-    teacher: nn.Module, batch: pipeline.Batch, kd: KDConfig, student: nn.Module | None = None
-) -> torch.Tensor:
-    """Teacher logits of one batch as training counts them for T. stddev: x's B rows, then the
-    rows of the x' trained on (all of x', or the picked candidates of a pool). The teacher
-    runs once over x and x' together, as in dalikd.train.kd_step."""
-    views = [batch.images] if batch.aug_images is None else [batch.images, batch.aug_images]
-    with torch.no_grad():
-        logits = teacher(torch.cat(views))
-    if batch.pool > 1:
-        teacher_x, teacher_pool = logits[: len(batch)], logits[len(batch) :]
-        keep = pick.select(kd, batch.aug_images, teacher_pool, student)
-        logits = torch.cat([teacher_x, teacher_pool[keep]])
-    return logits
 
 
 def _views_per_step(cfg: ProbeConfig, split, recipe, device: str) -> int:
@@ -187,20 +170,17 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
             f"({steps} steps). Use --samples {needed * batch} or more, or a smaller --group-steps"
         )
 
-    teacher = _model(cfg.model.teacher, cfg.model.teacher_weights, "teacher", dataset, device)
-    student = None
     needs_student = cfg.kd.pick_criterion != "teacher_entropy" and any(
         v > 1 for v in views.values()
     )
-    if needs_student:
-        if not cfg.model.student:
-            raise DalikdError(
-                f"--pick-criterion {cfg.kd.pick_criterion} scores the pool with a student: "
-                "pass --student (and --student-weights)"
-            )
-        student = _model(cfg.model.student, cfg.model.student_weights, "student", dataset, device)
-        teacher = adapt_input(teacher, input_norm(student))  # it takes the student's inputs
-    norm = input_norm(teacher)
+    if needs_student and not cfg.model.student:
+        raise DalikdError(
+            f"--pick-criterion {cfg.kd.pick_criterion} scores the pool with a student: "
+            "pass --student (and --student-weights)"
+        )
+    # frozen: only the teacher's pass and the pick of a training step run, in eval mode
+    distiller = Distiller.build(cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision,
+                                student=needs_student).eval()  # fmt: skip
 
     results = []
     for aug, recipe in schemes.items():
@@ -214,9 +194,9 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
         done = 0
         while done < steps:  # the loader runs one epoch per iteration, reshuffled each time
             for b in loader:
-                b = prepare_batch(b, device, norm)
+                b = prepare_batch(b, device, distiller.input_norm)
                 with autocast(device, cfg.precision):
-                    logits = teacher_rows(teacher, b, cfg.kd, student)
+                    logits = distiller.teacher_outputs(b).rows()
                 acc.add(logits.float().softmax(dim=1))
                 done += 1
                 reporter.step(done)
@@ -228,15 +208,6 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
         reporter.scheme_end(result)
         results.append(result)
     return sorted(results, key=lambda r: r.t_stddev)
-
-
-def _model(name: str, weights: str, role: str, dataset: Dataset, device: str) -> nn.Module:
-    model = build_model(name, dataset.num_classes, weights, role=role)
-    model.eval().requires_grad_(False)  # frozen: BatchNorm uses its running statistics
-    model.to(pipeline.torch_device(device))
-    if device == "gpu":
-        model.to(memory_format=torch.channels_last)
-    return model
 
 
 # -- output ------------------------------------------------------------------------------------

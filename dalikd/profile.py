@@ -37,14 +37,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dalikd import __version__, pipeline
-from dalikd.config import DataConfig, KDConfig, OptimConfig, TrainConfig, validate
+from dalikd.config import DataConfig, KDConfig, ModelConfig, OptimConfig, TrainConfig, validate
 from dalikd.data import Dataset, scan_dataset
 from dalikd.device import autocast, prepare_batch, prepare_images, resolve_device
 from dalikd.errors import DalikdError
+from dalikd.models import input_norm
+from dalikd.pick import pick_count
 from dalikd.recipes import Recipe, builtin_recipes, recipe_info, resolve
+from dalikd.step import Distiller, make_optimizer
 
 BASELINES = ("torchvision", "none")
 
@@ -365,42 +367,24 @@ class _BaselineStream:
 
 @dataclass
 class _Models:
-    student: nn.Module
-    teacher: nn.Module | None
+    distiller: Distiller  # the training step's models and losses
     optimizer: torch.optim.Optimizer
 
+    def step(self, batch: pipeline.Batch) -> None:
+        """The training loop's step on one batch, fp32 or bf16 (no loss scaling)."""
+        self.distiller.step(batch, self.optimizer, _NO_SCALER)
 
-def _build_models(cfg: ProfileConfig, num_classes: int, device: str) -> _Models | None:
-    """Randomly initialised models: weights do not change throughput."""
+
+def _build_models(cfg: ProfileConfig, kd: KDConfig, num_classes: int, device: str):
+    """Randomly initialised models (weights do not change throughput), or None without a
+    student."""
     if not cfg.student:
         if cfg.teacher:
             raise DalikdError("--teacher needs --student: the KD step trains a student")
         return None
-    from dalikd.models import adapt_input, build_model, input_norm
-    from dalikd.train import make_optimizer
-
-    tdev = pipeline.torch_device(device)
-    student = build_model(cfg.student, num_classes, role="student").to(tdev)
-    teacher = None
-    if cfg.teacher:
-        teacher = build_model(cfg.teacher, num_classes, role="teacher").to(tdev)
-        teacher.eval().requires_grad_(False)
-        teacher = adapt_input(teacher, input_norm(student))  # as in training
-    if device == "gpu":
-        for m in (student, teacher):
-            if m is not None:
-                m.to(memory_format=torch.channels_last)
-    student.train()
-    return _Models(student, teacher, make_optimizer(student, OptimConfig(lr=0.01)))
-
-
-def _train_step(models: _Models, batch: pipeline.Batch, cfg: TrainConfig) -> None:
-    """The training loop's step (:func:`dalikd.train.train_step`) on one batch, fp32 or bf16
-    (no loss scaling)."""
-    from dalikd.train import train_step
-
-    train_step(models.student, models.teacher, batch, cfg, cfg.device, models.optimizer,
-               _NO_SCALER)  # fmt: skip
+    model = ModelConfig(student=cfg.student, teacher=cfg.teacher)
+    distiller = Distiller.build(model, kd, num_classes, device, weights=False).train()
+    return _Models(distiller, make_optimizer(distiller.student, OptimConfig(lr=0.01)))
 
 
 _NO_SCALER = torch.amp.GradScaler(enabled=False)
@@ -428,44 +412,43 @@ def _synthetic_batch(views: int, mixing: bool, data: DataConfig, classes: int, d
 
 
 def _model_runners(
-    views: int, mixing: bool, models: _Models, cfg: TrainConfig, classes: int
+    views: int, mixing: bool, models: _Models, data: DataConfig, classes: int
 ) -> dict[str, _Runner]:
     """Teacher forward (B + views·B images: x and every x' row, a pool included), student
     forward + backward (x, and the B' rows of x' it trains on: all of them, or the pick of a
     pool), and the whole KD step on synthetic tensors already on the device."""
-    from dalikd.models import input_norm
-    from dalikd.pick import pick_count
-
-    device, precision, b = cfg.device, cfg.precision, cfg.data.batch_size
-    batch = _synthetic_batch(views, mixing, cfg.data, classes, device)
+    distiller = models.distiller
+    student, teacher = distiller.student, distiller.teacher
+    device, precision, b = distiller.device, distiller.precision, data.batch_size
+    batch = _synthetic_batch(views, mixing, data, classes, device)
     sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
     runs: dict[str, _Runner] = {}
     seen = [batch.images] if batch.aug_images is None else [batch.images, batch.aug_images]
-    if models.teacher is not None:
-        teacher_input = prepare_images(torch.cat(seen), device, input_norm(models.teacher))
+    if teacher is not None:
+        teacher_input = prepare_images(torch.cat(seen), device, input_norm(teacher))
 
         def teacher_forward():
             with torch.no_grad(), autocast(device, precision):
-                models.teacher(teacher_input)
+                teacher(teacher_input)
 
         runs["teacher"] = _Runner(teacher_forward, b, sync)
     if views > 1:  # the student trains on the picked rows only
-        kd = cfg.kd
+        kd = distiller.kd
         seen[1] = seen[1][: pick_count(len(seen[1]), kd.pick_count, kd.pick_fraction)]
-    student_views = [prepare_images(x, device, input_norm(models.student)) for x in seen]
+    student_views = [prepare_images(x, device, distiller.input_norm) for x in seen]
     targets = [batch.labels.repeat(-(-len(x) // b))[: len(x)] for x in seen]
 
     def student_step():
         for x, y in zip(student_views, targets, strict=True):
             with autocast(device, precision):
-                loss = F.cross_entropy(models.student(x), y)
+                loss = F.cross_entropy(student(x), y)
             loss.backward()
-        models.student.zero_grad(set_to_none=True)
+        student.zero_grad(set_to_none=True)
 
     runs["student"] = _Runner(student_step, b, sync)
 
     def synthetic_step():
-        _train_step(models, batch, cfg)
+        models.step(batch)
 
     runs["synthetic"] = _Runner(synthetic_step, b, sync)
     return runs
@@ -569,10 +552,10 @@ class _Profiler:
         # student's, as `dalikd train` would require.
         criterion = "teacher_entropy" if cfg.teacher else "student_entropy"
         kd = KDConfig(pool_size=cfg.pool, pick_criterion=criterion)
-        self.train_cfg = TrainConfig(data=self.data, kd=kd, device=device)
+
         self.sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
         torch.manual_seed(cfg.seed)
-        self.models = _build_models(cfg, dataset.num_classes, device)
+        self.models = _build_models(cfg, kd, dataset.num_classes, device)
         self.stages: list[dict] = []
         self.chain: list[str] = []  # the plain pipeline's cumulative stages
         self.baseline: list[dict] = []
@@ -703,7 +686,7 @@ class _Profiler:
 
     def model_stages(self, a: str, views: int, mixing: bool, batches) -> list[str]:
         cfg, names = self.cfg, []
-        runs = _model_runners(views, mixing, self.models, self.train_cfg, self.dataset.num_classes)
+        runs = _model_runners(views, mixing, self.models, self.data, self.dataset.num_classes)
         if "teacher" in runs:
             n = 1 + views
             name = f"teacher forward, {n if n > 1 else ''}B images ({a})"
@@ -719,7 +702,7 @@ class _Profiler:
         self.add(f"KD step, synthetic tensors ({a})", synthetic, "step", a)
 
         def fed_step():
-            _train_step(self.models, next(batches), self.train_cfg)
+            self.models.step(next(batches))
 
         self.say(f"KD step, fed by the pipeline ({a})")
         fed = time_alone(_Runner(fed_step, cfg.batch_size, self.sync), cfg)

@@ -1,7 +1,7 @@
 """The training loop: distill a student from a frozen teacher (or train it supervised).
 
 One function, read top to bottom: setup -> resume -> per epoch (lr -> forward -> backward ->
-step -> log) -> validate -> checkpoint. The loss is in ``kd_step``; the schedule is a pure
+step -> log) -> validate -> checkpoint. The step is dalikd.step.Distiller; the schedule is a pure
 function of the step.
 """
 
@@ -12,26 +12,21 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dalikd import distributed, pick, recipes
-from dalikd.batch import Batch
+from dalikd import distributed, recipes
 from dalikd.checkpoint import save_atomic, write_jsonl_atomic, write_text_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
-from dalikd.data import Dataset, scan_dataset
-from dalikd.device import amp_dtype, autocast, prepare_batch, resolve_device, torch_device
+from dalikd.data import scan_dataset
+from dalikd.device import amp_dtype, resolve_device, torch_device
 from dalikd.errors import DalikdError
 from dalikd.evaluate import evaluate
-from dalikd.losses import kd_divergence, soft_labels
 from dalikd.metrics import GROUP_STEPS, TStddev
-from dalikd.models import adapt_input, build_model, input_norm
+from dalikd.step import Distiller, make_optimizer
 from dalikd.tensorboard import ScalarWriter
 
 
@@ -74,121 +69,7 @@ def lr_at(step: int, steps_per_epoch: int, optim: OptimConfig) -> float:
     return optim.lr * optim.gamma ** sum(epoch >= m for m in optim.milestones)
 
 
-# -- the loss ----------------------------------------------------------------------------------
-
-
-@dataclass
-class StepOutput:
-    losses: dict[str, torch.Tensor]  # named losses; "loss" is what to backpropagate
-    # The teacher rows the T. stddev metric counts: x's, then those of the x' trained on.
-    teacher_logits: torch.Tensor | None
-
-
-def kd_step(
-    student: nn.Module, teacher: nn.Module | None, batch: Batch, cfg: TrainConfig
-) -> StepOutput:
-    """Losses of one step.
-
-    With a teacher: the two-view KD loss of losses.py, the x' term only when the batch carries
-    aug_images. Without: supervised, CE(s(x), y). A candidate pool (batch.pool = k > 1) is
-    first scored and cut to the picked x' (CutMixPick); the teacher's logits of the pool are
-    reused as the KD targets of the kept candidates, so the teacher sees B + k·B images per
-    step. ``kd.mixed_label_ce`` > 0 adds CE(s(x'), lam·onehot(y) + (1 - lam)·onehot(y[perm])).
-    """
-    kd = cfg.kd
-    student_logits = student(batch.images)
-    losses = {"ce_loss": F.cross_entropy(student_logits, batch.labels)}
-    aug_images = batch.aug_images
-    teacher_x = teacher_aug = None
-    if teacher is not None:
-        views = [batch.images] if aug_images is None else [batch.images, aug_images]
-        with torch.no_grad():  # one teacher pass over x and x' together: eval mode, same numbers
-            teacher_all = teacher(torch.cat(views))
-        teacher_x, teacher_aug = teacher_all[: len(batch)], teacher_all[len(batch) :]
-    # Labels of each x' row: its own image's, and its partner's (the same without mixing).
-    own = batch.labels.repeat(batch.pool)
-    partner = own if batch.perm is None else batch.labels[batch.perm]
-    lam = batch.lam
-    if aug_images is not None and batch.pool > 1:
-        keep = pick.select(kd, aug_images, teacher_aug, student)
-        aug_images, own, partner = aug_images[keep], own[keep], partner[keep]
-        teacher_aug = teacher_aug[keep] if teacher_aug is not None else None
-        lam = lam[keep] if lam is not None else None
-    # A second, separate student pass: x' is a different batch for BatchNorm statistics.
-    aug_student_logits = student(aug_images) if aug_images is not None else None
-
-    if teacher is None:
-        losses["loss"] = losses["ce_loss"]
-    else:
-        losses["kd_loss"] = kd_divergence(student_logits, teacher_x, kd.temperature)
-        total_kd = losses["kd_loss"]
-        if aug_images is not None:
-            losses["kd_aug_loss"] = kd_divergence(aug_student_logits, teacher_aug, kd.temperature)
-            total_kd = total_kd + losses["kd_aug_loss"]
-        losses["loss"] = kd.ce_weight * losses["ce_loss"] + kd.kd_weight * total_kd
-    if aug_images is not None and kd.mixed_label_ce:
-        num_classes = student_logits.shape[1]
-        targets = soft_labels(own, partner, lam, num_classes)
-        losses["mixed_ce_loss"] = F.cross_entropy(aug_student_logits.float(), targets)
-        losses["loss"] = losses["loss"] + kd.mixed_label_ce * losses["mixed_ce_loss"]
-    rows = None
-    if teacher_x is not None:
-        rows = teacher_x if teacher_aug is None else torch.cat([teacher_x, teacher_aug])
-    return StepOutput(losses, rows)
-
-
-def train_step(
-    student: nn.Module,
-    teacher: nn.Module | None,
-    batch: Batch,
-    cfg: TrainConfig,
-    device: str,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-) -> StepOutput:
-    """One optimization step on a batch as the loader hands it over (uint8 images): normalize
-    on the device, :func:`kd_step` under autocast, backward (loss-scaled where ``scaler`` is
-    enabled: fp16), optimizer step. The training loop and ``dalikd profile`` both run this."""
-    batch = prepare_batch(batch, device, input_norm(student))  # the teacher adapts (build_models)
-    with autocast(device, cfg.precision):
-        out = kd_step(student, teacher, batch, cfg)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(out.losses["loss"]).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return out
-
-
 # -- run setup ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Models:
-    student: nn.Module
-    teacher: nn.Module | None
-
-
-def build_models(cfg: TrainConfig, dataset: Dataset) -> Models:
-    m = cfg.model
-    student = build_model(m.student, dataset.num_classes, m.student_weights, role="student")
-    teacher = None
-    if m.teacher:
-        teacher = build_model(m.teacher, dataset.num_classes, m.teacher_weights, role="teacher")
-        teacher.eval().requires_grad_(False)  # frozen once, never switched back to train
-        # it gets the student's inputs and maps them to its own normalization (timm's may differ)
-        teacher = adapt_input(teacher, input_norm(student))
-    return Models(student, teacher)
-
-
-def make_optimizer(student: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in student.parameters():  # 1-d parameters: BatchNorm weights and biases
-        (decay if p.ndim > 1 or optim.decay_norm_and_bias else no_decay).append(p)
-    return torch.optim.SGD(
-        [{"params": decay, "weight_decay": optim.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
-    )  # fmt: skip
 
 
 def default_run_dir() -> str:
@@ -287,23 +168,15 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     cfg = build_config(overrides={"out": str(run_dir)}, base=cfg)
     dataset = scan_dataset(cfg.data.path)
     recipe = recipes.resolve(cfg.kd.aug)
-    models = build_models(cfg, dataset)
-    student, teacher = models.student, models.teacher
+    distiller = Distiller.build(cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision)
+    student, teacher = distiller.student, distiller.teacher
     tdev = torch_device(device)
-    for model in (student, teacher):
-        if model is not None:
-            model.to(tdev)
-            if device == "gpu":
-                model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(student, cfg.optim)
     # Loss scaling only for fp16 autocast; bf16 has fp32's exponent range and needs none.
     scaler = torch.amp.GradScaler(enabled=amp_dtype(device, cfg.precision) == torch.float16)
     # The teacher stays unwrapped: it is frozen, there is nothing to synchronise.
-    model = (
-        DDP(student, device_ids=[ctx.local_rank] if device == "gpu" else None)
-        if ctx.enabled
-        else student
-    )
+    if ctx.enabled:  # the step calls the wrapper; checkpoints save the student itself
+        distiller.student = DDP(student, device_ids=[ctx.local_rank] if device == "gpu" else None)
 
     # -- resume ---------------------------------------------------------------------------------
     epoch, step_in_epoch, global_step, best_top1, history = 0, 0, 0, -1.0, []
@@ -418,7 +291,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
 
     while epoch < cfg.optim.epochs:
         reporter.epoch_start(epoch, cfg.optim.epochs, steps_per_epoch)
-        student.train()
+        distiller.train()
         loss_sum = torch.tensor(partial["loss_sum"], device=tdev)
         seen, t0 = partial["seen"], time.perf_counter() - partial["seconds"]
         for batch in train_data:
@@ -427,7 +300,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             try:
-                step_out = train_step(model, teacher, batch, cfg, device, optimizer, scaler)
+                step_out = distiller.step(batch, optimizer, scaler)
             except torch.OutOfMemoryError:
                 raise DalikdError(
                     f"out of memory at --batch-size {cfg.data.batch_size} "

@@ -21,7 +21,7 @@ from dalikd.config import build_config  # noqa: E402
 from dalikd.device import amp_dtype, autocast, prepare_images  # noqa: E402
 from dalikd.evaluate import evaluate  # noqa: E402
 from dalikd.pick import pick, pick_count, scores  # noqa: E402
-from dalikd.train import train_step  # noqa: E402
+from dalikd.step import Distiller, place  # noqa: E402
 
 CUDA = torch.device("cuda")
 B, S, CLASSES = 8, 64, 10
@@ -70,16 +70,14 @@ def _step(device: str, precision: str, student, teacher) -> tuple[float, nn.Modu
     cfg = build_config(overrides={"kd.aug": "cutmixpick", "kd.mixed_label_ce": 1.0,
                                   "precision": precision, "device": device})  # fmt: skip
     tdev = CUDA if device == "gpu" else torch.device("cpu")
-    student, teacher = student.to(tdev), teacher.to(tdev).eval().requires_grad_(False)
-    if device == "gpu":
-        student.to(memory_format=torch.channels_last)
-        teacher.to(memory_format=torch.channels_last)
+    student, teacher = place(student, device), place(teacher, device)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
     # fp16: a scale of 2^8, not the default 2^16, at which a first step's gradients overflow
     # and GradScaler skips it by design (seen on an H200), which would leave nothing to compare.
     fp16 = amp_dtype(device, precision) == torch.float16
     scaler = torch.amp.GradScaler(init_scale=2.0**8, enabled=fp16)
-    out = train_step(student, teacher, pool_batch(tdev), cfg, device, optimizer, scaler)
+    distiller = Distiller(student, teacher, cfg.kd, device, precision)
+    out = distiller.step(pool_batch(tdev), optimizer, scaler)
     assert not fp16 or scaler.get_scale() == 2.0**8, "the fp16 step was skipped (overflow)"
     return out.losses["loss"].item(), student
 

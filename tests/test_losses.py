@@ -11,7 +11,12 @@ from tiny_models import tiny_cnn
 from dalikd.config import build_config
 from dalikd.losses import kd_divergence
 from dalikd.pipeline import Batch
-from dalikd.train import kd_step
+from dalikd.step import Distiller
+
+
+def kd_step(student, teacher, batch, cfg):
+    """The losses of one training step (dalikd.step.Distiller), as training computes them."""
+    return Distiller(student, teacher, cfg.kd)(batch)
 
 
 def np_kd(student, teacher, T):

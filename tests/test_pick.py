@@ -19,7 +19,12 @@ from dalikd.metrics import TStddev, t_stddev
 from dalikd.pick import entropy, pick, pick_count, scores
 from dalikd.pipeline import Batch
 from dalikd.recipes import resolve
-from dalikd.train import kd_step
+from dalikd.step import Distiller
+
+
+def kd_step(student, teacher, batch, cfg):
+    """The losses of one training step (dalikd.step.Distiller), as training computes them."""
+    return Distiller(student, teacher, cfg.kd)(batch)
 
 
 def test_pick_keeps_exactly_the_highest_entropy_candidates():

@@ -224,7 +224,7 @@ def test_out_of_memory_names_the_batch_size(solid_dataset, tmp_path, tiny_env, c
     def explode(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr("dalikd.train.kd_step", explode)
+    monkeypatch.setattr("dalikd.step.Distiller.__call__", explode)
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--data", str(solid_dataset), "--student", "tiny_models:tiny_cnn",
               "--epochs", "1", "--image-size", "16", "--batch-size", "4", "--threads", "1",

@@ -14,7 +14,7 @@ from dalikd.config import build_config
 from dalikd.data import scan_dataset
 from dalikd.errors import DalikdError
 from dalikd.models import AdaptInput, adapt_input, build_model, classifier_size, input_norm
-from dalikd.train import build_models, make_optimizer, train_step
+from dalikd.step import Distiller, make_optimizer
 
 timm = pytest.importorskip("timm")  # the optional extra: pip install 'dalikd[timm]'
 
@@ -87,7 +87,7 @@ def test_timm_teacher_and_torchvision_student_each_see_their_own_inputs(solid_da
         "model.student": "tiny_models:tiny_cnn", "model.teacher": "timm:test_resnet",
         "model.teacher_weights": str(teacher_file), "kd.aug": "flip", "device": "cpu",
     })  # fmt: skip
-    models = build_models(cfg, scan_dataset(solid_dataset))
+    models = Distiller.build(cfg.model, cfg.kd, scan_dataset(solid_dataset).num_classes, "cpu")
     assert isinstance(models.teacher, AdaptInput) and not models.teacher.model.training
     seen = {"student": [], "teacher": []}
     models.student.register_forward_pre_hook(lambda m, a: seen["student"].append(a[0]))
@@ -98,7 +98,7 @@ def test_timm_teacher_and_torchvision_student_each_see_their_own_inputs(solid_da
     batch = Batch(x, torch.tensor([0, 1, 2, 0]), aug_images=x_aug)
     optimizer = make_optimizer(models.student, cfg.optim)
     scaler = torch.amp.GradScaler(enabled=False)
-    train_step(models.student, models.teacher, batch, cfg, "cpu", optimizer, scaler)
+    models.train().step(batch, optimizer, scaler)
     assert [t.shape[0] for t in seen["student"]] == [4, 4] and len(seen["teacher"]) == 1
     assert torch.equal(seen["student"][0], normalize(x))
     assert torch.equal(seen["student"][1], normalize(x_aug))

@@ -16,9 +16,15 @@ from dalikd.config import DataConfig, KDConfig, build_config
 from dalikd.data import scan_dataset
 from dalikd.metrics import t_stddev
 from dalikd.pick import pick, pick_count, scores
-from dalikd.probe import group_rows, teacher_rows
+from dalikd.probe import group_rows
 from dalikd.recipes import resolve
-from dalikd.train import kd_step
+from dalikd.step import Distiller
+
+
+def kd_step(student, teacher, batch, cfg):
+    """The losses of one training step (dalikd.step.Distiller), as training computes them."""
+    return Distiller(student, teacher, cfg.kd)(batch)
+
 
 TINY = "tiny_models:tiny_cnn"
 SIZE, BATCH, GROUP = 16, 4, 8  # px, images per step, teacher rows per group with x' (1 step)
@@ -153,7 +159,8 @@ def test_mistakes_are_one_line(extra, message, noise, teacher_file, capsys):
 
 @pytest.mark.parametrize("criterion", ["teacher_entropy", "student_entropy", "kld"])
 def test_probe_counts_the_rows_training_counts(criterion):
-    """teacher_rows (the probe) = StepOutput.teacher_logits of kd_step (training)."""
+    """The probe's rows (Distiller.teacher_outputs, eval) = StepOutput.teacher_logits of a
+    training step."""
     torch.manual_seed(0)
     b, k = 4, 2
     batch = pipeline.Batch(
@@ -164,7 +171,8 @@ def test_probe_counts_the_rows_training_counts(criterion):
     student, teacher = tiny_cnn(3).eval(), tiny_cnn(3).eval().requires_grad_(False)
     cfg = build_config(overrides={"kd.pick_criterion": criterion})
     training = kd_step(student, teacher, batch, cfg).teacher_logits
-    probe = teacher_rows(teacher, batch, KDConfig(pick_criterion=criterion), student)
+    probe = Distiller(student, teacher, KDConfig(pick_criterion=criterion)).eval()
+    probe = probe.teacher_outputs(batch).rows()
     torch.testing.assert_close(probe, training, rtol=0, atol=0)
 
 
