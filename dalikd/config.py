@@ -261,8 +261,10 @@ def validate(cfg: TrainConfig) -> None:
         (min(k.ce_weight, k.kd_weight, k.mixed_label_ce) >= 0, "loss weights must be >= 0"),
         (cfg.log_every >= 1, f"log_every must be positive, got {cfg.log_every}"),
         (cfg.ckpt_every >= 0, f"ckpt_every must be >= 0, got {cfg.ckpt_every}"),
-        (cfg.teacher_cache_topk >= 0, f"teacher_cache_topk must be >= 0, got "
-         f"{cfg.teacher_cache_topk}"),  # fmt: skip
+        (
+            cfg.teacher_cache_topk >= 0,
+            f"teacher_cache_topk must be >= 0, got {cfg.teacher_cache_topk}",
+        ),  # fmt: skip
     ]
     for ok, message in checks:
         if not ok:

@@ -492,13 +492,22 @@ class TeacherCache:
 class ValTeacher(torch.nn.Module):
     """Stands in for the teacher during evaluation: replays the cached logits batch by batch
     (``logits`` given), or runs ``teacher`` and records what it returns (``logits`` None).
-    ``evaluate`` calls it once per validation batch, in the loader's fixed order."""
+    ``evaluate`` calls it once per validation batch, in the loader's fixed order. Given
+    ``cache`` and ``batches`` (batches per pass), a recorded pass is saved when it completes
+    and replayed from then on."""
 
-    def __init__(self, teacher: Callable | None, logits: list[torch.Tensor] | None) -> None:
+    def __init__(
+        self,
+        teacher: Callable | None,
+        logits: list[torch.Tensor] | None,
+        cache: TeacherCache | None = None,
+        batches: int = 0,
+    ) -> None:
         super().__init__()
         self.teacher = teacher
         self.replay = logits
         self.recorded: list[torch.Tensor] = []
+        self.cache, self.batches = cache, batches
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.replay is not None:
@@ -506,9 +515,14 @@ class ValTeacher(torch.nn.Module):
             self.recorded.append(logits)
             if len(logits) != len(images):
                 raise DalikdError("teacher cache: the validation batches changed; delete val/")
+            if len(self.recorded) == len(self.replay):
+                self.recorded = []  # the next pass starts again at the first batch
             return logits
         logits = self.teacher(images).float()
         self.recorded.append(logits.detach().cpu())
+        if self.cache is not None and len(self.recorded) == self.batches:
+            self.cache.save_val(self.recorded)
+            self.replay = self.done()
         return logits
 
     def done(self) -> list[torch.Tensor]:
@@ -586,6 +600,7 @@ class CachingTeacherPass:
         self.loaded = False
         self.epoch = self.step = self.steps_per_epoch = 0
         self.tstd_sums: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self.val_teacher: ValTeacher | None = None  # set by attach()
 
     def seek(self, epoch: int, step: int, steps_per_epoch: int) -> None:
         self.epoch, self.step, self.steps_per_epoch = epoch, step, steps_per_epoch
@@ -617,3 +632,50 @@ class CachingTeacherPass:
         self.cache.record(epoch, step, out.logits_x, out.logits_aug, out.keep)
         self.tstd_sums = None
         return out
+
+
+def attach(
+    cfg: Any,
+    dataset: Any,
+    distiller: Any,
+    *,
+    device: str,
+    rank: int,
+    world_size: int,
+    graph_format: int,
+    val_batches: int,
+    message: Callable[[str], None],
+) -> CachingTeacherPass:
+    """Put ``cfg.teacher_cache`` around ``distiller``'s teacher pass (dalikd.step.Distiller,
+    built without its teacher: it is built here on the first miss, or at once for
+    ``cfg.eval_teacher``). Returns the wrapper; its ``val_teacher`` stands in for the teacher
+    in evaluation (cached logits of the validation split)."""
+    from dalikd.device import amp_dtype
+    from dalikd.models import adapt_input
+    from dalikd.step import Distiller, TeacherOut, place
+
+    precision = str(amp_dtype(device, cfg.precision) or torch.float32).removeprefix("torch.")
+    key = cache_key(
+        cfg, dataset, device=device, precision=precision, world_size=world_size,
+        input_norm=tuple(distiller.input_norm), graph_format=graph_format,
+        topk=cfg.teacher_cache_topk,
+    )  # fmt: skip
+    cache = TeacherCache(cfg.teacher_cache, key, rank=rank, message=message)
+
+    def load() -> None:
+        teacher = Distiller.build(cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision,
+                                  student=False).teacher  # fmt: skip
+        # the student's inputs, mapped to the teacher's own normalization (as Distiller.build)
+        distiller.teacher = place(adapt_input(teacher, distiller.input_norm), device)
+        message(f"teacher cache {cfg.teacher_cache}: a step is not cached; teacher loaded")
+
+    def run_teacher(images: torch.Tensor) -> torch.Tensor:
+        caching.load()
+        return distiller.teacher(images)
+
+    caching = CachingTeacherPass(cache, distiller.teacher_outputs, TeacherOut, load)
+    distiller.teacher_outputs = caching  # the step calls the wrapper from now on
+    caching.val_teacher = ValTeacher(run_teacher, cache.val_logits(), cache, val_batches)
+    if cfg.eval_teacher:
+        caching.load()
+    return caching

@@ -12,13 +12,14 @@ import math
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dalikd import distributed, recipes
+from dalikd import distributed, recipes, teacher_cache
 from dalikd.checkpoint import save_atomic, write_jsonl_atomic, write_text_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
 from dalikd.data import scan_dataset
@@ -168,7 +169,9 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
     cfg = build_config(overrides={"out": str(run_dir)}, base=cfg)
     dataset = scan_dataset(cfg.data.path)
     recipe = recipes.resolve(cfg.kd.aug)
-    distiller = Distiller.build(cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision)
+    # --teacher-cache: the teacher is built on the first step the cache lacks (teacher_cache.attach)
+    models = replace(cfg.model, teacher="") if cfg.teacher_cache else cfg.model
+    distiller = Distiller.build(models, cfg.kd, dataset.num_classes, device, cfg.precision)
     student, teacher = distiller.student, distiller.teacher
     tdev = torch_device(device)
     optimizer = make_optimizer(student, cfg.optim)
@@ -251,6 +254,14 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             f"{len(dataset.train)} training images make no full batch of {cfg.data.batch_size}"
             f"{' per rank' if ctx.enabled else ''}; lower --batch-size"
         )
+    caching = None  # the teacher-output cache around the distiller's teacher pass
+    if cfg.teacher_cache:
+        caching = teacher_cache.attach(
+            cfg, dataset, distiller, device=device, rank=ctx.rank, world_size=ctx.world_size,
+            graph_format=CHECKPOINT_FORMAT, val_batches=len(val_data), message=reporter.message,
+        )  # fmt: skip
+        caching.seek(epoch, step_in_epoch, steps_per_epoch)
+        teacher = distiller.teacher  # built by attach only for --eval-teacher
     if teacher is not None and cfg.eval_teacher:
         t = evaluate(teacher, val_data, device, cfg.precision, ctx)
         reporter.message(
@@ -260,6 +271,8 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
 
     def save_checkpoint(path_names: tuple[str, ...]) -> None:
         """All ranks call this: each contributes its DALI and T. stddev states; rank 0 writes."""
+        if caching is not None:  # the cache's chunks end where checkpoints do
+            caching.cache.flush()
         states = distributed.gather_objects(ctx, train_data.checkpoint())
         tstd_states = distributed.gather_objects(ctx, tstd.state_dict(cpu=True))
         if not ctx.is_main:
@@ -311,7 +324,10 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             if step_out.teacher_logits is not None:
                 if not tstd.group_size:  # x's rows + the x' trained on, GROUP_STEPS times
                     tstd.group_size = GROUP_STEPS * len(step_out.teacher_logits)
-                tstd.add(step_out.teacher_logits.float().softmax(dim=1))
+                if caching is not None and caching.tstd_sums is not None:  # top-K cache hit
+                    tstd.add_sums(*caching.tstd_sums)
+                else:
+                    tstd.add(step_out.teacher_logits.float().softmax(dim=1))
             global_step += 1
             step_in_epoch += 1
             loss_sum += losses["loss"].detach()
@@ -348,7 +364,8 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         train_seconds = time.perf_counter() - t0
 
         # validate
-        val = evaluate(student, val_data, device, cfg.precision, ctx, teacher=teacher)
+        val_teacher = caching.val_teacher if caching is not None else teacher
+        val = evaluate(student, val_data, device, cfg.precision, ctx, teacher=val_teacher)
         totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=tdev)
         distributed.all_sum(ctx, totals)
         record = {
@@ -361,7 +378,9 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             "img_per_s": float(totals[1]) / train_seconds,
             "seconds": time.perf_counter() - t0,
         }
-        if teacher is not None:  # over every rank's rows; NaN (before 2 groups) is written null
+        if caching is not None:  # this rank's steps read from the cache / computed, so far
+            record["cache_hits"], record["cache_misses"] = caching.cache.hits, caching.cache.misses
+        if cfg.model.teacher:  # over every rank's rows; NaN (before 2 groups) is written null
             t_std, entropy = tstd.pooled(lambda t: distributed.all_sum(ctx, t))
             record["t_stddev"] = _finite_or_none(t_std)
             record["teacher_entropy"] = _finite_or_none(entropy)
