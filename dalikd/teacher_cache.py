@@ -328,7 +328,10 @@ class TeacherCache:
             return
         if self.root.exists() and not self.root.is_dir():
             raise DalikdError(f"--teacher-cache {self.root} is a file, not a folder")
-        if self.root.is_dir() and any(self.root.iterdir()):
+        # another rank's key.json may be on its way (.key.json.PID.tmp): not a stranger's file
+        if self.root.is_dir() and any(
+            not p.name.startswith(".key.json.") for p in self.root.iterdir()
+        ):
             raise DalikdError(
                 f"--teacher-cache {self.root} is a non-empty folder without key.json (not a "
                 "dalikd teacher cache); give an empty or new folder"
