@@ -96,13 +96,13 @@ def sizes(device: str) -> dict[str, int]:
 
 
 def _loader(data_root: Path, device: str, aug: str, granularity: str, seed: int = 0, **kw):
-    from dalikd import pipeline
+    from dalikd import loaders
     from dalikd.config import DataConfig
     from dalikd.data import scan_dataset
     from dalikd.recipes import resolve
 
     data = DataConfig(path=str(data_root), threads=2, **sizes(device))
-    return pipeline.train_loader(scan_dataset(data_root).train, data, resolve(aug), device=device,
+    return loaders.train_loader(scan_dataset(data_root).train, data, resolve(aug), device=device,
                                  seed=seed, granularity=granularity, **kw)  # fmt: skip
 
 
@@ -206,14 +206,14 @@ def child_checkpoint(data_root: Path, device: str) -> None:
 
 
 def child_jpegs(data_root: Path, device: str) -> None:
-    from dalikd import pipeline
+    from dalikd import loaders
     from dalikd.config import DataConfig
     from dalikd.data import scan_dataset
 
     split = scan_dataset(data_root).val
     data = DataConfig(path=str(data_root), threads=2, **sizes(device))
     seen, flat = 0, 0
-    for batch in pipeline.val_loader(split, data, device=device):
+    for batch in loaders.val_loader(split, data, device=device):
         seen += len(batch)
         flat += int((batch.images.amax(dim=(1, 2, 3)) == batch.images.amin(dim=(1, 2, 3))).sum())
     ok = seen == len(split.files) and flat == 0

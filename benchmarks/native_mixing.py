@@ -6,7 +6,7 @@ operator, in one run, on real photographs.
 
 Builds (once) the recropped JPEG photo set of benchmarks/profile_photos.py (its builder is
 reused when that file is there; otherwise an equivalent one here), then measures, interleaved
-window by window so drift hits every row alike, ``dalikd.pipeline.train_loader`` (decode,
+window by window so drift hits every row alike, ``dalikd.loaders.train_loader`` (decode,
 random-resized crop, flip, the uint8 hand-off to torch) for:
 
     plain                 x only (no second view)
@@ -191,7 +191,7 @@ def main() -> None:
 
     import torch
 
-    from dalikd import native, pipeline
+    from dalikd import loaders, native
     from dalikd.config import DataConfig
     from dalikd.data import scan_dataset
     from dalikd.recipes import resolve
@@ -208,12 +208,12 @@ def main() -> None:
     for name, aug, mode in ROWS:
         os.environ["DALIKD_NATIVE"] = mode  # read while the graph is defined
         recipe = resolve(aug) if isinstance(aug, str) else aug
-        loader = pipeline.train_loader(dataset.train, data, recipe, device="cpu", seed=0)
+        loader = loaders.train_loader(dataset.train, data, recipe, device="cpu", seed=0)
         streams[name, "loader"] = forever(loader)
-        streams[name, "normalized"] = normalized(pipeline.train_loader(
+        streams[name, "normalized"] = normalized(loaders.train_loader(
             dataset.train, data, recipe, device="cpu", seed=0))  # fmt: skip
-        pipe, _ = pipeline.build_pipeline(
-            pipeline.train_graph, data=data, device="cpu", seed=0, split=dataset.train,
+        pipe, _ = loaders.build_pipeline(
+            loaders.train_graph, data=data, device="cpu", seed=0, split=dataset.train,
             recipe=recipe, shard_id=0, num_shards=1,
         )  # fmt: skip
         pipe.build()

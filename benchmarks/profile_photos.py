@@ -14,9 +14,13 @@ such as 500×375 or 375×500 and saved at JPEG quality 90. It lands in
         --aug flip,mixup,cutmix,cutmixpick --json OUT/profile.json --plot OUT/profile.png
 
 and prints the ratios the project's targets are about: DALI ÷ torchvision per scheme (2.0× for
-the plain pipeline) and the CutMix and CutMixPick-pool pipelines against the plain one (within
-10%). A second, short run with --no-antialias is reported separately: that mode resizes at a
-lower quality than torchvision's RandomResizedCrop, so it is never the headline.
+the plain pipeline), the CutMix and CutMixPick-pool pipelines against the plain one (within
+10%), the plain pipeline against the decode-only rate (>= 60%), dalikd's resize
+(fn.dalikd_resize, where it loads) against DALI's fn.resize, and the plain hand-off against timm's
+own training loader (``timm.data.create_loader`` with its prefetcher; where timm is installed,
+target 1.6×), all from interleaved windows of the same run. A second, short run with
+--no-antialias is reported separately: that mode resizes at a lower quality than
+torchvision's RandomResizedCrop, so it is never the headline.
 """
 
 from __future__ import annotations
@@ -89,6 +93,13 @@ def profile(data: Path, out: Path, args, extra: list[str]) -> dict:
     return json.loads(out.read_text())
 
 
+DALI = "DALI's fn.resize"
+
+
+def names(report: dict) -> list[str]:
+    return [st["name"] for st in report["stages"]]
+
+
 def rate(report: dict, name: str) -> float:
     return next(st["img_per_s"] for st in report["stages"] if st["name"] == name)
 
@@ -107,6 +118,7 @@ def main() -> None:
     parser.add_argument("--student", default="", help="e.g. mobilenet_v3_small")
     args = parser.parse_args()
 
+    load = os.getloadavg()
     cache = Path(os.environ.get("DALIKD_CACHE", Path.home() / ".cache" / "dalikd"))
     data = build_photo_set(cache / VERSION, args.per_class, val_per_class=5)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +138,9 @@ def main() -> None:
     print(f"\n{report['cpu_count']} cores, {report['threads']} DALI threads = torchvision "
           f"workers, batch {report['batch_size']}, {s} px, {report['dataset']['train_images']} "
           f"photos ({report['dataset']['mean_file_kb']} KB mean)")  # fmt: skip
-    print(f"decode-only ceiling: {rate(report, '+ decode, random crop'):,.0f} samples/s; "
+    decode = rate(report, "+ decode, random crop")
+    print(f"load average at the start (1, 5, 15 min): {load}")
+    print(f"decode-only ceiling: {decode:,.0f} samples/s; "
           f"+ antialiased resize: {rate(report, f'+ resize {s}² (antialias)'):,.0f}; "
           f"plain pipeline: {plain:,.0f}")  # fmt: skip
     for aug, r in report["ratio"].items():
@@ -137,8 +151,27 @@ def main() -> None:
         if "vs_plain" in st:  # measured in the same windows as the plain pipeline
             target = "  (target >= 0.90)" if st["aug"] in ("cutmix", "cutmixpick") else ""
             print(f"{st['name']}: {st['vs_plain']:.2f} of the plain pipeline's rate{target}")
+    print(f"resize: {report['resize']}")
+    if f"+ flip (plain pipeline) ({DALI})" in names(report):  # same windows as the chain
+        dali_plain = rate(report, f"+ flip (plain pipeline) ({DALI})")
+        native = rate(report, f"+ resize {s}² (antialias)")
+        print(f"antialiased resize to {s}²: native {native:,.0f}"
+              f" vs DALI's fn.resize {rate(report, f'+ resize {s}² (antialias) ({DALI})'):,.0f}; "
+              f"plain pipeline native / DALI resize + flip: {plain / dali_plain:.2f}x")  # fmt: skip
+    print(f"plain pipeline / decode-only ceiling: {plain / decode:.2f}  (target >= 0.60)")
+    for name, alt in report["alternatives"].items():  # the plain hand-off's windows
+        target = "  (target 1.6x)" if name == "timm" else ""
+        label = "timm.data.create_loader (prefetcher)" if name == "timm" else f"dalikd with {name}"
+        print(f"dalikd (plain) / {label}: {alt['dalikd_ratio']:.2f}x{target}"
+              f"  ({alt['img_per_s']:,.0f} samples/s)")  # fmt: skip
+    if "timm" not in report["alternatives"]:
+        print("timm is not installed: no comparison with timm's loader (pip install timm)")
     print(f"--no-antialias (separate, lower quality): DALI / torchvision "
           f"{no_aa['ratio']['none']:.2f}x")  # fmt: skip
+    print(
+        f"load average at the end (1, 5, 15 min): {os.getloadavg()}; ratios come from "
+        "interleaved windows of one run, absolute rates from a machine others may share"
+    )
 
 
 if __name__ == "__main__":

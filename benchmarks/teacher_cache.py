@@ -63,7 +63,7 @@ def main() -> None:
 
     import torch
 
-    from dalikd import pipeline, recipes, teacher_cache
+    from dalikd import loaders, recipes, teacher_cache
     from dalikd.config import build_config
     from dalikd.data import scan_dataset
     from dalikd.step import Distiller, TeacherOut, make_optimizer
@@ -85,7 +85,7 @@ def main() -> None:
     recipe = recipes.resolve("cutmixpick")
 
     def loader():
-        return pipeline.train_loader(dataset.train, cfg.data, recipe, device="cpu", seed=0,
+        return loaders.train_loader(dataset.train, cfg.data, recipe, device="cpu", seed=0,
                                      pool_size=cfg.kd.pool_size)  # fmt: skip
 
     live = Distiller.build(cfg.model, cfg.kd, classes, "cpu", weights=False)

@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    from dalikd import pipeline, recipes
+    from dalikd import loaders, recipes
     from dalikd.batch import IMAGENET_NORM
     from dalikd.config import DataConfig
     from dalikd.data import scan_dataset
@@ -44,7 +44,7 @@ def main() -> None:
     teacher = adapt_input(teacher.eval(), IMAGENET_NORM)
     data = DataConfig(path=args.data, image_size=args.image_size, batch_size=args.batch_size,
                       threads=args.threads)  # fmt: skip
-    loader = pipeline.train_loader(dataset.train, data, recipes.resolve(args.aug), device="cpu",
+    loader = loaders.train_loader(dataset.train, data, recipes.resolve(args.aug), device="cpu",
                                    seed=0)  # fmt: skip
     logits = []
     with torch.inference_mode():

@@ -13,14 +13,15 @@ import click
     "--build",
     "build_only",
     is_flag=True,
-    help="only build the native operator (or confirm the cached build) and say what was built; "
-    "exit 1 if the CPU operator could not be built. Run it once before many ranks start.",
+    help="only build the native operators (or confirm the cached build) and say what was built; "
+    "exit 1 if the CPU operators could not be built. Run it once before many ranks start.",
 )
 def doctor(as_json: bool, build_only: bool) -> None:
-    """Report versions (Python, torch, torchvision, DALI), CUDA, whether the native mixing
-    operator is built and loaded (CPU, GPU), whether its GPU backend ran correctly on this GPU
-    ("GPU backend: verified on <GPU>", or why not), and which mixing path each device uses.
-    Builds the operator on first use (about half a minute), as training would."""
+    """Report versions (Python, torch, torchvision, DALI), CUDA, whether the native operators
+    (mixing, resize) are built and loaded (CPU, GPU), whether the mixing GPU backend ran
+    correctly on this GPU ("GPU backend: verified on <GPU>", or why not), and which mixing and
+    resize path each device uses. Builds them on first use (about half a minute), as training
+    would."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -61,6 +62,7 @@ def doctor(as_json: bool, build_only: bool) -> None:
     rows += [(f"native {k}", str(v)) for k, v in native.items() if v not in ("", None)]
     rows.append(("GPU backend", info["gpu_backend"]))
     rows += [(f"mixing on {device}", path) for device, path in info["mixing"].items()]
+    rows += [(f"resize on {device}", path) for device, path in info["resize"].items()]
     for name, value in rows:
         table.add_row(name, escape(value))
     console.print(table)

@@ -23,7 +23,16 @@ from dalikd.cli.preview_cmd import preview
 from dalikd.cli.profile_cmd import profile
 from dalikd.cli.report import ScanProgress
 from dalikd.cli.tstddev_cmd import tstddev
-from dalikd.config import TrainConfig
+from dalikd.config import (
+    Device,
+    Granularity,
+    Mixing,
+    PickCriterion,
+    Precision,
+    Schedule,
+    TrainConfig,
+    choices,
+)
 from dalikd.errors import DalikdError
 
 err_console = Console(stderr=True, highlight=False)
@@ -62,7 +71,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     (
         "--aug-granularity",
         "kd.granularity",
-        click.Choice(["sample", "batch"]),
+        click.Choice(choices(Granularity)),
         "random draws per image, or one per batch (the paper's reference code)",
     ),
     (
@@ -97,7 +106,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         None,
         "weight decay on BatchNorm and biases too (the reference code's SGD)",
     ),
-    ("--schedule", "optim.schedule", click.Choice(["step", "cosine"]), "learning-rate schedule"),
+    ("--schedule", "optim.schedule", click.Choice(choices(Schedule)), "learning-rate schedule"),
     (
         "--milestones",
         "optim.milestones",
@@ -121,22 +130,29 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     (
         "--pick-criterion",
         "kd.pick_criterion",
-        click.Choice(["teacher_entropy", "student_entropy", "kld"]),
+        click.Choice(choices(PickCriterion)),
         "what the pick keeps the highest of",
     ),
     ("--image-size", "data.image_size", int, "training and validation image side in px"),
     ("--crop-scale", "data.crop_scale", _numbers(float), "random-resized-crop area range, MIN,MAX"),
     ("--threads", "data.threads", int, "DALI CPU threads (0: one per core, at most 8)"),
     (
+        "--mixing",
+        "data.mixing",
+        click.Choice(choices(Mixing)),
+        "mixing's pixel work: dalikd's fused operator, stock DALI operators (the same pixels), "
+        "or auto (native where it builds; DALIKD_NATIVE=0|1 sets auto); saved with the run",
+    ),
+    (
         "--device",
         "device",
-        click.Choice(["auto", "cpu", "gpu"]),
+        click.Choice(choices(Device)),
         "where DALI and torch run (auto: gpu when CUDA is available)",
     ),
     (
         "--precision",
         "precision",
-        click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        click.Choice(choices(Precision)),
         "autocast (auto: bf16 on GPU, fp32 on CPU)",
     ),
     ("--seed", "seed", int, "random seed for DALI and torch"),
@@ -235,6 +251,7 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
             f"{summary['step_in_epoch']}, checkpoint written; "
             f"continue with: dalikd train --resume {summary['run_dir']}",
             soft_wrap=True,
+            markup=False,
         )
         sys.exit(128 + getattr(signal, summary["stopped_by"]))
     print_summary(summary)
@@ -253,9 +270,7 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
 @click.option(
     "--threads", default=0, type=int, help="DALI CPU threads (0: one per core, at most 8)"
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
-)
+@click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
 def evaluate_cmd(data, model_name, weights, batch_size, image_size, threads, device) -> None:
     """Validation top-1 / top-5 / loss of a model on DATA/val."""
     from dalikd.cli.report import print_eval
@@ -281,8 +296,16 @@ def check_data(data: str, decode: bool, no_cache: bool) -> None:
     from dalikd.data import scan_dataset
 
     with ScanProgress() as progress:
-        dataset = scan_dataset(data, decode=decode, cache=not no_cache, progress=progress.update)
+        dataset = scan_dataset(
+            data, decode=decode, cache=not no_cache, progress=progress.update, strict=False
+        )
     print_check(dataset)
+    unusable = [name for name in ("train", "val") if not len(getattr(dataset, name))]
+    if unusable:  # the list above says why; the line below is what stops a run
+        split = f"{dataset.root}/{unusable[0]}"
+        left = sum(path.startswith(split + "/") for path, _ in dataset.skipped)
+        raise DalikdError(f"{split} holds no usable images; {left} left out (listed above)")
+    scan_dataset(data, decode=decode, cache=not no_cache)  # empty train classes: one line
 
 
 @cli.command()
@@ -305,9 +328,7 @@ def pipelines() -> None:
 @click.option(
     "--epochs", type=int, default=None, help="override the demo's epoch count (all four runs)"
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
-)
+@click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
 def demo(out: str, epochs: int | None, device: str) -> None:
     """Build a small digits dataset; train a teacher, a student alone, and the student
     distilled with --aug flip and with --aug cutmixpick."""
@@ -344,10 +365,12 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" (see: dalikd {e.ctx.info_name if e.ctx and e.ctx.parent else ''} --help)".replace(
             "  ", " "
         )
-        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {escape(e.format_message() + hint)}", soft_wrap=True
+        )
         sys.exit(2)
     except click.ClickException as e:
-        err_console.print(f"[bold red]error:[/] {e.format_message()}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", soft_wrap=True)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, click.Abort):
         err_console.print("interrupted; a run continues with: dalikd train --resume RUN_DIR")

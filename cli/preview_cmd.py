@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from dalikd.config import Device, Granularity, choices
+
 
 @click.command()
 @click.option(
@@ -22,14 +24,12 @@ import click
     "--granularity",
     "--aug-granularity",
     "granularity",
-    type=click.Choice(["sample", "batch"]),
+    type=click.Choice(choices(Granularity)),
     default="sample",
     show_default=True,
     help="random draws per image or one per batch",
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
-)
+@click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
 def preview(data, aug, out, batch_size, image_size, seed, granularity, device) -> None:
     """Draw x (top) and x' (below) of the first training batch, as `dalikd train` with the same
     --aug, --seed and sizes would see it; mixing recipes are labelled with λ and the partner."""

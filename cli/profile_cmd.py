@@ -10,6 +10,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from dalikd.config import Device, choices
+
 console = Console(highlight=False)
 
 
@@ -23,9 +25,7 @@ console = Console(highlight=False)
     help="comma-separated schemes (names, a+b, file.py:function); all = every built-in recipe "
     "and the CutMixPick pool. Plain KD (none) is always measured",
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
-)
+@click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
 @click.option("--batch-size", default=32, show_default=True, type=int, help="samples per batch")
 @click.option(
     "--threads",
@@ -48,7 +48,10 @@ console = Console(highlight=False)
     show_default=True,
     help="antialiased resize (torchvision's quality); --no-antialias is faster, not comparable",
 )
-@click.option("--pool", default=2, show_default=True, type=int, help="CutMixPick candidates k")
+@click.option(
+    "--pool-size", "--pool", "pool_size", default=2, show_default=True, type=int,
+    help="CutMixPick candidates per image, k (--pool: the old name)",
+)  # fmt: skip
 @click.option("--windows", default=5, show_default=True, type=int, help="timed windows per stage")
 @click.option(
     "--window-seconds", default=1.0, show_default=True, type=float, help="min length of a window"
@@ -67,9 +70,9 @@ def profile(json_out: str | None, plot: str | None, **options: Any) -> None:
     print_report(report)
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"JSON: {json_out}")
+        console.print(f"JSON: {json_out}", markup=False)
     if plot:
-        console.print(f"plot: {write_plot(report, plot)}")
+        console.print(f"plot: {write_plot(report, plot)}", markup=False)
 
 
 def _rate(value: float | None) -> str:
@@ -87,7 +90,7 @@ def print_report(report: dict[str, Any]) -> None:
         f"{report['threads']} DALI threads (= torchvision workers), batch {report['batch_size']}, "
         f"{report['image_size']} px, {'antialiased' if report['antialias'] else 'NON-antialiased'}"
         f" resize; {ds['train_images']} images, {ds['mean_file_kb']} KB mean; mixing: "
-        f"{report['mixing']}"
+        f"{report['mixing']}; resize: {report['resize']}"
     )
     bounds: dict[str, list[str]] = {}
     for aug, b in report["bound"].items():
@@ -143,3 +146,9 @@ def print_report(report: dict[str, Any]) -> None:
         "pipeline rate / the plain pipeline's, same windows. KD efficiency: step fed by the "
         "pipeline / the same step on tensors in memory."
     )
+    for name, alt in report["alternatives"].items():  # plain KD, same interleaved windows
+        label = "timm's training loader (prefetcher)" if name == "timm" else f"dalikd with {name}"
+        console.print(
+            f"plain KD vs {label}: {_rate(alt['img_per_s'])} samples/s; dalikd "
+            f"{alt['dalikd_ratio']:.2f}x"
+        )

@@ -57,7 +57,8 @@ class RichReporter(LiveBar):
         super().__init__(TextColumn(fields))
 
     def message(self, text: str) -> None:
-        self._progress.console.print(text, soft_wrap=True)  # never broken at the width
+        # never broken at the width; no markup: paths may hold [brackets]
+        self._progress.console.print(text, soft_wrap=True, markup=False)
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         self._new_bar(f"epoch {epoch + 1}/{epochs}", steps, loss="-", speed="-", lr="-")

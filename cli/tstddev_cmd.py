@@ -10,6 +10,7 @@ from rich.progress import TextColumn
 from rich.table import Table
 
 from dalikd.cli.report import LiveBar, console
+from dalikd.config import Device, Granularity, Mixing, PickCriterion, Precision, choices
 
 SCHEMES = "identity,flip,crop_flip,cutout,autoaugment,mixup,cutmix,cutmixpick"
 
@@ -20,13 +21,13 @@ class ProbeProgress(LiveBar):
     def __init__(self) -> None:
         super().__init__(TextColumn("steps"))
 
-    def scheme_start(self, aug: str, steps: int) -> None:
+    def aug_start(self, aug: str, steps: int) -> None:
         self._new_bar(escape(aug), steps)
 
     def step(self, done: int) -> None:
         self._progress.update(self._task, completed=done)
 
-    def scheme_end(self, result: Any) -> None:
+    def aug_end(self, result: Any) -> None:
         self._progress.console.print(
             f"{result.aug}: T. stddev {result.t_stddev:.6f}  mean entropy "
             f"{result.mean_entropy:.4f}  {result.samples:,} samples, {result.groups} groups, "
@@ -88,11 +89,16 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
     "--threads", default=0, type=int, help="DALI CPU threads (0: one per core, at most 8)"
 )
 @click.option(
-    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
+    "--mixing",
+    type=click.Choice(choices(Mixing)),
+    default="auto",
+    show_default=True,
+    help="mixing's pixel work: dalikd's fused operator or stock DALI operators (same pixels)",
 )
+@click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    type=click.Choice(choices(Precision)),
     default="auto",
     show_default=True,
     help="teacher autocast (auto: bf16 on GPU, fp32 on CPU)",
@@ -100,7 +106,7 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
 @click.option(
     "--aug-granularity",
     "granularity",
-    type=click.Choice(["sample", "batch"]),
+    type=click.Choice(choices(Granularity)),
     default="sample",
     show_default=True,
     help="random draws per image, or one per batch (the paper's reference code)",
@@ -108,7 +114,7 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
 @click.option("--seed", default=0, show_default=True, type=int, help="random seed for DALI")
 @click.option(
     "--pick-criterion",
-    type=click.Choice(["teacher_entropy", "student_entropy", "kld"]),
+    type=click.Choice(choices(PickCriterion)),
     default="teacher_entropy",
     show_default=True,
     help="what the pick of a pool recipe (cutmixpick) keeps the highest of",
@@ -122,8 +128,8 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
 @click.option("--plot", type=click.Path(), help="write a bar chart PNG here")
 def tstddev(
     data, teacher, teacher_weights, augs, epochs, samples, group_steps, batch_size, image_size,
-    crop_scale, threads, device, precision, granularity, seed, pick_criterion, pool_size, student,
-    student_weights, json_out, plot,
+    crop_scale, threads, mixing, device, precision, granularity, seed, pick_criterion, pool_size,
+    student, student_weights, json_out, plot,
 ) -> None:  # fmt: skip
     """Rank augmentation schemes by the teacher's T. stddev (lowest = best for KD first).
 
@@ -137,7 +143,7 @@ def tstddev(
         raise DalikdError("give --epochs or --samples, not both")
     cfg = ProbeConfig(
         data=DataConfig(path=data, image_size=image_size, batch_size=batch_size, threads=threads,
-                        crop_scale=crop_scale),
+                        crop_scale=crop_scale, mixing=mixing),
         model=ModelConfig(teacher=teacher, teacher_weights=teacher_weights, student=student,
                           student_weights=student_weights),
         augs=tuple(a for a in augs.split(",") if a.strip()),

@@ -12,11 +12,26 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomllib
 
 from dalikd.errors import DalikdError
+
+# The choices of the string settings, defined once: ops, pick, preview and the CLI read them
+# here (:func:`choices`), and a config value outside them is refused.
+Device = Literal["auto", "cpu", "gpu"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Schedule = Literal["step", "cosine"]
+Granularity = Literal["sample", "batch"]
+PickCriterion = Literal["teacher_entropy", "student_entropy", "kld"]
+Mixing = Literal["auto", "native", "composed"]
+
+
+def choices(kind: Any) -> tuple[str, ...]:
+    """The values of a Literal type, in order: ``choices(Granularity) == ("sample", "batch")``."""
+    return typing.get_args(kind)
+
 
 TIMM_PREFIX = "timm:"  # --teacher/--student timm:NAME: a timm model by name
 
@@ -36,6 +51,10 @@ class DataConfig:
     batch_size: int = 256  # images per step (per process)
     threads: int = 0  # DALI CPU threads; 0 = one per core, at most 8
     antialias: bool = True  # antialiased resize, as torchvision's RandomResizedCrop
+    # mixing's pixel work: native (dalikd's fused fn.dalikd_mix) | composed (stock DALI
+    # operators; the same pixels) | auto (native where it builds and loads; DALIKD_NATIVE=0|1
+    # is auto's default). A run resolves it once and saves the answer with its state.
+    mixing: Mixing = "auto"
     # The "mixed" (GPU) JPEG decoder only (ignored on CPU); values of NVIDIA's ResNet-50 DALI
     # example, sized for ImageNet's largest image, so nvJPEG never reallocates mid-run.
     hw_decoder_load: float = 0.65  # share (0-1) of JPEG data for the GPU's JPEG engines (A100+)
@@ -55,32 +74,32 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    epochs: int = 100
-    lr: float = 0.1  # peak learning rate, after warmup
-    momentum: float = 0.9
+    epochs: int = 100  # passes over train/
+    lr: float = 0.1  # peak learning rate, after warmup (not scaled with the batch size)
+    momentum: float = 0.9  # SGD momentum (fraction of the last update kept)
     nesterov: bool = False
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # L2 coefficient, on conv and linear weights
     # decay BatchNorm weights and biases too (the reference code's plain SGD over every
     # parameter, docs/method.md); False: weights of conv and linear layers only
     decay_norm_and_bias: bool = False
-    schedule: str = "step"  # step | cosine
+    schedule: Schedule = "step"
     milestones: tuple[int, ...] = (30, 60, 90)  # epochs where the step schedule multiplies by gamma
-    gamma: float = 0.1
+    gamma: float = 0.1  # lr factor at each milestone (step schedule)
     warmup_epochs: float = 0.0  # linear warmup from 0, in epochs (fractions allowed)
 
 
 @dataclass(frozen=True)
 class KDConfig:
     aug: str = "none"  # recipe for the second view x'; none = plain KD
-    granularity: str = "sample"  # sample: a random draw per image | batch: one per batch
+    granularity: Granularity = "sample"  # sample: a draw per image | batch: one per batch
     ce_weight: float = 0.1  # gamma: weight of CE(s(x), y)
     kd_weight: float = 0.9  # alpha: weight of each D_T term
-    temperature: float = 4.0
+    temperature: float = 4.0  # T of the KD terms (unitless; logits are divided by it)
     mixed_label_ce: float = 0.0  # weight of CE(s(x'), soft labels of x'); 0 = the paper's loss
     pool_size: int = 2  # k: candidates per image for pool recipes (cutmixpick)
     pick_count: int = 0  # candidates kept from a pool of k·B; 0 = pick_fraction of the pool
     pick_fraction: float = 0.5  # share of the pool kept (0.5 of 2·B = B, the paper's)
-    pick_criterion: str = "teacher_entropy"  # teacher_entropy | student_entropy | kld
+    pick_criterion: PickCriterion = "teacher_entropy"  # what the pick keeps the highest of
 
 
 @dataclass(frozen=True)
@@ -89,11 +108,11 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     kd: KDConfig = field(default_factory=KDConfig)
-    device: str = "auto"  # auto | cpu | gpu
-    seed: int = 0
+    device: Device = "auto"  # auto: gpu when CUDA is available
+    seed: int = 0  # torch and DALI seeds derive from it
     out: str = ""  # run directory; empty = runs/<timestamp>
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (GPU)
-    channels_last: bool = True  # only applied on GPU
+    precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU; fp16 on GPU only
+    channels_last: bool = True  # GPU only: models and their inputs in NHWC memory
     eval_teacher: bool = False  # report the teacher's val accuracy before training
     tensorboard: bool = False  # also write metrics.jsonl's scalars to RUN_DIR/tb/
     log_every: int = 10  # steps between progress updates (each one is a device sync)
@@ -108,14 +127,6 @@ class TrainConfig:
 
 
 SECTIONS = ("data", "model", "optim", "kd")
-
-_CHOICES = {
-    "device": ("auto", "cpu", "gpu"),
-    "precision": ("auto", "fp32", "bf16", "fp16"),
-    "optim.schedule": ("step", "cosine"),
-    "kd.granularity": ("sample", "batch"),
-    "kd.pick_criterion": ("teacher_entropy", "student_entropy", "kld"),
-}
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -141,6 +152,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise DalikdError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
+    if typing.get_origin(annotation) is Literal:
+        if value not in choices(annotation):
+            raise DalikdError(
+                f"'{key}' must be one of {', '.join(choices(annotation))}; got '{value}'"
+            )
+        return value
     if annotation is str:
         if not isinstance(value, str):
             raise DalikdError(f"config key '{key}' must be a string, got {value!r}")
@@ -187,11 +204,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DalikdError(f"config file not found: {path}")
     try:
-        if path.suffix == ".json":
-            return json.loads(path.read_text())
-        return tomllib.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except UnicodeDecodeError as e:
+        raise DalikdError(f"cannot read {path}: not UTF-8 text (byte {e.start})") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise DalikdError(f"cannot parse {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise DalikdError(f"{path} must hold a table of settings")
+    return values
 
 
 def build_config(
@@ -209,13 +230,21 @@ def build_config(
     return cfg
 
 
+def _check_choices(obj: Any, prefix: str = "") -> None:
+    """Every Literal-typed setting holds one of its choices (also for configs built in code)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value, kind = getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(kind) is Literal and value not in choices(kind):
+            raise DalikdError(
+                f"'{prefix}{f.name}' must be one of {', '.join(choices(kind))}; got '{value}'"
+            )
+
+
 def validate(cfg: TrainConfig) -> None:
-    for key, allowed in _CHOICES.items():
-        obj: Any = cfg
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        if obj not in allowed:
-            raise DalikdError(f"'{key}' must be one of {', '.join(allowed)}; got '{obj}'")
+    _check_choices(cfg)
     d, o, k = cfg.data, cfg.optim, cfg.kd
     checks = [
         (d.image_size >= 16, f"image size must be at least 16 px, got {d.image_size}"),
@@ -249,6 +278,10 @@ def validate(cfg: TrainConfig) -> None:
         ),  # fmt: skip
         (o.epochs >= 1, f"epochs must be positive, got {o.epochs}"),
         (o.lr > 0, f"learning rate must be positive, got {o.lr}"),
+        (0 <= o.momentum < 1, f"momentum must be in [0, 1), got {o.momentum}"),
+        (o.momentum > 0 or not o.nesterov, "--nesterov needs a momentum above 0"),
+        (o.weight_decay >= 0, f"weight decay must be >= 0, got {o.weight_decay}"),
+        (cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}"),
         (o.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {o.warmup_epochs}"),
         (
             list(o.milestones) == sorted(o.milestones),

@@ -42,9 +42,23 @@ class Dataset:
         return len(self.classes)
 
 
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a symlink loop: ELOOP
+        return False
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(
-        e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")
+        e.name for e in os.scandir(split_dir) if _is_dir(e) and not e.name.startswith(".")
     )
 
 
@@ -56,8 +70,31 @@ def cache_dir() -> Path:
     return Path(base) / "dalikd"
 
 
-def _scan_split(split_dir: Path, classes: tuple[str, ...], others: list[str]) -> Split:
-    """Image files by extension; other files go to ``others``."""
+def _utf8(path: str) -> bool:
+    """DALI takes file names as UTF-8 strings only ("Unsupported argument type")."""
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(path: str) -> str:
+    """A path whose undecodable bytes show as U+FFFD, for messages and reports."""
+    return path.encode(errors="surrogateescape").decode(errors="replace")
+
+
+def _scan_split(
+    split_dir: Path,
+    classes: tuple[str, ...],
+    others: list[str],
+    bad_names: list[str],
+    broken: list[str],
+    empty: list[str],
+) -> Split:
+    """Image files by extension; other files go to ``others``, names DALI cannot take (not
+    UTF-8) to ``bad_names``, symlinks that lead nowhere to ``broken``, class folders without
+    an image file to ``empty``."""
     index = {name: i for i, name in enumerate(classes)}
     files: list[str] = []
     labels: list[int] = []
@@ -69,9 +106,16 @@ def _scan_split(split_dir: Path, classes: tuple[str, ...], others: list[str]) ->
             )
         found = []
         for entry in os.scandir(split_dir / name):
-            if entry.is_file():
+            if _is_file(entry):
                 is_image = entry.name.lower().endswith(IMAGE_EXTENSIONS)
+                if is_image and not _utf8(entry.path):
+                    bad_names.append(entry.path)
+                    continue
                 (found if is_image else others).append(entry.path)
+            elif entry.is_symlink() and not _is_dir(entry):  # dangling, or a loop
+                broken.append(entry.path)
+        if not found:
+            empty.append(str(split_dir / name))
         found.sort()
         files += found
         labels += [index[name]] * len(found)
@@ -85,12 +129,14 @@ def scan_dataset(
     decode: bool = False,
     cache: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    strict: bool = True,
 ) -> Dataset:
     """List the classes and usable image files of an ImageNet-style folder.
 
     ``check`` runs the data scan of :mod:`dalikd.datacheck` (cached): files that would kill
     the DALI pipeline are left out and listed in ``Dataset.skipped``. A split with no usable
-    image is an error.
+    image, or a train class with none (as torchvision's ImageFolder), is an error unless
+    ``strict`` is False (check-data lists what it found first).
     """
     if not str(root):
         raise DalikdError("no dataset given: pass --data DIR (a folder with train/ and val/)")
@@ -107,7 +153,13 @@ def scan_dataset(
     if not classes:
         raise DalikdError(f"{root}/train has no class folders")
     others: list[str] = []
-    splits = {name: _scan_split(root / name, classes, others) for name in ("train", "val")}
+    bad_names: list[str] = []
+    broken: list[str] = []
+    empty: dict[str, list[str]] = {"train": [], "val": []}
+    splits = {
+        name: _scan_split(root / name, classes, others, bad_names, broken, empty[name])
+        for name in ("train", "val")
+    }
     bad: dict[str, str] = {}
     if check:
         bad = check_files(
@@ -117,7 +169,7 @@ def scan_dataset(
         )  # fmt: skip
     for name, split in splits.items():
         keep = [i for i, f in enumerate(split.files) if f not in bad]
-        if not keep:
+        if not keep and strict:
             left = f"; {len(split)} left out, see: dalikd check-data {root}" if len(split) else ""
             raise DalikdError(
                 f"{root}/{name} holds no usable images{left} "
@@ -126,5 +178,21 @@ def scan_dataset(
         splits[name] = Split(
             tuple(split.files[i] for i in keep), tuple(split.labels[i] for i in keep)
         )
-    skipped = sorted(bad.items()) + [(p, "not an image (file extension)") for p in sorted(others)]
+    if strict and empty["train"]:
+        raise DalikdError(
+            f"{len(empty['train'])} train class folder(s) hold no image file, e.g. "
+            f"{empty['train'][0]}; add images or remove the folder (as torchvision's ImageFolder)"
+        )
+    skipped = (
+        sorted(bad.items())
+        + [(p, "not an image (file extension)") for p in sorted(others)]
+        + [
+            (_printable(p), "file name is not valid UTF-8 (DALI cannot open it)")
+            for p in sorted(bad_names)
+        ]  # fmt: skip
+        + [(_printable(p), "broken symbolic link (its target is missing or a loop)")
+           for p in sorted(broken)]
+        + [(_printable(p) + "/", "empty class folder (no image file)")
+           for p in empty["train"] + empty["val"]]
+    )  # fmt: skip
     return Dataset(root, classes, splits["train"], splits["val"], tuple(skipped))

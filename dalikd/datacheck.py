@@ -8,14 +8,16 @@ a 4 KiB tail per file keeps this I/O-bound and fast. ``decode=True`` also decode
 with PIL (JPEGs at 1/8 scale), for corruption in the middle of a file; it is far slower.
 
 Verdicts are cached per dataset, keyed by each file's size and mtime: a re-scan only stats the
-files and checks the new or changed ones.
+files and checks the new or changed ones. The cache is plain JSON (never pickle: a cache file is
+data, not code), checked entry by entry on read and rebuilt when anything in it is off; its
+folders are created private (0700).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import pickle
 import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -91,7 +93,36 @@ def _decode_check(path: str) -> str | None:
 
 def _cache_path(cache_root: Path, root: Path, decode: bool) -> Path:
     digest = hashlib.sha1(f"{root.resolve()}|{decode}".encode()).hexdigest()[:16]
-    return cache_root / "scans" / f"{digest}.pkl"
+    return cache_root / "scans" / f"{digest}.json"
+
+
+CACHE_FORMAT = 1  # bumped when the cache layout changes; another value is rebuilt
+
+
+def _read_cache(path: Path, root: Path, decode: bool) -> dict[str, tuple[int, int, str | None]]:
+    """The cached verdicts in ``path``, or {} when it is missing, damaged or of another shape:
+    every entry must be ``path: [size, mtime_ns, reason or null]``."""
+    try:
+        data = json.loads(path.read_text())
+        if (
+            data.get("format") != CACHE_FORMAT
+            or data.get("root") != str(root.resolve())
+            or data.get("decode") is not decode
+        ):
+            return {}
+        cached = {}
+        for file, (size, mtime, reason) in data["verdicts"].items():
+            if not (
+                isinstance(file, str)
+                and type(size) is int
+                and type(mtime) is int
+                and (reason is None or isinstance(reason, str))
+            ):
+                return {}
+            cached[file] = (size, mtime, reason)
+        return cached
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}  # a damaged cache is rebuilt, never trusted
 
 
 def check_files(
@@ -112,10 +143,7 @@ def check_files(
     cache_file = _cache_path(cache_root, root, decode) if cache_root else None
     cached: dict[str, tuple[int, int, str | None]] = {}
     if cache_file and cache_file.is_file():
-        try:
-            cached = pickle.loads(cache_file.read_bytes())
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            cached = {}
+        cached = _read_cache(cache_file, root, decode)
     verdicts: dict[str, tuple[int, int, str | None]] = {}
     todo: list[tuple[str, int, int]] = []
     for path in files:
@@ -138,17 +166,36 @@ def check_files(
                 if progress and (done % 1000 == 0 or done + 1 == len(todo)):
                     progress(done + 1, len(todo))
         if cache_file:
-            _write_cache(cache_file, verdicts)
+            _write_cache(cache_file, root, decode, verdicts)
     return {path: v[2] for path, v in verdicts.items() if v[2] is not None}
 
 
-def _write_cache(path: Path, verdicts: dict) -> None:
+def private_dir(path: Path) -> None:
+    """Create ``path`` and its missing parents readable and writable by the user only (0700):
+    whoever can write a cache decides what the next run trusts."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+
+
+def _write_cache(path: Path, root: Path, decode: bool, verdicts: dict) -> None:
     """Best effort: a cache that cannot be written only costs the next scan time. Each process
     writes its own temporary file (torchrun ranks scan at once) and renames it into place."""
+    data = {
+        "format": CACHE_FORMAT,
+        "root": str(root.resolve()),
+        "decode": decode,
+        "verdicts": {file: list(v) for file, v in verdicts.items()},
+    }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            f.write(pickle.dumps(verdicts, protocol=pickle.HIGHEST_PROTOCOL))
+        private_dir(path.parent)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, suffix=".tmp", delete=False
+        ) as f:  # NamedTemporaryFile is created 0600
+            json.dump(data, f)
         os.replace(f.name, path)
     except OSError:
         pass

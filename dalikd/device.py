@@ -44,19 +44,22 @@ def autocast(device: str, precision: str):
 
 
 def prepare_images(
-    images: torch.Tensor, device: str, norm: InputNorm = IMAGENET_NORM
+    images: torch.Tensor, device: str, norm: InputNorm = IMAGENET_NORM, channels_last: bool = True
 ) -> torch.Tensor:
     """The model's input from the pipeline's uint8 NHWC images: float32 NCHW, normalized with
     the model's own ``norm`` (:func:`dalikd.models.input_norm`), on the images' device
-    (channels_last on GPU), in every precision: autocast, where on, casts inside the model."""
-    return normalize(images, channels_last=device == "gpu", norm=norm)
+    (channels_last memory on GPU unless ``channels_last`` is False), in every precision:
+    autocast, where on, casts inside the model."""
+    return normalize(images, channels_last=channels_last and device == "gpu", norm=norm)
 
 
-def prepare_batch(batch: Batch, device: str, norm: InputNorm = IMAGENET_NORM) -> Batch:
+def prepare_batch(
+    batch: Batch, device: str, norm: InputNorm = IMAGENET_NORM, channels_last: bool = True
+) -> Batch:
     """``batch`` with its images (x, and x' where there is one) as the model's input."""
     aug = batch.aug_images
     return replace(
         batch,
-        images=prepare_images(batch.images, device, norm),
-        aug_images=None if aug is None else prepare_images(aug, device, norm),
+        images=prepare_images(batch.images, device, norm, channels_last),
+        aug_images=None if aug is None else prepare_images(aug, device, norm, channels_last),
     )

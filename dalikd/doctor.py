@@ -42,6 +42,7 @@ def report() -> dict[str, Any]:
         info["native"] = None
         info["gpu_backend"] = "not used: DALIKD_NATIVE=0"
         info["mixing"] = {"cpu": "composed: DALIKD_NATIVE=0", "gpu": "composed: DALIKD_NATIVE=0"}
+        info["resize"] = _resize_paths()
         return info
     status = native.load()
     build = status.build
@@ -61,11 +62,24 @@ def report() -> dict[str, Any]:
         "cpu": "native" if status.cpu else f"{fallback}: {status.reason}",
         "gpu": "native" if verified else f"{fallback}: {status.reason or detail}",
     }
+    info["resize"] = _resize_paths()
     return info
 
 
+def _resize_paths() -> dict[str, str]:
+    """The antialiased resize per device: dalikd's operator, or DALI's fn.resize and why.
+    (--no-antialias always runs DALI's non-antialiased fn.resize.)"""
+    from dalikd import native
+
+    paths = {}
+    for device in ("cpu", "gpu"):
+        reason = native.resize_reason(device)
+        paths[device] = "native (fn.dalikd_resize)" if not reason else f"DALI fn.resize: {reason}"
+    return paths
+
+
 def build_native() -> dict[str, Any]:
-    """Build the native operator for this DALI and these sources, or confirm the cached build
+    """Build the native operators for this DALI and these sources, or confirm the cached build
     (``dalikd doctor --build``: once, before many ranks start). Never raises for a failed
     compile: ``cpu_library`` is then None and ``cpu_error`` says why."""
     from dataclasses import asdict

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalikd import distributed
-from dalikd.config import DataConfig
+from dalikd.config import DataConfig, build_config
 from dalikd.data import scan_dataset
 from dalikd.device import autocast, prepare_images, resolve_device, torch_device
+from dalikd.losses import kl_divergence
 from dalikd.models import build_model, input_norm
 
 if TYPE_CHECKING:
-    from dalikd.pipeline import Loader
+    from dalikd.loaders import Loader
 
 
 def agreement_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -25,10 +26,8 @@ def agreement_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -
 
     KL(p_t || p_s) = sum_c p_t (log p_t - log p_s), from log-softmax of float32 logits.
     """
-    log_s = F.log_softmax(student_logits.float(), dim=1)
-    log_t = F.log_softmax(teacher_logits.float(), dim=1)
     agree = (student_logits.argmax(dim=1) == teacher_logits.argmax(dim=1)).sum()
-    kl = F.kl_div(log_s, log_t, reduction="sum", log_target=True)
+    kl = kl_divergence(student_logits, teacher_logits, 1.0, reduction="sum")
     return torch.stack([agree.double(), kl.double()])
 
 
@@ -94,11 +93,16 @@ def evaluate_model(
     device: str = "auto",
 ) -> dict[str, float]:
     """Build ``model_name`` with ``weights`` and evaluate it on ``data``/val."""
+    # the same checks as training's (a batch of 0 or a 0 px image is one line, not a traceback)
+    build_config(
+        overrides={"data.batch_size": batch_size, "data.image_size": image_size,
+                   "data.threads": threads}
+    )  # fmt: skip
     device = resolve_device(device)
     dataset = scan_dataset(data)
     model = build_model(model_name, dataset.num_classes, weights)
-    from dalikd import pipeline  # DALI: only where the loader is built
+    from dalikd import loaders  # DALI: only where the loader is built
 
     model.to(torch_device(device))
     data_cfg = DataConfig(path=data, image_size=image_size, batch_size=batch_size, threads=threads)
-    return evaluate(model, pipeline.val_loader(dataset.val, data_cfg, device=device), device)
+    return evaluate(model, loaders.val_loader(dataset.val, data_cfg, device=device), device)

@@ -10,14 +10,28 @@ import torch
 import torch.nn.functional as F
 
 
+def kl_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) in float32, the one KL of dalikd (the loss, the pick's
+    kld score, the val agreement): summed over classes and averaged over the rows
+    ("batchmean"), summed over everything ("sum"), or one value per row ("rows")."""
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    if reduction == "rows":
+        return (log_t.exp() * (log_t - log_s)).sum(dim=1)
+    return F.kl_div(log_s, log_t, reduction=reduction, log_target=True)
+
+
 def kd_divergence(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """D_T: KL(teacher || student) at temperature T, summed over classes, mean over the batch,
     times T^2 (keeps gradient size independent of T, Hinton et al.). Computed in float32."""
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
+    return kl_divergence(student_logits, teacher_logits, temperature) * temperature**2
 
 
 def soft_labels(

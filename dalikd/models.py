@@ -174,6 +174,18 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
+def check_shapes(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """One line naming the first tensor of ``state`` whose shape is not the model's (PyTorch's
+    own message is a multi-line traceback listing every one)."""
+    own = model.state_dict()
+    for key, tensor in state.items():
+        if key in own and own[key].shape != tensor.shape:
+            raise DalikdError(
+                f"{what}: {key} has shape {tuple(tensor.shape)} in the file, "
+                f"{tuple(own[key].shape)} in the model"
+            )
+
+
 def build_model(name: str, num_classes: int, weights: str = "", role: str = "model") -> nn.Module:
     """Build ``name`` with ``num_classes`` outputs and load ``weights`` if given.
 
@@ -185,9 +197,16 @@ def build_model(name: str, num_classes: int, weights: str = "", role: str = "mod
     if weights and _is_torchvision_weights(name, weights):
         _builder(name)  # unknown names fail with the list hint first
         return _torchvision_weights(name, weights, num_classes)
-    model = _builder(name)(num_classes=num_classes)
+    try:
+        model = _builder(name)(num_classes=num_classes)
+    except TypeError as e:  # e.g. os:getcwd, a function that is not a model builder
+        raise DalikdError(
+            f"model '{name}' cannot be built as {name}(num_classes={num_classes}): {e}"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise DalikdError(f"model '{name}' did not return a torch.nn.Module")
+        raise DalikdError(
+            f"model '{name}' did not return a torch.nn.Module (got {type(model).__name__})"
+        )
     if not weights:
         return model
     state = load_state(weights)
@@ -197,6 +216,7 @@ def build_model(name: str, num_classes: int, weights: str = "", role: str = "mod
             f"{role} weights {weights} predict {state[key].shape[0]} classes "
             f"but the dataset has {num_classes}"
         )
+    check_shapes(model, state, f"{role} weights {weights} do not fit {name}")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise DalikdError(

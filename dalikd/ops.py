@@ -30,7 +30,9 @@ same explicit seeds (above), so they give bit-identical results for a pipeline s
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -38,7 +40,9 @@ import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
-GRANULARITIES = ("sample", "batch")
+from dalikd.config import Granularity, choices
+
+GRANULARITIES = choices(Granularity)  # "sample": a draw per image | "batch": one per batch
 
 DataNode = Any  # nvidia.dali DataNode; DALI does not export a stable public type for it
 
@@ -182,7 +186,8 @@ def mixup(
     how each device's cast treats halves (DALI's CPU cast gives 2.5 -> 3; GPU unchecked), and
     halves are common: λ = 0.5 with x + x[perm] odd.
     ``native``: the pixel work through dalikd's fused operator (True), the stock operators
-    (False), or as :func:`dalikd.native.use_native` decides (None); the results are identical.
+    (False), or the pipeline's mixing path (None, :func:`mixing_path`); the results are
+    identical.
     """
     perm, lam = _partner_and_lam(alpha, granularity, perm, lam)
     if _native(images, native):
@@ -318,11 +323,29 @@ def cutmix_pool(
     return _fused_cutmix(images, image_size, perms, lams, centres)
 
 
+_MIXING: ContextVar[str] = ContextVar("dalikd_mixing", default="auto")
+
+
+@contextmanager
+def mixing_path(mixing: str) -> Iterator[None]:
+    """Mixing ops defined inside run their pixel work on ``mixing`` (the config's
+    ``data.mixing``: "native", fn.dalikd_mix; "composed", stock operators; "auto", resolved
+    by :func:`dalikd.native.resolve`). The graph builder sets it around the recipe, so a
+    recipe never names the path; outside it, "auto"."""
+    token = _MIXING.set(mixing)
+    try:
+        yield
+    finally:
+        _MIXING.reset(token)
+
+
 def _native(images: DataNode, native: bool | None) -> bool:
+    """The one mixing dispatch: ``native`` where a caller pins it (tests, benchmarks), else
+    the path of the graph being defined (:func:`mixing_path`)."""
     from dalikd import native as native_op
 
     if native is None:
-        return native_op.use_native(images.device)
-    if native:  # asked for by the caller, or by the DALI checkpoint being resumed
-        native_op.require(images.device, "needed (native=True, or a checkpoint saved with it)")
+        return native_op.resolve(_MIXING.get(), images.device) == "native"
+    if native:
+        native_op.require(images.device, "needed (native=True)")
     return native

@@ -10,23 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalikd.config import KDConfig
+from dalikd.config import KDConfig, PickCriterion, choices
 from dalikd.errors import DalikdError
+from dalikd.losses import kl_divergence
 
-CRITERIA = ("teacher_entropy", "student_entropy", "kld")
+CRITERIA = choices(PickCriterion)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Per-row entropy (natural log) of softmax(logits) at T = 1, in float32."""
     log_p = F.log_softmax(logits.float(), dim=1)
     return -(log_p.exp() * log_p).sum(dim=1)
-
-
-def kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float):
-    """Per-row KL(softmax(t/T) || softmax(s/T)), in float32."""
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-    return (log_t.exp() * (log_t - log_s)).sum(dim=1)
 
 
 def pick_count(pool_rows: int, count: int, fraction: float) -> int:
@@ -51,7 +45,7 @@ def scores(
     if criterion == "student_entropy":
         return entropy(student_logits)
     if criterion == "kld":
-        return kl_rows(teacher_logits, student_logits, temperature)
+        return kl_divergence(student_logits, teacher_logits, temperature, reduction="rows")
     raise DalikdError(f"unknown pick criterion '{criterion}'; known: {', '.join(CRITERIA)}")
 
 

@@ -1,6 +1,6 @@
 """A PNG grid of x and x' for one training batch: what the student is trained on.
 
-The batch comes from :func:`dalikd.pipeline.train_loader`, the loader training uses, with the
+The batch comes from :func:`dalikd.loaders.train_loader`, the loader training uses, with the
 same seed, so the grid shows exactly the first batch a run with these settings would see. The
 pipeline's uint8 pixels are drawn with PIL as they are; each x is labelled with its index in
 the batch and its class, each x' of a mixing recipe with λ (the fraction of its own pixels)
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dalikd import pipeline, recipes
+from dalikd import loaders, recipes
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 from dalikd.device import resolve_device
@@ -135,7 +135,7 @@ def preview_batch(
             f"--batch-size {data.batch_size} is more than the {len(dataset.train)} training "
             f"images in {dataset.root}"
         )
-    loader = pipeline.train_loader(
+    loader = loaders.train_loader(
         dataset.train, data, recipe, device=device, seed=seed, granularity=granularity
     )
     batch = next(iter(loader))

@@ -1,9 +1,9 @@
-"""The T. stddev probe: rank augmentation schemes for KD with the teacher alone.
+"""The T. stddev probe: rank augmentations (--aug values) for KD with the teacher alone.
 
 Wang et al. (NeurIPS 2022): the lower the T. stddev of a scheme (the standard deviation of the
 teacher's mean probability, dalikd.metrics), the lower the test loss of a student distilled
 with it. The probe trains nothing. For each scheme it runs the training data loader
-(:func:`dalikd.pipeline.train_loader`, the one ``dalikd train`` uses) for a number of steps;
+(:func:`dalikd.loaders.train_loader`, the one ``dalikd train`` uses) for a number of steps;
 the frozen teacher sees x and x' of every step, and its softmax rows, x's then those of the x'
 a student would be trained on (for a candidate pool: the picked ones, by the same
 :class:`dalikd.step.Distiller` as training), go into one :class:`~dalikd.metrics.TStddev`, in the
@@ -30,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from dalikd import pick, pipeline, recipes
+from dalikd import loaders, pick, recipes
 from dalikd.checkpoint import write_text_atomic
 from dalikd.config import DataConfig, KDConfig, ModelConfig, TrainConfig, validate
 from dalikd.data import scan_dataset
@@ -39,8 +39,8 @@ from dalikd.errors import DalikdError
 from dalikd.metrics import GROUP_STEPS, TStddev
 from dalikd.step import Distiller
 
-# The paper's nine schemes less the student-entropy pick (a --pick-criterion away).
-PAPER_SCHEMES = (
+# The paper's nine schemes (--aug values) less the student-entropy pick (--pick-criterion).
+PAPER_AUGS = (
     "identity", "flip", "crop_flip", "cutout", "autoaugment", "mixup", "cutmix", "cutmixpick",
 )  # fmt: skip
 
@@ -49,7 +49,7 @@ PAPER_SCHEMES = (
 class ProbeConfig:
     data: DataConfig  # path, image_size, batch_size (the paper's is 64), threads
     model: ModelConfig  # teacher + teacher_weights; student only for student-based picks
-    augs: tuple[str, ...] = PAPER_SCHEMES  # --aug values, one probe each, in this order
+    augs: tuple[str, ...] = PAPER_AUGS  # --aug values, one probe each, in this order
     epochs: int = 0  # probe length in epochs of train/ ...
     samples: int = 0  # ... or in images of x (one of the two, > 0)
     group_steps: int = GROUP_STEPS  # steps per group (the reference's 5: 640 rows at batch 64
@@ -80,19 +80,19 @@ class ProbeResult:
 class ProbeReporter(Protocol):
     """What the probe tells the outside world; the CLI draws a bar per scheme."""
 
-    def scheme_start(self, aug: str, steps: int) -> None: ...
+    def aug_start(self, aug: str, steps: int) -> None: ...
     def step(self, done: int) -> None: ...
-    def scheme_end(self, result: ProbeResult) -> None: ...
+    def aug_end(self, result: ProbeResult) -> None: ...
 
 
 class SilentProbeReporter:
-    def scheme_start(self, aug: str, steps: int) -> None:
+    def aug_start(self, aug: str, steps: int) -> None:
         pass
 
     def step(self, done: int) -> None:
         pass
 
-    def scheme_end(self, result: ProbeResult) -> None:
+    def aug_end(self, result: ProbeResult) -> None:
         pass
 
 
@@ -101,8 +101,8 @@ def _views_per_step(cfg: ProbeConfig, split, recipe, device: str) -> int:
     the traced DALI graph; nothing is built or run."""
     if recipe is None:
         return 0
-    _, names = pipeline.build_pipeline(
-        pipeline.train_graph, data=cfg.data, device=device, seed=cfg.seed, split=split,
+    _, names = loaders.build_pipeline(
+        loaders.train_graph, data=cfg.data, device=device, seed=cfg.seed, split=split,
         recipe=recipe, shard_id=0, num_shards=1, granularity=cfg.kd.granularity,
         reader_seed=cfg.seed, pool_size=cfg.kd.pool_size,
     )  # fmt: skip
@@ -152,22 +152,27 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
         raise DalikdError("--precision fp16 needs a GPU; on CPU use fp32 (default) or bf16")
     torch.manual_seed(cfg.seed)
     dataset = scan_dataset(cfg.data.path)
-    schemes = {aug: recipes.resolve(aug) for aug in dict.fromkeys(a.strip() for a in cfg.augs)}
-    batch = cfg.data.batch_size
-    steps_per_epoch = len(dataset.train) // batch  # the loader drops the incomplete batch
+    recipes_by_aug = {
+        aug: recipes.resolve(aug) for aug in dict.fromkeys(a.strip() for a in cfg.augs)
+    }
+    batch_size = cfg.data.batch_size
+    steps_per_epoch = len(dataset.train) // batch_size  # the loader drops the incomplete batch
     if steps_per_epoch == 0:
         raise DalikdError(
-            f"{len(dataset.train)} training images make no full batch of {batch}; "
+            f"{len(dataset.train)} training images make no full batch of {batch_size}; "
             "lower --batch-size"
         )
-    steps = cfg.epochs * steps_per_epoch if cfg.epochs else math.ceil(cfg.samples / batch)
-    views = {aug: _views_per_step(cfg, dataset.train, r, device) for aug, r in schemes.items()}
+    steps = cfg.epochs * steps_per_epoch if cfg.epochs else math.ceil(cfg.samples / batch_size)
+    views = {
+        aug: _views_per_step(cfg, dataset.train, r, device) for aug, r in recipes_by_aug.items()
+    }
     needed = 2 * cfg.group_steps  # steps that close 2 groups, the same for every scheme
     if needed > steps:
         raise DalikdError(
-            f"too few samples for T. stddev: 2 groups of {cfg.group_steps} steps (batch {batch}) "
-            f"need {needed * batch} samples ({needed} steps); this probe has {steps * batch} "
-            f"({steps} steps). Use --samples {needed * batch} or more, or a smaller --group-steps"
+            f"too few samples for T. stddev: 2 groups of {cfg.group_steps} steps (batch "
+            f"{batch_size}) need {needed * batch_size} samples ({needed} steps); this probe has "
+            f"{steps * batch_size} ({steps} steps). Use --samples {needed * batch_size} or more, "
+            "or a smaller --group-steps"
         )
 
     needs_student = cfg.kd.pick_criterion != "teacher_entropy" and any(
@@ -183,14 +188,14 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
                                 student=needs_student).eval()  # fmt: skip
 
     results = []
-    for aug, recipe in schemes.items():
-        reporter.scheme_start(aug, steps)
+    for aug, recipe in recipes_by_aug.items():
+        reporter.aug_start(aug, steps)
         t0 = time.perf_counter()
-        loader = pipeline.train_loader(
+        loader = loaders.train_loader(
             dataset.train, cfg.data, recipe, device=device, seed=cfg.seed,
             granularity=cfg.kd.granularity, pool_size=cfg.kd.pool_size,
         )  # fmt: skip
-        acc = TStddev(group_rows(cfg.group_steps, batch, views[aug], cfg.kd))
+        acc = TStddev(group_rows(cfg.group_steps, batch_size, views[aug], cfg.kd))
         done = 0
         while done < steps:  # the loader runs one epoch per iteration, reshuffled each time
             for b in loader:
@@ -203,9 +208,9 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
                 if done == steps:
                     break
         del loader  # frees the DALI pipeline before the next scheme builds its own
-        result = ProbeResult(aug, acc.value(), acc.mean_entropy(), done * batch, acc.rows,
+        result = ProbeResult(aug, acc.value(), acc.mean_entropy(), done * batch_size, acc.rows,
                              acc.groups, acc.group_size, time.perf_counter() - t0)  # fmt: skip
-        reporter.scheme_end(result)
+        reporter.aug_end(result)
         results.append(result)
     return sorted(results, key=lambda r: r.t_stddev)
 

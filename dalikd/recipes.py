@@ -33,9 +33,6 @@ class AugContext:
     mean: tuple[float, float, float]  # dataset mean per RGB channel, 0-255 scale
     granularity: str = "sample"  # "sample": draws per image | "batch": one draw for the batch
     pool_size: int = 2  # k: candidates per image a pool recipe (cutmixpick) makes
-    # mixing's pixel work: dalikd's fn.dalikd_mix (True), stock operators (False), or as
-    # dalikd.native decides (None); pinned when resuming a DALI checkpoint of either graph
-    native: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -60,16 +57,21 @@ class RecipeInfo:
     name: str
     description: str  # one line, shown by `dalikd pipelines`
     mixing: bool = False  # mixes samples of the batch (returns lam and perm) or makes a Pool
+    # its torchvision equivalent, the baseline `dalikd profile` times it against (a name
+    # dalikd.profile.baseline.torchvision_parts knows); "": none
+    torchvision: str = ""
 
 
 Recipe = Callable[..., "View | Pool | None"]
 
 
-def recipe(name: str, description: str, *, mixing: bool = False) -> Callable[[Recipe], Recipe]:
+def recipe(
+    name: str, description: str, *, mixing: bool = False, torchvision: str = ""
+) -> Callable[[Recipe], Recipe]:
     """Mark a function as a recipe named ``name``; only attaches metadata."""
 
     def mark(fn: Recipe) -> Recipe:
-        setattr(fn, _ATTR, RecipeInfo(name, description, mixing))
+        setattr(fn, _ATTR, RecipeInfo(name, description, mixing, torchvision))
         return fn
 
     return mark

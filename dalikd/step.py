@@ -50,7 +50,8 @@ class Distiller:
     """The student, the frozen teacher (None: supervised) and the KD loss settings.
 
     ``student`` is the module the step calls (a DDP wrapper in distributed training);
-    ``device`` ("cpu" | "gpu") and ``precision`` matter to :meth:`step` only.
+    ``device`` ("cpu" | "gpu"), ``precision`` and ``channels_last`` (the input layout on a
+    GPU) matter to :meth:`step` only.
     """
 
     def __init__(
@@ -60,11 +61,12 @@ class Distiller:
         kd: KDConfig,
         device: str = "cpu",
         precision: str = "auto",
+        channels_last: bool = True,
     ) -> None:
         if teacher is not None:
             teacher.eval().requires_grad_(False)  # frozen once, never switched back to train
         self.student, self.teacher, self.kd = student, teacher, kd
-        self.device, self.precision = device, precision
+        self.device, self.precision, self.channels_last = device, precision, channels_last
 
     @classmethod
     def build(
@@ -101,7 +103,7 @@ class Distiller:
         for m in (s, t):
             if m is not None:
                 place(m, device, channels_last)
-        return cls(s, t, kd, device, precision)
+        return cls(s, t, kd, device, precision, channels_last)
 
     @property
     def input_norm(self) -> InputNorm:
@@ -180,7 +182,7 @@ class Distiller:
         """One optimization step on a batch as the loader hands it over (uint8 images):
         normalize on the device, the losses under autocast, backward (loss-scaled where
         ``scaler`` is enabled: fp16), optimizer step."""
-        batch = prepare_batch(batch, self.device, self.input_norm)
+        batch = prepare_batch(batch, self.device, self.input_norm, self.channels_last)
         with autocast(self.device, self.precision):
             out = self(batch)
         optimizer.zero_grad(set_to_none=True)

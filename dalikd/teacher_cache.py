@@ -522,6 +522,8 @@ class ValTeacher(torch.nn.Module):
                 self.recorded = []  # the next pass starts again at the first batch
             return logits
         logits = self.teacher(images).float()
+        if self.cache is None and self.batches:
+            return logits  # no cache to save to: nothing to record
         self.recorded.append(logits.detach().cpu())
         if self.cache is not None and len(self.recorded) == self.batches:
             self.cache.save_val(self.recorded)
@@ -590,17 +592,22 @@ class CachingTeacherPass:
     Steps are counted here: :meth:`seek` sets the position (epoch, step of the epoch) of the
     next call, as after a resume; each call advances it. ``tstd_sums`` are the last hit's
     T. stddev sums (top-K only; None: count the returned rows, which are then exact).
+    ``cache`` None, or after :meth:`detach`: every step runs the teacher, nothing is read or
+    written (the run's views are no longer those a cache holds).
     """
 
     def __init__(
         self,
-        cache: TeacherCache,
+        cache: TeacherCache | None,
         live: Callable[[Any], Any],
         make: Callable[..., Any],
         load: Callable[[], None] = lambda: None,
+        message: Callable[[str], None] = lambda text: None,
     ) -> None:
         self.cache, self.live, self.make, self._load = cache, live, make, load
+        self.message = message
         self.loaded = False
+        self.hits = self.misses = 0
         self.epoch = self.step = self.steps_per_epoch = 0
         self.tstd_sums: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self.val_teacher: ValTeacher | None = None  # set by attach()
@@ -611,6 +618,8 @@ class CachingTeacherPass:
     def covers(self, first_epoch: int, first_step: int, epochs: int) -> bool:
         """Whether every step from (first_epoch, first_step) to the end of ``epochs`` epochs is
         cached (then the teacher need not be loaded for training)."""
+        if self.cache is None:
+            return False
         return all(
             self.cache.covers(e, first_step if e == first_epoch else 0, self.steps_per_epoch)
             for e in range(first_epoch, epochs)
@@ -621,19 +630,32 @@ class CachingTeacherPass:
             self._load()
             self.loaded = True
 
+    def detach(self) -> None:
+        """Stop reading and writing the cache (what was recorded so far is written)."""
+        if self.cache is not None:
+            self.cache.flush()
+            self.message(
+                f"teacher cache {self.cache.root}: not used from here on (files failed in "
+                "training, see data_report.tsv: the views differ from the cached ones)"
+            )
+            self.cache = None
+
     def __call__(self, batch: Any) -> Any:
         epoch, step = self.epoch, self.step
         self.step += 1
         if self.step == self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
-        hit = self.cache.lookup(epoch, step, batch.images.device)
+        self.tstd_sums = None
+        hit = None if self.cache is None else self.cache.lookup(epoch, step, batch.images.device)
         if hit is not None:
+            self.hits += 1
             self.tstd_sums = hit.tstd_sums
             return self.make(hit.teacher_x, hit.teacher_aug, hit.keep)
+        self.misses += 1
         self.load()
         out = self.live(batch)
-        self.cache.record(epoch, step, out.logits_x, out.logits_aug, out.keep)
-        self.tstd_sums = None
+        if self.cache is not None:
+            self.cache.record(epoch, step, out.logits_x, out.logits_aug, out.keep)
         return out
 
 
@@ -648,11 +670,13 @@ def attach(
     graph_format: int,
     val_batches: int,
     message: Callable[[str], None],
+    detached: bool = False,
 ) -> CachingTeacherPass:
     """Put ``cfg.teacher_cache`` around ``distiller``'s teacher pass (dalikd.step.Distiller,
     built without its teacher: it is built here on the first miss, or at once for
     ``cfg.eval_teacher``). Returns the wrapper; its ``val_teacher`` stands in for the teacher
-    in evaluation (cached logits of the validation split)."""
+    in evaluation (cached logits of the validation split). ``detached``: the run's data stream
+    is not the cache's (files failed in training): the cache is neither checked nor used."""
     from dalikd.device import amp_dtype
     from dalikd.models import adapt_input
     from dalikd.step import Distiller, TeacherOut, place
@@ -663,22 +687,31 @@ def attach(
         input_norm=tuple(distiller.input_norm), graph_format=graph_format,
         topk=cfg.teacher_cache_topk,
     )  # fmt: skip
-    cache = TeacherCache(cfg.teacher_cache, key, rank=rank, message=message)
+    cache = None
+    if detached:
+        message(f"teacher cache {cfg.teacher_cache}: not used (files failed in training, see "
+                "data_report.tsv: the views differ from the cached ones)")  # fmt: skip
+    else:
+        cache = TeacherCache(cfg.teacher_cache, key, rank=rank, message=message)
 
     def load() -> None:
-        teacher = Distiller.build(cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision,
-                                  student=False).teacher  # fmt: skip
+        teacher = Distiller.build(
+            cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision, student=False,
+            channels_last=cfg.channels_last,
+        ).teacher  # fmt: skip
         # the student's inputs, mapped to the teacher's own normalization (as Distiller.build)
-        distiller.teacher = place(adapt_input(teacher, distiller.input_norm), device)
+        teacher = adapt_input(teacher, distiller.input_norm)
+        distiller.teacher = place(teacher, device, cfg.channels_last)
         message(f"teacher cache {cfg.teacher_cache}: a step is not cached; teacher loaded")
 
     def run_teacher(images: torch.Tensor) -> torch.Tensor:
         caching.load()
         return distiller.teacher(images)
 
-    caching = CachingTeacherPass(cache, distiller.teacher_outputs, TeacherOut, load)
+    caching = CachingTeacherPass(cache, distiller.teacher_outputs, TeacherOut, load, message)
     distiller.teacher_outputs = caching  # the step calls the wrapper from now on
-    caching.val_teacher = ValTeacher(run_teacher, cache.val_logits(), cache, val_batches)
+    val_logits = cache.val_logits() if cache is not None else None
+    caching.val_teacher = ValTeacher(run_teacher, val_logits, cache, val_batches)
     if cfg.eval_teacher:
         caching.load()
     return caching

@@ -8,17 +8,25 @@ from typing import Any
 from dalikd.errors import DalikdError
 
 
+def require() -> None:
+    """Raise the one-line DalikdError when tensorboard is not installed (called before a run
+    creates its directory, so a refused run leaves nothing behind)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  needs tensorboard
+    except ImportError:
+        raise DalikdError(
+            "--tensorboard needs tensorboard: pip install 'dalikd[tensorboard]'"
+        ) from None
+
+
 class ScalarWriter:
     """TensorBoard event files under ``log_dir``: each epoch record's numbers, tagged with
     their metrics.jsonl key, at step = epoch. A resumed run appends a new event file there."""
 
     def __init__(self, log_dir: str | Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-        except ImportError:
-            raise DalikdError(
-                "--tensorboard needs tensorboard: pip install 'dalikd[tensorboard]'"
-            ) from None
+        require()
+        from torch.utils.tensorboard import SummaryWriter
+
         self._writer = SummaryWriter(log_dir=str(log_dir))
 
     def add(self, record: dict[str, Any]) -> None:

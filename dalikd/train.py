@@ -7,26 +7,35 @@ function of the step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dalikd import distributed, recipes, teacher_cache
-from dalikd.checkpoint import save_atomic, write_jsonl_atomic, write_text_atomic
+from dalikd import distributed, recipes, recovery, rundir, teacher_cache, tensorboard
+from dalikd.checkpoint import (
+    CHECKPOINT_FORMAT,
+    RunState,
+    save_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from dalikd.config import OptimConfig, TrainConfig, build_config
-from dalikd.data import scan_dataset
+from dalikd.data import Dataset, scan_dataset
 from dalikd.device import amp_dtype, resolve_device, torch_device
 from dalikd.errors import DalikdError
 from dalikd.evaluate import evaluate
 from dalikd.metrics import GROUP_STEPS, TStddev
+from dalikd.models import check_shapes
 from dalikd.step import Distiller, make_optimizer
 from dalikd.tensorboard import ScalarWriter
 
@@ -77,25 +86,80 @@ def default_run_dir() -> str:
     return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
 
 
-# 2: the DALI graph hands uint8 images over and seeds its draws explicitly; T. stddev is saved
-# per rank. A checkpoint of another format cannot restore this version's data pipeline.
-CHECKPOINT_FORMAT = 2
-
-
 def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
     """The config a run was started with, updated by flags given again (e.g. more epochs)."""
     run_dir = Path(run_dir)
     if not (run_dir / "last.pt").is_file() or not (run_dir / "config.json").is_file():
         raise DalikdError(f"nothing to resume in {run_dir}: no last.pt and config.json there")
-    found = _read_checkpoint(run_dir / "last.pt", mmap=True).get("format", 1)
+    ckpt = _read_checkpoint(run_dir / "last.pt", mmap=True)
+    found = ckpt.get("format", 1)
     if found != CHECKPOINT_FORMAT:
         raise DalikdError(
             f"{run_dir / 'last.pt'} has checkpoint format {found}; this dalikd resumes format "
             f"{CHECKPOINT_FORMAT} only (its data pipeline changed). Start a new run; the old "
             f"weights can seed it: --student-weights {run_dir / 'last.pt'}"
         )
-    saved = json.loads((run_dir / "config.json").read_text())
-    return build_config(saved, {**overrides, "out": str(run_dir)})
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise DalikdError(f"cannot read {run_dir / 'config.json'}: {e}") from None
+    if not isinstance(saved, dict):
+        raise DalikdError(f"{run_dir / 'config.json'} is damaged: not a table of settings")
+    data = saved.setdefault("data", {})
+    if isinstance(data, dict) and "mixing" not in data and ckpt.get("dali"):
+        # saved before the mixing path was configuration: the DALI state names its graph
+        from dalikd.loaders import checkpoint_mixing
+
+        data["mixing"] = checkpoint_mixing(recovery.dali_state(ckpt["dali"][0]))
+    try:
+        before = build_config(saved, {"out": str(run_dir)})
+    except DalikdError as e:
+        raise DalikdError(f"{run_dir / 'config.json'} is damaged: {e}") from None
+    cfg = build_config(overrides={**overrides, "out": str(run_dir)}, base=before)
+    old, new = _flat(before.to_dict()), _flat(cfg.to_dict())
+    fixed = [f"{k} {old[k]} -> {new[k]}" for k in old if old[k] != new[k] and k not in RESUMABLE]
+    if fixed:
+        raise DalikdError(
+            f"cannot change on resume: {', '.join(fixed)} (the data order, models or step count "
+            f"depend on them); start a new run, seeded with --student-weights {run_dir}/last.pt"
+        )
+    return cfg
+
+
+# What --resume may change: the schedule is a pure function of the step, the loss weights and
+# the optimizer's hyperparameters are read each step, the rest is bookkeeping. Everything else
+# (batch size, images, augmentation, models, seed, device, ...) is fixed by the checkpoint.
+RESUMABLE = frozenset(
+    {"optim.epochs", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay",
+     "optim.schedule", "optim.milestones", "optim.gamma", "optim.warmup_epochs",
+     "kd.ce_weight", "kd.kd_weight", "kd.temperature", "kd.mixed_label_ce",
+     "log_every", "ckpt_every", "eval_teacher", "channels_last", "tensorboard", "out",
+     "teacher_cache", "teacher_cache_topk"}
+)  # fmt: skip
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _kept(run_dir: Path) -> str:
+    """The note for a stop on bad numbers: only a run that saved a checkpoint has one to keep."""
+    return "; last.pt keeps the last good checkpoint" if (run_dir / "last.pt").is_file() else ""
+
+
+def resolve_mixing(cfg: TrainConfig, recipe: recipes.Recipe | None, device: str) -> TrainConfig:
+    """``cfg`` with its mixing path resolved once ("native" | "composed"), when the recipe
+    mixes: config.json and the checkpoint record the graph the data state belongs to."""
+    if recipe is None or not recipes.recipe_info(recipe).mixing:
+        return cfg
+    from dalikd import native
+
+    return build_config(
+        overrides={"data.mixing": native.resolve(cfg.data.mixing, device)}, base=cfg
+    )
 
 
 def _read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -103,9 +167,6 @@ def _read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise DalikdError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-
-
-_EPOCH_START = {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}  # never mutated: rebound per epoch
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -153,267 +214,362 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = Fal
     device = resolve_device(cfg.device)
     if cfg.precision == "fp16" and device != "gpu":
         raise DalikdError("--precision fp16 needs a GPU; on CPU use fp32 (default) or bf16")
+    if cfg.tensorboard:
+        tensorboard.require()
     ctx = distributed.init(device)
     try:
-        with StopSignals() as stop:
+        cfg = build_config(overrides={"out": cfg.out or default_run_dir()}, base=cfg)
+        lock = contextlib.nullcontext()
+        if ctx.is_main:  # one run per run directory (a second one is refused in one line)
+            rundir.prepare(Path(cfg.out))
+            lock = rundir.locked(Path(cfg.out), (reporter or SilentReporter()).message)
+        with lock, StopSignals() as stop:
             return _train(cfg, reporter if ctx.is_main and reporter else SilentReporter(),
                           resume, device, ctx, stop)  # fmt: skip
     finally:
         distributed.shutdown(ctx)
 
 
+@dataclass
+class Run:
+    """The objects of one run, made once before the loop (:func:`_setup`)."""
+
+    cfg: TrainConfig
+    device: str  # "cpu" | "gpu"
+    ctx: distributed.Dist
+    run_dir: Path
+    reporter: Reporter
+    dataset: Dataset
+    distiller: Distiller  # the student (DDP-wrapped where distributed), teacher and losses
+    student: nn.Module  # the student itself: what checkpoints save
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    state: RunState
+    # T. stddev of this rank's teacher rows (x and the x' trained on), cumulative over the run;
+    # pooled over the ranks at each epoch end (TStddev.pooled). A group is GROUP_STEPS steps of
+    # rows (the reference's 5); its size in rows is set at the first step (0: not yet known).
+    tstd: TStddev
+    train_data: Any = None  # recovery.TrainData
+    val_data: Any = None  # loaders.Loader
+    tb: ScalarWriter | None = None  # --tensorboard: rank 0 writes the epoch records there too
+    # --teacher-cache: the wrapper of the distiller's teacher pass (teacher_cache.attach)
+    caching: teacher_cache.CachingTeacherPass | None = None
+
+    @property
+    def tdev(self) -> torch.device:
+        return torch_device(self.device)
+
+
 def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
-    # -- setup: data, models, optimizer ---------------------------------------------------------
+    run = _setup(cfg, reporter, resume, device, ctx)
+    cfg, state, tdev = run.cfg, run.state, run.tdev
+    while state.epoch < cfg.optim.epochs:
+        steps_per_epoch = len(run.train_data)  # fewer once files that failed in training are out
+        reporter.epoch_start(state.epoch, cfg.optim.epochs, steps_per_epoch)
+        run.distiller.train()
+        loss_sum = torch.tensor(state.partial["loss_sum"], device=tdev)
+        seen, t0 = state.partial["seen"], time.perf_counter() - state.partial["seconds"]
+        for batch in run.train_data:
+            # lr: a pure function of the step
+            lr = lr_at(state.global_step, steps_per_epoch, cfg.optim)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            # step
+            losses = _step(run, batch)
+            state.global_step += 1
+            state.step_in_epoch += 1
+            loss_sum += losses["loss"].detach()
+            seen += len(batch)
+            # stop requests are agreed across ranks (a sync point, so at log boundaries only)
+            step = state.step_in_epoch
+            boundary = step % cfg.log_every == 0 or step == steps_per_epoch
+            stopping = (boundary or not ctx.enabled) and distributed.any_rank(
+                ctx, stop.received is not None, tdev
+            )
+            # mid-epoch checkpoint: every ckpt_every steps, and before stopping
+            periodic = bool(cfg.ckpt_every) and step % cfg.ckpt_every == 0
+            save_now = step < steps_per_epoch and (stopping or periodic)
+            # log: .item() is a CPU-GPU sync point, so only at log boundaries and before a
+            # checkpoint, which must never hold the weights of a non-finite loss
+            if boundary or save_now:
+                loss = _finite_loss(run, losses)
+                if boundary:
+                    img_per_s = seen * ctx.world_size / (time.perf_counter() - t0)
+                    reporter.step(step, loss, img_per_s, lr)
+            # checkpoint (mid-epoch)
+            if save_now:
+                elapsed = time.perf_counter() - t0
+                state.partial = {"loss_sum": float(loss_sum), "seen": seen, "seconds": elapsed}
+                _save(run, ("last.pt",))
+                if stopping:
+                    stop.received = stop.received or "SIGTERM"  # signalled on another rank
+                    break
+        if state.step_in_epoch < steps_per_epoch:  # stopped mid-epoch
+            break
+        train_seconds = time.perf_counter() - t0
+
+        # validate
+        record = _validate(run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0)
+
+        # checkpoint: last.pt every epoch, best.pt when val top-1 improves
+        improved = state.end_epoch(record)
+        _save(run, ("last.pt", "best.pt") if improved else ("last.pt",))
+        if ctx.is_main:
+            write_jsonl_atomic(state.history, run.run_dir / "metrics.jsonl")
+            if run.tb is not None:
+                run.tb.add(record)
+        reporter.epoch_end(record)
+        if distributed.any_rank(ctx, stop.received is not None, tdev):
+            stop.received = stop.received or "SIGTERM"
+            break
+
+    if run.tb is not None:
+        run.tb.close()
+    return _summary(run, stop.received)
+
+
+# -- the loop's parts ----------------------------------------------------------------------------
+
+
+def _summary(run: Run, stopped_by: str | None) -> dict[str, Any]:
+    state = run.state
+    return {
+        "run_dir": str(run.run_dir),
+        "device": run.device,
+        "world_size": run.ctx.world_size,
+        "epochs": run.cfg.optim.epochs,
+        "epochs_done": state.epoch,
+        "best_top1": state.best_top1,
+        "final": state.history[-1] if state.history else {},
+        "stopped_by": stopped_by,
+        "step_in_epoch": state.step_in_epoch,
+    }
+
+
+def _step(run: Run, batch: Any) -> dict[str, torch.Tensor]:
+    """One optimization step; its teacher rows go into T. stddev. Returns the named losses."""
+    if run.caching is not None and run.train_data.dataset is not run.dataset:
+        run.caching.detach()  # a file failed mid-run: the views now differ from the cache's
+    try:
+        out = run.distiller.step(batch, run.optimizer, run.scaler)
+    except torch.OutOfMemoryError:
+        cfg = run.cfg
+        raise DalikdError(
+            f"out of memory at --batch-size {cfg.data.batch_size} "
+            f"(student {cfg.model.student}, teacher {cfg.model.teacher or 'none'}); "
+            "lower --batch-size"
+        ) from None
+    if out.teacher_logits is not None:
+        if not run.tstd.group_size:  # x's rows + the x' trained on, GROUP_STEPS times
+            run.tstd.group_size = GROUP_STEPS * len(out.teacher_logits)
+        if run.caching is not None and run.caching.tstd_sums is not None:  # a top-K cache hit
+            run.tstd.add_sums(*run.caching.tstd_sums)
+        else:
+            run.tstd.add(out.teacher_logits.float().softmax(dim=1))
+    return out.losses
+
+
+def _finite_loss(run: Run, losses: dict[str, torch.Tensor]) -> float:
+    loss = losses["loss"].item()
+    if not math.isfinite(loss):
+        raise DalikdError(
+            f"loss is {loss} at step {run.state.global_step} (epoch {run.state.epoch + 1}); "
+            f"lower --lr{_kept(run.run_dir)}"
+        )
+    return loss
+
+
+def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) -> dict:
+    """The epoch's record: train loss and images/s over every rank, val metrics, and with a
+    teacher T. stddev and the teacher-student agreement on val."""
+    ctx, teacher = run.ctx, run.distiller.teacher
+    if run.caching is not None:  # the cached val logits (the teacher runs where they are not)
+        teacher = run.caching.val_teacher
+    val = evaluate(run.student, run.val_data, run.device, run.cfg.precision, ctx, teacher=teacher)
+    totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=run.tdev)
+    distributed.all_sum(ctx, totals)
+    record = {
+        "epoch": run.state.epoch + 1,
+        "train_loss": float(totals[0]) / (steps_per_epoch * ctx.world_size),
+        "val_loss": val["loss"],
+        "val_top1": val["top1"],
+        "val_top5": val["top5"],
+        "lr": lr,
+        "img_per_s": float(totals[1]) / train_seconds,
+        "seconds": time.perf_counter() - t0,
+    }
+    if run.caching is not None:  # this rank's steps read from the cache / computed, so far
+        record["cache_hits"], record["cache_misses"] = run.caching.hits, run.caching.misses
+    if teacher is not None:  # over every rank's rows; NaN (before 2 groups) is written null
+        t_std, entropy = run.tstd.pooled(lambda t: distributed.all_sum(ctx, t))
+        record["t_stddev"] = _finite_or_none(t_std)
+        record["teacher_entropy"] = _finite_or_none(entropy)
+        record["group_rows"] = run.tstd.group_size
+        # teacher-student agreement on val: top-1 (%) and KL(teacher || student) at T = 1
+        record["val_agree_top1"], record["val_kl_ts"] = val["agree_top1"], val["kl_ts"]
+    return record
+
+
+def _save(run: Run, names: tuple[str, ...]) -> None:
+    """All ranks call this: each contributes its DALI and T. stddev states; rank 0 writes."""
+    ctx, state = run.ctx, run.state
+    if run.caching is not None:  # the cache's chunks end where checkpoints do
+        run.caching.cache.flush()
+    dali_states = distributed.gather_objects(ctx, run.train_data.checkpoint())
+    tstd_states = distributed.gather_objects(ctx, run.tstd.state_dict(cpu=True))
+    if not ctx.is_main:
+        return
+    if not all(p.isfinite().all() for p in run.student.parameters()):
+        raise DalikdError(
+            f"the weights became non-finite by step {state.global_step} (epoch "
+            f"{state.epoch + 1}); lower --lr{_kept(run.run_dir)}"
+        )
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "model": run.student.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        **state.state_dict(),
+        "dali": dali_states,
+        "tstddev": tstd_states,
+        "rng": torch.get_rng_state(),
+        "config": run.cfg.to_dict(),
+        "classes": list(run.dataset.classes),
+    }
+    for name in names:
+        save_atomic(ckpt, run.run_dir / name)
+
+
+# -- setup and resume ------------------------------------------------------------------------------
+
+
+def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx) -> Run:
+    """Data, models, optimizer; the saved state where resuming; the run directory's files;
+    the loaders."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.out or default_run_dir())
     cfg = build_config(overrides={"out": str(run_dir)}, base=cfg)
     dataset = scan_dataset(cfg.data.path)
     recipe = recipes.resolve(cfg.kd.aug)
-    # --teacher-cache: the teacher is built on the first step the cache lacks (teacher_cache.attach)
+    cfg = resolve_mixing(cfg, recipe, device)
+    # --teacher-cache: the teacher is built on the first step the cache lacks (teacher_cache)
     models = replace(cfg.model, teacher="") if cfg.teacher_cache else cfg.model
-    distiller = Distiller.build(models, cfg.kd, dataset.num_classes, device, cfg.precision)
-    student, teacher = distiller.student, distiller.teacher
-    tdev = torch_device(device)
+    distiller = Distiller.build(models, cfg.kd, dataset.num_classes, device, cfg.precision,
+                                channels_last=cfg.channels_last)  # fmt: skip
+    student = distiller.student
     optimizer = make_optimizer(student, cfg.optim)
     # Loss scaling only for fp16 autocast; bf16 has fp32's exponent range and needs none.
     scaler = torch.amp.GradScaler(enabled=amp_dtype(device, cfg.precision) == torch.float16)
     # The teacher stays unwrapped: it is frozen, there is nothing to synchronise.
     if ctx.enabled:  # the step calls the wrapper; checkpoints save the student itself
         distiller.student = DDP(student, device_ids=[ctx.local_rank] if device == "gpu" else None)
+    run = Run(cfg, device, ctx, run_dir, reporter, dataset, distiller, student, optimizer,
+              scaler, RunState(), TStddev(group_size=0))  # fmt: skip
+    dali_state = _resume(run) if resume else None
+    if resume:  # files that failed in training before stay out
+        run.dataset = recovery.apply_skips(dataset, recovery.read_report(run_dir))
+    _open_run_dir(run)
+    _open_loaders(run, recipe, dali_state)
+    return run
 
-    # -- resume ---------------------------------------------------------------------------------
-    epoch, step_in_epoch, global_step, best_top1, history = 0, 0, 0, -1.0, []
-    partial = _EPOCH_START  # sums of the interrupted epoch so far
+
+def _resume(run: Run) -> str | bytes | None:
+    """Restore the run from last.pt: weights, optimizer, scaler, RNG, RunState, T. stddev.
+    Returns this rank's DALI state (None where the world size changed)."""
+    cfg, ctx, state = run.cfg, run.ctx, None
+    ckpt = _read_checkpoint(run.run_dir / "last.pt")
+    check_shapes(run.student, ckpt["model"], f"{run.run_dir / 'last.pt'} does not fit the student")
+    run.student.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    # settings given again on resume win over the saved ones (lr is set at every step)
+    run.optimizer.param_groups[0]["weight_decay"] = cfg.optim.weight_decay  # the decay group
+    for group in run.optimizer.param_groups:
+        group["momentum"], group["nesterov"] = cfg.optim.momentum, cfg.optim.nesterov
+    run.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"])
+    run.state = state = RunState.from_checkpoint(ckpt)
+    run.tstd = _restore_tstddev(ckpt["tstddev"], ctx, run.tdev)
     dali_state = None
-    # T. stddev of this rank's teacher rows (x and the x' trained on), cumulative over the run;
-    # pooled over the ranks at each epoch end (TStddev.pooled). A group is GROUP_STEPS steps of
-    # rows (the reference's 5); its size in rows is set at the first step (0: not yet known).
-    tstd = TStddev(group_size=0)
-    if resume:
-        ckpt = _read_checkpoint(run_dir / "last.pt")
-        student.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"])
-        epoch, step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
-        global_step, best_top1, history = (
-            ckpt["scheduler"]["step"],
-            ckpt["best_top1"],
-            ckpt["history"],
+    if len(ckpt["dali"]) == ctx.world_size:
+        dali_state = ckpt["dali"][ctx.rank]
+    elif state.step_in_epoch:
+        run.reporter.message(
+            f"world size changed ({len(ckpt['dali'])} -> {ctx.world_size}): epoch "
+            f"{state.epoch + 1} restarts from its first step with a new data order"
         )
-        partial = ckpt["partial"]
-        tstd_states = ckpt["tstddev"]  # one per rank (a single dict before they were gathered)
-        tstd_states = [tstd_states] if isinstance(tstd_states, dict) else tstd_states
-        if len(tstd_states) > ctx.world_size:  # fewer ranks now: rank 0 takes the surplus
-            tstd_states = [TStddev.combine([tstd_states[0], *tstd_states[ctx.world_size :]]),
-                           *tstd_states[1 : ctx.world_size]]  # fmt: skip
-        if ctx.rank < len(tstd_states):  # more ranks now: the new ones start empty
-            tstd.load_state_dict(tstd_states[ctx.rank], tdev)
-        if len(ckpt["dali"]) == ctx.world_size:
-            dali_state = ckpt["dali"][ctx.rank]
-        elif step_in_epoch:
-            reporter.message(
-                f"world size changed ({len(ckpt['dali'])} -> {ctx.world_size}): epoch "
-                f"{epoch + 1} restarts from its first step with a new data order"
-            )
-            global_step -= step_in_epoch
-            step_in_epoch, partial = 0, _EPOCH_START
-        reporter.message(f"resumed {run_dir} at epoch {epoch + 1}, step {step_in_epoch}")
-    tb = None  # --tensorboard: rank 0 writes the epoch records to RUN_DIR/tb/ too
-    if ctx.is_main:
-        tb = ScalarWriter(run_dir / "tb") if cfg.tensorboard else None
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(json.dumps(cfg.to_dict(), indent=2) + "\n", run_dir / "config.json")
-        write_jsonl_atomic(history, run_dir / "metrics.jsonl")
-        report = "".join(f"{path}\t{reason}\n" for path, reason in dataset.skipped)
-        write_text_atomic("path\treason\n" + report, run_dir / "data_report.tsv")
+        state.restart_epoch()
+    run.reporter.message(
+        f"resumed {run.run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch}"
+    )
+    return dali_state
+
+
+def _restore_tstddev(states: Any, ctx: distributed.Dist, tdev: torch.device) -> TStddev:
+    """This rank's T. stddev accumulator from the saved ones (one per rank then)."""
+    tstd = TStddev(group_size=0)
+    states = [states] if isinstance(states, dict) else states  # a single dict: before gathering
+    if len(states) > ctx.world_size:  # fewer ranks now: rank 0 takes the surplus
+        states = [TStddev.combine([states[0], *states[ctx.world_size :]]),
+                  *states[1 : ctx.world_size]]  # fmt: skip
+    if ctx.rank < len(states):  # more ranks now: the new ones start empty
+        tstd.load_state_dict(states[ctx.rank], tdev)
+    return tstd
+
+
+def _open_run_dir(run: Run) -> None:
+    """Rank 0 writes config.json, metrics.jsonl and the data report; everyone hears the data."""
+    dataset = run.dataset
+    if run.ctx.is_main:
+        run.tb = ScalarWriter(run.run_dir / "tb") if run.cfg.tensorboard else None
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        config = json.dumps(run.cfg.to_dict(), indent=2) + "\n"
+        write_text_atomic(config, run.run_dir / "config.json")
+        write_jsonl_atomic(run.state.history, run.run_dir / "metrics.jsonl")
+        recovery.write_report(run.run_dir, dataset.skipped)
     left_out = (
         f", {len(dataset.skipped)} files left out (see data_report.tsv)" if dataset.skipped else ""
     )
-    reporter.message(
+    run.reporter.message(
         f"data: {len(dataset.train):,} train / {len(dataset.val):,} val images, "
         f"{dataset.num_classes} classes{left_out}"
     )
 
+
+def _open_loaders(run: Run, recipe: recipes.Recipe | None, dali_state: Any) -> None:
+    """The training loader (a file that fails to decode is left out and the epoch goes on)
+    and the validation loader; with --eval-teacher, the teacher's val accuracy first."""
+    from dalikd import loaders  # DALI: only where the loaders are built
+
+    cfg, ctx, dataset = run.cfg, run.ctx, run.dataset
     # Without a saved DALI state (a fresh start, or another world size) epoch e starts from
     # seed + e, so a restart does not replay the first epoch's order.
-    from dalikd import pipeline  # DALI: only where the loaders are built
-
-    train_data = pipeline.train_loader(
-        dataset.train, cfg.data, recipe, device=device,
-        seed=cfg.seed + (epoch if dali_state is None else 0),
-        shard_id=ctx.rank, num_shards=ctx.world_size, granularity=cfg.kd.granularity,
+    run.train_data = recovery.TrainData(
+        dataset, cfg.data, recipe, device=run.device, seed=cfg.seed,
+        epoch=run.state.epoch, step=run.state.step_in_epoch, run_dir=run.run_dir,
+        reporter=run.reporter, is_main=ctx.is_main, shard_id=ctx.rank,
+        num_shards=ctx.world_size, granularity=cfg.kd.granularity,
         pool_size=cfg.kd.pool_size, checkpoint=dali_state,
     )  # fmt: skip
-    val_data = pipeline.val_loader(
-        dataset.val, cfg.data, device=device, shard_id=ctx.rank, num_shards=ctx.world_size
+    run.val_data = loaders.val_loader(
+        dataset.val, cfg.data, device=run.device, shard_id=ctx.rank, num_shards=ctx.world_size
     )
-    steps_per_epoch = len(train_data)
-    if steps_per_epoch == 0:
+    if len(run.train_data) == 0:
         raise DalikdError(
             f"{len(dataset.train)} training images make no full batch of {cfg.data.batch_size}"
             f"{' per rank' if ctx.enabled else ''}; lower --batch-size"
         )
-    caching = None  # the teacher-output cache around the distiller's teacher pass
-    if cfg.teacher_cache:
-        caching = teacher_cache.attach(
-            cfg, dataset, distiller, device=device, rank=ctx.rank, world_size=ctx.world_size,
-            graph_format=CHECKPOINT_FORMAT, val_batches=len(val_data), message=reporter.message,
+    if cfg.teacher_cache:  # around the distiller's teacher pass; the teacher built for
+        run.caching = teacher_cache.attach(  # --eval-teacher or on the first uncached step
+            cfg, run.dataset, run.distiller, device=run.device, rank=ctx.rank,
+            world_size=ctx.world_size, graph_format=CHECKPOINT_FORMAT,
+            val_batches=len(run.val_data), message=run.reporter.message,
+            detached=bool(recovery.read_report(run.run_dir)),  # files failed: other views
         )  # fmt: skip
-        caching.seek(epoch, step_in_epoch, steps_per_epoch)
-        teacher = distiller.teacher  # built by attach only for --eval-teacher
+        run.caching.seek(run.state.epoch, run.state.step_in_epoch, len(run.train_data))
+    teacher = run.distiller.teacher
     if teacher is not None and cfg.eval_teacher:
-        t = evaluate(teacher, val_data, device, cfg.precision, ctx)
-        reporter.message(
+        t = evaluate(teacher, run.val_data, run.device, cfg.precision, ctx)
+        run.reporter.message(
             f"teacher {cfg.model.teacher}: val top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  "
             f"loss {t['loss']:.4f}"
         )
-
-    def save_checkpoint(path_names: tuple[str, ...]) -> None:
-        """All ranks call this: each contributes its DALI and T. stddev states; rank 0 writes."""
-        if caching is not None:  # the cache's chunks end where checkpoints do
-            caching.cache.flush()
-        states = distributed.gather_objects(ctx, train_data.checkpoint())
-        tstd_states = distributed.gather_objects(ctx, tstd.state_dict(cpu=True))
-        if not ctx.is_main:
-            return
-        if not all(p.isfinite().all() for p in student.parameters()):
-            raise DalikdError(
-                f"the weights became non-finite by step {global_step} (epoch {epoch + 1}); "
-                "lower --lr; last.pt keeps the last good checkpoint"
-            )
-        ckpt = {
-            "format": CHECKPOINT_FORMAT,
-            "model": student.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {"step": global_step},
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,  # epochs completed
-            "step_in_epoch": step_in_epoch,  # steps of the next epoch already done
-            "partial": partial,
-            "best_top1": best_top1,
-            "history": history,
-            "dali": states,
-            "tstddev": tstd_states,
-            "rng": torch.get_rng_state(),
-            "config": cfg.to_dict(),
-            "classes": list(dataset.classes),
-        }
-        for name in path_names:
-            save_atomic(ckpt, run_dir / name)
-
-    while epoch < cfg.optim.epochs:
-        reporter.epoch_start(epoch, cfg.optim.epochs, steps_per_epoch)
-        distiller.train()
-        loss_sum = torch.tensor(partial["loss_sum"], device=tdev)
-        seen, t0 = partial["seen"], time.perf_counter() - partial["seconds"]
-        for batch in train_data:
-            # lr
-            lr = lr_at(global_step, steps_per_epoch, cfg.optim)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            try:
-                step_out = distiller.step(batch, optimizer, scaler)
-            except torch.OutOfMemoryError:
-                raise DalikdError(
-                    f"out of memory at --batch-size {cfg.data.batch_size} "
-                    f"(student {cfg.model.student}, teacher {cfg.model.teacher or 'none'}); "
-                    "lower --batch-size"
-                ) from None
-            losses = step_out.losses
-            if step_out.teacher_logits is not None:
-                if not tstd.group_size:  # x's rows + the x' trained on, GROUP_STEPS times
-                    tstd.group_size = GROUP_STEPS * len(step_out.teacher_logits)
-                if caching is not None and caching.tstd_sums is not None:  # top-K cache hit
-                    tstd.add_sums(*caching.tstd_sums)
-                else:
-                    tstd.add(step_out.teacher_logits.float().softmax(dim=1))
-            global_step += 1
-            step_in_epoch += 1
-            loss_sum += losses["loss"].detach()
-            seen += len(batch)
-            # stop requests are agreed across ranks (a sync point, so at log boundaries only)
-            boundary = step_in_epoch % cfg.log_every == 0 or step_in_epoch == steps_per_epoch
-            stopping = (boundary or not ctx.enabled) and distributed.any_rank(
-                ctx, stop.received is not None, tdev
-            )
-            # mid-epoch checkpoint: every ckpt_every steps, and before stopping
-            periodic = bool(cfg.ckpt_every) and step_in_epoch % cfg.ckpt_every == 0
-            save_now = step_in_epoch < steps_per_epoch and (stopping or periodic)
-            # log: .item() is a CPU-GPU sync point, so only at log boundaries and before a
-            # checkpoint, which must never hold the weights of a non-finite loss
-            if boundary or save_now:
-                loss = losses["loss"].item()
-                if not math.isfinite(loss):
-                    raise DalikdError(
-                        f"loss is {loss} at step {global_step} (epoch {epoch + 1}); "
-                        "lower --lr; last.pt keeps the last good checkpoint"
-                    )
-                if boundary:
-                    img_per_s = seen * ctx.world_size / (time.perf_counter() - t0)
-                    reporter.step(step_in_epoch, loss, img_per_s, lr)
-            if save_now:
-                elapsed = time.perf_counter() - t0
-                partial = {"loss_sum": float(loss_sum), "seen": seen, "seconds": elapsed}
-                save_checkpoint(("last.pt",))
-                if stopping:
-                    stop.received = stop.received or "SIGTERM"  # signalled on another rank
-                    break
-        if step_in_epoch < steps_per_epoch:  # stopped mid-epoch
-            break
-        train_seconds = time.perf_counter() - t0
-
-        # validate
-        val_teacher = caching.val_teacher if caching is not None else teacher
-        val = evaluate(student, val_data, device, cfg.precision, ctx, teacher=val_teacher)
-        totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=tdev)
-        distributed.all_sum(ctx, totals)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": float(totals[0]) / (steps_per_epoch * ctx.world_size),
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "val_top5": val["top5"],
-            "lr": lr,
-            "img_per_s": float(totals[1]) / train_seconds,
-            "seconds": time.perf_counter() - t0,
-        }
-        if caching is not None:  # this rank's steps read from the cache / computed, so far
-            record["cache_hits"], record["cache_misses"] = caching.cache.hits, caching.cache.misses
-        if cfg.model.teacher:  # over every rank's rows; NaN (before 2 groups) is written null
-            t_std, entropy = tstd.pooled(lambda t: distributed.all_sum(ctx, t))
-            record["t_stddev"] = _finite_or_none(t_std)
-            record["teacher_entropy"] = _finite_or_none(entropy)
-            record["group_rows"] = tstd.group_size
-            # teacher-student agreement on val: top-1 (%) and KL(teacher || student) at T = 1
-            record["val_agree_top1"], record["val_kl_ts"] = val["agree_top1"], val["kl_ts"]
-        history.append(record)
-        epoch, step_in_epoch = epoch + 1, 0
-        partial = _EPOCH_START
-
-        # checkpoint: last.pt every epoch, best.pt when val top-1 improves
-        improved = val["top1"] > best_top1
-        best_top1 = max(best_top1, val["top1"])
-        save_checkpoint(("last.pt", "best.pt") if improved else ("last.pt",))
-        if ctx.is_main:
-            write_jsonl_atomic(history, run_dir / "metrics.jsonl")
-            if tb is not None:
-                tb.add(record)
-        reporter.epoch_end(record)
-        if distributed.any_rank(ctx, stop.received is not None, tdev):
-            stop.received = stop.received or "SIGTERM"
-            break
-
-    if tb is not None:
-        tb.close()
-    return {
-        "run_dir": str(run_dir),
-        "device": device,
-        "world_size": ctx.world_size,
-        "epochs": cfg.optim.epochs,
-        "epochs_done": epoch,
-        "best_top1": best_top1,
-        "final": history[-1] if history else {},
-        "stopped_by": stop.received,
-        "step_in_epoch": step_in_epoch,
-    }

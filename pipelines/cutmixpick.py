@@ -7,6 +7,7 @@ from dalikd.recipes import AugContext, Pool, View, recipe
     "CutMix k times (own lam, box, partner each; --pool-size k, default 2), then keep the "
     "candidates the teacher is least sure of (--pick-criterion)",
     mixing=True,
+    torchvision="CutMix pool",
 )
 def cutmixpick(images, ctx: AugContext) -> Pool:
     """images: uint8 HWC on ctx.device. A pool of ctx.pool_size independent CutMix views; the
@@ -17,6 +18,5 @@ def cutmixpick(images, ctx: AugContext) -> Pool:
         ctx.pool_size,
         alpha=1.0,
         granularity=ctx.granularity,
-        native=ctx.native,
     )  # natively one operator call writes all k candidates (dalikd.native)
     return Pool(tuple(View(mixed, lam, perm) for mixed, lam, perm in pool))

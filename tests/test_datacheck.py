@@ -8,7 +8,7 @@ import pytest
 from conftest import make_dataset
 from PIL import Image
 
-from dalikd import pipeline
+from dalikd import loaders
 from dalikd.cli.main import main
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
@@ -85,7 +85,7 @@ def test_scan_leaves_bad_files_out_and_dali_runs_an_epoch(dirty_dataset):
     assert not any(os.path.basename(f) in BAD for f in ds.train.files)
     # Every remaining file decodes: two epochs through the real pipeline.
     cfg = DataConfig(path=str(dirty_dataset), image_size=16, batch_size=4, threads=1)
-    loader = pipeline.train_loader(ds.train, cfg, None, device="cpu", seed=0)
+    loader = loaders.train_loader(ds.train, cfg, None, device="cpu", seed=0)
     assert sum(len(b) for _ in range(2) for b in loader) == 2 * (len(ds.train) // 4) * 4
 
 

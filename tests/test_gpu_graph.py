@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from dalikd import native, pipeline
+from dalikd import loaders, native
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 from dalikd.recipes import builtin_recipes, resolve
@@ -21,12 +21,12 @@ S = 16  # px
 def traced_gpu_train_graph(monkeypatch, root, aug: str, granularity: str, native_path: bool):
     """The pipeline train_loader(device="gpu") would build, traced but not built: the DALI
     device id is None (no GPU here). Returns ``{name: output node}`` and the pipeline."""
-    monkeypatch.setattr(pipeline, "_dali_device_id", lambda device: None)
-    data = DataConfig(path=str(root), image_size=S, batch_size=4, threads=1)
-    pipe, names = pipeline.build_pipeline(
-        pipeline.train_graph, data=data, device="gpu", seed=0, split=scan_dataset(root).train,
+    monkeypatch.setattr(loaders, "_dali_device_id", lambda device: None)
+    data = DataConfig(path=str(root), image_size=S, batch_size=4, threads=1,
+                      mixing="native" if native_path else "composed")  # fmt: skip
+    pipe, names = loaders.build_pipeline(
+        loaders.train_graph, data=data, device="gpu", seed=0, split=scan_dataset(root).train,
         recipe=resolve(aug), shard_id=0, num_shards=1, granularity=granularity,
-        native=native_path,
     )  # fmt: skip
     pipe._build_graph()  # private: collects the operators without building the backend
     return dict(zip(names, pipe._graph_outputs, strict=True)), pipe
@@ -88,20 +88,20 @@ def test_no_output_of_the_native_gpu_graph_is_a_pinned_cpu_node(
 def test_the_check_finds_a_cpu_output_that_feeds_gpu_arithmetic(solid_dataset, monkeypatch):
     # The graph before the fix: composed MixUp's λ was both `images * lam` (copied to the GPU)
     # and a pipeline output.
-    monkeypatch.setattr(pipeline, "_dali_device_id", lambda device: None)
+    monkeypatch.setattr(loaders, "_dali_device_id", lambda device: None)
     from nvidia.dali import fn
 
     from dalikd import ops
 
     def graph(data, device, split):
-        jpegs, labels = pipeline.read(split, shuffle=True, shard_id=0, num_shards=1)
-        images = pipeline.random_resized_crop(jpegs, data, device)
+        jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
+        images = loaders.random_resized_crop(jpegs, data, device)
         mixed, lam, perm = ops.mixup(images, native=False)
         return {"images": mixed, "labels": labels, "lam_0": lam, "perm_0": perm,
                 "coin": fn.random.coin_flip()}  # fmt: skip
 
     data = DataConfig(path=str(solid_dataset), image_size=S, batch_size=4, threads=1)
-    pipe, names = pipeline.build_pipeline(
+    pipe, names = loaders.build_pipeline(
         graph, data=data, device="gpu", seed=0, split=scan_dataset(solid_dataset).train
     )
     pipe._build_graph()
@@ -116,5 +116,5 @@ def test_the_mixed_decoder_gets_the_throughput_settings_only_on_gpu(solid_datase
     for name in ("hw_decoder_load", "preallocate_width_hint", "preallocate_height_hint",
                  "device_memory_padding", "host_memory_padding"):  # fmt: skip
         assert decoder._op._init_args[name] == getattr(data, name), name
-    assert pipeline.decoder_args(data, "gpu")["device"] == "mixed"
-    assert pipeline.decoder_args(data, "cpu") == {"device": "cpu"}
+    assert loaders.decoder_args(data, "gpu")["device"] == "mixed"
+    assert loaders.decoder_args(data, "cpu") == {"device": "cpu"}

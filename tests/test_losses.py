@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from tiny_models import tiny_cnn
 
 from dalikd.config import build_config
+from dalikd.loaders import Batch
 from dalikd.losses import kd_divergence
-from dalikd.pipeline import Batch
 from dalikd.step import Distiller
 
 

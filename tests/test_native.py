@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import threading
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from nvidia.dali import fn, pipeline_def
 from PIL import Image
+from tests_helpers import run_cli
 
-from dalikd import native, ops, pipeline
+from dalikd import loaders, native, ops
 from dalikd.cli.main import main
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
@@ -51,7 +53,7 @@ def fresh_native():
 
 def batches(dataset, name, granularity, pool_size=2, steps=2):
     data = DataConfig(path=str(dataset.root), image_size=S, batch_size=4, threads=2)
-    loader = pipeline.train_loader(
+    loader = loaders.train_loader(
         dataset.train, data, resolve(name), device="cpu", seed=5, granularity=granularity,
         pool_size=pool_size,
     )  # fmt: skip
@@ -61,8 +63,8 @@ def batches(dataset, name, granularity, pool_size=2, steps=2):
 def schemas(dataset, name, granularity):
     """The operator schemas in the training graph (to see which path was taken)."""
     data = DataConfig(path=str(dataset.root), image_size=S, batch_size=4, threads=1)
-    pipe, _ = pipeline.build_pipeline(
-        pipeline.train_graph, data=data, device="cpu", seed=0, split=dataset.train,
+    pipe, _ = loaders.build_pipeline(
+        loaders.train_graph, data=data, device="cpu", seed=0, split=dataset.train,
         recipe=resolve(name), shard_id=0, num_shards=1, granularity=granularity,
     )  # fmt: skip
     pipe._build_graph()  # private: collects the graph's operators without building the backend
@@ -88,6 +90,7 @@ def test_the_plugin_builds_loads_and_is_cached_by_dali_version_and_source_hash()
 def test_native_is_bit_identical_to_composed_through_the_train_loader(
     jpegs, name, granularity, monkeypatch
 ):
+    monkeypatch.setenv("DALIKD_NATIVE_RESIZE", "0")  # both with DALI's resize: only mixing differs
     monkeypatch.setenv("DALIKD_NATIVE", "0")
     composed = batches(jpegs, name, granularity, pool_size=3)
     assert "DalikdMix" not in schemas(jpegs, name, granularity)
@@ -158,7 +161,7 @@ def test_a_resumed_loader_keeps_the_mixing_path_of_its_checkpoint(jpegs, saved, 
     data = DataConfig(path=str(jpegs.root), image_size=S, batch_size=4, threads=1)
 
     def loader(checkpoint=None):
-        return pipeline.train_loader(jpegs.train, data, resolve("cutmixpick"), device="cpu",
+        return loaders.train_loader(jpegs.train, data, resolve("cutmixpick"), device="cpu",
                                      seed=2, checkpoint=checkpoint)  # fmt: skip
 
     monkeypatch.setenv("DALIKD_NATIVE", saved)
@@ -171,6 +174,61 @@ def test_a_resumed_loader_keeps_the_mixing_path_of_its_checkpoint(jpegs, saved, 
     resumed = next(iter(loader(checkpoint)))
     for field in ("images", "aug_images", "lam", "perm"):
         assert torch.equal(getattr(resumed, field), getattr(expected, field)), field
+
+
+@pytest.mark.parametrize("path", ["native", "composed"])
+def test_the_configured_mixing_path_wins_over_the_environment(jpegs, path, monkeypatch):
+    """data.mixing picks the graph; DALIKD_NATIVE is only auto's default."""
+    monkeypatch.setenv("DALIKD_NATIVE", "0" if path == "native" else "1")
+    data = DataConfig(path=str(jpegs.root), image_size=S, batch_size=4, threads=1, mixing=path)
+    pipe, _ = loaders.build_pipeline(
+        loaders.train_graph, data=data, device="cpu", seed=0, split=jpegs.train,
+        recipe=resolve("cutmix"), shard_id=0, num_shards=1,
+    )  # fmt: skip
+    pipe._build_graph()
+    found = {getattr(op._op, "schema_name", "") for op in pipe._ops}
+    assert ("DalikdMix" in found) == (path == "native")
+    assert ("MultiPaste" in found) == (path == "composed")
+
+
+def test_a_checkpoint_restores_only_into_its_own_mixing_path(jpegs):
+    data = DataConfig(path=str(jpegs.root), image_size=S, batch_size=4, threads=1,
+                      mixing="composed")  # fmt: skip
+    first = loaders.train_loader(jpegs.train, data, resolve("mixup"), device="cpu", seed=0)
+    next(iter(first))
+    checkpoint = first.checkpoint()
+    assert loaders.checkpoint_mixing(checkpoint) == "composed"
+    with pytest.raises(DalikdError, match="saved with the composed mixing path"):
+        loaders.train_loader(jpegs.train, replace(data, mixing="native"), resolve("mixup"),
+                              device="cpu", seed=0, checkpoint=checkpoint)  # fmt: skip
+
+
+def test_a_run_saves_its_resolved_mixing_path_and_resumes_on_it(
+    jpegs, tmp_path, tiny_env, monkeypatch, capsys
+):
+    """auto is resolved once (here by DALIKD_NATIVE=0), written to config.json and the
+    checkpoint; a resume keeps it, and a contradicting --mixing is one line."""
+    monkeypatch.setenv("DALIKD_NATIVE", "0")
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        ["train", "--data", jpegs.root, "--student", "tiny_models:tiny_cnn", "--aug", "mixup",
+         "--mixed-label-ce", 1, "--epochs", 1, "--image-size", 16, "--batch-size", 4,
+         "--threads", 1, "--device", "cpu", "--out", out], capsys)  # fmt: skip
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["data"]["mixing"] == "composed"
+    saved = torch.load(out / "last.pt", weights_only=True)["config"]["data"]["mixing"]
+    assert saved == "composed"
+    code, _, err = run_cli(["train", "--resume", out, "--epochs", 2, "--mixing", "native"], capsys)
+    assert code == 1 and "data.mixing composed -> native" in err
+    assert len(err.strip().splitlines()) == 1
+    # a run dir saved before data.mixing existed: its DALI state names the graph
+    saved = json.loads((out / "config.json").read_text())
+    del saved["data"]["mixing"]
+    (out / "config.json").write_text(json.dumps(saved))
+    monkeypatch.setenv("DALIKD_NATIVE", "1")  # auto would now pick native: ignored on resume
+    code, _, err = run_cli(["train", "--resume", out, "--epochs", 2], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["data"]["mixing"] == "composed"
 
 
 def test_without_a_compiler_dalikd_falls_back_with_exactly_one_warning(
@@ -236,8 +294,9 @@ def test_the_gpu_graph_with_the_native_operator_can_be_defined(name, granularity
 
     def graph():
         x = fn.external_source(source=lambda: [np.zeros((S, S, 3), np.uint8)] * 4, batch=True)
-        ctx = AugContext(S, "gpu", (0.0, 0.0, 0.0), granularity, native=True)
-        out = builtin_recipes()[name](x.gpu(), ctx)
+        ctx = AugContext(S, "gpu", (0.0, 0.0, 0.0), granularity)
+        with ops.mixing_path("native"):  # as train_graph sets it for data.mixing = native
+            out = builtin_recipes()[name](x.gpu(), ctx)
         views = getattr(out, "views", (out,))
         nodes.extend(views)
         return tuple(n for v in views for n in (v.images, v.lam, v.perm))
@@ -258,8 +317,13 @@ def test_doctor_reports_the_active_mixing_path(capsys, monkeypatch):
     info = json.loads(out)
     assert info["mixing"]["cpu"] == "native"
     assert info["native"]["cpu"] == "loaded"
+    assert info["resize"] == {
+        "cpu": "native (fn.dalikd_resize)",
+        "gpu": "DALI fn.resize: CPU only (the GPU keeps DALI's resize)",
+    }
     assert info["dali"] and info["torch"] and "cuda_available" in info
     monkeypatch.setenv("DALIKD_NATIVE", "0")
     with pytest.raises(SystemExit):
         main(["doctor"])
-    assert "composed: DALIKD_NATIVE=0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "composed: DALIKD_NATIVE=0" in out and "DALI fn.resize: DALIKD_NATIVE=0" in out

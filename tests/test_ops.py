@@ -10,7 +10,7 @@ from nvidia.dali import fn, pipeline_def
 from nvidia.dali.ops import _registry  # private: the only list of operators with a GPU backend
 from PIL import Image
 
-from dalikd import autoaugment, ops, pipeline
+from dalikd import autoaugment, loaders, ops
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 from dalikd.recipes import AugContext, Pool, builtin_recipes, recipe_info, resolve
@@ -425,7 +425,7 @@ def jpeg_dataset(tmp_path_factory):
 def test_every_recipe_runs_through_the_train_loader(jpeg_dataset, name, granularity):
     data = DataConfig(path=str(jpeg_dataset.root), image_size=32, batch_size=4, threads=1)
     recipe = resolve(name)
-    loader = pipeline.train_loader(
+    loader = loaders.train_loader(
         jpeg_dataset.train, data, recipe, device="cpu", seed=0, granularity=granularity
     )
     batches = list(loader)

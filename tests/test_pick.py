@@ -9,15 +9,15 @@ import pytest
 import torch
 from tiny_models import tiny_cnn
 
-from dalikd import pipeline
+from dalikd import loaders
 from dalikd.config import DataConfig, build_config
 from dalikd.data import scan_dataset
 from dalikd.device import prepare_batch
 from dalikd.errors import DalikdError
+from dalikd.loaders import Batch
 from dalikd.losses import kd_divergence
 from dalikd.metrics import TStddev, t_stddev
 from dalikd.pick import entropy, pick, pick_count, scores
-from dalikd.pipeline import Batch
 from dalikd.recipes import resolve
 from dalikd.step import Distiller
 
@@ -126,7 +126,7 @@ def test_teacher_criteria_need_a_teacher():
 def test_cutmixpick_pool_through_the_real_pipeline(solid_dataset):
     ds = scan_dataset(solid_dataset)
     data = DataConfig(path=str(solid_dataset), image_size=16, batch_size=4, threads=1)
-    loader = pipeline.train_loader(
+    loader = loaders.train_loader(
         ds.train, data, resolve("cutmixpick"), device="cpu", seed=0, pool_size=3
     )
     batch = next(iter(loader))

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from tests_helpers import run_cli
 
-from dalikd import pipeline, preview, recipes
+from dalikd import loaders, preview, recipes
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 
@@ -37,11 +37,11 @@ def gradients(tmp_path_factory) -> Path:
     return make_gradient_dataset(tmp_path_factory.mktemp("gradients"))
 
 
-def reference_batch(data_dir: Path, aug: str, granularity: str) -> pipeline.Batch:
+def reference_batch(data_dir: Path, aug: str, granularity: str) -> loaders.Batch:
     """The first training batch straight from the library's loader, as `dalikd train` gets it."""
     dataset = scan_dataset(data_dir)
     data = DataConfig(path=str(data_dir), image_size=SIZE, batch_size=BATCH)
-    loader = pipeline.train_loader(
+    loader = loaders.train_loader(
         dataset.train, data, recipes.resolve(aug), device="cpu", seed=SEED,
         granularity=granularity,
     )  # fmt: skip

@@ -1,5 +1,6 @@
 """`dalikd profile` end to end on small generated data (CPU), and its one-line errors."""
 
+import importlib.util
 import json
 import math
 
@@ -31,6 +32,17 @@ def test_profile_writes_every_stage_as_json(solid_dataset, tmp_path, tiny_env, c
         "+ resize 16², no antialias (option)",
         "+ flip (plain pipeline)",
     ]
+    # With the native resize, DALI's own resize is timed beside it, and the plain hand-off
+    # against it and timm's loader (where timm is installed), in the same windows.
+    native = report["resize"].startswith("native")
+    dali = " (DALI's fn.resize)"
+    assert names[5:7] == (
+        [f"+ resize 16² (antialias){dali}", f"+ flip (plain pipeline){dali}"] if native else []
+    )
+    assert importlib.util.find_spec("timm") is None or "timm" in report["alternatives"]
+    assert ("DALI's fn.resize" in report["alternatives"]) == native
+    for alt in report["alternatives"].values():
+        assert alt["img_per_s"] > 0 and alt["dalikd_ratio"] > 0 and len(alt["windows"]) == 2
     schemes = ["none", "flip", "cutmix", "cutmixpick"]
     for aug in schemes:
         per_scheme = [n for n, st in zip(names, report["stages"], strict=True) if st["aug"] == aug]
@@ -82,7 +94,7 @@ def test_data_path_only_without_models_or_baseline(solid_dataset, tmp_path, caps
         (["--aug", "flip,,cutmix"], "empty item"),
         (["--teacher", TINY], "--teacher needs --student"),
         (["--batch-size", 1000], "no full batch of 1000"),
-        (["--pool", 0], "--pool must be at least 1"),
+        (["--pool-size", 0], "--pool-size must be at least 1"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(solid_dataset, extra, message, capsys):
@@ -98,9 +110,9 @@ def test_missing_data_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_all_is_every_built_in_recipe_after_plain_kd():
-    names = [s.name for s in profile.resolve_schemes("all")]
+    names = [s.name for s in profile.resolve_augs("all")]
     assert names[0] == "none" and set(names) == set(builtin_recipes())
-    assert [s.name for s in profile.resolve_schemes("cutmix,flip,cutmix")] == [
+    assert [s.name for s in profile.resolve_augs("cutmix,flip,cutmix")] == [
         "none", "cutmix", "flip",
     ]  # fmt: skip
 
@@ -113,7 +125,20 @@ def test_bound_is_the_largest_own_cost():
         {"name": "hand-off", "kind": "data", "img_per_s": 790.0},  # + ~0.016 ms
         {"name": "teacher", "kind": "model", "img_per_s": 1600.0},  # 0.625 ms alone
     ]
-    bound = profile._bound(stages, [st["name"] for st in stages])
+    bound = profile.bound(stages, [st["name"] for st in stages])
     assert bound["stage"] == "+ resize"
     assert bound["own_ms_per_img"] == pytest.approx(1.25 - 0.5)
     assert [round(st["own_ms_per_img"], 3) for st in stages] == [0.1, 0.4, 0.75, 0.016, 0.625]
+
+
+def test_every_declared_torchvision_equivalent_has_a_baseline():
+    """The baseline's names come from the recipe registry (@recipe(torchvision=...))."""
+    from dalikd.config import DataConfig
+    from dalikd.profile.baseline import torchvision_parts
+    from dalikd.recipes import recipe_info
+
+    declared = {n: recipe_info(r).torchvision for n, r in builtin_recipes().items()}
+    assert declared["cutmixpick"] == "CutMix pool" and declared["none"] == ""
+    for name, equivalent in declared.items():
+        parts = torchvision_parts(equivalent, DataConfig(image_size=32), 10)
+        assert (parts is None) == (equivalent == ""), name

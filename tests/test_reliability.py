@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import TESTS, make_dataset
 from PIL import Image
-from test_pipeline import decode_colour
+from test_loaders import decode_colour
 from tiny_models import tiny_cnn
 
-from dalikd import pipeline
+from dalikd import loaders
 from dalikd.cli.main import main
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
@@ -34,7 +34,7 @@ def test_shards_cover_every_training_sample_once_per_epoch(tmp_path):
     ds = scan_dataset(root)
     cfg = DataConfig(path=str(root), image_size=16, batch_size=4, threads=1)
     loaders = [
-        pipeline.train_loader(ds.train, cfg, None, device="cpu", seed=11, shard_id=r, num_shards=2)
+        loaders.train_loader(ds.train, cfg, None, device="cpu", seed=11, shard_id=r, num_shards=2)
         for r in range(2)
     ]
     assert [len(ld) for ld in loaders] == [3, 3]
@@ -53,7 +53,7 @@ def test_shards_cover_every_training_sample_once_per_epoch(tmp_path):
 
     val_counts = Counter()
     for r in range(2):
-        for batch in pipeline.val_loader(ds.val, cfg, device="cpu", shard_id=r, num_shards=2):
+        for batch in loaders.val_loader(ds.val, cfg, device="cpu", shard_id=r, num_shards=2):
             val_counts.update(
                 (lab, tuple(decode_colour(x)))
                 for x, lab in zip(batch.images, batch.labels.tolist(), strict=True)

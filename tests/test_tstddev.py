@@ -10,7 +10,7 @@ from PIL import Image
 from tests_helpers import run_cli
 from tiny_models import tiny_cnn
 
-from dalikd import pipeline
+from dalikd import loaders
 from dalikd.batch import normalize
 from dalikd.config import DataConfig, KDConfig, build_config
 from dalikd.data import scan_dataset
@@ -69,7 +69,7 @@ def rows_by_hand(data_dir: Path, teacher_file: Path, aug: str, steps: int) -> to
     a pool is cut with the pick's primitives (not dalikd.pick.select)."""
     dataset = scan_dataset(data_dir)
     data = DataConfig(path=str(data_dir), image_size=SIZE, batch_size=BATCH, threads=1)
-    loader = pipeline.train_loader(dataset.train, data, resolve(aug), device="cpu", seed=0)
+    loader = loaders.train_loader(dataset.train, data, resolve(aug), device="cpu", seed=0)
     teacher = tiny_cnn(3)
     teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
     teacher.eval()
@@ -163,7 +163,7 @@ def test_probe_counts_the_rows_training_counts(criterion):
     training step."""
     torch.manual_seed(0)
     b, k = 4, 2
-    batch = pipeline.Batch(
+    batch = loaders.Batch(
         images=torch.randn(b, 3, 8, 8), labels=torch.arange(b) % 3,
         aug_images=torch.randn(k * b, 3, 8, 8), lam=torch.rand(k * b),
         perm=torch.cat([torch.roll(torch.arange(b), j + 1) for j in range(k)]), pool=k,

@@ -7,7 +7,9 @@ The result is cached in ``cache_dir()/native/<DALI version>-<source hash>/`` (bu
 temporary folder, then renamed; a file lock keeps torchrun ranks from building it twice) and
 loaded with ``nvidia.dali.plugin_manager.load_library``.
 
-``DALIKD_NATIVE`` picks the mixing path: ``auto`` (default) uses the operator where it loads
+The mixing path is configuration, ``data.mixing`` (``--mixing``): ``native``, ``composed``, or
+``auto``, resolved once per run by :func:`resolve` and saved in config.json and the checkpoint.
+``auto`` takes ``DALIKD_NATIVE`` as its default: ``auto`` (default) uses the operator where it loads
 and otherwise the composed stock-operator graph of :mod:`dalikd.ops`, with one warning per
 process naming the reason; ``1`` makes an unavailable operator an error; ``0`` never builds it.
 On the GPU "loads" is not enough: before its first use in a process the GPU backend runs a tiny
@@ -38,6 +40,9 @@ from pathlib import Path
 from dalikd.errors import DalikdError
 
 SOURCES = ("mix.h", "mix_cpu.cc", "mix_gpu.h", "mix_gpu.cc", "mix_gpu.cu")
+# The CPU resize operator (fn.dalikd_resize) is compiled into both libraries beside the mixing
+# operator; :func:`use_native_resize` says whether it is used.
+RESIZE_SOURCES = ("resize.h", "resize_cpu.cc")
 MODES = ("auto", "0", "1")
 # Headers the build needs besides DALI's: cuda_runtime.h pulls in crt/host_config.h, and DALI's
 # float16 header includes CCCL's nv/target. pip's CUDA runtime wheels ship only the first.
@@ -91,7 +96,7 @@ def source_dir() -> Path:
 
 def source_hash() -> str:
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + RESIZE_SOURCES:
         digest.update(name.encode() + b"\0" + (source_dir() / name).read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -274,7 +279,8 @@ def _compile(work: Path, key: str) -> BuildInfo:
     # -ffp-contract=off: no fused multiply-add, so MixUp rounds exactly as DALI's arithmetic.
     compile_cc = [cxx, "-std=c++20", "-O3", "-fPIC", "-ffp-contract=off", "-w", *cflags,
                   *[f"-I{d}" for d in include], "-c"]  # fmt: skip
-    cmds = [[*compile_cc, str(src / "mix_cpu.cc"), "-o", "mix_cpu.o"]]
+    cmds = [[*compile_cc, str(src / "mix_cpu.cc"), "-o", "mix_cpu.o"],
+            [*compile_cc, str(src / "resize_cpu.cc"), "-o", "resize_cpu.o"]]  # fmt: skip
     if nvcc:
         # nvcc compiles only the kernel (no DALI headers: seconds); g++ the operator around it.
         last = GENCODES[-1][3:]
@@ -287,10 +293,12 @@ def _compile(work: Path, key: str) -> BuildInfo:
         info["gpu_error"] = "skipped (DALIKD_NATIVE_GPU=0)"
     else:
         info["gpu_error"] = "no nvcc found (DALIKD_NVCC, CUDA_HOME, PATH, /usr/local/cuda)"
-    cpu_error, *gpu_errors = _run_all(cmds, work)
+    cpu_error, resize_error, *gpu_errors = _run_all(cmds, work)
+    cpu_error = cpu_error or resize_error
 
     if not cpu_error:
-        link = [cxx, "-shared", "mix_cpu.o", "-o", "libdalikd_mix_cpu.so", *lflags]
+        objects = ["mix_cpu.o", "resize_cpu.o"]
+        link = [cxx, "-shared", *objects, "-o", "libdalikd_mix_cpu.so", *lflags]
         cpu_error = _run(link, work) or _smoke(work / "libdalikd_mix_cpu.so")
     if cpu_error:
         info["cpu_error"] = cpu_error
@@ -305,7 +313,7 @@ def _compile(work: Path, key: str) -> BuildInfo:
             # nvcc links: it knows its own static CUDA runtime, which keeps the plugin free of a
             # libcudart of another CUDA version than DALI's; --exclude-libs hides its symbols.
             link = [nvcc, "-ccbin", cxx, "-shared", "-cudart", "static", "mix_cpu.o",
-                    "mix_gpu.o", "mix_kernel.o", "-o", "libdalikd_mix.so",
+                    "resize_cpu.o", "mix_gpu.o", "mix_kernel.o", "-o", "libdalikd_mix.so",
                     "-Xlinker", "--exclude-libs,ALL",
                     *[f for f in lflags if not f.startswith("-Wl,")],
                     "-Xlinker", f"-rpath,{sysconfig.get_lib_dir()}", "-ldali_core"]  # fmt: skip
@@ -315,6 +323,15 @@ def _compile(work: Path, key: str) -> BuildInfo:
         else:
             info["gpu_library"] = "libdalikd_mix.so"
     return BuildInfo(**info)
+
+
+def _private(path: Path) -> bool:
+    """Owned by this user and writable by no one else (a build found otherwise is rebuilt)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _read(folder: Path) -> BuildInfo | None:
@@ -350,22 +367,30 @@ def build(force: bool = False) -> tuple[BuildInfo, Path]:
     compiler, nvcc or the CUDA headers were installed since). Returns the build record and
     its folder.
     """
+    from dalikd.datacheck import private_dir
+
     root = build_root()
     key = build_key()
     final = root / key
-    cached = None if force else _read(final)
+    private_dir(root)
+    if root.stat().st_uid != os.getuid():  # whoever can write here picks the code we load
+        raise DalikdError(
+            f"{root} is not owned by you; not loading a native library from there "
+            "(set DALIKD_CACHE to a folder of your own)"
+        )
+    os.chmod(root, 0o700)  # ours: made private (an older dalikd created it umask-wide)
+    cached = None if force or not _private(final) else _read(final)
     if _reusable(cached):
         return cached, final
-    root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be building this very key
-        cached = None if force else _read(final)
+        cached = None if force or not _private(final) else _read(final)
         if _reusable(cached):
             return cached, final
         work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         try:
             (work / "src").mkdir()
-            for name in SOURCES:
+            for name in SOURCES + RESIZE_SOURCES:
                 shutil.copy2(source_dir() / name, work / "src" / name)
             info = _compile(work, key)
             for obj in work.glob("*.o"):
@@ -520,6 +545,19 @@ def use_native(device: str) -> bool:
     return False
 
 
+def resolve(mixing: str, device: str) -> str:
+    """The mixing path of ``mixing`` ("auto" | "native" | "composed", the config's
+    ``data.mixing``) on ``device``: "native" (fn.dalikd_mix) or "composed" (stock operators).
+    "auto" takes DALIKD_NATIVE as its default (see :func:`use_native`); "native" makes an
+    unavailable operator an error. A run resolves it once and saves the answer."""
+    if mixing == "composed":
+        return "composed"
+    if mixing == "native":
+        require(device, "asked for (mixing = native)")
+        return "native"
+    return "native" if use_native(device) else "composed"
+
+
 def require(device: str, why: str = "asked for") -> None:
     """Load the operator for ``device`` or raise DalikdError saying why it is unavailable."""
     status = load()
@@ -534,3 +572,56 @@ def reset() -> None:
     load.cache_clear()
     verify_gpu.cache_clear()
     _warn.cache_clear()
+    _warn_resize.cache_clear()
+
+
+# -- the resize operator (fn.dalikd_resize, CPU only) -------------------------------------------
+
+
+def resize_reason(device: str) -> str:
+    """Why fn.dalikd_resize is not used on ``device`` ("" when it is): DALI's fn.resize runs
+    instead. GPU always keeps DALI's resize; DALIKD_NATIVE=0 or DALIKD_NATIVE_RESIZE=0 turn the
+    native one off; otherwise it is used wherever the CPU library loads."""
+    if device != "cpu":
+        return "CPU only (the GPU keeps DALI's resize)"
+    if mode() == "0":
+        return "DALIKD_NATIVE=0"
+    if os.environ.get("DALIKD_NATIVE_RESIZE", "1").strip() == "0":
+        return "DALIKD_NATIVE_RESIZE=0"
+    status = load()
+    return "" if status.cpu else status.reason
+
+
+def use_native_resize(device: str) -> bool:
+    """Whether the antialiased resize on ``device`` runs through fn.dalikd_resize. Falls back to
+    DALI's fn.resize with one warning (DALIKD_NATIVE=auto) or raises (DALIKD_NATIVE=1) when the
+    library does not load; GPU and the off switches fall back silently."""
+    reason = resize_reason(device)
+    if not reason:
+        return True
+    if device == "cpu" and reason not in ("DALIKD_NATIVE=0", "DALIKD_NATIVE_RESIZE=0"):
+        if mode() == "1":
+            raise DalikdError(
+                f"the native resize operator is asked for (DALIKD_NATIVE=1) but unavailable: "
+                f"{reason}"
+            )
+        _warn_resize(reason)
+    return False
+
+
+@functools.cache
+def _warn_resize(reason: str) -> None:
+    warnings.warn(
+        f"dalikd: native resize operator unavailable ({reason}); using DALI's fn.resize (same "
+        "filter family, slower on CPU). DALIKD_NATIVE_RESIZE=0 silences this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def require_resize(why: str) -> None:
+    """Load fn.dalikd_resize whatever DALIKD_NATIVE / DALIKD_NATIVE_RESIZE say (a checkpoint
+    saved with it needs it), or raise DalikdError saying why it is unavailable."""
+    status = load()
+    if not status.cpu:
+        raise DalikdError(f"the native resize operator is {why} but unavailable: {status.reason}")

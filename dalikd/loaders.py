@@ -1,4 +1,5 @@
-"""DALI graphs for training and validation, and their hand-off to PyTorch.
+"""The data loaders: the DALI graphs for training and validation, built into pipelines, and
+their hand-off to PyTorch (:class:`Loader`, :func:`train_loader`, :func:`val_loader`).
 
 ``pipeline_def`` and the PyTorch iterator are applied here and nowhere else. Both graphs run on
 CPU (``device="cpu"``, DALI's ``device_id=None``) or GPU (``device="gpu"``: the decoder runs as
@@ -10,18 +11,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from dalikd import ops
 from dalikd.batch import IMAGENET_MEAN, IMAGENET_STD, Batch
 from dalikd.config import DataConfig
 from dalikd.data import Split
 from dalikd.device import torch_device
 from dalikd.errors import DalikdError
-from dalikd.recipes import AugContext, Pool, Recipe
+from dalikd.recipes import AugContext, Pool, Recipe, View, recipe_info
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "Batch", "torch_device", "train_loader", "val_loader",
@@ -84,23 +87,51 @@ def random_crop_decode(jpegs: Any, data: DataConfig, device: str) -> Any:
     )
 
 
-def random_resized_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
-    """:func:`random_crop_decode`, resized to image_size². Out: uint8 HWC RGB on ``device``."""
+def native_resize(data: DataConfig, device: str, native: bool | None = None) -> bool:
+    """Whether the resize runs through dalikd's fn.dalikd_resize (CPU, antialiased, the flip
+    fused in) instead of DALI's fn.resize: only for the antialiased resize on CPU, where the
+    native library loads (:func:`dalikd.native.use_native_resize`); ``native`` pins the
+    answer (True loads the operator whatever DALIKD_NATIVE says, or raises)."""
+    from dalikd import native as native_op
+
+    if not data.antialias or device != "cpu":  # --no-antialias and GPU keep DALI's resize
+        if native:
+            raise DalikdError("the native resize is CPU-only and antialiased")
+        return False
+    if native is None:
+        return native_op.use_native_resize(device)
+    if native:  # asked for, or by the DALI checkpoint being resumed
+        native_op.require_resize("needed (a checkpoint saved with it)")
+    return native
+
+
+def random_resized_crop(
+    jpegs: Any, data: DataConfig, device: str, flip: bool = False, native: bool | None = None
+) -> Any:
+    """:func:`random_crop_decode`, resized to image_size², and with ``flip`` mirrored
+    horizontally with probability 1/2 (a seeded coin per sample). Out: uint8 HWC RGB on
+    ``device``. ``native``: see :func:`native_resize`."""
     images = random_crop_decode(jpegs, data, device)
-    return fn.resize(
+    if native_resize(data, device, native):
+        kw = {"flip": fn.random.coin_flip(probability=0.5)} if flip else {}
+        return fn.dalikd_resize(images, size_y=data.image_size, size_x=data.image_size, **kw)
+    images = fn.resize(
         images, resize_x=data.image_size, resize_y=data.image_size, antialias=data.antialias
     )
+    if flip:
+        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+    return images
 
 
-def center_crop(jpegs: Any, data: DataConfig, device: str) -> Any:
+def center_crop(jpegs: Any, data: DataConfig, device: str, native: bool | None = None) -> Any:
     """Decode, resize the shorter side to image_size / val_crop_fraction, crop the centre
     image_size². Deterministic. Out: uint8 HWC RGB on ``device``."""
     images = fn.decoders.image(jpegs, **decoder_args(data, device), output_type=types.RGB)
-    images = fn.resize(
-        images,
-        resize_shorter=round(data.image_size / data.val_crop_fraction),
-        antialias=data.antialias,
-    )
+    shorter = round(data.image_size / data.val_crop_fraction)
+    if native_resize(data, device, native):
+        images = fn.dalikd_resize(images, resize_shorter=shorter)
+    else:
+        images = fn.resize(images, resize_shorter=shorter, antialias=data.antialias)
     return fn.crop(images, crop=(data.image_size, data.image_size))
 
 
@@ -114,10 +145,12 @@ def train_graph(
     granularity="sample",
     reader_seed=0,
     pool_size=2,
-    native=None,
+    native_resize=None,
 ):
     """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode.
-    Every image output is uint8 HWC. ``native``: the mixing path (AugContext.native).
+    Every image output is uint8 HWC. The recipe's mixing ops run on the path of
+    ``data.mixing`` (:func:`dalikd.ops.mixing_path`; "auto" is resolved by the first of them);
+    ``native_resize``: the resize path (:func:`native_resize`).
 
     On GPU, λ and perm leave the pipeline as GPU nodes (``.gpu()``; a no-op for the native
     operator's λ, already there): a CPU node that also feeds GPU work (``images * lam``) is
@@ -126,18 +159,43 @@ def train_graph(
     jpegs, labels = read(
         split, shuffle=True, shard_id=shard_id, num_shards=num_shards, seed=reader_seed
     )
-    images = random_resized_crop(jpegs, data, device)
-    images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+    images = random_resized_crop(jpegs, data, device, flip=True, native=native_resize)
     outputs = {"images": images, "labels": labels}
     if recipe is not None:
-        ctx = AugContext(data.image_size, device, IMAGENET_MEAN, granularity, pool_size, native)
-        out = recipe(images, ctx)
+        ctx = AugContext(data.image_size, device, IMAGENET_MEAN, granularity, pool_size)
+        with ops.mixing_path(data.mixing):
+            out = recipe(images, ctx)
+        _check_recipe_output(recipe, out)
         for j, view in enumerate(out.views if isinstance(out, Pool) else (out,)):
             outputs[f"aug_images_{j}"] = view.images
             if view.lam is not None:  # float32 and int32 here; the Loader makes perm int64
                 outputs[f"lam_{j}"] = view.lam.gpu() if device == "gpu" else view.lam
                 outputs[f"perm_{j}"] = view.perm.gpu() if device == "gpu" else view.perm
     return outputs
+
+
+def _check_recipe_output(recipe: Recipe, out: Any) -> None:
+    """A user recipe's mistakes as one line naming it, at trace time (DALI's own errors come
+    later, from deep inside the graph)."""
+    from nvidia.dali.data_node import DataNode
+
+    name = f"recipe {recipe_info(recipe).name}"
+    if not isinstance(out, View | Pool):
+        raise DalikdError(f"{name} returned {type(out).__name__}, not a View or a Pool of Views")
+    for view in out.views if isinstance(out, Pool) else (out,):
+        if not isinstance(view, View):
+            raise DalikdError(f"{name}: a Pool holds {type(view).__name__}, not a View")
+        for field in ("images", "lam", "perm"):
+            value = getattr(view, field)
+            if not (value is None and field != "images") and not isinstance(value, DataNode):
+                raise DalikdError(
+                    f"{name}: View.{field} is {type(value).__name__}, not a DALI DataNode"
+                )
+        if (view.lam is None) != (view.perm is None):
+            raise DalikdError(
+                f"{name} returns {'lam without perm' if view.perm is None else 'perm without lam'}"
+                "; a mixing recipe returns both (the loss needs the partner of each sample)"
+            )
 
 
 def val_graph(split, data, device, shard_id, num_shards):
@@ -168,19 +226,29 @@ def build_pipeline(
     readers and every random operator bit-exactly, mid-epoch included.
     """
     names: list[str] = []
+    errors: list[DalikdError] = []
 
     def graph_fn():
-        outputs = graph(data=data, device=device, **graph_kwargs)
+        try:
+            outputs = graph(data=data, device=device, **graph_kwargs)
+        except DalikdError as e:  # conditionals' tracing rewrites it into a multi-line one
+            errors.append(e)
+            raise
         names.extend(outputs)
         return tuple(outputs.values())
 
-    pipe = pipeline_def(graph_fn, enable_conditionals=True, enable_checkpointing=True)(
-        batch_size=data.batch_size,
-        num_threads=data.threads or default_threads(),
-        device_id=_dali_device_id(device),
-        seed=seed,
-        checkpoint=checkpoint,
-    )
+    try:
+        pipe = pipeline_def(graph_fn, enable_conditionals=True, enable_checkpointing=True)(
+            batch_size=data.batch_size,
+            num_threads=data.threads or default_threads(),
+            device_id=_dali_device_id(device),
+            seed=seed,
+            checkpoint=checkpoint,
+        )
+    except Exception:
+        if errors:
+            raise errors[0] from None
+        raise
     assert names, "pipeline_def traces the graph when the pipeline is created"
     return pipe, names
 
@@ -215,12 +283,16 @@ class Loader:
             # (and on CPU λ, perm) are moved here: a no-op for what is already there.
             views = sum(name.startswith("aug_images_") for name in d)
             for name in ("images", *(f"aug_images_{j}" for j in range(views))):
-                if d[name].dtype != torch.uint8 or d[name].dim() != 4 or d[name].shape[-1] != 3:
+                if (
+                    d[name].dtype != torch.uint8
+                    or d[name].dim() != 4
+                    or d[name].shape[1:] != d["images"].shape[1:]
+                ):
                     raise DalikdError(
                         f"the pipeline's {name.removesuffix('_0')} are "
                         f"{str(d[name].dtype).removeprefix('torch.')} "
-                        f"{tuple(d[name].shape)}; a recipe must return uint8 HWC RGB images, "
-                        "as it receives them"
+                        f"{tuple(d[name].shape)}; a recipe must return uint8 HWC RGB images "
+                        f"of the size it receives ({tuple(d['images'].shape[1:])})"
                     )
             yield Batch(
                 images=d["images"],
@@ -263,21 +335,44 @@ def train_loader(
     All shards shuffle with ``seed`` (one shared permutation, split between them); the
     augmentations of shard i draw from ``seed + i``. ``checkpoint`` resumes a saved state.
     """
+    data = _restored_data(data, recipe, checkpoint)
     pipe, names = build_pipeline(
         train_graph, data=data, device=device, seed=seed + shard_id, checkpoint=checkpoint,
         split=split, recipe=recipe, shard_id=shard_id, num_shards=num_shards,
         granularity=granularity, reader_seed=seed, pool_size=pool_size,
-        native=_native_in(checkpoint),
+        native_resize=_native_in(checkpoint, "DalikdResize"),
     )  # fmt: skip
     return Loader(pipe, names, last_batch=LastBatchPolicy.DROP, device=torch_device(device))
 
 
-def _native_in(checkpoint: str | bytes | None) -> bool | None:
-    """The mixing path a DALI checkpoint was saved from (its operators are named in it), so a
-    resumed run rebuilds the same graph whatever DALIKD_NATIVE says now; None: no checkpoint."""
+def checkpoint_mixing(checkpoint: str | bytes) -> str:
+    """The mixing path a DALI checkpoint was saved from ("native" | "composed"): the
+    operators of its graph are named in it."""
+    return "native" if _native_in(checkpoint, "DalikdMix") else "composed"
+
+
+def _restored_data(data: DataConfig, recipe: Recipe | None, checkpoint: str | None) -> DataConfig:
+    """``data`` for a graph that restores ``checkpoint``: a DALI state only restores into the
+    graph it was saved from, so its mixing path wins over "auto" and contradicts any other."""
+    if checkpoint is None or recipe is None or not recipe_info(recipe).mixing:
+        return data
+    saved = checkpoint_mixing(checkpoint)
+    if data.mixing == "auto":
+        return replace(data, mixing=saved)
+    if data.mixing != saved:
+        raise DalikdError(
+            f"the data pipeline state was saved with the {saved} mixing path; this run asks for "
+            f"{data.mixing} (--mixing {saved} resumes it)"
+        )
+    return data
+
+
+def _native_in(checkpoint: str | bytes | None, name: str) -> bool | None:
+    """Whether a DALI checkpoint's graph holds operator ``name`` (the resize path it was saved
+    from, name="DalikdResize"), so a resumed run rebuilds the same graph whatever
+    DALIKD_NATIVE says now; None: no checkpoint."""
     if checkpoint is None:
         return None
-    name = "DalikdMix"
     return (name.encode() if isinstance(checkpoint, bytes) else name) in checkpoint
 
 

@@ -1,0 +1,329 @@
+"""One profile, stage by stage (the order of the package docstring); ``run_profile``
+returns the JSON-ready report."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from dalikd import loaders
+from dalikd.config import DataConfig, KDConfig, TrainConfig, validate
+from dalikd.data import Dataset, scan_dataset
+from dalikd.device import prepare_batch, resolve_device
+from dalikd.errors import DalikdError
+from dalikd.profile.baseline import BaselineStream, baseline_loader, timm_stream
+from dalikd.profile.config import (
+    BASELINES,
+    DALI_RESIZE,
+    ProfileConfig,
+    ProfiledAug,
+    Progress,
+    Timing,
+    resolve_augs,
+)
+from dalikd.profile.report import (
+    bound,
+    cpu_count,
+    dataset_facts,
+    extra_ms,
+    mixing_path,
+    resize_path,
+    stage_record,
+    versions,
+)
+from dalikd.profile.stages import (
+    build_models,
+    dali_runner,
+    decode_graph,
+    forever,
+    model_runners,
+    read_graph,
+    resize_graph,
+)
+from dalikd.profile.timing import Runner, time_alone, time_interleaved
+
+# -- the profile -----------------------------------------------------------------------------
+
+
+def check(cfg: ProfileConfig) -> tuple[Dataset, list[ProfiledAug], str]:
+    """Every user mistake, before anything is measured: (dataset, schemes, device)."""
+    device = resolve_device(cfg.device)
+    if cfg.baseline not in BASELINES:
+        raise DalikdError(f"--baseline must be one of {', '.join(BASELINES)}; got {cfg.baseline}")
+    if cfg.windows < 1 or cfg.window_seconds < 0 or cfg.warmup < 0:
+        raise DalikdError("--windows must be >= 1, --window-seconds and --warmup >= 0")
+    data = DataConfig(
+        path=cfg.data, image_size=cfg.image_size, batch_size=cfg.batch_size, threads=cfg.threads
+    )
+    validate(TrainConfig(data=data))  # image size, batch size, threads
+    dataset = scan_dataset(cfg.data)
+    if len(dataset.train) < cfg.batch_size:
+        raise DalikdError(
+            f"{len(dataset.train)} training images make no full batch of {cfg.batch_size}; "
+            "lower --batch-size"
+        )
+    if cfg.pool_size < 1:
+        raise DalikdError(f"--pool-size must be at least 1, got {cfg.pool_size}")
+    schemes = resolve_augs(cfg.augs)
+    if cfg.batch_size < 2 and any(s.mixing for s in schemes):
+        raise DalikdError("mixing schemes need --batch-size of at least 2 (a partner)")
+    return dataset, schemes, device
+
+
+def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Measure every stage; return the JSON-ready report (see the module docstring)."""
+    dataset, schemes, device = check(cfg)
+    profiler = _Profiler(cfg, dataset, device, progress or (lambda text: None))
+    profiler.plain_pipeline()
+    for scheme in schemes:
+        profiler.scheme(scheme)
+    return {
+        "device": device,
+        "cpu_count": cpu_count(),
+        "threads": profiler.data.threads,
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": cfg.batch_size,
+        "image_size": cfg.image_size,
+        "antialias": cfg.antialias,
+        "teacher": cfg.teacher or None,
+        "student": cfg.student or None,
+        "pool_size": cfg.pool_size,
+        "windows": cfg.windows,
+        "window_seconds": cfg.window_seconds,
+        "dataset": dataset_facts(dataset),
+        "mixing": mixing_path(device) if any(s.mixing for s in schemes) else "none profiled",
+        "resize": resize_path(profiler.data, device),
+        "alternatives": profiler.alternatives,
+        "versions": versions(),
+        "stages": profiler.stages,
+        "baseline": profiler.baseline,
+        "ratio": profiler.ratio,
+        "cpu_ratio": profiler.cpu_ratio,
+        "bound": profiler.bound,
+        "efficiency": profiler.efficiency,
+    }
+
+
+class _Profiler:
+    """The stages of one profile, in the order they are measured; results accumulate here."""
+
+    def __init__(self, cfg: ProfileConfig, dataset: Dataset, device: str, say: Progress):
+        self.cfg, self.dataset, self.device, self.say = cfg, dataset, device, say
+        self.data = DataConfig(
+            path=cfg.data,
+            image_size=cfg.image_size,
+            batch_size=cfg.batch_size,
+            threads=cfg.threads or loaders.default_threads(),
+            antialias=cfg.antialias,
+        )
+        # A pool is picked by teacher entropy (the paper's best); without a teacher, by the
+        # student's, as `dalikd train` would require.
+        criterion = "teacher_entropy" if cfg.teacher else "student_entropy"
+        kd = KDConfig(pool_size=cfg.pool_size, pick_criterion=criterion)
+
+        self.sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
+        torch.manual_seed(cfg.seed)
+        self.models = build_models(cfg, kd, dataset.num_classes, device)
+        self.stages: list[dict] = []
+        self.chain: list[str] = []  # the plain pipeline's cumulative stages
+        self.baseline: list[dict] = []
+        self.ratio: dict[str, float] = {}
+        self.cpu_ratio: dict[str, float] = {}  # baseline CPU ms / DALI CPU ms, per sample
+        self.bound: dict[str, dict] = {}
+        self.efficiency: dict[str, float] = {}
+        # fn.dalikd_resize in the pipelines (CPU, antialiased, where it loads); when it is, the
+        # plain pipeline is also timed with DALI's fn.resize, in the same windows
+        self.native_resize = loaders.native_resize(self.data, device)
+        self.alternatives: dict[str, dict] = {}  # plain KD: DALI's resize, timm's loader
+
+    def add(self, name: str, timing: Timing, kind: str, aug: str | None = None, **extra) -> str:
+        self.stages.append(stage_record(name, timing, kind, aug, **extra))
+        return name
+
+    def dali(self, graph, data: DataConfig | None = None, **kw) -> tuple[Runner, int]:
+        return dali_runner(
+            graph, data or self.data, self.device, self.cfg.seed, split=self.dataset.train, **kw
+        )
+
+    def plain_runner(self, native_resize: bool | None = None) -> Runner:
+        graph_kw = {"recipe": None, "shard_id": 0, "num_shards": 1}
+        return self.dali(loaders.train_graph, native_resize=native_resize, **graph_kw)[0]
+
+    def plain_pipeline(self) -> None:
+        """read; + decode and random crop; + resize; + flip (cumulative), in interleaved
+        windows."""
+        s = self.cfg.image_size
+        aa = "antialias" if self.cfg.antialias else "NO antialias"
+        runs = {
+            "read": self.dali(read_graph)[0],
+            "+ decode, random crop": self.dali(decode_graph)[0],
+            f"+ resize {s}² ({aa})": self.dali(resize_graph)[0],
+        }
+        side = f"+ resize {s}², no antialias (option)"
+        if self.cfg.antialias:  # the faster, lower-quality mode, beside the chain, never in it
+            runs[side] = self.dali(resize_graph, replace(self.data, antialias=False))[0]
+        runs["+ flip (plain pipeline)"] = self.plain_runner()
+        sides = [side]
+        if self.native_resize:  # DALI's own antialiased resize (and separate flip), beside it
+            dali = f" ({DALI_RESIZE})"
+            sides += [f"+ resize {s}² (antialias){dali}", f"+ flip (plain pipeline){dali}"]
+            runs[sides[1]] = self.dali(resize_graph, native_resize=False)[0]
+            runs[sides[2]] = self.plain_runner(native_resize=False)
+        self.say("the plain pipeline, stage by stage")
+        for name, timing in time_interleaved(runs, self.cfg).items():
+            self.add(name, timing, "side" if name in sides else "data")
+            if name not in sides:
+                self.chain.append(name)
+
+    def scheme(self, scheme: ProfiledAug) -> None:
+        """+ x' (interleaved with the plain pipeline, for its cost), the hand-off to torch
+        (interleaved with the torchvision baseline), then the model stages."""
+        a, cfg = scheme.name, self.cfg
+        names = list(self.chain)
+        runs: dict[str, Runner] = {}
+        views = 0
+        if scheme.recipe is not None:  # + x' (or a pool of k candidates per image)
+            runs["plain"] = self.plain_runner()
+            runs["aug"], views = self.dali(
+                loaders.train_graph,
+                recipe=scheme.recipe,
+                shard_id=0,
+                num_shards=1,
+                pool_size=cfg.pool_size,
+            )
+        loader = loaders.train_loader(
+            self.dataset.train,
+            self.data,
+            scheme.recipe,
+            device=self.device,
+            seed=cfg.seed,
+            pool_size=cfg.pool_size,
+        )
+        batches = forever(loader)
+
+        def handoff() -> None:  # what the model gets: the batch, normalized on the device
+            prepare_batch(next(batches), self.device)
+
+        runs["handoff"] = Runner(handoff, cfg.batch_size, self.sync)
+        timm = None
+        if scheme.recipe is None:  # plain KD: the alternatives, in the same interleaved run
+            if self.native_resize:
+                runs[DALI_RESIZE] = self.dali_resize_handoff()
+            if cfg.baseline == "torchvision":
+                timm = timm_stream(self.dataset.root, self.data, self.device)
+                if timm is not None:
+                    runs["timm"] = Runner(timm.step, cfg.batch_size, self.sync, timm.worker_pids)
+        tv = None
+        if cfg.baseline == "torchvision":
+            tv_loader = baseline_loader(
+                a, self.dataset.root, self.data, self.dataset.num_classes, cfg.pool_size
+            )
+            if tv_loader is not None:
+                tv = BaselineStream(tv_loader, loaders.torch_device(self.device))
+                runs["torchvision"] = Runner(tv.step, cfg.batch_size, self.sync, tv.worker_pids)
+        self.say(f"{a}: pipeline, hand-off" + (" and torchvision" if tv else ""))
+        t = time_interleaved(runs, cfg, cfg.window_seconds / 2 if tv else 0.0)
+        for stream in (tv, timm):
+            if stream is not None:
+                stream.close()  # the baselines' workers stop before the models run
+        del runs, tv, timm
+        names += self.record(a, t, views)
+        if self.models is not None:
+            names += self.model_stages(a, views, scheme.mixing, batches)
+        self.bound[a] = bound(self.stages, names)
+
+    def record(self, a: str, t: dict[str, Timing], views: int) -> list[str]:
+        """The data stages of scheme ``a`` from one interleaved run ``t``: + x', the hand-off,
+        the baselines and the alternatives; returns the names added to the scheme's chain."""
+        names: list[str] = []
+        for name in (DALI_RESIZE, "timm"):
+            if name in t:
+                self.alternatives[name] = {
+                    "img_per_s": t[name].img_per_s,
+                    "cpu_ms_per_img": t[name].cpu_ms_per_img,
+                    "windows": t[name].windows,
+                    "dalikd_ratio": t["handoff"].img_per_s / t[name].img_per_s,
+                }
+        before = t["plain"] if "aug" in t else None
+        if "aug" in t:
+            label = f"+ {a}" + (f" (pool of {views}·B)" if views > 1 else "")
+            # Its own cost and its share of the plain pipeline's rate, from the same windows.
+            names.append(
+                self.add(
+                    label,
+                    t["aug"],
+                    "data",
+                    a,
+                    views=views,
+                    own_ms_per_img=extra_ms(t["aug"], t["plain"]),
+                    vs_plain=t["aug"].img_per_s / t["plain"].img_per_s,
+                )
+            )
+            before = t["aug"]
+        handoff = f"hand-off to torch, normalize ({a})"
+        own = extra_ms(t["handoff"], before) if before else None
+        names.append(
+            self.add(
+                handoff,
+                t["handoff"],
+                "data",
+                a,
+                **({"own_ms_per_img": own} if own is not None else {}),
+            )
+        )
+        if "torchvision" in t:
+            base = t["torchvision"]
+            self.baseline.append(
+                {
+                    "aug": a,
+                    "img_per_s": base.img_per_s,
+                    "cpu_ms_per_img": base.cpu_ms_per_img,
+                    "windows": base.windows,
+                }
+            )
+            self.ratio[a] = t["handoff"].img_per_s / base.img_per_s
+            if base.cpu_ms_per_img and t["handoff"].cpu_ms_per_img:
+                self.cpu_ratio[a] = base.cpu_ms_per_img / t["handoff"].cpu_ms_per_img
+        return names
+
+    def dali_resize_handoff(self) -> Runner:
+        """The plain training loader's hand-off with DALI's fn.resize + fn.flip instead of
+        fn.dalikd_resize."""
+        pipe, names = loaders.build_pipeline(
+            loaders.train_graph, data=self.data, device=self.device, seed=self.cfg.seed,
+            split=self.dataset.train, recipe=None, shard_id=0, num_shards=1,
+            native_resize=False,
+        )  # fmt: skip
+        loader = loaders.Loader(pipe, names, last_batch=loaders.LastBatchPolicy.DROP,
+                                 device=loaders.torch_device(self.device))  # fmt: skip
+        batches = forever(loader)
+        return Runner(lambda: prepare_batch(next(batches), self.device), self.cfg.batch_size,
+                       self.sync)  # fmt: skip
+
+    def model_stages(self, a: str, views: int, mixing: bool, batches) -> list[str]:
+        cfg, names = self.cfg, []
+        runs = model_runners(views, mixing, self.models, self.data, self.dataset.num_classes)
+        if "teacher" in runs:
+            n = 1 + views
+            name = f"teacher forward, {n if n > 1 else ''}B images ({a})"
+            self.say(name)
+            names.append(
+                self.add(name, time_alone(runs["teacher"], cfg), "model", a, images_per_sample=n)
+            )
+        name = f"student forward + backward, {'x and x' + chr(39) if views else 'x'} ({a})"
+        self.say(name)
+        names.append(self.add(name, time_alone(runs["student"], cfg), "model", a))
+        self.say(f"KD step, synthetic tensors ({a})")
+        synthetic = time_alone(runs["synthetic"], cfg)
+        self.add(f"KD step, synthetic tensors ({a})", synthetic, "step", a)
+
+        def fed_step():
+            self.models.step(next(batches))
+
+        self.say(f"KD step, fed by the pipeline ({a})")
+        fed = time_alone(Runner(fed_step, cfg.batch_size, self.sync), cfg)
+        self.add(f"KD step, fed by the pipeline ({a})", fed, "step", a)
+        self.efficiency[a] = fed.img_per_s / synthetic.img_per_s
+        return names
