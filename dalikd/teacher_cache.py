@@ -630,6 +630,11 @@ class CachingTeacherPass:
             self._load()
             self.loaded = True
 
+    def flush(self) -> None:
+        """Write the recorded steps as one chunk: the run calls this where it checkpoints."""
+        if self.cache is not None:
+            self.cache.flush()
+
     def detach(self) -> None:
         """Stop reading and writing the cache (what was recorded so far is written)."""
         if self.cache is not None:

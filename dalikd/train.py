@@ -414,7 +414,7 @@ def _save(run: Run, names: tuple[str, ...]) -> None:
     """All ranks call this: each contributes its DALI and T. stddev states; rank 0 writes."""
     ctx, state = run.ctx, run.state
     if run.caching is not None:  # the cache's chunks end where checkpoints do
-        run.caching.cache.flush()
+        run.caching.flush()
     dali_states = distributed.gather_objects(ctx, run.train_data.checkpoint())
     tstd_states = distributed.gather_objects(ctx, run.tstd.state_dict(cpu=True))
     if not ctx.is_main:

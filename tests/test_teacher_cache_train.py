@@ -135,3 +135,31 @@ def test_cache_refusals_are_one_line(solid_dataset, tmp_path, tiny_env, teacher,
                                  "--seed", 5), capsys)  # fmt: skip
     assert code == 1 and "holds another run's teacher outputs (seed 0 -> 5, teacher_weights" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_files_failing_in_training_stop_the_cache_use(tmp_path, tiny_env, capsys):
+    """After a file fails mid-run the views are another stream: nothing more is read or
+    written; a second run replays the steps before the failure and ends identical."""
+    from conftest import make_dataset
+    from test_robustness import CLASSES, corrupt_sof
+
+    root = make_dataset(tmp_path / "d", classes=CLASSES, n_train=5, n_val=2)
+    (root / "train/ant/bad_sof.jpg").write_bytes(corrupt_sof())
+    weights = tmp_path / "t4.pt"
+    torch.save(tiny_cnn(4).state_dict(), weights)
+    cache = tmp_path / "cache"
+    outs = {}
+    for name in ("first", "second"):
+        args = _args(root, weights, tmp_path / name, "--teacher-cache", cache,
+                     "--teacher-cache-topk", 0)  # fmt: skip
+        code, outs[name], err = run_cli(args, capsys)
+        assert code == 0, err
+        assert "not used from here on (files failed in training" in outs[name]
+    assert _same_weights(tmp_path / "first", tmp_path / "second")
+    second = _records(tmp_path / "second")
+    assert second[-1]["cache_hits"] > 0  # the steps before the failure were read
+    assert second[-1]["cache_hits"] + second[-1]["cache_misses"] == 2 * 5
+    assert set(cache_info(cache)["epochs"]) == {1}  # nothing written after the failure
+    code, out, err = run_cli(["train", "--resume", tmp_path / "second", "--epochs", 3], capsys)
+    assert code == 0, err
+    assert "not used (files failed in training" in out
