@@ -45,7 +45,7 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistoche
 
 def photo_set(per_class: int) -> Path:
     """The JPEG set of benchmarks/profile_photos.py, built by its code when present."""
-    from dalikd.data import cache_dir
+    from dalikd.cache import cache_dir
 
     shared = HERE / "profile_photos.py"
     if shared.is_file():

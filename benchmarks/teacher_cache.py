@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def photo_set(per_class: int) -> Path:
-    from dalikd.data import cache_dir
+    from dalikd.cache import cache_dir
 
     spec = importlib.util.spec_from_file_location("profile_photos", HERE / "profile_photos.py")
     module = importlib.util.module_from_spec(spec)

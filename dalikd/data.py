@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dalikd.cache import cache_dir
 from dalikd.datacheck import check_files
 from dalikd.errors import DalikdError
 
@@ -60,14 +61,6 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(
         e.name for e in os.scandir(split_dir) if _is_dir(e) and not e.name.startswith(".")
     )
-
-
-def cache_dir() -> Path:
-    """$DALIKD_CACHE, else $XDG_CACHE_HOME/dalikd, else ~/.cache/dalikd."""
-    if os.environ.get("DALIKD_CACHE"):
-        return Path(os.environ["DALIKD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "dalikd"
 
 
 def _utf8(path: str) -> bool:

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dalikd.cache import private_dir
+
 TAIL = 4096  # bytes read from the end of each file to find its end marker
 
 _MAGIC = (
@@ -168,17 +170,6 @@ def check_files(
         if cache_file:
             _write_cache(cache_file, root, decode, verdicts)
     return {path: v[2] for path, v in verdicts.items() if v[2] is not None}
-
-
-def private_dir(path: Path) -> None:
-    """Create ``path`` and its missing parents readable and writable by the user only (0700):
-    whoever can write a cache decides what the next run trusts."""
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for folder in reversed(missing):
-        folder.mkdir(mode=0o700, exist_ok=True)
 
 
 def _write_cache(path: Path, root: Path, decode: bool, verdicts: dict) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dalikd.cache import cache_dir
 from dalikd.config import build_config
-from dalikd.data import cache_dir
 from dalikd.plots import write_curves
 from dalikd.train import Reporter, SilentReporter, train
 

@@ -23,6 +23,7 @@ from dalikd.cli.main import main
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 from dalikd.errors import DalikdError
+from dalikd.native import builder
 from dalikd.recipes import AugContext, builtin_recipes, resolve
 
 S = 32  # px
@@ -271,8 +272,8 @@ def test_two_builders_at_once_compile_once(tmp_path, monkeypatch):
         (work / "libdalikd_mix_cpu.so").write_bytes(b"")
         return native.BuildInfo(key, "fake", "libdalikd_mix_cpu.so", "", None, "n/a", "", "")
 
-    monkeypatch.setattr(native, "_compile", slow_fake)
-    monkeypatch.setattr(native, "_current_toolchain", lambda: "fake")
+    monkeypatch.setattr(builder, "_compile", slow_fake)
+    monkeypatch.setattr(builder, "_current_toolchain", lambda: "fake")
     results = []
     threads = [threading.Thread(target=lambda: results.append(native.build())) for _ in range(3)]
     for t in threads:

@@ -33,15 +33,15 @@ def test_shards_cover_every_training_sample_once_per_epoch(tmp_path):
     root = make_dataset(tmp_path / "d", n_train=8, n_val=5)  # 24 train = 2 ranks x 3 x 4
     ds = scan_dataset(root)
     cfg = DataConfig(path=str(root), image_size=16, batch_size=4, threads=1)
-    loaders = [
+    shards = [
         loaders.train_loader(ds.train, cfg, None, device="cpu", seed=11, shard_id=r, num_shards=2)
         for r in range(2)
     ]
-    assert [len(ld) for ld in loaders] == [3, 3]
+    assert [len(ld) for ld in shards] == [3, 3]
     orders = []
     for _epoch in range(2):
         seen = []
-        for ld in loaders:
+        for ld in shards:
             for batch in ld:
                 seen += [
                     (lab, tuple(decode_colour(x)))

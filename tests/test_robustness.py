@@ -219,6 +219,7 @@ def test_the_scan_cache_is_json_validated_and_private(tmp_path):
 def test_the_native_operator_loads_only_from_a_folder_of_the_user(tmp_path, monkeypatch):
     from dalikd import native
     from dalikd.errors import DalikdError
+    from dalikd.native import builder
 
     monkeypatch.setenv("DALIKD_CACHE", str(tmp_path / "cache"))
     calls = []
@@ -228,8 +229,8 @@ def test_the_native_operator_loads_only_from_a_folder_of_the_user(tmp_path, monk
         (work / "libdalikd_mix_cpu.so").write_bytes(b"")
         return native.BuildInfo(key, "fake", "libdalikd_mix_cpu.so", "", None, "n/a", "", "")
 
-    monkeypatch.setattr(native, "_compile", fake_compile)
-    monkeypatch.setattr(native, "_current_toolchain", lambda: "fake")
+    monkeypatch.setattr(builder, "_compile", fake_compile)
+    monkeypatch.setattr(builder, "_current_toolchain", lambda: "fake")
     _, folder = native.build()
     assert len(calls) == 1 and oct(folder.parent.stat().st_mode & 0o777) == "0o700"
     native.build()
