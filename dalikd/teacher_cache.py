@@ -141,6 +141,10 @@ def cache_key(
         "crop_ratio": list(d.crop_ratio),
         "val_crop_fraction": d.val_crop_fraction,
         "antialias": d.antialias,
+        # the mixing path (resolved: native | composed; equal on CPU, kept apart to be safe) and,
+        # on GPU, the JPEG-engine share: which decoder decodes an image may change its pixels
+        "mixing": d.mixing if k.aug != "none" else "",
+        "hw_decoder_load": d.hw_decoder_load if device == "gpu" else 0.0,
         "aug": k.aug,
         "aug_source": recipe_hash(k.aug),
         "granularity": k.granularity,
