@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from dalikd.cli.cache_cmd import cache_info
 from dalikd.cli.doctor_cmd import doctor
 from dalikd.cli.plot_cmd import plot
 from dalikd.cli.preview_cmd import preview
@@ -162,6 +163,19 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         "also checkpoint every N steps mid-epoch (0: epoch ends only)",
     ),
     ("--out", "out", click.Path(), "run directory (default runs/<timestamp>)"),
+    (
+        "--teacher-cache",
+        "teacher_cache",
+        click.Path(),
+        "teacher-output cache folder: read the teacher's outputs where cached, else run it and "
+        "write them (docs/teacher_cache.md; `dalikd cache-info DIR`)",
+    ),
+    (
+        "--teacher-cache-topk",
+        "teacher_cache_topk",
+        int,
+        "store the top K teacher logits per row (fp16) and the rest's mass; 0: all, exact",
+    ),
     (
         "--eval-teacher/--no-eval-teacher",
         "eval_teacher",
@@ -332,6 +346,7 @@ cli.add_command(profile)
 cli.add_command(tstddev)
 cli.add_command(doctor)
 cli.add_command(plot)
+cli.add_command(cache_info)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -82,10 +82,13 @@ def epoch_line(record: dict[str, Any]) -> str:
     agree = ""
     if "val_agree_top1" in record:
         agree = f"agree {record['val_agree_top1']:.2f}%  KL(t||s) {record['val_kl_ts']:.4f}  "
+    cache = ""
+    if "cache_hits" in record:
+        cache = f"teacher cache {record['cache_hits']} hit / {record['cache_misses']} miss  "
     return (
         f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}  "
         f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  "
-        f"top-5 {record['val_top5']:.2f}%  {agree}{record['img_per_s']:,.0f} img/s  "
+        f"top-5 {record['val_top5']:.2f}%  {agree}{cache}{record['img_per_s']:,.0f} img/s  "
         f"{record['seconds']:.1f} s"
     )
 

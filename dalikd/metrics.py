@@ -73,6 +73,23 @@ class TStddev:
             if self.rows % self.group_size == 0:
                 self._close_group()
 
+    def add_sums(self, prob_sum: torch.Tensor, entropy_sum: torch.Tensor, rows: int) -> None:
+        """Append ``rows`` rows given only their sums (probabilities [C] and entropies, float64,
+        made as :meth:`add` makes them): the teacher cache's top-K steps keep these instead of
+        the rows. The rows must not cross a group boundary (a step's rows never do: a group is
+        GROUP_STEPS whole steps); then the state is bit-identical to :meth:`add` of the rows."""
+        if self.rows % self.group_size + rows > self.group_size:
+            raise ValueError(f"{rows} summed rows cross a group of {self.group_size}")
+        if self._partial is None:
+            self._partial = torch.zeros_like(prob_sum, dtype=torch.float64)
+            self._mean = torch.zeros_like(self._partial)
+            self._m2 = torch.zeros_like(self._partial)
+        self._entropy = self._entropy + entropy_sum
+        self._partial += prob_sum
+        self.rows += rows
+        if self.rows % self.group_size == 0:
+            self._close_group()
+
     def _close_group(self) -> None:
         group_mean = self._partial / self.group_size
         self.groups += 1

@@ -92,8 +92,11 @@ class Distiller:
                             role="student")  # fmt: skip
         t = None
         if model.teacher:
-            t = build_model(model.teacher, num_classes, model.teacher_weights if weights else "",
-                            role="teacher")  # fmt: skip
+            # The teacher's build leaves the run's torch RNG as it was: a run whose teacher is
+            # built late or never (--teacher-cache) draws the same dropout masks etc.
+            teacher_weights = model.teacher_weights if weights else ""
+            with torch.random.fork_rng(devices=[]):
+                t = build_model(model.teacher, num_classes, teacher_weights, role="teacher")
             t.eval().requires_grad_(False)
             if s is not None:  # it gets the student's inputs (a timm model's may differ)
                 t = adapt_input(t, input_norm(s))

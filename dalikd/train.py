@@ -13,7 +13,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dalikd import distributed, recipes, recovery, rundir, tensorboard
+from dalikd import distributed, recipes, recovery, rundir, teacher_cache, tensorboard
 from dalikd.checkpoint import (
     CHECKPOINT_FORMAT,
     RunState,
@@ -133,7 +133,8 @@ RESUMABLE = frozenset(
     {"optim.epochs", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay",
      "optim.schedule", "optim.milestones", "optim.gamma", "optim.warmup_epochs",
      "kd.ce_weight", "kd.kd_weight", "kd.temperature", "kd.mixed_label_ce",
-     "log_every", "ckpt_every", "eval_teacher", "channels_last", "tensorboard", "out"}
+     "log_every", "ckpt_every", "eval_teacher", "channels_last", "tensorboard", "out",
+     "teacher_cache", "teacher_cache_topk"}
 )  # fmt: skip
 
 
@@ -251,6 +252,8 @@ class Run:
     train_data: Any = None  # recovery.TrainData
     val_data: Any = None  # loaders.Loader
     tb: ScalarWriter | None = None  # --tensorboard: rank 0 writes the epoch records there too
+    # --teacher-cache: the wrapper of the distiller's teacher pass (teacher_cache.attach)
+    caching: teacher_cache.CachingTeacherPass | None = None
 
     @property
     def tdev(self) -> torch.device:
@@ -345,6 +348,8 @@ def _summary(run: Run, stopped_by: str | None) -> dict[str, Any]:
 
 def _step(run: Run, batch: Any) -> dict[str, torch.Tensor]:
     """One optimization step; its teacher rows go into T. stddev. Returns the named losses."""
+    if run.caching is not None and run.train_data.dataset is not run.dataset:
+        run.caching.detach()  # a file failed mid-run: the views now differ from the cache's
     try:
         out = run.distiller.step(batch, run.optimizer, run.scaler)
     except torch.OutOfMemoryError:
@@ -357,7 +362,10 @@ def _step(run: Run, batch: Any) -> dict[str, torch.Tensor]:
     if out.teacher_logits is not None:
         if not run.tstd.group_size:  # x's rows + the x' trained on, GROUP_STEPS times
             run.tstd.group_size = GROUP_STEPS * len(out.teacher_logits)
-        run.tstd.add(out.teacher_logits.float().softmax(dim=1))
+        if run.caching is not None and run.caching.tstd_sums is not None:  # a top-K cache hit
+            run.tstd.add_sums(*run.caching.tstd_sums)
+        else:
+            run.tstd.add(out.teacher_logits.float().softmax(dim=1))
     return out.losses
 
 
@@ -375,6 +383,8 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
     """The epoch's record: train loss and images/s over every rank, val metrics, and with a
     teacher T. stddev and the teacher-student agreement on val."""
     ctx, teacher = run.ctx, run.distiller.teacher
+    if run.caching is not None:  # the cached val logits (the teacher runs where they are not)
+        teacher = run.caching.val_teacher
     val = evaluate(run.student, run.val_data, run.device, run.cfg.precision, ctx, teacher=teacher)
     totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=run.tdev)
     distributed.all_sum(ctx, totals)
@@ -388,6 +398,8 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
         "img_per_s": float(totals[1]) / train_seconds,
         "seconds": time.perf_counter() - t0,
     }
+    if run.caching is not None:  # this rank's steps read from the cache / computed, so far
+        record["cache_hits"], record["cache_misses"] = run.caching.hits, run.caching.misses
     if teacher is not None:  # over every rank's rows; NaN (before 2 groups) is written null
         t_std, entropy = run.tstd.pooled(lambda t: distributed.all_sum(ctx, t))
         record["t_stddev"] = _finite_or_none(t_std)
@@ -401,6 +413,8 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
 def _save(run: Run, names: tuple[str, ...]) -> None:
     """All ranks call this: each contributes its DALI and T. stddev states; rank 0 writes."""
     ctx, state = run.ctx, run.state
+    if run.caching is not None:  # the cache's chunks end where checkpoints do
+        run.caching.flush()
     dali_states = distributed.gather_objects(ctx, run.train_data.checkpoint())
     tstd_states = distributed.gather_objects(ctx, run.tstd.state_dict(cpu=True))
     if not ctx.is_main:
@@ -438,7 +452,9 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     dataset = scan_dataset(cfg.data.path)
     recipe = recipes.resolve(cfg.kd.aug)
     cfg = resolve_mixing(cfg, recipe, device)
-    distiller = Distiller.build(cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision,
+    # --teacher-cache: the teacher is built on the first step the cache lacks (teacher_cache)
+    models = replace(cfg.model, teacher="") if cfg.teacher_cache else cfg.model
+    distiller = Distiller.build(models, cfg.kd, dataset.num_classes, device, cfg.precision,
                                 channels_last=cfg.channels_last)  # fmt: skip
     student = distiller.student
     optimizer = make_optimizer(student, cfg.optim)
@@ -542,6 +558,14 @@ def _open_loaders(run: Run, recipe: recipes.Recipe | None, dali_state: Any) -> N
             f"{len(dataset.train)} training images make no full batch of {cfg.data.batch_size}"
             f"{' per rank' if ctx.enabled else ''}; lower --batch-size"
         )
+    if cfg.teacher_cache:  # around the distiller's teacher pass; the teacher built for
+        run.caching = teacher_cache.attach(  # --eval-teacher or on the first uncached step
+            cfg, run.dataset, run.distiller, device=run.device, rank=ctx.rank,
+            world_size=ctx.world_size, graph_format=CHECKPOINT_FORMAT,
+            val_batches=len(run.val_data), message=run.reporter.message,
+            detached=bool(recovery.read_report(run.run_dir)),  # files failed: other views
+        )  # fmt: skip
+        run.caching.seek(run.state.epoch, run.state.step_in_epoch, len(run.train_data))
     teacher = run.distiller.teacher
     if teacher is not None and cfg.eval_teacher:
         t = evaluate(teacher, run.val_data, run.device, cfg.precision, ctx)

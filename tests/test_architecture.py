@@ -13,7 +13,7 @@ SHARED = {"config", "errors", "batch", "device", "checkpoint", "metrics", "distr
           "rundir", "tensorboard", "plots", "cache", "__init__"}  # fmt: skip
 MODEL = {"models", "losses", "pick", "step"}
 DATA = {"data", "datacheck", "loaders", "ops", "recipes", "autoaugment", "native", "recovery"}
-RUNS = {"train", "evaluate", "probe"}
+RUNS = {"train", "evaluate", "probe", "teacher_cache"}
 TOOLS = {"profile", "preview", "demo", "doctor"}
 MAY_IMPORT = {  # room -> rooms its modules may import (their own included)
     "shared": {"shared"},

@@ -43,6 +43,33 @@ def slow_cnn(num_classes: int) -> nn.Module:
     return _Slow(tiny_cnn(num_classes), 0.04)
 
 
+class _StopAt(nn.Module):
+    """Sends SIGUSR1 to its own process at its ``stop_at``-th training forward (0: never), so
+    an in-process run stops mid-epoch through dalikd's stop handling (a preemption)."""
+
+    def __init__(self, inner: nn.Module, stop_at: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.stop_at = stop_at
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.stop_at:
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGUSR1)
+        return self.inner(x)
+
+
+def stopping_cnn(num_classes: int) -> nn.Module:
+    import os
+
+    return _StopAt(tiny_cnn(num_classes), int(os.environ.get("TINY_STOP_AT", "0")))
+
+
 class Recording(nn.Module):
     """tiny_cnn that records the mean RGB (0-255) of every image it trains on, so a test can
     count which images a run saw. ``seen`` is reset by the test."""

@@ -1,0 +1,165 @@
+"""`dalikd train --teacher-cache`: exact replay, mid-epoch resume, top-K T. stddev, refusals."""
+
+import json
+
+import pytest
+import torch
+from tests_helpers import run_cli
+from tiny_models import tiny_cnn
+
+from dalikd.teacher_cache import cache_info
+
+TINY = "tiny_models:tiny_cnn"
+SMALL = ["--image-size", "16", "--batch-size", "4", "--threads", "1", "--device", "cpu"]
+LOADED = "a step is not cached; teacher loaded"
+
+
+@pytest.fixture
+def teacher(tmp_path):
+    path = tmp_path / "teacher.pt"
+    torch.manual_seed(1)
+    torch.save(tiny_cnn(3).state_dict(), path)
+    return path
+
+
+def _args(data, teacher, out, *extra, student=TINY, aug="cutmixpick"):
+    return ["train", "--data", data, "--student", student, "--teacher", TINY,
+            "--teacher-weights", teacher, "--aug", aug, "--epochs", 2, "--lr", 0.05,
+            "--out", out, *SMALL, *extra]  # fmt: skip
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run):
+    return torch.load(run / "last.pt", weights_only=True)["model"]
+
+
+def _same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+TEACHER_METRICS = ("train_loss", "val_loss", "t_stddev", "teacher_entropy", "val_agree_top1",
+                   "val_kl_ts")  # fmt: skip
+
+
+@pytest.mark.parametrize("aug", ["cutmixpick", "flip"])
+def test_topk0_cache_trains_bit_identical_to_the_live_teacher(
+    aug, solid_dataset, tmp_path, tiny_env, teacher, capsys
+):
+    cache = tmp_path / "cache"
+    runs = {name: tmp_path / name for name in ("live", "fill", "read")}
+    code, _, err = run_cli(_args(solid_dataset, teacher, runs["live"], aug=aug), capsys)
+    assert code == 0, err
+    outs = {}
+    for name in ("fill", "read"):
+        extra = ["--teacher-cache", cache, "--teacher-cache-topk", 0]
+        code, outs[name], err = run_cli(_args(solid_dataset, teacher, runs[name], *extra,
+                                              aug=aug), capsys)  # fmt: skip
+        assert code == 0, err
+    assert LOADED in outs["fill"] and LOADED not in outs["read"]  # read: teacher never built
+    assert "teacher cache 12 hit / 0 miss" in outs["read"]
+    fill, read, live = (_records(runs[n]) for n in ("fill", "read", "live"))
+    assert [(r["cache_hits"], r["cache_misses"]) for r in fill] == [(0, 6), (0, 12)]
+    assert [(r["cache_hits"], r["cache_misses"]) for r in read] == [(6, 0), (12, 0)]
+    for name in ("fill", "read"):
+        assert _same_weights(runs["live"], runs[name])
+    for key in TEACHER_METRICS:
+        assert [r[key] for r in live] == [r[key] for r in fill] == [r[key] for r in read], key
+    info = cache_info(cache)
+    assert info["epochs"] == {1: {0: 6}, 2: {0: 6}} and info["key"]["topk"] == 0
+
+
+def test_mid_epoch_resume_reads_and_fills_the_cache(
+    solid_dataset, tmp_path, tiny_env, teacher, capsys, monkeypatch
+):
+    student = "tiny_models:stopping_cnn"
+    full, ref = tmp_path / "full", tmp_path / "ref"
+    ckpt = ["--ckpt-every", 2, "--teacher-cache-topk", 0]
+    code, _, err = run_cli(_args(solid_dataset, teacher, ref, "--teacher-cache", full, *ckpt,
+                                 student=student), capsys)  # fmt: skip
+    assert code == 0, err
+    # Stop in epoch 2 at step 4 (2 training forwards a step), once reading the full cache and
+    # once filling an empty one; each resumed run must end with the reference's weights.
+    for cache, hits in ((full, True), (tmp_path / "empty", False)):
+        run = tmp_path / f"run_{cache.name}"
+        monkeypatch.setenv("TINY_STOP_AT", str(2 * (6 + 4)))
+        code, out, err = run_cli(_args(solid_dataset, teacher, run, "--teacher-cache", cache,
+                                       *ckpt, student=student), capsys)  # fmt: skip
+        assert code != 0 and "stopped by SIGUSR1 at epoch 2, step 4" in err
+        last = torch.load(run / "last.pt", weights_only=True)
+        assert (last["epoch"], last["step_in_epoch"]) == (1, 4)
+        monkeypatch.delenv("TINY_STOP_AT")
+        code, out, err = run_cli(["train", "--resume", run], capsys)
+        assert code == 0, err
+        assert (LOADED in out) is not hits
+        assert _same_weights(ref, run)
+        assert [r["t_stddev"] for r in _records(run)] == [r["t_stddev"] for r in _records(ref)]
+        assert cache_info(cache)["epochs"] == {1: {0: 6}, 2: {0: 6}}
+        chunks = sorted(p.name for p in (cache / "train/e0001/r0").iterdir())
+        if not hits:  # written at each checkpoint, the stop's included: 0-2, 2-4, 4-6
+            assert chunks == ["c0000000-0000002.pt", "c0000002-0000004.pt", "c0000004-0000006.pt"]
+
+
+def test_topk_cache_keeps_t_stddev_exact(solid_dataset, tmp_path, tiny_env, teacher, capsys):
+    cache = tmp_path / "cache"
+    runs = {name: tmp_path / name for name in ("live", "fill", "read")}
+    code, _, err = run_cli(_args(solid_dataset, teacher, runs["live"]), capsys)
+    assert code == 0, err
+    for name in ("fill", "read"):  # 3 classes, K = 2: the soft targets are approximate
+        extra = ["--teacher-cache", cache, "--teacher-cache-topk", 2]
+        code, _, err = run_cli(_args(solid_dataset, teacher, runs[name], *extra), capsys)
+        assert code == 0, err
+    live, fill, read = (_records(runs[n]) for n in ("live", "fill", "read"))
+    assert read[-1]["cache_hits"] == 12 and read[-1]["cache_misses"] == 0
+    for key in ("t_stddev", "teacher_entropy", "group_rows"):
+        assert [r[key] for r in live] == [r[key] for r in fill] == [r[key] for r in read], key
+    assert _same_weights(runs["live"], runs["fill"])  # a miss trains on the live outputs
+    assert not _same_weights(runs["fill"], runs["read"])  # a hit, on the top-K targets
+    assert cache_info(cache)["key"]["temperature"] == 4.0
+
+
+def test_cache_refusals_are_one_line(solid_dataset, tmp_path, tiny_env, teacher, capsys):
+    cache = tmp_path / "cache"
+    code, _, err = run_cli(_args(solid_dataset, teacher, tmp_path / "a", "--teacher-cache", cache,
+                                 "--pick-criterion", "kld"), capsys)  # fmt: skip
+    assert code == 1 and "cannot replay --pick-criterion kld" in err
+    code, _, err = run_cli(_args(solid_dataset, teacher, tmp_path / "b", "--teacher-cache", cache,
+                                 "--epochs", 1), capsys)  # fmt: skip
+    assert code == 0, err
+    other = tmp_path / "other.pt"
+    torch.save(tiny_cnn(3).state_dict(), other)  # another teacher
+    code, _, err = run_cli(_args(solid_dataset, other, tmp_path / "c", "--teacher-cache", cache,
+                                 "--seed", 5), capsys)  # fmt: skip
+    assert code == 1 and "holds another run's teacher outputs (seed 0 -> 5, teacher_weights" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_files_failing_in_training_stop_the_cache_use(tmp_path, tiny_env, capsys):
+    """After a file fails mid-run the views are another stream: nothing more is read or
+    written; a second run replays the steps before the failure and ends identical."""
+    from conftest import make_dataset
+    from test_robustness import CLASSES, corrupt_sof
+
+    root = make_dataset(tmp_path / "d", classes=CLASSES, n_train=5, n_val=2)
+    (root / "train/ant/bad_sof.jpg").write_bytes(corrupt_sof())
+    weights = tmp_path / "t4.pt"
+    torch.save(tiny_cnn(4).state_dict(), weights)
+    cache = tmp_path / "cache"
+    outs = {}
+    for name in ("first", "second"):
+        args = _args(root, weights, tmp_path / name, "--teacher-cache", cache,
+                     "--teacher-cache-topk", 0)  # fmt: skip
+        code, outs[name], err = run_cli(args, capsys)
+        assert code == 0, err
+        assert "not used from here on (files failed in training" in outs[name]
+    assert _same_weights(tmp_path / "first", tmp_path / "second")
+    second = _records(tmp_path / "second")
+    assert second[-1]["cache_hits"] > 0  # the steps before the failure were read
+    assert second[-1]["cache_hits"] + second[-1]["cache_misses"] == 2 * 5
+    assert set(cache_info(cache)["epochs"]) == {1}  # nothing written after the failure
+    code, out, err = run_cli(["train", "--resume", tmp_path / "second", "--epochs", 3], capsys)
+    assert code == 0, err
+    assert "not used (files failed in training" in out
