@@ -316,34 +316,43 @@ class TeacherCache:
     def _check_key(self) -> None:
         path = self.root / "key.json"
         if path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                raise DalikdError(
-                    f"teacher cache {self.root}: key.json is unreadable; delete the folder or "
-                    "use another --teacher-cache"
-                ) from None
-            diff = key_difference(saved, self.key)
-            if diff:
-                raise DalikdError(
-                    f"teacher cache {self.root} holds another run's teacher outputs ({diff}); "
-                    "use another --teacher-cache DIR or the same settings"
-                )
+            self._compare_key(path)
             return
         if self.root.exists() and not self.root.is_dir():
             raise DalikdError(f"--teacher-cache {self.root} is a file, not a folder")
-        # another rank's key.json may be on its way (.key.json.PID.tmp): not a stranger's file
+        # another rank's key.json may be on its way (.key.json.PID.tmp) or may have landed since
+        # the check above (ranks share a new folder): neither is a stranger's file
         if self.root.is_dir() and any(
-            not p.name.startswith(".key.json.") for p in self.root.iterdir()
+            p.name != "key.json" and not p.name.startswith(".key.json.")
+            for p in self.root.iterdir()
         ):
             raise DalikdError(
                 f"--teacher-cache {self.root} is a non-empty folder without key.json (not a "
                 "dalikd teacher cache); give an empty or new folder"
             )
+        if path.is_file():  # another rank wrote it meanwhile: it must be this run's key
+            self._compare_key(path)
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".key.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(self.key, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)  # every rank writes the same text: whichever lands is right
+
+    def _compare_key(self, path: Path) -> None:
+        """Raise DalikdError unless ``path`` (an existing key.json) holds this run's key."""
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise DalikdError(
+                f"teacher cache {self.root}: key.json is unreadable; delete the folder or "
+                "use another --teacher-cache"
+            ) from None
+        diff = key_difference(saved, self.key)
+        if diff:
+            raise DalikdError(
+                f"teacher cache {self.root} holds another run's teacher outputs ({diff}); "
+                "use another --teacher-cache DIR or the same settings"
+            )
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -439,7 +448,7 @@ class TeacherCache:
         rows = teacher_x if teacher_aug is None else torch.cat([teacher_x, teacher_aug])
         entry: dict[str, Any] = {"batch": len(teacher_x)}
         if keep is not None:
-            entry["keep"] = keep.to("cpu", torch.int16 if self.topk else torch.int64)
+            entry["keep"] = keep.to("cpu", torch.int64)  # narrowed per chunk by flush()
         if not self.topk:
             entry["teacher_x"] = teacher_x.detach().cpu()
             if teacher_aug is not None:
@@ -469,6 +478,9 @@ class TeacherCache:
         for name in entries[0]:
             if name != "batch":
                 chunk[name] = torch.stack([e[name] for e in entries])
+        if self.topk and "keep" in chunk:  # top-K caches save bytes: the smallest dtype that fits
+            fits = chunk["keep"].numel() == 0 or int(chunk["keep"].max()) <= 32767
+            chunk["keep"] = chunk["keep"].to(torch.int16 if fits else torch.int32)
         path = self._epoch_dir(epoch) / f"c{lo:07d}-{hi:07d}.pt"
         _save_atomic(chunk, path)
         self._pending = []

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,6 +179,45 @@ def test_another_key_is_one_line_naming_the_settings(tmp_path):
     (tmp_path / "e" / "key.json").write_text("{")
     with pytest.raises(DalikdError, match="key.json is unreadable"):
         tc.TeacherCache(tmp_path / "e", _key())
+
+
+def test_a_key_another_rank_writes_between_the_checks_is_compared_not_refused(
+    tmp_path, monkeypatch
+):
+    # rank B finds no key.json, then rank A's os.replace lands it before B lists the folder
+    root = tmp_path / "c"
+    root.mkdir()
+    real_iterdir = Path.iterdir
+
+    def iterdir_after_rank_a(self, key):
+        if self == root and not (root / "key.json").exists():
+            (root / "key.json").write_text(json.dumps(key))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", lambda self: iterdir_after_rank_a(self, _key()))
+    tc.TeacherCache(root, _key())  # the same key: accepted
+    assert json.loads((root / "key.json").read_text()) == _key()
+    (root / "key.json").unlink()
+    monkeypatch.setattr(Path, "iterdir", lambda self: iterdir_after_rank_a(self, _key(seed=3)))
+    with pytest.raises(DalikdError, match="seed 3 -> 0"):  # a different key: still one line
+        tc.TeacherCache(root, _key())
+
+
+def test_topk_keep_past_32767_pool_rows_is_exact(tmp_path):
+    key = _key(topk=3, temperature=4.0)
+    cache = tc.TeacherCache(tmp_path / "c", key)
+    small = torch.tensor([3, 0, 2, 1])
+    big = torch.tensor([40000, 32768, 70000, 5])  # pool rows past int16's range
+    x, aug = _logits(4, seed=1), _logits(4, seed=2)
+    cache.record(0, 0, x, aug, small)
+    cache.flush()
+    cache.record(0, 1, x, aug, big)
+    cache.flush()
+    reader = tc.TeacherCache(tmp_path / "c", key)
+    assert torch.equal(reader.lookup(0, 0).keep, small)
+    assert torch.equal(reader.lookup(0, 1).keep, big)
+    dtypes = [torch.load(p)["keep"].dtype for p in sorted((tmp_path / "c").rglob("c*.pt"))]
+    assert dtypes == [torch.int16, torch.int32]  # the smallest dtype that fits, per chunk
 
 
 def test_the_key_follows_data_teacher_weights_and_settings(tmp_path):
