@@ -254,6 +254,7 @@ class Run:
     tb: ScalarWriter | None = None  # --tensorboard: rank 0 writes the epoch records there too
     # --teacher-cache: the wrapper of the distiller's teacher pass (teacher_cache.attach)
     caching: teacher_cache.CachingTeacherPass | None = None
+    tstd_sized: bool = False  # the group size was checked against this run's (first step)
 
     @property
     def tdev(self) -> torch.device:
@@ -360,13 +361,28 @@ def _step(run: Run, batch: Any) -> dict[str, torch.Tensor]:
             "lower --batch-size"
         ) from None
     if out.teacher_logits is not None:
-        if not run.tstd.group_size:  # x's rows + the x' trained on, GROUP_STEPS times
-            run.tstd.group_size = GROUP_STEPS * len(out.teacher_logits)
+        if not run.tstd_sized:  # x's rows + the x' trained on, GROUP_STEPS times
+            _size_tstddev(run, GROUP_STEPS * len(out.teacher_logits))
         if run.caching is not None and run.caching.tstd_sums is not None:  # a top-K cache hit
             run.tstd.add_sums(*run.caching.tstd_sums)
         else:
             run.tstd.add(out.teacher_logits.float().softmax(dim=1))
     return out.losses
+
+
+def _size_tstddev(run: Run, group_size: int) -> None:
+    """Set T. stddev's group size at the first step; a resumed accumulator whose groups were
+    another size (a checkpoint from before group steps, or another batch) starts afresh: its
+    groups would not match this run's (and top-K cache sums cannot split a group)."""
+    saved = run.tstd.group_size
+    if saved and saved != group_size:
+        run.reporter.message(
+            f"T. stddev restarts: the checkpoint's groups are {saved} rows, this run's "
+            f"{group_size}"
+        )
+        run.tstd = TStddev(group_size=0)
+    run.tstd.group_size = group_size
+    run.tstd_sized = True
 
 
 def _finite_loss(run: Run, losses: dict[str, torch.Tensor]) -> float:

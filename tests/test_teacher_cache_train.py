@@ -163,3 +163,24 @@ def test_files_failing_in_training_stop_the_cache_use(tmp_path, tiny_env, capsys
     code, out, err = run_cli(["train", "--resume", tmp_path / "second", "--epochs", 3], capsys)
     assert code == 0, err
     assert "not used (files failed in training" in out
+
+
+def test_resumed_t_stddev_of_another_group_size_restarts_with_a_topk_cache(
+    solid_dataset, tmp_path, tiny_env, teacher, capsys
+):
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    topk = ["--teacher-cache", cache, "--teacher-cache-topk", 2]
+    code, _, err = run_cli(_args(solid_dataset, teacher, tmp_path / "fill", *topk), capsys)
+    assert code == 0, err
+    code, _, err = run_cli(_args(solid_dataset, teacher, run, *topk, "--epochs", 1), capsys)
+    assert code == 0, err
+    # as saved before group steps: groups of another size (8 rows a step do not split 12)
+    last = torch.load(run / "last.pt", weights_only=True)
+    for state in last["tstddev"]:
+        state["group_size"] = 12
+    torch.save(last, run / "last.pt")
+    code, out, err = run_cli(["train", "--resume", run, "--epochs", 2], capsys)
+    assert code == 0, err
+    assert "T. stddev restarts: the checkpoint's groups are 12 rows, this run's 40" in out
+    record = _records(run)[-1]
+    assert record["group_rows"] == 40 and record["cache_hits"] == 6
