@@ -377,8 +377,7 @@ def _size_tstddev(run: Run, group_size: int) -> None:
     saved = run.tstd.group_size
     if saved and saved != group_size:
         run.reporter.message(
-            f"T. stddev restarts: the checkpoint's groups are {saved} rows, this run's "
-            f"{group_size}"
+            f"T. stddev restarts: the checkpoint's groups are {saved} rows, this run's {group_size}"
         )
         run.tstd = TStddev(group_size=0)
     run.tstd.group_size = group_size
