@@ -53,7 +53,10 @@ class RichReporter(LiveBar):
     """Implements dalikd.train.Reporter: one bar per epoch with loss and live images/s."""
 
     def __init__(self) -> None:
-        fields = "loss {task.fields[loss]}  {task.fields[speed]} img/s  lr {task.fields[lr]}"
+        fields = (
+            "loss {task.fields[loss]}  {task.fields[speed]} img/s  lr {task.fields[lr]}"
+            "{task.fields[cache]}"
+        )
         super().__init__(TextColumn(fields))
 
     def message(self, text: str) -> None:
@@ -61,15 +64,19 @@ class RichReporter(LiveBar):
         self._progress.console.print(text, soft_wrap=True, markup=False)
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        self._new_bar(f"epoch {epoch + 1}/{epochs}", steps, loss="-", speed="-", lr="-")
+        self._new_bar(f"epoch {epoch + 1}/{epochs}", steps, loss="-", speed="-", lr="-", cache="")
 
-    def step(self, step: int, loss: float, img_per_s: float, lr: float) -> None:
+    def step(
+        self, step: int, loss: float, img_per_s: float, lr: float,
+        cache: tuple[int, int] | None = None,
+    ) -> None:  # fmt: skip
         self._progress.update(
             self._task,
             completed=step,
             loss=f"{loss:.4f}",
             speed=f"{img_per_s:,.0f}",
             lr=f"{lr:.4g}",
+            cache="" if cache is None else f"  cache {cache[0]} hit / {cache[1]} miss",
         )
 
     def epoch_end(self, record: dict[str, Any]) -> None:

@@ -45,7 +45,11 @@ class Reporter(Protocol):
 
     def message(self, text: str) -> None: ...
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
-    def step(self, step: int, loss: float, img_per_s: float, lr: float) -> None: ...
+    # cache: (hits, misses) of --teacher-cache so far this run (None without a cache)
+    def step(
+        self, step: int, loss: float, img_per_s: float, lr: float,
+        cache: tuple[int, int] | None = None,
+    ) -> None: ...  # fmt: skip
     def epoch_end(self, record: dict[str, Any]) -> None: ...
 
 
@@ -56,7 +60,10 @@ class SilentReporter:
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         pass
 
-    def step(self, step: int, loss: float, img_per_s: float, lr: float) -> None:
+    def step(
+        self, step: int, loss: float, img_per_s: float, lr: float,
+        cache: tuple[int, int] | None = None,
+    ) -> None:  # fmt: skip
         pass
 
     def epoch_end(self, record: dict[str, Any]) -> None:
@@ -296,7 +303,9 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
                 loss = _finite_loss(run, losses)
                 if boundary:
                     img_per_s = seen * ctx.world_size / (time.perf_counter() - t0)
-                    reporter.step(step, loss, img_per_s, lr)
+                    cache = None if run.caching is None else (run.caching.hits,
+                                                              run.caching.misses)  # fmt: skip
+                    reporter.step(step, loss, img_per_s, lr, cache=cache)
             # checkpoint (mid-epoch)
             if save_now:
                 elapsed = time.perf_counter() - t0

@@ -7,6 +7,7 @@ import torch
 from tests_helpers import run_cli
 from tiny_models import tiny_cnn
 
+from dalikd.cli import report
 from dalikd.teacher_cache import cache_info
 
 TINY = "tiny_models:tiny_cnn"
@@ -103,15 +104,28 @@ def test_mid_epoch_resume_reads_and_fills_the_cache(
             assert chunks == ["c0000000-0000002.pt", "c0000002-0000004.pt", "c0000004-0000006.pt"]
 
 
-def test_topk_cache_keeps_t_stddev_exact(solid_dataset, tmp_path, tiny_env, teacher, capsys):
+def test_topk_cache_keeps_t_stddev_exact(
+    solid_dataset, tmp_path, tiny_env, teacher, capsys, monkeypatch
+):
     cache = tmp_path / "cache"
     runs = {name: tmp_path / name for name in ("live", "fill", "read")}
     code, _, err = run_cli(_args(solid_dataset, teacher, runs["live"]), capsys)
     assert code == 0, err
+    bars = []  # what the step progress bar shows after each logged step
+    real_step = report.RichReporter.step
+
+    def step(self, *args, **kw):
+        real_step(self, *args, **kw)
+        bars.append(self._progress.tasks[-1].fields["cache"])
+
+    monkeypatch.setattr(report.RichReporter, "step", step)
     for name in ("fill", "read"):  # 3 classes, K = 2: the soft targets are approximate
         extra = ["--teacher-cache", cache, "--teacher-cache-topk", 2]
         code, _, err = run_cli(_args(solid_dataset, teacher, runs[name], *extra), capsys)
         assert code == 0, err
+    # logged at each epoch's last step (6 steps, log_every 10): the counts so far this run
+    counts = [(0, 6), (0, 12), (6, 0), (12, 0)]  # filling, then reading
+    assert bars == [f"  cache {h} hit / {m} miss" for h, m in counts]
     live, fill, read = (_records(runs[n]) for n in ("live", "fill", "read"))
     assert read[-1]["cache_hits"] == 12 and read[-1]["cache_misses"] == 0
     for key in ("t_stddev", "teacher_entropy", "group_rows"):
