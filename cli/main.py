@@ -29,6 +29,7 @@ from dalikd.config import (
     Mixing,
     PickCriterion,
     Precision,
+    Resize,
     Schedule,
     TrainConfig,
     choices,
@@ -142,6 +143,14 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         click.Choice(choices(Mixing)),
         "mixing's pixel work: dalikd's fused operator, stock DALI operators (the same pixels), "
         "or auto (native where it builds; DALIKD_NATIVE=0|1 sets auto); saved with the run",
+    ),
+    (
+        "--resize",
+        "data.resize",
+        click.Choice(choices(Resize)),
+        "antialiased resize: dalikd's CPU operator or DALI's fn.resize (up to 2 grey levels "
+        "apart), or auto (native on CPU where it loads; DALIKD_NATIVE_RESIZE=0 sets auto); "
+        "saved with the run",
     ),
     (
         "--device",

@@ -26,6 +26,7 @@ Schedule = Literal["step", "cosine"]
 Granularity = Literal["sample", "batch"]
 PickCriterion = Literal["teacher_entropy", "student_entropy", "kld"]
 Mixing = Literal["auto", "native", "composed"]
+Resize = Literal["auto", "native", "dali"]
 
 
 def choices(kind: Any) -> tuple[str, ...]:
@@ -55,6 +56,10 @@ class DataConfig:
     # operators; the same pixels) | auto (native where it builds and loads; DALIKD_NATIVE=0|1
     # is auto's default). A run resolves it once and saves the answer with its state.
     mixing: Mixing = "auto"
+    # the antialiased resize: native (dalikd's fn.dalikd_resize, CPU only, the flip fused in) |
+    # dali (DALI's fn.resize; up to 2 grey levels apart) | auto (native on CPU with antialias
+    # where it loads, else dali; DALIKD_NATIVE_RESIZE=0 is auto's default). Resolved once, saved.
+    resize: Resize = "auto"
     # The "mixed" (GPU) JPEG decoder only (ignored on CPU); values of NVIDIA's ResNet-50 DALI
     # example, sized for ImageNet's largest image, so nvJPEG never reallocates mid-run.
     hw_decoder_load: float = 0.65  # share (0-1) of JPEG data for the GPU's JPEG engines (A100+)

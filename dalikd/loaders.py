@@ -89,9 +89,9 @@ def random_crop_decode(jpegs: Any, data: DataConfig, device: str) -> Any:
 
 def native_resize(data: DataConfig, device: str, native: bool | None = None) -> bool:
     """Whether the resize runs through dalikd's fn.dalikd_resize (CPU, antialiased, the flip
-    fused in) instead of DALI's fn.resize: only for the antialiased resize on CPU, where the
-    native library loads (:func:`dalikd.native.use_native_resize`); ``native`` pins the
-    answer (True loads the operator whatever DALIKD_NATIVE says, or raises)."""
+    fused in) instead of DALI's fn.resize: ``data.resize`` resolved
+    (:func:`dalikd.native.resolve_resize`); ``native`` pins the answer (True loads the
+    operator whatever DALIKD_NATIVE says, or raises)."""
     from dalikd import native as native_op
 
     if not data.antialias or device != "cpu":  # --no-antialias and GPU keep DALI's resize
@@ -99,7 +99,7 @@ def native_resize(data: DataConfig, device: str, native: bool | None = None) -> 
             raise DalikdError("the native resize is CPU-only and antialiased")
         return False
     if native is None:
-        return native_op.use_native_resize(device)
+        return native_op.resolve_resize(data.resize, data.antialias, device) == "native"
     if native:  # asked for, or by the DALI checkpoint being resumed
         native_op.require_resize("needed (a checkpoint saved with it)")
     return native
@@ -351,10 +351,26 @@ def checkpoint_mixing(checkpoint: str | bytes) -> str:
     return "native" if _native_in(checkpoint, "DalikdMix") else "composed"
 
 
+def checkpoint_resize(checkpoint: str | bytes) -> str:
+    """The resize path a DALI checkpoint was saved from ("native" | "dali")."""
+    return "native" if _native_in(checkpoint, "DalikdResize") else "dali"
+
+
 def _restored_data(data: DataConfig, recipe: Recipe | None, checkpoint: str | None) -> DataConfig:
     """``data`` for a graph that restores ``checkpoint``: a DALI state only restores into the
-    graph it was saved from, so its mixing path wins over "auto" and contradicts any other."""
-    if checkpoint is None or recipe is None or not recipe_info(recipe).mixing:
+    graph it was saved from, so its resize and mixing paths win over "auto" and contradict any
+    other."""
+    if checkpoint is None:
+        return data
+    resize = checkpoint_resize(checkpoint)
+    if data.resize == "auto":
+        data = replace(data, resize=resize)
+    elif data.resize != resize:
+        raise DalikdError(
+            f"the data pipeline state was saved with the {resize} resize path; this run asks for "
+            f"{data.resize} (--resize {resize} resumes it)"
+        )
+    if recipe is None or not recipe_info(recipe).mixing:
         return data
     saved = checkpoint_mixing(checkpoint)
     if data.mixing == "auto":

@@ -113,11 +113,15 @@ def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
     if not isinstance(saved, dict):
         raise DalikdError(f"{run_dir / 'config.json'} is damaged: not a table of settings")
     data = saved.setdefault("data", {})
-    if isinstance(data, dict) and "mixing" not in data and ckpt.get("dali"):
-        # saved before the mixing path was configuration: the DALI state names its graph
-        from dalikd.loaders import checkpoint_mixing
+    if isinstance(data, dict) and ckpt.get("dali"):
+        # saved before the mixing and resize paths were configuration: the DALI state names
+        # its graph's operators
+        from dalikd.loaders import checkpoint_mixing, checkpoint_resize
 
-        data["mixing"] = checkpoint_mixing(recovery.dali_state(ckpt["dali"][0]))
+        if "mixing" not in data:
+            data["mixing"] = checkpoint_mixing(recovery.dali_state(ckpt["dali"][0]))
+        if "resize" not in data:
+            data["resize"] = checkpoint_resize(recovery.dali_state(ckpt["dali"][0]))
     try:
         before = build_config(saved, {"out": str(run_dir)})
     except DalikdError as e:
@@ -167,6 +171,15 @@ def resolve_mixing(cfg: TrainConfig, recipe: recipes.Recipe | None, device: str)
     return build_config(
         overrides={"data.mixing": native.resolve(cfg.data.mixing, device)}, base=cfg
     )
+
+
+def resolve_resize(cfg: TrainConfig, device: str) -> TrainConfig:
+    """``cfg`` with its resize path resolved once ("native" | "dali"): the two differ in
+    pixels, so config.json, the checkpoint and a teacher cache's key record which ran."""
+    from dalikd import native
+
+    resize = native.resolve_resize(cfg.data.resize, cfg.data.antialias, device)
+    return build_config(overrides={"data.resize": resize}, base=cfg)
 
 
 def _read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -475,7 +488,7 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     cfg = build_config(overrides={"out": str(run_dir)}, base=cfg)
     dataset = scan_dataset(cfg.data.path)
     recipe = recipes.resolve(cfg.kd.aug)
-    cfg = resolve_mixing(cfg, recipe, device)
+    cfg = resolve_resize(resolve_mixing(cfg, recipe, device), device)
     # --teacher-cache: the teacher is built on the first step the cache lacks (teacher_cache)
     models = replace(cfg.model, teacher="") if cfg.teacher_cache else cfg.model
     distiller = Distiller.build(models, cfg.kd, dataset.num_classes, device, cfg.precision,

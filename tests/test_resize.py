@@ -3,6 +3,8 @@ photos, its fused flip against flipping afterwards, and the pipelines that use i
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -170,3 +172,74 @@ def test_training_and_validation_pipelines_use_it(loaded, tmp_path):
     top, left = (int((s - 64) / 2 + 0.5) for s in full.shape[:2])  # fn.crop: round half up
     want = full[top : top + 64, left : left + 64].astype(np.int16)
     assert np.abs(val.images[0].numpy().astype(np.int16) - want).max() <= 1
+
+
+def test_the_resize_path_is_configuration(loaded, monkeypatch):
+    """data.resize picks the operator; DALIKD_NATIVE_RESIZE is only auto's default; GPU and
+    --no-antialias always take DALI's resize, and asking for the native one there is one line."""
+    from dalikd import loaders
+    from dalikd.config import DataConfig
+    from dalikd.errors import DalikdError
+
+    assert native.resolve_resize("auto", True, "cpu") == "native"
+    assert native.resolve_resize("dali", True, "cpu") == "dali"
+    assert native.resolve_resize("auto", True, "gpu") == "dali"
+    assert native.resolve_resize("auto", False, "cpu") == "dali"
+    assert not loaders.native_resize(DataConfig(resize="dali"), "cpu")  # loaded, not used
+    for antialias, device in ((True, "gpu"), (False, "cpu")):
+        with pytest.raises(DalikdError, match="resize = native is CPU-only") as e:
+            native.resolve_resize("native", antialias, device)
+        assert "\n" not in str(e.value)
+    monkeypatch.setenv("DALIKD_NATIVE_RESIZE", "0")
+    assert native.resolve_resize("auto", True, "cpu") == "dali"
+    assert native.resolve_resize("native", True, "cpu") == "native"
+    assert loaders.native_resize(DataConfig(resize="native"), "cpu")
+
+
+def test_a_run_saves_its_resolved_resize_path_and_resumes_on_it(
+    loaded, solid_dataset, tmp_path, tiny_env, monkeypatch, capsys
+):
+    """auto is resolved once (here by DALIKD_NATIVE_RESIZE=0), written to config.json and the
+    checkpoint; a resume keeps it, a DALI state pins it, a contradicting --resize is one line."""
+    import json
+
+    from tests_helpers import run_cli
+
+    from dalikd import loaders
+    from dalikd.config import DataConfig
+    from dalikd.data import scan_dataset
+    from dalikd.errors import DalikdError
+
+    monkeypatch.setenv("DALIKD_NATIVE_RESIZE", "0")
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        ["train", "--data", solid_dataset, "--student", "tiny_models:tiny_cnn", "--epochs", 1,
+         "--image-size", 16, "--batch-size", 4, "--threads", 1, "--device", "cpu",
+         "--out", out], capsys)  # fmt: skip
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["data"]["resize"] == "dali"
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["config"]["data"]["resize"] == "dali"
+    code, _, err = run_cli(["train", "--resume", out, "--epochs", 2, "--resize", "native"], capsys)
+    assert code == 1 and "data.resize dali -> native" in err
+    assert len(err.strip().splitlines()) == 1
+    # a run dir saved before data.resize existed: its DALI state names the graph
+    saved = json.loads((out / "config.json").read_text())
+    del saved["data"]["resize"]
+    (out / "config.json").write_text(json.dumps(saved))
+    monkeypatch.delenv("DALIKD_NATIVE_RESIZE")  # auto would now pick native: ignored on resume
+    code, _, err = run_cli(["train", "--resume", out, "--epochs", 2], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["data"]["resize"] == "dali"
+    # a DALI state restores only into its own resize path
+    data = DataConfig(path=str(solid_dataset), image_size=16, batch_size=4, threads=1)
+    train = scan_dataset(solid_dataset).train
+    state = loaders.train_loader(train, replace(data, resize="native"), None, device="cpu",
+                                 seed=0).checkpoint()  # fmt: skip
+    assert loaders.checkpoint_resize(state) == "native"
+    with pytest.raises(DalikdError, match="saved with the native resize path") as e:
+        loaders.train_loader(train, replace(data, resize="dali"), None, device="cpu", seed=0,
+                             checkpoint=state)  # fmt: skip
+    assert "--resize native resumes it" in str(e.value) and "\n" not in str(e.value)
+    resumed = loaders.train_loader(train, data, None, device="cpu", seed=0, checkpoint=state)
+    assert b"DalikdResize" in resumed.checkpoint() or "DalikdResize" in resumed.checkpoint()

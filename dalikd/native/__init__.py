@@ -282,6 +282,26 @@ def _warn_resize(reason: str) -> None:
     )
 
 
+def resolve_resize(resize: str, antialias: bool, device: str) -> str:
+    """The resize path of ``resize`` ("auto" | "native" | "dali", the config's ``data.resize``)
+    on ``device``: "native" (fn.dalikd_resize) or "dali" (DALI's fn.resize). GPU and
+    --no-antialias always take "dali" ("native" there is an error); "auto" takes
+    :func:`use_native_resize` (DALIKD_NATIVE / DALIKD_NATIVE_RESIZE) as its default. A run
+    resolves it once and saves the answer: the two paths differ by up to 2 grey levels."""
+    if resize == "dali":
+        return "dali"
+    if device != "cpu" or not antialias:
+        if resize == "native":
+            raise DalikdError(
+                "resize = native is CPU-only and antialiased; use --resize dali or auto here"
+            )
+        return "dali"
+    if resize == "native":
+        require_resize("asked for (resize = native)")
+        return "native"
+    return "native" if use_native_resize(device) else "dali"
+
+
 def require_resize(why: str) -> None:
     """Load fn.dalikd_resize whatever DALIKD_NATIVE / DALIKD_NATIVE_RESIZE say (a checkpoint
     saved with it needs it), or raise DalikdError saying why it is unavailable."""
