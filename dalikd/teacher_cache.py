@@ -91,6 +91,19 @@ def weights_id(weights: str) -> str:
     return "name:" + weights
 
 
+def data_source_hash() -> str:
+    """sha256 of the sources that decide the pixels of a view (the loaders, DALI operators,
+    AutoAugment, the recipes and the native operators' C++/CUDA): a cache written by another
+    dalikd version is a key mismatch, not wrong targets."""
+    from dalikd import autoaugment, loaders, native, ops, recipes
+
+    h = hashlib.sha256()
+    for module in (loaders, ops, autoaugment, recipes):
+        h.update(Path(module.__file__).read_bytes() + b"\0")
+    h.update(native.source_hash().encode())
+    return h.hexdigest()
+
+
 def recipe_hash(aug: str) -> str:
     """sha256 of the source files of the ``--aug`` recipes: their parameters live there."""
     from dalikd import recipes
@@ -145,6 +158,9 @@ def cache_key(
         # on GPU, the JPEG-engine share: which decoder decodes an image may change its pixels
         "mixing": d.mixing if k.aug != "none" else "",
         "hw_decoder_load": d.hw_decoder_load if device == "gpu" else 0.0,
+        # the resize path (resolved: native | dali; up to 2 grey levels apart) and the code
+        "resize": d.resize,
+        "data_source": data_source_hash(),
         "aug": k.aug,
         "aug_source": recipe_hash(k.aug),
         "granularity": k.granularity,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_dataset
 
+from dalikd import native
 from dalikd import teacher_cache as tc
 from dalikd.config import build_config
 from dalikd.data import scan_dataset
@@ -220,7 +221,7 @@ def test_topk_keep_past_32767_pool_rows_is_exact(tmp_path):
     assert dtypes == [torch.int16, torch.int32]  # the smallest dtype that fits, per chunk
 
 
-def test_the_key_follows_data_teacher_weights_and_settings(tmp_path):
+def test_the_key_follows_data_teacher_weights_and_settings(tmp_path, monkeypatch):
     root = make_dataset(tmp_path / "d", n_train=3, n_val=2)
     weights = tmp_path / "t.pt"
     torch.save({"w": torch.zeros(2)}, weights)
@@ -250,6 +251,12 @@ def test_the_key_follows_data_teacher_weights_and_settings(tmp_path):
     assert tc.key_difference(base, key(cfg=other)) == "pick_fraction 0.5 -> 0.25"
     other = build_config(overrides={"data.crop_scale": [0.35, 1.0]}, base=cfg)
     assert tc.key_difference(base, key(cfg=other)).startswith("crop_scale")
+    native_resize = key(cfg=build_config(overrides={"data.resize": "native"}, base=cfg))
+    dali_resize = key(cfg=build_config(overrides={"data.resize": "dali"}, base=cfg))
+    assert tc.key_difference(native_resize, dali_resize) == "resize native -> dali"
+    # another dalikd version's data code (here the native operators' sources): another key
+    monkeypatch.setattr(native, "source_hash", lambda: "0123456789abcdef")
+    assert tc.key_difference(base, key()).startswith("data_source ")
 
 
 def test_val_teacher_records_then_replays(tmp_path):

@@ -7,6 +7,7 @@ import torch
 from tests_helpers import run_cli
 from tiny_models import tiny_cnn
 
+from dalikd import native
 from dalikd.cli import report
 from dalikd.teacher_cache import cache_info
 
@@ -149,6 +150,15 @@ def test_cache_refusals_are_one_line(solid_dataset, tmp_path, tiny_env, teacher,
                                  "--seed", 5), capsys)  # fmt: skip
     assert code == 1 and "holds another run's teacher outputs (seed 0 -> 5, teacher_weights" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # the other resize path makes other pixels: a key mismatch, not wrong targets
+    saved = json.loads((cache / "key.json").read_text())["resize"]
+    other = "dali" if saved == "native" else "native"
+    if other == "native" and not native.load().cpu:
+        return
+    code, _, err = run_cli(_args(solid_dataset, teacher, tmp_path / "d", "--teacher-cache", cache,
+                                 "--resize", other), capsys)  # fmt: skip
+    assert code == 1 and f"teacher outputs (resize {saved} -> {other})" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_files_failing_in_training_stop_the_cache_use(tmp_path, tiny_env, capsys):
