@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dalikd.config import Device, Granularity, choices
+from dalikd.config import Device, Granularity, Resize, choices
 
 
 @click.command()
@@ -29,8 +29,15 @@ from dalikd.config import Device, Granularity, choices
     show_default=True,
     help="random draws per image or one per batch",
 )
+@click.option(
+    "--resize",
+    type=click.Choice(choices(Resize)),
+    default="auto",
+    show_default=True,
+    help="antialiased resize: dalikd's CPU operator or DALI's fn.resize (as `dalikd train`)",
+)
 @click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
-def preview(data, aug, out, batch_size, image_size, seed, granularity, device) -> None:
+def preview(data, aug, out, batch_size, image_size, seed, granularity, resize, device) -> None:
     """Draw x (top) and x' (below) of the first training batch, as `dalikd train` with the same
     --aug, --seed and sizes would see it; mixing recipes are labelled with λ and the partner."""
     from dalikd.cli.report import console
@@ -38,7 +45,7 @@ def preview(data, aug, out, batch_size, image_size, seed, granularity, device) -
 
     summary = write_preview(
         data, aug, out, batch_size=batch_size, image_size=image_size, seed=seed,
-        granularity=granularity, device=device,
+        granularity=granularity, device=device, resize=resize,
     )  # fmt: skip
     width, height = summary["size"]
     mixing = ", λ and partner under each x'" if summary["lam"] is not None else ""

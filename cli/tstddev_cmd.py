@@ -10,7 +10,7 @@ from rich.progress import TextColumn
 from rich.table import Table
 
 from dalikd.cli.report import LiveBar, console
-from dalikd.config import Device, Granularity, Mixing, PickCriterion, Precision, choices
+from dalikd.config import Device, Granularity, Mixing, PickCriterion, Precision, Resize, choices
 
 SCHEMES = "identity,flip,crop_flip,cutout,autoaugment,mixup,cutmix,cutmixpick"
 
@@ -95,6 +95,13 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
     show_default=True,
     help="mixing's pixel work: dalikd's fused operator or stock DALI operators (same pixels)",
 )
+@click.option(
+    "--resize",
+    type=click.Choice(choices(Resize)),
+    default="auto",
+    show_default=True,
+    help="antialiased resize: dalikd's CPU operator or DALI's fn.resize (as `dalikd train`)",
+)
 @click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
 @click.option(
     "--precision",
@@ -128,8 +135,8 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
 @click.option("--plot", type=click.Path(), help="write a bar chart PNG here")
 def tstddev(
     data, teacher, teacher_weights, augs, epochs, samples, group_steps, batch_size, image_size,
-    crop_scale, threads, mixing, device, precision, granularity, seed, pick_criterion, pool_size,
-    student, student_weights, json_out, plot,
+    crop_scale, threads, mixing, resize, device, precision, granularity, seed, pick_criterion,
+    pool_size, student, student_weights, json_out, plot,
 ) -> None:  # fmt: skip
     """Rank augmentation schemes by the teacher's T. stddev (lowest = best for KD first).
 
@@ -143,7 +150,7 @@ def tstddev(
         raise DalikdError("give --epochs or --samples, not both")
     cfg = ProbeConfig(
         data=DataConfig(path=data, image_size=image_size, batch_size=batch_size, threads=threads,
-                        crop_scale=crop_scale, mixing=mixing),
+                        crop_scale=crop_scale, mixing=mixing, resize=resize),
         model=ModelConfig(teacher=teacher, teacher_weights=teacher_weights, student=student,
                           student_weights=student_weights),
         augs=tuple(a for a in augs.split(",") if a.strip()),

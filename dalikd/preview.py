@@ -233,6 +233,7 @@ def write_preview(
     granularity: str = "sample",
     device: str = "auto",
     threads: int = 0,
+    resize: str = "auto",
 ) -> dict[str, Any]:
     """Draw x and x' of the first training batch to the PNG ``out``; return a summary:
     ``path, n, size`` (width, height px), ``lam``, ``perm`` (lists, None without mixing) and
@@ -244,8 +245,9 @@ def write_preview(
         raise DalikdError(f"--out {out} is a folder; give a file name such as grid.png")
     device = resolve_device(device)
     data = DataConfig(
-        path=str(data_path), image_size=image_size, batch_size=batch_size, threads=threads
-    )
+        path=str(data_path), image_size=image_size, batch_size=batch_size, threads=threads,
+        resize=resize,
+    )  # fmt: skip
     batch = preview_batch(data, aug, seed=seed, granularity=granularity, device=device)
     title = (
         f"x (top) and x' (below), first training batch: --aug {aug}, granularity "
