@@ -150,7 +150,8 @@ def main() -> None:
     for st in report["stages"]:
         if "vs_plain" in st:  # measured in the same windows as the plain pipeline
             target = "  (target >= 0.90)" if st["aug"] in ("cutmix", "cutmixpick") else ""
-            print(f"{st['name']}: {st['vs_plain']:.2f} of the plain pipeline's rate{target}")
+            cpu = f"; CPU time per image: {st['vs_plain_cpu']:.2f}" if "vs_plain_cpu" in st else ""
+            print(f"{st['name']}: {st['vs_plain']:.2f} of the plain pipeline's rate{cpu}{target}")
     print(f"resize: {report['resize']}")
     if f"+ flip (plain pipeline) ({DALI})" in names(report):  # same windows as the chain
         dali_plain = rate(report, f"+ flip (plain pipeline) ({DALI})")

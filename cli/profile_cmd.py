@@ -127,7 +127,7 @@ def print_report(report: dict[str, Any]) -> None:
     handoff = {st["aug"]: st for st in report["stages"] if st["name"].startswith("hand-off")}
     x_aug = {st["aug"]: st for st in report["stages"] if "vs_plain" in st}
     summary = Table(title="per scheme: DALI -> torch vs torchvision DataLoader, same CPU budget")
-    cols = ["scheme", "DALI", "torchvision", "ratio", "CPU ratio", "x' / plain", "bound"]
+    cols = ["scheme", "DALI", "torchvision", "ratio", "CPU ratio", "x' / plain", "(CPU)", "bound"]
     cols += ["KD efficiency"] if report["efficiency"] else []
     for col in cols:
         summary.add_column(col, justify="left" if col in ("scheme", "bound") else "right")
@@ -139,6 +139,7 @@ def print_report(report: dict[str, Any]) -> None:
             f"{report['ratio'][aug]:.2f}x" if aug in report["ratio"] else "-",
             f"{report['cpu_ratio'][aug]:.2f}x" if aug in report["cpu_ratio"] else "-",
             f"{x_aug[aug]['vs_plain']:.2f}" if aug in x_aug else "-",
+            f"{x_aug[aug]['vs_plain_cpu']:.2f}" if "vs_plain_cpu" in x_aug.get(aug, {}) else "-",
             f"{b['stage'].removesuffix(f' ({aug})')}: {b['own_ms_per_img']:.2f} ms",
         ]
         if report["efficiency"]:
@@ -150,8 +151,9 @@ def print_report(report: dict[str, Any]) -> None:
         "own ms/sample: what a cumulative DALI stage adds to the one before. ratio: DALI "
         "hand-off / torchvision samples/s, in interleaved windows; CPU ratio: torchvision / "
         "DALI CPU ms per sample (steadier on a shared machine); x' / plain: the scheme's "
-        "pipeline rate / the plain pipeline's, same windows. KD efficiency: step fed by the "
-        "pipeline / the same step on tensors in memory."
+        "pipeline rate / the plain pipeline's, same windows, and (CPU) the plain pipeline's "
+        "CPU ms per sample / the scheme's. KD efficiency: step fed by the pipeline / the same "
+        "step on tensors in memory."
     )
     for name, alt in report["alternatives"].items():  # plain KD, same interleaved windows
         label = "timm's training loader (prefetcher)" if name == "timm" else f"dalikd with {name}"

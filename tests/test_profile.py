@@ -71,6 +71,7 @@ def test_profile_writes_every_stage_as_json(solid_dataset, tmp_path, tiny_env, c
     for st in report["stages"]:
         if st["name"].startswith("+ ") and st["aug"]:
             assert st["vs_plain"] > 0 and st["own_ms_per_img"] >= 0
+            assert st["vs_plain_cpu"] > 0  # CPU time is measured for DALI pipelines
     assert "bound" in stdout and "torchvision" in stdout
 
 
@@ -144,3 +145,12 @@ def test_every_declared_torchvision_equivalent_has_a_baseline():
     for name, equivalent in declared.items():
         parts = torchvision_parts(equivalent, DataConfig(image_size=32), 10)
         assert (parts is None) == (equivalent == ""), name
+
+
+def test_cpu_share_of_the_plain_pipeline_is_the_inverse_ratio_of_cpu_ms():
+    from dalikd.profile.config import Timing
+    from dalikd.profile.report import cpu_vs_plain
+
+    plain, mixed = Timing(100.0, cpu_ms_per_img=2.0), Timing(120.0, cpu_ms_per_img=2.5)
+    assert cpu_vs_plain(mixed, plain) == {"vs_plain_cpu": 0.8}  # 2.0 / 2.5: costlier per image
+    assert cpu_vs_plain(mixed, Timing(100.0)) == {}  # not measured: not reported

@@ -48,6 +48,16 @@ def extra_ms(timing: Timing, before: Timing) -> float:
     return max(0.0, 1e3 / timing.img_per_s - 1e3 / before.img_per_s)
 
 
+def cpu_vs_plain(timing: Timing, plain: Timing) -> dict[str, float]:
+    """``{"vs_plain_cpu": plain CPU ms / this CPU ms per sample}`` from the same windows, or {}
+    where CPU time was not measured. On a shared machine this is the steadier share: the wall
+    rates of two pipelines can differ by how well each fills the cores, not by what it costs
+    (a mixing pipeline's extra operators came out "faster" than the plain one in wall time)."""
+    if not timing.cpu_ms_per_img or not plain.cpu_ms_per_img:
+        return {}
+    return {"vs_plain_cpu": plain.cpu_ms_per_img / timing.cpu_ms_per_img}
+
+
 def bound(stages: list[dict], names: list[str]) -> dict[str, Any]:
     """The stage of a scheme's chain with the largest own cost (ms per sample). A cumulative
     data stage costs the difference of inverse rates to the data stage before it (unless its

@@ -26,6 +26,7 @@ from dalikd.profile.config import (
 from dalikd.profile.report import (
     bound,
     cpu_count,
+    cpu_vs_plain,
     dataset_facts,
     extra_ms,
     mixing_path,
@@ -261,6 +262,7 @@ class _Profiler:
                     views=views,
                     own_ms_per_img=extra_ms(t["aug"], t["plain"]),
                     vs_plain=t["aug"].img_per_s / t["plain"].img_per_s,
+                    **cpu_vs_plain(t["aug"], t["plain"]),
                 )
             )
             before = t["aug"]
