@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dalikd.config import Device, Granularity, choices
+from dalikd.cli.options import device_option, granularity_option
 
 
 @click.command()
@@ -20,16 +20,8 @@ from dalikd.config import Device, Granularity, choices
 @click.option("--batch-size", default=8, show_default=True, type=int, help="images in the grid")
 @click.option("--image-size", default=224, show_default=True, type=int, help="image side in px")
 @click.option("--seed", default=0, show_default=True, type=int, help="the seed of the run")
-@click.option(
-    "--granularity",
-    "--aug-granularity",
-    "granularity",
-    type=click.Choice(choices(Granularity)),
-    default="sample",
-    show_default=True,
-    help="random draws per image or one per batch",
-)
-@click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
+@granularity_option("--granularity", "--aug-granularity")
+@device_option
 def preview(data, aug, out, batch_size, image_size, seed, granularity, device) -> None:
     """Draw x (top) and x' (below) of the first training batch, as `dalikd train` with the same
     --aug, --seed and sizes would see it; mixing recipes are labelled with λ and the partner."""
