@@ -9,11 +9,13 @@ Prints one line per case as it finishes, ``ok|FAIL <case> <detail>``, and rewrit
 Cases: ``doctor`` (builds the native operator and runs its GPU backend on the GPU); ``jpegs``
 (synthetic JPEGs of mixed sizes with CMYK, grayscale and progressive ones, every one decoded);
 ``loader/<aug>/<path>/<granularity>`` (train_loader for every built-in recipe, native and
-composed mixing, 3 batches: device, dtype, shape, value range); ``same/<aug>/<granularity>``
-(native vs composed: bit-identical, or the largest difference); ``checkpoint`` (restore gives
-the same next batch); ``train`` (1 epoch of ``dalikd train --aug cutmixpick``); ``torchrun``
-(the same under ``torchrun --nproc_per_node 1``: NCCL on GPU); ``profile`` (``dalikd profile``,
-R34 -> R18, batch 256: data-loading efficiency for none, cutmix, cutmixpick).
+composed mixing, chosen by ``DataConfig.mixing``, 3 batches: device, dtype, shape, value
+range); ``same/<aug>/<granularity>`` (native vs composed: bit-identical, or the largest
+difference); ``checkpoint`` (restore gives the same next batch); ``train`` (1 epoch of
+``dalikd train --aug cutmixpick``); ``torchrun`` (the same under ``torchrun --nproc_per_node
+1``: NCCL on GPU); ``profile`` (``dalikd profile``, R34 -> R18, batch 256: data-loading
+efficiency for none, cutmix, cutmixpick). train, torchrun and profile run ``--mixing auto``
+and say the path they resolved.
 
 Every case but the JPEG set-up runs in a child process with its own timeout (a hang or a crash
 in DALI, NCCL or the plugin becomes a FAIL line), and all of them share a time budget
@@ -279,7 +281,7 @@ class Check:
                     self.record(c["name"], c["ok"], c["detail"])
                 else:
                     tail.append(line.rstrip())
-                    del tail[:-40]
+                    del tail[:-200]  # doctor --json is ~30 lines, warnings may come with it
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
@@ -337,9 +339,11 @@ def case_doctor(check: Check) -> None:
     code, out = check.run("doctor", dalikd("doctor", "--json"), 180)
     if code is None:
         return
-    try:
-        info = json.loads(out[out.index("{") :])
-    except ValueError:
+    try:  # the JSON starts on a line of its own; warnings may come before or after it
+        start = next(i for i, ln in enumerate(out.splitlines()) if ln.startswith("{"))
+        text = "\n".join(out.splitlines()[start:])
+        info = json.JSONDecoder().raw_decode(text)[0]
+    except (StopIteration, ValueError):
         check.record("doctor", False, f"exited {code}: {_last(out.splitlines())}")
         return
     backend = info.get("gpu_backend", "")
@@ -356,8 +360,9 @@ def case_doctor(check: Check) -> None:
 def case_train(check: Check, data: Path, teacher: Path, runs: Path, torchrun: bool) -> None:
     name = "torchrun" if torchrun else "train"
     size = sizes(check.device)
+    # --mixing auto: the native operator where it runs (doctor says whether), else composed
     args = ["train", "--data", str(data), "--device", check.device, "--aug", "cutmixpick",
-            "--mixing", "native",
+            "--mixing", "auto",
             "--teacher", "resnet18", "--teacher-weights", str(teacher), "--student", "resnet18",
             "--epochs", "1", "--batch-size", str(size["batch_size"]), "--image-size",
             str(size["image_size"]), "--threads", "2", "--out", str(runs / name)]  # fmt: skip
@@ -371,7 +376,11 @@ def case_train(check: Check, data: Path, teacher: Path, runs: Path, torchrun: bo
         return
     done = (runs / name / "last.pt").exists()
     backend = "NCCL" if check.device == "gpu" else "gloo"
-    what = f"1 epoch, {backend}" if torchrun else "1 epoch"
+    try:
+        mixing = json.loads((runs / name / "config.json").read_text())["data"]["mixing"]
+    except (OSError, ValueError, KeyError, TypeError):
+        mixing = "?"
+    what = f"1 epoch, {backend}, mixing {mixing}" if torchrun else f"1 epoch, mixing {mixing}"
     check.record(name, code == 0 and done, what if code == 0 and done else
                  f"exited {code}: {_last(tail.splitlines())}")  # fmt: skip
 
@@ -386,7 +395,7 @@ def case_profile(check: Check, data: Path) -> None:
                   "--image-size", "32", "--windows", "1", "--window-seconds", "0.1",
                   "--warmup", "1"]  # fmt: skip
     cmd = dalikd("profile", "--data", str(data), "--device", check.device, "--aug",
-                 "cutmix,cutmixpick", "--baseline", "none", "--mixing", "native", *models,
+                 "cutmix,cutmixpick", "--baseline", "none", "--mixing", "auto", *models,
                  "--json", str(path))  # fmt: skip
     code, tail = check.run("profile", cmd, 150)
     if code is None:
