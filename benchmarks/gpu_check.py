@@ -9,11 +9,13 @@ Prints one line per case as it finishes, ``ok|FAIL <case> <detail>``, and rewrit
 Cases: ``doctor`` (builds the native operator and runs its GPU backend on the GPU); ``jpegs``
 (synthetic JPEGs of mixed sizes with CMYK, grayscale and progressive ones, every one decoded);
 ``loader/<aug>/<path>/<granularity>`` (train_loader for every built-in recipe, native and
-composed mixing, 3 batches: device, dtype, shape, value range); ``same/<aug>/<granularity>``
-(native vs composed: bit-identical, or the largest difference); ``checkpoint`` (restore gives
-the same next batch); ``train`` (1 epoch of ``dalikd train --aug cutmixpick``); ``torchrun``
-(the same under ``torchrun --nproc_per_node 1``: NCCL on GPU); ``profile`` (``dalikd profile``,
-R34 -> R18, batch 256: data-loading efficiency for none, cutmix, cutmixpick).
+composed mixing, chosen by ``DataConfig.mixing``, 3 batches: device, dtype, shape, value
+range); ``same/<aug>/<granularity>`` (native vs composed: bit-identical, or the largest
+difference); ``checkpoint`` (restore gives the same next batch); ``train`` (1 epoch of
+``dalikd train --aug cutmixpick``); ``torchrun`` (the same under ``torchrun --nproc_per_node
+1``: NCCL on GPU); ``profile`` (``dalikd profile``, R34 -> R18, batch 256: data-loading
+efficiency for none, cutmix, cutmixpick). train, torchrun and profile run ``--mixing auto``
+and say the path they resolved.
 
 Every case but the JPEG set-up runs in a child process with its own timeout (a hang or a crash
 in DALI, NCCL or the plugin becomes a FAIL line), and all of them share a time budget
@@ -26,6 +28,7 @@ give it ``--budget 1200`` on a slow machine).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -95,19 +98,17 @@ def sizes(device: str) -> dict[str, int]:
         "image_size": 32, "batch_size": 4}  # fmt: skip
 
 
-def _loader(data_root: Path, device: str, aug: str, granularity: str, seed: int = 0, **kw):
+def _loader(data_root: Path, device: str, aug: str, granularity: str, seed: int = 0,
+            mixing: str = "auto", **kw):  # fmt: skip
+    """train_loader on the mixing path ``mixing`` (DataConfig.mixing: auto|native|composed)."""
     from dalikd import loaders
     from dalikd.config import DataConfig
     from dalikd.data import scan_dataset
     from dalikd.recipes import resolve
 
-    data = DataConfig(path=str(data_root), threads=2, **sizes(device))
+    data = DataConfig(path=str(data_root), threads=2, mixing=mixing, **sizes(device))
     return loaders.train_loader(scan_dataset(data_root).train, data, resolve(aug), device=device,
                                  seed=seed, granularity=granularity, **kw)  # fmt: skip
-
-
-def _set_native(path: str) -> None:
-    os.environ["DALIKD_NATIVE"] = "1" if path == "native" else "0"
 
 
 def check_batch(batch, device: str, aug: str, mixing: bool, pool: int) -> str:
@@ -143,7 +144,7 @@ def check_batch(batch, device: str, aug: str, mixing: bool, pool: int) -> str:
     return "; ".join(problems)
 
 
-def child_loader(data_root: Path, device: str) -> None:
+def child_loader(data_root: Path, device: str, chosen) -> None:
     from dalikd.recipes import builtin_recipes, recipe_info
 
     for aug, recipe in builtin_recipes().items():
@@ -151,10 +152,12 @@ def child_loader(data_root: Path, device: str) -> None:
         for path in ("native", "composed") if mixing else ("composed",):
             for granularity in ("sample", "batch"):
                 name = f"loader/{aug}/{path}/{granularity}"
+                if not chosen(name):
+                    continue
                 try:
-                    _set_native(path)
                     pool = 2 if aug == "cutmixpick" else 1
-                    loader = _loader(data_root, device, aug, granularity, pool_size=pool)
+                    loader = _loader(data_root, device, aug, granularity, mixing=path,
+                                     pool_size=pool)  # fmt: skip
                     batches = [b for _, b in zip(range(3), loader, strict=False)]
                     bad = [check_batch(b, device, aug, mixing, pool) for b in batches]
                     bad = [b for b in bad if b]
@@ -164,17 +167,18 @@ def child_loader(data_root: Path, device: str) -> None:
                     report(name, False, f"{type(e).__name__}: {_line(e)}")
 
 
-def child_same(data_root: Path, device: str) -> None:
+def child_same(data_root: Path, device: str, chosen) -> None:
     import torch
 
     for aug in MIXING:
         for granularity in ("sample", "batch"):
             name = f"same/{aug}/{granularity}"
+            if not chosen(name):
+                continue
             try:
                 runs = {}
                 for path in ("native", "composed"):
-                    _set_native(path)
-                    loader = _loader(data_root, device, aug, granularity, seed=3)
+                    loader = _loader(data_root, device, aug, granularity, seed=3, mixing=path)
                     runs[path] = [b for _, b in zip(range(2), loader, strict=False)]
                 diffs = []
                 for a, b in zip(runs["native"], runs["composed"], strict=True):
@@ -188,10 +192,9 @@ def child_same(data_root: Path, device: str) -> None:
                 report(name, False, f"{type(e).__name__}: {_line(e)}")
 
 
-def child_checkpoint(data_root: Path, device: str) -> None:
+def child_checkpoint(data_root: Path, device: str, chosen) -> None:
     import torch
 
-    os.environ.setdefault("DALIKD_NATIVE", "auto")
     first = _loader(data_root, device, "cutmixpick", "sample", seed=5)
     batches = iter(first)
     next(batches)
@@ -205,7 +208,7 @@ def child_checkpoint(data_root: Path, device: str) -> None:
     report("checkpoint", not differ, "differ: " + ", ".join(differ) if differ else same)
 
 
-def child_jpegs(data_root: Path, device: str) -> None:
+def child_jpegs(data_root: Path, device: str, chosen) -> None:
     from dalikd import loaders
     from dalikd.config import DataConfig
     from dalikd.data import scan_dataset
@@ -221,8 +224,13 @@ def child_jpegs(data_root: Path, device: str) -> None:
 
 
 def child_main(args) -> None:
+    patterns = args.select.split(",") if args.select else ["*"]
+
+    def chosen(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
     {"loader": child_loader, "same": child_same, "checkpoint": child_checkpoint,
-     "jpegs": child_jpegs}[args.child](Path(args.data), args.device)  # fmt: skip
+     "jpegs": child_jpegs}[args.child](Path(args.data), args.device, chosen)  # fmt: skip
 
 
 def _line(e: BaseException) -> str:
@@ -273,7 +281,7 @@ class Check:
                     self.record(c["name"], c["ok"], c["detail"])
                 else:
                     tail.append(line.rstrip())
-                    del tail[:-40]
+                    del tail[:-200]  # doctor --json is ~30 lines, warnings may come with it
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
@@ -288,10 +296,10 @@ class Check:
             self.record(case, False, f"timed out after {timeout_s:.0f} s: {_last(tail)}")
         return code, "\n".join(tail)
 
-    def child(self, case: str, data: Path, timeout_s: float) -> None:
+    def child(self, case: str, data: Path, timeout_s: float, select: list[str]) -> None:
         before = len(self.result["cases"])
         cmd = [sys.executable, __file__, "--child", case, "--data", str(data),
-               "--device", self.device]  # fmt: skip
+               "--device", self.device, "--select", ",".join(select)]  # fmt: skip
         code, tail = self.run(case, cmd, timeout_s)
         if code not in (0, None) or (code == 0 and len(self.result["cases"]) == before):
             self.record(case, False, f"exited {code}: {_last(tail.splitlines())}")
@@ -331,9 +339,11 @@ def case_doctor(check: Check) -> None:
     code, out = check.run("doctor", dalikd("doctor", "--json"), 180)
     if code is None:
         return
-    try:
-        info = json.loads(out[out.index("{") :])
-    except ValueError:
+    try:  # the JSON starts on a line of its own; warnings may come before or after it
+        start = next(i for i, ln in enumerate(out.splitlines()) if ln.startswith("{"))
+        text = "\n".join(out.splitlines()[start:])
+        info = json.JSONDecoder().raw_decode(text)[0]
+    except (StopIteration, ValueError):
         check.record("doctor", False, f"exited {code}: {_last(out.splitlines())}")
         return
     backend = info.get("gpu_backend", "")
@@ -350,7 +360,9 @@ def case_doctor(check: Check) -> None:
 def case_train(check: Check, data: Path, teacher: Path, runs: Path, torchrun: bool) -> None:
     name = "torchrun" if torchrun else "train"
     size = sizes(check.device)
+    # --mixing auto: the native operator where it runs (doctor says whether), else composed
     args = ["train", "--data", str(data), "--device", check.device, "--aug", "cutmixpick",
+            "--mixing", "auto",
             "--teacher", "resnet18", "--teacher-weights", str(teacher), "--student", "resnet18",
             "--epochs", "1", "--batch-size", str(size["batch_size"]), "--image-size",
             str(size["image_size"]), "--threads", "2", "--out", str(runs / name)]  # fmt: skip
@@ -364,7 +376,11 @@ def case_train(check: Check, data: Path, teacher: Path, runs: Path, torchrun: bo
         return
     done = (runs / name / "last.pt").exists()
     backend = "NCCL" if check.device == "gpu" else "gloo"
-    what = f"1 epoch, {backend}" if torchrun else "1 epoch"
+    try:
+        mixing = json.loads((runs / name / "config.json").read_text())["data"]["mixing"]
+    except (OSError, ValueError, KeyError, TypeError):
+        mixing = "?"
+    what = f"1 epoch, {backend}, mixing {mixing}" if torchrun else f"1 epoch, mixing {mixing}"
     check.record(name, code == 0 and done, what if code == 0 and done else
                  f"exited {code}: {_last(tail.splitlines())}")  # fmt: skip
 
@@ -379,7 +395,7 @@ def case_profile(check: Check, data: Path) -> None:
                   "--image-size", "32", "--windows", "1", "--window-seconds", "0.1",
                   "--warmup", "1"]  # fmt: skip
     cmd = dalikd("profile", "--data", str(data), "--device", check.device, "--aug",
-                 "cutmix,cutmixpick", "--baseline", "none", *models,
+                 "cutmix,cutmixpick", "--baseline", "none", "--mixing", "auto", *models,
                  "--json", str(path))  # fmt: skip
     code, tail = check.run("profile", cmd, 150)
     if code is None:
@@ -409,10 +425,13 @@ def main() -> None:
     parser.add_argument("--out", default="gpu_check_out", help="folder for gpu_check.json")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                         help="cpu: a dry run of this script's logic with tiny sizes")  # fmt: skip
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="comma-separated subset; loader and same take patterns of their "
+                        "cases too, e.g. same/cutmix/*,loader/mixup/native/batch")  # fmt: skip
     parser.add_argument("--budget", type=float, default=290, help="s, for all cases together")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--select", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child_main(args)
@@ -423,7 +442,12 @@ def main() -> None:
         print("gpu_check: needs a CUDA GPU (torch sees none); --device cpu is a dry run of its "
               "logic", flush=True)  # fmt: skip
         return
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    # each top-level case once, in the order given, with its patterns ("loader/cutmix/*")
+    select: dict[str, list[str]] = {}
+    for item in (c.strip() for c in args.cases.split(",") if c.strip()):
+        top = item.split("/")[0]
+        select.setdefault(top, []).append(item if "/" in item else f"{top}*")
+    cases = list(select)
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
@@ -442,7 +466,7 @@ def main() -> None:
         if case == "doctor":
             case_doctor(check)
         elif case in ("jpegs", "loader", "same", "checkpoint"):
-            check.child(case, data, {"loader": 120, "same": 60}.get(case, 45))
+            check.child(case, data, {"loader": 120, "same": 60}.get(case, 45), select[case])
         elif case == "profile":
             case_profile(check, data)
         elif case in ("train", "torchrun"):

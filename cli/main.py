@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from dalikd.cli.cache_cmd import cache_info
 from dalikd.cli.doctor_cmd import doctor
+from dalikd.cli.options import device_option
 from dalikd.cli.plot_cmd import plot
 from dalikd.cli.preview_cmd import preview
 from dalikd.cli.profile_cmd import profile
@@ -279,7 +280,7 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
 @click.option(
     "--threads", default=0, type=int, help="DALI CPU threads (0: one per core, at most 8)"
 )
-@click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
+@device_option
 def evaluate_cmd(data, model_name, weights, batch_size, image_size, threads, device) -> None:
     """Validation top-1 / top-5 / loss of a model on DATA/val."""
     from dalikd.cli.report import print_eval
@@ -337,7 +338,7 @@ def pipelines() -> None:
 @click.option(
     "--epochs", type=int, default=None, help="override the demo's epoch count (all four runs)"
 )
-@click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
+@device_option
 def demo(out: str, epochs: int | None, device: str) -> None:
     """Build a small digits dataset; train a teacher, a student alone, and the student
     distilled with --aug flip and with --aug cutmixpick."""

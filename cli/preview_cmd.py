@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dalikd.config import Device, Granularity, Resize, choices
+from dalikd.cli.options import device_option, granularity_option, resize_option
 
 
 @click.command()
@@ -20,23 +20,9 @@ from dalikd.config import Device, Granularity, Resize, choices
 @click.option("--batch-size", default=8, show_default=True, type=int, help="images in the grid")
 @click.option("--image-size", default=224, show_default=True, type=int, help="image side in px")
 @click.option("--seed", default=0, show_default=True, type=int, help="the seed of the run")
-@click.option(
-    "--granularity",
-    "--aug-granularity",
-    "granularity",
-    type=click.Choice(choices(Granularity)),
-    default="sample",
-    show_default=True,
-    help="random draws per image or one per batch",
-)
-@click.option(
-    "--resize",
-    type=click.Choice(choices(Resize)),
-    default="auto",
-    show_default=True,
-    help="antialiased resize: dalikd's CPU operator or DALI's fn.resize (as `dalikd train`)",
-)
-@click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
+@granularity_option("--granularity", "--aug-granularity")
+@resize_option
+@device_option
 def preview(data, aug, out, batch_size, image_size, seed, granularity, resize, device) -> None:
     """Draw x (top) and x' (below) of the first training batch, as `dalikd train` with the same
     --aug, --seed and sizes would see it; mixing recipes are labelled with λ and the partner."""

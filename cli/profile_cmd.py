@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dalikd.config import Device, Mixing, choices
+from dalikd.cli.options import device_option, mixing_option
 
 console = Console(highlight=False)
 
@@ -25,7 +25,7 @@ console = Console(highlight=False)
     help="comma-separated schemes (names, a+b, file.py:function); all = every built-in recipe "
     "and the CutMixPick pool. Plain KD (none) is always measured",
 )
-@click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
+@device_option
 @click.option("--batch-size", default=32, show_default=True, type=int, help="samples per batch")
 @click.option(
     "--threads",
@@ -42,13 +42,7 @@ console = Console(highlight=False)
     "--baseline", type=click.Choice(["torchvision", "none"]), default="torchvision",
     show_default=True, help="what the DALI hand-off is compared with",
 )  # fmt: skip
-@click.option(
-    "--mixing",
-    type=click.Choice(choices(Mixing)),
-    default="auto",
-    show_default=True,
-    help="mixing's pixel work: dalikd's fused operator or stock DALI operators (same pixels)",
-)
+@mixing_option
 @click.option(
     "--antialias/--no-antialias",
     default=True,

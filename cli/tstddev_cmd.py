@@ -9,8 +9,9 @@ from rich.markup import escape
 from rich.progress import TextColumn
 from rich.table import Table
 
+from dalikd.cli.options import device_option, granularity_option, mixing_option, resize_option
 from dalikd.cli.report import LiveBar, console
-from dalikd.config import Device, Granularity, Mixing, PickCriterion, Precision, Resize, choices
+from dalikd.config import PickCriterion, Precision, choices
 
 SCHEMES = "identity,flip,crop_flip,cutout,autoaugment,mixup,cutmix,cutmixpick"
 
@@ -88,21 +89,9 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
 @click.option(
     "--threads", default=0, type=int, help="DALI CPU threads (0: one per core, at most 8)"
 )
-@click.option(
-    "--mixing",
-    type=click.Choice(choices(Mixing)),
-    default="auto",
-    show_default=True,
-    help="mixing's pixel work: dalikd's fused operator or stock DALI operators (same pixels)",
-)
-@click.option(
-    "--resize",
-    type=click.Choice(choices(Resize)),
-    default="auto",
-    show_default=True,
-    help="antialiased resize: dalikd's CPU operator or DALI's fn.resize (as `dalikd train`)",
-)
-@click.option("--device", type=click.Choice(choices(Device)), default="auto", show_default=True)
+@mixing_option
+@resize_option
+@device_option
 @click.option(
     "--precision",
     type=click.Choice(choices(Precision)),
@@ -110,14 +99,7 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
     show_default=True,
     help="teacher autocast (auto: bf16 on GPU, fp32 on CPU)",
 )
-@click.option(
-    "--aug-granularity",
-    "granularity",
-    type=click.Choice(choices(Granularity)),
-    default="sample",
-    show_default=True,
-    help="random draws per image, or one per batch (the paper's reference code)",
-)
+@granularity_option()
 @click.option("--seed", default=0, show_default=True, type=int, help="random seed for DALI")
 @click.option(
     "--pick-criterion",

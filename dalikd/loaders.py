@@ -254,12 +254,21 @@ def build_pipeline(
 
 
 class Loader:
-    """Iterates one epoch of :class:`Batch`; ``len()`` is the number of batches per epoch."""
+    """Iterates one epoch of :class:`Batch`; ``len()`` is the number of batches per epoch.
+    ``cpu_labels``: the labels stay on CPU (a caller that maps them moves them once itself,
+    instead of copying them back from the GPU: a blocking sync every step)."""
 
     def __init__(
-        self, pipe, names: list[str], *, last_batch: LastBatchPolicy, device: torch.device
+        self,
+        pipe,
+        names: list[str],
+        *,
+        last_batch: LastBatchPolicy,
+        device: torch.device,
+        cpu_labels: bool = False,
     ):
         self._device = device
+        self._labels_to = torch.device("cpu") if cpu_labels else device
         self._iter = DALIGenericIterator(
             [pipe],
             names,
@@ -296,7 +305,7 @@ class Loader:
                     )
             yield Batch(
                 images=d["images"],
-                labels=_flat(d["labels"], to, torch.int64),
+                labels=_flat(d["labels"], self._labels_to, torch.int64),
                 aug_images=_views(d, "aug_images", views),
                 lam=_flat(_views(d, "lam", views), to, torch.float32),
                 perm=_flat(_views(d, "perm", views), to, torch.int64),
@@ -329,11 +338,13 @@ def train_loader(
     granularity: str = "sample",
     pool_size: int = 2,
     checkpoint: str | None = None,
+    cpu_labels: bool = False,
 ) -> Loader:
     """Shuffled, augmented training batches; the incomplete last batch is dropped.
 
     All shards shuffle with ``seed`` (one shared permutation, split between them); the
     augmentations of shard i draw from ``seed + i``. ``checkpoint`` resumes a saved state.
+    ``cpu_labels``: labels handed over on CPU (see :class:`Loader`).
     """
     data = _restored_data(data, recipe, checkpoint)
     pipe, names = build_pipeline(
@@ -342,7 +353,8 @@ def train_loader(
         granularity=granularity, reader_seed=seed, pool_size=pool_size,
         native_resize=_native_in(checkpoint, "DalikdResize"),
     )  # fmt: skip
-    return Loader(pipe, names, last_batch=LastBatchPolicy.DROP, device=torch_device(device))
+    return Loader(pipe, names, last_batch=LastBatchPolicy.DROP, device=torch_device(device),
+                  cpu_labels=cpu_labels)  # fmt: skip
 
 
 def checkpoint_mixing(checkpoint: str | bytes) -> str:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from dalikd.data import Dataset, Split
+from dalikd.device import torch_device
 from dalikd.errors import DalikdError
 
 REPORT = "data_report.tsv"
@@ -231,7 +232,7 @@ class TrainData:
         shard = self._shard if indices is None else {}
         return loaders.train_loader(
             split, self._data, self._recipe, device=self._device, seed=seed,
-            checkpoint=checkpoint, **shard, **self._graph,
+            checkpoint=checkpoint, cpu_labels=True, **shard, **self._graph,
         )  # fmt: skip
 
     def __len__(self) -> int:
@@ -247,14 +248,18 @@ class TrainData:
 
     def __iter__(self) -> Iterator[Any]:
         seen: list[int] = []  # indices trained on this epoch since the loader was built
+        device = torch_device(self._device)
         while True:
             classes = torch.tensor(self.dataset.train.labels, dtype=torch.int64)
             try:
                 for batch in self._loader:
-                    index = batch.labels.cpu()
+                    # the loader hands the labels (sample indices here) over on CPU: mapped to
+                    # classes there and moved once, no copy back from the GPU
+                    index = batch.labels
                     seen += index.tolist()
                     self._step += 1
-                    yield replace(batch, labels=classes[index].to(batch.labels.device))
+                    labels = classes[index].to(device, non_blocking=True)
+                    yield replace(batch, labels=labels)
                     if self._remainder is not None and self._step >= self._steps:
                         break  # the remainder may hold more than the epoch's slots
                 break

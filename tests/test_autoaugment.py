@@ -11,8 +11,8 @@ import torch
 import torchvision.transforms as T1
 import torchvision.transforms.v2 as T2
 import torchvision.transforms.v2.functional as F
-from nvidia.dali import fn, pipeline_def
 from nvidia.dali.auto_aug.core import signed_bin
+from tests_helpers import run_graph
 
 from dalikd import autoaugment as aa
 
@@ -34,28 +34,6 @@ def photos(side: int = S) -> np.ndarray:
         image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
         out.append(F.resize(image, [side, side], antialias=True).permute(1, 2, 0).numpy())
     return np.stack(out)
-
-
-def run_graph(graph, arrays: dict, *, seed: int = 0, iters: int = 1) -> list[np.ndarray]:
-    batch = len(next(iter(arrays.values())))
-
-    def constant(values):  # no parameters: DALI passes the epoch to callbacks that take one
-        return lambda: list(values)
-
-    def pipe_fn():
-        nodes = {
-            k: fn.external_source(
-                source=constant(v), batch=True, layout="HWC" if k == "images" else ""
-            )
-            for k, v in arrays.items()
-        }
-        return graph(**nodes)
-
-    pipe = pipeline_def(pipe_fn, enable_conditionals=True)(
-        batch_size=batch, num_threads=1, device_id=None, seed=seed
-    )
-    pipe.build()
-    return [pipe.run()[0].as_array() for _ in range(iters)]
 
 
 def torchvision_op(images: np.ndarray, name: str, magnitude_bin: int | None, negate: bool):
@@ -88,7 +66,7 @@ def dali_op(images: np.ndarray, name: str, magnitude_bin: int | None, negate: bo
         return aug(images, magnitude_bin=signed_bin(bins, random_sign=sign), num_magnitude_bins=10)
 
     images_side = images.shape[1]
-    return run_graph(graph, arrays)[0]
+    return run_graph(graph, arrays, conditionals=True)[0][0]
 
 
 # -- the tables ----------------------------------------------------------------------------------
@@ -177,7 +155,7 @@ def test_injected_draws_apply_torchvisions_stages(policy, sub_policy):
     def graph(images, sub_policy, run, sign):
         return aa.autoaugment(images, policy, S, sub_policy=sub_policy, run=run, sign=sign)
 
-    got = run_graph(graph, arrays)[0]
+    got = run_graph(graph, arrays, conditionals=True)[0][0]
     stages = aa.POLICIES[policy][sub_policy]
     for i, (run, sign) in enumerate(combos):
         expected = two
@@ -196,7 +174,9 @@ def test_batch_granularity_shares_the_draw_sample_does_not():
             {"images": images},
             seed=5,
             iters=4,
+            conditionals=True,
         )
+        outs = [out for (out,) in outs]
         for out in outs:
             same = all(np.array_equal(o, out[0]) for o in out)
             assert same or not shared, granularity
@@ -211,8 +191,13 @@ def test_no_output_of_a_photo_is_a_flat_image(policy):
     # DALI's image_net policy translated by up to 250 px and left ~3% of x' a flat fill
     images = photos(224)
     outs = run_graph(
-        lambda images: aa.autoaugment(images, policy, 224), {"images": images}, seed=1, iters=40
+        lambda images: aa.autoaugment(images, policy, 224),
+        {"images": images},
+        seed=1,
+        iters=40,
+        conditionals=True,
     )
+    outs = [out for (out,) in outs]
     stds = np.array([o.reshape(len(o), -1).std(axis=1) for o in outs]).ravel()
     assert len(stds) == 40 * len(PHOTOS)
     assert stds.min() > 5.0, stds.min()

@@ -9,6 +9,7 @@ import torch
 from nvidia.dali import fn, pipeline_def
 from nvidia.dali.ops import _registry  # private: the only list of operators with a GPU backend
 from PIL import Image
+from tests_helpers import run_graph
 
 from dalikd import autoaugment, loaders, ops
 from dalikd.config import DataConfig
@@ -32,32 +33,6 @@ def make_images(n: int = B, s: int = S) -> np.ndarray:
     return images
 
 
-def run(graph, inputs: dict, *, seed: int = 0, iters: int = 1, conditionals: bool = False):
-    """Run ``graph(**nodes)`` in a CPU pipeline; ``inputs`` name -> per-sample arrays (the same
-    every iteration); the key "images" gets layout HWC. Returns a list (per iteration) of
-    tuples of [batch, ...] arrays."""
-    batch = len(next(iter(inputs.values())))
-
-    def constant(values):  # no parameters: DALI passes the epoch to callbacks that take one
-        return lambda: list(values)
-
-    def graph_fn():
-        nodes = {
-            k: fn.external_source(
-                source=constant(v), batch=True, layout="HWC" if k == "images" else ""
-            )
-            for k, v in inputs.items()
-        }
-        out = graph(**nodes)
-        return out if isinstance(out, tuple) else (out,)
-
-    pipe = pipeline_def(graph_fn, enable_conditionals=conditionals)(
-        batch_size=batch, num_threads=1, device_id=None, seed=seed
-    )
-    pipe.build()
-    return [tuple(o.as_array() for o in pipe.run()) for _ in range(iters)]
-
-
 def scalars(values, dtype) -> list[np.ndarray]:
     return [np.asarray(v, dtype) for v in values]
 
@@ -67,7 +42,7 @@ def scalars(values, dtype) -> list[np.ndarray]:
 
 def test_flip_mirrors_exactly_the_samples_whose_coin_is_one():
     images, coin = make_images(), [1, 0, 1, 0, 0, 1]
-    [(out,)] = run(
+    [(out,)] = run_graph(
         lambda images, coin: ops.flip(images, coin=coin),
         {"images": images, "coin": scalars(coin, np.int32)},
     )
@@ -85,7 +60,7 @@ def test_crop_flip_is_the_window_of_the_zero_padded_image_at_the_injected_offset
     pad, images = 4, make_images()
     offsets = [(0, 0), (8, 8), (4, 4), (0, 8), (7, 1), (3, 6)]  # the corners of 0..2·pad and inside
     coin = [0, 1, 0, 1, 1, 0]
-    [(out,)] = run(
+    [(out,)] = run_graph(
         lambda images, offset, coin: ops.crop_flip(images, S, pad=pad, offset=offset, coin=coin),
         {"images": images, "offset": scalars(offsets, np.int32), "coin": scalars(coin, np.int32)},
     )
@@ -97,7 +72,7 @@ def test_crop_flip_is_the_window_of_the_zero_padded_image_at_the_injected_offset
 def test_crop_flip_draws_are_windows_within_the_padding():
     pad, images = 2, make_images()
     seen = set()
-    draws = run(lambda images: ops.crop_flip(images, S, pad=pad), {"images": images}, iters=8)
+    draws = run_graph(lambda images: ops.crop_flip(images, S, pad=pad), {"images": images}, iters=8)
     for (out,) in draws:
         for i in range(B):
             found = [
@@ -127,7 +102,7 @@ def cutout_ref(image: np.ndarray, hole: int, cy: int, cx: int) -> np.ndarray:
 def test_cutout_fills_the_clipped_square_and_nothing_else():
     hole, images = 4, make_images()
     centres = [(0, 0), (15, 15), (0, 15), (7, 9), (1, 14), (2, 2)]  # clipped at every border
-    [(out,)] = run(
+    [(out,)] = run_graph(
         lambda images, centre: ops.cutout(images, S, hole=hole, fill=FILL, centre=centre),
         {"images": images, "centre": scalars(centres, np.int32)},
     )
@@ -138,7 +113,7 @@ def test_cutout_fills_the_clipped_square_and_nothing_else():
 def test_cutout_draws_are_reference_holes_at_random_centres():
     hole, images = 4, make_images()
     centres = set()
-    draws = run(
+    draws = run_graph(
         lambda images: ops.cutout(images, S, hole=hole, fill=FILL), {"images": images}, iters=6
     )
     for (out,) in draws:
@@ -170,7 +145,7 @@ def test_mixup_equals_the_numpy_reference_for_injected_lam_and_perm():
     images = make_images()
     lam = np.array([0.5, 0.25, 0.0, 1.0, 0.3, 0.77], np.float32)  # 0.5: many exact halves
     perm = np.array([1, 0, 3, 2, 5, 4], np.int32)
-    [(out, lam_out, perm_out)] = run(
+    [(out, lam_out, perm_out)] = run_graph(
         lambda images, lam, perm: ops.mixup(images, lam=lam, perm=perm),
         {"images": images, "lam": scalars(lam, np.float32), "perm": scalars(perm, np.int32)},
     )
@@ -181,7 +156,7 @@ def test_mixup_equals_the_numpy_reference_for_injected_lam_and_perm():
 
 def test_mixup_with_drawn_lam_and_perm_equals_the_reference():
     images = make_images()
-    for out, lam, perm in run(lambda images: ops.mixup(images), {"images": images}, iters=4):
+    for out, lam, perm in run_graph(lambda images: ops.mixup(images), {"images": images}, iters=4):
         assert lam.dtype == np.float32 and perm.dtype == np.int32
         assert ((lam >= 0) & (lam <= 1)).all()
         np.testing.assert_array_equal(out, mixup_ref(images, lam, perm))
@@ -206,7 +181,7 @@ def test_cutmix_pastes_the_reference_box_from_the_partner():
     lam = np.array([0.0, 1.0, 0.5, 0.9, 0.3, 0.999], np.float32)  # full box, empty box, ...
     centres = [(8, 8), (5, 5), (0, 0), (15, 3), (9, 14), (7, 7)]
     perm = np.array([3, 2, 4, 5, 1, 0], np.int32)
-    [(out, lam_out, perm_out)] = run(
+    [(out, lam_out, perm_out)] = run_graph(
         lambda images, lam, perm, centre: ops.cutmix(images, S, lam=lam, perm=perm, centre=centre),
         {
             "images": images,
@@ -241,7 +216,9 @@ def partner_box(out: np.ndarray, images: np.ndarray, i: int, partner: int) -> in
 def test_cutmix_draws_a_partner_box_and_recomputes_lam_from_its_area():
     images = make_images()
     areas = []
-    for out, lam, perm in run(lambda images: ops.cutmix(images, S), {"images": images}, iters=5):
+    for out, lam, perm in run_graph(
+        lambda images: ops.cutmix(images, S), {"images": images}, iters=5
+    ):
         assert lam.dtype == np.float32 and perm.dtype == np.int32
         for i in range(B):
             area = partner_box(out[i], images, i, perm[i])
@@ -254,7 +231,7 @@ def test_cutmix_draws_a_partner_box_and_recomputes_lam_from_its_area():
 def test_partner_is_a_permutation_without_fixed_points(batch):
     images = make_images(batch)
     for mix in (lambda images: ops.mixup(images), lambda images: ops.cutmix(images, S)):
-        for _, _, perm in run(mix, {"images": images}, iters=6):
+        for _, _, perm in run_graph(mix, {"images": images}, iters=6):
             assert sorted(perm.tolist()) == list(range(batch))
             assert (perm != np.arange(batch)).all()
 
@@ -280,14 +257,16 @@ def test_batch_granularity_shares_the_draw_sample_granularity_does_not(name):
     images = np.repeat(make_images(1), 32, axis=0)
     op = PER_IMAGE.get(name) or MIXING[name]
     for granularity, shared in (("batch", True), ("sample", False)):
-        for out in run(lambda images, g=granularity: op(images, g), {"images": images}, iters=3):
+        for out in run_graph(
+            lambda images, g=granularity: op(images, g), {"images": images}, iters=3
+        ):
             drawn = out[0] if name in PER_IMAGE else out[1]
             assert all(np.array_equal(d, drawn[0]) for d in drawn) == shared, granularity
 
 
 def test_unknown_granularity_fails_with_the_known_ones():
     with pytest.raises(ValueError, match="sample, batch"):
-        run(lambda images: ops.flip(images, "epoch"), {"images": make_images()})
+        run_graph(lambda images: ops.flip(images, "epoch"), {"images": make_images()})
 
 
 @pytest.mark.parametrize("name", [*PER_IMAGE, *MIXING, "autoaugment"])
@@ -301,7 +280,9 @@ def test_same_seed_same_batch_other_seed_differs(name):
 
     def batches(seed):
         graph = lambda images: op(images, "sample")  # noqa: E731
-        out = run(graph, {"images": images}, seed=seed, iters=2, conditionals=name == "autoaugment")
+        out = run_graph(
+            graph, {"images": images}, seed=seed, iters=2, conditionals=name == "autoaugment"
+        )
         return np.concatenate([o[0] for o in out])
 
     a, b, c = batches(1), batches(1), batches(2)
@@ -340,7 +321,7 @@ def test_checkpoint_restores_every_draw_bit_exactly(granularity):
 def test_autoaugment_keeps_shape_and_dtype():
     images = make_images(8, 32)
     graph = lambda images: autoaugment.autoaugment(images, "imagenet", 32)  # noqa: E731
-    for (out,) in run(graph, {"images": images}, iters=3, conditionals=True):
+    for (out,) in run_graph(graph, {"images": images}, iters=3, conditionals=True):
         assert out.shape == images.shape and out.dtype == np.uint8
 
 

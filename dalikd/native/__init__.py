@@ -179,14 +179,9 @@ def _gpu_reason(status: Status) -> str:
     return "" if ok else f"GPU backend not used: {detail}"
 
 
-@functools.cache  # once per process (and reason): the fallback is said once, not per pipeline
-def _warn(reason: str) -> None:
-    warnings.warn(
-        f"dalikd: native mixing operator unavailable ({reason}); using the composed "
-        "stock-operator graph (same results, slower). DALIKD_NATIVE=0 silences this.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+@functools.cache  # once per process (and message): a fallback is said once, not per pipeline
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def use_native(device: str) -> bool:
@@ -204,7 +199,10 @@ def use_native(device: str) -> bool:
     reason = _gpu_reason(status) if device == "gpu" else status.reason
     if not reason:
         return True
-    _warn(reason)
+    _warn(
+        f"dalikd: native mixing operator unavailable ({reason}); using the composed "
+        "stock-operator graph (same results, slower). DALIKD_NATIVE=0 silences this."
+    )
     return False
 
 
@@ -235,7 +233,6 @@ def reset() -> None:
     load.cache_clear()
     verify_gpu.cache_clear()
     _warn.cache_clear()
-    _warn_resize.cache_clear()
 
 
 # -- the resize operator (fn.dalikd_resize, CPU only) -------------------------------------------
@@ -268,18 +265,11 @@ def use_native_resize(device: str) -> bool:
                 f"the native resize operator is asked for (DALIKD_NATIVE=1) but unavailable: "
                 f"{reason}"
             )
-        _warn_resize(reason)
+        _warn(
+            f"dalikd: native resize operator unavailable ({reason}); using DALI's fn.resize "
+            "(same filter family, slower on CPU). DALIKD_NATIVE_RESIZE=0 silences this."
+        )
     return False
-
-
-@functools.cache
-def _warn_resize(reason: str) -> None:
-    warnings.warn(
-        f"dalikd: native resize operator unavailable ({reason}); using DALI's fn.resize (same "
-        "filter family, slower on CPU). DALIKD_NATIVE_RESIZE=0 silences this.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
 
 
 def resolve_resize(resize: str, antialias: bool, device: str) -> str:
