@@ -2,7 +2,7 @@
 teacher, side by side in one run, and what bounds the cached run.
 
     pip install -e ".[bench]"              # scikit-image: the photographs (no download)
-    python benchmarks/teacher_cache.py     # --image-size 64 --batch-size 16 --steps 24
+    python benchmarks/teacher_cache.py     # --image-size 224 --batch-size 16 --steps 9
 
 On the recropped JPEG photographs of benchmarks/profile_photos.py (built once), with random
 weights and 1000 classes (the time of a step does not depend on the weights):
@@ -50,9 +50,11 @@ def clocks() -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--image-size", type=int, default=64)
+    # ImageNet's size: at 64 px the student's backward outweighs the teacher more than it does
+    # at 224 (on CPU 1.5x instead of 1.9x), which is not the setting the target is about
+    ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=24, help="timed steps per mode")
+    ap.add_argument("--steps", type=int, default=9, help="timed steps per mode")
     ap.add_argument("--window", type=int, default=3, help="steps per interleaved window")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
