@@ -351,7 +351,6 @@ def train_loader(
         train_graph, data=data, device=device, seed=seed + shard_id, checkpoint=checkpoint,
         split=split, recipe=recipe, shard_id=shard_id, num_shards=num_shards,
         granularity=granularity, reader_seed=seed, pool_size=pool_size,
-        native_resize=_native_in(checkpoint, "DalikdResize"),
     )  # fmt: skip
     return Loader(pipe, names, last_batch=LastBatchPolicy.DROP, device=torch_device(device),
                   cpu_labels=cpu_labels)  # fmt: skip
@@ -395,12 +394,9 @@ def _restored_data(data: DataConfig, recipe: Recipe | None, checkpoint: str | No
     return data
 
 
-def _native_in(checkpoint: str | bytes | None, name: str) -> bool | None:
-    """Whether a DALI checkpoint's graph holds operator ``name`` (the resize path it was saved
-    from, name="DalikdResize"), so a resumed run rebuilds the same graph whatever
-    DALIKD_NATIVE says now; None: no checkpoint."""
-    if checkpoint is None:
-        return None
+def _native_in(checkpoint: str | bytes, name: str) -> bool:
+    """Whether a DALI checkpoint's graph holds operator ``name`` (e.g. "DalikdResize"): a
+    resumed run rebuilds the same graph whatever DALIKD_NATIVE says now."""
     return (name.encode() if isinstance(checkpoint, bytes) else name) in checkpoint
 
 
