@@ -90,19 +90,12 @@ def random_crop_decode(jpegs: Any, data: DataConfig, device: str) -> Any:
 def native_resize(data: DataConfig, device: str, native: bool | None = None) -> bool:
     """Whether the resize runs through dalikd's fn.dalikd_resize (CPU, antialiased, the flip
     fused in) instead of DALI's fn.resize: ``data.resize`` resolved
-    (:func:`dalikd.native.resolve_resize`); ``native`` pins the answer (True loads the
-    operator whatever DALIKD_NATIVE says, or raises)."""
+    (:func:`dalikd.native.resolve_resize`, which also keeps GPU and --no-antialias on DALI's);
+    ``native`` overrides it (the profile times both paths)."""
     from dalikd import native as native_op
 
-    if not data.antialias or device != "cpu":  # --no-antialias and GPU keep DALI's resize
-        if native:
-            raise DalikdError("the native resize is CPU-only and antialiased")
-        return False
-    if native is None:
-        return native_op.resolve_resize(data.resize, data.antialias, device) == "native"
-    if native:  # asked for, or by the DALI checkpoint being resumed
-        native_op.require_resize("needed (a checkpoint saved with it)")
-    return native
+    resize = data.resize if native is None else ("native" if native else "dali")
+    return native_op.resolve_resize(resize, data.antialias, device) == "native"
 
 
 def random_resized_crop(
