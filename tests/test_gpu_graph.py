@@ -1,9 +1,14 @@
-"""The GPU training graph, traced on CPU (DALI defines a GPU graph with device_id=None; only
-build() needs a GPU): no pipeline output may be a CPU node that is also copied to the GPU.
+"""The GPU graphs, traced on CPU (DALI defines a GPU graph with device_id=None; only build()
+needs a GPU), checked for what would fail only on the GPU:
 
-Such a node is allocated in pinned host memory, DALI exports it over DLPack as kDLCUDAHost, and
-torch's from_dlpack rejects that device type (DALI_NOTES.md, GPU facts). Checked for every
-built-in recipe x both mixing paths x both granularities, and the "mixed" decoder's settings.
+- no pipeline output may be a CPU node that is also copied to the GPU. Such a node is allocated
+  in pinned host memory, DALI exports it over DLPack as kDLCUDAHost, and torch's from_dlpack
+  rejects that device type (DALI_NOTES.md, GPU facts);
+- every operator has a backend for the device it was placed on. DALI's Python layer does not
+  check this when it traces a graph; build() does, and only on a GPU ("not registered for GPU").
+
+Checked for every built-in recipe x both mixing paths x both granularities, the validation and
+profile graphs, and the "mixed" decoder's settings.
 """
 
 from __future__ import annotations
@@ -30,6 +35,18 @@ def traced_gpu_train_graph(monkeypatch, root, aug: str, granularity: str, native
     )  # fmt: skip
     pipe._build_graph()  # private: collects the operators without building the backend
     return dict(zip(names, pipe._graph_outputs, strict=True)), pipe
+
+
+def unregistered_ops(pipe) -> list[str]:
+    """``"Schema (device)"`` for every traced operator that DALI (with dalikd's plugin loaded)
+    has no backend for on the device it was placed on."""
+    import nvidia.dali.backend as b
+
+    native.load()  # the plugin's operators are registered when its library loads
+    registered = {"cpu": b.RegisteredCPUOps(True), "gpu": b.RegisteredGPUOps(True),
+                  "mixed": b.RegisteredMixedOps(True)}  # fmt: skip
+    return sorted({f"{op._op.schema_name} ({op._op.device})" for op in pipe._ops
+                   if op._op.schema_name not in registered[op._op.device]})  # fmt: skip
 
 
 def pinned_outputs(outputs: dict, pipe) -> list[str]:
@@ -62,6 +79,7 @@ def test_no_output_of_the_composed_gpu_graph_is_a_pinned_cpu_node(
     outputs, pipe = traced_gpu_train_graph(monkeypatch, solid_dataset, aug, granularity, False)
     assert outputs["images"].device == "gpu"
     assert pinned_outputs(outputs, pipe) == []
+    assert unregistered_ops(pipe) == []
     mixing = [name for name in outputs if name.startswith("lam_")]
     assert bool(mixing) == (aug in ("mixup", "cutmix", "cutmixpick"))
     for name in mixing:  # λ and perm leave the pipeline on the GPU
@@ -78,6 +96,7 @@ def test_no_output_of_the_native_gpu_graph_is_a_pinned_cpu_node(
     schemas = {getattr(op._op, "schema_name", "") for op in pipe._ops}
     assert "DalikdMix" in schemas and "MultiPaste" not in schemas
     assert pinned_outputs(outputs, pipe) == []
+    assert unregistered_ops(pipe) == []
     lams = [name for name in outputs if name.startswith("lam_")]
     assert len(lams) == (2 if aug == "cutmixpick" else 1)
     for name in lams:  # the operator's own λ output, on the GPU (no CPU recomputation)
@@ -107,6 +126,37 @@ def test_the_check_finds_a_cpu_output_that_feeds_gpu_arithmetic(solid_dataset, m
     pipe._build_graph()
     outputs = dict(zip(names, pipe._graph_outputs, strict=True))
     assert pinned_outputs(outputs, pipe) == ["lam_0"]
+
+
+@pytest.mark.parametrize("graph", ["val", "read", "decode", "resize"])
+def test_the_validation_and_profile_graphs_have_a_gpu_backend_for_every_operator(
+    solid_dataset, monkeypatch, graph
+):
+    from dalikd.profile import stages
+
+    monkeypatch.setattr(loaders, "_dali_device_id", lambda device: None)
+    data = DataConfig(path=str(solid_dataset), image_size=S, batch_size=4, threads=1)
+    split = scan_dataset(solid_dataset)
+    if graph == "val":
+        kw = dict(split=split.val, shard_id=0, num_shards=1)
+        pipe, _ = loaders.build_pipeline(loaders.val_graph, data=data, device="gpu", seed=0, **kw)
+    else:
+        fn = getattr(stages, f"{graph}_graph")
+        pipe, _ = loaders.build_pipeline(fn, data=data, device="gpu", seed=0, split=split.train)
+    pipe._build_graph()
+    assert unregistered_ops(pipe) == []
+
+
+def test_the_backend_check_finds_a_cpu_only_operator_placed_on_the_gpu(monkeypatch):
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def graph():  # batch_permutation has a CPU backend only; DALI traces this without a word
+        return fn.batch_permutation(device="gpu"), fn.random.coin_flip()
+
+    pipe = graph()
+    pipe._build_graph()
+    assert unregistered_ops(pipe) == ["BatchPermutation (gpu)"]
 
 
 def test_the_mixed_decoder_gets_the_throughput_settings_only_on_gpu(solid_dataset, monkeypatch):
