@@ -19,7 +19,11 @@ and say the path they resolved.
 
 Every case but the JPEG set-up runs in a child process with its own timeout (a hang or a crash
 in DALI, NCCL or the plugin becomes a FAIL line), and all of them share a time budget
-(``--budget``, 290 s): a case that would start after it is reported FAIL, not run.
+(``--budget``, 290 s): a case that would start after it is reported FAIL, not run. A case's
+timeout also leaves each case still to come its ``RESERVE`` seconds, so one slow case cannot
+starve the rest; and by default the cases run in ``CASES`` order, the data-loading efficiency
+(``profile``) right after the set-up and the long ``loader`` matrix last. Each case's seconds
+go to ``"seconds"`` in the JSON, to plan the next lease.
 Without CUDA, ``--device gpu`` (the default) prints one line and exits 0. ``--device cpu`` is a
 dry run of this script's logic on CPU with tiny sizes (its results say nothing about GPUs;
 give it ``--budget 1200`` on a slow machine).
@@ -42,7 +46,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CASES = ("doctor", "jpegs", "loader", "same", "checkpoint", "profile", "train", "torchrun")
+CASES = ("doctor", "jpegs", "profile", "train", "torchrun", "checkpoint", "same", "loader")
+# Seconds on one H200 that each case is expected to need at least: what a case's timeout must
+# leave for the cases after it (scaled like the timeouts in the CPU dry run). 250 of the 290.
+RESERVE = {"doctor": 30, "jpegs": 10, "profile": 80, "train": 30, "torchrun": 30,
+           "checkpoint": 10, "same": 20, "loader": 40}  # fmt: skip
 MIXING = ("mixup", "cutmix", "cutmixpick")
 MARK = "@@case "  # a child's result line: MARK + {"name", "ok", "detail"}
 
@@ -247,7 +255,9 @@ class Check:
         self.deadline = time.monotonic() + budget_s
         # the CPU dry run checks logic, on a slower machine: its cases get more time
         self.timeout_scale = 3 if device == "cpu" else 1
-        self.result = {**versions(device), "device": device, "cases": [], "efficiency": {}}
+        self.result = {**versions(device), "device": device, "cases": [], "efficiency": {},
+                       "seconds": {}}  # fmt: skip
+        self.pending: list[str] = []  # the top-level cases still to come after the current one
 
     def record(self, name: str, ok: bool, detail: str) -> None:
         print(f"{'ok' if ok else 'FAIL'} {name} {detail}", flush=True)
@@ -259,6 +269,13 @@ class Check:
         tmp.write_text(json.dumps(self.result, indent=1) + "\n")
         os.replace(tmp, self.out / "gpu_check.json")
 
+    def timeout(self, nominal_s: float, left_s: float) -> float:
+        """A case's timeout: its nominal seconds (scaled), but no more than what leaves every
+        case still to come its RESERVE, and never under 5 s (or the nominal, or what is left)."""
+        nominal_s *= self.timeout_scale
+        later = self.timeout_scale * sum(RESERVE.get(c, 0) for c in self.pending)
+        return max(min(nominal_s, left_s - later), min(nominal_s, left_s, 5.0))
+
     def run(self, case: str, cmd: list[str], timeout_s: float, env: dict | None = None) -> tuple:
         """Run a child; relay its MARK lines as cases. Returns (returncode or None on timeout,
         the last lines of its output)."""
@@ -266,7 +283,8 @@ class Check:
         if left < 5:
             self.record(case, False, "not run: the time budget (--budget) was spent")
             return None, ""
-        timeout_s = min(timeout_s * self.timeout_scale, left)
+        timeout_s = self.timeout(timeout_s, left)
+        started = time.monotonic()
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})}, start_new_session=True,
@@ -292,6 +310,8 @@ class Check:
             proc.wait()
             code = None
         reader.join(timeout=5)
+        self.result["seconds"][case] = round(time.monotonic() - started, 1)
+        self.save()
         if code is None:
             self.record(case, False, f"timed out after {timeout_s:.0f} s: {_last(tail)}")
         return code, "\n".join(tail)
@@ -462,7 +482,8 @@ def main() -> None:
     kinds = make_jpegs(data, classes, per_class, val_per_class=7)
     print(f"data: {data} ({', '.join(f'{n} {k}' for k, n in kinds.items())})", flush=True)
     teacher = work / "teacher.pt"
-    for case in cases:
+    for i, case in enumerate(cases):
+        check.pending = cases[i + 1 :]
         if case == "doctor":
             case_doctor(check)
         elif case in ("jpegs", "loader", "same", "checkpoint"):

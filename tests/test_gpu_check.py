@@ -83,3 +83,22 @@ def test_a_case_that_hangs_becomes_one_fail_line_and_the_json_keeps_it(tmp_path)
     spent = gpu_check.Check(tmp_path, "cpu", budget_s=0)
     assert spent.run("late", hang, timeout_s=10) == (None, "")
     assert spent.result["cases"][-1]["detail"].startswith("not run: the time budget")
+
+
+def test_a_case_timeout_leaves_the_cases_after_it_their_reserve(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    check = gpu_check.Check(tmp_path, "gpu" if torch.cuda.is_available() else "cpu", 290)
+    check.timeout_scale = 1
+    assert check.timeout(120, left_s=290) == 120  # nothing after it
+    check.pending = ["profile", "train", "torchrun"]  # 80 + 30 + 30 reserved
+    assert check.timeout(120, left_s=290) == 120
+    assert check.timeout(120, left_s=200) == 60
+    assert check.timeout(120, left_s=100) == 5  # a floor: the case still gets a try
+    assert check.timeout(120, left_s=3) == 3
+    assert check.timeout(2, left_s=100) == 2
+    assert sum(gpu_check.RESERVE.values()) < 290  # the default budget covers every reserve
+    assert set(gpu_check.RESERVE) == set(gpu_check.CASES)
