@@ -126,6 +126,10 @@ def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
         before = build_config(saved, {"out": str(run_dir)})
     except DalikdError as e:
         raise DalikdError(f"{run_dir / 'config.json'} is damaged: {e}") from None
+    # An explicit `auto` path asks dalikd to choose; on resume the choice is the one the run
+    # made (its DALI state belongs to that graph), so it is kept, not refused as a change.
+    overrides = {k: v for k, v in overrides.items()
+                 if not (k in ("data.mixing", "data.resize") and v == "auto")}  # fmt: skip
     cfg = build_config(overrides={**overrides, "out": str(run_dir)}, base=before)
     old, new = _flat(before.to_dict()), _flat(cfg.to_dict())
     fixed = [f"{k} {old[k]} -> {new[k]}" for k in old if old[k] != new[k] and k not in RESUMABLE]

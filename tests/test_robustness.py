@@ -342,7 +342,7 @@ def test_resume_refuses_fixed_settings_and_applies_the_others(small, tmp_path, c
     )
     code, out, err = run_cli(
         ["train", "--resume", run, "--epochs", "2", "--lr", "0.01", "--weight-decay", "0.5",
-         "--momentum", "0.5"],
+         "--momentum", "0.5", "--resize", "auto", "--mixing", "auto"],  # auto: keep the saved
         capsys,
     )  # fmt: skip
     assert code == 0, err
