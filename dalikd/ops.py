@@ -237,19 +237,36 @@ def _box_lam(shape: DataNode, image_size: int) -> DataNode:
     return 1.0 - fn.cast(shape[0] * shape[1], dtype=types.FLOAT) / float(image_size * image_size)
 
 
+def paste_regions(lam: DataNode, centre: DataNode, image_size: int) -> tuple[DataNode, ...]:
+    """The two ``fn.multi_paste`` regions of a composed CutMix, each (2 regions, 2) int32:
+    ``(anchors, shapes)``, region 0 the whole own image at (0, 0), region 1 the box
+    (:func:`cutmix_box`) at its anchor; and the box's shape.
+
+    An empty box (half = 0, when S·√(1 − λ) < 2) is anchored at (S, S). DALI 2.4's GPU
+    multi_paste never closes a region of zero size in its sweep (``paste_gpu.h``,
+    ``CreateSampleDescriptors``): anchored inside the image, it would paste the partner from
+    there to the bottom-right corner while λ says 1. At (S, S) its sweep never opens it; the CPU
+    paste gives the same image for either anchor.
+    """
+    s = image_size
+    anchor, shape = cutmix_box(lam, centre, s)
+    empty = fn.cast(shape[0] * shape[1] == 0, dtype=types.INT32)
+    anchor = anchor + (s - anchor) * empty
+    zero = anchor * 0
+    anchors = fn.stack(zero, anchor)
+    shapes = fn.stack(zero + s, shape)
+    return anchors, shapes, shape
+
+
 def _paste(images: DataNode, image_size: int, draw: tuple) -> tuple[DataNode, DataNode]:
     """The composed CutMix: ``fn.multi_paste`` in one pass, region 0 = the whole own image
     (input 0), region 1 = the box from the partner (input 1) at the same place; later regions
     overwrite earlier ones."""
     perm, lam, centre = draw
-    s = image_size
-    anchor, shape = cutmix_box(lam, centre, s)
-    whole = fn.stack(perm * 0 + s, perm * 0 + s)  # (S, S) per sample, int32
-    anchors = fn.stack(anchor * 0, anchor)  # (2 regions, 2): own image at (0, 0), box at anchor
-    shapes = fn.stack(whole, shape)
+    anchors, shapes, shape = paste_regions(lam, centre, image_size)
     partner = fn.permute_batch(images, indices=perm)
     mixed = fn.multi_paste(images, partner, in_anchors=anchors, shapes=shapes, out_anchors=anchors)
-    return mixed, _box_lam(shape, s)
+    return mixed, _box_lam(shape, image_size)
 
 
 def _fused_cutmix(

@@ -176,6 +176,23 @@ def box_lam(area: int, s: int = S) -> np.float32:
     return np.float32(1) - np.float32(area) / np.float32(s * s)
 
 
+def test_an_empty_cutmix_box_is_anchored_outside_the_image():
+    # DALI's GPU multi_paste never closes a zero-size region (ops.paste_regions): an empty box
+    # must sit at (S, S), where its sweep never opens it; every other box is the reference's.
+    lam = np.array([1.0, 1.0, 0.999, 0.99, 0.5, 1.0], np.float32)  # half: 0, 0, 0, 0, 5, 0
+    centres = [(5, 5), (0, 0), (15, 15), (8, 3), (9, 14), (0, 15)]
+    [(anchors, shapes)] = run_graph(
+        lambda lam, centre: ops.paste_regions(lam, centre, S)[:2],
+        {"lam": scalars(lam, np.float32), "centre": scalars(centres, np.int32)},
+    )
+    for i, (cy, cx) in enumerate(centres):
+        y0, y1, x0, x1 = cutmix_box_ref(lam[i], cy, cx)
+        empty = (y1 - y0) * (x1 - x0) == 0
+        assert anchors[i].tolist() == [[0, 0], [S, S] if empty else [y0, x0]]
+        assert shapes[i].tolist() == [[S, S], [y1 - y0, x1 - x0]]
+    assert [bool(a[1, 0] == S) for a in anchors] == [True, True, True, True, False, True]
+
+
 def test_cutmix_pastes_the_reference_box_from_the_partner():
     images = make_images()
     lam = np.array([0.0, 1.0, 0.5, 0.9, 0.3, 0.999], np.float32)  # full box, empty box, ...
