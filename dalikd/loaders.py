@@ -246,6 +246,10 @@ def build_pipeline(
     return pipe, names
 
 
+class ForeignState(DalikdError):
+    """A saved DALI state that this version's graph cannot restore (its operators differ)."""
+
+
 class Loader:
     """Iterates one epoch of :class:`Batch`; ``len()`` is the number of batches per epoch.
     ``cpu_labels``: the labels stay on CPU (a caller that maps them moves them once itself,
@@ -262,13 +266,17 @@ class Loader:
     ):
         self._device = device
         self._labels_to = torch.device("cpu") if cpu_labels else device
-        self._iter = DALIGenericIterator(
-            [pipe],
-            names,
-            reader_name=READER,
-            last_batch_policy=last_batch,
-            auto_reset=True,
-        )
+        try:  # builds the pipeline, and restores its saved state if it was given one
+            self._iter = DALIGenericIterator(
+                [pipe], names, reader_name=READER, last_batch_policy=last_batch, auto_reset=True
+            )
+        except RuntimeError as e:
+            if "might come from another pipeline" not in str(e):
+                raise
+            raise ForeignState(
+                "the saved data-pipeline state belongs to another DALI graph (one that a "
+                "different dalikd version built), so the run cannot continue its data order"
+            ) from None
 
     def __len__(self) -> int:
         return len(self._iter)

@@ -584,13 +584,19 @@ def _open_loaders(run: Run, recipe: recipes.Recipe | None, dali_state: Any) -> N
     cfg, ctx, dataset = run.cfg, run.ctx, run.dataset
     # Without a saved DALI state (a fresh start, or another world size) epoch e starts from
     # seed + e, so a restart does not replay the first epoch's order.
-    run.train_data = recovery.TrainData(
-        dataset, cfg.data, recipe, device=run.device, seed=cfg.seed,
-        epoch=run.state.epoch, step=run.state.step_in_epoch, run_dir=run.run_dir,
-        reporter=run.reporter, is_main=ctx.is_main, shard_id=ctx.rank,
-        num_shards=ctx.world_size, granularity=cfg.kd.granularity,
-        pool_size=cfg.kd.pool_size, checkpoint=dali_state,
-    )  # fmt: skip
+    try:
+        run.train_data = recovery.TrainData(
+            dataset, cfg.data, recipe, device=run.device, seed=cfg.seed,
+            epoch=run.state.epoch, step=run.state.step_in_epoch, run_dir=run.run_dir,
+            reporter=run.reporter, is_main=ctx.is_main, shard_id=ctx.rank,
+            num_shards=ctx.world_size, granularity=cfg.kd.granularity,
+            pool_size=cfg.kd.pool_size, checkpoint=dali_state,
+        )  # fmt: skip
+    except loaders.ForeignState as e:
+        raise DalikdError(
+            f"{run.run_dir / 'last.pt'}: {e}; start a new run, seeded with --student-weights "
+            f"{run.run_dir / 'last.pt'}"
+        ) from None
     run.val_data = loaders.val_loader(
         dataset.val, cfg.data, device=run.device, shard_id=ctx.rank, num_shards=ctx.world_size
     )

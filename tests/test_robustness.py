@@ -422,3 +422,22 @@ def test_a_broken_recipe_is_one_line_naming_it(fn_name, needle, small, tmp_path,
     args = [*TRAIN, "--data", small, "--epochs", "1", "--out", tmp_path / "r",
             "--aug", f"{recipes}:{fn_name}", "--mixed-label-ce", "1"]  # fmt: skip
     _one_line(*run_cli(args, capsys), needle)
+
+
+def test_resuming_a_data_state_of_another_graph_is_one_line(small, tmp_path, capsys, tiny_env,
+                                                            monkeypatch):  # fmt: skip
+    from nvidia.dali import types
+
+    from dalikd import loaders
+
+    run = tmp_path / "r"
+    code, out, err = run_cli([*TRAIN, "--data", small, "--out", run, "--epochs", "1"], capsys)
+    assert code == 0, err
+    crop = loaders.random_resized_crop
+
+    def another_version(*args, **kw):  # one operator more: the saved state names no longer fit
+        return crop(*args, **kw) + types.Constant(0, dtype=types.UINT8)
+
+    monkeypatch.setattr(loaders, "random_resized_crop", another_version)
+    _one_line(*run_cli(["train", "--resume", run, "--epochs", "2"], capsys),
+              "belongs to another DALI graph", f"--student-weights {run / 'last.pt'}")  # fmt: skip
