@@ -93,6 +93,32 @@ def test_a_passed_gpu_smoke_test_uses_the_operator_and_the_doctor_names_the_gpu(
     assert info["mixing"]["gpu"] == "native"
 
 
+def test_a_pass_is_recorded_per_gpu_and_driver_and_a_failure_never(
+    monkeypatch, gpu_backend, tmp_path
+):
+    record = tmp_path / "gpu_verified.json"
+    monkeypatch.setattr(native, "_verified_record", lambda library: record)
+    identity = ["H200 sm_90 | driver 580.1 | CUDA 12.8"]
+    monkeypatch.setattr(native, "_gpu_identity", lambda device: identity[0])
+    calls = smoke_gives(monkeypatch, True, "NVIDIA H200")
+    assert native.verify_gpu() == (True, "NVIDIA H200")
+    native.verify_gpu.cache_clear()  # another process, the same machine: no second child run
+    assert native.verify_gpu() == (True, "NVIDIA H200") and len(calls) == 1
+    assert json.loads(record.read_text()) == {identity[0]: "NVIDIA H200"}
+
+    identity[0] = "H200 sm_90 | driver 590.2 | CUDA 12.8"  # a new driver is checked again
+    native.verify_gpu.cache_clear()
+    smoke_gives(monkeypatch, False, "its test run on the GPU failed: mixup differs")
+    assert native.verify_gpu() == (False, "its test run on the GPU failed: mixup differs")
+    assert len(json.loads(record.read_text())) == 1  # the failure is not recorded
+
+    identity[0] = ""  # no driver version to key on: always run, never record
+    native.verify_gpu.cache_clear()
+    calls = smoke_gives(monkeypatch, True, "NVIDIA H200")
+    assert native.verify_gpu() == (True, "NVIDIA H200") and len(calls) == 1
+    assert len(json.loads(record.read_text())) == 1
+
+
 def test_without_cuda_the_gpu_backend_is_not_used_and_the_smoke_test_not_run(monkeypatch):
     if not native.load().gpu:
         pytest.skip(f"no GPU backend built: {native.load().gpu_reason}")

@@ -14,7 +14,8 @@ and otherwise the composed stock-operator graph of :mod:`dalikd.ops`, with one w
 process naming the reason; ``1`` makes an unavailable operator an error; ``0`` never builds it.
 On the GPU "loads" is not enough: before its first use in a process the GPU backend runs a tiny
 pipeline on the GPU itself, in a child process, and must match the composed graph there
-(:func:`verify_gpu`); otherwise the composed graph is used (or, with ``1``, an error raised).
+(:func:`verify_gpu`; a pass is recorded per GPU and driver beside the library); otherwise the
+composed graph is used (or, with ``1``, an error raised).
 ``DALIKD_CXX`` / ``DALIKD_NVCC`` name the compilers (default ``$CXX`` or g++, and nvcc from
 ``$CUDA_HOME``, ``PATH`` or /usr/local/cuda), ``DALIKD_CUDA_INCLUDE`` the CUDA headers (DALI's
 headers include cuda_runtime.h, so even the CPU operator needs them), ``DALIKD_NATIVE_GPU=0``
@@ -24,12 +25,14 @@ skips the CUDA build.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import subprocess
 import sys
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from dalikd.errors import DalikdError
 from dalikd.native.builder import (  # the build, re-exported: native.build() etc.
@@ -114,7 +117,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, plugin_manager, types
 plugin_manager.load_library(sys.argv[1])
 from dalikd import ops  # native=False below: the composed graph, no plugin loading
-S, B = 16, 4
+S, B = 16, 5
 rng = np.random.default_rng(0)
 x = [rng.integers(0, 256, (S, S, 3), np.uint8) for _ in range(B)]
 def arg(values, dtype):
@@ -122,8 +125,9 @@ def arg(values, dtype):
 @pipeline_def(batch_size=B, num_threads=1, device_id=int(sys.argv[2]), seed=0)
 def pipe():
     images = fn.external_source(source=lambda: x, batch=True, layout="HWC").gpu()
-    perm, lam = arg([1, 2, 3, 0], np.int32), arg([0.3, 0.5, 0.75, 0.9], np.float32)
-    centre = arg([[0, 0], [8, 8], [15, 3], [5, 12]], np.int32)
+    # the last box is empty (λ = 1) inside the image: the composed GPU paste's edge case
+    perm, lam = arg([1, 2, 3, 4, 0], np.int32), arg([0.3, 0.5, 0.75, 0.9, 1.0], np.float32)
+    centre = arg([[0, 0], [8, 8], [15, 3], [5, 12], [7, 9]], np.int32)
     cut, cut_lam = fn.dalikd_mix(images, mode="cutmix", perm=perm, lam=lam, centre=centre)
     ref, ref_lam, _ = ops.cutmix(images, S, perm=perm, lam=lam, centre=centre, native=False)
     mix = fn.dalikd_mix(images, mode="mixup", perm=perm, lam=lam)[0]
@@ -142,7 +146,11 @@ print(torch.cuda.get_device_name(int(sys.argv[2])))
 def verify_gpu() -> tuple[bool, str]:
     """Run the GPU backend on the current CUDA device, in a child process (a crash or hang in
     the operator must not take this one down), against the composed graph on the same inputs.
-    ``(True, GPU name)`` when bit-identical, else ``(False, why)``. Never raises."""
+    ``(True, GPU name)`` when bit-identical, else ``(False, why)``. Never raises.
+
+    A pass is recorded beside the library (``gpu_verified.json``, keyed by the GPU, its compute
+    capability, the driver and torch's CUDA), so later processes on the same machine, every
+    torchrun rank among them, skip the ~5-10 s child run. A failure is never recorded."""
     status = load()
     if not status.gpu:
         return False, f"no GPU backend: {status.gpu_reason}"
@@ -154,7 +162,50 @@ def verify_gpu() -> tuple[bool, str]:
         device = torch.cuda.current_device()
     except Exception as e:  # a broken CUDA install is a reason, not a crash
         return False, f"CUDA: {type(e).__name__}: {e}"
-    return _gpu_smoke(status.loaded, device)
+    assert status.loaded is not None  # status.gpu: the GPU library loaded
+    record, identity = _verified_record(status.loaded), _gpu_identity(device)
+    verified = _read_verified(record)
+    if identity and identity in verified:
+        return True, verified[identity]
+    ok, detail = _gpu_smoke(status.loaded, device)
+    if ok and identity:
+        _write_verified(record, {**_read_verified(record), identity: detail})
+    return ok, detail
+
+
+def _verified_record(library: str) -> Path:
+    return Path(library).parent / "gpu_verified.json"
+
+
+def _gpu_identity(device: int) -> str:
+    """What a recorded pass holds for: GPU, compute capability, driver, torch's CUDA; "" where
+    the driver version cannot be read (then nothing is recorded or trusted)."""
+    try:
+        import torch
+
+        props = torch.cuda.get_device_properties(device)
+        driver = Path("/proc/driver/nvidia/version").read_text().splitlines()[0].strip()
+    except Exception:  # no NVIDIA driver file, no CUDA: nothing to key a record on
+        return ""
+    return f"{props.name} sm_{props.major}{props.minor} | {driver} | CUDA {torch.version.cuda}"
+
+
+def _read_verified(record: Path) -> dict[str, str]:
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _write_verified(record: Path, verified: dict[str, str]) -> None:
+    """Atomically (ranks verify at once); a read-only folder only costs the next run a check."""
+    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(verified, indent=1) + "\n")
+        os.replace(tmp, record)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def _gpu_smoke(library: str, device: int) -> tuple[bool, str]:
