@@ -8,14 +8,16 @@ Prints one line per case as it finishes, ``ok|FAIL <case> <detail>``, and rewrit
 
 Cases: ``doctor`` (builds the native operator and runs its GPU backend on the GPU); ``jpegs``
 (synthetic JPEGs of mixed sizes with CMYK, grayscale and progressive ones, every one decoded);
-``loader/<aug>/<path>/<granularity>`` (train_loader for every built-in recipe, native and
-composed mixing, chosen by ``DataConfig.mixing``, 3 batches: device, dtype, shape, value
-range); ``same/<aug>/<granularity>`` (native vs composed: bit-identical, or the largest
-difference); ``checkpoint`` (restore gives the same next batch); ``train`` (1 epoch of
-``dalikd train --aug cutmixpick``); ``torchrun`` (the same under ``torchrun --nproc_per_node
-1``: NCCL on GPU); ``profile`` (``dalikd profile``, R34 -> R18, batch 256: data-loading
-efficiency for none, cutmix, cutmixpick). train, torchrun and profile run ``--mixing auto``
-and say the path they resolved.
+``profile`` (``dalikd profile``, R34 -> R18, batch 256: data-loading efficiency for none,
+cutmix, cutmixpick); ``train`` (1 epoch of ``dalikd train --aug cutmixpick``); ``torchrun``
+(the same under ``torchrun --nproc_per_node 1``: a process group of one, NCCL on GPU, DDP; ok
+only when train says it joined one); ``checkpoint`` (restore gives the same next batch);
+``exact/<op>/<path>`` (MixUp and CutMix, native and composed, on injected draws with halves and
+empty, clipped and full boxes, against NumPy); ``same/<aug>/<granularity>`` (native vs
+composed: bit-identical, or the largest difference); ``loader/<aug>/<path>/<granularity>``
+(train_loader for every built-in recipe, native and composed mixing, chosen by
+``DataConfig.mixing``, 3 batches: device, dtype, shape, value range). train, torchrun and
+profile run ``--mixing auto`` and say the path they resolved.
 
 Every case but the JPEG set-up runs in a child process with its own timeout (a hang or a crash
 in DALI, NCCL or the plugin becomes a FAIL line), and all of them share a time budget
@@ -46,11 +48,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CASES = ("doctor", "jpegs", "profile", "train", "torchrun", "checkpoint", "same", "loader")
+CASES = ("doctor", "jpegs", "profile", "train", "torchrun", "checkpoint", "exact", "same", "loader")
 # Seconds on one H200 that each case is expected to need at least: what a case's timeout must
-# leave for the cases after it (scaled like the timeouts in the CPU dry run). 250 of the 290.
+# leave for the cases after it (scaled like the timeouts in the CPU dry run). 260 of the 290.
 RESERVE = {"doctor": 30, "jpegs": 10, "profile": 80, "train": 30, "torchrun": 30,
-           "checkpoint": 10, "same": 20, "loader": 40}  # fmt: skip
+           "checkpoint": 10, "exact": 10, "same": 20, "loader": 40}  # fmt: skip
 MIXING = ("mixup", "cutmix", "cutmixpick")
 MARK = "@@case "  # a child's result line: MARK + {"name", "ok", "detail"}
 
@@ -216,6 +218,80 @@ def child_checkpoint(data_root: Path, device: str, chosen) -> None:
     report("checkpoint", not differ, "differ: " + ", ".join(differ) if differ else same)
 
 
+def mixing_reference(op: str, x, lam, perm, centres):
+    """NumPy's MixUp / CutMix of ``x`` (n, S, S, 3) uint8 on the given draws: ``(images, λ)``.
+    MixUp: float32 ``x·λ + x[perm]·(1 − λ)``, then ``floor(v + 0.5)``; CutMix: Yun et al.'s box,
+    half = floor(S·√(1 − λ)) // 2, [c − half, c + half) clipped, λ = 1 − area / S² (dalikd.ops)."""
+    f32 = np.float32
+    n, s = x.shape[0], x.shape[1]
+    if op == "mixup":
+        lam = np.asarray(lam, f32).reshape(n, 1, 1, 1)
+        v = x.astype(f32) * lam + x[perm].astype(f32) * (f32(1) - lam)
+        return np.floor(v + f32(0.5)).astype(np.uint8), np.asarray(lam, f32).ravel()
+    out, lam_out = x.copy(), np.empty(n, f32)
+    for i, (cy, cx) in enumerate(centres):
+        half = int(np.floor(f32(s) * np.sqrt(f32(1) - f32(lam[i])))) // 2
+        y0, y1, x0, x1 = max(cy - half, 0), min(cy + half, s), max(cx - half, 0), min(cx + half, s)
+        out[i, y0:y1, x0:x1] = x[perm[i], y0:y1, x0:x1]
+        lam_out[i] = f32(1) - f32((y1 - y0) * (x1 - x0)) / f32(s * s)
+    return out, lam_out
+
+
+def child_exact(data_root: Path, device: str, chosen) -> None:
+    from nvidia.dali import fn, pipeline_def
+
+    from dalikd import ops
+
+    s = 16
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 256, (8, s, s, 3), np.uint8)
+    perm = [3, 2, 4, 5, 1, 0, 7, 6]
+    lams = {
+        "mixup": [0.5, 0.5, 0.25, 0.75, 0.1, 0.9, 0.0, 1.0],  # halves: x + x[perm] odd
+        "cutmix": [1.0, 1.0, 0.999, 0.99, 0.5, 0.0, 0.3, 0.9],
+    }  # 4 empty boxes, then real
+    centres = [(5, 5), (0, 0), (15, 15), (8, 3), (9, 14), (8, 8), (0, 15), (7, 7)]
+
+    def arg(values, dtype):
+        return fn.external_source(source=lambda: [np.asarray(v, dtype) for v in values],
+                                  batch=True)  # fmt: skip
+
+    for op in ("mixup", "cutmix"):
+        for path in ("native", "composed"):
+            name = f"exact/{op}/{path}"
+            if not chosen(name):
+                continue
+            try:
+
+                def graph(op=op, path=path):
+                    images = fn.external_source(source=lambda: list(x), batch=True, layout="HWC")
+                    images = images.gpu() if device == "gpu" else images
+                    kw = dict(lam=arg(lams[op], np.float32), perm=arg(perm, np.int32),
+                              native=path == "native")  # fmt: skip
+                    if op == "mixup":
+                        mixed, lam, _ = ops.mixup(images, **kw)
+                    else:
+                        mixed, lam, _ = ops.cutmix(images, s, centre=arg(centres, np.int32), **kw)
+                    return mixed, lam
+
+                pipe = pipeline_def(graph, batch_size=8, num_threads=1, seed=0,
+                                    device_id=0 if device == "gpu" else None)()  # fmt: skip
+                pipe.build()
+                got, got_lam = (np.asarray(o.as_cpu().as_array() if hasattr(o, "as_cpu")
+                                else o.as_array()) for o in pipe.run())  # fmt: skip
+                want, want_lam = mixing_reference(op, x, lams[op], perm, centres)
+                bad = [i for i in range(8) if not np.array_equal(got[i], want[i])]
+                bad_lam = [i for i in range(8) if got_lam.ravel()[i] != want_lam[i]]
+                if bad or bad_lam:
+                    diff = int(np.abs(got.astype(int) - want.astype(int)).max())
+                    report(name, False, f"samples {bad} differ from NumPy (max |diff| {diff}), "
+                           f"lam differs at {bad_lam}")  # fmt: skip
+                else:
+                    report(name, True, f"equal to NumPy on {device}: 8 samples, lam too")
+            except Exception as e:
+                report(name, False, f"{type(e).__name__}: {_line(e)}")
+
+
 def child_jpegs(data_root: Path, device: str, chosen) -> None:
     from dalikd import loaders
     from dalikd.config import DataConfig
@@ -238,7 +314,8 @@ def child_main(args) -> None:
         return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
     {"loader": child_loader, "same": child_same, "checkpoint": child_checkpoint,
-     "jpegs": child_jpegs}[args.child](Path(args.data), args.device, chosen)  # fmt: skip
+     "jpegs": child_jpegs, "exact": child_exact}[args.child](Path(args.data), args.device,
+                                                            chosen)  # fmt: skip
 
 
 def _line(e: BaseException) -> str:
@@ -394,15 +471,18 @@ def case_train(check: Check, data: Path, teacher: Path, runs: Path, torchrun: bo
     code, tail = check.run(name, cmd, 90)
     if code is None:
         return
-    done = (runs / name / "last.pt").exists()
-    backend = "NCCL" if check.device == "gpu" else "gloo"
+    done = code == 0 and (runs / name / "last.pt").exists()
     try:
         mixing = json.loads((runs / name / "config.json").read_text())["data"]["mixing"]
     except (OSError, ValueError, KeyError, TypeError):
         mixing = "?"
-    what = f"1 epoch, {backend}, mixing {mixing}" if torchrun else f"1 epoch, mixing {mixing}"
-    check.record(name, code == 0 and done, what if code == 0 and done else
-                 f"exited {code}: {_last(tail.splitlines())}")  # fmt: skip
+    what = f"1 epoch, mixing {mixing}"
+    if torchrun:  # the group train joined, as it says: "distributed: 1 rank(s), nccl, DDP"
+        backend = "nccl" if check.device == "gpu" else "gloo"
+        said = [ln for ln in tail.splitlines() if "distributed:" in ln]
+        done = done and any(f", {backend}, DDP" in ln for ln in said)
+        what = f"{what}; {said[-1].split('distributed: ')[-1] if said else 'no process group'}"
+    check.record(name, done, what if code == 0 else f"exited {code}: {_last(tail.splitlines())}")
 
 
 def case_profile(check: Check, data: Path) -> None:
@@ -486,7 +566,7 @@ def main() -> None:
         check.pending = cases[i + 1 :]
         if case == "doctor":
             case_doctor(check)
-        elif case in ("jpegs", "loader", "same", "checkpoint"):
+        elif case in ("jpegs", "loader", "same", "checkpoint", "exact"):
             check.child(case, data, {"loader": 120, "same": 60}.get(case, 45), select[case])
         elif case == "profile":
             case_profile(check, data)

@@ -19,6 +19,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    backend: str = ""  # the process group's ("nccl" | "gloo"); "" without one
 
     @property
     def is_main(self) -> bool:
@@ -26,7 +27,9 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """A process group is in use (DDP, collectives): launched by torchrun, also with
+        ``--nproc_per_node 1``, which runs the multi-GPU code path on one GPU."""
+        return bool(self.backend)
 
 
 def init(device: str) -> Dist:
@@ -35,11 +38,11 @@ def init(device: str) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "gpu":
         torch.cuda.set_device(local_rank)
-    if world_size == 1:
+    if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # not torchrun's
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "gpu" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
 
 
 def shutdown(ctx: Dist) -> None:

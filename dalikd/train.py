@@ -504,6 +504,7 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     # The teacher stays unwrapped: it is frozen, there is nothing to synchronise.
     if ctx.enabled:  # the step calls the wrapper; checkpoints save the student itself
         distiller.student = DDP(student, device_ids=[ctx.local_rank] if device == "gpu" else None)
+        reporter.message(f"distributed: {ctx.world_size} rank(s), {ctx.backend}, DDP")
     run = Run(cfg, device, ctx, run_dir, reporter, dataset, distiller, student, optimizer,
               scaler, RunState(), TStddev(group_size=0))  # fmt: skip
     dali_state = _resume(run) if resume else None

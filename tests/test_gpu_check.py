@@ -38,7 +38,7 @@ def test_the_cpu_dry_run_prints_a_line_per_case_and_writes_the_json(tmp_path):
     # same/* and loader/*/native/*: the mixing path is DataConfig.mixing, not DALIKD_NATIVE (which
     # also switches the native resize: flipping it made native and composed images differ)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DALIKD_NATIVE")}
-    cases = "jpegs,checkpoint,same/cutmix/sample,loader/mixup/native/batch"
+    cases = "jpegs,checkpoint,exact/cutmix/composed,same/cutmix/sample,loader/mixup/native/batch"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(tmp_path),
          "--cases", cases],
@@ -46,13 +46,15 @@ def test_the_cpu_dry_run_prints_a_line_per_case_and_writes_the_json(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.split(" ")[0] in ("ok", "FAIL")]
-    names = ["jpegs", "checkpoint", "same/cutmix/sample", "loader/mixup/native/batch"]
+    names = ["jpegs", "checkpoint", "exact/cutmix/composed", "same/cutmix/sample",
+             "loader/mixup/native/batch"]  # fmt: skip
     assert [ln.split(" ")[:2] for ln in lines] == [["ok", n] for n in names], lines
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(result) >= {"gpu", "driver", "cuda", "torch", "dali", "cases", "efficiency"}
     assert [c["name"] for c in result["cases"]] == names
     assert all(c["ok"] for c in result["cases"])
-    assert result["cases"][2]["detail"] == "bit-identical (2 batches)"
+    assert result["cases"][2]["detail"] == "equal to NumPy on cpu: 8 samples, lam too"
+    assert result["cases"][3]["detail"] == "bit-identical (2 batches)"
     assert result["cases"][0]["detail"].startswith("28/28 decoded on cpu, 0 flat")
 
 

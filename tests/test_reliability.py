@@ -89,6 +89,35 @@ def test_torchrun_two_cpu_processes(solid_dataset, tmp_path):
     assert not any(k.startswith("module.") for k in ckpt["model"])
 
 
+def test_torchrun_with_one_process_joins_a_group_and_wraps_ddp(solid_dataset, tmp_path,
+                                                                monkeypatch, capsys):  # fmt: skip
+    # torchrun --nproc_per_node 1 runs the multi-GPU code path (process group, DDP, collectives)
+    # on one device: how benchmarks/gpu_check.py tests NCCL on a single GPU. In-process, gloo.
+    import torch.distributed as dist
+    from tests_helpers import run_cli
+
+    for k, v in {"TORCHELASTIC_RUN_ID": "t", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    monkeypatch.syspath_prepend(str(TESTS))
+    run = tmp_path / "run"
+    code, out, err = run_cli(
+        ["train", "--data", solid_dataset, "--student", "tiny_models:tiny_cnn", "--epochs", "1",
+         "--image-size", "16", "--batch-size", "4", "--threads", "1", "--device", "cpu",
+         "--out", run],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "distributed: 1 rank(s), gloo, DDP" in out + err
+    assert not dist.is_initialized()  # the group is left at the end
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    from dalikd import distributed
+
+    assert not distributed.init("cpu").enabled  # WORLD_SIZE=1 alone: no torchrun, no group
+
+
 # -- exact resume ------------------------------------------------------------------------------
 
 
