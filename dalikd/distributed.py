@@ -2,10 +2,19 @@
 
 ``torchrun --nproc_per_node N -m dalikd train ...`` sets RANK, WORLD_SIZE and LOCAL_RANK. The
 student is wrapped in DDP; the teacher is frozen and stays unwrapped. NCCL on GPU, gloo on CPU.
+
+BatchNorm buffers are not synced on every forward (:func:`wrap`): the KD step runs the student
+twice before one backward (x, then x'), and DDP's per-forward buffer broadcast writes the
+running statistics in place between the two, which torch before 2.14 rejects in backward
+("modified by an inplace operation"; seen with torch 2.11). Each rank keeps its own running
+statistics instead, and :func:`average_buffers` averages them over the ranks before every
+validation and mid-epoch checkpoint (timm's ``--dist-bn reduce``), so what is evaluated and
+saved is the same on every rank and a resume continues from exactly it.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +52,29 @@ def init(device: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "gpu" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
+
+
+def wrap(ctx: Dist, model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """``model`` in DDP, its buffers synced at construction but not on every forward (see the
+    module's docstring). torch 2.14 renamed the switch: ``forward_sync_buffers``."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    names = inspect.signature(DDP.__init__).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in names else "broadcast_buffers"
+    device_ids = [ctx.local_rank] if device == "gpu" else None
+    return DDP(model, device_ids=device_ids, **{no_sync: False})
+
+
+def average_buffers(ctx: Dist, model: torch.nn.Module) -> None:
+    """Average the floating-point buffers (BatchNorm's running statistics) over the ranks, in
+    place; integer ones (batches seen) are equal on every rank already. A collective: every
+    rank calls it at the same point."""
+    if not ctx.enabled or ctx.world_size == 1:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(ctx.world_size)
 
 
 def shutdown(ctx: Dist) -> None:

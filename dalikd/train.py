@@ -19,7 +19,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dalikd import distributed, recipes, recovery, rundir, teacher_cache, tensorboard
 from dalikd.checkpoint import (
@@ -325,6 +324,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
                     reporter.step(step, loss, img_per_s, lr, cache=cache)
             # checkpoint (mid-epoch)
             if save_now:
+                distributed.average_buffers(ctx, run.student)  # the state every rank resumes
                 elapsed = time.perf_counter() - t0
                 state.partial = {"loss_sum": float(loss_sum), "seen": seen, "seconds": elapsed}
                 _save(run, ("last.pt",))
@@ -335,7 +335,8 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
             break
         train_seconds = time.perf_counter() - t0
 
-        # validate
+        # validate (every rank with the same BatchNorm statistics: those saved next)
+        distributed.average_buffers(ctx, run.student)
         record = _validate(run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0)
 
         # checkpoint: last.pt every epoch, best.pt when val top-1 improves
@@ -503,7 +504,7 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     scaler = torch.amp.GradScaler(enabled=amp_dtype(device, cfg.precision) == torch.float16)
     # The teacher stays unwrapped: it is frozen, there is nothing to synchronise.
     if ctx.enabled:  # the step calls the wrapper; checkpoints save the student itself
-        distiller.student = DDP(student, device_ids=[ctx.local_rank] if device == "gpu" else None)
+        distiller.student = distributed.wrap(ctx, student, device)
         reporter.message(f"distributed: {ctx.world_size} rank(s), {ctx.backend}, DDP")
     run = Run(cfg, device, ctx, run_dir, reporter, dataset, distiller, student, optimizer,
               scaler, RunState(), TStddev(group_size=0))  # fmt: skip

@@ -118,6 +118,37 @@ def test_torchrun_with_one_process_joins_a_group_and_wraps_ddp(solid_dataset, tm
     assert not distributed.init("cpu").enabled  # WORLD_SIZE=1 alone: no torchrun, no group
 
 
+def _buffers_worker(rank: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    from dalikd import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=rank, world_size=2)
+    ctx = distributed.Dist(rank, 2, rank, "gloo")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ddp = distributed.wrap(ctx, model, "cpu")
+    bn = model[1]
+    bn.running_mean.fill_(rank + 1.0)  # this rank's own statistics
+    ddp.eval()
+    ddp(torch.zeros(2, 3, 8, 8)).sum().backward()  # DDP's forward: no buffer broadcast
+    kept = bn.running_mean.tolist()
+    distributed.average_buffers(ctx, model)
+    Path(folder, f"rank{rank}.json").write_text(json.dumps(
+        {"kept": kept, "averaged": bn.running_mean.tolist(),
+         "batches": int(bn.num_batches_tracked)}))  # fmt: skip
+    dist.destroy_process_group()
+
+
+def test_ddp_leaves_each_ranks_batchnorm_statistics_until_they_are_averaged(tmp_path):
+    # DDP's per-forward buffer broadcast between the step's two student passes fails backward
+    # on torch < 2.14 (distributed.wrap); the statistics are averaged before val and saves.
+    torch.multiprocessing.spawn(_buffers_worker, args=(str(tmp_path),), nprocs=2)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [g["kept"] for g in got] == [[1.0] * 4, [2.0] * 4]
+    assert [g["averaged"] for g in got] == [[1.5] * 4, [1.5] * 4]
+    assert [g["batches"] for g in got] == [0, 0]
+
+
 # -- exact resume ------------------------------------------------------------------------------
 
 
