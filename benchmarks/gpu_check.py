@@ -37,6 +37,7 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -403,7 +404,11 @@ class Check:
 
 
 def _last(lines: list[str]) -> str:
-    useful = [ln for ln in lines if ln.strip() and not ln.startswith(" ")]
+    """The line that says what went wrong: the last error line (``XError: ...`` or dalikd's
+    ``error: ...``, torchrun's ``[rank0]:`` prefix dropped), else the last unindented one."""
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", ln) for ln in lines]
+    errors = [ln for ln in lines if re.match(r"(\w+(Error|Exception)|error):", ln)]
+    useful = errors or [ln for ln in lines if ln.strip() and not ln.startswith(" ")]
     return (useful or lines or ["no output"])[-1][:300]
 
 

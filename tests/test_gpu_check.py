@@ -104,3 +104,21 @@ def test_a_case_timeout_leaves_the_cases_after_it_their_reserve(tmp_path):
     assert check.timeout(2, left_s=100) == 2
     assert sum(gpu_check.RESERVE.values()) < 290  # the default budget covers every reserve
     assert set(gpu_check.RESERVE) == set(gpu_check.CASES)
+
+
+def test_a_failed_case_reports_its_error_line_not_a_banner():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    torchrun = ["[rank0]: Traceback (most recent call last):", '[rank0]:   File "x.py"',
+                "[rank0]: RuntimeError: one of the variables ... inplace operation",
+                "E1130 19:27:21 failed (exitcode: 1)", "Traceback (most recent call last):",
+                "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+                "=" * 60, "dalikd FAILED", "=" * 60]  # fmt: skip
+    assert gpu_check._last(torchrun) == "RuntimeError: one of the variables ... inplace operation"
+    assert gpu_check._last(["data: 4 classes", "error: --batch-size must be > 0", "done"]) == (
+        "error: --batch-size must be > 0"
+    )
+    assert gpu_check._last(["a", "  indented", ""]) == "a"
