@@ -20,7 +20,7 @@ def doctor(as_json: bool, build_only: bool) -> None:
     """Report versions (Python, torch, torchvision, DALI), CUDA, whether the native operators
     (mixing, resize) are built and loaded (CPU, GPU), whether the mixing GPU backend ran
     correctly on this GPU ("GPU backend: verified on <GPU>", or why not), and which mixing and
-    resize path each device uses. Builds them on first use (about half a minute), as training
+    resize path each device uses. Builds them on first use (10-40 s), as training
     would."""
     from rich.markup import escape
     from rich.table import Table

@@ -300,7 +300,7 @@ def evaluate_cmd(data, model_name, weights, batch_size, image_size, threads, dev
 def check_data(data: str, decode: bool, no_cache: bool) -> None:
     """Scan DATA's train/ and val/ for files that would stop a run; list what is left out.
 
-    Exits non-zero only when a split has no usable image.
+    Exits non-zero only when a split has no usable image or a train class folder holds none.
     """
     from dalikd.cli.report import print_check
     from dalikd.data import scan_dataset

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dalikd.cache import cache_dir
+from dalikd.cache import cache_dir, private_dir
 from dalikd.config import build_config
 from dalikd.plots import write_curves
 from dalikd.train import Reporter, SilentReporter, train
@@ -40,7 +40,7 @@ def build_digits(root: Path | None = None) -> Path:
     root = Path(root) if root else cache_dir() / DATASET_VERSION
     if (root / "train").is_dir() and (root / "val").is_dir():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(root.parent)  # the cache root, user-only where this creates it
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root.parent))
     digits = load_digits()
     counts: dict[int, int] = {}

@@ -4,7 +4,7 @@ from dalikd.recipes import AugContext, View, recipe
 
 @recipe(
     "cutout",
-    "one square hole (1/4 of the side), uniform centre, filled with the data mean",
+    "one square hole (1/4 of the side), uniform centre, filled with the normalization mean",
     torchvision="RandomErasing",
 )
 def cutout(images, ctx: AugContext) -> View:

@@ -6,7 +6,8 @@ from dalikd.demo import build_digits
 
 
 def test_digits_dataset_is_built_once_in_imagenet_layout(tmp_path):
-    root = build_digits(tmp_path / "digits")
+    root = build_digits(tmp_path / "cache" / "digits")
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700  # a cache root it creates
     ds = scan_dataset(root)
     assert ds.classes == tuple(str(d) for d in range(10))
     assert len(ds.train) + len(ds.val) == 1797  # every scikit-learn digit, once
@@ -17,7 +18,7 @@ def test_digits_dataset_is_built_once_in_imagenet_layout(tmp_path):
     stamp = (root / "train" / "0" / "0000.JPEG").stat().st_mtime_ns
     assert build_digits(root) == root  # cached: nothing rewritten
     assert (root / "train" / "0" / "0000.JPEG").stat().st_mtime_ns == stamp
-    assert not list(tmp_path.glob(".build-*"))
+    assert not list((tmp_path / "cache").glob(".build-*"))
 
 
 def test_demo_command_runs_all_three_trainings(tmp_path, monkeypatch, capsys):
