@@ -266,10 +266,14 @@ class Loader:
     ):
         self._device = device
         self._labels_to = torch.device("cpu") if cpu_labels else device
-        try:  # builds the pipeline, and restores its saved state if it was given one
+        # builds the pipeline, and restores its saved state if it was given one. The first
+        # batches are not prepared here but at the first next(): a file that fails to decode
+        # in them must fail where the caller iterates (recovery.TrainData leaves it out there)
+        try:
             self._iter = DALIGenericIterator(
-                [pipe], names, reader_name=READER, last_batch_policy=last_batch, auto_reset=True
-            )
+                [pipe], names, reader_name=READER, last_batch_policy=last_batch, auto_reset=True,
+                prepare_first_batch=False,
+            )  # fmt: skip
         except RuntimeError as e:
             if "might come from another pipeline" not in str(e):
                 raise

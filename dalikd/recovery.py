@@ -313,12 +313,13 @@ class TrainData:
         # recovery starts again from whatever is still unseen
         order = [good_left[i] for i in rng.permutation(len(good_left))]
         if len(order) < need:  # the removed files left the epoch short: pad with seen ones
-            order += [
-                seen[i]
-                for i in rng.choice(
-                    len(seen), need - len(order), replace=len(seen) < need - len(order)
-                )
-            ]
+            pad = seen or good_left  # (none seen yet: it failed in the epoch's first batch)
+            if not pad:
+                raise DalikdError(
+                    f"every training file left at {where} failed to decode; see {REPORT}"
+                ) from None
+            order += [pad[i] for i in rng.choice(len(pad), need - len(order),
+                                                 replace=len(pad) < need - len(order))]  # fmt: skip
         self._remainder = _Remainder(order, int(rng.integers(2**31)))
         self._loader = self._build(self._remainder.indices, self._remainder.seed, None)
         return seen

@@ -91,6 +91,29 @@ def test_bad_files_are_left_out_mid_run_and_every_good_image_is_seen(tmp_path, c
     assert "left out" in out + err
 
 
+def test_a_bad_file_in_the_first_batch_of_a_short_epoch_is_left_out(tmp_path, capsys, tiny_env):
+    # One batch per epoch holds every file: the failure comes before anything is seen, and
+    # leaving the file out makes the epoch one image short (padded with a good one). The first
+    # batches must also fail where recovery watches, not while the loader is being built.
+    from tiny_models import Recording
+
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), n_train=4, n_val=1)
+    (root / "train/a/img003.png").unlink()
+    (root / "train/a/bad.jpg").write_bytes(truncated_with_thumbnail())
+    Recording.seen = []
+    run = tmp_path / "run"
+    code, out, err = run_cli(
+        ["train", "--data", root, "--student", "tiny_models:recording_cnn", "--epochs", "1",
+         "--image-size", "16", "--batch-size", "8", "--threads", "1", "--device", "cpu",
+         "--out", run],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    good = {colour_of(label, i) for label in range(2) for i in range(4)} - {colour_of(0, 3)}
+    assert len(Recording.seen) == 8 and set(Recording.seen) == good  # 7 good, one twice
+    assert "bad.jpg\tfailed in training (epoch 1, step 1)" in (run / "data_report.tsv").read_text()
+
+
 def test_a_run_stopped_inside_a_remainder_resumes_it(tmp_path, capsys, tiny_env):
     import torch
     from tiny_models import Recording
