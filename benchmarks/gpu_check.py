@@ -11,7 +11,9 @@ Cases: ``doctor`` (builds the native operator and runs its GPU backend on the GP
 ``profile`` (``dalikd profile``, R34 -> R18, batch 256: data-loading efficiency for none,
 cutmix, cutmixpick); ``train`` (1 epoch of ``dalikd train --aug cutmixpick``); ``torchrun``
 (the same under ``torchrun --nproc_per_node 1``: a process group of one, NCCL on GPU, DDP; ok
-only when train says it joined one); ``checkpoint`` (restore gives the same next batch);
+only when train says it joined one); ``recovery`` (two files that pass the scan but fail the
+device's decoder in training: found, reported, left out); ``checkpoint`` (restore gives the same
+next batch);
 ``exact/<op>/<path>`` (MixUp and CutMix, native and composed, on injected draws with halves and
 empty, clipped and full boxes, against NumPy); ``same/<aug>/<granularity>`` (native vs
 composed: bit-identical, or the largest difference); ``loader/<aug>/<path>/<granularity>``
@@ -49,11 +51,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CASES = ("doctor", "jpegs", "profile", "train", "torchrun", "checkpoint", "exact", "same", "loader")
+CASES = (
+    "doctor",
+    "jpegs",
+    "profile",
+    "train",
+    "torchrun",
+    "recovery",
+    "checkpoint",
+    "exact",
+    "same",
+    "loader",
+)
 # Seconds on one H200 that each case is expected to need at least: what a case's timeout must
-# leave for the cases after it (scaled like the timeouts in the CPU dry run). 260 of the 290.
+# leave for the cases after it (scaled like the timeouts in the CPU dry run). 275 of the 290.
 RESERVE = {"doctor": 30, "jpegs": 10, "profile": 80, "train": 30, "torchrun": 30,
-           "checkpoint": 10, "exact": 10, "same": 20, "loader": 40}  # fmt: skip
+           "recovery": 15, "checkpoint": 10, "exact": 10, "same": 20, "loader": 40}  # fmt: skip
 MIXING = ("mixup", "cutmix", "cutmixpick")
 MARK = "@@case "  # a child's result line: MARK + {"name", "ok", "detail"}
 
@@ -459,6 +472,53 @@ def case_doctor(check: Check) -> None:
         check.record("doctor", ok, f"mixing on cpu: {info['mixing']['cpu']}")
 
 
+def undecodable_jpegs(good: bytes) -> dict[str, bytes]:
+    """Two files that pass dalikd's scan (JPEG head, end-of-image marker near the tail) but
+    fail to decode, from one good JPEG: its frame header set to 0 x 0 pixels; and the file cut
+    inside its scan, with a thumbnail segment (APP1) ahead whose end-of-image marker then lies
+    in the last 4 KiB."""
+    zero = bytearray(good)
+    at = zero.find(b"\xff\xc0")  # start of frame: length (2), precision (1), height, width
+    zero[at + 5 : at + 9] = b"\x00\x00\x00\x00"
+    thumb = b"Exif\x00\x00" + good[:2] + b"\xff\xd9"  # SOI + EOI: an (empty) thumbnail
+    app1 = b"\xff\xe1" + (len(thumb) + 2).to_bytes(2, "big") + thumb
+    cut = (good[:2] + app1 + good[2:])[: len(app1) + good.find(b"\xff\xda") + 300]
+    return {"zero_size.jpg": bytes(zero), "cut_in_scan.jpg": cut}
+
+
+def case_recovery(check: Check, data: Path, runs: Path) -> None:
+    """A run over 2 classes plus two files that fail to decode only in training: the decode
+    failure of the device's decoder is found, the files left out and reported, the epoch done."""
+    root = runs.parent / "bad_data"
+    for split in ("train", "val"):
+        for c in ("c0", "c1"):
+            shutil.copytree(data / split / c, root / split / c)
+    good = next(iter(sorted((root / "train" / "c0").glob("*.jpg")))).read_bytes()
+    files = undecodable_jpegs(good).items()
+    bad = {root / "train" / c / name: body
+           for c, (name, body) in zip(("c0", "c1"), files, strict=True)}  # fmt: skip
+    for path, body in bad.items():
+        path.write_bytes(body)
+    size = sizes(check.device)
+    run = runs / "recovery"
+    cmd = dalikd("train", "--data", str(root), "--device", check.device, "--aug", "none",
+                 "--student", "resnet18", "--epochs", "1", "--batch-size",
+                 str(max(2, size["batch_size"] // 4)), "--image-size", str(size["image_size"]),
+                 "--threads", "2", "--out", str(run))  # fmt: skip
+    code, tail = check.run("recovery", cmd, 60)
+    if code is None:
+        return
+    try:
+        report = (run / "data_report.tsv").read_text(errors="replace")
+    except OSError:
+        report = ""
+    found = [p.name for p in bad if f"{p}\tfailed in training" in report]
+    ok = code == 0 and len(found) == len(bad)
+    detail = (f"left out in training, the epoch done: {', '.join(found)}" if ok else
+              f"exited {code}; reported {found or 'none'}: {_last(tail.splitlines())}")  # fmt: skip
+    check.record("recovery", ok, detail)
+
+
 def case_train(check: Check, data: Path, teacher: Path, runs: Path, torchrun: bool) -> None:
     name = "torchrun" if torchrun else "train"
     size = sizes(check.device)
@@ -579,6 +639,8 @@ def main() -> None:
             if not teacher.exists():
                 save_teacher(teacher, classes)
             case_train(check, data, teacher, work / "runs", torchrun=case == "torchrun")
+        elif case == "recovery":
+            case_recovery(check, data, work / "runs")
     shutil.rmtree(work, ignore_errors=True)
     failed = [c["name"] for c in check.result["cases"] if not c["ok"]]
     print(f"{len(check.result['cases']) - len(failed)} ok, {len(failed)} FAIL; "
