@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from collections.abc import Callable
@@ -174,6 +175,19 @@ def print_summary(summary: dict[str, Any]) -> None:
     console.print(table)
 
 
+def print_table(table: Table, to: Console | None = None) -> None:
+    """Print a rich table: as is on a terminal; to a pipe or a file (a log) at 200 columns, so
+    no cell wraps at the pipe's default 80, and without the padding that ends each line."""
+    to = to or console
+    if to.is_terminal:
+        to.print(table)
+        return
+    wide = Console(file=io.StringIO(), width=200, color_system=None, highlight=False)
+    wide.print(table)
+    lines = wide.file.getvalue().splitlines()
+    to.out("\n".join(line.rstrip() for line in lines), highlight=False)
+
+
 def print_eval(model: str, weights: str, result: dict[str, float]) -> None:
     table = Table(title=f"{model} ({weights})")
     for col in ("images", "top-1 %", "top-5 %", "loss"):
@@ -184,7 +198,7 @@ def print_eval(model: str, weights: str, result: dict[str, float]) -> None:
         f"{result['top5']:.2f}",
         fmt_loss(result["loss"]),
     )
-    console.print(table)
+    print_table(table)
 
 
 def print_recipes(infos: list[Any]) -> None:
@@ -194,7 +208,7 @@ def print_recipes(infos: list[Any]) -> None:
     table.add_column("description")
     for info in infos:
         table.add_row(info.name, "yes" if info.mixing else "", escape(info.description))
-    console.print(table)
+    print_table(table)
 
 
 def print_demo(rows: list[dict[str, Any]]) -> None:
