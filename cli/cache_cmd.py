@@ -15,8 +15,9 @@ def _gb(n: float) -> str:
 @click.argument("cache_dir", type=click.Path())
 def cache_info(cache_dir: str) -> None:
     """The key, the epochs and steps covered per rank, the size on disk, the bytes per stored
-    teacher row, and the projected size of ImageNet, 100 epochs, at this cache's top-K."""
-    from dalikd.teacher_cache import SIZE_TARGET, cache_info
+    teacher row, and the projected size of ImageNet, 100 epochs, with this cache's recipe and
+    top-K, against the 20 GB the default top-K was chosen to fit."""
+    from dalikd.teacher_cache import DEFAULT_TOPK, SIZE_TARGET, cache_info
 
     info = cache_info(cache_dir)
     say = lambda text: console.print(text, markup=False, soft_wrap=True)  # noqa: E731
@@ -33,10 +34,13 @@ def cache_info(cache_dir: str) -> None:
     say(f"bytes per teacher row: {info['bytes_per_row']:.1f} ({info['rows']:,} rows)")
     p = info["imagenet"]
     k = info["key"].get("topk", 0)
-    verdict = "fits" if p["total_bytes"] <= SIZE_TARGET else "does not fit"
+    verdict = "within" if p["total_bytes"] <= SIZE_TARGET else "over"
     say(
         f"ImageNet projection (1,281,167 images, 1000 classes, batch 256, 100 epochs, "
-        f"KD + CutMixPick keeping 256 of 512, top-K {k or 'full'}): {p['steps']:,} steps, "
-        f"{_gb(p['train_bytes'])} + val {_gb(p['val_bytes'])} = {_gb(p['total_bytes'])} "
-        f"({verdict} in {_gb(SIZE_TARGET)})"
+        f"{info['imagenet_recipe']}, top-K {k or 'full'}): {p['steps']:,} steps, "
+        f"{_gb(p['train_bytes'])} + val {_gb(p['val_bytes'])} = {_gb(p['total_bytes'])}, "
+        f"{verdict} {_gb(SIZE_TARGET)}: the size the default --teacher-cache-topk "
+        f"{DEFAULT_TOPK} was chosen to fit (KD + CutMixPick). A guide, not a limit: nothing "
+        "enforces it; a smaller --teacher-cache-topk makes a smaller cache "
+        "(docs/teacher_cache.md)"
     )

@@ -25,7 +25,7 @@ def doctor(as_json: bool, build_only: bool) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from dalikd.cli.report import console
+    from dalikd.cli.report import print_table
     from dalikd.doctor import build_native, report
     from dalikd.errors import DalikdError
 
@@ -65,4 +65,4 @@ def doctor(as_json: bool, build_only: bool) -> None:
     rows += [(f"resize on {device}", path) for device, path in info["resize"].items()]
     for name, value in rows:
         table.add_row(name, escape(value))
-    console.print(table)
+    print_table(table)

@@ -172,6 +172,12 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         int,
         "also checkpoint every N steps mid-epoch (0: epoch ends only)",
     ),
+    (
+        "--log-seconds",
+        "log_seconds",
+        float,
+        "when stdout is not a terminal (nohup, SLURM): a progress line at most every N s",
+    ),
     ("--out", "out", click.Path(), "run directory (default runs/<timestamp>)"),
     (
         "--teacher-cache",
@@ -252,7 +258,7 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
     else:
         file_values = read_config_file(config_file) if config_file else None
         cfg = build_config(file_values, overrides)
-    with RichReporter() as reporter:
+    with RichReporter(cfg.log_seconds) as reporter:
         summary = run_training(cfg, reporter, resume=bool(resume_dir))
     if summary["stopped_by"]:
         # Preempted (SIGTERM/SIGUSR1) or Ctrl-C: the checkpoint is written; exit 128 + signal.

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dalikd.cli.options import device_option, mixing_option
+from dalikd.cli.report import print_table
 
 console = Console(highlight=False)
 
@@ -116,7 +117,7 @@ def print_report(report: dict[str, Any]) -> None:
             _ms(st["cpu_ms_per_img"]),
             ", ".join(bounds.get(st["name"], [])),
         )
-    console.print(table)
+    print_table(table, console)
     base = {b["aug"]: b for b in report["baseline"]}
     handoff = {st["aug"]: st for st in report["stages"] if st["name"].startswith("hand-off")}
     x_aug = {st["aug"]: st for st in report["stages"] if "vs_plain" in st}
@@ -140,7 +141,7 @@ def print_report(report: dict[str, Any]) -> None:
             eff = report["efficiency"].get(aug)
             row.append("-" if eff is None else f"{eff:.2f}")
         summary.add_row(*row)
-    console.print(summary)
+    print_table(summary, console)
     console.print(
         "own ms/sample: what a cumulative DALI stage adds to the one before. ratio: DALI "
         "hand-off / torchvision samples/s, in interleaved windows; CPU ratio: torchvision / "

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import math
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -24,7 +30,8 @@ class LiveBar:
     a context manager. The reporters below and in the other commands build on it.
 
     The bar is drawn on a terminal only: written to a pipe or a file, a log keeps just the
-    printed lines.
+    printed lines (the reporters print a plain progress line there instead, at most every
+    ``log_seconds``).
     """
 
     def __init__(self, *extra: TextColumn) -> None:
@@ -50,51 +57,95 @@ class LiveBar:
 
 
 class RichReporter(LiveBar):
-    """Implements dalikd.train.Reporter: one bar per epoch with loss and live images/s."""
+    """Implements dalikd.train.Reporter: one bar per epoch with loss and live images/s, and a
+    transient bar while validating. In a pipe or a file (nohup, SLURM) the bars are off: a plain
+    progress line at most every ``log_seconds`` instead (0: at every update), so a long epoch
+    still shows it runs. ``clock`` (seconds) is injectable for tests."""
 
-    def __init__(self) -> None:
-        fields = (
-            "loss {task.fields[loss]}  {task.fields[speed]} img/s  lr {task.fields[lr]}"
-            "{task.fields[cache]}"
-        )
-        super().__init__(TextColumn(fields))
+    def __init__(
+        self, log_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(TextColumn("{task.fields[stats]}{task.fields[cache]}"))
+        self._log_seconds, self._clock = log_seconds, clock
+        self._epoch = ""  # "epoch 3/90"
+        self._phase = ""  # "train" or "val": what the current bar (or progress line) counts
+        self._last_line = 0.0  # clock at the last progress line (or at the phase's start)
+        self._ref: tuple[float, int] | None = None  # (clock, step) of the phase's first update
 
     def message(self, text: str) -> None:
         # never broken at the width; no markup: paths may hold [brackets]
         self._progress.console.print(text, soft_wrap=True, markup=False)
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        self._new_bar(f"epoch {epoch + 1}/{epochs}", steps, loss="-", speed="-", lr="-", cache="")
+        self._epoch = f"epoch {epoch + 1}/{epochs}"
+        self._start_phase("train")
+        self._new_bar(self._epoch, steps, stats="loss -  - img/s  lr -", cache="")
 
     def step(
         self, step: int, loss: float, img_per_s: float, lr: float,
         cache: tuple[int, int] | None = None,
     ) -> None:  # fmt: skip
-        self._progress.update(
-            self._task,
-            completed=step,
-            loss=f"{loss:.4f}",
-            speed=f"{img_per_s:,.0f}",
-            lr=f"{lr:.4g}",
-            cache="" if cache is None else f"  cache {cache[0]} hit / {cache[1]} miss",
-        )
+        stats = f"loss {fmt_loss(loss)}  {img_per_s:,.0f} img/s  lr {lr:.4g}"
+        cache_text = "" if cache is None else f"  cache {cache[0]} hit / {cache[1]} miss"
+        self._progress.update(self._task, completed=step, stats=stats, cache=cache_text)
+        total = int(self._progress.tasks[-1].total or step)
+        self._log_line(f"step {step}/{total}", step, total, stats + cache_text)
+
+    def val_step(self, done: int, total: int) -> None:
+        if self._phase != "val":
+            self._start_phase("val")
+            self._new_bar(f"{self._epoch} validation", total, stats="", cache="")
+        self._progress.update(self._task, completed=done)
+        self._log_line(f"validation {done}/{total}", done, total, "")
 
     def epoch_end(self, record: dict[str, Any]) -> None:
+        if self._task is not None:  # the validation bar goes before the epoch's line
+            self._progress.remove_task(self._task)
+            self._task = None
         # one line per epoch however narrow the terminal (or a pipe's 80 columns)
         self._progress.console.print(epoch_line(record), soft_wrap=True, markup=False)
+
+    def _start_phase(self, phase: str) -> None:
+        self._phase, self._last_line, self._ref = phase, self._clock(), None
+
+    def _log_line(self, where: str, done: int, total: int, fields: str) -> None:
+        """The pipe's progress line, at most every log_seconds (the terminal has the bar)."""
+        if self._progress.console.is_terminal:
+            return
+        now = self._clock()
+        if self._ref is None:  # the rate counts from the first update (a resume starts mid-way)
+            self._ref = (now, done)
+        if now - self._last_line < self._log_seconds:
+            return
+        self._last_line = now
+        t_ref, done_ref = self._ref
+        eta = "-"
+        if done > done_ref:
+            eta = str(timedelta(seconds=round((now - t_ref) / (done - done_ref) * (total - done))))
+        percent = f"({100 * done // max(total, 1)}%)"
+        line = f"{self._epoch} {where} {percent}  {fields + '  ' if fields else ''}eta {eta}"
+        self._progress.console.print(line, soft_wrap=True, markup=False)
+
+
+def fmt_loss(value: float) -> str:
+    """A loss for a log line: 4 decimals, or 4 significant digits in scientific notation when
+    that would hide it (>= 1e5, or under 1e-3 but not 0); inf and nan as Python writes them."""
+    if not math.isfinite(value) or value == 0 or 1e-3 <= abs(value) < 1e5:
+        return f"{value:.4f}"
+    return f"{value:.3e}"
 
 
 def epoch_line(record: dict[str, Any]) -> str:
     """The log line of one epoch's metrics.jsonl record."""
     agree = ""
     if "val_agree_top1" in record:
-        agree = f"agree {record['val_agree_top1']:.2f}%  KL(t||s) {record['val_kl_ts']:.4f}  "
+        agree = f"agree {record['val_agree_top1']:.2f}%  KL(t||s) {fmt_loss(record['val_kl_ts'])}  "
     cache = ""
     if "cache_hits" in record:
         cache = f"teacher cache {record['cache_hits']} hit / {record['cache_misses']} miss  "
     return (
-        f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}  "
-        f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  "
+        f"epoch {record['epoch']}: train loss {fmt_loss(record['train_loss'])}  "
+        f"val loss {fmt_loss(record['val_loss'])}  top-1 {record['val_top1']:.2f}%  "
         f"top-5 {record['val_top5']:.2f}%  {agree}{cache}{record['img_per_s']:,.0f} img/s  "
         f"{record['seconds']:.1f} s"
     )
@@ -107,11 +158,13 @@ def print_summary(summary: dict[str, Any]) -> None:
     if final:
         rows += [
             ("final val top-1 / top-5", f"{final['val_top1']:.2f}% / {final['val_top5']:.2f}%"),
-            ("final val loss", f"{final['val_loss']:.4f}"),
+            ("final val loss", fmt_loss(final["val_loss"])),
             ("train images/s (last epoch)", f"{final['img_per_s']:,.0f}"),
         ]
-    rows += [("best val top-1", f"{summary['best_top1']:.2f}%"),
-             ("files", "config.json  metrics.jsonl  last.pt  best.pt")]  # fmt: skip
+    files = "config.json  metrics.jsonl  last.pt  best.pt"
+    if (Path(summary["run_dir"]) / "data_report.tsv").exists():  # the files left out, and why
+        files += "  data_report.tsv"
+    rows += [("best val top-1", f"{summary['best_top1']:.2f}%"), ("files", files)]
     if not console.is_terminal:  # a log: whole, greppable lines, never a cell wrapped at 80
         for key, value in rows:
             console.print(f"{key}: {value}", soft_wrap=True, markup=False)
@@ -122,6 +175,19 @@ def print_summary(summary: dict[str, Any]) -> None:
     console.print(table)
 
 
+def print_table(table: Table, to: Console | None = None) -> None:
+    """Print a rich table: as is on a terminal; to a pipe or a file (a log) at 200 columns, so
+    no cell wraps at the pipe's default 80, and without the padding that ends each line."""
+    to = to or console
+    if to.is_terminal:
+        to.print(table)
+        return
+    wide = Console(file=io.StringIO(), width=200, color_system=None, highlight=False)
+    wide.print(table)
+    lines = wide.file.getvalue().splitlines()
+    to.out("\n".join(line.rstrip() for line in lines), highlight=False)
+
+
 def print_eval(model: str, weights: str, result: dict[str, float]) -> None:
     table = Table(title=f"{model} ({weights})")
     for col in ("images", "top-1 %", "top-5 %", "loss"):
@@ -130,9 +196,9 @@ def print_eval(model: str, weights: str, result: dict[str, float]) -> None:
         str(result["count"]),
         f"{result['top1']:.2f}",
         f"{result['top5']:.2f}",
-        f"{result['loss']:.4f}",
+        fmt_loss(result["loss"]),
     )
-    console.print(table)
+    print_table(table)
 
 
 def print_recipes(infos: list[Any]) -> None:
@@ -142,14 +208,14 @@ def print_recipes(infos: list[Any]) -> None:
     table.add_column("description")
     for info in infos:
         table.add_row(info.name, "yes" if info.mixing else "", escape(info.description))
-    console.print(table)
+    print_table(table)
 
 
 def print_demo(rows: list[dict[str, Any]]) -> None:
     if not console.is_terminal:  # a log: one whole line per run, no truncated cells
         for r in rows:
             line = (f"{r['model']}  {r['role']}: val top-1 {r['val_top1']:.2f}%  "
-                    f"val loss {r['val_loss']:.4f}  {r['run']}")  # fmt: skip
+                    f"val loss {fmt_loss(r['val_loss'])}  {r['run']}")  # fmt: skip
             console.print(line, soft_wrap=True, markup=False)
         return
     table = Table(title="dalikd demo: digits (10 classes)")
@@ -158,7 +224,7 @@ def print_demo(rows: list[dict[str, Any]]) -> None:
         table.add_column(col, justify=justify)
     for r in rows:
         table.add_row(
-            r["model"], r["role"], f"{r['val_top1']:.2f}", f"{r['val_loss']:.4f}", r["run"]
+            r["model"], r["role"], f"{r['val_top1']:.2f}", fmt_loss(r["val_loss"]), r["run"]
         )
     console.print(table)
 
@@ -178,6 +244,7 @@ def print_check(dataset: Any) -> None:
         console.print(f"left out: {path}  ({reason})", soft_wrap=True, markup=False)
     console.print(
         f"{dataset.root}: {len(dataset.train):,} train and {len(dataset.val):,} val images "
-        f"usable, {dataset.num_classes} classes, {len(dataset.skipped)} files left out",
+        f"usable, {dataset.num_classes} classes, {len(dataset.skipped)} "
+        f"file{'' if len(dataset.skipped) == 1 else 's'} left out",
         soft_wrap=True,
     )

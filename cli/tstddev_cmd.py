@@ -10,7 +10,7 @@ from rich.progress import TextColumn
 from rich.table import Table
 
 from dalikd.cli.options import device_option, granularity_option, mixing_option, resize_option
-from dalikd.cli.report import LiveBar, console
+from dalikd.cli.report import LiveBar, console, print_table
 from dalikd.config import PickCriterion, Precision, choices
 
 SCHEMES = "identity,flip,crop_flip,cutout,autoaugment,mixup,cutmix,cutmixpick"
@@ -160,7 +160,7 @@ def tstddev(
             f"{r.samples:,}",
             str(r.group_rows),
         )
-    console.print(table)
+    print_table(table)
     console.print("lowest T. stddev first: the best candidates for KD (Wang et al., 2022)")
     if json_out:
         write_json(results, cfg, json_out)

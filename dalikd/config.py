@@ -120,6 +120,9 @@ class TrainConfig:
     eval_teacher: bool = False  # report the teacher's val accuracy before training
     tensorboard: bool = False  # also write metrics.jsonl's scalars to RUN_DIR/tb/
     log_every: int = 10  # steps between progress updates (each one is a device sync)
+    # seconds between the plain progress lines written when stdout is not a terminal (a pipe,
+    # nohup, SLURM); 0: at every update. A terminal shows a live bar instead.
+    log_seconds: float = 60.0
     ckpt_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
     teacher_cache: str = ""  # teacher-output cache folder (docs/teacher_cache.md); "" = none
     # logits kept per teacher row in the cache; 0 = all (exact). 12: ImageNet, 100 epochs of
@@ -297,6 +300,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 < k.pick_fraction <= 1, f"pick_fraction must be in (0, 1], got {k.pick_fraction}"),
         (min(k.ce_weight, k.kd_weight, k.mixed_label_ce) >= 0, "loss weights must be >= 0"),
         (cfg.log_every >= 1, f"log_every must be positive, got {cfg.log_every}"),
+        (cfg.log_seconds >= 0, f"log_seconds must be >= 0, got {cfg.log_seconds}"),
         (cfg.ckpt_every >= 0, f"ckpt_every must be >= 0, got {cfg.ckpt_every}"),
         (
             cfg.teacher_cache_topk >= 0,

@@ -17,6 +17,8 @@ from dalikd.losses import kl_divergence
 from dalikd.models import build_model, input_norm
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from dalikd.loaders import Loader
 
 
@@ -39,6 +41,7 @@ def evaluate(
     precision: str = "auto",
     ctx: distributed.Dist | None = None,
     teacher: nn.Module | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """Validation loss and top-1 / top-5 accuracy (%) over every image of the loader, summed
     over all ranks when distributed (each rank holds one shard of the split).
@@ -46,13 +49,16 @@ def evaluate(
     With a (frozen, eval-mode) ``teacher``, also ``agree_top1``: the % of images where the
     model's top-1 class is the teacher's, and ``kl_ts``: the mean KL(teacher || model) at T = 1
     (nats per image), a cheap signal of how far the distillation has come.
+
+    ``progress(done, total)`` hears of each batch this rank has evaluated (no device sync).
     """
     model.eval()
     norm = input_norm(model)  # a teacher takes the model's inputs (models.adapt_input)
     # Sums stay on the device: no CPU-GPU sync until the end.
     # [loss sum, top-1 hits, top-5 hits, images, agreeing images, KL sum]
     sums = torch.zeros(6, dtype=torch.float64, device=torch_device(device))
-    for batch in loader:
+    total = len(loader) if progress is not None else 0
+    for done, batch in enumerate(loader, 1):
         images = prepare_images(batch.images, device, norm)
         with autocast(device, precision):
             logits = model(images).float()
@@ -67,6 +73,8 @@ def evaluate(
         ])  # fmt: skip
         if teacher_logits is not None:
             sums[4:] += agreement_sums(logits, teacher_logits)
+        if progress is not None:
+            progress(done, total)
     loss_sum, top1, top5, count, agree, kl_sum = distributed.all_sum(
         ctx or distributed.Dist(), sums
     ).tolist()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ class Layout:
     image_size: int  # px, side of the images
     columns: int = 8  # samples per group at most
     captions: bool = False  # a λ / partner line under each x'
+    title_lines: int = 1  # the title, wrapped to the grid's width
 
     @property
     def scale(self) -> int:
@@ -98,7 +99,10 @@ class Layout:
     def size(self) -> tuple[int, int]:
         width = 2 * MARGIN + LEFT + self.cols * self.tile + (self.cols - 1) * GAP
         height = (
-            2 * MARGIN + self.text_h + self.groups * self.group_h + (self.groups - 1) * GROUP_GAP
+            2 * MARGIN
+            + self.title_lines * self.text_h
+            + self.groups * self.group_h
+            + (self.groups - 1) * GROUP_GAP
         )
         return width, height
 
@@ -108,7 +112,8 @@ class Layout:
             raise ValueError(f"view is 'x' or \"x'\", got {view!r}")
         group, col = divmod(i, self.columns)
         x = MARGIN + LEFT + col * (self.tile + GAP)
-        y = MARGIN + self.text_h + group * (self.group_h + GROUP_GAP) + self.text_h
+        y = MARGIN + self.title_lines * self.text_h + group * (self.group_h + GROUP_GAP)
+        y += self.text_h
         return x, y + (self.tile + ROW_GAP if view == "x'" else 0)
 
 
@@ -180,6 +185,18 @@ def _fit(text: str, font: Any, width: int) -> str:
     return text + ".."
 
 
+def _wrap(text: str, font: Any, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` px, broken at spaces (a word wider than a line
+    is cut, with "..")."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return [_fit(line, font, width) for line in lines] or [""]
+
+
 def _enlarge(image: np.ndarray, scale: int) -> Image.Image:
     # Nearest neighbour by an integer factor: every pixel of the batch stays a block of equal
     # pixels, so what the student sees is not blurred (and tests can compare exactly).
@@ -188,13 +205,17 @@ def _enlarge(image: np.ndarray, scale: int) -> Image.Image:
 
 def render_grid(
     batch: PreviewBatch, title: str = "", columns: int = 8
-) -> tuple[Image.Image, list[str]]:
-    """The grid as an RGB image, and the captions drawn under each x' (empty without mixing)."""
+) -> tuple[Image.Image, list[str], list[str]]:
+    """The grid as an RGB image, the captions drawn under each x' (empty without mixing) and
+    the title's lines (wrapped to the grid's width: a narrow grid gets a taller title)."""
     layout = Layout(len(batch), batch.images.shape[1], columns, captions=batch.lam is not None)
     font, unicode = _font(layout.font_size)
+    title_lines = _wrap(title, font, layout.size[0] - 2 * MARGIN)
+    layout = replace(layout, title_lines=len(title_lines))
     grid = Image.new("RGB", layout.size, BACKGROUND)
     draw = ImageDraw.Draw(grid)
-    draw.text((MARGIN, MARGIN), _fit(title, font, layout.size[0] - 2 * MARGIN), INK, font)
+    for k, line in enumerate(title_lines):
+        draw.text((MARGIN, MARGIN + k * layout.text_h), line, INK, font)
     captions = []
     for i in range(len(batch)):
         x0, y0 = layout.tile_origin(i, "x")
@@ -210,7 +231,7 @@ def render_grid(
         if i % layout.columns == 0:  # row labels, once per group
             for y, name in ((y0, "x"), (y1, "x'")):
                 draw.text((MARGIN, y + (layout.tile - layout.font_size) // 2), name, INK, font)
-    return grid, captions
+    return grid, captions, title_lines
 
 
 def _write_png_atomic(image: Image.Image, path: Path) -> None:
@@ -236,8 +257,8 @@ def write_preview(
     resize: str = "auto",
 ) -> dict[str, Any]:
     """Draw x and x' of the first training batch to the PNG ``out``; return a summary:
-    ``path, n, size`` (width, height px), ``lam``, ``perm`` (lists, None without mixing) and
-    ``captions`` (the λ / partner lines drawn)."""
+    ``path, n, size`` (width, height px), ``lam``, ``perm`` (lists, None without mixing),
+    ``captions`` (the λ / partner lines drawn) and ``title`` (its lines as drawn)."""
     out = Path(out).expanduser()
     if out.suffix.lower() != ".png":
         raise DalikdError(f"--out {out}: the preview is a PNG; name it *.png")
@@ -255,7 +276,7 @@ def write_preview(
     )
     if batch.pool > 1:
         title += f"; x' shows candidate 1 of {batch.pool} (training keeps the teacher's pick)"
-    grid, captions = render_grid(batch, title)
+    grid, captions, title_lines = render_grid(batch, title)
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_png_atomic(grid, out)
     return {
@@ -265,4 +286,5 @@ def write_preview(
         "lam": batch.lam,
         "perm": batch.perm,
         "captions": captions,
+        "title": title_lines,
     }

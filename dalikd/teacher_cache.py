@@ -244,23 +244,26 @@ def soft_target_kl(logits: torch.Tensor, topk: int, temperature: float) -> torch
 # -- size --------------------------------------------------------------------------------------
 
 
-def step_bytes(topk: int, batch: int, kept: int, num_classes: int, full_itemsize: int = 4) -> int:
-    """Payload bytes of one cached step: ``batch`` x rows and ``kept`` x' rows."""
+def step_bytes(
+    topk: int, batch: int, kept: int, num_classes: int, full_itemsize: int = 4, picked: bool = True
+) -> int:
+    """Payload bytes of one cached step: ``batch`` x rows and ``kept`` x' rows (with the pick's
+    index of each when ``picked``: a pool recipe)."""
     rows = batch + kept
     index_bytes = 2 if num_classes <= 32767 else 4
-    keep_bytes = kept * (index_bytes if topk else 8)
+    keep_bytes = kept * (index_bytes if topk else 8) if picked else 0
     if topk == 0:
         return rows * num_classes * full_itemsize + keep_bytes
     row = min(topk, num_classes) * (2 + index_bytes) + 4  # fp16 value + index, fp32 rest_lse
     return rows * row + keep_bytes + num_classes * 8 + 8  # + fp64 probability and entropy sums
 
 
-def imagenet_projection(topk: int) -> dict[str, float]:
+def imagenet_projection(topk: int, kept: int = 256, picked: bool = True) -> dict[str, float]:
     """Bytes of a cache for ImageNet-1k (1,281,167 train / 50,000 val images, 1000 classes),
-    batch 256, 100 epochs, KD + CutMixPick (pool 2, half kept: 256 x' rows per step), one rank,
-    fp32 logits: steps x step_bytes + the val logits (fp32, stored once)."""
+    batch 256, 100 epochs, ``kept`` x' rows per step (default KD + CutMixPick, pool 2, half
+    kept: 256), one rank, fp32 logits: steps x step_bytes + the val logits (fp32, stored once)."""
     steps = 1_281_167 // 256 * 100
-    train = steps * step_bytes(topk, 256, 256, 1000)
+    train = steps * step_bytes(topk, 256, kept, 1000, picked=picked)
     val = 50_000 * 1000 * 4
     return {"steps": steps, "train_bytes": train, "val_bytes": val, "total_bytes": train + val}
 
@@ -600,6 +603,7 @@ def cache_info(root: str | Path) -> dict[str, Any]:
             per_step = first.shape[1] + (aug.shape[1] if aug is not None else 0)
             rows += steps * per_step
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    recipe, kept, picked = projected_recipe(key)
     return {
         "key": key,
         "epochs": {e + 1: ranks for e, ranks in sorted(epochs.items())},
@@ -607,8 +611,28 @@ def cache_info(root: str | Path) -> dict[str, Any]:
         "train_bytes": train_bytes,
         "rows": rows,
         "bytes_per_row": train_bytes / rows if rows else math.nan,
-        "imagenet": imagenet_projection(int(key.get("topk", 0))),
+        "imagenet": imagenet_projection(int(key.get("topk", 0)), kept, picked),
+        "imagenet_recipe": recipe,
     }
+
+
+def projected_recipe(key: dict[str, Any]) -> tuple[str, int, bool]:
+    """The cache's own recipe at ImageNet's batch of 256: (its name for the projection, the x'
+    rows kept per step, whether a pool's pick indices are stored). A key without ``aug`` (none
+    written by dalikd) gets KD + CutMixPick, the default is chosen for."""
+    aug = key.get("aug")
+    if aug is None:
+        return "KD + CutMixPick keeping 256 of 512", 256, True
+    if aug == "none":
+        return "plain KD, no x'", 0, False
+    pool = int(key.get("pool_size", 1))
+    if pool <= 1:
+        return f"KD + {aug}", 256, False
+    count, batch = int(key.get("pick_count", 0)), int(key.get("batch_size", 256))
+    # the share of the pool the cache's run keeps (an absolute count is per its batch)
+    share = count / (pool * batch) if count else float(key.get("pick_fraction", 0.5))
+    kept = min(max(round(share * pool * 256), 1), pool * 256)
+    return f"KD + {aug} keeping {kept} of {pool * 256}", kept, True
 
 
 # -- the step's teacher pass -------------------------------------------------------------------

@@ -49,6 +49,7 @@ class Reporter(Protocol):
         self, step: int, loss: float, img_per_s: float, lr: float,
         cache: tuple[int, int] | None = None,
     ) -> None: ...  # fmt: skip
+    def val_step(self, done: int, total: int) -> None: ...  # val batches done of total
     def epoch_end(self, record: dict[str, Any]) -> None: ...
 
 
@@ -63,6 +64,9 @@ class SilentReporter:
         self, step: int, loss: float, img_per_s: float, lr: float,
         cache: tuple[int, int] | None = None,
     ) -> None:  # fmt: skip
+        pass
+
+    def val_step(self, done: int, total: int) -> None:
         pass
 
     def epoch_end(self, record: dict[str, Any]) -> None:
@@ -148,7 +152,7 @@ RESUMABLE = frozenset(
      "optim.schedule", "optim.milestones", "optim.gamma", "optim.warmup_epochs",
      "kd.ce_weight", "kd.kd_weight", "kd.temperature", "kd.mixed_label_ce",
      "log_every", "ckpt_every", "eval_teacher", "channels_last", "tensorboard", "out",
-     "teacher_cache", "teacher_cache_topk"}
+     "teacher_cache", "teacher_cache_topk", "log_seconds"}
 )  # fmt: skip
 
 
@@ -427,7 +431,8 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
     ctx, teacher = run.ctx, run.distiller.teacher
     if run.caching is not None:  # the cached val logits (the teacher runs where they are not)
         teacher = run.caching.val_teacher
-    val = evaluate(run.student, run.val_data, run.device, run.cfg.precision, ctx, teacher=teacher)
+    val = evaluate(run.student, run.val_data, run.device, run.cfg.precision, ctx, teacher=teacher,
+                   progress=run.reporter.val_step)  # fmt: skip
     totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=run.tdev)
     distributed.all_sum(ctx, totals)
     record = {
@@ -569,9 +574,8 @@ def _open_run_dir(run: Run) -> None:
         write_text_atomic(config, run.run_dir / "config.json")
         write_jsonl_atomic(run.state.history, run.run_dir / "metrics.jsonl")
         recovery.write_report(run.run_dir, dataset.skipped)
-    left_out = (
-        f", {len(dataset.skipped)} files left out (see data_report.tsv)" if dataset.skipped else ""
-    )
+    n = len(dataset.skipped)
+    left_out = f", {n} file{'s' if n > 1 else ''} left out (see data_report.tsv)" if n else ""
     run.reporter.message(
         f"data: {len(dataset.train):,} train / {len(dataset.val):,} val images, "
         f"{dataset.num_classes} classes{left_out}"

@@ -79,11 +79,20 @@ def test_grid_shows_the_training_batch(aug, granularity, gradients, tmp_path, ca
     assert np.array_equal(png, np.asarray(Image.open(summary["path"]).convert("RGB")))
 
     mixing = aug == "cutmix"
-    layout = preview.Layout(BATCH, SIZE, captions=mixing)
+    # the title whole, wrapped to the grid's width (cut to "granular.." before)
+    title = summary["title"]
+    font, _ = preview._font(preview.Layout(BATCH, SIZE).font_size)
+    width = 2 * preview.MARGIN + preview.LEFT + BATCH * 96 + (BATCH - 1) * preview.GAP
+    assert " ".join(title) == (
+        f"x (top) and x' (below), first training batch: --aug {aug}, granularity "
+        f"{granularity}, seed {SEED}, {SIZE} px"
+    )
+    assert len(title) > 1 and all(font.getlength(t) <= width - 2 * preview.MARGIN for t in title)
+    layout = preview.Layout(BATCH, SIZE, captions=mixing, title_lines=len(title))
     assert layout.scale == 6 and layout.tile == 96
     text = layout.text_h
-    width = 2 * preview.MARGIN + preview.LEFT + BATCH * 96 + (BATCH - 1) * preview.GAP
-    height = 2 * preview.MARGIN + text + text + 2 * 96 + preview.ROW_GAP + (text if mixing else 0)
+    height = 2 * preview.MARGIN + len(title) * text + text + 2 * 96 + preview.ROW_GAP
+    height += text if mixing else 0
     assert Image.open(out).size == (width, height) == tuple(summary["size"])
     assert summary["n"] == BATCH
 

@@ -317,9 +317,41 @@ def test_cache_info_command(tmp_path, capsys):
     code, out, _ = run_cli(["cache-info", tmp_path / "c"], capsys)
     assert code == 0
     assert "epoch 1: rank 0: 3 steps" in out and "bytes per teacher row" in out
-    assert "500,400 steps" in out and "17.79 GB" in out and "fits in 20.00 GB" in out
+    assert "500,400 steps" in out and "17.79 GB" in out
+    # the 20 GB is explained: what it is, and what changes the size
+    assert "within 20.00 GB: the size the default --teacher-cache-topk 12 was chosen to fit" in out
+    assert "nothing enforces it; a smaller --teacher-cache-topk makes a smaller cache" in out
     code, _, err = run_cli(["cache-info", tmp_path], capsys)
     assert code == 1 and "not a dalikd teacher cache" in err
+
+
+@pytest.mark.parametrize(
+    "aug, extra, recipe, kept, picked",
+    [
+        ("cutmix", {"pool_size": 1}, "KD + cutmix,", 256, False),
+        ("none", {"pool_size": 1}, "plain KD, no x',", 0, False),
+        ("cutmixpick", {"pool_size": 2, "pick_fraction": 0.5}, "keeping 256 of 512", 256, True),
+        # 24 of a pool of 3 x 16 at batch 16: half the pool, 384 of 768 at batch 256
+        ("cutmixpick", {"pool_size": 3, "pick_count": 24, "batch_size": 16},
+         "KD + cutmixpick keeping 384 of 768,", 384, True),
+    ],
+)  # fmt: skip
+def test_cache_info_projects_the_caches_own_recipe(tmp_path, capsys, aug, extra, recipe, kept,
+                                                    picked):  # fmt: skip
+    from tests_helpers import run_cli
+
+    key = _key(topk=12, temperature=4.0, num_classes=1000, aug=aug, **extra)
+    tc.TeacherCache(tmp_path / "c", key)
+    info = tc.cache_info(tmp_path / "c")
+    assert info["imagenet"] == tc.imagenet_projection(12, kept, picked)
+    steps = 500_400
+    train = steps * tc.step_bytes(12, 256, kept, 1000, picked=picked)
+    assert info["imagenet"]["train_bytes"] == train
+    if not picked:  # no pick index stored: kept x 2 bytes fewer a step
+        assert train == steps * (tc.step_bytes(12, 256, kept, 1000) - 2 * kept)
+    code, out, _ = run_cli(["cache-info", tmp_path / "c"], capsys)
+    assert code == 0 and recipe in out
+    assert "CutMixPick keeping" not in out  # the key's recipe, not the default's
 
 
 def test_caching_pass_hits_misses_and_loads_the_teacher_only_on_a_miss(tmp_path):
