@@ -172,7 +172,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         int,
         "also checkpoint every N steps mid-epoch (0: epoch ends only)",
     ),
-    ("--out", "out", click.Path(), "run directory (default runs/<timestamp>)"),
+    ("--out", "out", click.Path(), "run directory, new or empty (default runs/<timestamp>)"),
     (
         "--teacher-cache",
         "teacher_cache",
@@ -234,7 +234,8 @@ def cli() -> None:
     "--resume",
     "resume_dir",
     type=click.Path(),
-    help="continue the run in this directory from last.pt",
+    help="continue the run in this directory (or its last.pt) from last.pt; --data may name "
+    "a copy of its dataset in another folder",
 )
 @train_options
 def train(config_file: str | None, resume_dir: str | None, **params: Any) -> None:
