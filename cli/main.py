@@ -178,7 +178,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         float,
         "when stdout is not a terminal (nohup, SLURM): a progress line at most every N s",
     ),
-    ("--out", "out", click.Path(), "run directory (default runs/<timestamp>)"),
+    ("--out", "out", click.Path(), "run directory, new or empty (default runs/<timestamp>)"),
     (
         "--teacher-cache",
         "teacher_cache",
@@ -240,7 +240,8 @@ def cli() -> None:
     "--resume",
     "resume_dir",
     type=click.Path(),
-    help="continue the run in this directory from last.pt",
+    help="continue the run in this directory (or its last.pt) from last.pt; --data may name "
+    "a copy of its dataset in another folder",
 )
 @train_options
 def train(config_file: str | None, resume_dir: str | None, **params: Any) -> None:

@@ -6,10 +6,12 @@ ImageFolder convention, so a teacher trained elsewhere lines up with the labels 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dalikd.cache import cache_dir
 from dalikd.datacheck import check_files
@@ -189,3 +191,14 @@ def scan_dataset(
            for p in empty["train"] + empty["val"]]
     )  # fmt: skip
     return Dataset(root, classes, splits["train"], splits["val"], tuple(skipped))
+
+
+def train_listing(dataset: Dataset) -> dict[str, Any]:
+    """What the training reader's indices refer to: the classes and the train files relative
+    to the root, in order; a copy of the dataset in another folder has the same listing."""
+    h = hashlib.sha256(("\n".join(dataset.classes) + "\n").encode())
+    for path, label in zip(dataset.train.files, dataset.train.labels, strict=True):
+        rel = os.path.relpath(path, dataset.root)
+        h.update(f"{rel}\t{label}\n".encode(errors="surrogateescape"))
+    return {"classes": dataset.num_classes, "train_files": len(dataset.train),
+            "sha256": h.hexdigest()}  # fmt: skip

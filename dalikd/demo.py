@@ -108,7 +108,7 @@ def run_demo(
                 "out": str(run_dir), "device": device,
             }
         )  # fmt: skip
-        summary = train(cfg, reporter)
+        summary = train(cfg, reporter, overwrite=True)  # a rerun replaces the demo's runs
         final = summary["final"]
         rows.append({"role": role, "model": model, "run": str(run_dir),
                      "val_top1": final["val_top1"], "val_loss": final["val_loss"]})  # fmt: skip

@@ -3,11 +3,16 @@
 Two runs on one ``--out`` would overwrite each other's checkpoints (or crash renaming
 ``last.pt.tmp`` the other one just renamed). The lock is created with O_EXCL; a lock left by
 a process that is gone (same host, pid not alive) is taken over with a note.
+
+A fresh run starts only in a new or empty folder (a run there is continued with ``--resume``),
+and a fresh run that fails before its first checkpoint leaves no folder behind: it removes
+what it wrote and the folders it made (:func:`claimed`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +21,7 @@ from pathlib import Path
 from dalikd.errors import DalikdError
 
 LOCK = "run.lock"
+RUN_FILES = ("config.json", "last.pt", "metrics.jsonl")  # what makes a folder a run's
 
 
 def _alive(pid: int) -> bool:
@@ -28,20 +34,57 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def prepare(run_dir: Path) -> None:
-    """Create ``run_dir``; one clear line when it cannot be a run directory."""
+def prepare(run_dir: Path, fresh: bool = False) -> list[Path]:
+    """Create ``run_dir``; one clear line when it cannot be a run directory. ``fresh``: a new
+    run, refused in a folder that holds anything but a lock. Returns the folders it made,
+    deepest first."""
     if run_dir.exists() and not run_dir.is_dir():
         raise DalikdError(f"--out {run_dir} is a file, not a directory")
+    if fresh and run_dir.is_dir():
+        _refuse_taken(run_dir)
+    missing = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DalikdError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise DalikdError(f"run directory {run_dir} is not writable")
+    return missing
+
+
+def _refuse_taken(run_dir: Path) -> None:
+    """A new run would overwrite what ``run_dir`` holds: one line saying what to do instead."""
+    try:
+        names = {entry.name for entry in os.scandir(run_dir)} - {LOCK}  # a lock: see locked()
+    except OSError as e:
+        raise DalikdError(f"cannot read run directory {run_dir}: {e.strerror or e}") from None
+    if any(name in names for name in RUN_FILES):
+        raise DalikdError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+            "or give another --out"
+        )
+    if names:
+        raise DalikdError(f"--out {run_dir} is not empty; give a new or empty folder")
+
+
+def unique(run_dir: Path) -> Path:
+    """Make a new folder ``run_dir``, else ``run_dir-2``, ``-3``, ...: two runs started in the
+    same second without ``--out`` get two folders (mkdir is atomic)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise DalikdError(f"cannot create run directory {path}: {e.strerror or e}") from None
+        return path
+    raise DalikdError(f"cannot find a free run directory name beside {run_dir}")
 
 
 @contextmanager
-def locked(run_dir: Path, note: Callable[[str], None]) -> Iterator[None]:
+def locked(run_dir: Path, note: Callable[[str], None], resume: bool = False) -> Iterator[None]:
     """Hold ``run_dir``'s lock for the block; another live run there is refused."""
     path = run_dir / LOCK
     me = f"{os.getpid()} {socket.gethostname()}\n"
@@ -62,6 +105,11 @@ def locked(run_dir: Path, note: Callable[[str], None]) -> Iterator[None]:
                 note(f"replaced a damaged lock file {path}")
                 path.unlink(missing_ok=True)
                 continue
+            if resume:
+                raise DalikdError(
+                    f"{run_dir} is in use by another process ({pid} on {host or '?'}): that "
+                    f"run is still going; wait for it to end (remove {path} if it is gone)"
+                ) from None
             raise DalikdError(
                 f"{run_dir} is in use by another run (process {pid} on {host or '?'}); "
                 f"wait for it, or pick another --out (remove {path} if that run is gone)"
@@ -79,3 +127,50 @@ def locked(run_dir: Path, note: Callable[[str], None]) -> Iterator[None]:
                 path.unlink()
         except OSError:
             pass
+
+
+@contextmanager
+def claimed(
+    run_dir: Path | None,
+    default: Path,
+    note: Callable[[str], None],
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Iterator[Path]:
+    """Prepare and lock the run directory for the block; yields it. ``run_dir`` None: a new
+    folder named ``default`` (made unique). ``overwrite``: a new run may replace one there
+    (the demo's own runs). A new run that fails before its first checkpoint
+    (last.pt) removes what it wrote and the folders this call made; a folder the user made is
+    left as it was (empty: a new run starts only in an empty one)."""
+    if run_dir is None:
+        made_parents = [d for d in default.parents if not d.exists()]
+        run_dir = unique(default)
+        made = [run_dir, *made_parents]
+    else:
+        made = prepare(run_dir, fresh=not (resume or overwrite))
+    try:
+        with locked(run_dir, note, resume):
+            try:
+                yield run_dir
+            except BaseException:
+                if not resume and not (run_dir / "last.pt").exists():
+                    _remove_contents(run_dir)
+                raise
+    except BaseException:
+        for folder in made:  # deepest first; rmdir removes only what is left empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _remove_contents(run_dir: Path) -> None:
+    """Everything in ``run_dir`` but the lock: it held nothing else when the run started."""
+    for entry in run_dir.iterdir():
+        if entry.name == LOCK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from dalikd.checkpoint import (
     write_text_atomic,
 )
 from dalikd.config import OptimConfig, TrainConfig, build_config
-from dalikd.data import Dataset, scan_dataset
+from dalikd.data import Dataset, scan_dataset, train_listing
 from dalikd.device import amp_dtype, resolve_device, torch_device
 from dalikd.errors import DalikdError
 from dalikd.evaluate import evaluate
@@ -99,9 +99,21 @@ def default_run_dir() -> str:
 def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
     """The config a run was started with, updated by flags given again (e.g. more epochs)."""
     run_dir = Path(run_dir)
+    if run_dir.name == "last.pt" and run_dir.is_file():  # the checkpoint: its run is meant
+        run_dir = run_dir.parent
+    out = overrides.get("out")
+    if out and Path(out).expanduser().resolve() != run_dir.resolve():
+        raise DalikdError(
+            f"--resume continues the run in {run_dir}, where it writes; drop --out {out}"
+        )
     if not (run_dir / "last.pt").is_file() or not (run_dir / "config.json").is_file():
         raise DalikdError(f"nothing to resume in {run_dir}: no last.pt and config.json there")
     ckpt = _read_checkpoint(run_dir / "last.pt", mmap=True)
+    if not isinstance(ckpt, dict) or not {"model", "epoch", "scheduler"} <= ckpt.keys():
+        raise DalikdError(
+            f"{run_dir / 'last.pt'} is not a dalikd checkpoint (a weights file? those start a "
+            f"new run: --student-weights {run_dir / 'last.pt'})"
+        )
     found = ckpt.get("format", 1)
     if found != CHECKPOINT_FORMAT:
         raise DalikdError(
@@ -133,15 +145,51 @@ def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
     # made (its DALI state belongs to that graph), so it is kept, not refused as a change.
     overrides = {k: v for k, v in overrides.items()
                  if not (k in ("data.mixing", "data.resize") and v == "auto")}  # fmt: skip
+    overrides.update(_resume_data_path(run_dir, before.data.path, overrides.get("data.path"),
+                                       has_listing="train_listing" in ckpt))  # fmt: skip
     cfg = build_config(overrides={**overrides, "out": str(run_dir)}, base=before)
     old, new = _flat(before.to_dict()), _flat(cfg.to_dict())
-    fixed = [f"{k} {old[k]} -> {new[k]}" for k in old if old[k] != new[k] and k not in RESUMABLE]
+    fixed = [f"{k} {old[k]} -> {new[k]}" for k in old
+             if old[k] != new[k] and k not in RESUMABLE | {"data.path"}]  # fmt: skip
     if fixed:
         raise DalikdError(
             f"cannot change on resume: {', '.join(fixed)} (the data order, models or step count "
             f"depend on them); start a new run, seeded with --student-weights {run_dir}/last.pt"
         )
+    done, epochs = ckpt["epoch"], cfg.optim.epochs
+    if epochs == done == before.optim.epochs:
+        raise DalikdError(
+            f"{run_dir} is complete ({done} of {epochs} epochs); give --epochs N > {done} to "
+            "train on"
+        )
+    if epochs <= done:
+        raise DalikdError(
+            f"{run_dir} has done {done} epochs; --epochs {epochs} is "
+            f"{'fewer' if epochs < done else 'no more'}; give --epochs N > {done} to train on"
+        )
     return cfg
+
+
+def _resume_data_path(
+    run_dir: Path, saved: str, given: str | None, has_listing: bool
+) -> dict[str, str]:
+    """The data.path override of a resume: a dataset that moved (e.g. copied to a node's
+    scratch disk) may be given; _resume checks that it is the same listing. A run from before
+    the listing was recorded takes only its own folder under another spelling."""
+    if given is None:
+        if not Path(saved).expanduser().is_dir():
+            raise DalikdError(
+                f"{run_dir}'s dataset folder {saved} is not there; give --data DIR where it "
+                "is now (the same classes and train files)"
+            )
+        return {}
+    where = Path(given).expanduser().resolve()
+    if not has_listing and where != Path(saved).expanduser().resolve():
+        raise DalikdError(
+            f"{run_dir} cannot move to --data {where}: it was saved before dalikd recorded "
+            f"its dataset's listing, so only its folder {saved} can be given"
+        )
+    return {"data.path": str(where)}
 
 
 # What --resume may change: the schedule is a pure function of the step, the loss weights and
@@ -192,8 +240,13 @@ def resolve_resize(cfg: TrainConfig, device: str) -> TrainConfig:
 def _read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise DalikdError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as e:
+        raise DalikdError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    except Exception as e:  # torch's text for a cut-off zip, an empty file, another format
+        reason = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise DalikdError(
+            f"{path} is damaged (truncated or not a checkpoint): {reason or type(e).__name__}"
+        ) from None
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -230,10 +283,17 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
-def train(cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = False) -> dict:
+def train(
+    cfg: TrainConfig,
+    reporter: Reporter | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Train ``cfg.model.student``; return a summary.
 
-    Writes config.json, metrics.jsonl, last.pt and best.pt in ``cfg.out`` (rank 0 only).
+    Writes config.json, metrics.jsonl, last.pt and best.pt in ``cfg.out`` (rank 0 only), a new
+    or empty folder (``overwrite``: or one a run it replaces used); without ``cfg.out``, a new
+    runs/<timestamp>. A run that fails before its first checkpoint leaves no folder behind.
     ``resume=True`` continues from ``cfg.out/last.pt`` exactly where it stopped, mid-epoch
     included: weights, optimizer, schedule step, metrics and the DALI pipeline state.
     Launched by torchrun, each rank reads its own shard and the student is wrapped in DDP.
@@ -245,12 +305,14 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = Fal
         tensorboard.require()
     ctx = distributed.init(device)
     try:
+        given = Path(cfg.out) if cfg.out else None
         cfg = build_config(overrides={"out": cfg.out or default_run_dir()}, base=cfg)
-        lock = contextlib.nullcontext()
+        claim: contextlib.AbstractContextManager[Path] = contextlib.nullcontext(Path(cfg.out))
         if ctx.is_main:  # one run per run directory (a second one is refused in one line)
-            rundir.prepare(Path(cfg.out))
-            lock = rundir.locked(Path(cfg.out), (reporter or SilentReporter()).message)
-        with lock, StopSignals() as stop:
+            note = (reporter or SilentReporter()).message
+            claim = rundir.claimed(given, Path(cfg.out), note, resume, overwrite)
+        with claim as run_dir, StopSignals() as stop:
+            cfg = build_config(overrides={"out": str(run_dir)}, base=cfg)
             return _train(cfg, reporter if ctx.is_main and reporter else SilentReporter(),
                           resume, device, ctx, stop)  # fmt: skip
     finally:
@@ -282,6 +344,9 @@ class Run:
     # --teacher-cache: the wrapper of the distiller's teacher pass (teacher_cache.attach)
     caching: teacher_cache.CachingTeacherPass | None = None
     tstd_sized: bool = False  # the group size was checked against this run's (first step)
+    # the scanned train listing (data.train_listing), saved in checkpoints: a resume from
+    # another --data checks that it lists the same files
+    listing: dict[str, Any] | None = None
 
     @property
     def tdev(self) -> torch.device:
@@ -482,6 +547,7 @@ def _save(run: Run, names: tuple[str, ...]) -> None:
         "rng": torch.get_rng_state(),
         "config": run.cfg.to_dict(),
         "classes": list(run.dataset.classes),
+        "train_listing": run.listing,
     }
     for name in names:
         save_atomic(ckpt, run.run_dir / name)
@@ -497,6 +563,13 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     run_dir = Path(cfg.out or default_run_dir())
     cfg = build_config(overrides={"out": str(run_dir)}, base=cfg)
     dataset = scan_dataset(cfg.data.path)
+    # saved absolute: a resume from another working directory finds the data
+    cfg = build_config(overrides={"data.path": str(dataset.root)}, base=cfg)
+    listing = train_listing(dataset)
+    if resume:  # before the models: another class count is the data's mistake, not theirs
+        saved = _read_checkpoint(run_dir / "last.pt", mmap=True).get("train_listing")
+        if saved:
+            _check_listing(saved, listing, run_dir, dataset.root)
     recipe = recipes.resolve(cfg.kd.aug)
     cfg = resolve_resize(resolve_mixing(cfg, recipe, device), device)
     # --teacher-cache: the teacher is built on the first step the cache lacks (teacher_cache)
@@ -513,9 +586,8 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
         reporter.message(f"distributed: {ctx.world_size} rank(s), {ctx.backend}, DDP")
     run = Run(cfg, device, ctx, run_dir, reporter, dataset, distiller, student, optimizer,
               scaler, RunState(), TStddev(group_size=0))  # fmt: skip
+    run.listing = listing
     dali_state = _resume(run) if resume else None
-    if resume:  # files that failed in training before stay out
-        run.dataset = recovery.apply_skips(dataset, recovery.read_report(run_dir))
     _open_run_dir(run)
     _open_loaders(run, recipe, dali_state)
     return run
@@ -526,6 +598,10 @@ def _resume(run: Run) -> str | bytes | None:
     Returns this rank's DALI state (None where the world size changed)."""
     cfg, ctx, state = run.cfg, run.ctx, None
     ckpt = _read_checkpoint(run.run_dir / "last.pt")
+    # the data may have moved (data.path): the skip list names the files where they were
+    saved_root = Path(ckpt["config"]["data"]["path"]).expanduser().resolve()
+    skips = recovery.read_report(run.run_dir)  # files that failed in training before stay out
+    run.dataset = recovery.apply_skips(run.dataset, _moved(skips, saved_root, run.dataset.root))
     check_shapes(run.student, ckpt["model"], f"{run.run_dir / 'last.pt'} does not fit the student")
     run.student.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -550,6 +626,30 @@ def _resume(run: Run) -> str | bytes | None:
         f"resumed {run.run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch}"
     )
     return dali_state
+
+
+def _check_listing(saved: dict[str, Any], now: dict[str, Any], run_dir: Path, root: Path) -> None:
+    """One line naming what differs where ``root`` does not list the run's train files."""
+    if saved["sha256"] == now["sha256"]:
+        return
+    differs = [f"{saved[k]} {what} in the run, {now[k]} there"
+               for k, what in (("classes", "classes"), ("train_files", "train files"))
+               if saved[k] != now[k]]  # fmt: skip
+    raise DalikdError(
+        f"{root} is not the dataset {run_dir} was trained on: "
+        f"{', '.join(differs) or 'other class or file names (or order)'}; the data order and "
+        "DALI state refer to its train files"
+    )
+
+
+def _moved(paths: dict[str, str], old_root: Path, new_root: Path) -> dict[str, str]:
+    """``paths`` (absolute, under ``old_root``) -> the same files under ``new_root``."""
+    moved = {}
+    for path, reason in paths.items():
+        if Path(path).is_relative_to(old_root):
+            path = str(new_root / Path(path).relative_to(old_root))
+        moved[path] = reason
+    return moved
 
 
 def _restore_tstddev(states: Any, ctx: distributed.Dist, tdev: torch.device) -> TStddev:

@@ -108,7 +108,10 @@ def teacher_1000(tmp_path, tiny_env):
         ("float recipe", "are float32 (4, 16, 16, 3); a recipe must return uint8 HWC RGB"),
     ],
 )
-def test_user_mistakes_are_one_line(case, message, solid_dataset, tmp_path, teacher_1000, capsys):
+def test_user_mistakes_are_one_line(
+    case, message, solid_dataset, tmp_path, teacher_1000, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # "no data" and "no train" have no --out: runs/ would be here
     base = ["train", "--data", solid_dataset, "--student", TINY, "--out", tmp_path / "r", *SMALL]
     bad_cfg = tmp_path / "bad.toml"
     bad_cfg.write_text("[optim]\nlr_max = 1\n")
@@ -156,10 +159,11 @@ def test_user_mistakes_are_one_line(case, message, solid_dataset, tmp_path, teac
 def test_no_traceback_from_the_installed_command(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dalikd", "train", "--data", str(tmp_path / "nope")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,  # no --out: runs/ is here
     )  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"error: dataset folder not found: {tmp_path / 'nope'}"
+    assert not (tmp_path / "runs").exists()  # the run folder it made is gone
 
 
 def test_kd_with_a_composed_mixing_recipe_and_mixed_label_ce(
