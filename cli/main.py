@@ -18,7 +18,14 @@ from rich.markup import escape
 
 from dalikd.cli.cache_cmd import cache_info
 from dalikd.cli.doctor_cmd import doctor
-from dalikd.cli.options import device_option
+from dalikd.cli.options import (
+    MODEL_HELP,
+    SEED_HELP,
+    THREADS_HELP,
+    WEIGHTS_HELP,
+    device_option,
+    threads_option,
+)
 from dalikd.cli.plot_cmd import plot
 from dalikd.cli.preview_cmd import preview
 from dalikd.cli.profile_cmd import profile
@@ -95,7 +102,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         str,
         "student model (torchvision name, timm:NAME or module:function)",
     ),
-    ("--student-weights", "model.student_weights", str, "initial student weights (file)"),
+    ("--student-weights", "model.student_weights", str, f"initial student weights: {WEIGHTS_HELP}"),
     ("--epochs", "optim.epochs", int, "epochs to train (with --resume: the new total)"),
     ("--batch-size", "data.batch_size", int, "images per step"),
     ("--lr", "optim.lr", float, "peak learning rate"),
@@ -137,7 +144,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ),
     ("--image-size", "data.image_size", int, "training and validation image side in px"),
     ("--crop-scale", "data.crop_scale", _numbers(float), "random-resized-crop area range, MIN,MAX"),
-    ("--threads", "data.threads", int, "DALI CPU threads (0: one per core, at most 8)"),
+    ("--threads", "data.threads", int, THREADS_HELP),
     (
         "--mixing",
         "data.mixing",
@@ -165,7 +172,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         click.Choice(choices(Precision)),
         "autocast (auto: bf16 on GPU, fp32 on CPU)",
     ),
-    ("--seed", "seed", int, "random seed for DALI and torch"),
+    ("--seed", "seed", int, SEED_HELP),
     (
         "--ckpt-every",
         "ckpt_every",
@@ -220,6 +227,22 @@ def overrides_from(params: dict[str, Any]) -> dict[str, Any]:
     return {k.replace("__", "."): v for k, v in params.items() if v is not None}
 
 
+def flags_of(overrides: dict[str, Any]) -> dict[str, str]:
+    """Dotted config key -> the flag that set it, for the keys in ``overrides`` (errors name
+    the flag the user typed, not the config key)."""
+    return {
+        dotted: flag.split("/")[0] for flag, dotted, _, _ in TRAIN_OPTIONS if dotted in overrides
+    }
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in `dalikd train` once ``run_dir`` holds a last.pt to continue from."""
+
+    def __init__(self, run_dir: str) -> None:
+        super().__init__(run_dir)
+        self.run_dir = run_dir
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dalikd")
 def cli() -> None:
@@ -241,19 +264,25 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
     """Distill --student from --teacher on --data (or train it supervised without --teacher)."""
     from dalikd.cli.report import RichReporter, print_summary
     from dalikd.config import build_config, read_config_file
-    from dalikd.train import load_resume
+    from dalikd.train import default_run_dir, load_resume
     from dalikd.train import train as run_training
 
     overrides = overrides_from(params)
     if resume_dir:
         if config_file:
             raise DalikdError("--resume takes the run's saved config; drop --config")
-        cfg = load_resume(resume_dir, overrides)
+        cfg = load_resume(resume_dir, overrides, flags_of(overrides))
     else:
         file_values = read_config_file(config_file) if config_file else None
-        cfg = build_config(file_values, overrides)
-    with RichReporter() as reporter:
-        summary = run_training(cfg, reporter, resume=bool(resume_dir))
+        cfg = build_config(file_values, overrides, flags=flags_of(overrides))
+        cfg = build_config(overrides={"out": cfg.out or default_run_dir()}, base=cfg)
+    try:
+        with RichReporter() as reporter:
+            summary = run_training(cfg, reporter, resume=bool(resume_dir))
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop took the signals
+        if (Path(cfg.out) / "last.pt").is_file():
+            raise Interrupted(cfg.out) from None
+        raise
     if summary["stopped_by"]:
         # Preempted (SIGTERM/SIGUSR1) or Ctrl-C: the checkpoint is written; exit 128 + signal.
         err_console.print(
@@ -271,18 +300,24 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
 @click.option(
     "--data", required=True, type=click.Path(), help="dataset root (its val/ split is used)"
 )
+@click.option("--model", "model_name", required=True, help=MODEL_HELP)
+@click.option("--weights", required=True, help=WEIGHTS_HELP)
+@click.option("--batch-size", default=100, show_default=True, type=int, help="images per step")
 @click.option(
-    "--model", "model_name", required=True, help="torchvision name, timm:NAME or module:function"
+    "--image-size",
+    default=224,
+    show_default=True,
+    type=int,
+    help="val image side in px (shorter side resized, centre crop, as training's validation)",
 )
-@click.option("--weights", required=True, help="weights file or torchvision weights name")
-@click.option("--batch-size", default=100, show_default=True, type=int)
-@click.option("--image-size", default=224, show_default=True, type=int)
-@click.option(
-    "--threads", default=0, type=int, help="DALI CPU threads (0: one per core, at most 8)"
-)
+@threads_option()
 @device_option
 def evaluate_cmd(data, model_name, weights, batch_size, image_size, threads, device) -> None:
-    """Validation top-1 / top-5 / loss of a model on DATA/val."""
+    """Validation top-1 / top-5 / loss of a model on DATA/val (DATA may hold val/ only).
+
+    The class index is the checkpoint's classes where it carries them (a dalikd checkpoint),
+    else DATA/train's class folders, else DATA/val's.
+    """
     from dalikd.cli.report import print_eval
     from dalikd.evaluate import evaluate_model
 
@@ -366,6 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     # 10-25% on an idle machine; OMP_WAIT_POLICY=ACTIVE in the environment wins. It must be set
     # before torch is first imported (nothing above imports it).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if not (sys.argv[1:] if argv is None else argv):  # bare `dalikd`: the help, as git and pip
+        click.echo(cli.get_help(click.Context(cli, info_name="dalikd")))
+        sys.exit(0)
     try:
         code = cli.main(args=argv, prog_name="dalikd", standalone_mode=False)
     except DalikdError as e:  # the message is text, not markup: "dalikd[timm]" stays whole
@@ -382,8 +420,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", soft_wrap=True)
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, click.Abort):
-        err_console.print("interrupted; a run continues with: dalikd train --resume RUN_DIR")
+    except (KeyboardInterrupt, click.Abort) as e:  # the hint only where a last.pt was written
+        hint = f"; the run continues with: dalikd train --resume {e.run_dir}"
+        err_console.print(
+            f"interrupted{hint if isinstance(e, Interrupted) else ''}", soft_wrap=True, markup=False
+        )
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 

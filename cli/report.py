@@ -178,6 +178,7 @@ def print_check(dataset: Any) -> None:
         console.print(f"left out: {path}  ({reason})", soft_wrap=True, markup=False)
     console.print(
         f"{dataset.root}: {len(dataset.train):,} train and {len(dataset.val):,} val images "
-        f"usable, {dataset.num_classes} classes, {len(dataset.skipped)} files left out",
+        f"usable, {dataset.num_classes} classes, {len(dataset.skipped)} "
+        f"file{'' if len(dataset.skipped) == 1 else 's'} left out",
         soft_wrap=True,
     )

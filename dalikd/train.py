@@ -34,7 +34,7 @@ from dalikd.device import amp_dtype, resolve_device, torch_device
 from dalikd.errors import DalikdError
 from dalikd.evaluate import evaluate
 from dalikd.metrics import GROUP_STEPS, TStddev
-from dalikd.models import check_shapes
+from dalikd.models import check_classes, check_shapes, checkpoint_classes
 from dalikd.step import Distiller, make_optimizer
 from dalikd.tensorboard import ScalarWriter
 
@@ -92,8 +92,11 @@ def default_run_dir() -> str:
     return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
 
 
-def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
-    """The config a run was started with, updated by flags given again (e.g. more epochs)."""
+def load_resume(
+    run_dir: str | Path, overrides: dict[str, Any], flags: dict[str, str] | None = None
+) -> TrainConfig:
+    """The config a run was started with, updated by flags given again (e.g. more epochs);
+    ``flags``: dotted key -> flag, named in errors (config.build_config)."""
     run_dir = Path(run_dir)
     if not (run_dir / "last.pt").is_file() or not (run_dir / "config.json").is_file():
         raise DalikdError(f"nothing to resume in {run_dir}: no last.pt and config.json there")
@@ -129,7 +132,7 @@ def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
     # made (its DALI state belongs to that graph), so it is kept, not refused as a change.
     overrides = {k: v for k, v in overrides.items()
                  if not (k in ("data.mixing", "data.resize") and v == "auto")}  # fmt: skip
-    cfg = build_config(overrides={**overrides, "out": str(run_dir)}, base=before)
+    cfg = build_config(overrides={**overrides, "out": str(run_dir)}, base=before, flags=flags)
     old, new = _flat(before.to_dict()), _flat(cfg.to_dict())
     fixed = [f"{k} {old[k]} -> {new[k]}" for k in old if old[k] != new[k] and k not in RESUMABLE]
     if fixed:
@@ -492,6 +495,9 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     run_dir = Path(cfg.out or default_run_dir())
     cfg = build_config(overrides={"out": str(run_dir)}, base=cfg)
     dataset = scan_dataset(cfg.data.path)
+    if cfg.model.teacher_weights:  # a dalikd checkpoint of other classes: wrong labels
+        w = cfg.model.teacher_weights
+        check_classes(checkpoint_classes(w), dataset.classes, f"teacher weights {w}")
     recipe = recipes.resolve(cfg.kd.aug)
     cfg = resolve_resize(resolve_mixing(cfg, recipe, device), device)
     # --teacher-cache: the teacher is built on the first step the cache lacks (teacher_cache)
@@ -570,7 +576,10 @@ def _open_run_dir(run: Run) -> None:
         write_jsonl_atomic(run.state.history, run.run_dir / "metrics.jsonl")
         recovery.write_report(run.run_dir, dataset.skipped)
     left_out = (
-        f", {len(dataset.skipped)} files left out (see data_report.tsv)" if dataset.skipped else ""
+        f", {len(dataset.skipped)} file{'s' if len(dataset.skipped) > 1 else ''} left out "
+        "(see data_report.tsv)"
+        if dataset.skipped
+        else ""
     )
     run.reporter.message(
         f"data: {len(dataset.train):,} train / {len(dataset.val):,} val images, "
