@@ -235,15 +235,24 @@ def flags_of(overrides: dict[str, Any]) -> dict[str, str]:
     }
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C in `dalikd train` once ``run_dir`` holds a last.pt to continue from."""
+class Interrupted(Exception):
+    """Ctrl-C in a command; ``run_dir``: a train run's folder where it holds a last.pt to
+    continue from. Not a KeyboardInterrupt, which click turns into a blank line and Abort."""
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str = "") -> None:
         super().__init__(run_dir)
         self.run_dir = run_dir
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dalikd")
 def cli() -> None:
     """dalikd: knowledge distillation with the augmentations computed by NVIDIA DALI."""
@@ -280,9 +289,8 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
         with RichReporter() as reporter:
             summary = run_training(cfg, reporter, resume=bool(resume_dir))
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop took the signals
-        if (Path(cfg.out) / "last.pt").is_file():
-            raise Interrupted(cfg.out) from None
-        raise
+        last = (Path(cfg.out) / "last.pt").is_file()
+        raise Interrupted(cfg.out if last else "") from None
     if summary["stopped_by"]:
         # Preempted (SIGTERM/SIGUSR1) or Ctrl-C: the checkpoint is written; exit 128 + signal.
         err_console.print(
@@ -420,11 +428,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", soft_wrap=True)
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, click.Abort) as e:  # the hint only where a last.pt was written
+    except (Interrupted, KeyboardInterrupt, click.Abort) as e:  # the hint only with a last.pt
         hint = f"; the run continues with: dalikd train --resume {e.run_dir}"
-        err_console.print(
-            f"interrupted{hint if isinstance(e, Interrupted) else ''}", soft_wrap=True, markup=False
-        )
+        run_dir = isinstance(e, Interrupted) and e.run_dir
+        err_console.print(f"interrupted{hint if run_dir else ''}", soft_wrap=True, markup=False)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
