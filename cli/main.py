@@ -283,6 +283,12 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
         cfg = load_resume(resume_dir, overrides, flags_of(overrides))
     else:
         file_values = read_config_file(config_file) if config_file else None
+        kd = (file_values or {}).get("kd")
+        aug = overrides.get("kd.aug") or (kd.get("aug") if isinstance(kd, dict) else None)
+        if isinstance(aug, str):  # an unknown name first, before what the others mean with it
+            from dalikd.recipes import resolve
+
+            resolve(aug)
         cfg = build_config(file_values, overrides, flags=flags_of(overrides))
         cfg = build_config(overrides={"out": cfg.out or default_run_dir()}, base=cfg)
     try:

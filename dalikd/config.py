@@ -352,9 +352,6 @@ def validate(cfg: TrainConfig, flags: Mapping[str, str] | None = None) -> None:
             "the pool with the student being trained; use teacher_entropy or drop the cache"
         )
     if not cfg.model.teacher and cfg.kd.aug != "none" and not cfg.kd.mixed_label_ce:
-        from dalikd import recipes  # an unknown name is named as such first (the known ones)
-
-        recipes.resolve(cfg.kd.aug)
         raise DalikdError(
             f"--aug {cfg.kd.aug} makes a second view for the teacher to label; without "
             "--teacher either use --aug none or train on x' with --mixed-label-ce WEIGHT"
