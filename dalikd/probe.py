@@ -126,8 +126,11 @@ def rows_per_step(batch_size: int, views: int, kd: KDConfig) -> int:
 
 
 def _check(cfg: ProbeConfig) -> None:
+    flags = {key: "--" + key.split(".")[-1].replace("_", "-") for key in (
+        "data.image_size", "data.batch_size", "data.threads", "data.crop_scale", "kd.pool_size",
+        "seed")}  # fmt: skip
     validate(TrainConfig(data=cfg.data, model=cfg.model, kd=cfg.kd, device=cfg.device,
-                         precision=cfg.precision, seed=cfg.seed))  # fmt: skip
+                         precision=cfg.precision, seed=cfg.seed), flags)  # fmt: skip
     if not cfg.model.teacher:
         raise DalikdError("the T. stddev probe needs --teacher and --teacher-weights")
     if (cfg.epochs > 0) == (cfg.samples > 0):

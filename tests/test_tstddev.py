@@ -144,6 +144,7 @@ def test_identity_equals_none_and_epochs_count_passes(noise, teacher_file, tmp_p
         (["--aug", "flip,fancy", "--samples", 48], "unknown augmentation 'fancy'; known: "),
         (["--samples", 48, "--epochs", 2], "give --epochs or --samples, not both"),
         (["--samples", 0], "--samples must be > 0, got 0"),
+        (["--samples", 48, "--crop-scale", "0,1"], "--crop-scale must satisfy 0 < min"),
         (["--samples", 48, "--plot", "t.jpg"], "--plot t.jpg: this output is written as *.png"),
         (
             ["--aug", "cutmixpick", "--samples", 48, "--pick-criterion", "student_entropy"],
