@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,9 @@ def _read_weights(path: Path) -> Any:
     if path.stat().st_size == 0:
         raise DalikdError(f"weights file {path} is empty (0 bytes)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a pickle of another protocol: the line below says it
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
         raise DalikdError(f"cannot read weights file {path}: {e.strerror or e}") from None
     except Exception:  # garbage, a truncated file, pickled objects other than tensors

@@ -6,6 +6,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -47,8 +48,11 @@ def test_empty_or_garbage_weights_files_are_one_line(small, tmp_path, capsys, ti
             [*EVAL, "--data", small, "--weights", weights],
             [*teacher, "--teacher-weights", weights],
         ):
-            code, out, err = run_cli(args, capsys)
+            with warnings.catch_warnings(record=True) as caught:  # printed to the user too
+                warnings.simplefilter("always")
+                code, out, err = run_cli(args, capsys)
             _one_line(code, out, err, str(weights), needle)
+            assert not [w for w in caught if "pickle" in str(w.message)]
             assert "weights_only" not in err
 
 
