@@ -18,7 +18,14 @@ from rich.markup import escape
 
 from dalikd.cli.cache_cmd import cache_info
 from dalikd.cli.doctor_cmd import doctor
-from dalikd.cli.options import device_option
+from dalikd.cli.options import (
+    MODEL_HELP,
+    SEED_HELP,
+    THREADS_HELP,
+    WEIGHTS_HELP,
+    device_option,
+    threads_option,
+)
 from dalikd.cli.plot_cmd import plot
 from dalikd.cli.preview_cmd import preview
 from dalikd.cli.profile_cmd import profile
@@ -95,7 +102,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         str,
         "student model (torchvision name, timm:NAME or module:function)",
     ),
-    ("--student-weights", "model.student_weights", str, "initial student weights (file)"),
+    ("--student-weights", "model.student_weights", str, f"initial student weights: {WEIGHTS_HELP}"),
     ("--epochs", "optim.epochs", int, "epochs to train (with --resume: the new total)"),
     ("--batch-size", "data.batch_size", int, "images per step"),
     ("--lr", "optim.lr", float, "peak learning rate"),
@@ -137,7 +144,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ),
     ("--image-size", "data.image_size", int, "training and validation image side in px"),
     ("--crop-scale", "data.crop_scale", _numbers(float), "random-resized-crop area range, MIN,MAX"),
-    ("--threads", "data.threads", int, "DALI CPU threads (0: one per core, at most 8)"),
+    ("--threads", "data.threads", int, THREADS_HELP),
     (
         "--mixing",
         "data.mixing",
@@ -165,7 +172,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         click.Choice(choices(Precision)),
         "autocast (auto: bf16 on GPU, fp32 on CPU)",
     ),
-    ("--seed", "seed", int, "random seed for DALI and torch"),
+    ("--seed", "seed", int, SEED_HELP),
     (
         "--ckpt-every",
         "ckpt_every",
@@ -226,7 +233,32 @@ def overrides_from(params: dict[str, Any]) -> dict[str, Any]:
     return {k.replace("__", "."): v for k, v in params.items() if v is not None}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def flags_of(overrides: dict[str, Any]) -> dict[str, str]:
+    """Dotted config key -> the flag that set it, for the keys in ``overrides`` (errors name
+    the flag the user typed, not the config key)."""
+    return {
+        dotted: flag.split("/")[0] for flag, dotted, _, _ in TRAIN_OPTIONS if dotted in overrides
+    }
+
+
+class Interrupted(Exception):
+    """Ctrl-C in a command; ``run_dir``: a train run's folder where it holds a last.pt to
+    continue from. Not a KeyboardInterrupt, which click turns into a blank line and Abort."""
+
+    def __init__(self, run_dir: str = "") -> None:
+        super().__init__(run_dir)
+        self.run_dir = run_dir
+
+
+class Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dalikd")
 def cli() -> None:
     """dalikd: knowledge distillation with the augmentations computed by NVIDIA DALI."""
@@ -255,12 +287,22 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
     if resume_dir:
         if config_file:
             raise DalikdError("--resume takes the run's saved config; drop --config")
-        cfg = load_resume(resume_dir, overrides)
+        cfg = load_resume(resume_dir, overrides, flags_of(overrides))
     else:
         file_values = read_config_file(config_file) if config_file else None
-        cfg = build_config(file_values, overrides)
-    with RichReporter(cfg.log_seconds) as reporter:
-        summary = run_training(cfg, reporter, resume=bool(resume_dir))
+        kd = (file_values or {}).get("kd")
+        aug = overrides.get("kd.aug") or (kd.get("aug") if isinstance(kd, dict) else None)
+        if isinstance(aug, str):  # an unknown name first, before what the others mean with it
+            from dalikd.recipes import resolve
+
+            resolve(aug)
+        cfg = build_config(file_values, overrides, flags=flags_of(overrides))
+    try:
+        with RichReporter(cfg.log_seconds) as reporter:
+            summary = run_training(cfg, reporter, resume=bool(resume_dir))
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop took the signals
+        last = bool(cfg.out) and (Path(cfg.out) / "last.pt").is_file()
+        raise Interrupted(cfg.out if last else "") from None
     if summary["stopped_by"]:
         # Preempted (SIGTERM/SIGUSR1) or Ctrl-C: the checkpoint is written; exit 128 + signal.
         err_console.print(
@@ -278,18 +320,24 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
 @click.option(
     "--data", required=True, type=click.Path(), help="dataset root (its val/ split is used)"
 )
+@click.option("--model", "model_name", required=True, help=MODEL_HELP)
+@click.option("--weights", required=True, help=WEIGHTS_HELP)
+@click.option("--batch-size", default=100, show_default=True, type=int, help="images per step")
 @click.option(
-    "--model", "model_name", required=True, help="torchvision name, timm:NAME or module:function"
+    "--image-size",
+    default=224,
+    show_default=True,
+    type=int,
+    help="val image side in px (shorter side resized, centre crop, as training's validation)",
 )
-@click.option("--weights", required=True, help="weights file or torchvision weights name")
-@click.option("--batch-size", default=100, show_default=True, type=int)
-@click.option("--image-size", default=224, show_default=True, type=int)
-@click.option(
-    "--threads", default=0, type=int, help="DALI CPU threads (0: one per core, at most 8)"
-)
+@threads_option()
 @device_option
 def evaluate_cmd(data, model_name, weights, batch_size, image_size, threads, device) -> None:
-    """Validation top-1 / top-5 / loss of a model on DATA/val."""
+    """Validation top-1 / top-5 / loss of a model on DATA/val (DATA may hold val/ only).
+
+    The class index is the checkpoint's classes where it carries them (a dalikd checkpoint),
+    else DATA/train's class folders, else DATA/val's.
+    """
     from dalikd.cli.report import print_eval
     from dalikd.evaluate import evaluate_model
 
@@ -373,6 +421,9 @@ def main(argv: list[str] | None = None) -> None:
     # 10-25% on an idle machine; OMP_WAIT_POLICY=ACTIVE in the environment wins. It must be set
     # before torch is first imported (nothing above imports it).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if not (sys.argv[1:] if argv is None else argv):  # bare `dalikd`: the help, as git and pip
+        click.echo(cli.get_help(click.Context(cli, info_name="dalikd")))
+        sys.exit(0)
     try:
         code = cli.main(args=argv, prog_name="dalikd", standalone_mode=False)
     except DalikdError as e:  # the message is text, not markup: "dalikd[timm]" stays whole
@@ -389,8 +440,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", soft_wrap=True)
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, click.Abort):
-        err_console.print("interrupted; a run continues with: dalikd train --resume RUN_DIR")
+    except (Interrupted, KeyboardInterrupt, click.Abort) as e:  # the hint only with a last.pt
+        hint = f"; the run continues with: dalikd train --resume {e.run_dir}"
+        run_dir = isinstance(e, Interrupted) and e.run_dir
+        err_console.print(f"interrupted{hint if run_dir else ''}", soft_wrap=True, markup=False)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -37,3 +37,21 @@ def granularity_option(*flags: str):
         show_default=True,
         help="random draws per image, or one per batch (the paper's reference code)",
     )
+
+
+# One wording per shared setting, in every command's --help.
+SEED_HELP = "random seed of the run (DALI's draws and torch's; the same seed, the same draws)"
+THREADS_HELP = "DALI CPU threads (0: one per core, at most 8)"
+WEIGHTS_HELP = (
+    "a file (state_dict or dalikd checkpoint) or a torchvision weights name (IMAGENET1K_V1)"
+)
+MODEL_HELP = "torchvision name, timm:NAME or module:function"
+
+
+def seed_option(f):
+    return click.option("--seed", default=0, show_default=True, type=int, help=SEED_HELP)(f)
+
+
+def threads_option(help_text: str = THREADS_HELP):
+    """``--threads``, its default shown (0, which means one per core, at most 8)."""
+    return click.option("--threads", default=0, show_default=True, type=int, help=help_text)

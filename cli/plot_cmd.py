@@ -10,7 +10,11 @@ from dalikd.cli.report import console
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option(
-    "--out", default="curves.png", show_default=True, type=click.Path(), help="PNG to write"
+    "--out",
+    default="curves.png",
+    show_default=True,
+    type=click.Path(),
+    help="PNG to write (*.png; missing folders are made)",
 )
 def plot(run_dirs: tuple[str, ...], out: str) -> None:
     """Train/val loss, val top-1, lr and T. stddev per epoch of each RUN_DIR (its

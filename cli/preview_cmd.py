@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dalikd.cli.options import device_option, granularity_option, resize_option
+from dalikd.cli.options import device_option, granularity_option, resize_option, seed_option
 
 
 @click.command()
@@ -19,7 +19,7 @@ from dalikd.cli.options import device_option, granularity_option, resize_option
 @click.option("--out", required=True, type=click.Path(), help="the PNG to write, e.g. grid.png")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="images in the grid")
 @click.option("--image-size", default=224, show_default=True, type=int, help="image side in px")
-@click.option("--seed", default=0, show_default=True, type=int, help="the seed of the run")
+@seed_option
 @granularity_option("--granularity", "--aug-granularity")
 @resize_option
 @device_option

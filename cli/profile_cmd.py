@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from dalikd.cli.options import device_option, mixing_option
+from dalikd.cli.options import device_option, mixing_option, threads_option
 from dalikd.cli.report import print_table
 
 console = Console(highlight=False)
@@ -28,12 +27,7 @@ console = Console(highlight=False)
 )
 @device_option
 @click.option("--batch-size", default=32, show_default=True, type=int, help="samples per batch")
-@click.option(
-    "--threads",
-    default=0,
-    type=int,
-    help="DALI threads, and torchvision workers (0: one per core, at most 8)",
-)
+@threads_option("DALI threads, and torchvision workers (0: one per core, at most 8)")
 @click.option("--image-size", default=224, show_default=True, type=int, help="px, square side")
 @click.option("--teacher", default="", help="teacher model name (random weights); optional")
 @click.option(
@@ -59,22 +53,28 @@ console = Console(highlight=False)
     "--window-seconds", default=1.0, show_default=True, type=float, help="min length of a window"
 )
 @click.option("--warmup", default=3, show_default=True, type=int, help="untimed batches first")
-@click.option("--json", "json_out", type=click.Path(), help="write the report as JSON here")
-@click.option("--plot", type=click.Path(), help="write a bar chart (PNG) here")
+@click.option(
+    "--json", "json_out", type=click.Path(), help="write the report as JSON here (folders made)"
+)
+@click.option("--plot", type=click.Path(), help="write a bar chart here (*.png; folders made)")
 def profile(json_out: str | None, plot: str | None, **options: Any) -> None:
     """Images/s of every stage of the data path and the KD step, against torchvision."""
+    from dalikd.checkpoint import write_text_atomic
+    from dalikd.outputs import output_file
     from dalikd.profile import ProfileConfig, check, run_profile, write_plot
 
     cfg = ProfileConfig(**options)
     check(cfg)  # user mistakes first, as one line, before minutes of measuring
+    json_path = output_file(json_out, "--json") if json_out else None
+    plot_path = output_file(plot, "--plot", (".png",)) if plot else None
     with console.status("profiling") as status:
         report = run_profile(cfg, progress=lambda stage: status.update(f"timing {stage}"))
     print_report(report)
-    if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"JSON: {json_out}", markup=False)
-    if plot:
-        console.print(f"plot: {write_plot(report, plot)}", markup=False)
+    if json_path:
+        write_text_atomic(json.dumps(report, indent=2) + "\n", json_path)
+        console.print(f"JSON: {json_path}", markup=False)
+    if plot_path:
+        console.print(f"plot: {write_plot(report, plot_path)}", markup=False)
 
 
 def _rate(value: float | None) -> str:

@@ -9,7 +9,16 @@ from rich.markup import escape
 from rich.progress import TextColumn
 from rich.table import Table
 
-from dalikd.cli.options import device_option, granularity_option, mixing_option, resize_option
+from dalikd.cli.options import (
+    MODEL_HELP,
+    WEIGHTS_HELP,
+    device_option,
+    granularity_option,
+    mixing_option,
+    resize_option,
+    seed_option,
+    threads_option,
+)
 from dalikd.cli.report import LiveBar, console, print_table
 from dalikd.config import PickCriterion, Precision, choices
 
@@ -49,10 +58,8 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
 @click.option(
     "--data", required=True, type=click.Path(), help="dataset root (its train/ split is used)"
 )
-@click.option("--teacher", required=True, help="teacher model: torchvision name or module:function")
-@click.option(
-    "--teacher-weights", required=True, help="teacher weights: a file or a torchvision name"
-)
+@click.option("--teacher", required=True, help=f"teacher model: {MODEL_HELP}")
+@click.option("--teacher-weights", required=True, help=f"teacher weights: {WEIGHTS_HELP}")
 @click.option(
     "--aug",
     "augs",
@@ -86,9 +93,7 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
     callback=_pair,
     help="random-resized-crop area range of x, MIN,MAX (as the training run's)",
 )
-@click.option(
-    "--threads", default=0, type=int, help="DALI CPU threads (0: one per core, at most 8)"
-)
+@threads_option()
 @mixing_option
 @resize_option
 @device_option
@@ -100,7 +105,7 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
     help="teacher autocast (auto: bf16 on GPU, fp32 on CPU)",
 )
 @granularity_option()
-@click.option("--seed", default=0, show_default=True, type=int, help="random seed for DALI")
+@seed_option
 @click.option(
     "--pick-criterion",
     type=click.Choice(choices(PickCriterion)),
@@ -111,10 +116,14 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
 @click.option(
     "--pool-size", default=2, show_default=True, type=int, help="candidates per image in a pool"
 )
-@click.option("--student", default="", help="student model, for student-based pick criteria")
-@click.option("--student-weights", default="", help="the student's weights (file)")
-@click.option("--json", "json_out", type=click.Path(), help="write the ranked results here")
-@click.option("--plot", type=click.Path(), help="write a bar chart PNG here")
+@click.option(
+    "--student", default="", help=f"student model, for student-based pick criteria: {MODEL_HELP}"
+)
+@click.option("--student-weights", default="", help=f"the student's weights: {WEIGHTS_HELP}")
+@click.option(
+    "--json", "json_out", type=click.Path(), help="write the ranked results here (folders made)"
+)
+@click.option("--plot", type=click.Path(), help="write a bar chart here (*.png; folders made)")
 def tstddev(
     data, teacher, teacher_weights, augs, epochs, samples, group_steps, batch_size, image_size,
     crop_scale, threads, mixing, resize, device, precision, granularity, seed, pick_criterion,
@@ -126,10 +135,16 @@ def tstddev(
     """
     from dalikd.config import DataConfig, KDConfig, ModelConfig
     from dalikd.errors import DalikdError
+    from dalikd.outputs import output_file
     from dalikd.probe import ProbeConfig, run_probe, write_json, write_plot
 
     if epochs is not None and samples is not None:
         raise DalikdError("give --epochs or --samples, not both")
+    for flag, value in (("--epochs", epochs), ("--samples", samples)):
+        if value is not None and value <= 0:
+            raise DalikdError(f"{flag} must be > 0, got {value}")
+    json_out = output_file(json_out, "--json") if json_out else None
+    plot = output_file(plot, "--plot", (".png",)) if plot else None
     cfg = ProbeConfig(
         data=DataConfig(path=data, image_size=image_size, batch_size=batch_size, threads=threads,
                         crop_scale=crop_scale, mixing=mixing, resize=resize),

@@ -34,6 +34,7 @@ import nvidia.dali.math as dmath
 import torch
 from nvidia.dali import fn, types
 from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
+from nvidia.dali.pipeline import do_not_convert
 
 from dalikd import ops
 
@@ -202,6 +203,10 @@ def _sharpness_mask(side: int) -> np.ndarray:
     return mask
 
 
+# Called inside a pipeline with conditionals, AutoGraph tries to convert this builder, fails on
+# its lambdas and prints a warning (train, tstddev, preview), then runs it as-is. It holds no
+# DataNode conditional of its own: marked, it runs as-is as before, without the warning.
+@do_not_convert
 def augmentations(image_size: int) -> dict[str, Any]:
     """torchvision op name -> DALI augmentation with torchvision's magnitudes for images of
     ``image_size`` px (translation is relative to the side)."""

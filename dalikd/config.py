@@ -136,28 +136,34 @@ class TrainConfig:
 SECTIONS = ("data", "model", "optim", "kd")
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
+def _label(key: str, flags: Mapping[str, str] | None) -> str:
+    """How a message names a setting: the flag it came from, else its config key."""
+    return (flags or {}).get(key) or key
+
+
+def _coerce(key: str, value: Any, annotation: Any, flags: Mapping[str, str] | None = None) -> Any:
     """Check one value against the field's type; lists become tuples, ints may be floats."""
+    name = (flags or {}).get(key) or f"config key '{key}'"
     origin = typing.get_origin(annotation)
     if origin is tuple:
         args = typing.get_args(annotation)
         if not isinstance(value, list | tuple):
-            raise DalikdError(f"config key '{key}' must be a list, got {value!r}")
+            raise DalikdError(f"{name} must be a list, got {value!r}")
         item_type = args[0]
         if args[-1] is not Ellipsis and len(value) != len(args):
-            raise DalikdError(f"config key '{key}' must have {len(args)} values, got {len(value)}")
-        return tuple(_coerce(key, v, item_type) for v in value)
+            raise DalikdError(f"{name} must have {len(args)} values, got {len(value)}")
+        return tuple(_coerce(key, v, item_type, flags) for v in value)
     if annotation is bool:
         if not isinstance(value, bool):
-            raise DalikdError(f"config key '{key}' must be true or false, got {value!r}")
+            raise DalikdError(f"{name} must be true or false, got {value!r}")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise DalikdError(f"config key '{key}' must be an integer, got {value!r}")
+            raise DalikdError(f"{name} must be an integer, got {value!r}")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise DalikdError(f"config key '{key}' must be a number, got {value!r}")
+            raise DalikdError(f"{name} must be a number, got {value!r}")
         return float(value)
     if typing.get_origin(annotation) is Literal:
         if value not in choices(annotation):
@@ -167,12 +173,14 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return value
     if annotation is str:
         if not isinstance(value, str):
-            raise DalikdError(f"config key '{key}' must be a string, got {value!r}")
+            raise DalikdError(f"{name} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {annotation!r}")  # a dalikd bug, not user input
 
 
-def _apply(obj: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
+def _apply(
+    obj: Any, values: Mapping[str, Any], prefix: str = "", flags: Mapping[str, str] | None = None
+) -> Any:
     hints = typing.get_type_hints(type(obj))
     known = {f.name for f in fields(obj)}
     unknown = sorted(set(values) - known)
@@ -188,9 +196,9 @@ def _apply(obj: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, Mapping):
                 raise DalikdError(f"config key '{prefix}{name}' must be a table of keys")
-            changes[name] = _apply(current, value, f"{prefix}{name}.")
+            changes[name] = _apply(current, value, f"{prefix}{name}.", flags)
         else:
-            changes[name] = _coerce(f"{prefix}{name}", value, hints[name])
+            changes[name] = _coerce(f"{prefix}{name}", value, hints[name], flags)
     return dataclasses.replace(obj, **changes)
 
 
@@ -226,14 +234,17 @@ def build_config(
     file_values: Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
     base: TrainConfig | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> TrainConfig:
-    """Defaults (or ``base``) < file values (nested) < overrides (dotted keys, e.g. 'optim.lr')."""
+    """Defaults (or ``base``) < file values (nested) < overrides (dotted keys, e.g. 'optim.lr').
+
+    ``flags``: dotted key -> the command-line flag of an override, named in its errors."""
     cfg = base or TrainConfig()
     if file_values:
         cfg = _apply(cfg, file_values)
     if overrides:
-        cfg = _apply(cfg, _nest(overrides))
-    validate(cfg)
+        cfg = _apply(cfg, _nest(overrides), flags=flags)
+    validate(cfg, flags if overrides else None)
     return cfg
 
 
@@ -250,28 +261,35 @@ def _check_choices(obj: Any, prefix: str = "") -> None:
             )
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, flags: Mapping[str, str] | None = None) -> None:
+    """One-line errors for settings out of range. ``flags``: dotted key -> the command-line
+    flag its value came from; the message names the flag there, the config key elsewhere."""
     _check_choices(cfg)
     d, o, k = cfg.data, cfg.optim, cfg.kd
+    # (ok, dotted key or "" where the message names its settings itself, message after the name)
     checks = [
-        (d.image_size >= 16, f"image size must be at least 16 px, got {d.image_size}"),
-        (d.batch_size >= 1, f"batch size must be positive, got {d.batch_size}"),
-        (d.threads >= 0, f"threads must be >= 0, got {d.threads}"),
+        (d.image_size >= 16, "data.image_size", f"must be at least 16 px, got {d.image_size}"),
+        (d.batch_size >= 1, "data.batch_size", f"must be positive, got {d.batch_size}"),
+        (d.threads >= 0, "data.threads", f"must be >= 0, got {d.threads}"),
         (
             0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
-            f"crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}",
+            "data.crop_scale",
+            f"must satisfy 0 < min <= max <= 1, got {d.crop_scale}",
         ),
         (
             0 < d.crop_ratio[0] <= d.crop_ratio[1],
-            f"crop_ratio must satisfy 0 < min <= max, got {d.crop_ratio}",
+            "data.crop_ratio",
+            f"must satisfy 0 < min <= max, got {d.crop_ratio}",
         ),
         (
             0 < d.val_crop_fraction <= 1,
-            f"val_crop_fraction must be in (0, 1], got {d.val_crop_fraction}",
+            "data.val_crop_fraction",
+            f"must be in (0, 1], got {d.val_crop_fraction}",
         ),
         (
             0 <= d.hw_decoder_load <= 1,
-            f"hw_decoder_load must be in [0, 1], got {d.hw_decoder_load}",
+            "data.hw_decoder_load",
+            f"must be in [0, 1], got {d.hw_decoder_load}",
         ),
         (
             min(
@@ -281,35 +299,38 @@ def validate(cfg: TrainConfig) -> None:
                 d.host_memory_padding,
             )
             >= 0,
+            "",
             "decoder hints and paddings must be >= 0",
         ),  # fmt: skip
-        (o.epochs >= 1, f"epochs must be positive, got {o.epochs}"),
-        (o.lr > 0, f"learning rate must be positive, got {o.lr}"),
-        (0 <= o.momentum < 1, f"momentum must be in [0, 1), got {o.momentum}"),
-        (o.momentum > 0 or not o.nesterov, "--nesterov needs a momentum above 0"),
-        (o.weight_decay >= 0, f"weight decay must be >= 0, got {o.weight_decay}"),
-        (cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}"),
-        (o.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {o.warmup_epochs}"),
+        (o.epochs >= 1, "optim.epochs", f"must be positive, got {o.epochs}"),
+        (o.lr > 0, "optim.lr", f"must be positive, got {o.lr}"),
+        (0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}"),
+        (o.momentum > 0 or not o.nesterov, "", "--nesterov needs a momentum above 0"),
+        (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
+        (cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}"),
+        (o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}"),
         (
             list(o.milestones) == sorted(o.milestones),
-            f"milestones must be increasing, got {o.milestones}",
+            "optim.milestones",
+            f"must be increasing, got {o.milestones}",
         ),
-        (k.temperature > 0, f"temperature must be positive, got {k.temperature}"),
-        (k.pool_size >= 1, f"pool_size must be positive, got {k.pool_size}"),
-        (k.pick_count >= 0, f"pick_count must be >= 0, got {k.pick_count}"),
-        (0 < k.pick_fraction <= 1, f"pick_fraction must be in (0, 1], got {k.pick_fraction}"),
-        (min(k.ce_weight, k.kd_weight, k.mixed_label_ce) >= 0, "loss weights must be >= 0"),
-        (cfg.log_every >= 1, f"log_every must be positive, got {cfg.log_every}"),
-        (cfg.log_seconds >= 0, f"log_seconds must be >= 0, got {cfg.log_seconds}"),
-        (cfg.ckpt_every >= 0, f"ckpt_every must be >= 0, got {cfg.ckpt_every}"),
+        (k.temperature > 0, "kd.temperature", f"must be positive, got {k.temperature}"),
+        (k.pool_size >= 1, "kd.pool_size", f"must be positive, got {k.pool_size}"),
+        (k.pick_count >= 0, "kd.pick_count", f"must be >= 0, got {k.pick_count}"),
+        (0 < k.pick_fraction <= 1, "kd.pick_fraction", f"must be in (0, 1], got {k.pick_fraction}"),
+        (min(k.ce_weight, k.kd_weight, k.mixed_label_ce) >= 0, "", "loss weights must be >= 0"),
+        (cfg.log_every >= 1, "log_every", f"must be positive, got {cfg.log_every}"),
+        (cfg.log_seconds >= 0, "log_seconds", f"must be >= 0, got {cfg.log_seconds}"),
+        (cfg.ckpt_every >= 0, "ckpt_every", f"must be >= 0, got {cfg.ckpt_every}"),
         (
             cfg.teacher_cache_topk >= 0,
-            f"teacher_cache_topk must be >= 0, got {cfg.teacher_cache_topk}",
+            "teacher_cache_topk",
+            f"must be >= 0, got {cfg.teacher_cache_topk}",
         ),  # fmt: skip
     ]
-    for ok, message in checks:
+    for ok, key, message in checks:
         if not ok:
-            raise DalikdError(message)
+            raise DalikdError(f"{_label(key, flags)} {message}" if key else message)
     if (
         cfg.model.teacher
         and not cfg.model.teacher_weights
@@ -320,6 +341,13 @@ def validate(cfg: TrainConfig) -> None:
             "IMAGENET1K_V1) or a timm name with a pretrained tag (timm:resnet50.a1_in1k): "
             "distilling from an untrained teacher teaches nothing"
         )
+    if cfg.model.teacher_weights and not cfg.model.teacher:
+        raise DalikdError(
+            f"--teacher-weights {cfg.model.teacher_weights} needs --teacher (the model the "
+            "weights are for); without --teacher the student trains supervised"
+        )
+    if cfg.eval_teacher and not cfg.model.teacher:
+        raise DalikdError("--eval-teacher reports a teacher's val accuracy; give --teacher too")
     if cfg.teacher_cache and not cfg.model.teacher:
         raise DalikdError("--teacher-cache stores a teacher's outputs; give --teacher too")
     if cfg.teacher_cache and cfg.kd.pick_criterion != "teacher_entropy":

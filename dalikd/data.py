@@ -117,6 +117,33 @@ def _scan_split(
     return Split(tuple(files), tuple(labels))
 
 
+def _dataset_root(root: str | Path) -> Path:
+    if not str(root):
+        raise DalikdError("no dataset given: pass --data DIR (a folder with train/ and val/)")
+    root = Path(root).expanduser().resolve()
+    if root.is_file():
+        raise DalikdError(f"{root} is a file, not a dataset folder (one with train/ and val/)")
+    if not root.is_dir():
+        raise DalikdError(f"dataset folder not found: {root}")
+    return root
+
+
+def class_names(root: str | Path) -> tuple[str, ...]:
+    """The class index of a dataset: its train/ class folders, sorted; val/'s where there is
+    no train/ (evaluation only)."""
+    root = _dataset_root(root)
+    split = "train" if (root / "train").is_dir() or not (root / "val").is_dir() else "val"
+    if not (root / split).is_dir():
+        raise DalikdError(
+            f"{root} has no {split}/ folder; expected {root}/train/<class>/*.JPEG "
+            f"and {root}/val/<class>/*.JPEG"
+        )
+    classes = tuple(_class_dirs(root / split))
+    if not classes:
+        raise DalikdError(f"{root}/{split} has no class folders")
+    return classes
+
+
 def scan_dataset(
     root: str | Path,
     *,
@@ -125,52 +152,53 @@ def scan_dataset(
     cache: bool = True,
     progress: Callable[[int, int], None] | None = None,
     strict: bool = True,
+    splits: tuple[str, ...] = ("train", "val"),
+    classes: tuple[str, ...] | None = None,
 ) -> Dataset:
     """List the classes and usable image files of an ImageNet-style folder.
+
+    ``splits``: the ones scanned (the others come back empty); ``classes``: the class index
+    (default: :func:`class_names`), e.g. the names a checkpoint was trained on.
 
     ``check`` runs the data scan of :mod:`dalikd.datacheck` (cached): files that would kill
     the DALI pipeline are left out and listed in ``Dataset.skipped``. A split with no usable
     image, or a train class with none (as torchvision's ImageFolder), is an error unless
     ``strict`` is False (check-data lists what it found first).
     """
-    if not str(root):
-        raise DalikdError("no dataset given: pass --data DIR (a folder with train/ and val/)")
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise DalikdError(f"dataset folder not found: {root}")
-    for split in ("train", "val"):
+    root = _dataset_root(root)
+    for split in splits:
         if not (root / split).is_dir():
             raise DalikdError(
                 f"{root} has no {split}/ folder; expected {root}/train/<class>/*.JPEG "
                 f"and {root}/val/<class>/*.JPEG"
             )
-    classes = tuple(_class_dirs(root / "train"))
-    if not classes:
-        raise DalikdError(f"{root}/train has no class folders")
+    classes = classes or class_names(root)
     others: list[str] = []
     bad_names: list[str] = []
     broken: list[str] = []
     empty: dict[str, list[str]] = {"train": [], "val": []}
-    splits = {
+    found = {
         name: _scan_split(root / name, classes, others, bad_names, broken, empty[name])
+        if name in splits
+        else Split((), ())
         for name in ("train", "val")
     }
     bad: dict[str, str] = {}
     if check:
         bad = check_files(
-            [f for split in splits.values() for f in split.files],
+            [f for split in found.values() for f in split.files],
             root=root, cache_root=cache_dir() if cache else None, decode=decode,
             progress=progress,
         )  # fmt: skip
-    for name, split in splits.items():
+    for name, split in found.items():
         keep = [i for i, f in enumerate(split.files) if f not in bad]
-        if not keep and strict:
+        if not keep and strict and name in splits:
             left = f"; {len(split)} left out, see: dalikd check-data {root}" if len(split) else ""
             raise DalikdError(
                 f"{root}/{name} holds no usable images{left} "
                 f"(looked for {', '.join(IMAGE_EXTENSIONS)})"
             )
-        splits[name] = Split(
+        found[name] = Split(
             tuple(split.files[i] for i in keep), tuple(split.labels[i] for i in keep)
         )
     if strict and empty["train"]:
@@ -190,7 +218,7 @@ def scan_dataset(
         + [(_printable(p) + "/", "empty class folder (no image file)")
            for p in empty["train"] + empty["val"]]
     )  # fmt: skip
-    return Dataset(root, classes, splits["train"], splits["val"], tuple(skipped))
+    return Dataset(root, classes, found["train"], found["val"], tuple(skipped))
 
 
 def train_listing(dataset: Dataset) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,10 +12,11 @@ from torch import nn
 
 from dalikd import distributed
 from dalikd.config import DataConfig, build_config
-from dalikd.data import scan_dataset
+from dalikd.data import class_names, scan_dataset
 from dalikd.device import autocast, prepare_images, resolve_device, torch_device
+from dalikd.errors import DalikdError
 from dalikd.losses import kl_divergence
-from dalikd.models import build_model, input_norm
+from dalikd.models import build_model, check_classes, checkpoint_classes, input_norm
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -100,14 +102,29 @@ def evaluate_model(
     threads: int = 0,
     device: str = "auto",
 ) -> dict[str, float]:
-    """Build ``model_name`` with ``weights`` and evaluate it on ``data``/val."""
+    """Build ``model_name`` with ``weights`` and evaluate it on ``data``/val.
+
+    The class index is the checkpoint's classes where it carries them, else train/'s class
+    folders, else val/'s (a dataset may hold val/ only); names that differ are refused.
+    """
     # the same checks as training's (a batch of 0 or a 0 px image is one line, not a traceback)
     build_config(
         overrides={"data.batch_size": batch_size, "data.image_size": image_size,
-                   "data.threads": threads}
+                   "data.threads": threads},
+        flags={"data.batch_size": "--batch-size", "data.image_size": "--image-size",
+               "data.threads": "--threads"},
     )  # fmt: skip
+    if not weights.strip():
+        raise DalikdError(
+            "--weights is empty: give a weights file or a torchvision weights name (evaluating "
+            "random weights measures nothing)"
+        )
     device = resolve_device(device)
-    dataset = scan_dataset(data)
+    names = class_names(data)
+    trained_on = checkpoint_classes(weights)
+    val_only = not (Path(data).expanduser() / "train").is_dir()
+    check_classes(trained_on, names, f"weights {weights}", subset=val_only)
+    dataset = scan_dataset(data, splits=("val",), classes=trained_on or names)
     model = build_model(model_name, dataset.num_classes, weights)
     from dalikd import loaders  # DALI: only where the loader is built
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -155,18 +156,67 @@ def _torchvision_weights(name: str, weights: str, num_classes: int) -> nn.Module
     return torchvision.models.get_model(name, weights=w)
 
 
+def _read_weights(path: Path) -> Any:
+    """What ``torch.load(weights_only=True)`` reads from ``path``; one-line errors (an empty
+    file's EOFError has no message; torch's own advises loading unsafely instead)."""
+    if not path.is_file():
+        raise DalikdError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DalikdError(f"weights file {path} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():  # a pickle of another protocol: the line below says it
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise DalikdError(f"cannot read weights file {path}: {e.strerror or e}") from None
+    except Exception:  # garbage, a truncated file, pickled objects other than tensors
+        raise DalikdError(
+            f"{path} is not a weights file torch can load safely (a state_dict or a dalikd "
+            "checkpoint of tensors)"
+        ) from None
+
+
+def checkpoint_classes(weights: str | Path) -> tuple[str, ...] | None:
+    """The class names a dalikd checkpoint was trained on; None for a torchvision weights name
+    or a file that does not carry them (a plain state_dict)."""
+    path = Path(weights)
+    if not str(weights) or not path.is_file():
+        return None
+    state = _read_weights(path)
+    classes = state.get("classes") if isinstance(state, dict) else None
+    if isinstance(classes, list | tuple) and all(isinstance(c, str) for c in classes):
+        return tuple(classes)
+    return None
+
+
+def check_classes(
+    known: tuple[str, ...] | None, found: tuple[str, ...], what: str, subset: bool = False
+) -> None:
+    """Refuse in one line where the class names ``known`` (a checkpoint's) and ``found`` (the
+    dataset's) differ: the same count with other names maps every output to the wrong class.
+    ``subset``: ``found`` may lack some of ``known`` (a val/ split without train/)."""
+    if known is None:
+        return
+    only_ckpt = [c for c in known if c not in found]
+    only_data = [c for c in found if c not in known]
+    if only_data or (only_ckpt and not subset):
+
+        def some(names: list[str]) -> str:
+            return f"{len(names)} (e.g. {', '.join(names[:3])})" if names else "0"
+
+        raise DalikdError(
+            f"{what} were trained on other classes than the dataset's: only in the checkpoint "
+            f"{some(only_ckpt)}, only in the dataset {some(only_data)}"
+        )
+
+
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The model tensors of a weights file: a state_dict, or the 'model' of a dalikd checkpoint.
 
     Prefixes added by DDP ('module.') and torch.compile ('_orig_mod.') are removed.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DalikdError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DalikdError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from None
+    state = _read_weights(path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -219,9 +269,11 @@ def build_model(name: str, num_classes: int, weights: str = "", role: str = "mod
     check_shapes(model, state, f"{role} weights {weights} do not fit {name}")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise DalikdError(
-            f"{role} weights {weights} do not fit {name}: {len(result.missing_keys)} missing keys "
-            f"(e.g. {result.missing_keys[:1]}), {len(result.unexpected_keys)} unexpected "
-            f"(e.g. {result.unexpected_keys[:1]})"
-        )
+        parts = [
+            f"{len(keys)} {kind} key{'s' if len(keys) > 1 else ''} (e.g. {keys[0]})"
+            for kind, keys in (("missing", result.missing_keys),
+                               ("unexpected", result.unexpected_keys))
+            if keys
+        ]  # fmt: skip
+        raise DalikdError(f"{role} weights {weights} do not fit {name}: {', '.join(parts)}")
     return model

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dalikd.errors import DalikdError
+from dalikd.outputs import output_file
 
 # (panel title, y label, y scale, [(metrics.jsonl key, line style)]); the loss on a log scale:
 # an early val-loss spike (hundreds, in a short run's first epoch) would flatten the rest
@@ -89,13 +90,12 @@ def curves_figure(runs: dict[str, list[dict[str, Any]]]) -> Any:
 
 
 def write_curves(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """Read each run's metrics.jsonl and write their overlaid curves to ``out`` (PNG)."""
+    """Read each run's metrics.jsonl and write their overlaid curves to ``out`` (a *.png;
+    its missing folders are made)."""
     if not run_dirs:
         raise DalikdError("give at least one run directory")
     runs = {name: read_metrics(d) for name, d in zip(run_names(run_dirs), run_dirs, strict=True)}
-    out = Path(out)
-    if out.parent and not out.parent.is_dir():
-        raise DalikdError(f"cannot write {out}: folder {out.parent} does not exist")
+    out = output_file(out, "--out", (".png",))  # missing folders made, PNG bytes in *.png
     fig = curves_figure(runs)
     tmp = out.with_name(out.name + ".tmp")
     fig.savefig(tmp, format="png")

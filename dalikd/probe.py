@@ -37,6 +37,7 @@ from dalikd.data import scan_dataset
 from dalikd.device import autocast, prepare_batch, resolve_device
 from dalikd.errors import DalikdError
 from dalikd.metrics import GROUP_STEPS, TStddev
+from dalikd.models import check_classes, checkpoint_classes
 from dalikd.step import Distiller
 
 # The paper's nine schemes (--aug values) less the student-entropy pick (--pick-criterion).
@@ -125,8 +126,11 @@ def rows_per_step(batch_size: int, views: int, kd: KDConfig) -> int:
 
 
 def _check(cfg: ProbeConfig) -> None:
+    flags = {key: "--" + key.split(".")[-1].replace("_", "-") for key in (
+        "data.image_size", "data.batch_size", "data.threads", "data.crop_scale", "kd.pool_size",
+        "seed")}  # fmt: skip
     validate(TrainConfig(data=cfg.data, model=cfg.model, kd=cfg.kd, device=cfg.device,
-                         precision=cfg.precision, seed=cfg.seed))  # fmt: skip
+                         precision=cfg.precision, seed=cfg.seed), flags)  # fmt: skip
     if not cfg.model.teacher:
         raise DalikdError("the T. stddev probe needs --teacher and --teacher-weights")
     if (cfg.epochs > 0) == (cfg.samples > 0):
@@ -152,6 +156,8 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
         raise DalikdError("--precision fp16 needs a GPU; on CPU use fp32 (default) or bf16")
     torch.manual_seed(cfg.seed)
     dataset = scan_dataset(cfg.data.path)
+    w = cfg.model.teacher_weights  # a dalikd checkpoint of other classes: a meaningless probe
+    check_classes(checkpoint_classes(w), dataset.classes, f"teacher weights {w}")
     recipes_by_aug = {
         aug: recipes.resolve(aug) for aug in dict.fromkeys(a.strip() for a in cfg.augs)
     }

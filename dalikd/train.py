@@ -34,7 +34,7 @@ from dalikd.device import amp_dtype, resolve_device, torch_device
 from dalikd.errors import DalikdError
 from dalikd.evaluate import evaluate
 from dalikd.metrics import GROUP_STEPS, TStddev
-from dalikd.models import check_shapes
+from dalikd.models import check_classes, check_shapes, checkpoint_classes
 from dalikd.step import Distiller, make_optimizer
 from dalikd.tensorboard import ScalarWriter
 
@@ -96,8 +96,11 @@ def default_run_dir() -> str:
     return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
 
 
-def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
-    """The config a run was started with, updated by flags given again (e.g. more epochs)."""
+def load_resume(
+    run_dir: str | Path, overrides: dict[str, Any], flags: dict[str, str] | None = None
+) -> TrainConfig:
+    """The config a run was started with, updated by flags given again (e.g. more epochs);
+    ``flags``: dotted key -> flag, named in errors (config.build_config)."""
     run_dir = Path(run_dir)
     if run_dir.name == "last.pt" and run_dir.is_file():  # the checkpoint: its run is meant
         run_dir = run_dir.parent
@@ -147,7 +150,7 @@ def load_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
                  if not (k in ("data.mixing", "data.resize") and v == "auto")}  # fmt: skip
     overrides.update(_resume_data_path(run_dir, before.data.path, overrides.get("data.path"),
                                        has_listing="train_listing" in ckpt))  # fmt: skip
-    cfg = build_config(overrides={**overrides, "out": str(run_dir)}, base=before)
+    cfg = build_config(overrides={**overrides, "out": str(run_dir)}, base=before, flags=flags)
     old, new = _flat(before.to_dict()), _flat(cfg.to_dict())
     fixed = [f"{k} {old[k]} -> {new[k]}" for k in old
              if old[k] != new[k] and k not in RESUMABLE | {"data.path"}]  # fmt: skip
@@ -563,6 +566,9 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     run_dir = Path(cfg.out or default_run_dir())
     cfg = build_config(overrides={"out": str(run_dir)}, base=cfg)
     dataset = scan_dataset(cfg.data.path)
+    if cfg.model.teacher_weights:  # a dalikd checkpoint of other classes: wrong labels
+        w = cfg.model.teacher_weights
+        check_classes(checkpoint_classes(w), dataset.classes, f"teacher weights {w}")
     # saved absolute: a resume from another working directory finds the data
     cfg = build_config(overrides={"data.path": str(dataset.root)}, base=cfg)
     listing = train_listing(dataset)

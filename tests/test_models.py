@@ -55,7 +55,7 @@ def test_missing_unreadable_or_foreign_weights(tmp_path, tiny_env):
     with pytest.raises(DalikdError, match="weights file not found"):
         build_model("tiny_models:tiny_cnn", 3, str(tmp_path / "none.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(DalikdError, match="cannot read weights file"):
+    with pytest.raises(DalikdError, match="is not a weights file torch can load safely"):
         build_model("tiny_models:tiny_cnn", 3, str(tmp_path / "junk.pt"))
     torch.save(build_model("resnet18", 3).state_dict(), tmp_path / "resnet.pt")
     with pytest.raises(DalikdError, match="do not fit"):

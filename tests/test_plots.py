@@ -80,6 +80,9 @@ def test_mistakes_are_one_line(tmp_path, capsys):
     code, _, err = run_cli(["plot", empty, "--out", tmp_path / "c.png"], capsys)
     assert code == 1 and "has no finished epoch yet" in err and len(err.strip().splitlines()) == 1
     run = write_run(tmp_path / "kd", KD)
-    code, _, err = run_cli(["plot", run, "--out", tmp_path / "nope" / "c.png"], capsys)
-    assert code == 1 and "does not exist" in err
+    code, _, err = run_cli(["plot", run, "--out", tmp_path / "c.jpg"], capsys)  # not PNG bytes
+    assert code == 1 and "--out" in err and "*.png" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c.jpg").exists()
+    code, _, err = run_cli(["plot", run, "--out", tmp_path / "new" / "c.png"], capsys)
+    assert code == 0 and (tmp_path / "new" / "c.png").is_file(), err  # missing folders made
     assert read_metrics(run) == json.loads(json.dumps(KD))

@@ -98,6 +98,7 @@ def test_data_path_only_without_models_or_baseline(solid_dataset, tmp_path, caps
         (["--teacher", TINY], "--teacher needs --student"),
         (["--batch-size", 1000], "no full batch of 1000"),
         (["--pool-size", 0], "--pool-size must be at least 1"),
+        (["--batch-size", 0], "--batch-size must be positive, got 0"),  # the flag, not data.*
     ],
 )
 def test_bad_arguments_are_one_line_errors(solid_dataset, extra, message, capsys):

@@ -288,10 +288,10 @@ def small(tmp_path_factory):
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
-        (["--momentum", "-1"], "momentum must be in [0, 1), got -1.0"),
+        (["--momentum", "-1"], "--momentum must be in [0, 1), got -1.0"),
         (["--nesterov", "--momentum", "0"], "--nesterov needs a momentum above 0"),
-        (["--seed", "-1"], "seed must be >= 0, got -1"),
-        (["--weight-decay", "-1"], "weight decay must be >= 0, got -1.0"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
         (["--student", "os:getcwd"], "model 'os:getcwd' cannot be built"),
         (["--student", "types:SimpleNamespace"], "not return a torch.nn.Module (got Simple"),
     ],

@@ -89,7 +89,8 @@ def rows_by_hand(data_dir: Path, teacher_file: Path, aug: str, steps: int) -> to
 
 
 def test_probe_end_to_end_equals_t_stddev_of_the_same_rows(noise, teacher_file, tmp_path, capsys):
-    out_json, out_png = tmp_path / "tstd.json", tmp_path / "tstd.png"
+    # missing folders of the outputs are made (checked before the probe runs)
+    out_json, out_png = tmp_path / "new" / "tstd.json", tmp_path / "new" / "plots" / "tstd.png"
     args = ["tstddev", "--data", noise, "--teacher", TINY, "--teacher-weights", teacher_file,
             "--aug", "none,flip,cutmix,cutmixpick", "--samples", SAMPLES, *SMALL,
             "--json", out_json, "--plot", out_png]  # fmt: skip
@@ -142,6 +143,9 @@ def test_identity_equals_none_and_epochs_count_passes(noise, teacher_file, tmp_p
         (["--aug", "flip,none", "--samples", 4], "need 8 samples (2 steps); this probe has 4"),
         (["--aug", "flip,fancy", "--samples", 48], "unknown augmentation 'fancy'; known: "),
         (["--samples", 48, "--epochs", 2], "give --epochs or --samples, not both"),
+        (["--samples", 0], "--samples must be > 0, got 0"),
+        (["--samples", 48, "--crop-scale", "0,1"], "--crop-scale must satisfy 0 < min"),
+        (["--samples", 48, "--plot", "t.jpg"], "--plot t.jpg: this output is written as *.png"),
         (
             ["--aug", "cutmixpick", "--samples", 48, "--pick-criterion", "student_entropy"],
             "pass --student",

@@ -57,7 +57,10 @@ def check(cfg: ProfileConfig) -> tuple[Dataset, list[ProfiledAug], str]:
         raise DalikdError("--windows must be >= 1, --window-seconds and --warmup >= 0")
     data = DataConfig(path=cfg.data, image_size=cfg.image_size, batch_size=cfg.batch_size,
                       threads=cfg.threads, mixing=cfg.mixing)  # fmt: skip
-    validate(TrainConfig(data=data))  # image size, batch size, threads, mixing
+    flags = {
+        f"data.{k}": "--" + k.replace("_", "-") for k in ("image_size", "batch_size", "threads")
+    }
+    validate(TrainConfig(data=data), flags)  # image size, batch size, threads, mixing
     dataset = scan_dataset(cfg.data)
     if len(dataset.train) < cfg.batch_size:
         raise DalikdError(
