@@ -114,8 +114,10 @@ def test_a_bad_file_in_the_first_batch_of_a_short_epoch_is_left_out(tmp_path, ca
     assert "bad.jpg\tfailed in training (epoch 1, step 1)" in (run / "data_report.tsv").read_text()
 
 
-def test_a_run_stopped_inside_a_remainder_resumes_it(tmp_path, capsys, tiny_env):
-    import torch
+def stopped_inside_a_remainder(tmp_path: Path, capsys) -> tuple[Path, Path]:
+    """A 1-epoch run over 4 x 5 good images and 2 that fail in training, stopped by SIGTERM
+    during step 4 of 5 (inside the remainder loader); ``(data root, run dir)``. The images
+    trained on so far are in ``tiny_models.Recording.seen``."""
     from tiny_models import Recording
 
     root = make_dataset(tmp_path / "d", classes=CLASSES, n_train=5, n_val=2)
@@ -131,6 +133,14 @@ def test_a_run_stopped_inside_a_remainder_resumes_it(tmp_path, capsys, tiny_env)
     finally:
         Recording.stop_at = None
     assert code == 128 + 15, err
+    return root, run
+
+
+def test_a_run_stopped_inside_a_remainder_resumes_it(tmp_path, capsys, tiny_env):
+    import torch
+    from tiny_models import Recording
+
+    root, run = stopped_inside_a_remainder(tmp_path, capsys)
     ckpt = torch.load(run / "last.pt", weights_only=True)
     assert ckpt["step_in_epoch"] == 4
     assert str(ckpt["dali"][0]).startswith("dalikd-remainder:")  # stopped inside one

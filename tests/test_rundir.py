@@ -92,22 +92,11 @@ def test_data_is_saved_absolute_and_a_resume_from_elsewhere_finds_it(
 
 
 def test_a_run_resumes_on_a_copy_of_its_data_in_another_folder(tmp_path, capsys, tiny_env):
-    from test_robustness import CLASSES, corrupt_sof, truncated_with_thumbnail
+    from test_robustness import stopped_inside_a_remainder
     from tiny_models import Recording
 
     # files that fail only in training (in data_report.tsv by path) must stay out of the copy
-    root = make_dataset(tmp_path / "d", classes=CLASSES, n_train=5, n_val=2)
-    (root / "train/ant/bad_sof.jpg").write_bytes(corrupt_sof())
-    (root / "train/bee/bad_thumb.jpg").write_bytes(truncated_with_thumbnail())
-    Recording.seen, Recording.stop_at = [], 16  # SIGTERM during step 4 of 5
-    run = tmp_path / "run"
-    args = [*TRAIN, "--student", "tiny_models:recording_cnn", "--epochs", "1", "--data", root,
-            "--out", run]  # fmt: skip
-    try:
-        code, _, err = run_cli(args, capsys)
-    finally:
-        Recording.stop_at = None
-    assert code == 128 + 15, err
+    root, run = stopped_inside_a_remainder(tmp_path, capsys)
     assert "failed in training" in (run / "data_report.tsv").read_text()
     scratch = tmp_path / "scratch" / "d"  # e.g. copied to a node's local disk
     shutil.copytree(root, scratch)
