@@ -300,9 +300,10 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
     try:
         with RichReporter(cfg.log_seconds) as reporter:
             summary = run_training(cfg, reporter, resume=bool(resume_dir))
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop took the signals
-        last = bool(cfg.out) and (Path(cfg.out) / "last.pt").is_file()
-        raise Interrupted(cfg.out if last else "") from None
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the loop took the signals
+        run_dir = getattr(e, "run_dir", "") or cfg.out  # train() names the folder it claimed
+        last = bool(run_dir) and (Path(run_dir) / "last.pt").is_file()
+        raise Interrupted(run_dir if last else "") from None
     if summary["stopped_by"]:
         # Preempted (SIGTERM/SIGUSR1) or Ctrl-C: the checkpoint is written; exit 128 + signal.
         err_console.print(
@@ -441,9 +442,9 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", soft_wrap=True)
         sys.exit(e.exit_code)
     except (Interrupted, KeyboardInterrupt, click.Abort) as e:  # the hint only with a last.pt
-        hint = f"; the run continues with: dalikd train --resume {e.run_dir}"
-        run_dir = isinstance(e, Interrupted) and e.run_dir
-        err_console.print(f"interrupted{hint if run_dir else ''}", soft_wrap=True, markup=False)
+        run_dir = getattr(e, "run_dir", "")
+        hint = f"; the run continues with: dalikd train --resume {run_dir}" if run_dir else ""
+        err_console.print(f"interrupted{hint}", soft_wrap=True, markup=False)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -162,7 +162,8 @@ def print_summary(summary: dict[str, Any]) -> None:
             ("train images/s (last epoch)", f"{final['img_per_s']:,.0f}"),
         ]
     files = "config.json  metrics.jsonl  last.pt  best.pt"
-    if (Path(summary["run_dir"]) / "data_report.tsv").exists():  # the files left out, and why
+    report = Path(summary["run_dir"]) / "data_report.tsv"  # the files left out, and why
+    if report.is_file() and len(report.read_bytes().splitlines()) > 1:  # more than its header
         files += "  data_report.tsv"
     rows += [("best val top-1", f"{summary['best_top1']:.2f}%"), ("files", files)]
     if not console.is_terminal:  # a log: whole, greppable lines, never a cell wrapped at 80

@@ -55,8 +55,10 @@ def init(device: str) -> Dist:
 
 
 def wrap(ctx: Dist, model: torch.nn.Module, device: str) -> torch.nn.Module:
-    """``model`` in DDP, its buffers synced at construction but not on every forward (see the
-    module's docstring). torch 2.14 renamed the switch: ``forward_sync_buffers``."""
+    """``model`` in DDP, its buffers not synced on every forward (see the module's docstring).
+    torch 2.14 renamed the switch, ``forward_sync_buffers``, which still syncs them once at
+    construction; before, ``broadcast_buffers=False`` syncs them never. Every rank builds the
+    same student (one seed, the same weights or last.pt), so they start equal either way."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     names = inspect.signature(DDP.__init__).parameters

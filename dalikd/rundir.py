@@ -22,6 +22,9 @@ from dalikd.errors import DalikdError
 
 LOCK = "run.lock"
 RUN_FILES = ("config.json", "last.pt", "metrics.jsonl")  # what makes a folder a run's
+# What a fresh run writes before its first checkpoint: where a run was killed before it (a
+# lost node, the OOM killer: no cleanup ran), the same command starts again there.
+LEFTOVERS = ("config.json", "metrics.jsonl", "data_report.tsv", "tb")
 
 
 def _alive(pid: int) -> bool:
@@ -58,6 +61,8 @@ def _refuse_taken(run_dir: Path) -> None:
         names = {entry.name for entry in os.scandir(run_dir)} - {LOCK}  # a lock: see locked()
     except OSError as e:
         raise DalikdError(f"cannot read run directory {run_dir}: {e.strerror or e}") from None
+    if _leftovers(names):
+        return  # taken over once the lock is held (claimed)
     if any(name in names for name in RUN_FILES):
         raise DalikdError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
@@ -67,10 +72,20 @@ def _refuse_taken(run_dir: Path) -> None:
         raise DalikdError(f"--out {run_dir} is not empty; give a new or empty folder")
 
 
+def _leftovers(names: set[str]) -> bool:
+    """``names`` (a folder's, the lock aside) are only what a fresh run killed before its first
+    checkpoint leaves."""
+    return bool(names) and all(n in LEFTOVERS or n.endswith(".tmp") for n in names)
+
+
 def unique(run_dir: Path) -> Path:
     """Make a new folder ``run_dir``, else ``run_dir-2``, ``-3``, ...: two runs started in the
     same second without ``--out`` get two folders (mkdir is atomic)."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DalikdError(f"cannot create {run_dir.parent} for the run: {e.strerror or e}; "
+                          "give --out") from None  # fmt: skip
     for n in range(1, 1000):
         path = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
         try:
@@ -150,6 +165,10 @@ def claimed(
         made = prepare(run_dir, fresh=not (resume or overwrite))
     try:
         with locked(run_dir, note, resume):
+            fresh = not (resume or overwrite)
+            if fresh and _leftovers({e.name for e in run_dir.iterdir()} - {LOCK}):
+                note(f"{run_dir}: cleared what a run stopped before its first checkpoint left")
+                _remove_contents(run_dir)
             try:
                 yield run_dir
             except BaseException:

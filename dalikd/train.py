@@ -31,7 +31,7 @@ from dalikd.checkpoint import (
 from dalikd.config import OptimConfig, TrainConfig, build_config
 from dalikd.data import Dataset, scan_dataset, train_listing
 from dalikd.device import amp_dtype, resolve_device, torch_device
-from dalikd.errors import DalikdError
+from dalikd.errors import DalikdError, RunInterrupted
 from dalikd.evaluate import evaluate
 from dalikd.metrics import GROUP_STEPS, TStddev
 from dalikd.models import check_classes, check_shapes, checkpoint_classes
@@ -316,8 +316,11 @@ def train(
             claim = rundir.claimed(given, Path(cfg.out), note, resume, overwrite)
         with claim as run_dir, StopSignals() as stop:
             cfg = build_config(overrides={"out": str(run_dir)}, base=cfg)
-            return _train(cfg, reporter if ctx.is_main and reporter else SilentReporter(),
-                          resume, device, ctx, stop)  # fmt: skip
+            try:
+                return _train(cfg, reporter if ctx.is_main and reporter else SilentReporter(),
+                              resume, device, ctx, stop)  # fmt: skip
+            except KeyboardInterrupt:
+                raise RunInterrupted(str(run_dir)) from None
     finally:
         distributed.shutdown(ctx)
 
@@ -604,10 +607,12 @@ def _resume(run: Run) -> str | bytes | None:
     Returns this rank's DALI state (None where the world size changed)."""
     cfg, ctx, state = run.cfg, run.ctx, None
     ckpt = _read_checkpoint(run.run_dir / "last.pt")
-    # the data may have moved (data.path): the skip list names the files where they were
-    saved_root = Path(ckpt["config"]["data"]["path"]).expanduser().resolve()
+    # the data may have moved (data.path): the skip list names the files where they were, under
+    # the checkpoint's root or, where a later start rewrote it before dying, config.json's
+    roots = [ckpt["config"]["data"]["path"], _config_data_path(run.run_dir)]
+    roots = [Path(r).expanduser().resolve() for r in roots if r]
     skips = recovery.read_report(run.run_dir)  # files that failed in training before stay out
-    run.dataset = recovery.apply_skips(run.dataset, _moved(skips, saved_root, run.dataset.root))
+    run.dataset = recovery.apply_skips(run.dataset, _moved(skips, roots, run.dataset.root))
     check_shapes(run.student, ckpt["model"], f"{run.run_dir / 'last.pt'} does not fit the student")
     run.student.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -648,12 +653,22 @@ def _check_listing(saved: dict[str, Any], now: dict[str, Any], run_dir: Path, ro
     )
 
 
-def _moved(paths: dict[str, str], old_root: Path, new_root: Path) -> dict[str, str]:
-    """``paths`` (absolute, under ``old_root``) -> the same files under ``new_root``."""
+def _config_data_path(run_dir: Path) -> str:
+    """config.json's data.path ("" where it cannot be read)."""
+    try:
+        path = json.loads((run_dir / "config.json").read_text())["data"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return path if isinstance(path, str) else ""
+
+
+def _moved(paths: dict[str, str], old_roots: list[Path], new_root: Path) -> dict[str, str]:
+    """``paths`` (absolute, under one of ``old_roots``) -> the same files under ``new_root``."""
     moved = {}
     for path, reason in paths.items():
-        if Path(path).is_relative_to(old_root):
-            path = str(new_root / Path(path).relative_to(old_root))
+        old = next((r for r in old_roots if Path(path).is_relative_to(r)), None)
+        if old is not None:
+            path = str(new_root / Path(path).relative_to(old))
         moved[path] = reason
     return moved
 

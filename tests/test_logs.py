@@ -38,7 +38,7 @@ def test_piped_training_log_has_one_whole_line_per_epoch(solid_dataset, tmp_path
     assert not any(line.startswith("img/s") for line in lines)  # the old wrapped tail
     assert "\r" not in proc.stdout and "\x1b" not in proc.stdout  # no bar, no escape codes
     assert f"run directory: {run}" in lines  # the summary: whole lines, not a wrapped table
-    assert "files: config.json  metrics.jsonl  last.pt  best.pt  data_report.tsv" in lines
+    assert "files: config.json  metrics.jsonl  last.pt  best.pt" in lines  # nothing left out
     # inside each epoch, plain progress lines: train steps (6 a epoch: logged at the last), then
     # the validation batches (15 images / 4 = 4)
     for epoch in (1, 2, 3):
@@ -122,7 +122,13 @@ def test_the_summary_prints_large_losses_and_lists_the_data_report(tmp_path, cap
     out = capsys.readouterr().out.splitlines()
     assert "final val loss: 2.673e+14" in out
     assert "files: config.json  metrics.jsonl  last.pt  best.pt" in out  # no report written
-    (tmp_path / "data_report.tsv").write_text("path\treason\n")
+    (tmp_path / "data_report.tsv").write_text("path\treason\n")  # the header alone: nothing
+    print_summary(summary)
+    assert (
+        "files: config.json  metrics.jsonl  last.pt  best.pt"
+        in capsys.readouterr().out.splitlines()
+    )
+    (tmp_path / "data_report.tsv").write_text("path\treason\nd/a.jpg\tempty file\n")
     print_summary(summary)
     assert "files: config.json  metrics.jsonl  last.pt  best.pt  data_report.tsv" in (
         capsys.readouterr().out.splitlines()

@@ -9,17 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import colour_of, make_dataset
+from test_robustness import _one_line
 from tests_helpers import run_cli
 
 TRAIN = ["train", "--student", "tiny_models:tiny_cnn", "--image-size", "16", "--batch-size", "4",
          "--threads", "1", "--device", "cpu"]  # fmt: skip
-
-
-def _one_line(code, out, err, *needles):
-    assert code not in (0, None) and "Traceback" not in out + err, err
-    assert len(err.strip().splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
 
 
 def _train(args) -> None:
@@ -224,3 +218,72 @@ def test_a_resume_of_a_run_in_progress_says_so(run, capsys):
     with locked(run, print):
         _one_line(*run_cli(["train", "--resume", run, "--epochs", "3"], capsys),
                   f"{run} is in use by another process")  # fmt: skip
+
+
+# -- a review's findings where the parts meet ---------------------------------------------------
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_in_its_folder(data, tmp_path,
+                                                                             capsys):  # fmt: skip
+    # SIGKILL (OOM killer, a lost node) before last.pt: no cleanup ran; the same command (a
+    # requeued job) starts the run again there instead of being refused both ways
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    (run / "data_report.tsv").write_text("path\treason\n")
+    (run / "run.lock").write_text("999999999 " + __import__("socket").gethostname() + "\n")
+    code, out, err = run_cli([*TRAIN, "--data", data, "--epochs", "1", "--out", run], capsys)
+    assert code == 0, err
+    assert "cleared what a run stopped before its first checkpoint left" in out + err
+    assert _epochs(run) == [1]
+    (run / "notes.txt").write_text("mine")  # anything else there: still refused
+    _one_line(*run_cli([*TRAIN, "--data", data, "--out", run], capsys), "already holds a run")
+
+
+def test_skips_stay_out_after_a_resume_on_moved_data_died_before_its_checkpoint(
+    tmp_path, capsys, tiny_env, monkeypatch
+):
+    from test_robustness import stopped_inside_a_remainder
+
+    from dalikd import train
+
+    root, run = stopped_inside_a_remainder(tmp_path, capsys)
+    scratch = tmp_path / "scratch" / "d"
+    shutil.copytree(root, scratch)
+    seen: dict[str, tuple] = {}
+
+    def dies(run_, recipe, dali_state):  # before the next checkpoint: config.json and the
+        seen["files"] = run_.dataset.train.files  # report already name the scratch copy
+        raise RuntimeError("the node is lost")
+
+    monkeypatch.setattr(train, "_open_loaders", dies)
+    with pytest.raises(RuntimeError):
+        run_cli(["train", "--resume", run, "--data", scratch], capsys)
+    assert not [f for f in seen["files"] if "bad_" in f]
+    with pytest.raises(RuntimeError):  # back on the original folder
+        run_cli(["train", "--resume", run, "--data", root], capsys)
+    assert not [f for f in seen["files"] if "bad_" in f]
+
+
+def test_runs_that_cannot_be_made_and_a_ctrl_c_without_out_are_one_line(data, tmp_path, capsys,
+                                                                         monkeypatch):  # fmt: skip
+    from dalikd import train
+    from dalikd.config import build_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("a file where the runs folder would be")
+    _one_line(*run_cli([*TRAIN, "--data", data], capsys), "cannot create runs", "give --out")
+    (tmp_path / "runs").unlink()
+    calls = []
+    real = train._train
+
+    def ctrl_c_after_an_epoch(cfg, *args):  # last.pt written, then a second Ctrl-C
+        real(build_config(overrides={"optim.epochs": 1}, base=cfg), *args)
+        calls.append(cfg.out)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_train", ctrl_c_after_an_epoch)
+    code, _, err = run_cli([*TRAIN, "--data", data, "--epochs", "2"], capsys)  # no --out
+    assert code == 130 and calls[0].startswith("runs/")
+    assert err.strip() == f"interrupted; the run continues with: dalikd train --resume {calls[0]}"
