@@ -156,9 +156,10 @@ def _torchvision_weights(name: str, weights: str, num_classes: int) -> nn.Module
     return torchvision.models.get_model(name, weights=w)
 
 
-def _read_weights(path: Path) -> Any:
+def _read_weights(path: Path, mmap: bool = False) -> Any:
     """What ``torch.load(weights_only=True)`` reads from ``path``; one-line errors (an empty
-    file's EOFError has no message; torch's own advises loading unsafely instead)."""
+    file's EOFError has no message; torch's own advises loading unsafely instead). ``mmap``:
+    tensors mapped, not read (to look at a key of a large file), where the format allows."""
     if not path.is_file():
         raise DalikdError(f"weights file not found: {path}")
     if path.stat().st_size == 0:
@@ -166,7 +167,12 @@ def _read_weights(path: Path) -> Any:
     try:
         with warnings.catch_warnings():  # a pickle of another protocol: the line below says it
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # not a zip file
     except OSError as e:
         raise DalikdError(f"cannot read weights file {path}: {e.strerror or e}") from None
     except Exception:  # garbage, a truncated file, pickled objects other than tensors
@@ -182,7 +188,7 @@ def checkpoint_classes(weights: str | Path) -> tuple[str, ...] | None:
     path = Path(weights)
     if not str(weights) or not path.is_file():
         return None
-    state = _read_weights(path)
+    state = _read_weights(path, mmap=True)  # the weights are read once, where they are used
     classes = state.get("classes") if isinstance(state, dict) else None
     if isinstance(classes, list | tuple) and all(isinstance(c, str) for c in classes):
         return tuple(classes)
