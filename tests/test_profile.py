@@ -143,9 +143,13 @@ def test_every_declared_torchvision_equivalent_has_a_baseline():
 
     declared = {n: recipe_info(r).torchvision for n, r in builtin_recipes().items()}
     assert declared["cutmixpick"] == "CutMix pool" and declared["none"] == ""
+    assert declared["autoaugment_cifar10"] == "AutoAugment(CIFAR10)"  # each policy its own
+    assert declared["autoaugment_svhn"] == "AutoAugment(SVHN)"
     for name, equivalent in declared.items():
         parts = torchvision_parts(equivalent, DataConfig(image_size=32), 10)
         assert (parts is None) == (equivalent == ""), name
+        if equivalent.startswith("AutoAugment("):  # the policy named, not another one
+            assert parts[0].policy.name == equivalent[len("AutoAugment(") : -1], name
 
 
 def test_cpu_share_of_the_plain_pipeline_is_the_inverse_ratio_of_cpu_ms():

@@ -87,6 +87,8 @@ def torchvision_parts(name: str, data: DataConfig, num_classes: int):
             None,
         ),
         "AutoAugment(IMAGENET)": (T.AutoAugment(T.AutoAugmentPolicy.IMAGENET), None, None),
+        "AutoAugment(CIFAR10)": (T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), None, None),
+        "AutoAugment(SVHN)": (T.AutoAugment(T.AutoAugmentPolicy.SVHN), None, None),
         "MixUp": (None, None, v2.MixUp(alpha=1.0, num_classes=num_classes)),
         "CutMix": (None, None, cutmix),
         "CutMix pool": (None, None, cutmix),  # k CutMix views: the pool, before the pick
