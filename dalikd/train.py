@@ -566,8 +566,7 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     """Data, models, optimizer; the saved state where resuming; the run directory's files;
     the loaders."""
     torch.manual_seed(cfg.seed)
-    run_dir = Path(cfg.out or default_run_dir())
-    cfg = build_config(overrides={"out": str(run_dir)}, base=cfg)
+    run_dir = Path(cfg.out)  # train() claimed it
     dataset = scan_dataset(cfg.data.path)
     if cfg.model.teacher_weights:  # a dalikd checkpoint of other classes: wrong labels
         w = cfg.model.teacher_weights
@@ -575,10 +574,11 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     # saved absolute: a resume from another working directory finds the data
     cfg = build_config(overrides={"data.path": str(dataset.root)}, base=cfg)
     listing = train_listing(dataset)
-    if resume:  # before the models: another class count is the data's mistake, not theirs
-        saved = _read_checkpoint(run_dir / "last.pt", mmap=True).get("train_listing")
-        if saved:
-            _check_listing(saved, listing, run_dir, dataset.root)
+    # read once here: its listing is checked before the models (another class count is the
+    # data's mistake, not theirs), the rest restored by _resume
+    ckpt = _read_checkpoint(run_dir / "last.pt") if resume else None
+    if ckpt is not None and ckpt.get("train_listing"):
+        _check_listing(ckpt["train_listing"], listing, run_dir, dataset.root)
     recipe = recipes.resolve(cfg.kd.aug)
     cfg = resolve_resize(resolve_mixing(cfg, recipe, device), device)
     # --teacher-cache: the teacher is built on the first step the cache lacks (teacher_cache)
@@ -596,17 +596,16 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     run = Run(cfg, device, ctx, run_dir, reporter, dataset, distiller, student, optimizer,
               scaler, RunState(), TStddev(group_size=0))  # fmt: skip
     run.listing = listing
-    dali_state = _resume(run) if resume else None
+    dali_state = _resume(run, ckpt) if ckpt is not None else None
     _open_run_dir(run)
     _open_loaders(run, recipe, dali_state)
     return run
 
 
-def _resume(run: Run) -> str | bytes | None:
-    """Restore the run from last.pt: weights, optimizer, scaler, RNG, RunState, T. stddev.
-    Returns this rank's DALI state (None where the world size changed)."""
+def _resume(run: Run, ckpt: dict[str, Any]) -> str | bytes | None:
+    """Restore the run from its last.pt, ``ckpt``: weights, optimizer, scaler, RNG, RunState,
+    T. stddev. Returns this rank's DALI state (None where the world size changed)."""
     cfg, ctx, state = run.cfg, run.ctx, None
-    ckpt = _read_checkpoint(run.run_dir / "last.pt")
     # the data may have moved (data.path): the skip list names the files where they were, under
     # the checkpoint's root or, where a later start rewrote it before dying, config.json's
     roots = [ckpt["config"]["data"]["path"], _config_data_path(run.run_dir)]
