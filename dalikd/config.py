@@ -136,6 +136,12 @@ class TrainConfig:
 SECTIONS = ("data", "model", "optim", "kd")
 
 
+def flags_named_as_keys(*keys: str) -> dict[str, str]:
+    """Dotted key -> its flag where the flag is the key's last part in kebab case
+    (``data.batch_size`` -> ``--batch-size``), for commands whose options are named so."""
+    return {key: "--" + key.rsplit(".", 1)[-1].replace("_", "-") for key in keys}
+
+
 def _label(key: str, flags: Mapping[str, str] | None) -> str:
     """How a message names a setting: the flag it came from, else its config key."""
     return (flags or {}).get(key) or key

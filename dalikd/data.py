@@ -128,16 +128,20 @@ def _dataset_root(root: str | Path) -> Path:
     return root
 
 
-def class_names(root: str | Path) -> tuple[str, ...]:
-    """The class index of a dataset: its train/ class folders, sorted; val/'s where there is
-    no train/ (evaluation only)."""
-    root = _dataset_root(root)
-    split = "train" if (root / "train").is_dir() or not (root / "val").is_dir() else "val"
+def _require_split(root: Path, split: str) -> None:
     if not (root / split).is_dir():
         raise DalikdError(
             f"{root} has no {split}/ folder; expected {root}/train/<class>/*.JPEG "
             f"and {root}/val/<class>/*.JPEG"
         )
+
+
+def class_names(root: str | Path) -> tuple[str, ...]:
+    """The class index of a dataset: its train/ class folders, sorted; val/'s where there is
+    no train/ (evaluation only)."""
+    root = _dataset_root(root)
+    split = "train" if (root / "train").is_dir() or not (root / "val").is_dir() else "val"
+    _require_split(root, split)
     classes = tuple(_class_dirs(root / split))
     if not classes:
         raise DalikdError(f"{root}/{split} has no class folders")
@@ -167,11 +171,7 @@ def scan_dataset(
     """
     root = _dataset_root(root)
     for split in splits:
-        if not (root / split).is_dir():
-            raise DalikdError(
-                f"{root} has no {split}/ folder; expected {root}/train/<class>/*.JPEG "
-                f"and {root}/val/<class>/*.JPEG"
-            )
+        _require_split(root, split)
     classes = classes or class_names(root)
     others: list[str] = []
     bad_names: list[str] = []

@@ -32,7 +32,14 @@ import torch
 
 from dalikd import loaders, pick, recipes
 from dalikd.checkpoint import write_text_atomic
-from dalikd.config import DataConfig, KDConfig, ModelConfig, TrainConfig, validate
+from dalikd.config import (
+    DataConfig,
+    KDConfig,
+    ModelConfig,
+    TrainConfig,
+    flags_named_as_keys,
+    validate,
+)
 from dalikd.data import scan_dataset
 from dalikd.device import autocast, prepare_batch, resolve_device
 from dalikd.errors import DalikdError
@@ -126,9 +133,8 @@ def rows_per_step(batch_size: int, views: int, kd: KDConfig) -> int:
 
 
 def _check(cfg: ProbeConfig) -> None:
-    flags = {key: "--" + key.split(".")[-1].replace("_", "-") for key in (
-        "data.image_size", "data.batch_size", "data.threads", "data.crop_scale", "kd.pool_size",
-        "seed")}  # fmt: skip
+    flags = flags_named_as_keys("data.image_size", "data.batch_size", "data.threads",
+                                "data.crop_scale", "kd.pool_size", "seed")  # fmt: skip
     validate(TrainConfig(data=cfg.data, model=cfg.model, kd=cfg.kd, device=cfg.device,
                          precision=cfg.precision, seed=cfg.seed), flags)  # fmt: skip
     if not cfg.model.teacher:

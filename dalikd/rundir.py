@@ -157,15 +157,15 @@ def claimed(
     (the demo's own runs). A new run that fails before its first checkpoint
     (last.pt) removes what it wrote and the folders this call made; a folder the user made is
     left as it was (empty: a new run starts only in an empty one)."""
+    fresh = not (resume or overwrite)
     if run_dir is None:
         made_parents = [d for d in default.parents if not d.exists()]
         run_dir = unique(default)
         made = [run_dir, *made_parents]
     else:
-        made = prepare(run_dir, fresh=not (resume or overwrite))
+        made = prepare(run_dir, fresh=fresh)
     try:
         with locked(run_dir, note, resume):
-            fresh = not (resume or overwrite)
             if fresh and _leftovers({e.name for e in run_dir.iterdir()} - {LOCK}):
                 note(f"{run_dir}: cleared what a run stopped before its first checkpoint left")
                 _remove_contents(run_dir)

@@ -49,6 +49,14 @@ def truncated_with_thumbnail() -> bytes:
     return cut
 
 
+def recording_args(root: Path, run: Path, epochs: int, batch_size: int = 4) -> list:
+    """``dalikd train`` of tiny_models.recording_cnn (it records every image it trains on) on
+    CPU, 16 px, into ``run``."""
+    return ["train", "--data", root, "--student", "tiny_models:recording_cnn", "--epochs",
+            epochs, "--image-size", "16", "--batch-size", batch_size, "--threads", "1",
+            "--device", "cpu", "--out", run]  # fmt: skip
+
+
 def test_bad_files_are_left_out_mid_run_and_every_good_image_is_seen(tmp_path, capsys, tiny_env):
     from tiny_models import Recording
 
@@ -69,12 +77,7 @@ def test_bad_files_are_left_out_mid_run_and_every_good_image_is_seen(tmp_path, c
 
     Recording.seen = []
     run = tmp_path / "run"
-    code, out, err = run_cli(
-        ["train", "--data", root, "--student", "tiny_models:recording_cnn", "--epochs", "2",
-         "--image-size", "16", "--batch-size", "4", "--threads", "1", "--device", "cpu",
-         "--out", run],
-        capsys,
-    )  # fmt: skip
+    code, out, err = run_cli(recording_args(root, run, epochs=2), capsys)
     assert code == 0, err
     assert "Traceback" not in out + err
     good = Counter(colour_of(label, i) for label in range(4) for i in range(5))
@@ -102,12 +105,7 @@ def test_a_bad_file_in_the_first_batch_of_a_short_epoch_is_left_out(tmp_path, ca
     (root / "train/a/bad.jpg").write_bytes(truncated_with_thumbnail())
     Recording.seen = []
     run = tmp_path / "run"
-    code, out, err = run_cli(
-        ["train", "--data", root, "--student", "tiny_models:recording_cnn", "--epochs", "1",
-         "--image-size", "16", "--batch-size", "8", "--threads", "1", "--device", "cpu",
-         "--out", run],
-        capsys,
-    )  # fmt: skip
+    code, out, err = run_cli(recording_args(root, run, epochs=1, batch_size=8), capsys)
     assert code == 0, err
     good = {colour_of(label, i) for label in range(2) for i in range(4)} - {colour_of(0, 3)}
     assert len(Recording.seen) == 8 and set(Recording.seen) == good  # 7 good, one twice
@@ -125,9 +123,7 @@ def stopped_inside_a_remainder(tmp_path: Path, capsys) -> tuple[Path, Path]:
     (root / "train/bee/bad_thumb.jpg").write_bytes(truncated_with_thumbnail())
     Recording.seen, Recording.stop_at = [], 16  # SIGTERM during step 4 of 5
     run = tmp_path / "run"
-    args = ["train", "--data", root, "--student", "tiny_models:recording_cnn", "--epochs", "1",
-            "--image-size", "16", "--batch-size", "4", "--threads", "1", "--device", "cpu",
-            "--out", run]  # fmt: skip
+    args = recording_args(root, run, epochs=1)
     try:
         code, out, err = run_cli(args, capsys)
     finally:

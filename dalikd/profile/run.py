@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from dalikd import loaders
-from dalikd.config import DataConfig, KDConfig, TrainConfig, validate
+from dalikd.config import DataConfig, KDConfig, TrainConfig, flags_named_as_keys, validate
 from dalikd.data import Dataset, scan_dataset
 from dalikd.device import prepare_batch, resolve_device
 from dalikd.errors import DalikdError
@@ -57,9 +57,7 @@ def check(cfg: ProfileConfig) -> tuple[Dataset, list[ProfiledAug], str]:
         raise DalikdError("--windows must be >= 1, --window-seconds and --warmup >= 0")
     data = DataConfig(path=cfg.data, image_size=cfg.image_size, batch_size=cfg.batch_size,
                       threads=cfg.threads, mixing=cfg.mixing)  # fmt: skip
-    flags = {
-        f"data.{k}": "--" + k.replace("_", "-") for k in ("image_size", "batch_size", "threads")
-    }
+    flags = flags_named_as_keys("data.image_size", "data.batch_size", "data.threads")
     validate(TrainConfig(data=data), flags)  # image size, batch size, threads, mixing
     dataset = scan_dataset(cfg.data)
     if len(dataset.train) < cfg.batch_size:
