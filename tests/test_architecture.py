@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = {"config", "errors", "batch", "device", "checkpoint", "metrics", "distributed",
-          "rundir", "tensorboard", "plots", "cache", "outputs", "__init__"}  # fmt: skip
+          "rundir", "tensorboard", "plots", "cache", "outputs", "manifest", "__init__"}  # fmt: skip
 MODEL = {"models", "losses", "pick", "step"}
 DATA = {"data", "datacheck", "loaders", "ops", "recipes", "autoaugment", "native", "recovery"}
 RUNS = {"train", "evaluate", "probe", "teacher_cache"}
