@@ -148,10 +148,11 @@ def _tar_members(path: Path, wanted: set[str], progress: Progress) -> dict[str, 
             counted = io.BufferedReader(_Counting(raw, size, progress, f"reading {path.name}"))
             with tarfile.open(fileobj=counted, mode="r|gz") as tar:
                 for member in tar:
-                    seen.append(member.name)
-                    if member.name in wanted and member.isfile():
+                    name = member.name.removeprefix("./")  # a re-packed archive's prefix
+                    seen.append(name)
+                    if name in wanted and member.isfile():
                         f = tar.extractfile(member)
-                        found[member.name] = f.read() if f else b""
+                        found[name] = f.read() if f else b""
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         kind = _kind_of(path)
         if kind != "a gzip file":

@@ -6,7 +6,7 @@ image, and adds ``OUT/dataset.json`` (:mod:`dalikd.manifest`). A ``.hwc`` file i
 uint8 pixels in HWC order and nothing else (``image_shape`` bytes, no header): the training
 graph reads it with ``fn.readers.file`` and reshapes it, so nothing is decoded. Measured against
 PNG (CIFAR) and the original JPEG (Tiny-ImageNet) through the training pipeline's data path,
-raw gave 1.5-1.7x the images per CPU second (``benchmarks/cifar_format.py``). Class folders are
+raw gave 1.5-2.1x the images per CPU second (``benchmarks/cifar_format.py``). Class folders are
 the class names where those sort into label order (all three datasets), else ``NNN_name``
 (:func:`dalikd.manifest.class_folders`); file stems are the image's row in the CIFAR split
 (``00042``), or its name in the zip (``n01443537_0``, ``val_42``).
@@ -81,11 +81,14 @@ def data_defaults(name: str, image_shape: tuple[int, int, int]) -> dict[str, Any
 
 def _sha256(path: Path, reporter: ImportReporter) -> dict[str, Any]:
     h, size, done = hashlib.sha256(), path.stat().st_size, 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            done += len(chunk)
-            reporter.progress(f"checksum of {path.name}", done, size)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                done += len(chunk)
+                reporter.progress(f"checksum of {path.name}", done, size)
+    except OSError as e:  # not a write error: said here, not by import_dataset's handler
+        raise DalikdError(f"cannot read {path}: {e.strerror or e}") from None
     return {"archive": path.name, "bytes": size, "sha256": h.hexdigest()}
 
 
@@ -113,7 +116,10 @@ def _claim(out: Path, reporter: ImportReporter) -> Path:
         except (OSError, ValueError):  # no pid file, or no such process
             alive = False
         if alive:
-            raise DalikdError(f"another import into {out} is running (pid {pid}, writing {tmp})")
+            raise DalikdError(
+                f"another import into {out} is running (pid {pid}, writing {tmp}); "
+                f"if it is not, remove {tmp}"
+            )
         reporter.message(f"removing {tmp}, left by an import that did not finish")
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

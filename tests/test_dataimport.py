@@ -379,13 +379,15 @@ def test_command_choices_are_the_library_datasets():
 
 
 def test_cifar_tar_member_order_does_not_matter(tmp_path):
-    """Members in another order than the official one (meta first, then test, train)."""
+    """Members in another order than the official one (meta first, then test, train), named
+    with a leading ./ as a re-packed archive may be."""
     archive, source = make_cifar100(tmp_path / "c.tar.gz")
     with tarfile.open(archive) as tar:
         members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar]
     reordered = tmp_path / "r.tar.gz"
     with tarfile.open(reordered, "w:gz") as tar:
         for m, data in reversed(members):
+            m.name = f"./{m.name}"
             tar.addfile(m, io.BytesIO(data) if data is not None else None)
     import_dataset("cifar100", reordered, tmp_path / "out")
     check_cifar(tmp_path / "out", source)
