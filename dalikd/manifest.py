@@ -34,6 +34,9 @@ Layout = Literal["folder", "shards"]
 Codec = Literal["encoded", "raw"]
 LAYOUTS: tuple[str, ...] = ("folder", "shards")
 CODECS: tuple[str, ...] = ("encoded", "raw")
+# The file extension of a raw image (codec "raw"): one that no image decoder claims (.raw and
+# .rgb are image formats), so nothing mistakes the headerless pixels for an encoded image.
+RAW_EXTENSION = ".hwc"
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,20 @@ class Manifest:
             "data_defaults": dict(self.data_defaults),
             "source": dict(self.source),
         }
+
+
+def class_folders(classes: tuple[str, ...]) -> tuple[str, ...]:
+    """The folder name of each class, in label order, for a layout "folder" dataset: the class
+    names themselves where they sort into label order and are plain folder names, else
+    ``NNN_name`` (the label, zero-padded) for every class. Either way, position in the sorted
+    folder names = label (ImageFolder's convention, which the scan keeps)."""
+    plain = all(c and c == c.strip() and "/" not in c and "\0" not in c
+                and not c.startswith(".") for c in classes)  # fmt: skip
+    if plain and list(classes) == sorted(set(classes)):
+        return tuple(classes)
+    width = len(str(max(len(classes) - 1, 0)))
+    safe = ("".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in c) for c in classes)
+    return tuple(f"{i:0{width}d}_{name}" for i, name in enumerate(safe))
 
 
 def manifest_path(folder: str | Path) -> Path:

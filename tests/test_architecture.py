@@ -14,7 +14,7 @@ SHARED = {"config", "errors", "batch", "device", "checkpoint", "metrics", "distr
 MODEL = {"models", "losses", "pick", "step"}
 DATA = {"data", "datacheck", "loaders", "ops", "recipes", "autoaugment", "native", "recovery"}
 RUNS = {"train", "evaluate", "probe", "teacher_cache"}
-TOOLS = {"profile", "preview", "demo", "doctor"}
+TOOLS = {"profile", "preview", "demo", "doctor", "archives", "dataimport"}
 MAY_IMPORT = {  # room -> rooms its modules may import (their own included)
     "shared": {"shared"},
     "model": {"shared", "model"},
