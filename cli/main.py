@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from dalikd.cli.cache_cmd import cache_info
+from dalikd.cli.data_cmd import data as data_group
 from dalikd.cli.doctor_cmd import doctor
 from dalikd.cli.options import (
     MODEL_HELP,
@@ -355,12 +356,19 @@ def evaluate_cmd(data, model_name, weights, batch_size, image_size, threads, dev
 @click.option("--no-cache", is_flag=True, help="check every file again, ignoring the scan cache")
 def check_data(data: str, decode: bool, no_cache: bool) -> None:
     """Scan DATA's train/ and val/ for files that would stop a run; list what is left out.
+    For a shard set (DATA/dataset.json of `dalikd data shard`): check every shard, its index
+    file and its samples against the manifest.
 
     Exits non-zero only when a split has no usable image or a train class folder holds none.
     """
     from dalikd.cli.report import print_check
     from dalikd.data import scan_dataset
+    from dalikd.shards import shard_manifest
 
+    if shard_manifest(data) is not None:  # a shard set (dalikd data shard)
+        from dalikd.cli.shard_cmd import check_shards
+
+        return check_shards(data, decode)
     with ScanProgress() as progress:
         dataset = scan_dataset(
             data, decode=decode, cache=not no_cache, progress=progress.update, strict=False
@@ -413,6 +421,7 @@ cli.add_command(tstddev)
 cli.add_command(doctor)
 cli.add_command(plot)
 cli.add_command(cache_info)
+cli.add_command(data_group)
 
 
 def main(argv: list[str] | None = None) -> None:
