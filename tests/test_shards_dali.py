@@ -107,6 +107,21 @@ def ids_graph(paths, **reader):
     return graph()
 
 
+def file_ids_graph(folder: Path, n: int = 24, **reader):
+    """readers.file over ``n`` JPEG files, labels = their numbers: the folder reader's twin."""
+    files = []
+    for i in range(n):
+        files.append(str(folder / f"{i:03d}.jpg"))
+        Path(files[-1]).write_bytes(jpeg(i))
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=1)
+    def graph():
+        _, labels = fn.readers.file(files=files, labels=list(range(n)), name=READER, **reader)
+        return labels
+
+    return graph()
+
+
 @pytest.fixture
 def tars(tmp_path):
     return dalikd_tars(tmp_path)  # 24 samples in 3 tars of 7, 8, 9
@@ -243,7 +258,7 @@ def test_sharding_splits_samples_not_tar_files(tars):
             assert second == list(range(24 * ((r + 1) % n) // n, 24 * ((r + 1) % n + 1) // n))
 
 
-def test_pad_last_batch_gives_every_rank_the_same_batches(tars):
+def test_pad_last_batch_gives_every_rank_the_same_batches(tars, tmp_path):
     """FILL with pad_last_batch: each rank's part is padded with its own last sample, then the
     last batch filled with it; every rank has the same number of batches."""
     parts = [iterate(ids_graph(tars, shard_id=r, num_shards=5, pad_last_batch=True), 1,
@@ -251,15 +266,23 @@ def test_pad_last_batch_gives_every_rank_the_same_batches(tars):
     assert [len(p) for p in parts] == [2] * 5
     assert sum(parts[0], []) == [0, 1, 2, 3, 3, 3, 3, 3]  # 4 samples, padded to 5, then to 8
     assert sum(parts[4], []) == [19, 20, 21, 22, 23, 23, 23, 23]
+    partial = [iterate(ids_graph(tars, shard_id=r, num_shards=5, pad_last_batch=True), 1)[0]
+               for r in range(5)]  # fmt: skip
+    # PARTIAL: the same number of batches too, but a shorter part ends in an EMPTY batch
+    assert partial[0] == [[0, 1, 2, 3], []] and partial[1] == [[4, 5, 6, 7], [8]]
+    folder = iterate(file_ids_graph(tmp_path, shard_id=0, num_shards=5, pad_last_batch=True), 1)
+    assert folder[0] == partial[0]  # the folder reader does the same
 
 
-def test_drop_with_padding_leaks_a_padding_batch_into_the_next_epoch(tars):
-    """A DALI quirk (readers.file has it too): DROP with pad_last_batch, where a rank's own part
+def test_drop_with_padding_leaks_a_padding_batch_into_the_next_epoch(tars, tmp_path):
+    """A DALI quirk, readers.file's too: DROP with pad_last_batch, where a rank's own part
     fills whole batches but the padded part does not, leaves a batch of padding queued; it is
     the next epoch's only batch."""
     epochs = iterate(ids_graph(tars, shard_id=0, num_shards=5, pad_last_batch=True), 3,
                      LastBatchPolicy.DROP)  # fmt: skip
     assert epochs == [[[0, 1, 2, 3]], [[3, 3, 3, 3]], [[4, 5, 6, 7]]]
+    folder = file_ids_graph(tmp_path, shard_id=0, num_shards=5, pad_last_batch=True)
+    assert iterate(folder, 3, LastBatchPolicy.DROP) == epochs
 
 
 def test_shuffles(tars):
