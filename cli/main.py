@@ -356,10 +356,10 @@ def evaluate_cmd(data, model_name, weights, batch_size, image_size, threads, dev
 @click.option("--no-cache", is_flag=True, help="check every file again, ignoring the scan cache")
 def check_data(data: str, decode: bool, no_cache: bool) -> None:
     """Scan DATA's train/ and val/ for files that would stop a run; list what is left out.
-    For a shard set (DATA/dataset.json of `dalikd data shard`): check every shard, its index
-    file and its samples against the manifest.
 
     Exits non-zero only when a split has no usable image or a train class folder holds none.
+    A shard set (DATA/dataset.json of `dalikd data shard`) is checked shard by shard against
+    its manifest instead; any damage exits non-zero.
     """
     from dalikd.cli.report import print_check
     from dalikd.data import scan_dataset

@@ -48,12 +48,13 @@ def _size(ctx: Any, param: Any, value: str) -> int:
 @click.option("--seed", default=0, show_default=True, type=int, help="seed of the one shuffle")
 @click.option("--no-cache", is_flag=True, help="check every file again, ignoring the scan cache")
 def shard(source: str, out: str, shard_size: int, split: str | None, seed: int, no_cache: bool):
-    """Write the folder SOURCE (SOURCE/train/<class>/*, SOURCE/val/<class>/*) as tar shards in
-    the WebDataset layout in OUT, each with DALI's index file, and OUT/dataset.json last.
+    """Write a folder as tar shards (WebDataset layout) with DALI's index files.
 
-    The data scan runs first: its bad files are listed and left out. Samples are shuffled once
+    SOURCE is an ImageNet-style folder (SOURCE/train/<class>/*, SOURCE/val/<class>/*); OUT
+    gets train-NNNNN.tar and val-NNNNN.tar, an .idx beside each, and dataset.json last. The
+    data scan runs first: its bad files are listed and left out. Samples are shuffled once
     with --seed. A killed run is continued by the same command: finished shards whose
-    checksums match are kept.
+    checksums match are kept. See docs/shards.md.
     """
     from dalikd.shardwrite import shard_dataset
 

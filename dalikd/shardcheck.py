@@ -13,6 +13,7 @@ import hashlib
 import io
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -94,7 +95,9 @@ def check_shard_set(
 
 
 def _check_shard(folder: Path, shard: Shard, first: int, classes: int, decode: bool) -> Counter:
-    """Labels of ``shard``'s samples, numbered from ``first``; _Bad at its first problem."""
+    """Labels of ``shard``'s samples, numbered from ``first``; _Bad at its first problem (a
+    checksum that differs first: it says more than what it breaks). One sample in memory at a
+    time."""
     path = folder / shard.name
     try:
         size = path.stat().st_size
@@ -103,41 +106,48 @@ def _check_shard(folder: Path, shard: Shard, first: int, classes: int, decode: b
     if size != shard.bytes:
         what = "truncated" if size < shard.bytes else "longer than the manifest says"
         raise _Bad(f"{path}: {what}: {size:,} bytes, the manifest lists {shard.bytes:,}")
+    labels, index, problem = Counter(), [], None
     with open(path, "rb") as f:
         stream = _Hashing(f)
         try:
-            samples = _members(stream, path)
+            for j, members in enumerate(_samples(stream, path)):
+                index.append([(e, offset, len(data), name) for e, offset, data, name in members])
+                if problem is None:
+                    try:
+                        labels[_check_sample(path, members, first + j, classes, decode)] += 1
+                    except _Bad as e:
+                        problem = e
         except (tarfile.TarError, OSError) as e:
-            raise _Bad(f"{path}: not a readable tar file ({e})") from None
+            problem = problem or _Bad(f"{path}: not a readable tar file ({e})")
+        except _Bad as e:
+            problem = problem or e
         while stream.read(1 << 20):  # the end blocks and padding count in the checksum too
             pass
     if stream.sha256.hexdigest() != shard.sha256:
         raise _Bad(f"{path}: sha256 differs from the manifest's (the file changed or is damaged)")
-    if len(samples) != shard.samples:
-        raise _Bad(f"{path}: {len(samples)} samples, the manifest lists {shard.samples}")
-    labels = Counter()
-    for j, members in enumerate(samples):
-        labels[_check_sample(path, members, first + j, classes, decode)] += 1
-    _check_index(folder / index_name(shard.name), samples)
+    if problem is not None:
+        raise problem
+    if len(index) != shard.samples:
+        raise _Bad(f"{path}: {len(index)} samples, the manifest lists {shard.samples}")
+    _check_index(folder / index_name(shard.name), index)
     return labels
 
 
-def _members(stream: _Hashing, path: Path) -> list[list[tuple[str, int, bytes, str]]]:
-    """The shard's samples: per sample its members (ext, data offset, bytes, name), grouped by
-    key as DALI groups them (consecutive members, key up to the first dot)."""
-    samples: list[list[tuple[str, int, bytes, str]]] = []
-    last = None
+def _samples(stream: _Hashing, path: Path) -> Iterator[list[tuple[str, int, bytes, str]]]:
+    """The shard's samples, one at a time: its members (ext, data offset, bytes, name), grouped
+    by key as DALI groups them (consecutive members, key up to the first dot)."""
+    sample: list[tuple[str, int, bytes, str]] = []
     with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
         for member in tar:
             if not member.isfile():
                 raise _Bad(f"{path}: {member.name} is not a regular file")
             key, _, ext = member.name.partition(".")
-            data = tar.extractfile(member).read()
-            if key != last:
-                samples.append([])
-                last = key
-            samples[-1].append((ext, member.offset_data, data, member.name))
-    return samples
+            if sample and sample[0][3].partition(".")[0] != key:
+                yield sample
+                sample = []
+            sample.append((ext, member.offset_data, tar.extractfile(member).read(), member.name))
+    if sample:
+        yield sample
 
 
 def _check_sample(path: Path, members, number: int, classes: int, decode: bool) -> int:
@@ -181,12 +191,12 @@ def _decode(image: bytes) -> str | None:
     return None
 
 
-def _check_index(path: Path, samples) -> None:
-    """The index file must be the one the shard's own members give (DALI trusts its offsets and
-    sizes blindly: a stale one feeds wrong bytes, or kills the pipeline mid-epoch)."""
+def _check_index(path: Path, samples: list[list[tuple[str, int, int, str]]]) -> None:
+    """The index file must be the one the shard's own members (ext, offset, size, name) give
+    (DALI trusts its offsets and sizes blindly: a stale one feeds wrong bytes, or kills the
+    pipeline mid-epoch)."""
     expected = f"{INDEX_VERSION} {len(samples)}\n" + "".join(
-        index_line([(ext, offset, len(data), name) for ext, offset, data, name in members]) + "\n"
-        for members in samples
+        index_line(members) + "\n" for members in samples
     )
     try:
         text = path.read_text(encoding="utf-8")

@@ -29,6 +29,7 @@ import re
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -102,10 +103,25 @@ class ShardSplit:
 
     def locate(self, number: int) -> tuple[str, str]:
         """(shard file name, key) of sample ``number``."""
+        return self.shards[self._shard_of(number)].name, sample_key(number)
+
+    def image(self, number: int) -> bytes:
+        """The image bytes of sample ``number``, found through its shard's index file (e.g. to
+        decode the samples of a failed batch one by one)."""
+        i = self._shard_of(number)
+        line = number - sum(s.samples for s in self.shards[:i]) + 1  # line 0: the header
+        with open(self.folder / index_name(self.shards[i].name), encoding="utf-8") as f:
+            fields = next(islice(f, line, None)).split()
+        offset, size = fields[1:3]  # the image is a sample's first member: ext offset size name
+        with open(self.folder / self.shards[i].name, "rb") as f:
+            f.seek(int(offset))
+            return f.read(int(size))
+
+    def _shard_of(self, number: int) -> int:
         ends = np.cumsum([s.samples for s in self.shards]).tolist()
         if not 0 <= number < (ends[-1] if ends else 0):
             raise DalikdError(f"{self.folder}: {self.split} has no sample number {number}")
-        return self.shards[bisect.bisect_right(ends, number)].name, sample_key(number)
+        return bisect.bisect_right(ends, number)
 
 
 def shard_manifest(folder: str | Path) -> Manifest | None:

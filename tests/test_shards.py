@@ -252,19 +252,22 @@ def test_an_imported_folder_keeps_its_class_names_and_data_defaults(tmp_path):
         shard_dataset(root, tmp_path / "out2")
 
 
-def test_shard_split_locates_samples_and_stops_at_a_truncated_shard(source, tmp_path):
+def test_shard_split_finds_samples_and_stops_at_a_truncated_shard(source, tmp_path):
     out = tmp_path / "out"
     shard_dataset(source, out, shard_size=8 << 10)
     split = shard_split(out, "train")
     assert split.samples == 15 and split.classes == CLASSES
     assert split.tar_paths() == [str(out / s.name) for s in split.shards]
-    for key, _ in read_split(out, "train"):
+    for key, members in read_split(out, "train"):
         name, found = split.locate(int(key))
         assert found == key
+        assert split.image(int(key)) == next(v for k, v in members.items() if k in ("jpg", "png"))
         with tarfile.open(out / name) as tar:
             assert f"{key}.cls" in tar.getnames()
     with pytest.raises(DalikdError, match="no sample number 15"):
         split.locate(15)
+    with pytest.raises(DalikdError, match="no sample number -1"):
+        split.image(-1)
     with open(out / split.shards[1].name, "r+b") as f:
         f.truncate(1000)
     with pytest.raises(DalikdError, match=r"train-00001.tar is truncated: 1,000 bytes"):
