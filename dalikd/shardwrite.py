@@ -51,7 +51,7 @@ _TEMP_FILE = re.compile(r"^(\.(train|val)-\d{5}\.(tar|idx)|\.dalikd-shard\.json|
 # -- planning -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     path: str
     label: int
@@ -59,7 +59,7 @@ class Item:
     mtime_ns: int
 
 
-def _items(dataset: Dataset, split: str) -> list[Item]:
+def _items(dataset: Dataset, split: str, report: Progress) -> list[Item]:
     found = getattr(dataset, split)
     items = []
     for path, label in zip(found.files, found.labels, strict=True):
@@ -68,6 +68,8 @@ def _items(dataset: Dataset, split: str) -> list[Item]:
         except OSError as e:
             raise DalikdError(f"cannot read {path}: {e.strerror}") from None
         items.append(Item(path, label, st.st_size, st.st_mtime_ns))
+        if len(items) % 10_000 == 0 or len(items) == len(found):
+            report(f"sizes of {split}", len(items), len(found))
     return items
 
 
@@ -153,7 +155,7 @@ def shard_dataset(
     dataset = scan_dataset(
         root, splits=splits, cache=cache, progress=lambda d, t: report("checking files", d, t)
     )
-    plans = {s: plan_split(_items(dataset, s), s, shard_size, seed) for s in splits}
+    plans = {s: plan_split(_items(dataset, s, report), s, shard_size, seed) for s in splits}
     journal, restarted = _prepare_out(
         out, root, _plan_digest(root, plans, dataset.classes, seed, shard_size)
     )

@@ -396,3 +396,17 @@ def test_data_shard_command(source, tmp_path, capsys):
     args = ["data", "shard", source, tmp_path / "x", "--shard-size", "lots"]
     code, _, err = run_cli(args, capsys)
     assert code == 2 and "cannot read the size 'lots'" in err
+
+
+def test_progress_reports_each_phase_up_to_its_total(source, tmp_path):
+    calls = []
+    shard_dataset(source, tmp_path / "out", shard_size=8 << 10, cache=False,
+                  progress=lambda *call: calls.append(call))  # fmt: skip
+    phases = list(dict.fromkeys(phase for phase, _, _ in calls))
+    assert phases == ["checking files", "sizes of train", "sizes of val", "writing shards"]
+    for phase in phases:
+        done = [d for p, d, t in calls if p == phase]
+        total = {t for p, d, t in calls if p == phase}
+        assert done == sorted(done) and len(total) == 1 and done[-1] == total.pop()
+    assert calls[-1] == ("writing shards", 20, 20)
+    assert len([c for c in calls if c[0] == "writing shards"]) > 20  # per sample, not per shard
