@@ -1,4 +1,4 @@
-"""`dalikd data ...`: dataset commands (import the official archives)."""
+"""`dalikd data ...`: commands that make datasets (import official archives, shard a folder)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ from rich.markup import escape
 from rich.progress import TextColumn
 
 from dalikd.cli.report import LiveBar, console
+from dalikd.cli.shard_cmd import shard
 
 
 @click.group()
 def data() -> None:
-    """Make dataset folders dalikd reads (see docs/datasets.md)."""
+    """Make datasets dalikd reads: import official archives, shard a folder.
+
+    See docs/datasets.md and docs/shards.md.
+    """
 
 
 class ImportProgress(LiveBar):
@@ -61,3 +65,6 @@ def import_cmd(dataset: str, archive: str, out: str) -> None:
         soft_wrap=True,
         markup=False,
     )
+
+
+data.add_command(shard)

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from dalikd.cli.cache_cmd import cache_info
-from dalikd.cli.data_cmd import data
+from dalikd.cli.data_cmd import data as data_group
 from dalikd.cli.doctor_cmd import doctor
 from dalikd.cli.options import (
     MODEL_HELP,
@@ -358,10 +358,17 @@ def check_data(data: str, decode: bool, no_cache: bool) -> None:
     """Scan DATA's train/ and val/ for files that would stop a run; list what is left out.
 
     Exits non-zero only when a split has no usable image or a train class folder holds none.
+    A shard set (DATA/dataset.json of `dalikd data shard`) is checked shard by shard against
+    its manifest instead; any damage exits non-zero.
     """
     from dalikd.cli.report import print_check
     from dalikd.data import scan_dataset
+    from dalikd.shards import shard_manifest
 
+    if shard_manifest(data) is not None:  # a shard set (dalikd data shard)
+        from dalikd.cli.shard_cmd import check_shards
+
+        return check_shards(data, decode)
     with ScanProgress() as progress:
         dataset = scan_dataset(
             data, decode=decode, cache=not no_cache, progress=progress.update, strict=False
@@ -414,7 +421,7 @@ cli.add_command(tstddev)
 cli.add_command(doctor)
 cli.add_command(plot)
 cli.add_command(cache_info)
-cli.add_command(data)
+cli.add_command(data_group)
 
 
 def main(argv: list[str] | None = None) -> None:

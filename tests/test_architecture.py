@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = {"config", "errors", "batch", "device", "checkpoint", "metrics", "distributed",
           "rundir", "tensorboard", "plots", "cache", "outputs", "manifest", "__init__"}  # fmt: skip
 MODEL = {"models", "losses", "pick", "step"}
-DATA = {"data", "datacheck", "loaders", "ops", "recipes", "autoaugment", "native", "recovery"}
+DATA = {"data", "datacheck", "loaders", "ops", "recipes", "autoaugment", "native", "recovery",
+        "shards", "shardwrite", "shardcheck", "shard_source"}  # fmt: skip
 RUNS = {"train", "evaluate", "probe", "teacher_cache"}
 TOOLS = {"profile", "preview", "demo", "doctor", "archives", "dataimport"}
 MAY_IMPORT = {  # room -> rooms its modules may import (their own included)
