@@ -77,6 +77,12 @@ def _utf8(path: str) -> bool:
     return True
 
 
+def _printable(path: str) -> str:
+    """A path whose undecodable bytes show as U+FFFD: what Dataset.skipped holds for names
+    that are not UTF-8 (a listing hash encodes it; such a file is never read)."""
+    return path.encode(errors="surrogateescape").decode(errors="replace")
+
+
 @dataclass
 class _Found:
     """What a split's listing left out, by kind (:func:`_scan_split`)."""
@@ -218,9 +224,9 @@ def scan_dataset(
         sorted(bad.items())
         + [(p, "not an image (file extension)") for p in sorted(listed.others)]
         + sorted(listed.special)
-        + [(p, "file name is not valid UTF-8 (DALI cannot open it)")
+        + [(_printable(p), "file name is not valid UTF-8 (DALI cannot open it)")
            for p in sorted(listed.bad_names)]
-        + [(p, "broken symbolic link (its target is missing or a loop)")
+        + [(_printable(p), "broken symbolic link (its target is missing or a loop)")
            for p in sorted(listed.broken)]
         + [(p + "/", "empty class folder (no image file)") for p in listed.empty["train"]]
     )  # fmt: skip
