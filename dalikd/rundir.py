@@ -157,15 +157,22 @@ def stale_reason(lock: dict[str, str], age_s: float) -> str:
     """Why a lock (its fields, renewed ``age_s`` seconds ago) belongs to no running process,
     or '' where its run may still be going."""
     pid = int(lock["pid"])
-    if lock["host"] == socket.gethostname():
-        if lock.get("boot") and lock["boot"] != _boot_id():
-            return f"left by process {pid} before this machine restarted"
+    try:  # older dalikd: no heartbeat, never stale on another host
+        period = float(lock.get("heartbeat", 0))
+    except ValueError:
+        period = 0.0
+    here = lock["host"] == socket.gethostname()
+    if here and lock.get("boot", _boot_id()) == _boot_id():
         if not _alive(pid):
             return f"left by process {pid}, which is gone"
-        if lock.get("start") and lock["start"] != _start_time(pid):
+        now = _start_time(pid)  # '' where /proc hides it: then the pid alone decides
+        if lock.get("start") and now and lock["start"] != now:
             return f"left by process {pid}, which is gone (its pid now names another process)"
         return ""
-    period = float(lock.get("heartbeat", 0) or 0)  # older dalikd: no heartbeat, never stale
+    # Another boot under this host name: this machine restarted, unless another machine bears
+    # the same name; its holder would have renewed it within one heartbeat.
+    if here and period > 0 and age_s > period:
+        return f"left by process {pid} before this machine restarted"
     if period > 0 and age_s > STALE_BEATS * period:
         return (f"left by process {pid} on {lock['host']}, which has not renewed it for "
                 f"{age_s:,.0f} s (it renews every {period:g} s)")  # fmt: skip

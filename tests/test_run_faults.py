@@ -80,7 +80,7 @@ def _me(**fields) -> str:
                                   "for 400 s (it renews every 60 s)"),
         ({"start": "1"}, 0, "left by process {pid}, which is gone (its pid now names another "
                             "process)"),
-        ({"boot": "another-boot"}, 0, "left by process {pid} before this machine restarted"),
+        ({"boot": "another-boot"}, 90, "left by process {pid} before this machine restarted"),
     ],
 )  # fmt: skip
 def test_a_lock_of_a_lost_node_or_a_reused_pid_is_taken_over_with_a_note(tmp_path, fields, age_s,
@@ -98,6 +98,8 @@ def test_a_lock_of_a_lost_node_or_a_reused_pid_is_taken_over_with_a_note(tmp_pat
         ({"host": "node-7"}, 10, "(process {pid} on node-7, renewed 10 s ago)"),
         (None, 10**6, "(process 123 on node-7)"),  # an older dalikd's lock: no heartbeat
         ({}, 10**6, "(process {pid} on " + socket.gethostname()),  # this live process
+        # another boot, renewed within its period: a machine of the same name, not a restart
+        ({"boot": "another-boot"}, 10, "(process {pid} on " + socket.gethostname()),
     ],
 )
 def test_a_live_lock_is_refused(tmp_path, fields, age_s, needle):
