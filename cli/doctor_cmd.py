@@ -39,6 +39,8 @@ def doctor(as_json: bool, build_only: bool) -> None:
             cpu, gpu = built["cpu_library"], built["gpu_library"]
             click.echo(f"CPU operator: {cpu or 'not built: ' + built['cpu_error']}")
             click.echo(f"GPU operator: {gpu or 'not built: ' + built['gpu_error']}")
+            if built["retry"]:
+                click.echo(f"retry: {built['retry']}")
         if not built["cpu_library"]:
             raise DalikdError(f"the native CPU operator could not be built: {built['cpu_error']}")
         return

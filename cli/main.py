@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from dalikd.cli.cache_cmd import cache_info
 from dalikd.cli.data_cmd import data as data_group
 from dalikd.cli.doctor_cmd import doctor
 from dalikd.cli.options import (
+    MAX_PIXELS_HELP,
     MODEL_HELP,
     SEED_HELP,
     THREADS_HELP,
@@ -43,7 +45,7 @@ from dalikd.config import (
     TrainConfig,
     choices,
 )
-from dalikd.errors import DalikdError
+from dalikd.errors import DalikdError, escape_text
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -146,6 +148,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--image-size", "data.image_size", int, "training and validation image side in px"),
     ("--crop-scale", "data.crop_scale", _numbers(float), "random-resized-crop area range, MIN,MAX"),
     ("--threads", "data.threads", int, THREADS_HELP),
+    ("--max-pixels", "data.max_pixels", int, MAX_PIXELS_HELP),
     (
         "--mixing",
         "data.mixing",
@@ -354,7 +357,9 @@ def evaluate_cmd(data, model_name, weights, batch_size, image_size, threads, dev
 @click.argument("data", type=click.Path())
 @click.option("--decode", is_flag=True, help="also decode every image with PIL (slow, thorough)")
 @click.option("--no-cache", is_flag=True, help="check every file again, ignoring the scan cache")
-def check_data(data: str, decode: bool, no_cache: bool) -> None:
+@click.option("--max-pixels", type=click.IntRange(min=0), default=_default("data.max_pixels"),
+              show_default=True, help=MAX_PIXELS_HELP)  # fmt: skip
+def check_data(data: str, decode: bool, no_cache: bool, max_pixels: int) -> None:
     """Scan DATA's train/ and val/ for files that would stop a run; list what is left out.
 
     Exits non-zero only when a split has no usable image or a train class folder holds none.
@@ -371,15 +376,17 @@ def check_data(data: str, decode: bool, no_cache: bool) -> None:
         return check_shards(data, decode)
     with ScanProgress() as progress:
         dataset = scan_dataset(
-            data, decode=decode, cache=not no_cache, progress=progress.update, strict=False
-        )
+            data, decode=decode, cache=not no_cache, progress=progress.update, strict=False,
+            max_pixels=max_pixels,
+        )  # fmt: skip
     print_check(dataset)
     unusable = [name for name in ("train", "val") if not len(getattr(dataset, name))]
     if unusable:  # the list above says why; the line below is what stops a run
         split = f"{dataset.root}/{unusable[0]}"
         left = sum(path.startswith(split + "/") for path, _ in dataset.skipped)
         raise DalikdError(f"{split} holds no usable images; {left} left out (listed above)")
-    scan_dataset(data, decode=decode, cache=not no_cache)  # empty train classes: one line
+    # empty train classes: one line
+    scan_dataset(data, decode=decode, cache=not no_cache, max_pixels=max_pixels)
 
 
 @cli.command()
@@ -424,6 +431,16 @@ cli.add_command(cache_info)
 cli.add_command(data_group)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """dalikd's warnings (a fallback, a cache not trusted) as one line, not two with a path."""
+    if category is RuntimeWarning and str(message).startswith(("dalikd", "scan cache")):
+        return f"warning: {escape_text(str(message))}\n"
+    return _FORMAT_WARNING(message, category, filename, lineno, line)
+
+
+_FORMAT_WARNING = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> None:
     # torch's OpenMP threads spin while they wait for work; beside DALI's threads, and with any
     # other busy process on the machine, that starved training to ~1% of its speed on 2 cores
@@ -431,13 +448,14 @@ def main(argv: list[str] | None = None) -> None:
     # 10-25% on an idle machine; OMP_WAIT_POLICY=ACTIVE in the environment wins. It must be set
     # before torch is first imported (nothing above imports it).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    warnings.formatwarning = _one_line_warning
     if not (sys.argv[1:] if argv is None else argv):  # bare `dalikd`: the help, as git and pip
         click.echo(cli.get_help(click.Context(cli, info_name="dalikd")))
         sys.exit(0)
     try:
         code = cli.main(args=argv, prog_name="dalikd", standalone_mode=False)
     except DalikdError as e:  # the message is text, not markup: "dalikd[timm]" stays whole
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(escape_text(str(e)))}", soft_wrap=True)
         sys.exit(1)
     except click.UsageError as e:
         hint = f" (see: dalikd {e.ctx.info_name if e.ctx and e.ctx.parent else ''} --help)".replace(

@@ -46,6 +46,9 @@ WEIGHTS_HELP = (
     "a file (state_dict or dalikd checkpoint) or a torchvision weights name (IMAGENET1K_V1)"
 )
 MODEL_HELP = "torchvision name, timm:NAME or module:function"
+MAX_PIXELS_HELP = (
+    "leave out images whose header claims more pixels than this (decompression bombs); 0: no limit"
+)
 
 
 def seed_option(f):

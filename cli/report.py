@@ -22,6 +22,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from dalikd.errors import escape_text
+
 console = Console(highlight=False)
 
 
@@ -73,8 +75,9 @@ class RichReporter(LiveBar):
         self._ref: tuple[float, int] | None = None  # (clock, step) of the phase's first update
 
     def message(self, text: str) -> None:
-        # never broken at the width; no markup: paths may hold [brackets]
-        self._progress.console.print(text, soft_wrap=True, markup=False)
+        # never broken at the width; no markup: paths may hold [brackets]; control characters
+        # in a file name escaped (one line, no terminal escapes)
+        self._progress.console.print(escape_text(text), soft_wrap=True, markup=False)
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         self._epoch = f"epoch {epoch + 1}/{epochs}"
@@ -240,9 +243,17 @@ class ScanProgress(LiveBar):
 
 
 def print_check(dataset: Any) -> None:
-    # One plain line per file (no table): paths stay whole and greppable.
+    # One plain line per file (no table): paths stay whole and greppable; a name's control
+    # characters escaped, as in data_report.tsv.
     for path, reason in dataset.skipped:
-        console.print(f"left out: {path}  ({reason})", soft_wrap=True, markup=False)
+        line = f"left out: {escape_text(path)}  ({escape_text(reason)})"
+        console.print(line, soft_wrap=True, markup=False)
+    if dataset.empty_val:  # not files left out: those classes only have no val images
+        console.print(
+            f"note: {len(dataset.empty_val)} val class folder(s) hold no image, so those classes "
+            f"are not validated: {', '.join(escape_text(p) for p in dataset.empty_val)}",
+            soft_wrap=True, markup=False,
+        )  # fmt: skip
     console.print(
         f"{dataset.root}: {len(dataset.train):,} train and {len(dataset.val):,} val images "
         f"usable, {dataset.num_classes} classes, {len(dataset.skipped)} "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -33,6 +34,14 @@ def choices(kind: Any) -> tuple[str, ...]:
     return typing.get_args(kind)
 
 
+# Upper bounds of the integer settings that go to DALI and torch as fixed-size integers (a
+# seed grows by the epoch and rank; a side of 100000 px would be 30 GB per image): beyond them
+# a setting is refused in one line, not turned into an overflow or allocation error mid-run.
+MAX_SEED = 2**32 - 1
+MAX_IMAGE_SIZE = 8192  # px: a 8192² RGB image is 201 MB
+MAX_THREADS = 1024
+MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS: the scan's default decompression guard
+
 TIMM_PREFIX = "timm:"  # --teacher/--student timm:NAME: a timm model by name
 
 
@@ -50,6 +59,9 @@ class DataConfig:
     val_crop_fraction: float = 0.875  # val: resize shorter side to image_size / this, centre crop
     batch_size: int = 256  # images per step (per process)
     threads: int = 0  # DALI CPU threads; 0 = one per core, at most 8
+    # the scan leaves out images whose header claims more pixels than this (decompression
+    # bombs: a few KB on disk, gigabytes decoded); 0 = no limit
+    max_pixels: int = MAX_PIXELS
     antialias: bool = True  # antialiased resize, as torchvision's RandomResizedCrop
     # mixing's pixel work: native (dalikd's fused fn.dalikd_mix) | composed (stock DALI
     # operators; the same pixels) | auto (native where it builds and loads; DALIKD_NATIVE=0|1
@@ -267,16 +279,41 @@ def _check_choices(obj: Any, prefix: str = "") -> None:
             )
 
 
+def _check_finite(obj: Any, prefix: str, flags: Mapping[str, str] | None) -> None:
+    """Every float setting (and float in a tuple) is a finite number: NaN passes every
+    comparison the checks below make, and config.json could not hold it as standard JSON."""
+    for f in fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{key}.", flags)
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise DalikdError(f"{_label(key, flags)} must be a finite number, got {value}")
+
+
 def validate(cfg: TrainConfig, flags: Mapping[str, str] | None = None) -> None:
     """One-line errors for settings out of range. ``flags``: dotted key -> the command-line
     flag its value came from; the message names the flag there, the config key elsewhere."""
     _check_choices(cfg)
     d, o, k = cfg.data, cfg.optim, cfg.kd
     # (ok, dotted key or "" where the message names its settings itself, message after the name)
+    _check_finite(cfg, "", flags)
     checks = [
         (d.image_size >= 16, "data.image_size", f"must be at least 16 px, got {d.image_size}"),
+        (
+            d.image_size <= MAX_IMAGE_SIZE,
+            "data.image_size",
+            f"must be at most {MAX_IMAGE_SIZE} px, got {d.image_size} (one {d.image_size}² RGB "
+            f"image would take {3 * d.image_size**2 / 1e9:,.1f} GB)",
+        ),
         (d.batch_size >= 1, "data.batch_size", f"must be positive, got {d.batch_size}"),
-        (d.threads >= 0, "data.threads", f"must be >= 0, got {d.threads}"),
+        (
+            0 <= d.threads <= MAX_THREADS,
+            "data.threads",
+            f"must be in [0, {MAX_THREADS}], got {d.threads}",
+        ),
+        (d.max_pixels >= 0, "data.max_pixels", f"must be >= 0, got {d.max_pixels}"),
         (
             0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
             "data.crop_scale",
@@ -314,15 +351,27 @@ def validate(cfg: TrainConfig, flags: Mapping[str, str] | None = None) -> None:
         (o.momentum > 0 or not o.nesterov, "", "--nesterov needs a momentum above 0"),
         (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
         (cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}"),
+        (cfg.seed <= MAX_SEED, "seed", f"must be at most {MAX_SEED} (32 bits), got {cfg.seed}"),
         (o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}"),
         (
             list(o.milestones) == sorted(o.milestones),
             "optim.milestones",
             f"must be increasing, got {o.milestones}",
         ),
+        (
+            min(o.milestones, default=0) >= 0,
+            "optim.milestones",
+            f"must be epochs >= 0, got {o.milestones}",
+        ),
         (k.temperature > 0, "kd.temperature", f"must be positive, got {k.temperature}"),
         (k.pool_size >= 1, "kd.pool_size", f"must be positive, got {k.pool_size}"),
         (k.pick_count >= 0, "kd.pick_count", f"must be >= 0, got {k.pick_count}"),
+        (
+            k.pick_count <= k.pool_size * d.batch_size,
+            "kd.pick_count",
+            f"must be at most the pool, --pool-size x --batch-size = {k.pool_size} x "
+            f"{d.batch_size} = {k.pool_size * d.batch_size}, got {k.pick_count}",
+        ),
         (0 < k.pick_fraction <= 1, "kd.pick_fraction", f"must be in (0, 1], got {k.pick_fraction}"),
         (min(k.ce_weight, k.kd_weight, k.mixed_label_ce) >= 0, "", "loss weights must be >= 0"),
         (cfg.log_every >= 1, "log_every", f"must be positive, got {cfg.log_every}"),

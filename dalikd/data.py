@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dalikd.cache import cache_dir
-from dalikd.datacheck import check_files
+from dalikd.datacheck import MAX_PIXELS, check_files, not_regular
 from dalikd.errors import DalikdError
+from dalikd.rundir import LOCK, RUN_FILES
 
 # What DALI's image decoder reads; other files (.txt, .csv, ...) are left out.
 IMAGE_EXTENSIONS = (
@@ -39,6 +40,8 @@ class Dataset:
     train: Split
     val: Split
     skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of every file left out
+    # val class folders without an image: those classes are not validated (no file left out)
+    empty_val: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -75,21 +78,34 @@ def _utf8(path: str) -> bool:
 
 
 def _printable(path: str) -> str:
-    """A path whose undecodable bytes show as U+FFFD, for messages and reports."""
+    """A path whose undecodable bytes show as U+FFFD: what Dataset.skipped holds for names
+    that are not UTF-8 (a listing hash encodes it; such a file is never read)."""
     return path.encode(errors="surrogateescape").decode(errors="replace")
 
 
-def _scan_split(
-    split_dir: Path,
-    classes: tuple[str, ...],
-    others: list[str],
-    bad_names: list[str],
-    broken: list[str],
-    empty: list[str],
-) -> Split:
-    """Image files by extension; other files go to ``others``, names DALI cannot take (not
-    UTF-8) to ``bad_names``, symlinks that lead nowhere to ``broken``, class folders without
-    an image file to ``empty``."""
+@dataclass
+class _Found:
+    """What a split's listing left out, by kind (:func:`_scan_split`)."""
+
+    others: list[str] = field(default_factory=list)  # regular files without an image extension
+    bad_names: list[str] = field(default_factory=list)  # not UTF-8: DALI cannot take the name
+    broken: list[str] = field(default_factory=list)  # symlinks that lead nowhere (or a loop)
+    special: list[tuple[str, str]] = field(default_factory=list)  # FIFOs, sockets, devices
+    empty: dict[str, list[str]] = field(default_factory=lambda: {"train": [], "val": []})
+
+
+def _special(entry: os.DirEntry) -> str:
+    """'not a regular file (a FIFO)' and the like for an entry that is neither a file nor a
+    folder but exists (a FIFO, socket or device, or a link to one); '' otherwise."""
+    try:
+        return not_regular(entry.stat().st_mode)
+    except OSError:
+        return ""
+
+
+def _scan_split(split_dir: Path, split: str, classes: tuple[str, ...], found: _Found) -> Split:
+    """Image files by extension; what is left out goes to ``found`` by kind. Only regular
+    files are listed: a FIFO or device would block or never end when DALI reads it."""
     index = {name: i for i, name in enumerate(classes)}
     files: list[str] = []
     labels: list[int] = []
@@ -99,21 +115,25 @@ def _scan_split(
                 f"{split_dir}/{name} is a class that train/ does not have; "
                 "val/ classes must be a subset of train/ classes"
             )
-        found = []
+        images = []
         for entry in os.scandir(split_dir / name):
             if _is_file(entry):
                 is_image = entry.name.lower().endswith(IMAGE_EXTENSIONS)
                 if is_image and not _utf8(entry.path):
-                    bad_names.append(entry.path)
+                    found.bad_names.append(entry.path)
                     continue
-                (found if is_image else others).append(entry.path)
-            elif entry.is_symlink() and not _is_dir(entry):  # dangling, or a loop
-                broken.append(entry.path)
-        if not found:
-            empty.append(str(split_dir / name))
-        found.sort()
-        files += found
-        labels += [index[name]] * len(found)
+                (images if is_image else found.others).append(entry.path)
+            elif _is_dir(entry):
+                continue
+            elif _special(entry):
+                found.special.append((entry.path, _special(entry)))
+            elif entry.is_symlink():  # dangling, or a loop
+                found.broken.append(entry.path)
+        if not images:
+            found.empty[split].append(str(split_dir / name))
+        images.sort()
+        files += images
+        labels += [index[name]] * len(images)
     return Split(tuple(files), tuple(labels))
 
 
@@ -158,6 +178,7 @@ def scan_dataset(
     strict: bool = True,
     splits: tuple[str, ...] = ("train", "val"),
     classes: tuple[str, ...] | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> Dataset:
     """List the classes and usable image files of an ImageNet-style folder.
 
@@ -165,22 +186,18 @@ def scan_dataset(
     (default: :func:`class_names`), e.g. the names a checkpoint was trained on.
 
     ``check`` runs the data scan of :mod:`dalikd.datacheck` (cached): files that would kill
-    the DALI pipeline are left out and listed in ``Dataset.skipped``. A split with no usable
-    image, or a train class with none (as torchvision's ImageFolder), is an error unless
-    ``strict`` is False (check-data lists what it found first).
+    the DALI pipeline, or whose header claims more than ``max_pixels`` pixels (0: no limit),
+    are left out and listed in ``Dataset.skipped``. A split with no usable image, or a train
+    class with none (as torchvision's ImageFolder), is an error unless ``strict`` is False
+    (check-data lists what it found first).
     """
     root = _dataset_root(root)
     for split in splits:
         _require_split(root, split)
     classes = classes or class_names(root)
-    others: list[str] = []
-    bad_names: list[str] = []
-    broken: list[str] = []
-    empty: dict[str, list[str]] = {"train": [], "val": []}
+    listed = _Found()
     found = {
-        name: _scan_split(root / name, classes, others, bad_names, broken, empty[name])
-        if name in splits
-        else Split((), ())
+        name: _scan_split(root / name, name, classes, listed) if name in splits else Split((), ())
         for name in ("train", "val")
     }
     bad: dict[str, str] = {}
@@ -188,7 +205,7 @@ def scan_dataset(
         bad = check_files(
             [f for split in found.values() for f in split.files],
             root=root, cache_root=cache_dir() if cache else None, decode=decode,
-            progress=progress,
+            progress=progress, max_pixels=max_pixels,
         )  # fmt: skip
     for name, split in found.items():
         keep = [i for i, f in enumerate(split.files) if f not in bad]
@@ -201,24 +218,37 @@ def scan_dataset(
         found[name] = Split(
             tuple(split.files[i] for i in keep), tuple(split.labels[i] for i in keep)
         )
-    if strict and empty["train"]:
-        raise DalikdError(
-            f"{len(empty['train'])} train class folder(s) hold no image file, e.g. "
-            f"{empty['train'][0]}; add images or remove the folder (as torchvision's ImageFolder)"
-        )
+    if strict and listed.empty["train"]:
+        _refuse_empty_classes(listed.empty["train"])
     skipped = (
         sorted(bad.items())
-        + [(p, "not an image (file extension)") for p in sorted(others)]
-        + [
-            (_printable(p), "file name is not valid UTF-8 (DALI cannot open it)")
-            for p in sorted(bad_names)
-        ]  # fmt: skip
+        + [(p, "not an image (file extension)") for p in sorted(listed.others)]
+        + sorted(listed.special)
+        + [(_printable(p), "file name is not valid UTF-8 (DALI cannot open it)")
+           for p in sorted(listed.bad_names)]
         + [(_printable(p), "broken symbolic link (its target is missing or a loop)")
-           for p in sorted(broken)]
-        + [(_printable(p) + "/", "empty class folder (no image file)")
-           for p in empty["train"] + empty["val"]]
+           for p in sorted(listed.broken)]
+        + [(p + "/", "empty class folder (no image file)") for p in listed.empty["train"]]
     )  # fmt: skip
-    return Dataset(root, classes, found["train"], found["val"], tuple(skipped))
+    return Dataset(root, classes, found["train"], found["val"], tuple(skipped),
+                   empty_val=tuple(listed.empty["val"]))  # fmt: skip
+
+
+_RUN_MARKS = (LOCK, *RUN_FILES)  # what a dalikd run folder holds: a class folder with one is a run
+
+
+def _refuse_empty_classes(empty: list[str]) -> None:
+    """One line for train class folders without an image; a run folder there is named so."""
+    runs = [p for p in empty if any(os.path.lexists(os.path.join(p, m)) for m in _RUN_MARKS)]
+    if runs:
+        raise DalikdError(
+            f"{runs[0]} is a dalikd run folder inside the dataset's train/, where "
+            "every folder is a class; move it (and --out) outside the dataset"
+        )
+    raise DalikdError(
+        f"{len(empty)} train class folder(s) hold no image file, e.g. {empty[0]}; "
+        "add images or remove the folder (as torchvision's ImageFolder)"
+    )
 
 
 def train_listing(dataset: Dataset) -> dict[str, Any]:

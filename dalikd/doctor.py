@@ -26,6 +26,7 @@ def report() -> dict[str, Any]:
     import torch
 
     from dalikd import native
+    from dalikd.native.builder import retry_reason
 
     mode = native.mode()
     info: dict[str, Any] = {
@@ -55,6 +56,8 @@ def report() -> dict[str, Any]:
         "loaded": status.loaded,
         "cpu": "loaded" if status.cpu else f"unavailable: {status.reason}",
         "gpu": "built and loaded" if status.gpu else status.gpu_reason,
+        # a build that failed for a cause that may pass (a full disk, a missing file): retried
+        "retry": retry_reason(build),
     }
     info["gpu_backend"] = gpu_backend  # run on this machine's GPU against the composed graph
     fallback = "error (DALIKD_NATIVE=1)" if mode == "1" else "composed"
@@ -85,7 +88,9 @@ def build_native() -> dict[str, Any]:
     from dataclasses import asdict
 
     from dalikd import native
+    from dalikd.native.builder import retry_reason
 
     cached = native.is_cached()
     info, folder = native.build()
-    return {"folder": str(folder), "cached": cached, **asdict(info)}
+    retry = retry_reason(info)
+    return {"folder": str(folder), "cached": cached, **asdict(info), "retry": retry}

@@ -34,8 +34,14 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         raise DalikdError(f"{run_dir} is not a run directory: no metrics.jsonl there")
     try:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except UnicodeDecodeError:  # a binary file, or another file under that name
+        raise DalikdError(f"{path} is not a metrics file (not UTF-8 text)") from None
     except json.JSONDecodeError as e:
         raise DalikdError(f"cannot read {path}: {e}") from None
+    except OSError as e:
+        raise DalikdError(f"cannot read {path}: {e.strerror or e}") from None
+    if not all(isinstance(r, dict) for r in records):
+        raise DalikdError(f"{path} is not a metrics file: a line is no JSON object of metrics")
     if not records:
         raise DalikdError(f"{path} has no finished epoch yet")
     return records

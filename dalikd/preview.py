@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dalikd import loaders, recipes
-from dalikd.config import DataConfig
+from dalikd.config import MAX_IMAGE_SIZE, MAX_SEED, DataConfig
 from dalikd.data import scan_dataset
 from dalikd.device import resolve_device
 from dalikd.errors import DalikdError
@@ -132,6 +132,10 @@ def preview_batch(
         raise DalikdError(f"granularity '{granularity}'; known: {', '.join(GRANULARITIES)}")
     if data.image_size < 16:
         raise DalikdError(f"image size must be at least 16 px, got {data.image_size}")
+    if data.image_size > MAX_IMAGE_SIZE:
+        raise DalikdError(f"image size must be at most {MAX_IMAGE_SIZE} px, got {data.image_size}")
+    if not 0 <= seed <= MAX_SEED:
+        raise DalikdError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
     if data.batch_size < 1:
         raise DalikdError(f"batch size must be positive, got {data.batch_size}")
     dataset = scan_dataset(data.path)

@@ -39,7 +39,7 @@ import torch
 
 from dalikd.data import Dataset, Split
 from dalikd.device import torch_device
-from dalikd.errors import DalikdError
+from dalikd.errors import DalikdError, escape_text, unescape_text
 
 REPORT = "data_report.tsv"
 RUN_TIME = "failed in training"  # reason prefix of files this module adds to the report
@@ -50,13 +50,13 @@ def read_report(run_dir: Path) -> dict[str, str]:
     """path -> reason of the files a run added to its skip list while training."""
     found: dict[str, str] = {}
     try:
-        lines = (run_dir / REPORT).read_text(errors="surrogateescape").splitlines()[1:]
+        lines = (run_dir / REPORT).read_text(errors="surrogateescape").split("\n")[1:]
     except OSError:
         return found
     for line in lines:
         path, _, reason = line.partition("\t")
         if reason.startswith(RUN_TIME):
-            found[path] = reason
+            found[unescape_text(path)] = unescape_text(reason)
     return found
 
 
@@ -77,11 +77,14 @@ def apply_skips(dataset: Dataset, skips: dict[str, str]) -> Dataset:
 
 
 def write_report(run_dir: Path, skipped: tuple[tuple[str, str], ...]) -> None:
+    """One row per file: path, tab, reason. A tab, newline or other control character in a
+    name, a backslash, and bytes that are not UTF-8 are escaped (errors.escape_text), so a row
+    is one line and :func:`read_report` gives the path back exactly."""
     from dalikd.checkpoint import write_text_atomic
 
-    text = "path\treason\n" + "".join(f"{p}\t{r}\n" for p, r in skipped)
-    write_text_atomic(text.encode(errors="surrogateescape").decode(errors="replace"),
-                      run_dir / REPORT)  # fmt: skip
+    rows = (f"{escape_text(p, backslash=True)}\t{escape_text(r, backslash=True)}\n"
+            for p, r in skipped)  # fmt: skip
+    write_text_atomic("path\treason\n" + "".join(rows), run_dir / REPORT)
 
 
 # -- finding the culprits ----------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""One run per run directory: a lock file holding the owner's pid and host.
+"""One run per run directory: a lock file holding the owner's pid, host, boot and start time.
 
 Two runs on one ``--out`` would overwrite each other's checkpoints (or crash renaming
-``last.pt.tmp`` the other one just renamed). The lock is created with O_EXCL; a lock left by
-a process that is gone (same host, pid not alive) is taken over with a note.
+``last.pt.tmp`` the other one just renamed). The lock is created with O_EXCL and renewed (its
+mtime) every HEARTBEAT_S seconds while the run holds it; a lock left by a process that is gone
+(on this host: pid not alive, or reused since; on another: not renewed for STALE_BEATS
+heartbeats, a lost node) is taken over with a note.
 
 A fresh run starts only in a new or empty folder (a run there is continued with ``--resume``),
 and a fresh run that fails before its first checkpoint leaves no folder behind: it removes
@@ -11,12 +13,16 @@ what it wrote and the folders it made (:func:`claimed`).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from dalikd.errors import DalikdError
 
@@ -25,6 +31,9 @@ RUN_FILES = ("config.json", "last.pt", "metrics.jsonl")  # what makes a folder a
 # What a fresh run writes before its first checkpoint: where a run was killed before it (a
 # lost node, the OOM killer: no cleanup ran), the same command starts again there.
 LEFTOVERS = ("config.json", "metrics.jsonl", "data_report.tsv", "tb")
+# Run folders dalikd makes: readable by all, writable by the user only, whatever the umask
+# (mkdir's mode is narrowed by the umask, never widened: umask 000 gives 0755, not 0777).
+FOLDER_MODE = 0o755
 
 
 def _alive(pid: int) -> bool:
@@ -47,7 +56,8 @@ def prepare(run_dir: Path, fresh: bool = False) -> list[Path]:
         _refuse_taken(run_dir)
     missing = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in reversed(missing):
+            folder.mkdir(mode=FOLDER_MODE, exist_ok=True)
     except OSError as e:
         raise DalikdError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
@@ -82,14 +92,17 @@ def unique(run_dir: Path) -> Path:
     """Make a new folder ``run_dir``, else ``run_dir-2``, ``-3``, ...: two runs started in the
     same second without ``--out`` get two folders (mkdir is atomic)."""
     try:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        for folder in reversed([d for d in run_dir.parents if not d.exists()]):
+            folder.mkdir(mode=FOLDER_MODE, exist_ok=True)
+        if not run_dir.parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
     except OSError as e:
         raise DalikdError(f"cannot create {run_dir.parent} for the run: {e.strerror or e}; "
                           "give --out") from None  # fmt: skip
     for n in range(1, 1000):
         path = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
         try:
-            path.mkdir()
+            path.mkdir(mode=FOLDER_MODE)
         except FileExistsError:
             continue
         except OSError as e:
@@ -98,45 +111,159 @@ def unique(run_dir: Path) -> Path:
     raise DalikdError(f"cannot find a free run directory name beside {run_dir}")
 
 
-@contextmanager
-def locked(run_dir: Path, note: Callable[[str], None], resume: bool = False) -> Iterator[None]:
-    """Hold ``run_dir``'s lock for the block; another live run there is refused."""
-    path = run_dir / LOCK
-    me = f"{os.getpid()} {socket.gethostname()}\n"
-    for _ in range(2):
+# The lock's holder renews its mtime every HEARTBEAT_S seconds; a lock from another host not
+# renewed for STALE_BEATS periods is a lost node's (generous: clocks of two hosts differ).
+HEARTBEAT_S = 60
+STALE_BEATS = 5
+
+
+def _boot_id() -> str:
+    """This machine's boot identity (Linux); '' where unknown."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str:
+    """When process ``pid`` started, in clock ticks since boot (Linux); '' where unknown. With
+    the boot id it tells a process from a later one that reuses its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat[stat.rfind(")") + 2 :].split()  # after the command name, which may hold spaces
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _lock_text(heartbeat_s: float) -> str:
+    """'pid host key=value ...': the owner's pid and host first (what older dalikd wrote),
+    then its boot, start time and heartbeat period."""
+    pid = os.getpid()
+    return (f"{pid} {socket.gethostname()} boot={_boot_id() or '-'} "
+            f"start={_start_time(pid) or '-'} heartbeat={heartbeat_s:g}\n")  # fmt: skip
+
+
+def _parse_lock(text: str) -> dict[str, str]:
+    """The fields of a lock's text; {} where it is empty or damaged (no pid)."""
+    words = text.split()
+    if len(words) < 2 or not words[0].isdigit() or int(words[0]) <= 0:
+        return {}
+    fields = dict(w.partition("=")[::2] for w in words[2:] if "=" in w)
+    return {k: v for k, v in fields.items() if v != "-"} | {"pid": words[0], "host": words[1]}
+
+
+def stale_reason(lock: dict[str, str], age_s: float) -> str:
+    """Why a lock (its fields, renewed ``age_s`` seconds ago) belongs to no running process,
+    or '' where its run may still be going."""
+    pid = int(lock["pid"])
+    try:  # older dalikd: no heartbeat, never stale on another host
+        period = float(lock.get("heartbeat", 0))
+    except ValueError:
+        period = 0.0
+    here = lock["host"] == socket.gethostname()
+    if here and lock.get("boot", _boot_id()) == _boot_id():
+        if not _alive(pid):
+            return f"left by process {pid}, which is gone"
+        now = _start_time(pid)  # '' where /proc hides it: then the pid alone decides
+        if lock.get("start") and now and lock["start"] != now:
+            return f"left by process {pid}, which is gone (its pid now names another process)"
+        return ""
+    # Another boot under this host name: this machine restarted, unless another machine bears
+    # the same name; its holder would have renewed it within one heartbeat.
+    if here and period > 0 and age_s > period:
+        return f"left by process {pid} before this machine restarted"
+    if period > 0 and age_s > STALE_BEATS * period:
+        return (f"left by process {pid} on {lock['host']}, which has not renewed it for "
+                f"{age_s:,.0f} s (it renews every {period:g} s)")  # fmt: skip
+    return ""
+
+
+def _read_lock(path: Path) -> tuple[str, dict[str, str], float]:
+    """(text, fields, seconds since it was last renewed) of the lock at ``path``."""
+    try:
+        text, mtime = path.read_text(errors="replace"), path.stat().st_mtime
+    except FileNotFoundError:
+        return "", {"gone": "1"}, 0.0
+    except OSError:
+        return "", {}, 0.0
+    return text, _parse_lock(text), time.time() - mtime
+
+
+def _take(path: Path, run_dir: Path, note: Callable[[str], None]) -> bool:
+    """Remove the lock at ``path`` when it is stale or damaged, with a note; False when its run
+    may still be going."""
+    text, lock, age = _read_lock(path)
+    if lock.get("gone"):
+        return True
+    why = stale_reason(lock, age) if lock else ""
+    if lock and not why:
+        return False
+    if _read_lock(path)[0] != text:  # renewed or replaced meanwhile: look again
+        return True
+    path.unlink(missing_ok=True)
+    note(f"took over the lock of {run_dir} {why}" if why else f"replaced a damaged lock {path}")
+    return True
+
+
+def _refuse_locked(path: Path, run_dir: Path, resume: bool) -> None:
+    _, lock, age = _read_lock(path)
+    pid, host = lock.get("pid", "?"), lock.get("host", "?")
+    renewed = f", renewed {age:,.0f} s ago" if lock.get("heartbeat") else ""
+    if resume:
+        raise DalikdError(
+            f"{run_dir} is in use by another process ({pid} on {host}{renewed}): that run is "
+            f"still going; wait for it to end (remove {path} if it is gone)"
+        )
+    raise DalikdError(
+        f"{run_dir} is in use by another run (process {pid} on {host}{renewed}); wait for it, "
+        f"or pick another --out (remove {path} if that run is gone)"
+    )
+
+
+def _renew(path: Path, me: str, period: float, stop: threading.Event) -> None:
+    """The heartbeat: touch our lock every ``period`` seconds until ``stop``."""
+    while not stop.wait(period):
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            if path.read_text() == me:
+                os.utime(path)
+        except OSError:
+            pass
+
+
+@contextmanager
+def locked(
+    run_dir: Path,
+    note: Callable[[str], None],
+    resume: bool = False,
+    heartbeat_s: float = HEARTBEAT_S,
+) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for the block, renewed every ``heartbeat_s`` seconds; another
+    live run there is refused. A stale lock is taken over with a note: one left on this host by
+    a process that is gone (its pid dead, or reused since: another start time or boot), or one
+    from another host not renewed for STALE_BEATS heartbeats (a lost node)."""
+    path = run_dir / LOCK
+    me = _lock_text(heartbeat_s)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except FileExistsError:
-            try:
-                pid_text, _, host = path.read_text().strip().partition(" ")
-                pid = int(pid_text)
-            except (OSError, ValueError):
-                pid, host = -1, ""
-            if host == socket.gethostname() and pid > 0 and not _alive(pid):
-                note(f"took over the lock of {run_dir} left by process {pid}, which is gone")
-                path.unlink(missing_ok=True)
-                continue
-            if pid <= 0:  # empty or damaged: a run that died while writing it
-                note(f"replaced a damaged lock file {path}")
-                path.unlink(missing_ok=True)
-                continue
-            if resume:
-                raise DalikdError(
-                    f"{run_dir} is in use by another process ({pid} on {host or '?'}): that "
-                    f"run is still going; wait for it to end (remove {path} if it is gone)"
-                ) from None
-            raise DalikdError(
-                f"{run_dir} is in use by another run (process {pid} on {host or '?'}); "
-                f"wait for it, or pick another --out (remove {path} if that run is gone)"
-            ) from None
+            if not _take(path, run_dir, note):
+                _refuse_locked(path, run_dir, resume)
+            continue
         with os.fdopen(fd, "w") as f:
             f.write(me)
         break
     else:
         raise DalikdError(f"cannot take the lock {path}")
+    stop = threading.Event()
+    beat = threading.Thread(target=_renew, args=(path, me, heartbeat_s, stop), daemon=True)
+    beat.start()
     try:
         yield
     finally:
+        stop.set()
+        beat.join()
         try:
             if path.read_text() == me:
                 path.unlink()
@@ -193,3 +320,76 @@ def _remove_contents(run_dir: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+
+
+# -- what a run folder may name: the dataset outside it, the code and weights it was started with
+
+
+def refuse_inside_data(out: str, data: str) -> None:
+    """A run folder inside the dataset's train/ or val/ would be read as a class: refused."""
+    if not data:
+        return
+    out_path = Path(os.path.abspath(Path(out).expanduser())).resolve()
+    for split in ("train", "val"):
+        folder = Path(data).expanduser().resolve() / split
+        if out_path.is_relative_to(folder):
+            raise DalikdError(
+                f"--out {out} is inside the dataset's {split}/ ({folder}), where every folder "
+                "is a class; put the run outside the dataset"
+            )
+
+
+# Settings that name code a run imports (a recipe file, a model's module): a resume takes them
+# from the checkpoint, never from an edited config.json alone.
+CODE_KEYS = ("kd.aug", "model.student", "model.teacher")
+
+
+def _get(config: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config.get(part, {}) if isinstance(config, dict) else {}
+    return config
+
+
+def check_code_names(saved: dict[str, Any], trained: Any, run_dir: Path) -> None:
+    """One line where config.json (``saved``) names other code than last.pt's config
+    (``trained``): a resume never imports code the user did not give on a command line."""
+    if not isinstance(trained, dict):
+        return  # a checkpoint from before configs were saved in it
+    pairs = [(k, _get(trained, k), _get(saved, k)) for k in CODE_KEYS]
+    differs = [f"{k} {then!r} -> {now!r}" for k, then, now in pairs
+               if isinstance(then, str) and isinstance(now, str) and then != now]  # fmt: skip
+    if differs:
+        raise DalikdError(
+            f"{run_dir / 'config.json'} names other code than {run_dir / 'last.pt'} was trained "
+            f"with: {', '.join(differs)}; a resume imports nothing the run was not started with "
+            "(restore config.json, or start a new run with the new setting)"
+        )
+
+
+WEIGHTS_KEYS = ("model.teacher_weights", "model.student_weights")
+
+
+def absolute_weights(model: Any) -> dict[str, str]:
+    """Overrides that save weights files absolute (a resume from another working directory
+    finds them); torchvision weights names stay as they are."""
+    paths = {}
+    for key in WEIGHTS_KEYS:
+        value = getattr(model, key.split(".")[1])
+        if value and Path(value).expanduser().is_file():
+            paths[key] = os.path.abspath(Path(value).expanduser())
+    return paths
+
+
+def same_weights(saved: Any, overrides: dict[str, Any]) -> dict[str, str]:
+    """Weights files given again on resume that are the saved ones (the same file, however
+    spelled: relative, absolute, through a link), as the saved spelling: not a change."""
+    same = {}
+    for key in WEIGHTS_KEYS:
+        given, was = overrides.get(key), getattr(saved, key.split(".")[1])
+        if given and was and given != was:
+            try:
+                if os.path.samefile(Path(given).expanduser(), Path(was).expanduser()):
+                    same[key] = was
+            except OSError:  # either is no file (a torchvision name): compared as written
+                pass
+    return same

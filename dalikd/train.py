@@ -109,8 +109,9 @@ def load_resume(
         raise DalikdError(
             f"--resume continues the run in {run_dir}, where it writes; drop --out {out}"
         )
-    if not (run_dir / "last.pt").is_file() or not (run_dir / "config.json").is_file():
-        raise DalikdError(f"nothing to resume in {run_dir}: no last.pt and config.json there")
+    missing = [name for name in ("last.pt", "config.json") if not (run_dir / name).is_file()]
+    if missing:
+        raise DalikdError(f"nothing to resume in {run_dir}: no {' and no '.join(missing)} there")
     ckpt = _read_checkpoint(run_dir / "last.pt", mmap=True)
     if not isinstance(ckpt, dict) or not {"model", "epoch", "scheduler"} <= ckpt.keys():
         raise DalikdError(
@@ -140,10 +141,12 @@ def load_resume(
             data["mixing"] = checkpoint_mixing(recovery.dali_state(ckpt["dali"][0]))
         if "resize" not in data:
             data["resize"] = checkpoint_resize(recovery.dali_state(ckpt["dali"][0]))
+    rundir.check_code_names(saved, ckpt.get("config"), run_dir)  # before anything reads it
     try:
         before = build_config(saved, {"out": str(run_dir)})
     except DalikdError as e:
         raise DalikdError(f"{run_dir / 'config.json'} is damaged: {e}") from None
+    overrides = {**overrides, **rundir.same_weights(before.model, overrides)}
     # An explicit `auto` path asks dalikd to choose; on resume the choice is the one the run
     # made (its DALI state belongs to that graph), so it is kept, not refused as a change.
     overrides = {k: v for k, v in overrides.items()
@@ -242,7 +245,14 @@ def resolve_resize(cfg: TrainConfig, device: str) -> TrainConfig:
 
 def _read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except (OSError, RuntimeError, ValueError):
+            if not mmap:
+                raise
+            # mmap reads only whole zip checkpoints and, on a damaged one, advises re-saving
+            # for mmap: read it plainly for the real reason (or the data of an older format)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (PermissionError, FileNotFoundError, IsADirectoryError) as e:
         raise DalikdError(f"cannot read checkpoint {path}: {e.strerror}") from None
     except Exception as e:  # torch's text for a cut-off zip, an empty file, another format
@@ -308,6 +318,7 @@ def train(
         tensorboard.require()
     ctx = distributed.init(device)
     try:
+        rundir.refuse_inside_data(cfg.out or default_run_dir(), cfg.data.path)
         given = Path(cfg.out) if cfg.out else None
         cfg = build_config(overrides={"out": cfg.out or default_run_dir()}, base=cfg)
         claim: contextlib.AbstractContextManager[Path] = contextlib.nullcontext(Path(cfg.out))
@@ -567,12 +578,13 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     the loaders."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.out)  # train() claimed it
-    dataset = scan_dataset(cfg.data.path)
+    dataset = scan_dataset(cfg.data.path, max_pixels=cfg.data.max_pixels)
     if cfg.model.teacher_weights:  # a dalikd checkpoint of other classes: wrong labels
         w = cfg.model.teacher_weights
         check_classes(checkpoint_classes(w), dataset.classes, f"teacher weights {w}")
-    # saved absolute: a resume from another working directory finds the data
-    cfg = build_config(overrides={"data.path": str(dataset.root)}, base=cfg)
+    # saved absolute: a resume from another working directory finds the data and weights
+    paths = {"data.path": str(dataset.root), **rundir.absolute_weights(cfg.model)}
+    cfg = build_config(overrides=paths, base=cfg)
     listing = train_listing(dataset)
     # read once here: its listing is checked before the models (another class count is the
     # data's mistake, not theirs), the rest restored by _resume

@@ -37,7 +37,8 @@ def corrupt_sof() -> bytes:
 
 def truncated_with_thumbnail() -> bytes:
     """A JPEG with an embedded thumbnail (APP1), cut off shortly after its scan starts: the
-    last 4 KiB hold the thumbnail's end-of-image marker, so the tail check passes."""
+    last 4 KiB hold the thumbnail's end-of-image marker, but not its last 32 bytes (the scan
+    leaves it out)."""
     main = _jpeg((64, 64), noise=True)
     thumb = _jpeg((8, 8))
     app1 = b"Exif\x00\x00" + thumb
@@ -47,6 +48,15 @@ def truncated_with_thumbnail() -> bytes:
     cut = whole[: sos + 400]
     assert b"\xff\xd9" in cut[-4096:] and not cut.endswith(b"\xff\xd9")
     return cut
+
+
+def cut_before_its_scan() -> bytes:
+    """A JPEG cut off before its scan, with an end-of-image marker appended (a copy tool that
+    "repairs" the end): the scan passes it, DALI's decoder fails on it ("Unexpected end of
+    stream"). Cut inside the scan instead, it would decode as a partly grey image and no one
+    could tell (docs/reliability.md)."""
+    main = _jpeg((64, 64), noise=True)
+    return main[: main.find(b"\xff\xda")] + b"\xff\xd9"
 
 
 def recording_args(root: Path, run: Path, epochs: int, batch_size: int = 4) -> list:
@@ -62,7 +72,7 @@ def test_bad_files_are_left_out_mid_run_and_every_good_image_is_seen(tmp_path, c
 
     root = make_dataset(tmp_path / "d", classes=CLASSES, n_train=5, n_val=2)
     (root / "train/ant/bad_sof.jpg").write_bytes(corrupt_sof())
-    (root / "train/bee/bad_thumb.jpg").write_bytes(truncated_with_thumbnail())
+    (root / "train/bee/bad_cut.jpg").write_bytes(cut_before_its_scan())
     replaced = root / "train/cat/bad_replaced.jpg"
     replaced.write_bytes(_jpeg())
     (root / "train/dog").joinpath(os.fsdecode(b"bad_\xff\xfe.jpg")).write_bytes(_jpeg())
@@ -87,7 +97,7 @@ def test_bad_files_are_left_out_mid_run_and_every_good_image_is_seen(tmp_path, c
     assert epochs[1] == good  # the next one, rebuilt without the bad files
     report = (run / "data_report.tsv").read_text(errors="replace")
     rows = dict(line.split("\t", 1) for line in report.splitlines()[1:])
-    for name in ("ant/bad_sof.jpg", "bee/bad_thumb.jpg", "cat/bad_replaced.jpg"):
+    for name in ("ant/bad_sof.jpg", "bee/bad_cut.jpg", "cat/bad_replaced.jpg"):
         path = str(root / "train" / name)
         assert rows[path].startswith("failed in training (epoch 1, step"), rows
     assert any("not valid UTF-8" in r for r in rows.values())
@@ -102,7 +112,7 @@ def test_a_bad_file_in_the_first_batch_of_a_short_epoch_is_left_out(tmp_path, ca
 
     root = make_dataset(tmp_path / "d", classes=("a", "b"), n_train=4, n_val=1)
     (root / "train/a/img003.png").unlink()
-    (root / "train/a/bad.jpg").write_bytes(truncated_with_thumbnail())
+    (root / "train/a/bad.jpg").write_bytes(cut_before_its_scan())
     Recording.seen = []
     run = tmp_path / "run"
     code, out, err = run_cli(recording_args(root, run, epochs=1, batch_size=8), capsys)
@@ -120,7 +130,7 @@ def stopped_inside_a_remainder(tmp_path: Path, capsys) -> tuple[Path, Path]:
 
     root = make_dataset(tmp_path / "d", classes=CLASSES, n_train=5, n_val=2)
     (root / "train/ant/bad_sof.jpg").write_bytes(corrupt_sof())
-    (root / "train/bee/bad_thumb.jpg").write_bytes(truncated_with_thumbnail())
+    (root / "train/bee/bad_cut.jpg").write_bytes(cut_before_its_scan())
     Recording.seen, Recording.stop_at = [], 16  # SIGTERM during step 4 of 5
     run = tmp_path / "run"
     args = recording_args(root, run, epochs=1)

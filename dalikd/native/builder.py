@@ -14,10 +14,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from dalikd.cache import cache_dir, private_dir
+from dalikd.cache import cache_dir, private_dir, untrusted
 from dalikd.errors import DalikdError
 
 SOURCES = ("mix.h", "mix_cpu.cc", "mix_gpu.h", "mix_gpu.cc", "mix_gpu.cu")
@@ -49,6 +50,7 @@ class BuildInfo:
     gpu_error: str  # why not, or ""
     nvcc_version: str  # "" without nvcc
     dali_cuda_version: str  # CUDA version the DALI wheel was built with
+    attempts: int = 1  # builds in a row that failed for a cause that may pass (TRANSIENT)
 
 
 def source_dir() -> Path:
@@ -212,6 +214,15 @@ def _smoke(library: Path) -> str:
     return f"{library.name} does not load and run: {last}"
 
 
+def _seal(work: Path) -> None:
+    """Set every mode of a finished build explicitly, whatever the umask (under umask 000 the
+    linker makes 0777 libraries, which the next run would rightly refuse): folders and
+    libraries 0755, other files 0644; readable, writable by the user only."""
+    for path in (work, *work.rglob("*")):
+        executable = path.is_dir() or path.suffix == ".so"
+        os.chmod(path, 0o755 if executable else 0o644, follow_symlinks=False)
+
+
 def _compile(work: Path, key: str) -> BuildInfo:
     """Compile into ``work``: libdalikd_mix_cpu.so (g++), and libdalikd_mix.so (with nvcc's GPU
     object) where nvcc works. Never raises: failures become the reason fields."""
@@ -284,13 +295,29 @@ def _compile(work: Path, key: str) -> BuildInfo:
     return BuildInfo(**info)
 
 
-def _private(path: Path) -> bool:
-    """Owned by this user and writable by no one else (a build found otherwise is rebuilt)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+def _untrusted(folder: Path) -> str:
+    """Why a build folder is not trusted, or '': the folder, its build.json and libraries must
+    be the user's own and writable by no one else (cache.untrusted); else it is rebuilt."""
+    if not folder.exists():
+        return ""
+    names = ["build.json", *(p.name for p in folder.glob("*.so"))]
+    for path in (folder, *(folder / name for name in names)):
+        why = untrusted(path, build_root()) if path.exists() or path.is_symlink() else ""
+        if why:
+            return why
+    return ""
+
+
+def _trusted_read(folder: Path, force: bool) -> BuildInfo | None:
+    """The cached build in ``folder`` where it may be used (one warning where it may not)."""
+    if force:
+        return None
+    why = _untrusted(folder)
+    if why:
+        warnings.warn(f"dalikd: native build not trusted, rebuilt: {why}", RuntimeWarning,
+                      stacklevel=3)  # fmt: skip
+        return None
+    return _read(folder)
 
 
 def _read(folder: Path) -> BuildInfo | None:
@@ -298,6 +325,34 @@ def _read(folder: Path) -> BuildInfo | None:
         return BuildInfo(**json.loads((folder / "build.json").read_text()))
     except (OSError, ValueError, TypeError):
         return None
+
+
+# Failure causes that may pass by themselves: a file missing for a moment (a relative or moved
+# cache folder, a cleaned /tmp), a full disk or quota, an I/O error, a killed compiler (the
+# OOM killer), a timeout. Such a failed build is retried, up to MAX_ATTEMPTS builds in a row.
+TRANSIENT = ("No such file or directory", "No space left on device", "Disk quota exceeded",
+             "Input/output error", "Cannot allocate memory", "Resource temporarily unavailable",
+             "Killed", "exited -9", "timed out", "Timeout")  # fmt: skip
+MAX_ATTEMPTS = 3
+
+
+def transient(info: BuildInfo) -> str:
+    """The cause of a failed build that may pass by itself (TRANSIENT), or ''."""
+    errors = (info.cpu_error, "" if info.gpu_library else info.gpu_error)
+    return next((e for e in errors if any(t in e for t in TRANSIENT)), "")
+
+
+def retry_reason(info: BuildInfo | None) -> str:
+    """Why the cached build will be built again at its next use, or '' (for doctor)."""
+    if info is None or not transient(info):
+        return ""
+    if info.attempts >= MAX_ATTEMPTS:
+        return (
+            f"failed {info.attempts} times for a cause that may pass ({transient(info)}); "
+            "kept until the toolchain changes (or its cache folder is removed)"
+        )
+    return (f"failed for a cause that may pass ({transient(info)}); retried at the next use "
+            f"(attempt {info.attempts + 1} of {MAX_ATTEMPTS})")  # fmt: skip
 
 
 def _current_toolchain() -> str:
@@ -309,14 +364,17 @@ def _reusable(cached: BuildInfo | None) -> bool:
     """A complete build is kept; an incomplete one only while the toolchain is the same."""
     if cached is None:
         return False
-    return bool(cached.cpu_library and cached.gpu_library) or (
-        cached.toolchain == _current_toolchain()
-    )
+    if cached.cpu_library and cached.gpu_library:
+        return True
+    if transient(cached) and cached.attempts < MAX_ATTEMPTS:
+        return False  # e.g. a full disk then: try again
+    return cached.toolchain == _current_toolchain()
 
 
 def is_cached() -> bool:
     """Whether :func:`build` would reuse a finished build now (and compile nothing)."""
-    return _reusable(_read(build_root() / build_key()))
+    folder = build_root() / build_key()
+    return not _untrusted(folder) and _reusable(_read(folder))
 
 
 def build(force: bool = False) -> tuple[BuildInfo, Path]:
@@ -336,24 +394,27 @@ def build(force: bool = False) -> tuple[BuildInfo, Path]:
             "(set DALIKD_CACHE to a folder of your own)"
         )
     os.chmod(root, 0o700)  # ours: made private (an older dalikd created it umask-wide)
-    cached = None if force or not _private(final) else _read(final)
+    cached = _trusted_read(final, force)
     if _reusable(cached):
         return cached, final
-    with open(root / f".{key}.lock", "w") as lock:
+    lock_fd = os.open(root / f".{key}.lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(lock_fd, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be building this very key
-        cached = None if force or not _private(final) else _read(final)
+        cached = None if force else _read(final) if not _untrusted(final) else None
         if _reusable(cached):
             return cached, final
         work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         try:
-            (work / "src").mkdir()
+            (work / "src").mkdir(mode=0o700)
             for name in SOURCES + RESIZE_SOURCES:
                 shutil.copy2(source_dir() / name, work / "src" / name)
             info = _compile(work, key)
+            if transient(info) and cached is not None and transient(cached):
+                info = replace(info, attempts=cached.attempts + 1)
             for obj in work.glob("*.o"):
                 obj.unlink()
-            os.chmod(work, 0o755)  # mkdtemp makes it private; a shared cache should be readable
             (work / "build.json").write_text(json.dumps(asdict(info), indent=1) + "\n")
+            _seal(work)
             if final.exists():  # a stale or failed build under the lock: replace it
                 shutil.rmtree(final)
             os.rename(work, final)  # atomic: readers see a whole build or none
