@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from dalikd.cli.cache_cmd import cache_info
 from dalikd.cli.doctor_cmd import doctor
+from dalikd.cli.models_cmd import models
 from dalikd.cli.options import (
     MODEL_HELP,
     SEED_HELP,
@@ -413,6 +414,7 @@ cli.add_command(tstddev)
 cli.add_command(doctor)
 cli.add_command(plot)
 cli.add_command(cache_info)
+cli.add_command(models)
 
 
 def main(argv: list[str] | None = None) -> None:
