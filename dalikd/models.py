@@ -306,19 +306,18 @@ def _load_weights(model: nn.Module, name: str, weights: str, num_classes: int, r
     what = f"{role} weights {weights} do not fit {name}"
     try:
         check_shapes(model, state, what)
-        own = model.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        if missing or unexpected:
+        # strict=False: BatchNorm fills in a num_batches_tracked that files of torch < 0.4.1 lack
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
             parts = [
                 f"{len(keys)} {kind} key{'s' if len(keys) > 1 else ''} (e.g. {keys[0]})"
-                for kind, keys in (("missing", missing), ("unexpected", unexpected))
+                for kind, keys in (("missing", result.missing_keys),
+                                   ("unexpected", result.unexpected_keys))
                 if keys
-            ]
+            ]  # fmt: skip
             raise DalikdError(f"{what}: {', '.join(parts)}")
     except DalikdError as e:
         fits = cifar_models.identify(state) if name.startswith(cifar_models.PREFIX) else None
         if fits:  # the usual slip: another zoo model's checkpoint (CRD names them by folder)
             raise DalikdError(f"{e}; the file's keys and shapes are {fits}'s") from None
         raise
-    model.load_state_dict(state)
