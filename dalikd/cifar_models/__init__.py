@@ -21,8 +21,8 @@ from dalikd.cifar_models import mobilenetv2, resnet, resnetv2, shufflenetv1, shu
 from dalikd.cifar_models.base import CifarModel
 from dalikd.errors import DalikdError
 
-__all__ = ["PAPER_PAIRS", "PREFIX", "CifarModel", "ZooModel", "build", "catalogue", "identify",
-           "listing", "lookup"]  # fmt: skip
+__all__ = ["ALIASES", "PAPER_PAIRS", "PREFIX", "CifarModel", "ZooModel", "build", "catalogue",
+           "identify", "listing", "lookup", "parameter_count"]  # fmt: skip
 
 PREFIX = "cifar:"  # --teacher/--student cifar:NAME
 
