@@ -20,6 +20,7 @@ from rich.markup import escape
 from dalikd.cli.cache_cmd import cache_info
 from dalikd.cli.data_cmd import data as data_group
 from dalikd.cli.doctor_cmd import doctor
+from dalikd.cli.models_cmd import models
 from dalikd.cli.options import (
     MAX_PIXELS_HELP,
     MODEL_HELP,
@@ -429,6 +430,7 @@ cli.add_command(doctor)
 cli.add_command(plot)
 cli.add_command(cache_info)
 cli.add_command(data_group)
+cli.add_command(models)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -45,7 +45,7 @@ THREADS_HELP = "DALI CPU threads (0: one per core, at most 8)"
 WEIGHTS_HELP = (
     "a file (state_dict or dalikd checkpoint) or a torchvision weights name (IMAGENET1K_V1)"
 )
-MODEL_HELP = "torchvision name, timm:NAME or module:function"
+MODEL_HELP = "torchvision name, timm:NAME, cifar:NAME (dalikd models) or module:function"
 MAX_PIXELS_HELP = (
     "leave out images whose header claims more pixels than this (decompression bombs); 0: no limit"
 )

@@ -1,13 +1,16 @@
-"""Models by name: a torchvision builder name, ``timm:NAME`` (timm installed), or
-``module:function`` for a user's own.
+"""Models by name: a torchvision builder name, ``timm:NAME`` (timm installed), ``cifar:NAME``
+(the CIFAR models of the paper's pairs, :mod:`dalikd.cifar_models`), or ``module:function`` for
+a user's own.
 
-No model zoo is vendored. Weights come from a local file (a plain state_dict or a dalikd
-checkpoint), a torchvision weights name such as ``IMAGENET1K_V1`` (torchvision downloads it), or
+Weights come from a local file (a plain state_dict, a dalikd checkpoint, or a CRD/RepDistiller
+checkpoint such as ``resnet56_vanilla/ckpt_epoch_240.pth``: a dict whose ``"model"`` is the
+state_dict), a torchvision weights name such as ``IMAGENET1K_V1`` (torchvision downloads it), or
 a timm name with a pretrained tag such as ``timm:resnet50.a1_in1k`` (timm downloads it).
 
 Each model sees its own input normalization (:func:`input_norm`): a timm model its pretrained
-config's mean/std, the others ImageNet's; a teacher fed the student's inputs maps them to its
-own on the device (:func:`adapt_input`).
+config's mean/std, a ``cifar:`` model (which has none of its own, :func:`own_norm` None) the
+data's, the others ImageNet's; a teacher fed the student's inputs maps them to its own on the
+device (:func:`adapt_input`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torchvision
 from torch import nn
 
+from dalikd import cifar_models
 from dalikd.batch import IMAGENET_NORM, InputNorm
 from dalikd.config import TIMM_PREFIX, timm_pretrained
 from dalikd.errors import DalikdError
@@ -56,20 +60,31 @@ def _timm_model(name: str, num_classes: int, pretrained: bool, role: str) -> nn.
         raise DalikdError(f"cannot build {name}: {str(e).splitlines()[0]}") from None
 
 
-def input_norm(model: nn.Module) -> InputNorm:
-    """The normalization ``model`` expects its uint8 images turned into: a timm model's
-    pretrained-config mean/std, an :func:`adapt_input` wrapper's input one, else ImageNet's.
-    Looks through DDP (``.module``) and torch.compile (``._orig_mod``)."""
+def own_norm(model: nn.Module) -> InputNorm | None:
+    """The normalization ``model`` itself expects its uint8 images turned into: a timm model's
+    pretrained-config mean/std, an :func:`adapt_input` wrapper's input one, None for a model
+    with none of its own (a ``cifar:`` model: it takes the data's normalization), else
+    ImageNet's (torchvision's and a user's models). Looks through DDP (``.module``) and
+    torch.compile (``._orig_mod``)."""
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
     if isinstance(model, AdaptInput):
         return model.takes
+    if isinstance(model, cifar_models.CifarModel):
+        return None
     cfg = getattr(model, "pretrained_cfg", None)  # timm sets it on every model it builds
     if isinstance(cfg, dict) and "mean" in cfg and "std" in cfg:
         mean, std = (tuple(255.0 * float(v) for v in cfg[k]) for k in ("mean", "std"))
         if len(mean) == 3 and len(std) == 3:
             return InputNorm(mean, std)  # type: ignore[arg-type]
     return IMAGENET_NORM
+
+
+def input_norm(model: nn.Module, data_norm: InputNorm = IMAGENET_NORM) -> InputNorm:
+    """The normalization ``model``'s inputs get: its own (:func:`own_norm`), else the data's
+    (``data_norm``; ImageNet's until the dataset's own mean/std is passed in)."""
+    own = own_norm(model)
+    return data_norm if own is None else own
 
 
 class AdaptInput(nn.Module):
@@ -92,16 +107,21 @@ class AdaptInput(nn.Module):
         return self.model(torch.addcmul(self.shift, x, self.scale))
 
 
-def adapt_input(model: nn.Module, takes: InputNorm) -> nn.Module:
-    """``model`` taking inputs normalized with ``takes``: itself when that is its own
-    normalization, else wrapped in :class:`AdaptInput` (kept in ``model``'s train/eval mode)."""
-    own = input_norm(model)
+def adapt_input(
+    model: nn.Module, takes: InputNorm, data_norm: InputNorm = IMAGENET_NORM
+) -> nn.Module:
+    """``model`` taking inputs normalized with ``takes``: itself when that is its normalization
+    (:func:`input_norm` with ``data_norm``), else wrapped in :class:`AdaptInput` (kept in
+    ``model``'s train/eval mode)."""
+    own = input_norm(model, data_norm)
     if own == takes:
         return model
     return AdaptInput(model, takes, own).train(model.training)
 
 
 def _builder(name: str):
+    if name.startswith(cifar_models.PREFIX):  # before module:function: cifar is no module here
+        return cifar_models.lookup(name).builder
     if name.startswith(TIMM_PREFIX):
         return lambda num_classes: _timm_model(name, num_classes, pretrained=False, role="model")
     if ":" in name:
@@ -120,7 +140,8 @@ def _builder(name: str):
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise DalikdError(
             f"unknown model '{name}' (not a torchvision classification model){hint} "
-            "Use a name from torchvision.models.list_models() or module:function"
+            "Use a name from torchvision.models.list_models(), cifar:NAME (dalikd models) or "
+            "module:function"
         )
     return lambda num_classes: torchvision.models.get_model(name, num_classes=num_classes)
 
@@ -217,16 +238,21 @@ def check_classes(
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model tensors of a weights file: a state_dict, or the 'model' of a dalikd checkpoint.
+    """The model tensors of a weights file: a state_dict, or the 'model' of a checkpoint (a
+    dalikd one, or a CRD/RepDistiller one: ``{"model": state_dict, "epoch": ..., ...}``).
 
-    Prefixes added by DDP ('module.') and torch.compile ('_orig_mod.') are removed.
+    Prefixes added by DDP or DataParallel ('module.') and torch.compile ('_orig_mod.') are
+    removed.
     """
     path = Path(path)
     state = _read_weights(path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DalikdError(f"{path} is neither a state_dict nor a dalikd checkpoint")
+        raise DalikdError(
+            f"{path} is neither a state_dict nor a checkpoint with one under 'model' (dalikd's, "
+            "CRD's)"
+        )
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
@@ -263,8 +289,13 @@ def build_model(name: str, num_classes: int, weights: str = "", role: str = "mod
         raise DalikdError(
             f"model '{name}' did not return a torch.nn.Module (got {type(model).__name__})"
         )
-    if not weights:
-        return model
+    if weights:
+        _load_weights(model, name, weights, num_classes, role)
+    return model
+
+
+def _load_weights(model: nn.Module, name: str, weights: str, num_classes: int, role: str) -> None:
+    """``weights`` (a file) into ``model``; one line naming the first mismatch otherwise."""
     state = load_state(weights)
     key, _ = classifier_size(model)
     if key in state and state[key].shape[0] != num_classes:
@@ -272,14 +303,21 @@ def build_model(name: str, num_classes: int, weights: str = "", role: str = "mod
             f"{role} weights {weights} predict {state[key].shape[0]} classes "
             f"but the dataset has {num_classes}"
         )
-    check_shapes(model, state, f"{role} weights {weights} do not fit {name}")
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        parts = [
-            f"{len(keys)} {kind} key{'s' if len(keys) > 1 else ''} (e.g. {keys[0]})"
-            for kind, keys in (("missing", result.missing_keys),
-                               ("unexpected", result.unexpected_keys))
-            if keys
-        ]  # fmt: skip
-        raise DalikdError(f"{role} weights {weights} do not fit {name}: {', '.join(parts)}")
-    return model
+    what = f"{role} weights {weights} do not fit {name}"
+    try:
+        check_shapes(model, state, what)
+        # strict=False: BatchNorm fills in a num_batches_tracked that files of torch < 0.4.1 lack
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            parts = [
+                f"{len(keys)} {kind} key{'s' if len(keys) > 1 else ''} (e.g. {keys[0]})"
+                for kind, keys in (("missing", result.missing_keys),
+                                   ("unexpected", result.unexpected_keys))
+                if keys
+            ]  # fmt: skip
+            raise DalikdError(f"{what}: {', '.join(parts)}")
+    except DalikdError as e:
+        fits = cifar_models.identify(state) if name.startswith(cifar_models.PREFIX) else None
+        if fits:  # the usual slip: another zoo model's checkpoint (CRD names them by folder)
+            raise DalikdError(f"{e}; the file's keys and shapes are {fits}'s") from None
+        raise

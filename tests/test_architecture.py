@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = {"config", "errors", "batch", "device", "checkpoint", "metrics", "distributed",
           "rundir", "tensorboard", "plots", "cache", "outputs", "manifest", "__init__"}  # fmt: skip
-MODEL = {"models", "losses", "pick", "step"}
+MODEL = {"models", "cifar_models", "losses", "pick", "step"}
 DATA = {"data", "datacheck", "loaders", "ops", "recipes", "autoaugment", "native", "recovery",
         "shards", "shardwrite", "shardcheck", "shard_source"}  # fmt: skip
 RUNS = {"train", "evaluate", "probe", "teacher_cache"}

@@ -209,7 +209,10 @@ def test_help_is_complete_and_says_one_thing_one_way(capsys):
     for command in ("train", "tstddev", "preview"):
         assert f"--seed INTEGER {SEED_HELP}" in _help(command, capsys=capsys), command
     tstddev = _help("tstddev", capsys=capsys)
-    assert "teacher model: torchvision name, timm:NAME or module:function" in tstddev
+    assert (
+        "teacher model: torchvision name, timm:NAME, cifar:NAME (dalikd models) or module:function"
+        in tstddev
+    )
     for command in ("train", "tstddev"):
         assert (
             "weights: a file (state_dict or dalikd checkpoint) or a torchvision weights name"
