@@ -201,7 +201,8 @@ def versions(device: str) -> dict:
     cuda = str(getattr(nvidia.dali, "__cuda_version__", ""))
     info = {"gpu": None, "driver": None, "driver_cuda": None, "cuda": torch.version.cuda,
             "torch": torch.__version__, "dali": nvidia.dali.__version__,
-            "dali_cuda": _dotted(int(cuda), 1000, 10) if cuda.isdigit() else None,
+            # DALI's CUDA: major * 1000 + minor * 100 + build (12986: 12.9, build 86)
+            "dali_cuda": _dotted(int(cuda), 1000, 100) if cuda.isdigit() else None,
             **library_versions()}  # fmt: skip
     if device == "gpu":
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -520,6 +521,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None,
                         help=f"s, for all cases together (default: {BUDGET_S['gpu']} on a GPU, "
                         f"{BUDGET_S['cpu']} in the CPU dry run)")  # fmt: skip
+    parser.add_argument("--preflight", action="store_true",
+                        help="only check that every package imports, then exit")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--select", help=argparse.SUPPRESS)
@@ -535,6 +538,9 @@ def main() -> None:
               "machine gets DALI and its wheels from the bundle: benchmarks/GPU_CHECK.md)",
               flush=True)  # fmt: skip
         sys.exit(1)
+    if args.preflight:
+        print(f"gpu_check: pre-flight ok ({', '.join(PREFLIGHT)} import)", flush=True)
+        return
     import torch
 
     if args.device == "gpu" and not torch.cuda.is_available():
