@@ -152,7 +152,7 @@ def test_a_failed_case_reports_its_error_line_not_a_banner():
 
 
 def test_the_preflight_names_every_missing_package(monkeypatch):
-    gc = _import("gpu_check")
+    gc = _import("gpu_check_env")
     assert gc.preflight() == []  # this machine has them all
     needed = (
         "optree",
@@ -222,7 +222,7 @@ def test_the_recovery_files_are_cut_from_a_ycbcr_jpeg_and_fail_where_they_should
 
 
 def test_the_library_versions_come_from_the_libraries_themselves():
-    gc = _import("gpu_check")
+    gc = _import("gpu_check_env")
     info = gc.library_versions()
     assert info["nvimgcodec"].count(".") == 2 and info["nvjpeg"].count(".") == 2
     assert info["nvimgcodec_cuda"].startswith("12.")
