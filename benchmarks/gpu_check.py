@@ -93,6 +93,8 @@ NOMINAL = 3  # a case's own timeout, in reserves (the slack of earlier cases, if
 # The profile's plan, on either device: fewer, shorter windows than `dalikd profile`'s default.
 PROFILE_PLAN = ["--aug", "cutmixpick", "--baseline", "none", "--windows", "2",
                 "--window-seconds", "0.5", "--warmup", "2"]  # fmt: skip
+
+
 # -- the parent: runs cases, prints, records -----------------------------------------------------
 
 

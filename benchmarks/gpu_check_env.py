@@ -21,7 +21,8 @@ def preflight() -> list[str]:
         try:
             importlib.import_module(name)
         except Exception as e:  # a broken install is as fatal as a missing one
-            missing.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            first = (str(e).splitlines() or [""])[0][:120]
+            missing.append(f"{name} ({type(e).__name__}: {first})")
     return missing
 
 
