@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py's logic, on CPU (--device cpu, a dry run with tiny sizes), so that a
-Python bug does not spend the minutes of a GPU lease. The cheap cases only; the rest
-(loader, profile, train, torchrun, doctor) run in `--device cpu` by hand."""
+Python bug does not spend the minutes of a GPU lease: the cheap cases and recovery end to end,
+the time model, the pre-flight, the versions, the recovery case's files; the rest (loader,
+profile, train, torchrun, doctor) run in `--device cpu` by hand (GPU_CHECK.md's rehearsal)."""
 
 from __future__ import annotations
 
