@@ -33,10 +33,12 @@ def _nvidia_library(folder: str, pattern: str):
     """A shared library under the ``nvidia`` namespace package (pip's and the bundle's
     layout), loaded; None where there is none."""
     import ctypes
-    import importlib.util
 
-    spec = importlib.util.find_spec("nvidia")
-    for base in (spec.submodule_search_locations or []) if spec else []:
+    try:  # its __path__, also where the procedure's sitecustomize.py extended it
+        import nvidia
+    except ImportError:
+        return None
+    for base in list(getattr(nvidia, "__path__", [])):
         for path in sorted((Path(base) / folder).glob(pattern)):
             try:
                 return ctypes.CDLL(str(path))
