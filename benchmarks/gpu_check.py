@@ -361,16 +361,20 @@ def _select(parser: argparse.ArgumentParser, spec: str) -> dict[str, list[str]]:
     return select
 
 
-def run_cases(check: Check, select: dict[str, list[str]]) -> None:
+def make_data(work: Path, device: str) -> Path:
+    """The synthetic JPEG set, 4 classes (before the clock). The profile's batches of 256: 4 per
+    epoch, so epoch ends are not every other batch."""
     from gpu_check_cases import make_jpegs
 
-    cases = list(select)
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    data, classes = work / "data", 4
-    # The profile's batches of 256: 4 per epoch, so epoch ends are not every other batch.
-    per_class = 256 if check.device == "gpu" else 6
-    kinds = make_jpegs(data, classes, per_class, val_per_class=7)
+    data = work / "data"
+    kinds = make_jpegs(data, 4, 256 if device == "gpu" else 6, val_per_class=7)
     print(f"data: {data} ({', '.join(f'{n} {k}' for k, n in kinds.items())})", flush=True)
+    return data
+
+
+def run_cases(check: Check, select: dict[str, list[str]], data: Path) -> None:
+    cases, classes = list(select), 4
+    work = data.parent
     teacher = work / "teacher.pt"
     for i, case in enumerate(cases):
         check.pending = cases[i + 1 :]
@@ -386,7 +390,6 @@ def run_cases(check: Check, select: dict[str, list[str]]) -> None:
             case_train(check, data, teacher, work / "runs", torchrun=case == "torchrun")
         elif case == "recovery":
             case_recovery(check, data, work / "runs")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
@@ -431,11 +434,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     line, built = before_the_clock()
     print(line, flush=True)
-    check = Check(out, args.device, args.budget)  # the clock starts here
-    check.result["before_the_clock"] = {k: built.get(k) for k in ("cached", "gpu_backend")}
-    print(versions_line(check.result), flush=True)
-    check.save()
-    run_cases(check, select)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    try:
+        data = make_data(work, args.device)
+        check = Check(out, args.device, args.budget)  # the clock starts here
+        check.result["before_the_clock"] = {k: built.get(k) for k in ("cached", "gpu_backend")}
+        print(versions_line(check.result), flush=True)
+        check.save()
+        run_cases(check, select, data)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     failed = [c["name"] for c in check.result["cases"] if not c["ok"]]
     print(f"{len(check.result['cases']) - len(failed)} ok, {len(failed)} FAIL; "
           f"{out / 'gpu_check.json'}", flush=True)  # fmt: skip
