@@ -1,19 +1,25 @@
 """One command that checks dalikd's DALI GPU path on a GPU: ``python benchmarks/gpu_check.py
---out DIR`` (≤ 5 minutes on one H200, no network; see benchmarks/GPU_CHECK.md).
+--out DIR`` (≤ 240 s on one H100 or H200 by the time model below, no network; see
+benchmarks/GPU_CHECK.md).
 
-Prints one line per case as it finishes, ``ok|FAIL <case> <detail>``, and rewrites
+Prints the versions it runs with (DALI, nvImageCodec, nvJPEG, the CUDA runtimes, the driver),
+then one line per case as it finishes, ``ok|FAIL <case> <detail>``, and rewrites
 ``DIR/gpu_check.json`` after every case (a killed run leaves what it had):
-``{"gpu", "driver", "cuda", "torch", "dali", "device", "cases": [{"name", "ok", "detail"}],
-"efficiency": {aug: fed KD step / KD step on synthetic tensors}}``.
+``{"gpu", "driver", "cuda", "torch", "dali", ..., "device", "cases": [{"name", "ok", "detail"}],
+"efficiency": {aug: fed KD step / KD step on synthetic tensors}, "seconds": {case: s}}``.
 
-Cases: ``doctor`` (builds the native operator and runs its GPU backend on the GPU); ``jpegs``
-(synthetic JPEGs of mixed sizes with CMYK, grayscale and progressive ones, every one decoded);
-``profile`` (``dalikd profile``, R34 -> R18, batch 256: data-loading efficiency for none,
-cutmix, cutmixpick); ``train`` (1 epoch of ``dalikd train --aug cutmixpick``); ``torchrun``
-(the same under ``torchrun --nproc_per_node 1``: a process group of one, NCCL on GPU, DDP; ok
-only when train says it joined one); ``recovery`` (two files that pass the scan but fail the
-device's decoder in training: found, reported, left out); ``checkpoint`` (restore gives the same
-next batch);
+Before any case: a pre-flight import of every package the check and the CLI need (one line
+naming the missing ones, exit 1), and the native operators' build and GPU verification, which
+``dalikd doctor --build`` caches: when they are not cached yet they run here, before the clock.
+
+Cases: ``doctor`` (the native operator, cached, and its GPU backend verified on the GPU);
+``jpegs`` (synthetic JPEGs of mixed sizes with CMYK, grayscale and progressive ones, every one
+decoded); ``profile`` (``dalikd profile``, R34 -> R18, batch 256, 2 windows of 0.5 s a stage:
+data-loading efficiency for KD and KD + CutMixPick); ``train`` (1 epoch of ``dalikd train --aug
+cutmixpick``); ``torchrun`` (the same under ``torchrun --nproc_per_node 1``: a process group of
+one, NCCL on GPU, DDP; ok only when train says it joined one); ``recovery`` (files cut short
+are left out by the scan; two that pass it but fail the GPU's decoder are found in training,
+reported, left out, the epoch done); ``checkpoint`` (restore gives the same next batch);
 ``exact/<op>/<path>`` (MixUp and CutMix, native and composed, on injected draws with halves and
 empty, clipped and full boxes, against NumPy); ``same/<aug>/<granularity>`` (native vs
 composed: bit-identical, or the largest difference); ``loader/<aug>/<path>/<granularity>``
@@ -22,22 +28,22 @@ composed: bit-identical, or the largest difference); ``loader/<aug>/<path>/<gran
 profile run ``--mixing auto`` and say the path they resolved.
 
 Every case but the JPEG set-up runs in a child process with its own timeout (a hang or a crash
-in DALI, NCCL or the plugin becomes a FAIL line), and all of them share a time budget
-(``--budget``, 290 s): a case that would start after it is reported FAIL, not run. A case's
-timeout also leaves each case still to come its ``RESERVE`` seconds, so one slow case cannot
-starve the rest; and by default the cases run in ``CASES`` order, the data-loading efficiency
-(``profile``) right after the set-up and the long ``loader`` matrix last. Each case's seconds
-go to ``"seconds"`` in the JSON, to plan the next lease.
+in DALI, NCCL or the plugin becomes a FAIL line). The time model: each case has a reserve, the
+seconds it took in the CPU rehearsal (``REHEARSAL_S``) times ``GPU_FACTOR`` on a GPU
+(``CPU_FACTOR`` in the CPU dry run); the budget (``--budget``, default 240 s on a GPU) covers
+every reserve; a case's timeout is ``NOMINAL`` times its reserve, but never more than what
+leaves each case still to come its reserve. So a slow case cannot starve the rest, and the
+cases run in ``CASES`` order: the data-loading efficiency (``profile``) right after the
+set-up, the long ``loader`` matrix last. Each case's seconds go to ``"seconds"`` in the JSON.
 Without CUDA, ``--device gpu`` (the default) prints one line and exits 0. ``--device cpu`` is a
-dry run of this script's logic on CPU with tiny sizes (its results say nothing about GPUs;
-give it ``--budget 1200`` on a slow machine).
+dry run of this script's logic on CPU with tiny sizes (its results say nothing about GPUs).
 """
 
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
+import math
 import os
 import re
 import shutil
@@ -48,8 +54,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # its modules beside it, also when imported (the tests)
+    sys.path.insert(0, str(HERE))
+
+from gpu_check_env import PREFLIGHT, preflight, versions, versions_line  # noqa: E402 (stdlib)
 
 CASES = (
     "doctor",
@@ -63,292 +72,47 @@ CASES = (
     "same",
     "loader",
 )
-# Seconds on one H200 that each case is expected to need at least: what a case's timeout must
-# leave for the cases after it (scaled like the timeouts in the CPU dry run). 275 of the 290.
-RESERVE = {"doctor": 30, "jpegs": 10, "profile": 80, "train": 30, "torchrun": 30,
-           "recovery": 15, "checkpoint": 10, "exact": 10, "same": 20, "loader": 40}  # fmt: skip
-MIXING = ("mixup", "cutmix", "cutmixpick")
-MARK = "@@case "  # a child's result line: MARK + {"name", "ok", "detail"}
-
-
-# -- synthetic data (parent, PIL only) -----------------------------------------------------------
-
-
-def _save_jpeg(job: tuple[Path, int, int, int]) -> str:
-    """One smooth noisy image, 64-500 px a side; i % 7 picks CMYK (0), grayscale (1),
-    progressive (2) or plain RGB. Returns its kind."""
-    path, c, i, seed = job
-    rng = np.random.default_rng(seed)
-    h, w = (int(v) for v in rng.integers(64, 500, 2))
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 40 * c % 256)], -1)
-    pixels = np.clip(base + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
-    image, options, kind = Image.fromarray(pixels), {"quality": 90}, "rgb"
-    if i % 7 == 0:
-        image, kind = image.convert("CMYK"), "cmyk"
-    elif i % 7 == 1:
-        image, kind = image.convert("L"), "gray"
-    elif i % 7 == 2:
-        options, kind = {"quality": 90, "progressive": True}, "progressive"
-    image.save(path, **options)
-    return kind
-
-
-def make_jpegs(root: Path, classes: int, per_class: int, val_per_class: int) -> dict[str, int]:
-    """``root/{train,val}/c<i>/<j>.jpg`` (see :func:`_save_jpeg`), made by a process pool.
-    Returns how many of each kind."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    jobs = []
-    for split, n in (("train", per_class), ("val", val_per_class)):
-        for c in range(classes):
-            folder = root / split / f"c{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            jobs += [(folder / f"{i}.jpg", c, i, len(jobs) + i) for i in range(n)]
-    with ProcessPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        made = list(pool.map(_save_jpeg, jobs, chunksize=16))
-    return {k: made.count(k) for k in ("rgb", "cmyk", "gray", "progressive")}
-
-
-# -- the cases, run in children (python gpu_check.py --child CASE ...) ---------------------------
-
-
-def report(name: str, ok: bool, detail: str) -> None:
-    print(MARK + json.dumps({"name": name, "ok": bool(ok), "detail": detail}), flush=True)
-
-
-def sizes(device: str) -> dict[str, int]:
-    return {"image_size": 64, "batch_size": 32} if device == "gpu" else {
-        "image_size": 32, "batch_size": 4}  # fmt: skip
-
-
-def _loader(data_root: Path, device: str, aug: str, granularity: str, seed: int = 0,
-            mixing: str = "auto", **kw):  # fmt: skip
-    """train_loader on the mixing path ``mixing`` (DataConfig.mixing: auto|native|composed)."""
-    from dalikd import loaders
-    from dalikd.config import DataConfig
-    from dalikd.data import scan_dataset
-    from dalikd.recipes import resolve
-
-    data = DataConfig(path=str(data_root), threads=2, mixing=mixing, **sizes(device))
-    return loaders.train_loader(scan_dataset(data_root).train, data, resolve(aug), device=device,
-                                 seed=seed, granularity=granularity, **kw)  # fmt: skip
-
-
-def check_batch(batch, device: str, aug: str, mixing: bool, pool: int) -> str:
-    """'' when the batch has the right device, dtype, shape and value ranges, else what not."""
-    import torch
-
-    n, s = sizes(device)["batch_size"], sizes(device)["image_size"]
-    want = "cuda" if device == "gpu" else "cpu"
-    problems = []
-    tensors = {"images": batch.images, "labels": batch.labels, "aug_images": batch.aug_images,
-               "lam": batch.lam, "perm": batch.perm}  # fmt: skip
-    for name, t in tensors.items():
-        if t is not None and t.device.type != want:
-            problems.append(f"{name} on {t.device}")
-    if batch.images.dtype != torch.uint8 or tuple(batch.images.shape) != (n, s, s, 3):
-        problems.append(f"images {batch.images.dtype} {tuple(batch.images.shape)}")
-    if aug != "none":
-        x2 = batch.aug_images
-        if x2 is None or x2.dtype != torch.uint8 or tuple(x2.shape) != (n * pool, s, s, 3):
-            problems.append("aug_images " + ("missing" if x2 is None else f"{tuple(x2.shape)}"))
-    if int(batch.images.max()) == 0:
-        problems.append("images all zero")
-    if mixing:
-        if batch.lam is None or batch.perm is None:
-            return "; ".join([*problems, "lam/perm missing"])
-        lam, perm = batch.lam.float().cpu(), batch.perm.cpu()
-        if lam.shape != (n * pool,) or not bool(((lam >= 0) & (lam <= 1)).all()):
-            problems.append(f"lam {tuple(lam.shape)} in [{lam.min():.3f}, {lam.max():.3f}]")
-        if perm.dtype != torch.int64 or not bool(((perm >= 0) & (perm < n)).all()):
-            problems.append(f"perm {perm.dtype} in [{perm.min()}, {perm.max()}]")
-    elif batch.lam is not None:
-        problems.append("lam from a non-mixing recipe")
-    return "; ".join(problems)
-
-
-def child_loader(data_root: Path, device: str, chosen) -> None:
-    from dalikd.recipes import builtin_recipes, recipe_info
-
-    for aug, recipe in builtin_recipes().items():
-        mixing = recipe_info(recipe).mixing
-        for path in ("native", "composed") if mixing else ("composed",):
-            for granularity in ("sample", "batch"):
-                name = f"loader/{aug}/{path}/{granularity}"
-                if not chosen(name):
-                    continue
-                try:
-                    pool = 2 if aug == "cutmixpick" else 1
-                    loader = _loader(data_root, device, aug, granularity, mixing=path,
-                                     pool_size=pool)  # fmt: skip
-                    batches = [b for _, b in zip(range(3), loader, strict=False)]
-                    bad = [check_batch(b, device, aug, mixing, pool) for b in batches]
-                    bad = [b for b in bad if b]
-                    ok = len(batches) == 3 and not bad
-                    report(name, ok, bad[0] if bad else f"{len(batches)} batches ok")
-                except Exception as e:
-                    report(name, False, f"{type(e).__name__}: {_line(e)}")
-
-
-def child_same(data_root: Path, device: str, chosen) -> None:
-    import torch
-
-    for aug in MIXING:
-        for granularity in ("sample", "batch"):
-            name = f"same/{aug}/{granularity}"
-            if not chosen(name):
-                continue
-            try:
-                runs = {}
-                for path in ("native", "composed"):
-                    loader = _loader(data_root, device, aug, granularity, seed=3, mixing=path)
-                    runs[path] = [b for _, b in zip(range(2), loader, strict=False)]
-                diffs = []
-                for a, b in zip(runs["native"], runs["composed"], strict=True):
-                    for field in ("images", "aug_images", "lam", "perm", "labels"):
-                        x, y = getattr(a, field), getattr(b, field)
-                        if not torch.equal(x, y):
-                            diff = (x.double() - y.double()).abs().max().item()
-                            diffs.append(f"{field} differ (max |diff| {diff:g})")
-                report(name, not diffs, diffs[0] if diffs else "bit-identical (2 batches)")
-            except Exception as e:
-                report(name, False, f"{type(e).__name__}: {_line(e)}")
-
-
-def child_checkpoint(data_root: Path, device: str, chosen) -> None:
-    import torch
-
-    first = _loader(data_root, device, "cutmixpick", "sample", seed=5)
-    batches = iter(first)
-    next(batches)
-    saved = first.checkpoint()
-    expected = next(batches)
-    resumed = next(iter(_loader(data_root, device, "cutmixpick", "sample", seed=5,
-                                checkpoint=saved)))  # fmt: skip
-    fields = ("images", "labels", "aug_images", "lam", "perm")
-    differ = [f for f in fields if not torch.equal(getattr(resumed, f), getattr(expected, f))]
-    same = "the restored loader's first batch equals the saved one's next (cutmixpick)"
-    report("checkpoint", not differ, "differ: " + ", ".join(differ) if differ else same)
-
-
-def mixing_reference(op: str, x, lam, perm, centres):
-    """NumPy's MixUp / CutMix of ``x`` (n, S, S, 3) uint8 on the given draws: ``(images, λ)``.
-    MixUp: float32 ``x·λ + x[perm]·(1 − λ)``, then ``floor(v + 0.5)``; CutMix: Yun et al.'s box,
-    half = floor(S·√(1 − λ)) // 2, [c − half, c + half) clipped, λ = 1 − area / S² (dalikd.ops)."""
-    f32 = np.float32
-    n, s = x.shape[0], x.shape[1]
-    if op == "mixup":
-        lam = np.asarray(lam, f32).reshape(n, 1, 1, 1)
-        v = x.astype(f32) * lam + x[perm].astype(f32) * (f32(1) - lam)
-        return np.floor(v + f32(0.5)).astype(np.uint8), np.asarray(lam, f32).ravel()
-    out, lam_out = x.copy(), np.empty(n, f32)
-    for i, (cy, cx) in enumerate(centres):
-        half = int(np.floor(f32(s) * np.sqrt(f32(1) - f32(lam[i])))) // 2
-        y0, y1, x0, x1 = max(cy - half, 0), min(cy + half, s), max(cx - half, 0), min(cx + half, s)
-        out[i, y0:y1, x0:x1] = x[perm[i], y0:y1, x0:x1]
-        lam_out[i] = f32(1) - f32((y1 - y0) * (x1 - x0)) / f32(s * s)
-    return out, lam_out
-
-
-def child_exact(data_root: Path, device: str, chosen) -> None:
-    from nvidia.dali import fn, pipeline_def
-
-    from dalikd import ops
-
-    s = 16
-    rng = np.random.default_rng(7)
-    x = rng.integers(0, 256, (8, s, s, 3), np.uint8)
-    perm = [3, 2, 4, 5, 1, 0, 7, 6]
-    lams = {
-        "mixup": [0.5, 0.5, 0.25, 0.75, 0.1, 0.9, 0.0, 1.0],  # halves: x + x[perm] odd
-        "cutmix": [1.0, 1.0, 0.999, 0.99, 0.5, 0.0, 0.3, 0.9],
-    }  # 4 empty boxes, then real
-    centres = [(5, 5), (0, 0), (15, 15), (8, 3), (9, 14), (8, 8), (0, 15), (7, 7)]
-
-    def arg(values, dtype):
-        return fn.external_source(source=lambda: [np.asarray(v, dtype) for v in values],
-                                  batch=True)  # fmt: skip
-
-    for op in ("mixup", "cutmix"):
-        for path in ("native", "composed"):
-            name = f"exact/{op}/{path}"
-            if not chosen(name):
-                continue
-            try:
-
-                def graph(op=op, path=path):
-                    images = fn.external_source(source=lambda: list(x), batch=True, layout="HWC")
-                    images = images.gpu() if device == "gpu" else images
-                    kw = dict(lam=arg(lams[op], np.float32), perm=arg(perm, np.int32),
-                              native=path == "native")  # fmt: skip
-                    if op == "mixup":
-                        mixed, lam, _ = ops.mixup(images, **kw)
-                    else:
-                        mixed, lam, _ = ops.cutmix(images, s, centre=arg(centres, np.int32), **kw)
-                    return mixed, lam
-
-                pipe = pipeline_def(graph, batch_size=8, num_threads=1, seed=0,
-                                    device_id=0 if device == "gpu" else None)()  # fmt: skip
-                pipe.build()
-                got, got_lam = (np.asarray(o.as_cpu().as_array() if hasattr(o, "as_cpu")
-                                else o.as_array()) for o in pipe.run())  # fmt: skip
-                want, want_lam = mixing_reference(op, x, lams[op], perm, centres)
-                bad = [i for i in range(8) if not np.array_equal(got[i], want[i])]
-                bad_lam = [i for i in range(8) if got_lam.ravel()[i] != want_lam[i]]
-                if bad or bad_lam:
-                    diff = int(np.abs(got.astype(int) - want.astype(int)).max())
-                    report(name, False, f"samples {bad} differ from NumPy (max |diff| {diff}), "
-                           f"lam differs at {bad_lam}")  # fmt: skip
-                else:
-                    report(name, True, f"equal to NumPy on {device}: 8 samples, lam too")
-            except Exception as e:
-                report(name, False, f"{type(e).__name__}: {_line(e)}")
-
-
-def child_jpegs(data_root: Path, device: str, chosen) -> None:
-    from dalikd import loaders
-    from dalikd.config import DataConfig
-    from dalikd.data import scan_dataset
-
-    split = scan_dataset(data_root).val
-    data = DataConfig(path=str(data_root), threads=2, **sizes(device))
-    seen, flat = 0, 0
-    for batch in loaders.val_loader(split, data, device=device):
-        seen += len(batch)
-        flat += int((batch.images.amax(dim=(1, 2, 3)) == batch.images.amin(dim=(1, 2, 3))).sum())
-    ok = seen == len(split.files) and flat == 0
-    report("jpegs", ok, f"{seen}/{len(split.files)} decoded on {device}, {flat} flat")
-
-
-def child_main(args) -> None:
-    patterns = args.select.split(",") if args.select else ["*"]
-
-    def chosen(name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-    {"loader": child_loader, "same": child_same, "checkpoint": child_checkpoint,
-     "jpegs": child_jpegs, "exact": child_exact}[args.child](Path(args.data), args.device,
-                                                            chosen)  # fmt: skip
-
-
-def _line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0][:300] if lines else ""
+# Seconds each case took in the CPU rehearsal (`gpu_check.py --device cpu` with its default
+# budget on the 2-core CI machine, load 4-7 from other jobs; benchmarks/GPU_CHECK.md, "The time
+# model"): the largest of four runs, two under Python 3.11 / torch 2.14 and two under the GPU
+# machine's Python 3.12 / torch 2.11 with the DALI bundle, rounded up. The same plan as on the
+# GPU (the cases, the profile's windows); most of it is fixed cost: process start, imports,
+# pipeline builds, model set-up.
+REHEARSAL_S = {"doctor": 10, "jpegs": 7, "profile": 38, "train": 17, "torchrun": 20,
+               "recovery": 13, "checkpoint": 8, "exact": 2, "same": 10, "loader": 22}  # fmt: skip
+# A case on a GPU machine is expected to take at most GPU_FACTOR x its rehearsal seconds: the
+# fixed costs run on 16 idle cores there instead of 2 busy ones, each process adds a CUDA
+# context and the decoder's nvJPEG handles (1-3 s), the profile's timed windows take the same
+# wall time on either, and the GPU's batches (64 px, 32 a batch; the profile's 224 px, 256) cost
+# little next to them. A margin, not a measurement: the first GPU run's "seconds" replace it.
+GPU_FACTOR = 1.5
+# The CPU dry run on the shared 2-core machine: other jobs' load stretched a case up to 2.7x
+# (load 13 against 4-5).
+CPU_FACTOR = 3.0
+RESERVE = {c: math.ceil(s * GPU_FACTOR) for c, s in REHEARSAL_S.items()}  # GPU seconds
+CPU_RESERVE = {c: math.ceil(s * CPU_FACTOR) for c, s in REHEARSAL_S.items()}
+BUDGET_S = {"gpu": 240, "cpu": math.ceil(sum(CPU_RESERVE.values()) * 1.1)}
+NOMINAL = 3  # a case's own timeout, in reserves (the slack of earlier cases, if left)
+# The profile's plan, on either device: fewer, shorter windows than `dalikd profile`'s default.
+PROFILE_PLAN = ["--aug", "cutmixpick", "--baseline", "none", "--windows", "2",
+                "--window-seconds", "0.5", "--warmup", "2"]  # fmt: skip
 
 
 # -- the parent: runs cases, prints, records -----------------------------------------------------
 
 
 class Check:
-    def __init__(self, out: Path, device: str, budget_s: float):
+    def __init__(self, out: Path, device: str, budget_s: float | None = None):
         self.out, self.device = out, device
-        self.deadline = time.monotonic() + budget_s
-        # the CPU dry run checks logic, on a slower machine: its cases get more time
-        self.timeout_scale = 3 if device == "cpu" else 1
-        self.result = {**versions(device), "device": device, "cases": [], "efficiency": {},
-                       "seconds": {}}  # fmt: skip
+        self.budget_s = BUDGET_S[device] if budget_s is None else budget_s
+        self.deadline = time.monotonic() + self.budget_s
+        self.result = {**versions(device), "device": device, "budget_s": self.budget_s,
+                       "cases": [], "efficiency": {}, "seconds": {}}  # fmt: skip
         self.pending: list[str] = []  # the top-level cases still to come after the current one
+
+    def reserve(self, case: str) -> float:
+        """What ``case`` is expected to need at most on this device (the time model)."""
+        return (RESERVE if self.device == "gpu" else CPU_RESERVE).get(case, 0)
 
     def record(self, name: str, ok: bool, detail: str) -> None:
         print(f"{'ok' if ok else 'FAIL'} {name} {detail}", flush=True)
@@ -361,25 +125,26 @@ class Check:
         os.replace(tmp, self.out / "gpu_check.json")
 
     def timeout(self, nominal_s: float, left_s: float) -> float:
-        """A case's timeout: its nominal seconds (scaled), but no more than what leaves every
-        case still to come its RESERVE, and never under 5 s (or the nominal, or what is left)."""
-        nominal_s *= self.timeout_scale
-        later = self.timeout_scale * sum(RESERVE.get(c, 0) for c in self.pending)
+        """A case's timeout: its nominal seconds, but no more than what leaves every case still
+        to come its reserve, and never under 5 s (or the nominal, or what is left)."""
+        later = sum(self.reserve(c) for c in self.pending)
         return max(min(nominal_s, left_s - later), min(nominal_s, left_s, 5.0))
 
-    def run(self, case: str, cmd: list[str], timeout_s: float, env: dict | None = None) -> tuple:
-        """Run a child; relay its MARK lines as cases. Returns (returncode or None on timeout,
-        the last lines of its output)."""
+    def run(self, case: str, cmd: list[str], timeout_s: float | None = None) -> tuple:
+        """Run a child; relay its MARK lines as cases. ``timeout_s``: its nominal timeout,
+        NOMINAL reserves by default. Returns (returncode or None on timeout, the last lines of
+        its output)."""
+        from gpu_check_cases import MARK
+
         left = self.deadline - time.monotonic()
         if left < 5:
             self.record(case, False, "not run: the time budget (--budget) was spent")
             return None, ""
-        timeout_s = self.timeout(timeout_s, left)
+        nominal = NOMINAL * self.reserve(case) if timeout_s is None else timeout_s
+        timeout_s = self.timeout(nominal, left)
         started = time.monotonic()
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **(env or {})}, start_new_session=True,
-        )  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
         tail: list[str] = []
 
         def read() -> None:
@@ -407,11 +172,11 @@ class Check:
             self.record(case, False, f"timed out after {timeout_s:.0f} s: {_last(tail)}")
         return code, "\n".join(tail)
 
-    def child(self, case: str, data: Path, timeout_s: float, select: list[str]) -> None:
+    def child(self, case: str, data: Path, select: list[str]) -> None:
         before = len(self.result["cases"])
         cmd = [sys.executable, __file__, "--child", case, "--data", str(data),
                "--device", self.device, "--select", ",".join(select)]  # fmt: skip
-        code, tail = self.run(case, cmd, timeout_s)
+        code, tail = self.run(case, cmd)
         if code not in (0, None) or (code == 0 and len(self.result["cases"]) == before):
             self.record(case, False, f"exited {code}: {_last(tail.splitlines())}")
 
@@ -425,40 +190,42 @@ def _last(lines: list[str]) -> str:
     return (useful or lines or ["no output"])[-1][:300]
 
 
-def versions(device: str) -> dict:
-    import torch
-
-    info = {"gpu": None, "driver": None, "cuda": torch.version.cuda, "torch": torch.__version__}
-    try:
-        import nvidia.dali
-
-        info["dali"] = nvidia.dali.__version__
-    except ImportError as e:
-        info["dali"] = f"unavailable: {e}"
-    if device == "gpu":
-        info["gpu"] = torch.cuda.get_device_name(0)
-        try:
-            query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-            smi = subprocess.run(query, capture_output=True, text=True, timeout=30)
-            info["driver"] = smi.stdout.strip().splitlines()[0] if smi.stdout.strip() else None
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return info
-
-
 def dalikd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dalikd", *args]
 
 
+def _json_in(out: str) -> dict | None:
+    """The JSON object a command printed on lines of its own (warnings may come around it)."""
+    lines = out.splitlines()
+    try:
+        start = next(i for i, ln in enumerate(lines) if ln.startswith("{"))
+        return json.JSONDecoder().raw_decode("\n".join(lines[start:]))[0]
+    except (StopIteration, ValueError):
+        return None
+
+
+def before_the_clock() -> tuple[str, dict]:
+    """``dalikd doctor --build --json``: the native build, and on a GPU its verification there,
+    found cached when the procedure ran it before (else done now), outside the budget so no
+    case pays for it. Returns the line to print and what doctor said."""
+    started = time.monotonic()
+    proc = subprocess.run(dalikd("doctor", "--build", "--json"), capture_output=True, text=True)
+    built = _json_in(proc.stdout)
+    seconds = time.monotonic() - started
+    if built is None:
+        lines = (proc.stdout + proc.stderr).splitlines()
+        return f"before the clock ({seconds:.0f} s): doctor --build failed: {_last(lines)}", {}
+    how = "found cached" if built.get("cached") else "not cached: built now"
+    return (f"before the clock ({seconds:.0f} s): native build {how}; GPU backend: "
+            f"{built.get('gpu_backend')}"), built  # fmt: skip
+
+
 def case_doctor(check: Check) -> None:
-    code, out = check.run("doctor", dalikd("doctor", "--json"), 180)
+    code, out = check.run("doctor", dalikd("doctor", "--json"))
     if code is None:
         return
-    try:  # the JSON starts on a line of its own; warnings may come before or after it
-        start = next(i for i, ln in enumerate(out.splitlines()) if ln.startswith("{"))
-        text = "\n".join(out.splitlines()[start:])
-        info = json.JSONDecoder().raw_decode(text)[0]
-    except (StopIteration, ValueError):
+    info = _json_in(out)
+    if info is None:
         check.record("doctor", False, f"exited {code}: {_last(out.splitlines())}")
         return
     backend = info.get("gpu_backend", "")
@@ -472,32 +239,23 @@ def case_doctor(check: Check) -> None:
         check.record("doctor", ok, f"mixing on cpu: {info['mixing']['cpu']}")
 
 
-def undecodable_jpegs(good: bytes) -> dict[str, bytes]:
-    """Two files that pass dalikd's scan (JPEG head, end-of-image marker near the tail) but
-    fail to decode, from one good JPEG: its frame header set to 0 x 0 pixels; and the file cut
-    inside its scan, with a thumbnail segment (APP1) ahead whose end-of-image marker then lies
-    in the last 4 KiB."""
-    zero = bytearray(good)
-    at = zero.find(b"\xff\xc0")  # start of frame: length (2), precision (1), height, width
-    zero[at + 5 : at + 9] = b"\x00\x00\x00\x00"
-    thumb = b"Exif\x00\x00" + good[:2] + b"\xff\xd9"  # SOI + EOI: an (empty) thumbnail
-    app1 = b"\xff\xe1" + (len(thumb) + 2).to_bytes(2, "big") + thumb
-    cut = (good[:2] + app1 + good[2:])[: len(app1) + good.find(b"\xff\xda") + 300]
-    return {"zero_size.jpg": bytes(zero), "cut_in_scan.jpg": cut}
-
-
 def case_recovery(check: Check, data: Path, runs: Path) -> None:
-    """A run over 2 classes plus two files that fail to decode only in training: the decode
-    failure of the device's decoder is found, the files left out and reported, the epoch done."""
-    root = runs.parent / "bad_data"
+    """A run over 2 classes (a few files each) plus the bad files of
+    :func:`gpu_check_cases.bad_jpegs`, made from a baseline YCbCr JPEG (nvJPEG's own, on a
+    GPU): the ones cut short are left out by the scan, the two that pass it fail the device's
+    decoder in training and are found, reported and left out, and the epoch is done."""
+    from gpu_check_cases import bad_jpegs, left_out, sizes, ycbcr_jpeg
+
+    root, keep = runs.parent / "bad_data", 12 if check.device == "gpu" else 6
     for split in ("train", "val"):
         for c in ("c0", "c1"):
-            shutil.copytree(data / split / c, root / split / c)
-    good = next(iter(sorted((root / "train" / "c0").glob("*.jpg")))).read_bytes()
-    files = undecodable_jpegs(good).items()
-    bad = {root / "train" / c / name: body
-           for c, (name, body) in zip(("c0", "c1"), files, strict=True)}  # fmt: skip
-    for path, body in bad.items():
+            (root / split / c).mkdir(parents=True)
+            for path in sorted((data / split / c).glob("*.jpg"))[:keep]:
+                shutil.copy2(path, root / split / c / path.name)
+    good = ycbcr_jpeg(data / "train" / "c0").read_bytes()
+    bad = {root / "train" / f"c{i % 2}" / name: (body, where)
+           for i, (name, (body, where)) in enumerate(bad_jpegs(good).items())}  # fmt: skip
+    for path, (body, _) in bad.items():
         path.write_bytes(body)
     size = sizes(check.device)
     run = runs / "recovery"
@@ -505,21 +263,28 @@ def case_recovery(check: Check, data: Path, runs: Path) -> None:
                  "--student", "resnet18", "--epochs", "1", "--batch-size",
                  str(max(2, size["batch_size"] // 4)), "--image-size", str(size["image_size"]),
                  "--threads", "2", "--out", str(run))  # fmt: skip
-    code, tail = check.run("recovery", cmd, 60)
+    code, tail = check.run("recovery", cmd)
     if code is None:
         return
     try:
         report = (run / "data_report.tsv").read_text(errors="replace")
     except OSError:
         report = ""
-    found = [p.name for p in bad if f"{p}\tfailed in training" in report]
-    ok = code == 0 and len(found) == len(bad)
-    detail = (f"left out in training, the epoch done: {', '.join(found)}" if ok else
-              f"exited {code}; reported {found or 'none'}: {_last(tail.splitlines())}")  # fmt: skip
-    check.record("recovery", ok, detail)
+    found = {p.name: left_out(report, p) for p in bad}
+    wrong = [f"{p.name} ({found[p.name] or 'not left out'})" for p, (_, where) in bad.items()
+             if not found[p.name] or found[p.name] not in where.split(" or ")]  # fmt: skip
+    by = {w: [n for n, f in found.items() if f == w] for w in ("scan", "decoder")}
+    detail = (f"left out by the scan: {', '.join(by['scan'])}; failed in training, left out, "
+              f"the epoch done: {', '.join(by['decoder'])}")  # fmt: skip
+    if code != 0:
+        detail = f"exited {code}: {_last(tail.splitlines())}; {detail}"
+    check.record("recovery", code == 0 and not wrong, f"wrong: {', '.join(wrong)}; {detail}"
+                 if wrong else detail)  # fmt: skip
 
 
 def case_train(check: Check, data: Path, teacher: Path, runs: Path, torchrun: bool) -> None:
+    from gpu_check_cases import sizes
+
     name = "torchrun" if torchrun else "train"
     size = sizes(check.device)
     # --mixing auto: the native operator where it runs (doctor says whether), else composed
@@ -533,7 +298,7 @@ def case_train(check: Check, data: Path, teacher: Path, runs: Path, torchrun: bo
                "1", "-m", "dalikd", *args]  # fmt: skip
     else:
         cmd = dalikd(*args)
-    code, tail = check.run(name, cmd, 90)
+    code, tail = check.run(name, cmd)
     if code is None:
         return
     done = code == 0 and (runs / name / "last.pt").exists()
@@ -551,18 +316,19 @@ def case_train(check: Check, data: Path, teacher: Path, runs: Path, torchrun: bo
 
 
 def case_profile(check: Check, data: Path) -> None:
+    """The data-loading efficiency of KD and KD + CutMixPick (the fed KD step / the same step
+    on synthetic tensors), by PROFILE_PLAN: on a GPU at training's sizes, in the dry run at
+    tiny ones with the same windows."""
     path = check.out / "profile.json"
     if check.device == "gpu":
         models = ["--teacher", "resnet34", "--student", "resnet18", "--batch-size", "256",
-                  "--image-size", "224", "--windows", "3", "--window-seconds", "1"]  # fmt: skip
+                  "--image-size", "224"]  # fmt: skip
     else:
         models = ["--teacher", "resnet18", "--student", "resnet18", "--batch-size", "4",
-                  "--image-size", "32", "--windows", "1", "--window-seconds", "0.1",
-                  "--warmup", "1"]  # fmt: skip
-    cmd = dalikd("profile", "--data", str(data), "--device", check.device, "--aug",
-                 "cutmix,cutmixpick", "--baseline", "none", "--mixing", "auto", *models,
-                 "--json", str(path))  # fmt: skip
-    code, tail = check.run("profile", cmd, 150)
+                  "--image-size", "32"]  # fmt: skip
+    cmd = dalikd("profile", "--data", str(data), "--device", check.device, "--mixing", "auto",
+                 *PROFILE_PLAN, *models, "--json", str(path))  # fmt: skip
+    code, tail = check.run("profile", cmd)
     if code is None:
         return
     if code != 0 or not path.exists():
@@ -571,11 +337,9 @@ def case_profile(check: Check, data: Path) -> None:
     prof = json.loads(path.read_text())
     check.result["efficiency"] = {a: round(v, 4) for a, v in prof["efficiency"].items()}
     check.result["profile_bound"] = prof.get("bound")
-    want = {"none", "cutmix", "cutmixpick"}
-    got = set(prof["efficiency"])
     detail = ", ".join(f"{a} {v:.3f}" for a, v in prof["efficiency"].items())
-    check.record("profile", want <= got, f"data-loading efficiency: {detail}; mixing: "
-                 f"{prof.get('mixing')}")  # fmt: skip
+    check.record("profile", {"none", "cutmixpick"} <= set(prof["efficiency"]),
+                 f"data-loading efficiency: {detail}; mixing: {prof.get('mixing')}")  # fmt: skip
 
 
 def save_teacher(path: Path, classes: int) -> None:
@@ -583,6 +347,49 @@ def save_teacher(path: Path, classes: int) -> None:
     import torchvision
 
     torch.save(torchvision.models.resnet18(num_classes=classes).state_dict(), path)  # random
+
+
+def _select(parser: argparse.ArgumentParser, spec: str) -> dict[str, list[str]]:
+    """Each top-level case once, in the order given, with its patterns ("loader/cutmix/*")."""
+    select: dict[str, list[str]] = {}
+    for item in (c.strip() for c in spec.split(",") if c.strip()):
+        top = item.split("/")[0]
+        select.setdefault(top, []).append(item if "/" in item else f"{top}*")
+    unknown = sorted(set(select) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
+    return select
+
+
+def make_data(work: Path, device: str) -> Path:
+    """The synthetic JPEG set, 4 classes (before the clock). The profile's batches of 256: 4 per
+    epoch, so epoch ends are not every other batch."""
+    from gpu_check_cases import make_jpegs
+
+    data = work / "data"
+    kinds = make_jpegs(data, 4, 256 if device == "gpu" else 6, val_per_class=7)
+    print(f"data: {data} ({', '.join(f'{n} {k}' for k, n in kinds.items())})", flush=True)
+    return data
+
+
+def run_cases(check: Check, select: dict[str, list[str]], data: Path) -> None:
+    cases, classes = list(select), 4
+    work = data.parent
+    teacher = work / "teacher.pt"
+    for i, case in enumerate(cases):
+        check.pending = cases[i + 1 :]
+        if case == "doctor":
+            case_doctor(check)
+        elif case in ("jpegs", "loader", "same", "checkpoint", "exact"):
+            check.child(case, data, select[case])
+        elif case == "profile":
+            case_profile(check, data)
+        elif case in ("train", "torchrun"):
+            if not teacher.exists():
+                save_teacher(teacher, classes)
+            case_train(check, data, teacher, work / "runs", torchrun=case == "torchrun")
+        elif case == "recovery":
+            case_recovery(check, data, work / "runs")
 
 
 def main() -> None:
@@ -593,13 +400,28 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES),
                         help="comma-separated subset; loader and same take patterns of their "
                         "cases too, e.g. same/cutmix/*,loader/mixup/native/batch")  # fmt: skip
-    parser.add_argument("--budget", type=float, default=290, help="s, for all cases together")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"s, for all cases together (default: {BUDGET_S['gpu']} on a GPU, "
+                        f"{BUDGET_S['cpu']} in the CPU dry run)")  # fmt: skip
+    parser.add_argument("--preflight", action="store_true",
+                        help="only check that every package imports, then exit")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--select", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        from gpu_check_cases import child_main
+
         child_main(args)
+        return
+    missing = preflight()
+    if missing:
+        print(f"gpu_check: cannot start, packages missing: {'; '.join(missing)} (the GPU "
+              "machine gets DALI and its wheels from the bundle: benchmarks/GPU_CHECK.md)",
+              flush=True)  # fmt: skip
+        sys.exit(1)
+    if args.preflight:
+        print(f"gpu_check: pre-flight ok ({', '.join(PREFLIGHT)} import)", flush=True)
         return
     import torch
 
@@ -607,41 +429,21 @@ def main() -> None:
         print("gpu_check: needs a CUDA GPU (torch sees none); --device cpu is a dry run of its "
               "logic", flush=True)  # fmt: skip
         return
-    # each top-level case once, in the order given, with its patterns ("loader/cutmix/*")
-    select: dict[str, list[str]] = {}
-    for item in (c.strip() for c in args.cases.split(",") if c.strip()):
-        top = item.split("/")[0]
-        select.setdefault(top, []).append(item if "/" in item else f"{top}*")
-    cases = list(select)
-    unknown = sorted(set(cases) - set(CASES))
-    if unknown:
-        parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
+    select = _select(parser, args.cases)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    check = Check(out, args.device, args.budget)
-    check.save()
+    line, built = before_the_clock()
+    print(line, flush=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    data, classes = work / "data", 4
-    # The profile's batches of 256: 4 per epoch, so epoch ends are not every other batch.
-    per_class = 256 if args.device == "gpu" else 6
-    kinds = make_jpegs(data, classes, per_class, val_per_class=7)
-    print(f"data: {data} ({', '.join(f'{n} {k}' for k, n in kinds.items())})", flush=True)
-    teacher = work / "teacher.pt"
-    for i, case in enumerate(cases):
-        check.pending = cases[i + 1 :]
-        if case == "doctor":
-            case_doctor(check)
-        elif case in ("jpegs", "loader", "same", "checkpoint", "exact"):
-            check.child(case, data, {"loader": 120, "same": 60}.get(case, 45), select[case])
-        elif case == "profile":
-            case_profile(check, data)
-        elif case in ("train", "torchrun"):
-            if not teacher.exists():
-                save_teacher(teacher, classes)
-            case_train(check, data, teacher, work / "runs", torchrun=case == "torchrun")
-        elif case == "recovery":
-            case_recovery(check, data, work / "runs")
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        data = make_data(work, args.device)
+        check = Check(out, args.device, args.budget)  # the clock starts here
+        check.result["before_the_clock"] = {k: built.get(k) for k in ("cached", "gpu_backend")}
+        print(versions_line(check.result), flush=True)
+        check.save()
+        run_cases(check, select, data)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     failed = [c["name"] for c in check.result["cases"] if not c["ok"]]
     print(f"{len(check.result['cases']) - len(failed)} ok, {len(failed)} FAIL; "
           f"{out / 'gpu_check.json'}", flush=True)  # fmt: skip

@@ -13,7 +13,8 @@ import click
     "--build",
     "build_only",
     is_flag=True,
-    help="only build the native operators (or confirm the cached build) and say what was built; "
+    help="only build the native operators (or confirm the cached build), run the GPU backend "
+    "once on this machine's GPU if one is visible (the pass is recorded), and say what was built; "
     "exit 1 if the CPU operators could not be built. Run it once before many ranks start.",
 )
 def doctor(as_json: bool, build_only: bool) -> None:
@@ -41,6 +42,7 @@ def doctor(as_json: bool, build_only: bool) -> None:
             click.echo(f"GPU operator: {gpu or 'not built: ' + built['gpu_error']}")
             if built["retry"]:
                 click.echo(f"retry: {built['retry']}")
+            click.echo(f"GPU backend: {built['gpu_backend']}")
         if not built["cpu_library"]:
             raise DalikdError(f"the native CPU operator could not be built: {built['cpu_error']}")
         return

@@ -47,8 +47,7 @@ def report() -> dict[str, Any]:
         return info
     status = native.load()
     build = status.build
-    verified, detail = native.verify_gpu() if status.gpu else (False, status.gpu_reason)
-    gpu_backend = f"verified on {detail}" if verified else f"not used: {detail}"
+    verified, gpu_backend = _gpu_backend(status)
     info["native"] = {
         "cache": str(native.build_root() / native.build_key()),
         "toolchain": build.toolchain if build else "",
@@ -63,10 +62,22 @@ def report() -> dict[str, Any]:
     fallback = "error (DALIKD_NATIVE=1)" if mode == "1" else "composed"
     info["mixing"] = {
         "cpu": "native" if status.cpu else f"{fallback}: {status.reason}",
-        "gpu": "native" if verified else f"{fallback}: {status.reason or detail}",
+        "gpu": "native"
+        if verified
+        else f"{fallback}: {status.reason or gpu_backend.removeprefix('not used: ')}",
     }
     info["resize"] = _resize_paths()
     return info
+
+
+def _gpu_backend(status: Any) -> tuple[bool, str]:
+    """The mixing operator's GPU backend, run on this machine's GPU against the composed graph
+    (:func:`dalikd.native.verify_gpu`, which records a pass): ``(verified, "verified on <GPU>"
+    | "not used: <why>")``."""
+    from dalikd import native
+
+    verified, detail = native.verify_gpu() if status.gpu else (False, status.gpu_reason)
+    return verified, f"verified on {detail}" if verified else f"not used: {detail}"
 
 
 def _resize_paths() -> dict[str, str]:
@@ -82,9 +93,11 @@ def _resize_paths() -> dict[str, str]:
 
 
 def build_native() -> dict[str, Any]:
-    """Build the native operators for this DALI and these sources, or confirm the cached build
-    (``dalikd doctor --build``: once, before many ranks start). Never raises for a failed
-    compile: ``cpu_library`` is then None and ``cpu_error`` says why."""
+    """Build the native operators for this DALI and these sources, or confirm the cached build,
+    and where a CUDA GPU is visible run the GPU backend there once (``dalikd doctor --build``:
+    once, before many ranks start; a verified GPU is recorded beside the library, so later
+    processes skip that run). Never raises for a failed compile: ``cpu_library`` is then None
+    and ``cpu_error`` says why; ``gpu_backend`` is "verified on <GPU>" or "not used: <why>"."""
     from dataclasses import asdict
 
     from dalikd import native
@@ -92,5 +105,11 @@ def build_native() -> dict[str, Any]:
 
     cached = native.is_cached()
     info, folder = native.build()
-    retry = retry_reason(info)
-    return {"folder": str(folder), "cached": cached, **asdict(info), "retry": retry}
+    built = {"folder": str(folder), "cached": cached, **asdict(info), "retry": retry_reason(info)}
+    if native.mode() == "0":
+        built["gpu_backend"] = "not used: DALIKD_NATIVE=0"
+    elif info.gpu_library is None:
+        built["gpu_backend"] = f"not used: {info.gpu_error}"
+    else:
+        built["gpu_backend"] = _gpu_backend(native.load())[1]
+    return built

@@ -58,28 +58,32 @@ def read(
     )
 
 
-def decoder_args(data: DataConfig, device: str) -> dict[str, Any]:
-    """The decoder's device, and on GPU the "mixed" decoder's throughput settings (DataConfig:
-    JPEG-engine share, preallocation hints, nvJPEG buffer paddings); DALI's CPU decoder takes
-    none of them."""
+def decoder_args(data: DataConfig, device: str, preallocate: bool = False) -> dict[str, Any]:
+    """The decoder's device, and on GPU the "mixed" decoder's JPEG-engine share (DataConfig);
+    with ``preallocate`` (the training loader only) also NVIDIA's ResNet-50 preallocation hints
+    and nvJPEG buffer paddings, which every decoder instance allocates up front (pinned host
+    and device buffers per thread, and the JPEG engines' batch at the hinted size: see
+    docs/training.md). Tooling pipelines (validation, profile, recovery's re-decode, checks)
+    go without them. DALI's CPU decoder takes none of these."""
     if device != "gpu":
         return {"device": "cpu"}
-    return {
-        "device": "mixed",
-        "hw_decoder_load": data.hw_decoder_load,
-        "preallocate_width_hint": data.preallocate_width_hint,
-        "preallocate_height_hint": data.preallocate_height_hint,
-        "device_memory_padding": data.device_memory_padding,
-        "host_memory_padding": data.host_memory_padding,
-    }
+    args: dict[str, Any] = {"device": "mixed", "hw_decoder_load": data.hw_decoder_load}
+    if preallocate:
+        args.update(
+            preallocate_width_hint=data.preallocate_width_hint,
+            preallocate_height_hint=data.preallocate_height_hint,
+            device_memory_padding=data.device_memory_padding,
+            host_memory_padding=data.host_memory_padding,
+        )
+    return args
 
 
-def random_crop_decode(jpegs: Any, data: DataConfig, device: str) -> Any:
+def random_crop_decode(jpegs: Any, data: DataConfig, device: str, preallocate: bool = False) -> Any:
     """Decode only a random crop window (area in crop_scale, aspect in crop_ratio), at its own
-    size. Out: uint8 HWC RGB on ``device``."""
+    size. Out: uint8 HWC RGB on ``device``. ``preallocate``: see :func:`decoder_args`."""
     return fn.decoders.image_random_crop(
         jpegs,
-        **decoder_args(data, device),
+        **decoder_args(data, device, preallocate),
         output_type=types.RGB,
         random_area=list(data.crop_scale),
         random_aspect_ratio=list(data.crop_ratio),
@@ -99,12 +103,17 @@ def native_resize(data: DataConfig, device: str, native: bool | None = None) -> 
 
 
 def random_resized_crop(
-    jpegs: Any, data: DataConfig, device: str, flip: bool = False, native: bool | None = None
+    jpegs: Any,
+    data: DataConfig,
+    device: str,
+    flip: bool = False,
+    native: bool | None = None,
+    preallocate: bool = False,
 ) -> Any:
     """:func:`random_crop_decode`, resized to image_size², and with ``flip`` mirrored
     horizontally with probability 1/2 (a seeded coin per sample). Out: uint8 HWC RGB on
-    ``device``. ``native``: see :func:`native_resize`."""
-    images = random_crop_decode(jpegs, data, device)
+    ``device``. ``native``: see :func:`native_resize`; ``preallocate``: :func:`decoder_args`."""
+    images = random_crop_decode(jpegs, data, device, preallocate)
     if native_resize(data, device, native):
         kw = {"flip": fn.random.coin_flip(probability=0.5)} if flip else {}
         return fn.dalikd_resize(images, size_y=data.image_size, size_x=data.image_size, **kw)
@@ -139,11 +148,13 @@ def train_graph(
     reader_seed=0,
     pool_size=2,
     native_resize=None,
+    preallocate=False,
 ):
     """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode.
     Every image output is uint8 HWC. The recipe's mixing ops run on the path of
     ``data.mixing`` (:func:`dalikd.ops.mixing_path`; "auto" is resolved by the first of them);
-    ``native_resize``: the resize path (:func:`native_resize`).
+    ``native_resize``: the resize path (:func:`native_resize`); ``preallocate``: the decoder's
+    preallocation, for training's loader only (:func:`decoder_args`).
 
     On GPU, λ and perm leave the pipeline as GPU nodes (``.gpu()``; a no-op for the native
     operator's λ, already there): a CPU node that also feeds GPU work (``images * lam``) is
@@ -152,7 +163,9 @@ def train_graph(
     jpegs, labels = read(
         split, shuffle=True, shard_id=shard_id, num_shards=num_shards, seed=reader_seed
     )
-    images = random_resized_crop(jpegs, data, device, flip=True, native=native_resize)
+    images = random_resized_crop(
+        jpegs, data, device, flip=True, native=native_resize, preallocate=preallocate
+    )
     outputs = {"images": images, "labels": labels}
     if recipe is not None:
         ctx = AugContext(data.image_size, device, IMAGENET_MEAN, granularity, pool_size)
@@ -344,18 +357,21 @@ def train_loader(
     pool_size: int = 2,
     checkpoint: str | None = None,
     cpu_labels: bool = False,
+    preallocate: bool = False,
 ) -> Loader:
     """Shuffled, augmented training batches; the incomplete last batch is dropped.
 
     All shards shuffle with ``seed`` (one shared permutation, split between them); the
     augmentations of shard i draw from ``seed + i``. ``checkpoint`` resumes a saved state.
-    ``cpu_labels``: labels handed over on CPU (see :class:`Loader`).
+    ``cpu_labels``: labels handed over on CPU (see :class:`Loader`). ``preallocate``: the GPU
+    decoder's preallocation hints and paddings (:func:`decoder_args`); ``dalikd train``'s
+    loader sets it, tools leave it off.
     """
     data = _restored_data(data, recipe, checkpoint)
     pipe, names = build_pipeline(
         train_graph, data=data, device=device, seed=seed + shard_id, checkpoint=checkpoint,
         split=split, recipe=recipe, shard_id=shard_id, num_shards=num_shards,
-        granularity=granularity, reader_seed=seed, pool_size=pool_size,
+        granularity=granularity, reader_seed=seed, pool_size=pool_size, preallocate=preallocate,
     )  # fmt: skip
     return Loader(pipe, names, last_batch=LastBatchPolicy.DROP, device=torch_device(device),
                   cpu_labels=cpu_labels)  # fmt: skip

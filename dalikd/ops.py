@@ -243,10 +243,14 @@ def paste_regions(lam: DataNode, centre: DataNode, image_size: int) -> tuple[Dat
     (:func:`cutmix_box`) at its anchor; and the box's shape.
 
     An empty box (half = 0, when S·√(1 − λ) < 2) is anchored at (S, S). DALI 2.4's GPU
-    multi_paste never closes a region of zero size in its sweep (``paste_gpu.h``,
-    ``CreateSampleDescriptors``): anchored inside the image, it would paste the partner from
-    there to the bottom-right corner while λ says 1. At (S, S) its sweep never opens it; the CPU
-    paste gives the same image for either anchor.
+    multi_paste cuts the output into patches at every region's edges and sweeps them row by row
+    (``paste_gpu.h``, ``CreateSampleDescriptors``); a region of zero size opens at its anchor and
+    is never closed: it covers the rest of the anchor's patch row from the anchor's column to the
+    right edge, and every patch row below at full width, over the regions before it. Here the
+    only patch row from the anchor down is [y, S) (the other region is the whole image), so an
+    empty box anchored inside the image would paste the partner over [y, S) x [x, S) while λ
+    says 1. At (S, S) the sweep never reaches it; the CPU paste gives the same image for either
+    anchor.
     """
     s = image_size
     anchor, shape = cutmix_box(lam, centre, s)

@@ -205,7 +205,8 @@ class TrainData:
         self._seed, self._epoch = seed, epoch
         self._run_dir, self._reporter, self._is_main = run_dir, reporter, is_main
         self._shard = dict(shard_id=shard_id, num_shards=num_shards)
-        self._graph = dict(granularity=granularity, pool_size=pool_size)
+        # training's loader: the GPU decoder preallocates (loaders.decoder_args)
+        self._graph = dict(granularity=granularity, pool_size=pool_size, preallocate=True)
         per_shard = len(dataset.train) // num_shards
         if per_shard < data.batch_size:
             raise DalikdError(

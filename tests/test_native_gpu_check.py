@@ -165,3 +165,78 @@ def test_doctor_build_exits_1_when_the_cpu_operator_cannot_be_built(tmp_path, mo
     assert "native operator: built in" in captured.out
     assert "CPU operator: not built: no C++ compiler" in captured.out
     assert "could not be built: no C++ compiler" in captured.err
+
+
+def test_the_smoke_record_key_falls_back_to_nvidia_smi_then_libcuda_without_proc(monkeypatch):
+    # Some containers have no /proc/driver/nvidia/version: the key then takes the driver from
+    # nvidia-smi, else the CUDA version of the loaded driver, instead of nothing (which made
+    # every process and rank run the ~10 s smoke again).
+    from pathlib import Path
+
+    real_read = Path.read_text
+
+    def no_proc(self, *args, **kwargs):
+        if str(self).startswith("/proc/driver/nvidia"):
+            raise FileNotFoundError(self)
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    monkeypatch.setattr(native, "_smi_driver", lambda: "NVIDIA driver 580.159.04")
+    monkeypatch.setattr(native, "_libcuda_driver", lambda: "CUDA driver 13.0")
+    assert native._driver_version() == "NVIDIA driver 580.159.04"
+    monkeypatch.setattr(native, "_smi_driver", lambda: "")
+    assert native._driver_version() == "CUDA driver 13.0"
+
+    class Props:
+        name, major, minor = "NVIDIA H100 80GB HBM3", 9, 0
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    identity = native._gpu_identity(0)
+    assert identity == f"NVIDIA H100 80GB HBM3 sm_90 | CUDA driver 13.0 | CUDA {torch.version.cuda}"
+    monkeypatch.setattr(native, "_libcuda_driver", lambda: "")
+    assert native._gpu_identity(0) == ""  # nothing to key on: never recorded or trusted
+
+
+def test_the_driver_version_of_this_machine_is_read_or_empty():
+    # no GPU here: whatever answers must be a one-line string, and the call must not raise
+    driver = native._driver_version()
+    assert isinstance(driver, str) and "\n" not in driver
+
+
+def test_doctor_build_verifies_the_gpu_backend_once_and_records_it(
+    monkeypatch, gpu_backend, tmp_path, capsys
+):
+    # `dalikd doctor --build` before the ranks (or gpu_check) start: the GPU smoke runs there
+    # once; a later process on the same GPU and driver finds the pass recorded.
+    record = tmp_path / "gpu_verified.json"
+    monkeypatch.setattr(native, "_verified_record", lambda library: record)
+    monkeypatch.setattr(native, "_gpu_identity", lambda device: "H100 sm_90 | 580 | CUDA 13.0")
+    calls = smoke_gives(monkeypatch, True, "NVIDIA H100 80GB HBM3")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["doctor", "--build", "--json"])
+    assert exit_info.value.code == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["gpu_backend"] == "verified on NVIDIA H100 80GB HBM3" and len(calls) == 1
+    assert json.loads(record.read_text()) == {
+        "H100 sm_90 | 580 | CUDA 13.0": "NVIDIA H100 80GB HBM3"
+    }
+    native.verify_gpu.cache_clear()  # another process: gpu_check's doctor case, a rank
+    assert native.verify_gpu() == (True, "NVIDIA H100 80GB HBM3") and len(calls) == 1
+    with pytest.raises(SystemExit):
+        main(["doctor", "--build"])
+    assert "GPU backend: verified on NVIDIA H100 80GB HBM3" in capsys.readouterr().out
+
+
+def test_doctor_build_says_why_the_gpu_backend_is_not_used_without_cuda(monkeypatch, capsys):
+    if not native.load().gpu:
+        pytest.skip(f"no GPU backend built: {native.load().gpu_reason}")
+    native.reset()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        with pytest.raises(SystemExit):
+            main(["doctor", "--build", "--json"])
+    finally:
+        native.reset()
+    assert json.loads(capsys.readouterr().out)["gpu_backend"] == (
+        "not used: no CUDA GPU visible to torch"
+    )

@@ -184,10 +184,46 @@ def _gpu_identity(device: int) -> str:
         import torch
 
         props = torch.cuda.get_device_properties(device)
-        driver = Path("/proc/driver/nvidia/version").read_text().splitlines()[0].strip()
-    except Exception:  # no NVIDIA driver file, no CUDA: nothing to key a record on
+    except Exception:  # no CUDA: nothing to key a record on
+        return ""
+    driver = _driver_version()
+    if not driver:
         return ""
     return f"{props.name} sm_{props.major}{props.minor} | {driver} | CUDA {torch.version.cuda}"
+
+
+def _driver_version() -> str:
+    """The NVIDIA driver, for the key of a recorded pass: /proc/driver/nvidia/version's first
+    line; where a container has no such file, nvidia-smi's driver version, else the CUDA
+    version of the driver that torch loaded (libcuda's cuDriverGetVersion); "" when none
+    answers."""
+    try:
+        return Path("/proc/driver/nvidia/version").read_text().splitlines()[0].strip()
+    except (OSError, IndexError):
+        pass
+    return _smi_driver() or _libcuda_driver()
+
+
+def _smi_driver() -> str:
+    query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return f"NVIDIA driver {out[0]}" if out else ""
+
+
+def _libcuda_driver() -> str:
+    import ctypes
+
+    version = ctypes.c_int()
+    try:
+        status = ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version))
+    except (OSError, AttributeError):
+        return ""
+    if status != 0 or version.value <= 0:
+        return ""
+    return f"CUDA driver {version.value // 1000}.{version.value % 1000 // 10}"
 
 
 def _read_verified(record: Path) -> dict[str, str]:
