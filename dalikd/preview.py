@@ -10,7 +10,6 @@ and its partner's index.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dalikd import loaders, recipes
+from dalikd.atomic import write_atomic
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 from dalikd.device import resolve_device
@@ -234,15 +234,6 @@ def render_grid(
     return grid, captions, title_lines
 
 
-def _write_png_atomic(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        image.save(f, format="PNG")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-
-
 def write_preview(
     data_path: str | Path,
     aug: str,
@@ -278,7 +269,7 @@ def write_preview(
         title += f"; x' shows candidate 1 of {batch.pool} (training keeps the teacher's pick)"
     grid, captions, title_lines = render_grid(batch, title)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_png_atomic(grid, out)
+    write_atomic(out, lambda f: grid.save(f, format="PNG"))
     return {
         "path": str(out),
         "n": len(batch),

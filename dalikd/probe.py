@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Protocol
 import torch
 
 from dalikd import loaders, pick, recipes
-from dalikd.checkpoint import write_text_atomic
+from dalikd.atomic import write_atomic, write_text_atomic
 from dalikd.config import (
     DataConfig,
     KDConfig,
@@ -261,6 +260,4 @@ def write_plot(results: list[ProbeResult], path: str | Path, title: str = "") ->
     ax.margins(y=0.12)  # room for the value labels; bars start at 0
     ax.set_title(title or "teacher T. stddev per augmentation", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))

@@ -77,7 +77,7 @@ def apply_skips(dataset: Dataset, skips: dict[str, str]) -> Dataset:
 
 
 def write_report(run_dir: Path, skipped: tuple[tuple[str, str], ...]) -> None:
-    from dalikd.checkpoint import write_text_atomic
+    from dalikd.atomic import write_text_atomic
 
     text = "path\treason\n" + "".join(f"{p}\t{r}\n" for p, r in skipped)
     write_text_atomic(text.encode(errors="surrogateescape").decode(errors="replace"),

@@ -21,13 +21,8 @@ import torch
 from torch import nn
 
 from dalikd import distributed, recipes, recovery, rundir, teacher_cache, tensorboard
-from dalikd.checkpoint import (
-    CHECKPOINT_FORMAT,
-    RunState,
-    save_atomic,
-    write_jsonl_atomic,
-    write_text_atomic,
-)
+from dalikd.atomic import write_jsonl_atomic, write_text_atomic
+from dalikd.checkpoint import CHECKPOINT_FORMAT, RunState, save_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
 from dalikd.data import Dataset, scan_dataset, train_listing
 from dalikd.device import amp_dtype, resolve_device, torch_device

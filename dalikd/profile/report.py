@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from dalikd import __version__
+from dalikd.atomic import write_atomic
 from dalikd.config import DataConfig
 from dalikd.data import Dataset
 from dalikd.profile.config import DALI_RESIZE, Timing
@@ -138,6 +139,8 @@ def write_plot(report: dict[str, Any], path: str | Path) -> Path:
     )
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
     return path
