@@ -32,6 +32,7 @@ from dalikd.cli.profile_cmd import profile
 from dalikd.cli.report import ScanProgress
 from dalikd.cli.tstddev_cmd import tstddev
 from dalikd.config import (
+    CacheFormat,
     Device,
     Granularity,
     Mixing,
@@ -194,10 +195,18 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         "write them (docs/teacher_cache.md; `dalikd cache-info DIR`)",
     ),
     (
+        "--teacher-cache-format",
+        "teacher_cache_format",
+        click.Choice(choices(CacheFormat)),
+        "how the cache stores teacher logits: exact (the live targets bit for bit), compact "
+        "(1 byte a logit, about half of fp16; KL ~1e-5..1e-4 nats at T = 4) or topk (lossy: "
+        "the K largest and the rest's mass)",
+    ),
+    (
         "--teacher-cache-topk",
         "teacher_cache_topk",
         int,
-        "store the top K teacher logits per row (fp16) and the rest's mass; 0: all, exact",
+        "K of --teacher-cache-format topk: the K largest teacher logits per row are kept (fp16)",
     ),
     (
         "--eval-teacher/--no-eval-teacher",

@@ -37,6 +37,7 @@ from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 from nvidia.dali.pipeline import do_not_convert
 
 from dalikd import ops
+from dalikd.recipes import Seeds
 
 DataNode = Any
 
@@ -328,6 +329,7 @@ def autoaugment(
     sub_policy: DataNode | None = None,
     run: DataNode | None = None,
     sign: DataNode | None = None,
+    seeds: Seeds | None = None,
 ) -> DataNode:
     """torchvision's AutoAugment ``policy`` ("imagenet" | "cifar10" | "svhn") on uint8 HWC
     images (``image_size`` px square, CPU or GPU). Needs ``enable_conditionals=True``.
@@ -336,20 +338,22 @@ def autoaugment(
     the 25), ``run`` float32 (2,) per sample (stage s runs when run[s] <= its probability),
     ``sign`` int32 (2,) per sample (1 negates stage s's magnitude). "batch" shares all three
     over the batch, as the reference code's one AutoAugment call per batch tensor does.
+    ``seeds``: where the draws take their seeds (:mod:`dalikd.ops`; a recipe passes ctx.seeds).
     """
     if policy not in POLICIES:
         raise ValueError(f"AutoAugment policy '{policy}'; known: {', '.join(POLICIES)}")
     ops._check(granularity)
     table = POLICIES[policy]
+    seed = ops.seed
     if sub_policy is None:
-        draw = fn.random.uniform(values=list(range(len(table))), dtype=types.INT32, **ops._seed())
-        sub_policy = ops._per(granularity, draw)
+        draw = fn.random.uniform(values=list(range(len(table))), dtype=types.INT32, **seed(seeds))
+        sub_policy = ops._per(granularity, draw, seeds=seeds)
     if run is None:
-        draw = fn.random.uniform(range=[0.0, 1.0], shape=[2], dtype=types.FLOAT, **ops._seed())
-        run = ops._per(granularity, draw)
+        draw = fn.random.uniform(range=[0.0, 1.0], shape=[2], dtype=types.FLOAT, **seed(seeds))
+        run = ops._per(granularity, draw, seeds=seeds)
     if sign is None:
-        draw = fn.random.coin_flip(probability=0.5, shape=[2], dtype=types.INT32, **ops._seed())
-        sign = ops._per(granularity, draw)
+        draw = fn.random.coin_flip(probability=0.5, shape=[2], dtype=types.INT32, **seed(seeds))
+        sign = ops._per(granularity, draw, seeds=seeds)
 
     augs = augmentations(image_size)
     # per stage: the distinct ops used there (identity last), and each sub-policy's index

@@ -43,9 +43,12 @@ class Batch:
     aug_images: torch.Tensor | None = None  # x': like images; None for plain KD
     lam: torch.Tensor | None = None  # [B] float32, fraction of own pixels in x' (mixing only)
     perm: torch.Tensor | None = None  # [B] int64, partner index of each x' (mixing only)
-    # A candidate pool of k views per image: aug_images, lam and perm hold k·B rows, view-major
-    # (row j·B + i is view j of image i; perm still indexes images).
-    pool: int = 1
+    # A candidate pool of k = pool_size views per image: aug_images, lam and perm hold k·B rows,
+    # view-major (row j·B + i is view j of image i; perm still indexes images). 1: no pool.
+    pool_size: int = 1
+    # [B] int64 on CPU: each sample's position in the loader's file list, where the loader was
+    # asked for it (training's recovery finds the files a failed batch held by it)
+    index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.labels.shape[0]

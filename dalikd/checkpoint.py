@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -22,6 +22,14 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 CHECKPOINT_FORMAT = 2
 
 EPOCH_START = {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}  # never mutated: rebound per epoch
+
+
+class Position(NamedTuple):
+    """Where a step is in a run: what a teacher source looks its outputs up by."""
+
+    epoch: int = 0  # epochs completed before it
+    step: int = 0  # its index in the epoch
+    rank: int = 0  # the process taking it (each reads its own shard)
 
 
 @dataclass
@@ -45,6 +53,10 @@ class RunState:
     def from_checkpoint(cls, ckpt: dict[str, Any]) -> RunState:
         return cls(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["scheduler"]["step"],
                    ckpt["best_top1"], ckpt["history"], ckpt["partial"])  # fmt: skip
+
+    def position(self, rank: int = 0) -> Position:
+        """The position of the next step (taken by process ``rank``)."""
+        return Position(self.epoch, self.step_in_epoch, rank)
 
     def restart_epoch(self) -> None:
         """Back to the first step of the current epoch (its data order is lost)."""

@@ -26,6 +26,7 @@ Granularity = Literal["sample", "batch"]
 PickCriterion = Literal["teacher_entropy", "student_entropy", "kld"]
 Mixing = Literal["auto", "native", "composed"]
 Resize = Literal["auto", "native", "dali"]
+CacheFormat = Literal["exact", "compact", "topk"]
 
 
 def choices(kind: Any) -> tuple[str, ...]:
@@ -125,8 +126,12 @@ class TrainConfig:
     log_seconds: float = 60.0
     ckpt_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
     teacher_cache: str = ""  # teacher-output cache folder (docs/teacher_cache.md); "" = none
-    # logits kept per teacher row in the cache; 0 = all (exact). 12: ImageNet, 100 epochs of
-    # KD + CutMixPick in 17.8 GB (docs/teacher_cache.md)
+    # how the cache stores teacher logits: exact (as computed: the live run's targets bit for
+    # bit), compact (1 byte a logit, KL(full || stored) ~1e-5..1e-4 nats at T = 4) or topk
+    # (lossy: the K largest and the rest's mass; ~0.1 nats on 1000 classes)
+    teacher_cache_format: CacheFormat = "exact"
+    # K of the topk format (ignored by the others). 12: ImageNet, 100 epochs of KD + CutMixPick
+    # in 17.8 GB (docs/teacher_cache.md)
     teacher_cache_topk: int = 12
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,6 +238,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise DalikdError(f"cannot parse {path}: {e}") from None
     if not isinstance(values, dict):
         raise DalikdError(f"{path} must hold a table of settings")
+    if path.suffix == ".json":  # a run's config.json: its "plan" records what was resolved
+        values.pop("plan", None)
     return values
 
 
@@ -354,6 +361,11 @@ def validate(cfg: TrainConfig, flags: Mapping[str, str] | None = None) -> None:
         )
     if cfg.eval_teacher and not cfg.model.teacher:
         raise DalikdError("--eval-teacher reports a teacher's val accuracy; give --teacher too")
+    if cfg.teacher_cache_format == "topk" and cfg.teacher_cache_topk < 1:
+        raise DalikdError(
+            f"--teacher-cache-format topk keeps the K largest logits per row: give "
+            f"--teacher-cache-topk K >= 1, got {cfg.teacher_cache_topk}"
+        )
     if cfg.teacher_cache and not cfg.model.teacher:
         raise DalikdError("--teacher-cache stores a teacher's outputs; give --teacher too")
     if cfg.teacher_cache and cfg.kd.pick_criterion != "teacher_entropy":

@@ -127,7 +127,9 @@ def evaluate_model(
     dataset = scan_dataset(data, splits=("val",), classes=trained_on or names)
     model = build_model(model_name, dataset.num_classes, weights)
     from dalikd import loaders  # DALI: only where the loader is built
+    from dalikd.plan import resolve_plan
 
     model.to(torch_device(device))
     data_cfg = DataConfig(path=data, image_size=image_size, batch_size=batch_size, threads=threads)
-    return evaluate(model, loaders.val_loader(dataset.val, data_cfg, device=device), device)
+    plan = resolve_plan(data_cfg, device=device, norm=input_norm(model))
+    return evaluate(model, loaders.val_loader(dataset.val, plan), device)

@@ -10,10 +10,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = {"config", "errors", "batch", "device", "checkpoint", "metrics", "distributed",
-          "rundir", "tensorboard", "plots", "cache", "outputs", "manifest", "__init__"}  # fmt: skip
-MODEL = {"models", "losses", "pick", "step"}
-DATA = {"data", "datacheck", "loaders", "ops", "recipes", "autoaugment", "native", "recovery"}
-RUNS = {"train", "evaluate", "probe", "teacher_cache"}
+          "rundir", "tensorboard", "plots", "cache", "outputs", "manifest", "atomic",
+          "__init__"}  # fmt: skip
+MODEL = {"models", "losses", "pick", "step", "teacher"}
+DATA = {"data", "datacheck", "loaders", "ops", "recipes", "autoaugment", "native", "recovery",
+        "plan"}  # fmt: skip
+RUNS = {"train", "evaluate", "probe", "teacher_cache", "resume", "stop", "reporter"}
 TOOLS = {"profile", "preview", "demo", "doctor"}
 MAY_IMPORT = {  # room -> rooms its modules may import (their own included)
     "shared": {"shared"},

@@ -44,7 +44,7 @@ def pool_batch(device: torch.device, k: int = 2) -> Batch:
         aug_images=torch.randint(256, (rows, S, S, 3), generator=gen, dtype=torch.uint8),
         lam=torch.rand(rows, generator=gen),
         perm=torch.randint(B, (rows,), generator=gen),
-        pool=k,
+        pool_size=k,
     )
     return Batch(**{f: (v.to(device) if torch.is_tensor(v) else v)
                     for f, v in vars(batch).items()})  # fmt: skip

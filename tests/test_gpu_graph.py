@@ -18,7 +18,8 @@ import pytest
 from dalikd import loaders, native
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
-from dalikd.recipes import builtin_recipes, resolve
+from dalikd.plan import resolve_plan
+from dalikd.recipes import builtin_recipes
 
 S = 16  # px
 
@@ -29,9 +30,10 @@ def traced_gpu_train_graph(monkeypatch, root, aug: str, granularity: str, native
     monkeypatch.setattr(loaders, "_dali_device_id", lambda device: None)
     data = DataConfig(path=str(root), image_size=S, batch_size=4, threads=1,
                       mixing="native" if native_path else "composed")  # fmt: skip
+    plan = resolve_plan(data, aug, device="gpu", granularity=granularity)
     pipe, names = loaders.build_pipeline(
-        loaders.train_graph, data=data, device="gpu", seed=0, split=scan_dataset(root).train,
-        recipe=resolve(aug), shard_id=0, num_shards=1, granularity=granularity,
+        loaders.train_graph, plan, seed=0, split=scan_dataset(root).train, shard_id=0,
+        num_shards=1,
     )  # fmt: skip
     pipe._build_graph()  # private: collects the operators without building the backend
     return dict(zip(names, pipe._graph_outputs, strict=True)), pipe
@@ -112,16 +114,16 @@ def test_the_check_finds_a_cpu_output_that_feeds_gpu_arithmetic(solid_dataset, m
 
     from dalikd import ops
 
-    def graph(data, device, split):
+    def graph(plan, seeds, split):
         jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
-        images = loaders.random_resized_crop(jpegs, data, device)
-        mixed, lam, perm = ops.mixup(images, native=False)
+        images = loaders.random_resized_crop(jpegs, plan, seeds)
+        mixed, lam, perm = ops.mixup(images, native=False, seeds=seeds)
         return {"images": mixed, "labels": labels, "lam_0": lam, "perm_0": perm,
                 "coin": fn.random.coin_flip()}  # fmt: skip
 
     data = DataConfig(path=str(solid_dataset), image_size=S, batch_size=4, threads=1)
     pipe, names = loaders.build_pipeline(
-        graph, data=data, device="gpu", seed=0, split=scan_dataset(solid_dataset).train
+        graph, resolve_plan(data, device="gpu"), seed=0, split=scan_dataset(solid_dataset).train
     )
     pipe._build_graph()
     outputs = dict(zip(names, pipe._graph_outputs, strict=True))
@@ -137,12 +139,13 @@ def test_the_validation_and_profile_graphs_have_a_gpu_backend_for_every_operator
     monkeypatch.setattr(loaders, "_dali_device_id", lambda device: None)
     data = DataConfig(path=str(solid_dataset), image_size=S, batch_size=4, threads=1)
     split = scan_dataset(solid_dataset)
+    plan = resolve_plan(data, device="gpu")
     if graph == "val":
         kw = dict(split=split.val, shard_id=0, num_shards=1)
-        pipe, _ = loaders.build_pipeline(loaders.val_graph, data=data, device="gpu", seed=0, **kw)
+        pipe, _ = loaders.build_pipeline(loaders.val_graph, plan, seed=0, **kw)
     else:
         fn = getattr(stages, f"{graph}_graph")
-        pipe, _ = loaders.build_pipeline(fn, data=data, device="gpu", seed=0, split=split.train)
+        pipe, _ = loaders.build_pipeline(fn, plan, seed=0, split=split.train)
     pipe._build_graph()
     assert unregistered_ops(pipe) == []
 

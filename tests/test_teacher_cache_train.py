@@ -121,7 +121,8 @@ def test_topk_cache_keeps_t_stddev_exact(
 
     monkeypatch.setattr(report.RichReporter, "step", step)
     for name in ("fill", "read"):  # 3 classes, K = 2: the soft targets are approximate
-        extra = ["--teacher-cache", cache, "--teacher-cache-topk", 2]
+        extra = ["--teacher-cache", cache, "--teacher-cache-format", "topk",
+                 "--teacher-cache-topk", 2]  # fmt: skip
         code, _, err = run_cli(_args(solid_dataset, teacher, runs[name], *extra), capsys)
         assert code == 0, err
     # logged at each epoch's last step (6 steps, log_every 10): the counts so far this run
@@ -193,7 +194,7 @@ def test_resumed_t_stddev_of_another_group_size_restarts_with_a_topk_cache(
     solid_dataset, tmp_path, tiny_env, teacher, capsys
 ):
     cache, run = tmp_path / "cache", tmp_path / "run"
-    topk = ["--teacher-cache", cache, "--teacher-cache-topk", 2]
+    topk = ["--teacher-cache", cache, "--teacher-cache-format", "topk", "--teacher-cache-topk", 2]
     code, _, err = run_cli(_args(solid_dataset, teacher, tmp_path / "fill", *topk), capsys)
     assert code == 0, err
     code, _, err = run_cli(_args(solid_dataset, teacher, run, *topk, "--epochs", 1), capsys)
