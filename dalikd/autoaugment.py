@@ -211,7 +211,12 @@ def _sharpness_mask(side: int) -> np.ndarray:
 def augmentations(image_size: int) -> dict[str, Any]:
     """torchvision op name -> DALI augmentation with torchvision's magnitudes for images of
     ``image_size`` px (translation is relative to the side)."""
-    side = image_size
+    return {**_geometric(image_size), **_photometric(image_size), **_tonal()}
+
+
+@do_not_convert
+def _geometric(side: int) -> dict[str, Any]:
+    """ShearX/Y, TranslateX/Y (relative to the side), Rotate: one affine warp each."""
     shift = 150.0 / 331.0 * side  # px at full magnitude
 
     @augmentation(mag_range=_bins(0.3), randomly_negate=True, mag_to_param=_shear_x_matrix)
@@ -236,6 +241,13 @@ def augmentations(image_size: int) -> dict[str, Any]:
     def rotate(data, matrix):
         return _warp(data, matrix)
 
+    return {"ShearX": shear_x, "ShearY": shear_y, "TranslateX": translate_x,
+            "TranslateY": translate_y, "Rotate": rotate}  # fmt: skip
+
+
+@do_not_convert
+def _photometric(side: int) -> dict[str, Any]:
+    """Brightness, Color, Contrast, Sharpness: PIL's ImageEnhance blends with 1 ± magnitude."""
     enhance = dict(
         mag_range=_bins(0.9), randomly_negate=True, mag_to_param=_one_plus, param_device="auto"
     )
@@ -261,6 +273,13 @@ def augmentations(image_size: int) -> dict[str, Any]:
         mask = types.Constant(_sharpness_mask(side), device=data.device)
         return _to_uint8(f + (blurred - f) * (1.0 - factor) * mask)
 
+    return {"Brightness": brightness, "Color": color, "Contrast": contrast,
+            "Sharpness": sharpness}  # fmt: skip
+
+
+@do_not_convert
+def _tonal() -> dict[str, Any]:
+    """Posterize, Solarize, AutoContrast, Equalize, Invert and Identity: per-pixel tone maps."""
     bits = (8 - (torch.arange(NUM_BINS) / ((NUM_BINS - 1) / 4))).round().int().numpy()
 
     def keep_mask(b: float) -> np.uint8:
@@ -301,23 +320,8 @@ def augmentations(image_size: int) -> dict[str, Any]:
     def identity(data, _):
         return data
 
-    return {
-        "ShearX": shear_x,
-        "ShearY": shear_y,
-        "TranslateX": translate_x,
-        "TranslateY": translate_y,
-        "Rotate": rotate,
-        "Brightness": brightness,
-        "Color": color,
-        "Contrast": contrast,
-        "Sharpness": sharpness,
-        "Posterize": posterize,
-        "Solarize": solarize,
-        "AutoContrast": auto_contrast,
-        "Equalize": equalize,
-        "Invert": invert,
-        "Identity": identity,
-    }
+    return {"Posterize": posterize, "Solarize": solarize, "AutoContrast": auto_contrast,
+            "Equalize": equalize, "Invert": invert, "Identity": identity}  # fmt: skip
 
 
 def autoaugment(

@@ -11,6 +11,7 @@ No DALI import here: the model side (training step, pick, metrics) runs without 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -76,15 +77,10 @@ def normalize(
     return torch.addcmul(shift, nchw, scale, out=out)
 
 
-_CONSTANTS: dict[tuple[torch.device, InputNorm], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _scale_shift(device: torch.device, norm: InputNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(1 / std, -mean / std), each [1, 3, 1, 1] float32 on ``device``, made once per device
-    and normalization (no host-to-device copy per batch)."""
-    key = (device, norm)
-    if key not in _CONSTANTS:
-        mean = torch.tensor(norm.mean, dtype=torch.float64).view(1, 3, 1, 1)
-        std = torch.tensor(norm.std, dtype=torch.float64).view(1, 3, 1, 1)
-        _CONSTANTS[key] = ((1 / std).float().to(device), (-mean / std).float().to(device))
-    return _CONSTANTS[key]
+    and normalization (no host-to-device copy per batch): a memo of a pure function."""
+    mean = torch.tensor(norm.mean, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(norm.std, dtype=torch.float64).view(1, 3, 1, 1)
+    return (1 / std).float().to(device), (-mean / std).float().to(device)

@@ -104,14 +104,17 @@ def random_resized_crop(
     DALI's fn.resize."""
     data = plan.data
     images = random_crop_decode(jpegs, plan, seeds)
-    coin = fn.random.coin_flip(probability=0.5, **ops.seed(seeds)) if flip else None
+    # the coin is made where it is used: the operators keep the order (and DALI's instance
+    # names) of the graphs checkpoints were saved from
     if plan.native_resize:
-        kw = {"flip": coin} if flip else {}
+        kw = {"flip": fn.random.coin_flip(probability=0.5, **ops.seed(seeds))} if flip else {}
         return fn.dalikd_resize(images, size_y=data.image_size, size_x=data.image_size, **kw)
     images = fn.resize(
         images, resize_x=data.image_size, resize_y=data.image_size, antialias=data.antialias
     )
-    return fn.flip(images, horizontal=coin) if flip else images
+    if not flip:
+        return images
+    return fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5, **ops.seed(seeds)))
 
 
 def center_crop(jpegs: Any, plan: DataPlan) -> Any:

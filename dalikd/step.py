@@ -28,7 +28,7 @@ from dalikd.metrics import tstddev_sums
 from dalikd.models import build_model, input_norm
 from dalikd.teacher import LiveTeacher, TeacherOut, TeacherSource, TStdSums
 
-__all__ = ["Distiller", "StepOutput", "TeacherOut", "make_optimizer", "place"]
+__all__ = ["Distiller", "StepOutput", "TeacherOut", "build_student", "make_optimizer"]
 
 
 @dataclass

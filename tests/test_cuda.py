@@ -18,10 +18,10 @@ if not torch.cuda.is_available():
 
 from dalikd.batch import Batch, normalize  # noqa: E402
 from dalikd.config import build_config  # noqa: E402
-from dalikd.device import amp_dtype, autocast, prepare_images  # noqa: E402
+from dalikd.device import amp_dtype, autocast, place, prepare_images  # noqa: E402
 from dalikd.evaluate import evaluate  # noqa: E402
 from dalikd.pick import pick, pick_count, scores  # noqa: E402
-from dalikd.step import Distiller, place  # noqa: E402
+from dalikd.step import Distiller  # noqa: E402
 
 CUDA = torch.device("cuda")
 B, S, CLASSES = 8, 64, 10
