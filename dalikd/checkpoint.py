@@ -19,6 +19,10 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 # 2: the DALI graph hands uint8 images over and seeds its draws explicitly; T. stddev is saved
 # per rank. A checkpoint of another format cannot restore this version's data pipeline.
+# Still 2 with the data plan: its graphs hold the operators of format 2 in the same order (a
+# restored DALI state overrides the explicit seeds; checked by hand: runs stopped mid-epoch by
+# dalikd d91f5b2 resume here and end bit-identical to its uninterrupted runs), and the
+# checkpoint's "plan" entry is a record that nothing reads back.
 CHECKPOINT_FORMAT = 2
 
 EPOCH_START = {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}  # never mutated: rebound per epoch

@@ -316,8 +316,8 @@ class Loader:
             d = out[0]
             # Images come out of DALI already on the training device, uint8 NHWC; labels
             # (and on CPU λ, perm) are moved here: a no-op for what is already there.
-            views = self._pool_size
-            for name in ("images", *(f"aug_images_{j}" for j in range(views))):
+            pool_size = self._pool_size
+            for name in ("images", *(f"aug_images_{j}" for j in range(pool_size))):
                 if (
                     d[name].dtype != torch.uint8
                     or d[name].dim() != 4
@@ -337,10 +337,10 @@ class Loader:
             yield Batch(
                 images=d["images"],
                 labels=labels,
-                aug_images=_views(d, "aug_images", views),
-                lam=_flat(_views(d, "lam", views), to, torch.float32),
-                perm=_flat(_views(d, "perm", views), to, torch.int64),
-                pool_size=max(views, 1),
+                aug_images=_views(d, "aug_images", pool_size),
+                lam=_flat(_views(d, "lam", pool_size), to, torch.float32),
+                perm=_flat(_views(d, "perm", pool_size), to, torch.int64),
+                pool_size=max(pool_size, 1),
                 index=index,
             )
 

@@ -15,10 +15,11 @@ import torch
 
 from dalikd import distributed, recovery
 from dalikd.checkpoint import CHECKPOINT_FORMAT
-from dalikd.config import TrainConfig, build_config
+from dalikd.config import OptimConfig, TrainConfig, build_config
 from dalikd.data import Dataset
 from dalikd.errors import DalikdError
 from dalikd.metrics import TStddev
+from dalikd.models import check_shapes
 
 
 def load_resume(
@@ -210,3 +211,20 @@ def without_failed(run_dir: Path, dataset: Dataset, ckpt: dict[str, Any]) -> Dat
     roots = [Path(r).expanduser().resolve() for r in roots if r]
     skips = recovery.read_report(run_dir)
     return recovery.apply_skips(dataset, moved(skips, roots, dataset.root))
+
+
+def restore_training(
+    ckpt: dict[str, Any], student: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler, optim: OptimConfig, where: Path,
+) -> None:  # fmt: skip
+    """The student's weights, the optimizer's and scaler's states and torch's RNG from
+    ``ckpt`` (read from ``where``), the optimizer settings given again (``optim``) winning over
+    the saved ones (lr is set at every step)."""
+    check_shapes(student, ckpt["model"], f"{where} does not fit the student")
+    student.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    optimizer.param_groups[0]["weight_decay"] = optim.weight_decay  # the decay group
+    for group in optimizer.param_groups:
+        group["momentum"], group["nesterov"] = optim.momentum, optim.nesterov
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"])

@@ -30,13 +30,14 @@ from dalikd.device import amp_dtype, resolve_device, torch_device
 from dalikd.errors import DalikdError, RunInterrupted
 from dalikd.evaluate import evaluate
 from dalikd.metrics import GROUP_STEPS, TStddev
-from dalikd.models import check_classes, check_shapes, checkpoint_classes, input_norm
+from dalikd.models import check_classes, checkpoint_classes, input_norm
 from dalikd.plan import DataPlan, plan_of
 from dalikd.reporter import Reporter, SilentReporter
 from dalikd.resume import (
     check_listing,
     load_resume,
     read_checkpoint,
+    restore_training,
     restore_tstddev,
     without_failed,
 )
@@ -422,16 +423,9 @@ def _teacher_source(cfg, plan, dataset, ctx, run_dir, reporter) -> TeacherSource
 def _resume(run: Run, ckpt: dict[str, Any]) -> str | bytes | None:
     """Restore the run from its last.pt, ``ckpt``: weights, optimizer, scaler, RNG, RunState,
     T. stddev. Returns this rank's DALI state (None where the world size changed)."""
-    cfg, ctx, state = run.cfg, run.ctx, None
-    check_shapes(run.student, ckpt["model"], f"{run.run_dir / 'last.pt'} does not fit the student")
-    run.student.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    # settings given again on resume win over the saved ones (lr is set at every step)
-    run.optimizer.param_groups[0]["weight_decay"] = cfg.optim.weight_decay  # the decay group
-    for group in run.optimizer.param_groups:
-        group["momentum"], group["nesterov"] = cfg.optim.momentum, cfg.optim.nesterov
-    run.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"])
+    ctx = run.ctx
+    restore_training(ckpt, run.student, run.optimizer, run.scaler, run.cfg.optim,
+                     run.run_dir / "last.pt")  # fmt: skip
     run.state = state = RunState.from_checkpoint(ckpt)
     run.tstd = restore_tstddev(ckpt["tstddev"], ctx, run.tdev)
     dali_state = None

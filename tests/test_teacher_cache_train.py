@@ -227,6 +227,7 @@ def test_compact_cache_keeps_t_stddev_exact_and_the_targets_within_its_bound(
         code, out, err = run_cli(_args(solid_dataset, teacher, runs[name], *extra), capsys)
         assert code == 0, err
         assert "format moves the soft targets" not in out  # far below the warning bound
+        assert "teacher cache: compact format, soft targets within " in out  # said once
     live, fill, read = (_records(runs[n]) for n in ("live", "fill", "read"))
     assert [(r["cache_hits"], r["cache_misses"]) for r in read] == [(6, 0), (12, 0)]
     for key in ("t_stddev", "teacher_entropy", "group_rows"):  # the stored sums are exact

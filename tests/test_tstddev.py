@@ -108,6 +108,11 @@ def test_probe_end_to_end_equals_t_stddev_of_the_same_rows(noise, teacher_file, 
     assert by_aug["flip"]["group_rows"] == by_aug["cutmixpick"]["group_rows"] == GROUP
     assert by_aug["none"]["groups"] == by_aug["flip"]["groups"] == SAMPLES // BATCH
     assert by_aug["cutmixpick"]["rows"] == 2 * SAMPLES  # B of x + the B kept of 2B candidates
+    # each scheme names the data plan it ran: its paths resolved, its pool
+    plans = {aug: r["plan"] for aug, r in by_aug.items()}
+    assert plans["cutmix"]["mixing"] in ("native", "composed") and plans["flip"]["mixing"] == "none"
+    assert {p["resize"] for p in plans.values()} <= {"native", "dali"}
+    assert [plans[a]["pool_size"] for a in ("none", "flip", "cutmixpick")] == [0, 1, 2]
     with Image.open(out_png) as png:
         assert png.format == "PNG" and png.width > 100
     assert not list(tmp_path.glob("*.tmp"))

@@ -86,8 +86,7 @@ def _synthetic_batch(pool_size: int, mixing: bool, data: DataConfig, classes: in
     tdev = loaders.torch_device(device)
     b, s = data.batch_size, data.image_size
     gen = torch.Generator().manual_seed(0)
-    views = pool_size
-    rows = views * b
+    rows = pool_size * b
 
     def pixels(n: int) -> torch.Tensor:
         return torch.randint(256, (n, s, s, 3), generator=gen, dtype=torch.uint8).to(tdev)
@@ -95,10 +94,10 @@ def _synthetic_batch(pool_size: int, mixing: bool, data: DataConfig, classes: in
     return loaders.Batch(
         images=pixels(b),
         labels=torch.randint(classes, (b,), generator=gen).to(tdev),
-        aug_images=pixels(rows) if views else None,
-        lam=torch.rand(rows, generator=gen).to(tdev) if views and mixing else None,
-        perm=torch.randint(b, (rows,), generator=gen).to(tdev) if views and mixing else None,
-        pool_size=max(views, 1),
+        aug_images=pixels(rows) if pool_size else None,
+        lam=torch.rand(rows, generator=gen).to(tdev) if pool_size and mixing else None,
+        perm=torch.randint(b, (rows,), generator=gen).to(tdev) if pool_size and mixing else None,
+        pool_size=max(pool_size, 1),
     )
 
 

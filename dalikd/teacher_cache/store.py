@@ -60,17 +60,26 @@ class CachedStep:
 
 
 class KLMeter:
-    """The KL(full ‖ stored) a run has seen, written or read; says once when a lossy format's
-    mean exceeds :data:`LOSSY_BOUND`."""
+    """The KL(full ‖ stored) a run has seen, written or read. A lossy format's mean is said once
+    (at the first chunk), and once more as a warning where it exceeds :data:`LOSSY_BOUND`."""
 
     def __init__(self, fmt: Format, say: Callable[[str], None]) -> None:
         self.fmt, self.say = fmt, say
-        self.total, self.rows, self.warned = 0.0, 0, False
+        self.total, self.rows, self.told, self.warned = 0.0, 0, False, False
 
     def add(self, kl_sum: float, rows: int) -> None:
         self.total, self.rows = self.total + kl_sum, self.rows + rows
         mean = self.total / self.rows if self.rows else 0.0
-        if self.fmt.lossy and not self.warned and mean > LOSSY_BOUND:
+        if not self.fmt.lossy or self.warned or not self.rows:
+            return
+        if mean <= LOSSY_BOUND and not self.told:
+            self.told = True
+            self.say(
+                f"teacher cache: {self.fmt.name} format, soft targets within {mean:.1e} nats of "
+                f"the teacher's (mean KL at T = {self.fmt.temperature:g}; warned above "
+                f"{LOSSY_BOUND:g})"
+            )
+        elif mean > LOSSY_BOUND:
             self.warned = True
             self.say(
                 f"teacher cache: the {self.fmt.name} format moves the soft targets {mean:.2e} "
