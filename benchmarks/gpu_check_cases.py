@@ -68,16 +68,18 @@ def sizes(device: str) -> dict[str, int]:
 
 
 def _loader(data_root: Path, device: str, aug: str, granularity: str, seed: int = 0,
-            mixing: str = "auto", **kw):  # fmt: skip
-    """train_loader on the mixing path ``mixing`` (DataConfig.mixing: auto|native|composed)."""
+            mixing: str = "auto", pool_size: int = 2, checkpoint=None):  # fmt: skip
+    """train_loader on the mixing path ``mixing`` (DataConfig.mixing: auto|native|composed),
+    its data plan resolved as training resolves one (a saved state's paths win over auto)."""
     from dalikd import loaders
     from dalikd.config import DataConfig
     from dalikd.data import scan_dataset
-    from dalikd.recipes import resolve
+    from dalikd.plan import resolve_plan
 
     data = DataConfig(path=str(data_root), threads=2, mixing=mixing, **sizes(device))
-    return loaders.train_loader(scan_dataset(data_root).train, data, resolve(aug), device=device,
-                                 seed=seed, granularity=granularity, **kw)  # fmt: skip
+    plan = resolve_plan(data, aug, device=device, seed=seed, granularity=granularity,
+                        pool_size=pool_size, dali_state=checkpoint)  # fmt: skip
+    return loaders.train_loader(scan_dataset(data_root).train, plan, checkpoint=checkpoint)
 
 
 def check_batch(batch, device: str, aug: str, mixing: bool, pool: int) -> str:
@@ -255,11 +257,12 @@ def child_jpegs(data_root: Path, device: str, chosen) -> None:
     from dalikd import loaders
     from dalikd.config import DataConfig
     from dalikd.data import scan_dataset
+    from dalikd.plan import resolve_plan
 
     split = scan_dataset(data_root).val
     data = DataConfig(path=str(data_root), threads=2, **sizes(device))
     seen, flat = 0, 0
-    for batch in loaders.val_loader(split, data, device=device):
+    for batch in loaders.val_loader(split, resolve_plan(data, device=device)):
         seen += len(batch)
         flat += int((batch.images.amax(dim=(1, 2, 3)) == batch.images.amin(dim=(1, 2, 3))).sum())
     ok = seen == len(split.files) and flat == 0

@@ -80,7 +80,7 @@ def main() -> None:
     images = torch.randint(256, (b, s, s, 3), dtype=torch.uint8, device=cuda)
     pool = torch.randint(256, (k * b, s, s, 3), dtype=torch.uint8, device=cuda)
     batch = Batch(images=images, labels=torch.zeros(b, dtype=torch.int64, device=cuda),
-                  aug_images=pool, pool=k)  # fmt: skip
+                  aug_images=pool, pool_size=k)  # fmt: skip
     rows: dict[str, float] = {}
     rows[f"normalize x and the pool ({(1 + k) * b} images)"] = timed(
         lambda: prepare_batch(batch, "gpu"), args.repeats

@@ -96,6 +96,13 @@ def two_plain_views(images, ctx):
     return Pool((View(fn.copy(images)), View(fn.cast(images, dtype=types.UINT8))))
 
 
+def _mark_pool(fn):
+    """two_plain_views as a pool recipe of 2 views (the data plan counts on its views)."""
+    from dalikd.recipes import recipe
+
+    return recipe("two_plain_views", "two unmixed copies of x", pool=True)(fn)
+
+
 ROWS = (  # name, --aug, DALIKD_NATIVE
     ("plain (x only)", None, "0"),
     ("cutmix, composed", "cutmix", "0"),
@@ -194,7 +201,7 @@ def main() -> None:
     from dalikd import loaders, native
     from dalikd.config import DataConfig
     from dalikd.data import scan_dataset
-    from dalikd.recipes import resolve
+    from dalikd.plan import resolve_plan
 
     torch.set_num_threads(1)  # the main thread only moves batches; DALI owns the cores
     dataset = scan_dataset(photo_set(args.per_class))
@@ -206,16 +213,13 @@ def main() -> None:
 
     streams = {}  # (row, "loader" | "dali") -> an endless batch source
     for name, aug, mode in ROWS:
-        os.environ["DALIKD_NATIVE"] = mode  # read while the graph is defined
-        recipe = resolve(aug) if isinstance(aug, str) else aug
-        loader = loaders.train_loader(dataset.train, data, recipe, device="cpu", seed=0)
-        streams[name, "loader"] = forever(loader)
-        streams[name, "normalized"] = normalized(loaders.train_loader(
-            dataset.train, data, recipe, device="cpu", seed=0))  # fmt: skip
-        pipe, _ = loaders.build_pipeline(
-            loaders.train_graph, data=data, device="cpu", seed=0, split=dataset.train,
-            recipe=recipe, shard_id=0, num_shards=1,
-        )  # fmt: skip
+        os.environ["DALIKD_NATIVE"] = mode  # read where the data plan is resolved
+        recipe = aug if isinstance(aug, str) or aug is None else _mark_pool(aug)
+        plan = resolve_plan(data, recipe, device="cpu")
+        streams[name, "loader"] = forever(loaders.train_loader(dataset.train, plan))
+        streams[name, "normalized"] = normalized(loaders.train_loader(dataset.train, plan))
+        pipe, _ = loaders.build_pipeline(loaders.train_graph, plan, seed=0, split=dataset.train,
+                                         shard_id=0, num_shards=1)  # fmt: skip
         pipe.build()
         streams[name, "dali"] = iter(pipe.run, None)  # DALI's outputs only, no torch hand-off
         for key in ((name, "loader"), (name, "normalized"), (name, "dali")):

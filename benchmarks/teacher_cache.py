@@ -7,12 +7,12 @@ teacher, side by side in one run, and what bounds the cached run.
 On the recropped JPEG photographs of benchmarks/profile_photos.py (built once), with random
 weights and 1000 classes (the time of a step does not depend on the weights):
 
-1. fill: the live teacher runs for every step and the cache (``--teacher-cache-topk``) is
+1. fill: the live teacher runs for every step and the cache (``--format``, ``--topk``) is
    written, as a first ``dalikd train --teacher-cache`` run does;
 2. live vs cached, interleaved window by window so that the load of a shared machine hits both
-   alike: two loaders with the same seed (the same views), one step object with the teacher,
-   one whose teacher pass reads the cache (dalikd.teacher_cache.CachingTeacherPass around
-   dalikd.step.Distiller.teacher_outputs, as training wraps it); both students start equal;
+   alike: two loaders of one data plan (the same views), one Distiller with the live teacher,
+   one whose teacher source reads the cache (dalikd.teacher_cache.CachedTeacher, as training
+   builds it); both students start equal;
 3. what bounds the cached run: the data path alone (the loader, same settings) and the cached
    step alone (one batch in memory, read from the cache, repeated), per step.
 
@@ -58,17 +58,21 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=3, help="steps per interleaved window")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--topk", type=int, default=12)
+    ap.add_argument("--format", default="exact", choices=("exact", "compact", "topk"))
+    ap.add_argument("--topk", type=int, default=12, help="K of --format topk")
     ap.add_argument("--teacher", default="resnet34")
     ap.add_argument("--student", default="resnet18")
     args = ap.parse_args()
 
     import torch
 
-    from dalikd import loaders, recipes, teacher_cache
+    from dalikd import loaders, teacher_cache
+    from dalikd.checkpoint import Position
     from dalikd.config import build_config
     from dalikd.data import scan_dataset
-    from dalikd.step import Distiller, TeacherOut, make_optimizer
+    from dalikd.plan import plan_of
+    from dalikd.step import Distiller, make_optimizer
+    from dalikd.teacher import LiveTeacher
 
     torch.manual_seed(0)
     total = args.warmup + args.steps
@@ -81,32 +85,29 @@ def main() -> None:
         "data.batch_size": args.batch_size, "data.threads": args.threads,
         "model.teacher": args.teacher, "model.teacher_weights": "random",
         "model.student": args.student, "kd.aug": "cutmixpick", "device": "cpu",
-        "teacher_cache_topk": args.topk,
+        "teacher_cache_format": args.format, "teacher_cache_topk": args.topk,
     })  # fmt: skip
     classes = 1000
-    recipe = recipes.resolve("cutmixpick")
+    plan = plan_of(cfg, "cpu")
 
     def loader():
-        return loaders.train_loader(dataset.train, cfg.data, recipe, device="cpu", seed=0,
-                                     pool_size=cfg.kd.pool_size)  # fmt: skip
+        return loaders.train_loader(dataset.train, plan)
 
     live = Distiller.build(cfg.model, cfg.kd, classes, "cpu", weights=False)
-    # the same initial student for every run; the cached one has no teacher at all
-    cached = Distiller(copy.deepcopy(live.student), None, cfg.kd, "cpu")
     root = Path(tempfile.mkdtemp(prefix="dalikd-teacher-cache-"))
-    key = {"benchmark": "teacher_cache", "num_classes": classes, "topk": args.topk,
-           "temperature": cfg.kd.temperature if args.topk else 0.0}  # fmt: skip
+    key = {"benchmark": "teacher_cache", "num_classes": classes, "format": args.format,
+           "topk": args.topk if args.format == "topk" else 0,
+           "temperature": cfg.kd.temperature if args.format == "topk" else 0.0}  # fmt: skip
 
-    def caching(distiller, live_pass):
-        cache = teacher_cache.TeacherCache(root, key)
-        wrapper = teacher_cache.CachingTeacherPass(cache, live_pass, TeacherOut)
-        wrapper.seek(0, 0, 10**9)
-        distiller.teacher_outputs = wrapper
-        return cache
+    def no_teacher():
+        raise AssertionError("the cached run missed: its views differ from the fill's")
+
+    def source(teacher):
+        cache = teacher_cache.TeacherCache(root, key, temperature=cfg.kd.temperature)
+        return teacher_cache.CachedTeacher(cache, teacher, cfg.kd)
 
     # 1. fill: the live teacher with the cache writing (a first run)
-    filler = Distiller(copy.deepcopy(live.student), live.teacher, cfg.kd, "cpu")
-    fill_cache = caching(filler, filler.teacher_outputs)
+    filler = Distiller(copy.deepcopy(live.student), source(live.teacher), cfg.kd, "cpu")
     opt = make_optimizer(filler.student, cfg.optim)
     scaler = torch.amp.GradScaler(enabled=False)
     filler.train()
@@ -114,32 +115,37 @@ def main() -> None:
     for step, batch in enumerate(loader()):
         if step == total:
             break
-        filler.step(batch, opt, scaler)
-    fill_cache.flush()
+        filler.step(batch, opt, scaler, Position(0, step))
+    filler.teacher.checkpoint()
     fill_wall, fill_cpu = (b - a for a, b in zip((w0, c0), clocks(), strict=True))
     del filler
 
-    # 2. live vs cached, interleaved windows
-    read_cache = caching(cached, lambda batch: None)
+    # 2. live vs cached, interleaved windows; the same initial student for every run, the
+    # cached one's teacher is never built
+    cached = Distiller(copy.deepcopy(live.student), source(LiveTeacher(no_teacher)), cfg.kd, "cpu")
     runs = {"live": live, "cached": cached}
-    state = {}
+    state, done = {}, dict.fromkeys(runs, 0)
     for name, distiller in runs.items():
         distiller.train()
         state[name] = (iter(loader()), make_optimizer(distiller.student, cfg.optim))
-    times = {name: [] for name in runs}
-    for name, distiller in runs.items():  # warmup
+
+    def step(name: str) -> None:
         it, opt = state[name]
+        runs[name].step(next(it), opt, scaler, Position(0, done[name]))
+        done[name] += 1
+
+    times = {name: [] for name in runs}
+    for name in runs:  # warmup
         for _ in range(args.warmup):
-            distiller.step(next(it), opt, scaler)
+            step(name)
     for _ in range(args.steps // args.window):
-        for name, distiller in runs.items():
-            it, opt = state[name]
+        for name in runs:
             w0, c0 = clocks()
             for _ in range(args.window):
-                distiller.step(next(it), opt, scaler)
+                step(name)
             w1, c1 = clocks()
             times[name].append(((w1 - w0) / args.window, (c1 - c0) / args.window))
-    assert read_cache.misses == 0, "the cached run missed: its views differ from the fill's"
+    assert cached.teacher.counts()[1] == 0, "the cached run missed"
     pairs = zip(live.student.state_dict().values(), cached.student.state_dict().values(),
                 strict=True)  # fmt: skip
     same = all(torch.equal(a, b) for a, b in pairs)
@@ -156,10 +162,9 @@ def main() -> None:
     _, opt = state["cached"]
     step_times = []
     for _ in range(args.steps // args.window):
-        cached.teacher_outputs.seek(0, 0, 10**9)
         w0, c0 = clocks()
-        for _ in range(args.window):
-            cached.step(batch, opt, scaler)
+        for i in range(args.window):
+            cached.step(batch, opt, scaler, Position(0, i))
         step_times.append(tuple((b - a) / args.window for a, b in
                                 zip((w0, c0), clocks(), strict=True)))  # fmt: skip
 
@@ -167,11 +172,13 @@ def main() -> None:
            for name, ts in times.items()}  # fmt: skip
     compute = tuple(statistics.median(t[i] for t in step_times) for i in (0, 1))
     size = sum(p.stat().st_size for p in root.rglob("*.pt"))
-    print(f"{args.teacher} -> {args.student}, KD + CutMixPick (pool 2, keep half), batch "
-          f"{args.batch_size}, {args.image_size} px, {classes} classes, CPU, {args.threads} DALI "
-          f"threads, torch {torch.get_num_threads()} threads; {args.steps} timed steps per mode "
-          f"in windows of {args.window} (+{args.warmup} warmup); "
-          f"top-K {args.topk or 'full'}")  # fmt: skip
+    print(
+        f"{args.teacher} -> {args.student}, KD + CutMixPick (pool 2, keep half), batch "
+        f"{args.batch_size}, {args.image_size} px, {classes} classes, CPU, {args.threads} DALI "
+        f"threads, torch {torch.get_num_threads()} threads; {args.steps} timed steps per mode "
+        f"in windows of {args.window} (+{args.warmup} warmup); "
+        f"format {args.format}" + (f" (K = {args.topk})" if args.format == "topk" else "")
+    )
     print(f"load average before/after: {LOAD0} / {os.getloadavg()[0]:.2f} "
           f"({os.cpu_count()} cores)")  # fmt: skip
     print(f"fill (live teacher + cache write): {fill_wall / total:.3f} s/step wall, "
@@ -187,7 +194,7 @@ def main() -> None:
     ratio_cpu = statistics.median(live[1] / cached[1] for live, cached in paired)
     print(f"cached vs live: {ratio_wall:.2f}x wall, {ratio_cpu:.2f}x CPU (target >= 1.6x); "
           f"students bit-identical after the same steps: {same} "
-          "(expected with --topk 0 only)")  # fmt: skip
+          "(expected with --format exact only)")  # fmt: skip
     # The bound in CPU time: wall time on a shared machine also counts other jobs' turns.
     bound = "the data path" if data_cpu >= compute[1] else "the student's step"
     print(f"the cached run in CPU time: data path {data_cpu:.3f} s + student step "

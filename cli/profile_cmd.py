@@ -59,7 +59,7 @@ console = Console(highlight=False)
 @click.option("--plot", type=click.Path(), help="write a bar chart here (*.png; folders made)")
 def profile(json_out: str | None, plot: str | None, **options: Any) -> None:
     """Images/s of every stage of the data path and the KD step, against torchvision."""
-    from dalikd.checkpoint import write_text_atomic
+    from dalikd.atomic import write_text_atomic
     from dalikd.outputs import output_file
     from dalikd.profile import ProfileConfig, check, run_profile, write_plot
 

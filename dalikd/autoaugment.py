@@ -37,6 +37,7 @@ from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 from nvidia.dali.pipeline import do_not_convert
 
 from dalikd import ops
+from dalikd.recipes import Seeds
 
 DataNode = Any
 
@@ -210,7 +211,12 @@ def _sharpness_mask(side: int) -> np.ndarray:
 def augmentations(image_size: int) -> dict[str, Any]:
     """torchvision op name -> DALI augmentation with torchvision's magnitudes for images of
     ``image_size`` px (translation is relative to the side)."""
-    side = image_size
+    return {**_geometric(image_size), **_photometric(image_size), **_tonal()}
+
+
+@do_not_convert
+def _geometric(side: int) -> dict[str, Any]:
+    """ShearX/Y, TranslateX/Y (relative to the side), Rotate: one affine warp each."""
     shift = 150.0 / 331.0 * side  # px at full magnitude
 
     @augmentation(mag_range=_bins(0.3), randomly_negate=True, mag_to_param=_shear_x_matrix)
@@ -235,6 +241,13 @@ def augmentations(image_size: int) -> dict[str, Any]:
     def rotate(data, matrix):
         return _warp(data, matrix)
 
+    return {"ShearX": shear_x, "ShearY": shear_y, "TranslateX": translate_x,
+            "TranslateY": translate_y, "Rotate": rotate}  # fmt: skip
+
+
+@do_not_convert
+def _photometric(side: int) -> dict[str, Any]:
+    """Brightness, Color, Contrast, Sharpness: PIL's ImageEnhance blends with 1 ± magnitude."""
     enhance = dict(
         mag_range=_bins(0.9), randomly_negate=True, mag_to_param=_one_plus, param_device="auto"
     )
@@ -260,6 +273,13 @@ def augmentations(image_size: int) -> dict[str, Any]:
         mask = types.Constant(_sharpness_mask(side), device=data.device)
         return _to_uint8(f + (blurred - f) * (1.0 - factor) * mask)
 
+    return {"Brightness": brightness, "Color": color, "Contrast": contrast,
+            "Sharpness": sharpness}  # fmt: skip
+
+
+@do_not_convert
+def _tonal() -> dict[str, Any]:
+    """Posterize, Solarize, AutoContrast, Equalize, Invert and Identity: per-pixel tone maps."""
     bits = (8 - (torch.arange(NUM_BINS) / ((NUM_BINS - 1) / 4))).round().int().numpy()
 
     def keep_mask(b: float) -> np.uint8:
@@ -300,23 +320,8 @@ def augmentations(image_size: int) -> dict[str, Any]:
     def identity(data, _):
         return data
 
-    return {
-        "ShearX": shear_x,
-        "ShearY": shear_y,
-        "TranslateX": translate_x,
-        "TranslateY": translate_y,
-        "Rotate": rotate,
-        "Brightness": brightness,
-        "Color": color,
-        "Contrast": contrast,
-        "Sharpness": sharpness,
-        "Posterize": posterize,
-        "Solarize": solarize,
-        "AutoContrast": auto_contrast,
-        "Equalize": equalize,
-        "Invert": invert,
-        "Identity": identity,
-    }
+    return {"Posterize": posterize, "Solarize": solarize, "AutoContrast": auto_contrast,
+            "Equalize": equalize, "Invert": invert, "Identity": identity}  # fmt: skip
 
 
 def autoaugment(
@@ -328,6 +333,7 @@ def autoaugment(
     sub_policy: DataNode | None = None,
     run: DataNode | None = None,
     sign: DataNode | None = None,
+    seeds: Seeds | None = None,
 ) -> DataNode:
     """torchvision's AutoAugment ``policy`` ("imagenet" | "cifar10" | "svhn") on uint8 HWC
     images (``image_size`` px square, CPU or GPU). Needs ``enable_conditionals=True``.
@@ -336,20 +342,22 @@ def autoaugment(
     the 25), ``run`` float32 (2,) per sample (stage s runs when run[s] <= its probability),
     ``sign`` int32 (2,) per sample (1 negates stage s's magnitude). "batch" shares all three
     over the batch, as the reference code's one AutoAugment call per batch tensor does.
+    ``seeds``: where the draws take their seeds (:mod:`dalikd.ops`; a recipe passes ctx.seeds).
     """
     if policy not in POLICIES:
         raise ValueError(f"AutoAugment policy '{policy}'; known: {', '.join(POLICIES)}")
     ops._check(granularity)
     table = POLICIES[policy]
+    seed = ops.seed
     if sub_policy is None:
-        draw = fn.random.uniform(values=list(range(len(table))), dtype=types.INT32, **ops._seed())
-        sub_policy = ops._per(granularity, draw)
+        draw = fn.random.uniform(values=list(range(len(table))), dtype=types.INT32, **seed(seeds))
+        sub_policy = ops._per(granularity, draw, seeds=seeds)
     if run is None:
-        draw = fn.random.uniform(range=[0.0, 1.0], shape=[2], dtype=types.FLOAT, **ops._seed())
-        run = ops._per(granularity, draw)
+        draw = fn.random.uniform(range=[0.0, 1.0], shape=[2], dtype=types.FLOAT, **seed(seeds))
+        run = ops._per(granularity, draw, seeds=seeds)
     if sign is None:
-        draw = fn.random.coin_flip(probability=0.5, shape=[2], dtype=types.INT32, **ops._seed())
-        sign = ops._per(granularity, draw)
+        draw = fn.random.coin_flip(probability=0.5, shape=[2], dtype=types.INT32, **seed(seeds))
+        sign = ops._per(granularity, draw, seeds=seeds)
 
     augs = augmentations(image_size)
     # per stage: the distinct ops used there (identity last), and each sub-policy's index

@@ -11,6 +11,7 @@ No DALI import here: the model side (training step, pick, metrics) runs without 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -43,9 +44,12 @@ class Batch:
     aug_images: torch.Tensor | None = None  # x': like images; None for plain KD
     lam: torch.Tensor | None = None  # [B] float32, fraction of own pixels in x' (mixing only)
     perm: torch.Tensor | None = None  # [B] int64, partner index of each x' (mixing only)
-    # A candidate pool of k views per image: aug_images, lam and perm hold k·B rows, view-major
-    # (row j·B + i is view j of image i; perm still indexes images).
-    pool: int = 1
+    # A candidate pool of k = pool_size views per image: aug_images, lam and perm hold k·B rows,
+    # view-major (row j·B + i is view j of image i; perm still indexes images). 1: no pool.
+    pool_size: int = 1
+    # [B] int64 on CPU: each sample's position in the loader's file list, where the loader was
+    # asked for it (training's recovery finds the files a failed batch held by it)
+    index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -73,15 +77,10 @@ def normalize(
     return torch.addcmul(shift, nchw, scale, out=out)
 
 
-_CONSTANTS: dict[tuple[torch.device, InputNorm], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _scale_shift(device: torch.device, norm: InputNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(1 / std, -mean / std), each [1, 3, 1, 1] float32 on ``device``, made once per device
-    and normalization (no host-to-device copy per batch)."""
-    key = (device, norm)
-    if key not in _CONSTANTS:
-        mean = torch.tensor(norm.mean, dtype=torch.float64).view(1, 3, 1, 1)
-        std = torch.tensor(norm.std, dtype=torch.float64).view(1, 3, 1, 1)
-        _CONSTANTS[key] = ((1 / std).float().to(device), (-mean / std).float().to(device))
-    return _CONSTANTS[key]
+    and normalization (no host-to-device copy per batch): a memo of a pure function."""
+    mean = torch.tensor(norm.mean, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(norm.std, dtype=torch.float64).view(1, 3, 1, 1)
+    return (1 / std).float().to(device), (-mean / std).float().to(device)

@@ -63,3 +63,12 @@ def prepare_batch(
         images=prepare_images(batch.images, device, norm, channels_last),
         aug_images=None if aug is None else prepare_images(aug, device, norm, channels_last),
     )
+
+
+def place(model: torch.nn.Module, device: str, channels_last: bool = True) -> torch.nn.Module:
+    """``model`` on ``device``; channels_last memory on a GPU (the layout its convolutions
+    prefer, and the one :func:`prepare_images` hands over there)."""
+    model.to(torch_device(device))
+    if device == "gpu" and channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -101,8 +101,9 @@ def evaluate_model(
     image_size: int = 224,
     threads: int = 0,
     device: str = "auto",
-) -> dict[str, float]:
-    """Build ``model_name`` with ``weights`` and evaluate it on ``data``/val.
+) -> dict[str, Any]:
+    """Build ``model_name`` with ``weights`` and evaluate it on ``data``/val (with ``plan``: the
+    data plan the validation graph was built from).
 
     The class index is the checkpoint's classes where it carries them, else train/'s class
     folders, else val/'s (a dataset may hold val/ only); names that differ are refused.
@@ -127,7 +128,10 @@ def evaluate_model(
     dataset = scan_dataset(data, splits=("val",), classes=trained_on or names)
     model = build_model(model_name, dataset.num_classes, weights)
     from dalikd import loaders  # DALI: only where the loader is built
+    from dalikd.plan import resolve_plan
 
     model.to(torch_device(device))
     data_cfg = DataConfig(path=data, image_size=image_size, batch_size=batch_size, threads=threads)
-    return evaluate(model, loaders.val_loader(dataset.val, data_cfg, device=device), device)
+    plan = resolve_plan(data_cfg, device=device, norm=input_norm(model))
+    result = evaluate(model, loaders.val_loader(dataset.val, plan), device)
+    return {**result, "plan": plan.to_dict()}  # the data plan it ran

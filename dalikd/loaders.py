@@ -5,13 +5,15 @@ their hand-off to PyTorch (:class:`Loader`, :func:`train_loader`, :func:`val_loa
 CPU (``device="cpu"``, DALI's ``device_id=None``) or GPU (``device="gpu"``: the decoder runs as
 "mixed" and everything after it on the GPU) from the same code. Their outputs are uint8 HWC
 images: torch normalizes them on the training device (:mod:`dalikd.batch`).
+
+Every graph is built from a :class:`dalikd.plan.DataPlan` (the resolved data settings, recipe,
+paths and seeds) and a :class:`dalikd.recipes.Seeds` the builder makes from the loader's seed:
+nothing here resolves a setting or draws a seed of its own.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +26,8 @@ from dalikd.config import DataConfig
 from dalikd.data import Split
 from dalikd.device import torch_device
 from dalikd.errors import DalikdError
-from dalikd.recipes import AugContext, Pool, Recipe, View, recipe_info
+from dalikd.plan import DataPlan, check_state
+from dalikd.recipes import Pool, Seeds, View, recipe_info
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "Batch", "torch_device", "train_loader", "val_loader",
@@ -33,23 +36,26 @@ __all__ = [
 READER = "Reader"
 
 
-def default_threads() -> int:
-    return max(1, min(len(os.sched_getaffinity(0)), 8))
-
-
 # -- graph pieces (DataNode -> DataNode) ---------------------------------------------------------
 
 
 def read(
-    split: Split, *, shuffle: bool, shard_id: int, num_shards: int, seed: int = 0
+    split: Split,
+    *,
+    shuffle: bool,
+    shard_id: int,
+    num_shards: int,
+    seed: int = 0,
+    indexed: bool = False,
 ) -> tuple[Any, Any]:
-    """Encoded files and int32 labels of this shard. ``pad_last_batch`` gives every shard the
-    same number of batches; ``shuffle_after_epoch`` is a true global reshuffle each epoch, and
-    the same ``seed`` on every rank makes the shards split one shared permutation."""
+    """Encoded files and int32 labels of this shard (``indexed``: each file's position in
+    ``split`` instead, which :class:`Loader` maps to its label). ``pad_last_batch`` gives every
+    shard the same number of batches; ``shuffle_after_epoch`` is a true global reshuffle each
+    epoch, and the same ``seed`` on every rank makes the shards split one shared permutation."""
     return fn.readers.file(
         seed=seed,
         files=list(split.files),
-        labels=list(split.labels),
+        labels=list(range(len(split))) if indexed else list(split.labels),
         name=READER,
         shard_id=shard_id,
         num_shards=num_shards,
@@ -78,116 +84,110 @@ def decoder_args(data: DataConfig, device: str, preallocate: bool = False) -> di
     return args
 
 
-def random_crop_decode(jpegs: Any, data: DataConfig, device: str, preallocate: bool = False) -> Any:
+def random_crop_decode(jpegs: Any, plan: DataPlan, seeds: Seeds | None = None) -> Any:
     """Decode only a random crop window (area in crop_scale, aspect in crop_ratio), at its own
-    size. Out: uint8 HWC RGB on ``device``. ``preallocate``: see :func:`decoder_args`."""
+    size. Out: uint8 HWC RGB on ``plan.device``."""
+    data = plan.data
     return fn.decoders.image_random_crop(
         jpegs,
-        **decoder_args(data, device, preallocate),
+        **decoder_args(data, plan.device, plan.preallocate),
         output_type=types.RGB,
         random_area=list(data.crop_scale),
         random_aspect_ratio=list(data.crop_ratio),
         num_attempts=10,
+        **ops.seed(seeds),
     )
 
 
-def native_resize(data: DataConfig, device: str, native: bool | None = None) -> bool:
-    """Whether the resize runs through dalikd's fn.dalikd_resize (CPU, antialiased, the flip
-    fused in) instead of DALI's fn.resize: ``data.resize`` resolved
-    (:func:`dalikd.native.resolve_resize`, which also keeps GPU and --no-antialias on DALI's);
-    ``native`` overrides it (the profile times both paths)."""
-    from dalikd import native as native_op
-
-    resize = data.resize if native is None else ("native" if native else "dali")
-    return native_op.resolve_resize(resize, data.antialias, device) == "native"
-
-
 def random_resized_crop(
-    jpegs: Any,
-    data: DataConfig,
-    device: str,
-    flip: bool = False,
-    native: bool | None = None,
-    preallocate: bool = False,
+    jpegs: Any, plan: DataPlan, seeds: Seeds | None = None, flip: bool = False
 ) -> Any:
     """:func:`random_crop_decode`, resized to image_size², and with ``flip`` mirrored
-    horizontally with probability 1/2 (a seeded coin per sample). Out: uint8 HWC RGB on
-    ``device``. ``native``: see :func:`native_resize`; ``preallocate``: :func:`decoder_args`."""
-    images = random_crop_decode(jpegs, data, device, preallocate)
-    if native_resize(data, device, native):
-        kw = {"flip": fn.random.coin_flip(probability=0.5)} if flip else {}
+    horizontally with probability 1/2 (a coin per sample). Out: uint8 HWC RGB on
+    ``plan.device``. The resize is the plan's: dalikd's fn.dalikd_resize (the flip fused in) or
+    DALI's fn.resize."""
+    data = plan.data
+    images = random_crop_decode(jpegs, plan, seeds)
+    # the coin is made where it is used: the operators keep the order (and DALI's instance
+    # names) of the graphs checkpoints were saved from
+    if plan.native_resize:
+        kw = {"flip": fn.random.coin_flip(probability=0.5, **ops.seed(seeds))} if flip else {}
         return fn.dalikd_resize(images, size_y=data.image_size, size_x=data.image_size, **kw)
     images = fn.resize(
         images, resize_x=data.image_size, resize_y=data.image_size, antialias=data.antialias
     )
-    if flip:
-        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
-    return images
+    if not flip:
+        return images
+    return fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5, **ops.seed(seeds)))
 
 
-def center_crop(jpegs: Any, data: DataConfig, device: str, native: bool | None = None) -> Any:
+def center_crop(jpegs: Any, plan: DataPlan) -> Any:
     """Decode, resize the shorter side to image_size / val_crop_fraction, crop the centre
-    image_size². Deterministic. Out: uint8 HWC RGB on ``device``."""
-    images = fn.decoders.image(jpegs, **decoder_args(data, device), output_type=types.RGB)
+    image_size². Deterministic. Out: uint8 HWC RGB on ``plan.device``."""
+    data = plan.data
+    images = fn.decoders.image(jpegs, **decoder_args(data, plan.device), output_type=types.RGB)
     shorter = round(data.image_size / data.val_crop_fraction)
-    if native_resize(data, device, native):
+    if plan.native_resize:
         images = fn.dalikd_resize(images, resize_shorter=shorter)
     else:
         images = fn.resize(images, resize_shorter=shorter, antialias=data.antialias)
     return fn.crop(images, crop=(data.image_size, data.image_size))
 
 
+def base_view(jpegs: Any, plan: DataPlan, seeds: Seeds) -> Any:
+    """x, the training view every recipe starts from: random-resized-crop + flip. Its draws
+    take the ``base`` stream of ``seeds``, apart from the recipe's."""
+    return random_resized_crop(jpegs, plan, seeds.stream("base"), flip=True)
+
+
 def train_graph(
-    split,
-    data,
-    recipe,
-    device,
-    shard_id,
-    num_shards,
-    granularity="sample",
-    reader_seed=0,
-    pool_size=2,
-    native_resize=None,
-    preallocate=False,
-):
-    """x = random-resized-crop + flip of each file; x' = recipe(x) from the same decode.
-    Every image output is uint8 HWC. The recipe's mixing ops run on the path of
-    ``data.mixing`` (:func:`dalikd.ops.mixing_path`; "auto" is resolved by the first of them);
-    ``native_resize``: the resize path (:func:`native_resize`); ``preallocate``: the decoder's
-    preallocation, for training's loader only (:func:`decoder_args`).
+    split: Split,
+    plan: DataPlan,
+    seeds: Seeds,
+    *,
+    shard_id: int,
+    num_shards: int,
+    reader_seed: int = 0,
+    indexed: bool = False,
+) -> dict[str, Any]:
+    """x = :func:`base_view` of each file; x' = the plan's recipe of x, from the same decode
+    (``plan.pool_size`` views per image). Every image output is uint8 HWC.
 
     On GPU, λ and perm leave the pipeline as GPU nodes (``.gpu()``; a no-op for the native
     operator's λ, already there): a CPU node that also feeds GPU work (``images * lam``) is
     allocated in pinned host memory, which DALI exports over DLPack as kDLCUDAHost, a device
     type torch's ``from_dlpack`` rejects. Labels feed nothing on the GPU and stay on CPU."""
-    jpegs, labels = read(
-        split, shuffle=True, shard_id=shard_id, num_shards=num_shards, seed=reader_seed
-    )
-    images = random_resized_crop(
-        jpegs, data, device, flip=True, native=native_resize, preallocate=preallocate
-    )
+    jpegs, labels = read(split, shuffle=True, shard_id=shard_id, num_shards=num_shards,
+                         seed=reader_seed, indexed=indexed)  # fmt: skip
+    images = base_view(jpegs, plan, seeds)
     outputs = {"images": images, "labels": labels}
-    if recipe is not None:
-        ctx = AugContext(data.image_size, device, IMAGENET_MEAN, granularity, pool_size)
-        with ops.mixing_path(data.mixing):
-            out = recipe(images, ctx)
-        _check_recipe_output(recipe, out)
+    if plan.recipe is not None:
+        out = plan.recipe(images, plan.aug_context(seeds))
+        _check_recipe_output(plan, out)
+        gpu = plan.device == "gpu"
         for j, view in enumerate(out.views if isinstance(out, Pool) else (out,)):
             outputs[f"aug_images_{j}"] = view.images
             if view.lam is not None:  # float32 and int32 here; the Loader makes perm int64
-                outputs[f"lam_{j}"] = view.lam.gpu() if device == "gpu" else view.lam
-                outputs[f"perm_{j}"] = view.perm.gpu() if device == "gpu" else view.perm
+                outputs[f"lam_{j}"] = view.lam.gpu() if gpu else view.lam
+                outputs[f"perm_{j}"] = view.perm.gpu() if gpu else view.perm
     return outputs
 
 
-def _check_recipe_output(recipe: Recipe, out: Any) -> None:
+def _check_recipe_output(plan: DataPlan, out: Any) -> None:
     """A user recipe's mistakes as one line naming it, at trace time (DALI's own errors come
     later, from deep inside the graph)."""
     from nvidia.dali.data_node import DataNode
 
-    name = f"recipe {recipe_info(recipe).name}"
+    name = f"recipe {recipe_info(plan.recipe).name}"
     if not isinstance(out, View | Pool):
         raise DalikdError(f"{name} returned {type(out).__name__}, not a View or a Pool of Views")
+    views = len(out.views) if isinstance(out, Pool) else 1
+    if views != plan.pool_size:
+        raise DalikdError(
+            f"{name} returned {views} view(s) per image; the data plan expects {plan.pool_size} "
+            "(a recipe that returns a Pool is marked @recipe(..., pool=True) and makes "
+            "ctx.pool_size views)"
+        )
     for view in out.views if isinstance(out, Pool) else (out,):
         if not isinstance(view, View):
             raise DalikdError(f"{name}: a Pool holds {type(view).__name__}, not a View")
@@ -204,9 +204,18 @@ def _check_recipe_output(recipe: Recipe, out: Any) -> None:
             )
 
 
-def val_graph(split, data, device, shard_id, num_shards):
+def val_view(jpegs: Any, plan: DataPlan) -> Any:
+    """The validation transform (deterministic): :func:`center_crop`."""
+    return center_crop(jpegs, plan)
+
+
+def val_graph(
+    split: Split, plan: DataPlan, seeds: Seeds, *, shard_id: int, num_shards: int
+) -> dict[str, Any]:
+    """Every file of this shard once, in order, through :func:`val_view` (``seeds``: unused,
+    the view draws nothing)."""
     jpegs, labels = read(split, shuffle=False, shard_id=shard_id, num_shards=num_shards)
-    return {"images": center_crop(jpegs, data, device), "labels": labels}
+    return {"images": val_view(jpegs, plan), "labels": labels}
 
 
 # -- pipeline + iterator -------------------------------------------------------------------------
@@ -218,14 +227,14 @@ def _dali_device_id(device: str) -> int | None:
 
 def build_pipeline(
     graph,
+    plan: DataPlan,
     *,
-    data: DataConfig,
-    device: str,
     seed: int,
-    checkpoint: str | None = None,
+    checkpoint: str | bytes | None = None,
     **graph_kwargs,
 ):
-    """Apply pipeline_def to a graph function returning a dict of named outputs.
+    """Apply pipeline_def to a graph function ``graph(plan=, seeds=, **graph_kwargs)``
+    returning a dict of named outputs; its ``seeds`` start from ``seed``, the pipeline's.
 
     Returns ``(pipeline, output names)``. The graph is traced here; nothing is built yet.
     Checkpointing is always on: ``checkpoint`` (from :meth:`Loader.checkpoint`) restores the
@@ -236,7 +245,7 @@ def build_pipeline(
 
     def graph_fn():
         try:
-            outputs = graph(data=data, device=device, **graph_kwargs)
+            outputs = graph(plan=plan, seeds=Seeds(seed), **graph_kwargs)
         except DalikdError as e:  # conditionals' tracing rewrites it into a multi-line one
             errors.append(e)
             raise
@@ -245,9 +254,9 @@ def build_pipeline(
 
     try:
         pipe = pipeline_def(graph_fn, enable_conditionals=True, enable_checkpointing=True)(
-            batch_size=data.batch_size,
-            num_threads=data.threads or default_threads(),
-            device_id=_dali_device_id(device),
+            batch_size=plan.data.batch_size,
+            num_threads=plan.data.threads,
+            device_id=_dali_device_id(plan.device),
             seed=seed,
             checkpoint=checkpoint,
         )
@@ -265,20 +274,23 @@ class ForeignState(DalikdError):
 
 class Loader:
     """Iterates one epoch of :class:`Batch`; ``len()`` is the number of batches per epoch.
-    ``cpu_labels``: the labels stay on CPU (a caller that maps them moves them once itself,
-    instead of copying them back from the GPU: a blocking sync every step)."""
+    ``pool_size``: the x' views per image the graph makes (the plan's). ``labels``: the label
+    of each file where the reader hands over file positions (``indexed`` graphs): a batch then
+    carries those as ``index`` (on CPU, where a caller reads them without a device sync) and
+    their labels, looked up on the CPU and moved to the device once."""
 
     def __init__(
         self,
         pipe,
         names: list[str],
         *,
+        pool_size: int,
         last_batch: LastBatchPolicy,
         device: torch.device,
-        cpu_labels: bool = False,
+        labels: Sequence[int] | None = None,
     ):
-        self._device = device
-        self._labels_to = torch.device("cpu") if cpu_labels else device
+        self._device, self._pool_size = device, pool_size
+        self._labels = None if labels is None else torch.tensor(labels, dtype=torch.int64)
         # builds the pipeline, and restores its saved state if it was given one. The first
         # batches are not prepared here but at the first next(): a file that fails to decode
         # in them must fail where the caller iterates (recovery.TrainData leaves it out there)
@@ -308,8 +320,8 @@ class Loader:
             d = out[0]
             # Images come out of DALI already on the training device, uint8 NHWC; labels
             # (and on CPU λ, perm) are moved here: a no-op for what is already there.
-            views = sum(name.startswith("aug_images_") for name in d)
-            for name in ("images", *(f"aug_images_{j}" for j in range(views))):
+            pool_size = self._pool_size
+            for name in ("images", *(f"aug_images_{j}" for j in range(pool_size))):
                 if (
                     d[name].dtype != torch.uint8
                     or d[name].dim() != 4
@@ -321,13 +333,19 @@ class Loader:
                         f"{tuple(d[name].shape)}; a recipe must return uint8 HWC RGB images "
                         f"of the size it receives ({tuple(d['images'].shape[1:])})"
                     )
+            index = None
+            labels = _flat(d["labels"], to, torch.int64)
+            if self._labels is not None:  # file positions: the labels follow on the CPU
+                index = _flat(d["labels"], torch.device("cpu"), torch.int64)
+                labels = self._labels[index].to(to, non_blocking=True)
             yield Batch(
                 images=d["images"],
-                labels=_flat(d["labels"], self._labels_to, torch.int64),
-                aug_images=_views(d, "aug_images", views),
-                lam=_flat(_views(d, "lam", views), to, torch.float32),
-                perm=_flat(_views(d, "perm", views), to, torch.int64),
-                pool=max(views, 1),
+                labels=labels,
+                aug_images=_views(d, "aug_images", pool_size),
+                lam=_flat(_views(d, "lam", pool_size), to, torch.float32),
+                perm=_flat(_views(d, "perm", pool_size), to, torch.int64),
+                pool_size=max(pool_size, 1),
+                index=index,
             )
 
 
@@ -346,87 +364,37 @@ def _flat(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> t
 
 def train_loader(
     split: Split,
-    data: DataConfig,
-    recipe: Recipe | None,
+    plan: DataPlan,
     *,
-    device: str,
-    seed: int,
+    seed: int | None = None,
     shard_id: int = 0,
     num_shards: int = 1,
-    granularity: str = "sample",
-    pool_size: int = 2,
-    checkpoint: str | None = None,
-    cpu_labels: bool = False,
-    preallocate: bool = False,
+    checkpoint: str | bytes | None = None,
+    indexed: bool = False,
 ) -> Loader:
-    """Shuffled, augmented training batches; the incomplete last batch is dropped.
+    """Shuffled, augmented training batches of ``plan``; the incomplete last batch is dropped.
 
-    All shards shuffle with ``seed`` (one shared permutation, split between them); the
-    augmentations of shard i draw from ``seed + i``. ``checkpoint`` resumes a saved state.
-    ``cpu_labels``: labels handed over on CPU (see :class:`Loader`). ``preallocate``: the GPU
-    decoder's preallocation hints and paddings (:func:`decoder_args`); ``dalikd train``'s
-    loader sets it, tools leave it off.
+    All shards shuffle with ``seed`` (default: the plan's; one shared permutation, split between
+    them); the augmentations of shard i draw from ``seed + i``. ``checkpoint`` resumes a saved
+    state (of a graph of the same paths: one line otherwise). ``indexed``: batches carry each
+    sample's position in ``split`` (:class:`Loader`).
     """
-    data = _restored_data(data, recipe, checkpoint)
+    seed = plan.seed if seed is None else seed
+    if checkpoint is not None:
+        check_state(plan, checkpoint)
     pipe, names = build_pipeline(
-        train_graph, data=data, device=device, seed=seed + shard_id, checkpoint=checkpoint,
-        split=split, recipe=recipe, shard_id=shard_id, num_shards=num_shards,
-        granularity=granularity, reader_seed=seed, pool_size=pool_size, preallocate=preallocate,
+        train_graph, plan, seed=seed + shard_id, checkpoint=checkpoint, split=split,
+        shard_id=shard_id, num_shards=num_shards, reader_seed=seed, indexed=indexed,
     )  # fmt: skip
-    return Loader(pipe, names, last_batch=LastBatchPolicy.DROP, device=torch_device(device),
-                  cpu_labels=cpu_labels)  # fmt: skip
+    labels = split.labels if indexed else None
+    return Loader(pipe, names, pool_size=plan.pool_size, last_batch=LastBatchPolicy.DROP,
+                  device=torch_device(plan.device), labels=labels)  # fmt: skip
 
 
-def checkpoint_mixing(checkpoint: str | bytes) -> str:
-    """The mixing path a DALI checkpoint was saved from ("native" | "composed"): the
-    operators of its graph are named in it."""
-    return "native" if _native_in(checkpoint, "DalikdMix") else "composed"
-
-
-def checkpoint_resize(checkpoint: str | bytes) -> str:
-    """The resize path a DALI checkpoint was saved from ("native" | "dali")."""
-    return "native" if _native_in(checkpoint, "DalikdResize") else "dali"
-
-
-def _restored_data(data: DataConfig, recipe: Recipe | None, checkpoint: str | None) -> DataConfig:
-    """``data`` for a graph that restores ``checkpoint``: a DALI state only restores into the
-    graph it was saved from, so its resize and mixing paths win over "auto" and contradict any
-    other."""
-    if checkpoint is None:
-        return data
-    resize = checkpoint_resize(checkpoint)
-    if data.resize == "auto":
-        data = replace(data, resize=resize)
-    elif data.resize != resize:
-        raise DalikdError(
-            f"the data pipeline state was saved with the {resize} resize path; this run asks for "
-            f"{data.resize} (--resize {resize} resumes it)"
-        )
-    if recipe is None or not recipe_info(recipe).mixing:
-        return data
-    saved = checkpoint_mixing(checkpoint)
-    if data.mixing == "auto":
-        return replace(data, mixing=saved)
-    if data.mixing != saved:
-        raise DalikdError(
-            f"the data pipeline state was saved with the {saved} mixing path; this run asks for "
-            f"{data.mixing} (--mixing {saved} resumes it)"
-        )
-    return data
-
-
-def _native_in(checkpoint: str | bytes, name: str) -> bool:
-    """Whether a DALI checkpoint's graph holds operator ``name`` (e.g. "DalikdResize"): a
-    resumed run rebuilds the same graph whatever DALIKD_NATIVE says now."""
-    return (name.encode() if isinstance(checkpoint, bytes) else name) in checkpoint
-
-
-def val_loader(
-    split: Split, data: DataConfig, *, device: str, shard_id: int = 0, num_shards: int = 1
-) -> Loader:
+def val_loader(split: Split, plan: DataPlan, *, shard_id: int = 0, num_shards: int = 1) -> Loader:
     """Every validation image exactly once per epoch, in file order (last batch partial)."""
     pipe, names = build_pipeline(
-        val_graph, data=data, device=device, seed=0, split=split,
-        shard_id=shard_id, num_shards=num_shards,
-    )  # fmt: skip
-    return Loader(pipe, names, last_batch=LastBatchPolicy.PARTIAL, device=torch_device(device))
+        val_graph, plan, seed=0, split=split, shard_id=shard_id, num_shards=num_shards
+    )
+    return Loader(pipe, names, pool_size=0, last_batch=LastBatchPolicy.PARTIAL,
+                  device=torch_device(plan.device))  # fmt: skip

@@ -15,12 +15,14 @@ def kl_divergence(
     teacher_logits: torch.Tensor,
     temperature: float,
     reduction: str = "batchmean",
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) in float32, the one KL of dalikd (the loss, the pick's
-    kld score, the val agreement): summed over classes and averaged over the rows
+    """KL(softmax(t/T) || softmax(s/T)) in ``dtype`` (float32; the teacher cache measures its
+    formats in float64), the one KL of dalikd (the loss, the pick's kld score, the val
+    agreement, the cache's measure): summed over classes and averaged over the rows
     ("batchmean"), summed over everything ("sum"), or one value per row ("rows")."""
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    log_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
+    log_t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=1)
     if reduction == "rows":
         return (log_t.exp() * (log_t - log_s)).sum(dim=1)
     return F.kl_div(log_s, log_t, reduction=reduction, log_target=True)

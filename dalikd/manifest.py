@@ -110,7 +110,7 @@ def manifest_path(folder: str | Path) -> Path:
 
 def write_manifest(manifest: Manifest, folder: str | Path) -> Path:
     """Write ``folder/dataset.json`` atomically (the last file a writer makes)."""
-    from dalikd.checkpoint import write_text_atomic
+    from dalikd.atomic import write_text_atomic
 
     path = manifest_path(folder)
     write_text_atomic(json.dumps(manifest.to_dict(), indent=1) + "\n", path)

@@ -23,6 +23,26 @@ GROUP_SIZE = 640  # rows: the reference's 5 steps at its batch 64, 5 x (64 + 64)
 GROUP_STEPS = 5
 
 
+def entropy(probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """Per-row entropy in nats, ``-Σ_c p_c log p_c``, from probabilities and their logs (each
+    caller takes the logs as its numbers need: T. stddev from the clamped probabilities, the
+    pick from log-softmax). The one entropy of dalikd."""
+    return -(probs * log_probs).sum(dim=1)
+
+
+def row_entropy_sum(probs: torch.Tensor) -> torch.Tensor:
+    """Σ over rows of the entropy of ``probs`` (float64), as T. stddev counts it."""
+    return entropy(probs, probs.clamp_min(1e-30).log()).sum()
+
+
+def tstddev_sums(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What :meth:`TStddev.add_sums` takes for teacher rows ``logits`` [n, C]: (Σ of their
+    probabilities at T = 1 [C] float64, Σ of their entropies float64, n), made exactly as
+    :meth:`TStddev.add` makes them from the rows (bit-identical state either way)."""
+    probs = logits.detach().float().softmax(dim=1).double()
+    return probs.sum(dim=0), row_entropy_sum(probs), len(probs)
+
+
 def t_stddev(probs: torch.Tensor, group_size: int = GROUP_SIZE) -> float:
     """T. stddev of ``probs`` ([N, C] teacher probability rows, in the order seen).
 
@@ -62,7 +82,7 @@ class TStddev:
             self._partial = torch.zeros(probs.shape[1], dtype=torch.float64, device=probs.device)
             self._mean = torch.zeros_like(self._partial)
             self._m2 = torch.zeros_like(self._partial)
-        self._entropy = self._entropy + -(probs * probs.clamp_min(1e-30).log()).sum()
+        self._entropy = self._entropy + row_entropy_sum(probs)
         start = 0
         while start < len(probs):
             in_group = self.rows % self.group_size

@@ -3,14 +3,16 @@
 Every operator takes ``images``: uint8, layout HWC, square (side ``image_size`` px), on CPU or
 GPU; the same code serves both devices. Random draws are CPU nodes (DALI's random operators,
 ``fn.batch_permutation`` and ``fn.random.beta`` exist only on CPU) and enter as keyword
-arguments; left as ``None`` they are drawn here from the pipeline's seed, passed in they let a
-test inject known values. Injected values are used as given, whatever the granularity.
+arguments; left as ``None`` they are drawn here, passed in they let a test inject known values.
+Injected values are used as given, whatever the granularity.
 
-Each draw made here has its own seed, derived from the pipeline's seed and the order in which
-the recipe makes its draws (:func:`_seed`), not from DALI's automatic seeding, which follows the
-order the pipeline happens to visit its operators in. So two graphs that make the same draws in
-the same order draw the same values however their pixel work is wired: the fused operator,
-which takes every draw as an argument, and the composed graph.
+Every draw made here takes its seed from ``seeds`` (:class:`dalikd.recipes.Seeds`, which the
+graph builder hands in: a recipe passes ``ctx.seeds``), the next of its sequence, not from
+DALI's automatic seeding, which follows the order the pipeline happens to visit its operators
+in. So two graphs that make the same draws in the same order draw the same values however their
+pixel work is wired: the fused operator, which takes every draw as an argument, and the composed
+graph. Without ``seeds`` DALI seeds the draws itself (reproducible for a pipeline seed, but not
+the same on both paths).
 
 ``granularity``: "sample" draws per image (timm's "elem" mode); "batch" makes one draw for the
 whole batch, as the paper's reference code does. Mixing always pairs samples with a per-batch
@@ -22,25 +24,22 @@ the partner in the batch). ``perm`` is a CPU node; ``lam`` is a CPU node, except
 operator on GPU, whose λ output lives on the GPU.
 
 Mixing's pixel work runs through dalikd's own DALI operator ``fn.dalikd_mix`` (one pass for all
-candidates; :mod:`dalikd.native`) where it is built and loaded, else through stock operators
-(``permute_batch`` + ``multi_paste`` / arithmetic). Both paths make the same draws with the
-same explicit seeds (above), so they give bit-identical results for a pipeline seed.
+candidates; :mod:`dalikd.native`) with ``native=True`` (a recipe passes ``ctx.native``, the data
+plan's resolved path), else through stock operators (``permute_batch`` + ``multi_paste`` /
+arithmetic). Both paths make the same draws with the same explicit seeds (above), so they give
+bit-identical results.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
-from nvidia.dali.pipeline import Pipeline
 
 from dalikd.config import Granularity, choices
+from dalikd.recipes import Seeds
 
 GRANULARITIES = choices(Granularity)  # "sample": a draw per image | "batch": one per batch
 
@@ -52,22 +51,15 @@ def _check(granularity: str) -> None:
         raise ValueError(f"granularity '{granularity}'; known: {', '.join(GRANULARITIES)}")
 
 
-_DRAWS: weakref.WeakKeyDictionary[Pipeline, int] = weakref.WeakKeyDictionary()
+def seed(seeds: Seeds | None) -> dict[str, int]:
+    """The keyword arguments that seed the next draw: ``{"seed": s}`` from ``seeds``, or ``{}``
+    (DALI's automatic seed) without them."""
+    return seeds() if seeds is not None else {}
 
 
-def _seed() -> dict[str, int]:
-    """``{"seed": s}`` for the next draw of the pipeline being defined: s from its seed and how
-    many draws were made before this one. ``{}`` (DALI's automatic seed) when the pipeline has
-    no fixed seed."""
-    pipe = Pipeline.current()
-    if pipe is None or pipe.seed is None:
-        return {}
-    count = _DRAWS.get(pipe, 0)
-    _DRAWS[pipe] = count + 1
-    return {"seed": int(np.random.SeedSequence([pipe.seed, count]).generate_state(1)[0] >> 1)}
-
-
-def _per(granularity: str, value: DataNode, perm: DataNode | None = None) -> DataNode:
+def _per(
+    granularity: str, value: DataNode, perm: DataNode | None = None, seeds: Seeds | None = None
+) -> DataNode:
     """``value`` drawn per sample, or sample 0's value copied to the whole batch ("batch").
 
     permute_batch with all-zero indices is the batch-shared trick: it works for any batch size,
@@ -75,23 +67,28 @@ def _per(granularity: str, value: DataNode, perm: DataNode | None = None) -> Dat
     """
     if granularity == "sample":
         return value
-    zeros = (fn.batch_permutation(**_seed()) if perm is None else perm) * 0
+    zeros = (fn.batch_permutation(**seed(seeds)) if perm is None else perm) * 0
     return fn.permute_batch(value, indices=zeros)
 
 
-def partner_permutation() -> DataNode:
+def partner_permutation(seeds: Seeds | None = None) -> DataNode:
     """int32 per sample: a random permutation of the batch with no fixed points (i -> perm[i],
     never i itself). CPU. With a batch of 1 DALI returns [0]: the sample is its own partner."""
-    return fn.batch_permutation(no_fixed_points=True, **_seed())
+    return fn.batch_permutation(no_fixed_points=True, **seed(seeds))
 
 
 def flip(
-    images: DataNode, granularity: str = "sample", *, coin: DataNode | None = None
+    images: DataNode,
+    granularity: str = "sample",
+    *,
+    coin: DataNode | None = None,
+    seeds: Seeds | None = None,
 ) -> DataNode:
     """Horizontal flip with p = 0.5. ``coin``: int32 per sample on CPU, 1 = mirror."""
     _check(granularity)
     if coin is None:
-        coin = _per(granularity, fn.random.coin_flip(probability=0.5, dtype=types.INT32, **_seed()))
+        draw = fn.random.coin_flip(probability=0.5, dtype=types.INT32, **seed(seeds))
+        coin = _per(granularity, draw, seeds=seeds)
     return fn.flip(images, horizontal=coin)
 
 
@@ -103,6 +100,7 @@ def crop_flip(
     granularity: str = "sample",
     offset: DataNode | None = None,
     coin: DataNode | None = None,
+    seeds: Seeds | None = None,
 ) -> DataNode:
     """Pad-and-random-crop then flip, as torchvision's RandomCrop(size, padding=pad) +
     RandomHorizontalFlip: the image is zero-padded by ``pad`` px on every side and an
@@ -114,7 +112,8 @@ def crop_flip(
     """
     _check(granularity)
     if offset is None:
-        offset = _per(granularity, fn.random.choice(2 * pad + 1, shape=[2], **_seed()))
+        draw = fn.random.choice(2 * pad + 1, shape=[2], **seed(seeds))
+        offset = _per(granularity, draw, seeds=seeds)
     window = fn.slice(
         images,
         start=offset - pad,
@@ -123,7 +122,7 @@ def crop_flip(
         out_of_bounds_policy="pad",
         fill_values=0,
     )
-    return flip(window, granularity, coin=coin)
+    return flip(window, granularity, coin=coin, seeds=seeds)
 
 
 def cutout(
@@ -134,6 +133,7 @@ def cutout(
     fill: Sequence[float],
     granularity: str = "sample",
     centre: DataNode | None = None,
+    seeds: Seeds | None = None,
 ) -> DataNode:
     """One square hole of side ``hole`` px, filled with ``fill`` (RGB, rounded to integers).
 
@@ -144,7 +144,8 @@ def cutout(
     """
     _check(granularity)
     if centre is None:
-        centre = _per(granularity, fn.random.choice(image_size, shape=[2], **_seed()))
+        draw = fn.random.choice(image_size, shape=[2], **seed(seeds))
+        centre = _per(granularity, draw, seeds=seeds)
     anchor = fn.cast(centre - hole // 2, dtype=types.FLOAT)  # erase takes float coordinates
     return fn.erase(
         images,
@@ -156,15 +157,15 @@ def cutout(
 
 
 def _partner_and_lam(
-    alpha: float, granularity: str, perm: DataNode | None, lam: DataNode | None
+    alpha: float, granularity: str, perm: DataNode | None, lam: DataNode | None, seeds: Seeds | None
 ) -> tuple[DataNode, DataNode]:
     """The draws every mixing scheme starts with, in this order: the partner permutation, then
     λ ~ Beta(α, α) per sample or per batch. Injected values are used as given."""
     _check(granularity)
     if perm is None:
-        perm = partner_permutation()
+        perm = partner_permutation(seeds)
     if lam is None:
-        lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha, **_seed()), perm)
+        lam = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha, **seed(seeds)), perm)
     return perm, lam
 
 
@@ -175,7 +176,8 @@ def mixup(
     granularity: str = "sample",
     lam: DataNode | None = None,
     perm: DataNode | None = None,
-    native: bool | None = None,
+    native: bool = False,
+    seeds: Seeds | None = None,
 ) -> tuple[DataNode, DataNode, DataNode]:
     """x' = λ·x + (1 − λ)·x[perm], λ ~ Beta(α, α). Returns ``(images, lam, perm)``.
 
@@ -185,11 +187,10 @@ def mixup(
     up, ``floor(v + 0.5)``, and cast to uint8. Rounding before the cast keeps the result free of
     how each device's cast treats halves (DALI's CPU cast gives 2.5 -> 3; GPU unchecked), and
     halves are common: λ = 0.5 with x + x[perm] odd.
-    ``native``: the pixel work through dalikd's fused operator (True), the stock operators
-    (False), or the pipeline's mixing path (None, :func:`mixing_path`); the results are
-    identical.
+    ``native``: the pixel work through dalikd's fused operator (True) or the stock operators
+    (False); the results are identical. ``seeds``: see the module docstring.
     """
-    perm, lam = _partner_and_lam(alpha, granularity, perm, lam)
+    perm, lam = _partner_and_lam(alpha, granularity, perm, lam, seeds)
     if _native(images, native):
         out = fn.dalikd_mix(images, mode="mixup", lam=lam, perm=perm)
         return out[0], out[1], perm  # the operator's λ: on the images' device
@@ -220,15 +221,16 @@ def cutmix_draws(
     lam: DataNode | None = None,
     perm: DataNode | None = None,
     centre: DataNode | None = None,
+    seeds: Seeds | None = None,
 ) -> tuple[DataNode, DataNode, DataNode]:
     """One CutMix draw (CPU): ``(perm, lam, centre)``; the box follows by :func:`cutmix_box`.
 
     λ ~ Beta(α, α) and the box centre, (2,) = (y, x) uniform in [0, image_size), per sample or
     per batch; ``perm`` as in :func:`mixup`. Injected values are used as given.
     """
-    perm, lam = _partner_and_lam(alpha, granularity, perm, lam)
+    perm, lam = _partner_and_lam(alpha, granularity, perm, lam, seeds)
     if centre is None:
-        centre = _per(granularity, fn.random.choice(image_size, shape=[2], **_seed()), perm)
+        centre = _per(granularity, fn.random.choice(image_size, shape=[2], **seed(seeds)), perm)
     return perm, lam, centre
 
 
@@ -300,16 +302,16 @@ def cutmix(
     lam: DataNode | None = None,
     perm: DataNode | None = None,
     centre: DataNode | None = None,
-    native: bool | None = None,
+    native: bool = False,
+    seeds: Seeds | None = None,
 ) -> tuple[DataNode, DataNode, DataNode]:
     """CutMix: a box of the partner x[perm] pasted over x. Returns ``(images, lam, perm)``.
 
     The draws are :func:`cutmix_draws`. The returned ``lam`` is recomputed from the real
     (clipped) box: 1 − h·w / S², float32. ``native`` as in :func:`mixup`.
     """
-    draw = cutmix_draws(
-        image_size, alpha=alpha, granularity=granularity, lam=lam, perm=perm, centre=centre
-    )
+    draw = cutmix_draws(image_size, alpha=alpha, granularity=granularity, lam=lam, perm=perm,
+                        centre=centre, seeds=seeds)  # fmt: skip
     if _native(images, native):
         perm, lam, centre = draw
         return _fused_cutmix(images, image_size, [perm], lam, centre)[0]
@@ -320,13 +322,14 @@ def cutmix(
 def cutmix_pool(
     images: DataNode,
     image_size: int,
-    k: int,
+    pool_size: int,
     *,
     alpha: float = 1.0,
     granularity: str = "sample",
-    native: bool | None = None,
+    native: bool = False,
+    seeds: Seeds | None = None,
 ) -> list[tuple[DataNode, DataNode, DataNode]]:
-    """k independent CutMix candidates per image (own λ, box and partner each).
+    """k = ``pool_size`` independent CutMix candidates per image (own λ, box and partner each).
 
     The draws are made for all k at once where DALI allows: k partner permutations, but one
     Beta draw of shape (k,) and one centre draw of shape (k, 2) per sample (with "batch"
@@ -334,39 +337,23 @@ def cutmix_pool(
     come from one operator call that reads each image once; composed, candidate j is
     :func:`cutmix` with draw j injected."""
     _check(granularity)
-    perms = [partner_permutation() for _ in range(k)]
-    lams = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha, shape=[k], **_seed()),
+    k = pool_size
+    perms = [partner_permutation(seeds) for _ in range(k)]
+    lams = _per(granularity, fn.random.beta(alpha=alpha, beta=alpha, shape=[k], **seed(seeds)),
                 perms[0])  # fmt: skip
-    centres = _per(granularity, fn.random.choice(image_size, shape=[k, 2], **_seed()), perms[0])
+    centres = _per(granularity, fn.random.choice(image_size, shape=[k, 2], **seed(seeds)),
+                   perms[0])  # fmt: skip
     if not _native(images, native):
         return [cutmix(images, image_size, lam=lams[j], perm=perms[j], centre=centres[j],
                        native=False) for j in range(k)]  # fmt: skip
     return _fused_cutmix(images, image_size, perms, lams, centres)
 
 
-_MIXING: ContextVar[str] = ContextVar("dalikd_mixing", default="auto")
-
-
-@contextmanager
-def mixing_path(mixing: str) -> Iterator[None]:
-    """Mixing ops defined inside run their pixel work on ``mixing`` (the config's
-    ``data.mixing``: "native", fn.dalikd_mix; "composed", stock operators; "auto", resolved
-    by :func:`dalikd.native.resolve`). The graph builder sets it around the recipe, so a
-    recipe never names the path; outside it, "auto"."""
-    token = _MIXING.set(mixing)
-    try:
-        yield
-    finally:
-        _MIXING.reset(token)
-
-
-def _native(images: DataNode, native: bool | None) -> bool:
-    """The one mixing dispatch: ``native`` where a caller pins it (tests, benchmarks), else
-    the path of the graph being defined (:func:`mixing_path`)."""
-    from dalikd import native as native_op
-
-    if native is None:
-        return native_op.resolve(_MIXING.get(), images.device) == "native"
+def _native(images: DataNode, native: bool) -> bool:
+    """The one mixing dispatch: ``native`` as the caller passes it (a recipe: ``ctx.native``,
+    the data plan's resolved path), the operator loaded for the images' device first."""
     if native:
+        from dalikd import native as native_op
+
         native_op.require(images.device, "needed (native=True)")
     return native

@@ -13,14 +13,15 @@ from torch import nn
 from dalikd.config import KDConfig, PickCriterion, choices
 from dalikd.errors import DalikdError
 from dalikd.losses import kl_divergence
+from dalikd.metrics import entropy
 
 CRITERIA = choices(PickCriterion)
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
+def logit_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Per-row entropy (natural log) of softmax(logits) at T = 1, in float32."""
     log_p = F.log_softmax(logits.float(), dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1)
+    return entropy(log_p.exp(), log_p)
 
 
 def pick_count(pool_rows: int, count: int, fraction: float) -> int:
@@ -41,9 +42,9 @@ def scores(
 ) -> torch.Tensor:
     """One score per candidate; higher is kept first."""
     if criterion == "teacher_entropy":
-        return entropy(teacher_logits)
+        return logit_entropy(teacher_logits)
     if criterion == "student_entropy":
-        return entropy(student_logits)
+        return logit_entropy(student_logits)
     if criterion == "kld":
         return kl_divergence(student_logits, teacher_logits, temperature, reduction="rows")
     raise DalikdError(f"unknown pick criterion '{criterion}'; known: {', '.join(CRITERIA)}")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from dalikd.atomic import write_atomic
 from dalikd.errors import DalikdError
 from dalikd.outputs import output_file
 
@@ -103,7 +103,5 @@ def write_curves(run_dirs: list[str | Path], out: str | Path) -> Path:
     runs = {name: read_metrics(d) for name, d in zip(run_names(run_dirs), run_dirs, strict=True)}
     out = output_file(out, "--out", (".png",))  # missing folders made, PNG bytes in *.png
     fig = curves_figure(runs)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
+    write_atomic(out, lambda f: fig.savefig(f, format="png"))
     return out

@@ -1,7 +1,8 @@
 """A PNG grid of x and x' for one training batch: what the student is trained on.
 
-The batch comes from :func:`dalikd.loaders.train_loader`, the loader training uses, with the
-same seed, so the grid shows exactly the first batch a run with these settings would see. The
+The batch comes from :func:`dalikd.loaders.train_loader`, the loader training uses, built from a
+data plan resolved as training resolves it (:mod:`dalikd.plan`) with the same seed, so the grid
+shows exactly the first batch a run with these settings would see. The
 pipeline's uint8 pixels are drawn with PIL as they are; each x is labelled with its index in
 the batch and its class, each x' of a mixing recipe with λ (the fraction of its own pixels)
 and its partner's index.
@@ -10,7 +11,6 @@ and its partner's index.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,12 +18,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dalikd import loaders, recipes
+from dalikd import loaders
+from dalikd.atomic import write_atomic
 from dalikd.config import MAX_IMAGE_SIZE, MAX_SEED, DataConfig
 from dalikd.data import scan_dataset
 from dalikd.device import resolve_device
 from dalikd.errors import DalikdError
 from dalikd.ops import GRANULARITIES
+from dalikd.plan import DataPlan, resolve_plan
 
 # Layout, all in px of the PNG.
 MIN_TILE = 96  # tiles smaller than this are enlarged by an integer factor (nearest neighbour)
@@ -48,7 +50,7 @@ class PreviewBatch:
     classes: tuple[str, ...]  # class names, by index
     lam: list[float] | None  # fraction of own pixels in each x' (mixing recipes only)
     perm: list[int] | None  # partner index of each x' (mixing recipes only)
-    pool: int = 1  # k > 1: aug_images is the first of k candidate views per image
+    pool_size: int = 1  # k > 1: aug_images is the first of k candidate views per image
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -117,37 +119,22 @@ class Layout:
         return x, y + (self.tile + ROW_GAP if view == "x'" else 0)
 
 
-def preview_batch(
-    data: DataConfig, aug: str, *, seed: int = 0, granularity: str = "sample", device: str = "cpu"
-) -> PreviewBatch:
-    """The first training batch of ``data.path`` with recipe ``aug``, as training draws it with
-    ``seed`` (shard 0). ``device``: "cpu" | "gpu", where DALI runs."""
-    recipe = recipes.resolve(aug)
-    if recipe is None:
+def preview_batch(plan: DataPlan) -> PreviewBatch:
+    """The first training batch of ``plan.data.path`` with the plan's recipe, as training draws
+    it (shard 0)."""
+    data = plan.data
+    if plan.recipe is None:
         raise DalikdError(
-            f"--aug {aug} makes no second view x', so there is nothing to preview; "
+            f"--aug {plan.aug} makes no second view x', so there is nothing to preview; "
             "pick a recipe from `dalikd pipelines`"
         )
-    if granularity not in GRANULARITIES:
-        raise DalikdError(f"granularity '{granularity}'; known: {', '.join(GRANULARITIES)}")
-    if data.image_size < 16:
-        raise DalikdError(f"image size must be at least 16 px, got {data.image_size}")
-    if data.image_size > MAX_IMAGE_SIZE:
-        raise DalikdError(f"image size must be at most {MAX_IMAGE_SIZE} px, got {data.image_size}")
-    if not 0 <= seed <= MAX_SEED:
-        raise DalikdError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
-    if data.batch_size < 1:
-        raise DalikdError(f"batch size must be positive, got {data.batch_size}")
     dataset = scan_dataset(data.path)
     if data.batch_size > len(dataset.train):
         raise DalikdError(
             f"--batch-size {data.batch_size} is more than the {len(dataset.train)} training "
             f"images in {dataset.root}"
         )
-    loader = loaders.train_loader(
-        dataset.train, data, recipe, device=device, seed=seed, granularity=granularity
-    )
-    batch = next(iter(loader))
+    batch = next(iter(loaders.train_loader(dataset.train, plan)))
     assert batch.aug_images is not None, "a recipe that returns a View makes x'"
     # A candidate pool (cutmixpick) holds k views per image, view-major; the preview draws the
     # first view of each image: which candidates are kept is decided by the teacher in training.
@@ -159,7 +146,7 @@ def preview_batch(
         classes=dataset.classes,
         lam=None if batch.lam is None else batch.lam[:b].tolist(),
         perm=None if batch.perm is None else batch.perm[:b].tolist(),
-        pool=batch.pool,
+        pool_size=batch.pool_size,
     )
 
 
@@ -238,15 +225,6 @@ def render_grid(
     return grid, captions, title_lines
 
 
-def _write_png_atomic(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        image.save(f, format="PNG")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-
-
 def write_preview(
     data_path: str | Path,
     aug: str,
@@ -268,21 +246,32 @@ def write_preview(
         raise DalikdError(f"--out {out}: the preview is a PNG; name it *.png")
     if out.is_dir():
         raise DalikdError(f"--out {out} is a folder; give a file name such as grid.png")
-    device = resolve_device(device)
+    if granularity not in GRANULARITIES:
+        raise DalikdError(f"granularity '{granularity}'; known: {', '.join(GRANULARITIES)}")
+    if image_size < 16:
+        raise DalikdError(f"image size must be at least 16 px, got {image_size}")
+    if image_size > MAX_IMAGE_SIZE:
+        raise DalikdError(f"image size must be at most {MAX_IMAGE_SIZE} px, got {image_size}")
+    if not 0 <= seed <= MAX_SEED:
+        raise DalikdError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
+    if batch_size < 1:
+        raise DalikdError(f"batch size must be positive, got {batch_size}")
     data = DataConfig(
         path=str(data_path), image_size=image_size, batch_size=batch_size, threads=threads,
         resize=resize,
     )  # fmt: skip
-    batch = preview_batch(data, aug, seed=seed, granularity=granularity, device=device)
+    plan = resolve_plan(data, aug, device=resolve_device(device), seed=seed,
+                        granularity=granularity)  # fmt: skip
+    batch = preview_batch(plan)
     title = (
         f"x (top) and x' (below), first training batch: --aug {aug}, granularity "
         f"{granularity}, seed {seed}, {image_size} px"
     )
-    if batch.pool > 1:
-        title += f"; x' shows candidate 1 of {batch.pool} (training keeps the teacher's pick)"
+    if batch.pool_size > 1:
+        title += f"; x' shows candidate 1 of {batch.pool_size} (training keeps the teacher's pick)"
     grid, captions, title_lines = render_grid(batch, title)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_png_atomic(grid, out)
+    write_atomic(out, lambda f: grid.save(f, format="PNG"))
     return {
         "path": str(out),
         "n": len(batch),
@@ -291,4 +280,5 @@ def write_preview(
         "perm": batch.perm,
         "captions": captions,
         "title": title_lines,
+        "plan": plan.to_dict(),
     }

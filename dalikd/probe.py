@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from dalikd import loaders, pick, recipes
-from dalikd.checkpoint import write_text_atomic
+from dalikd import loaders, pick
+from dalikd.atomic import write_atomic, write_text_atomic
 from dalikd.config import (
     DataConfig,
     KDConfig,
@@ -45,6 +44,7 @@ from dalikd.device import autocast, prepare_batch, resolve_device
 from dalikd.errors import DalikdError
 from dalikd.metrics import GROUP_STEPS, TStddev
 from dalikd.models import check_classes, checkpoint_classes
+from dalikd.plan import plan_for
 from dalikd.step import Distiller
 
 # The paper's nine schemes (--aug values) less the student-entropy pick (--pick-criterion).
@@ -78,11 +78,12 @@ class ProbeResult:
     groups: int  # complete groups
     group_rows: int  # rows per group: group_steps x the teacher rows of one step
     seconds: float
+    plan: dict = field(default_factory=dict)  # the data plan the scheme ran (DataPlan.to_dict)
 
     def to_dict(self) -> dict:
         return {"aug": self.aug, "t_stddev": self.t_stddev, "mean_entropy": self.mean_entropy,
                 "samples": self.samples, "rows": self.rows, "groups": self.groups,
-                "group_rows": self.group_rows}  # fmt: skip
+                "group_rows": self.group_rows, "plan": self.plan}  # fmt: skip
 
 
 class ProbeReporter(Protocol):
@@ -104,32 +105,20 @@ class SilentProbeReporter:
         pass
 
 
-def _views_per_step(cfg: ProbeConfig, split, recipe, device: str) -> int:
-    """x' views a recipe makes per image (k for a pool, 1 for a view, 0 for none), read from
-    the traced DALI graph; nothing is built or run."""
-    if recipe is None:
-        return 0
-    _, names = loaders.build_pipeline(
-        loaders.train_graph, data=cfg.data, device=device, seed=cfg.seed, split=split,
-        recipe=recipe, shard_id=0, num_shards=1, granularity=cfg.kd.granularity,
-        reader_seed=cfg.seed, pool_size=cfg.kd.pool_size,
-    )  # fmt: skip
-    return sum(name.startswith("aug_images_") for name in names)
-
-
-def group_rows(group_steps: int, batch_size: int, views: int, kd: KDConfig) -> int:
+def group_rows(group_steps: int, batch_size: int, pool_size: int, kd: KDConfig) -> int:
     """Rows per group: ``group_steps`` steps of teacher rows (the reference's 5 steps: 640 rows
     at batch 64 with x', 320 of x alone for plain KD)."""
-    return group_steps * rows_per_step(batch_size, views, kd)
+    return group_steps * rows_per_step(batch_size, pool_size, kd)
 
 
-def rows_per_step(batch_size: int, views: int, kd: KDConfig) -> int:
-    """Teacher rows one step adds: B for x, plus B for x' (the kept count for a pool)."""
-    if views == 0:
+def rows_per_step(batch_size: int, pool_size: int, kd: KDConfig) -> int:
+    """Teacher rows one step adds: B for x, plus B for x' (the kept count for a pool of
+    ``pool_size`` views per image; 0: no x')."""
+    if pool_size == 0:
         return batch_size
-    if views == 1:
+    if pool_size == 1:
         return 2 * batch_size
-    return batch_size + pick.pick_count(views * batch_size, kd.pick_count, kd.pick_fraction)
+    return batch_size + pick.pick_count(pool_size * batch_size, kd.pick_count, kd.pick_fraction)
 
 
 def _check(cfg: ProbeConfig) -> None:
@@ -164,9 +153,9 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
     dataset = scan_dataset(cfg.data.path)
     w = cfg.model.teacher_weights  # a dalikd checkpoint of other classes: a meaningless probe
     check_classes(checkpoint_classes(w), dataset.classes, f"teacher weights {w}")
-    recipes_by_aug = {
-        aug: recipes.resolve(aug) for aug in dict.fromkeys(a.strip() for a in cfg.augs)
-    }
+    # one data plan per scheme, resolved as training resolves its own
+    plans = {aug: plan_for(cfg.data, replace(cfg.kd, aug=aug), device=device, seed=cfg.seed)
+             for aug in dict.fromkeys(a.strip() for a in cfg.augs)}  # fmt: skip
     batch_size = cfg.data.batch_size
     steps_per_epoch = len(dataset.train) // batch_size  # the loader drops the incomplete batch
     if steps_per_epoch == 0:
@@ -175,9 +164,6 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
             "lower --batch-size"
         )
     steps = cfg.epochs * steps_per_epoch if cfg.epochs else math.ceil(cfg.samples / batch_size)
-    views = {
-        aug: _views_per_step(cfg, dataset.train, r, device) for aug, r in recipes_by_aug.items()
-    }
     needed = 2 * cfg.group_steps  # steps that close 2 groups, the same for every scheme
     if needed > steps:
         raise DalikdError(
@@ -188,7 +174,7 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
         )
 
     needs_student = cfg.kd.pick_criterion != "teacher_entropy" and any(
-        v > 1 for v in views.values()
+        p.pool_size > 1 for p in plans.values()
     )
     if needs_student and not cfg.model.student:
         raise DalikdError(
@@ -200,14 +186,12 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
                                 student=needs_student).eval()  # fmt: skip
 
     results = []
-    for aug, recipe in recipes_by_aug.items():
+    for aug, plan in plans.items():
+        plan = replace(plan, norm=distiller.input_norm)  # the models' inputs (cutout's fill)
         reporter.aug_start(aug, steps)
         t0 = time.perf_counter()
-        loader = loaders.train_loader(
-            dataset.train, cfg.data, recipe, device=device, seed=cfg.seed,
-            granularity=cfg.kd.granularity, pool_size=cfg.kd.pool_size,
-        )  # fmt: skip
-        acc = TStddev(group_rows(cfg.group_steps, batch_size, views[aug], cfg.kd))
+        loader = loaders.train_loader(dataset.train, plan)
+        acc = TStddev(group_rows(cfg.group_steps, batch_size, plan.pool_size, cfg.kd))
         done = 0
         while done < steps:  # the loader runs one epoch per iteration, reshuffled each time
             for b in loader:
@@ -221,7 +205,8 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
                     break
         del loader  # frees the DALI pipeline before the next scheme builds its own
         result = ProbeResult(aug, acc.value(), acc.mean_entropy(), done * batch_size, acc.rows,
-                             acc.groups, acc.group_size, time.perf_counter() - t0)  # fmt: skip
+                             acc.groups, acc.group_size, time.perf_counter() - t0,
+                             plan.to_dict())  # fmt: skip
         reporter.aug_end(result)
         results.append(result)
     return sorted(results, key=lambda r: r.t_stddev)
@@ -261,6 +246,4 @@ def write_plot(results: list[ProbeResult], path: str | Path, title: str = "") ->
     ax.margins(y=0.12)  # room for the value labels; bars start at 0
     ax.set_title(title or "teacher T. stddev per augmentation", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))

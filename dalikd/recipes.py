@@ -14,25 +14,60 @@ import importlib
 import importlib.util
 import pkgutil
 import sys
+import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from dalikd.errors import DalikdError
 
 _ATTR = "__dalikd_recipe__"
 
 
+class Seeds:
+    """Where one graph's random operators take their seeds, handed down by the graph builder
+    (as DALI's ``auto_aug`` takes ``seed``: randomness is a graph input, never ambient state).
+
+    Each call gives the next draw of its stream ``{"seed": s}``, s from the builder's ``seed``,
+    the stream's name and the draw's number: the same draws made in the same order get the same
+    seeds however the pixel work is wired (dalikd's fused operator or stock ones), and
+    :meth:`stream` gives an independent sequence (the base view's draws do not shift the
+    recipe's). ``seed`` None: ``{}``, DALI's automatic seeding.
+    """
+
+    def __init__(self, seed: int | None, name: str = "") -> None:
+        self.seed, self.name, self.drawn = seed, name, 0
+
+    def __call__(self) -> dict[str, int]:
+        if self.seed is None:
+            return {}
+        # the recipe's stream ("") keeps the entropy [seed, i] of the seeds drawn before streams
+        words = [self.seed, self.drawn]
+        if self.name:
+            words.insert(1, zlib.crc32(self.name.encode()))
+        self.drawn += 1
+        return {"seed": int(np.random.SeedSequence(words).generate_state(1)[0] >> 1)}
+
+    def stream(self, name: str) -> Seeds:
+        """Another sequence of seeds from the same ``seed``, named ``name``."""
+        return Seeds(self.seed, f"{self.name}/{name}" if self.name else name)
+
+
 @dataclass(frozen=True)
 class AugContext:
-    """Static facts a recipe may use; nothing random lives here (randomness is graph input)."""
+    """What a recipe may use: static facts, its seeds and mixing's path (the graph builder's,
+    from the data plan). Nothing random is drawn here: randomness is graph input."""
 
     image_size: int  # px, side of the square images the recipe receives
     device: str  # "cpu" | "gpu": where the images live
     mean: tuple[float, float, float]  # dataset mean per RGB channel, 0-255 scale
     granularity: str = "sample"  # "sample": draws per image | "batch": one draw for the batch
     pool_size: int = 2  # k: candidates per image a pool recipe (cutmixpick) makes
+    seeds: Seeds = field(default_factory=lambda: Seeds(None))  # pass to every dalikd.ops draw
+    native: bool = False  # mixing's pixel work through dalikd's fused operator (else stock ops)
 
 
 @dataclass(frozen=True)
@@ -57,6 +92,7 @@ class RecipeInfo:
     name: str
     description: str  # one line, shown by `dalikd pipelines`
     mixing: bool = False  # mixes samples of the batch (returns lam and perm) or makes a Pool
+    pool: bool = False  # returns a Pool of ctx.pool_size views (its x' is the pick of k·B)
     # its torchvision equivalent, the baseline `dalikd profile` times it against (a name
     # dalikd.profile.baseline.torchvision_parts knows); "": none
     torchvision: str = ""
@@ -66,12 +102,14 @@ Recipe = Callable[..., "View | Pool | None"]
 
 
 def recipe(
-    name: str, description: str, *, mixing: bool = False, torchvision: str = ""
-) -> Callable[[Recipe], Recipe]:
-    """Mark a function as a recipe named ``name``; only attaches metadata."""
+    name: str, description: str, *, mixing: bool = False, pool: bool = False,
+    torchvision: str = "",
+) -> Callable[[Recipe], Recipe]:  # fmt: skip
+    """Mark a function as a recipe named ``name``; only attaches metadata. ``pool``: it returns
+    a :class:`Pool` of ``ctx.pool_size`` views (the data plan counts on that many)."""
 
     def mark(fn: Recipe) -> Recipe:
-        setattr(fn, _ATTR, RecipeInfo(name, description, mixing, torchvision))
+        setattr(fn, _ATTR, RecipeInfo(name, description, mixing, pool, torchvision))
         return fn
 
     return mark
@@ -124,8 +162,40 @@ def _load_file_recipe(spec: str) -> Recipe:
     return fn
 
 
+def _is_file_spec(spec: str) -> bool:
+    return spec.endswith(".py") or ".py:" in spec
+
+
+def parse_aug(spec: str) -> list[str]:
+    """The parts of an ``--aug`` value, in order (``autoaugment+cutmix`` -> two): the one
+    place an --aug value is split."""
+    spec = spec.strip()
+    parts = [p.strip() for p in spec.split("+")]
+    if any(not p for p in parts):
+        raise DalikdError(f"--aug '{spec}' has an empty part; write e.g. autoaugment+cutmix")
+    return parts
+
+
+def source_files(spec: str) -> list[Path]:
+    """The files that define the recipes of ``spec`` (their parameters live there): a file
+    recipe's file, a built-in's module file; none for ``none``."""
+    if spec.strip() == "none":
+        return []
+    known = builtin_recipes()
+    files = []
+    for part in parse_aug(spec):
+        if _is_file_spec(part):
+            path = Path(part.rpartition(":")[0]).expanduser()
+        else:
+            fn = known.get(part)
+            path = Path(fn.__code__.co_filename) if fn is not None else None
+        if path is not None and path.is_file():
+            files.append(path)
+    return files
+
+
 def _resolve_one(spec: str, known: dict[str, Recipe]) -> Recipe:
-    if spec.endswith(".py") or ".py:" in spec:
+    if _is_file_spec(spec):
         if ":" not in spec or spec.endswith(".py"):
             raise DalikdError(f"--aug {spec}: name the function too, as path/to/file.py:function")
         return _load_file_recipe(spec)
@@ -138,9 +208,7 @@ def resolve(spec: str) -> Recipe | None:
     """Turn an ``--aug`` value into one recipe; ``None`` for plain KD (no second view)."""
     spec = spec.strip()
     known = builtin_recipes()
-    parts = [p.strip() for p in spec.split("+")]
-    if any(not p for p in parts):
-        raise DalikdError(f"--aug '{spec}' has an empty part; write e.g. autoaugment+cutmix")
+    parts = parse_aug(spec)
     recipes = [_resolve_one(p, known) for p in parts]
     if len(recipes) == 1:
         return None if spec == "none" else recipes[0]
@@ -173,5 +241,6 @@ def compose(recipes: list[Recipe], name: str) -> Recipe:
         return view
 
     mixing = any(recipe_info(r).mixing for r in recipes)
-    setattr(composed, _ATTR, RecipeInfo(name, "composition: " + name, mixing))
+    pool = recipe_info(recipes[-1]).pool  # a Pool only comes from the last (mixing) recipe
+    setattr(composed, _ATTR, RecipeInfo(name, "composition: " + name, mixing, pool))
     return composed

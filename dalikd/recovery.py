@@ -20,8 +20,9 @@ leaves out of every epoch). It is not the order DALI would have drawn: the file 
 and DALI's per-epoch shuffle depends on it. A checkpoint taken inside a remainder saves its
 file list and its DALI state, so a resumed run continues it bit-exactly.
 
-To find which files a batch held, the reader's labels are the sample indices; the loader maps
-them to class labels. Single process only: under torchrun a failure is one line naming the
+To find which files a batch held, the loader is built ``indexed``: each batch carries the
+positions of its samples in the loader's file list (``Batch.index``, on the CPU) beside their
+labels. Single process only: under torchrun a failure is one line naming the
 files (another rank cannot learn that this one shortened its epoch).
 """
 
@@ -35,10 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from dalikd.data import Dataset, Split
-from dalikd.device import torch_device
 from dalikd.errors import DalikdError, escape_text, unescape_text
 
 REPORT = "data_report.tsv"
@@ -80,7 +79,7 @@ def write_report(run_dir: Path, skipped: tuple[tuple[str, str], ...]) -> None:
     """One row per file: path, tab, reason. A tab, newline or other control character in a
     name, a backslash, and bytes that are not UTF-8 are escaped (errors.escape_text), so a row
     is one line and :func:`read_report` gives the path back exactly."""
-    from dalikd.checkpoint import write_text_atomic
+    from dalikd.atomic import write_text_atomic
 
     rows = (f"{escape_text(p, backslash=True)}\t{escape_text(r, backslash=True)}\n"
             for p, r in skipped)  # fmt: skip
@@ -100,7 +99,7 @@ def _dali_reason(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _first_failure(files: list[str], data: Any, device: str) -> str | None:
+def _first_failure(files: list[str], plan: Any) -> str | None:
     """Decode ``files`` as one batch the way training reads them; the DALI error or None."""
     from nvidia.dali import fn, pipeline_def, types
 
@@ -109,13 +108,13 @@ def _first_failure(files: list[str], data: Any, device: str) -> str | None:
     def graph():
         jpegs, _ = fn.readers.file(files=files, name="Check")
         return fn.decoders.image(
-            jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB
+            jpegs, device="mixed" if plan.device == "gpu" else "cpu", output_type=types.RGB
         )
 
     try:
         pipe = pipeline_def(graph)(
-            batch_size=len(files), num_threads=data.threads or 1,
-            device_id=_dali_device_id(device), prefetch_queue_depth=1,
+            batch_size=len(files), num_threads=plan.data.threads,
+            device_id=_dali_device_id(plan.device), prefetch_queue_depth=1,
         )  # fmt: skip
         pipe.build()
         pipe.run()
@@ -124,9 +123,7 @@ def _first_failure(files: list[str], data: Any, device: str) -> str | None:
     return None
 
 
-def find_culprits(
-    error: BaseException, candidates: list[str], data: Any, device: str
-) -> dict[str, str]:
+def find_culprits(error: BaseException, candidates: list[str], plan: Any) -> dict[str, str]:
     """path -> reason for the files among ``candidates`` that fail to decode: the ones the
     DALI ``error`` names first; else every candidate, a batch at a time, and a failing batch
     bisected down to single files."""
@@ -135,7 +132,7 @@ def find_culprits(
     bad: dict[str, str] = {}
 
     def bisect(files: list[str]) -> None:
-        reason = _first_failure(files, data, device)
+        reason = _first_failure(files, plan)
         if reason is None:
             return
         if len(files) == 1:
@@ -148,7 +145,7 @@ def find_culprits(
     for path in named:
         bisect([path])
     if not bad:
-        step = max(1, data.batch_size)
+        step = max(1, plan.data.batch_size)
         for start in range(0, len(rest), step):
             bisect(rest[start : start + step])
     return bad
@@ -178,17 +175,15 @@ class TrainData:
     """The training loader of ``dalikd train``, with run-time decode failures recovered.
 
     Same interface as :class:`dalikd.loaders.Loader` (iterate one epoch, ``len()``,
-    ``checkpoint()``). ``epoch``, ``step``: where the run is (a resumed one, mid-epoch).
+    ``checkpoint()``), built from the data plan ``plan``. ``epoch``, ``step``: where the run is
+    (a resumed one, mid-epoch). ``seed``: the run's (epoch e starts from seed + e).
     """
 
     def __init__(
         self,
         dataset: Dataset,
-        data: Any,
-        recipe: Any,
+        plan: Any,
         *,
-        device: str,
-        seed: int,
         epoch: int,
         step: int = 0,
         run_dir: Path,
@@ -196,25 +191,23 @@ class TrainData:
         is_main: bool = True,
         shard_id: int = 0,
         num_shards: int = 1,
-        granularity: str = "sample",
-        pool_size: int = 2,
         checkpoint: str | bytes | None = None,
     ) -> None:
         self.dataset = dataset
-        self._data, self._recipe, self._device = data, recipe, device
-        self._seed, self._epoch = seed, epoch
+        # training's loader: the GPU decoder preallocates (loaders.decoder_args)
+        self._plan, self._seed, self._epoch = replace(plan, preallocate=True), plan.seed, epoch
         self._run_dir, self._reporter, self._is_main = run_dir, reporter, is_main
         self._shard = dict(shard_id=shard_id, num_shards=num_shards)
-        # training's loader: the GPU decoder preallocates (loaders.decoder_args)
-        self._graph = dict(granularity=granularity, pool_size=pool_size, preallocate=True)
+        batch_size = plan.data.batch_size
         per_shard = len(dataset.train) // num_shards
-        if per_shard < data.batch_size:
+        if per_shard < batch_size:
             raise DalikdError(
                 f"{len(dataset.train)} training images make no full batch of "
-                f"{data.batch_size}{' per rank' if num_shards > 1 else ''}; lower --batch-size"
+                f"{batch_size}{' per rank' if num_shards > 1 else ''}; lower --batch-size"
             )
         self._remainder: _Remainder | None = None
-        self._steps = per_shard // data.batch_size
+        self._steps = per_shard // batch_size
+        seed = plan.seed
         self._step = step  # steps of the current epoch done
         if isinstance(checkpoint, str) and checkpoint.startswith(_REMAINDER):
             state = json.loads(checkpoint.removeprefix(_REMAINDER))
@@ -231,13 +224,12 @@ class TrainData:
         from dalikd import loaders
 
         train = self.dataset.train
-        picked = range(len(train)) if indices is None else indices
-        split = Split(tuple(train.files[i] for i in picked), tuple(picked))
+        self._picked = list(range(len(train)) if indices is None else indices)
+        split = Split(tuple(train.files[i] for i in self._picked),
+                      tuple(train.labels[i] for i in self._picked))  # fmt: skip
         shard = self._shard if indices is None else {}
-        return loaders.train_loader(
-            split, self._data, self._recipe, device=self._device, seed=seed,
-            checkpoint=checkpoint, cpu_labels=True, **shard, **self._graph,
-        )  # fmt: skip
+        return loaders.train_loader(split, self._plan, seed=seed, checkpoint=checkpoint,
+                                    indexed=True, **shard)  # fmt: skip
 
     def __len__(self) -> int:
         return self._steps
@@ -251,19 +243,14 @@ class TrainData:
         return _REMAINDER + json.dumps(state)
 
     def __iter__(self) -> Iterator[Any]:
-        seen: list[int] = []  # indices trained on this epoch since the loader was built
-        device = torch_device(self._device)
+        seen: list[int] = []  # train indices trained on this epoch since the loader was built
         while True:
-            classes = torch.tensor(self.dataset.train.labels, dtype=torch.int64)
             try:
                 for batch in self._loader:
-                    # the loader hands the labels (sample indices here) over on CPU: mapped to
-                    # classes there and moved once, no copy back from the GPU
-                    index = batch.labels
-                    seen += index.tolist()
+                    # positions in the loader's files, on the CPU: no copy back from the GPU
+                    seen += [self._picked[i] for i in batch.index.tolist()]
                     self._step += 1
-                    labels = classes[index].to(device, non_blocking=True)
-                    yield replace(batch, labels=labels)
+                    yield batch
                     if self._remainder is not None and self._step >= self._steps:
                         break  # the remainder may hold more than the epoch's slots
                 break
@@ -285,7 +272,7 @@ class TrainData:
         pool = self._remainder.indices if self._remainder is not None else range(len(train))
         taken = set(seen)
         todo = [i for i in pool if i not in taken]
-        culprits = find_culprits(error, [train.files[i] for i in todo], self._data, self._device)
+        culprits = find_culprits(error, [train.files[i] for i in todo], self._plan)
         if not culprits:
             raise DalikdError(
                 f"the data pipeline failed at {where} and no single file explains it: "
@@ -311,7 +298,7 @@ class TrainData:
         remap = {i: new_index[f] for i, f in enumerate(train.files) if f in new_index}
         good_left = [remap[i] for i in todo if i in remap]
         seen = [remap[i] for i in seen if i in remap]
-        need = (self._steps - self._step) * self._data.batch_size
+        need = (self._steps - self._step) * self._plan.data.batch_size
         rng = np.random.default_rng([self._seed, self._epoch, self._step, len(seen)])
         # every unseen file, not only ``need``: more bad ones may hide among them, and a later
         # recovery starts again from whatever is still unseen

@@ -1,11 +1,13 @@
-"""One distillation step: :class:`Distiller` owns the student and the frozen teacher, the
-teacher pass over x and x', the pick of a candidate pool and the losses (docs/method.md).
+"""One distillation step: :class:`Distiller` owns the student, a teacher source, the pick of a
+candidate pool and the losses (docs/method.md).
 
-Training, the T. stddev probe and the profiler all build their models with
-:meth:`Distiller.build` and run this one step. The teacher is frozen and put in eval mode
-once, here; only the student follows :meth:`Distiller.train` / :meth:`Distiller.eval`
-(timm's ``task/distillation.py`` works the same way). No DALI import: the model side runs
-without it.
+Training, the T. stddev probe and the profiler all run this one step. The teacher is a
+:class:`dalikd.teacher.TeacherSource` given at construction (the network itself, or a cache of
+its outputs that falls back to it): the Distiller asks it for a step's outputs and never reaches
+into it; nothing outside assigns to a Distiller's attributes. The teacher is frozen once, by its
+source; only the student follows :meth:`Distiller.train` / :meth:`Distiller.eval` (timm's
+``task/distillation.py`` works the same way), and in distributed training the Distiller wraps
+its own student in DDP. No DALI import: the model side runs without it.
 """
 
 from __future__ import annotations
@@ -16,27 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalikd import pick
+from dalikd import distributed, pick
 from dalikd.batch import Batch, InputNorm
+from dalikd.checkpoint import Position
 from dalikd.config import KDConfig, ModelConfig, OptimConfig
-from dalikd.device import autocast, prepare_batch, torch_device
+from dalikd.device import autocast, place, prepare_batch
 from dalikd.losses import kd_divergence, soft_labels
-from dalikd.models import adapt_input, build_model, input_norm
+from dalikd.metrics import tstddev_sums
+from dalikd.models import build_model, input_norm
+from dalikd.teacher import LiveTeacher, TeacherOut, TeacherSource, TStdSums
 
-
-@dataclass
-class TeacherOut:
-    """What the teacher contributes to one step; a cache of teacher outputs substitutes it."""
-
-    logits_x: torch.Tensor | None  # [B, classes] teacher logits of x; None without a teacher
-    logits_aug: torch.Tensor | None  # [B', classes] of the x' rows trained on; None: no x'
-    keep: torch.Tensor | None  # [B'] int64 kept rows of a candidate pool (k·B); None: no pool
-
-    def rows(self) -> torch.Tensor | None:
-        """The rows T. stddev counts: x's, then those of the x' trained on."""
-        if self.logits_x is None or self.logits_aug is None:
-            return self.logits_x
-        return torch.cat([self.logits_x, self.logits_aug])
+__all__ = ["Distiller", "StepOutput", "TeacherOut", "build_student", "make_optimizer"]
 
 
 @dataclass
@@ -44,29 +36,37 @@ class StepOutput:
     losses: dict[str, torch.Tensor]  # named losses; "loss" is what to backpropagate
     # The teacher rows the T. stddev metric counts: x's, then those of the x' trained on.
     teacher_logits: torch.Tensor | None
+    # their T. stddev sums (dalikd.metrics.tstddev_sums; exact where a cache gave them)
+    tstd_sums: TStdSums | None = None
 
 
 class Distiller:
-    """The student, the frozen teacher (None: supervised) and the KD loss settings.
+    """The student, a teacher source (None: supervised) and the KD loss settings.
 
-    ``student`` is the module the step calls (a DDP wrapper in distributed training);
+    ``teacher``: a :class:`~dalikd.teacher.TeacherSource`, or a built network (run live).
     ``device`` ("cpu" | "gpu"), ``precision`` and ``channels_last`` (the input layout on a
-    GPU) matter to :meth:`step` only.
+    GPU) matter to :meth:`step` only. ``ctx``: a distributed run, whose student the step calls
+    through DDP (``student`` stays the module itself: what checkpoints save).
     """
 
     def __init__(
         self,
         student: nn.Module | None,
-        teacher: nn.Module | None,
+        teacher: TeacherSource | nn.Module | None,
         kd: KDConfig,
         device: str = "cpu",
         precision: str = "auto",
         channels_last: bool = True,
+        ctx: distributed.Dist | None = None,
     ) -> None:
-        if teacher is not None:
-            teacher.eval().requires_grad_(False)  # frozen once, never switched back to train
+        if isinstance(teacher, nn.Module):
+            teacher = LiveTeacher(teacher)  # frozen there, once
         self.student, self.teacher, self.kd = student, teacher, kd
         self.device, self.precision, self.channels_last = device, precision, channels_last
+        # the module the step calls: DDP synchronises the gradients across the ranks
+        self._forward = student
+        if ctx is not None and ctx.enabled and student is not None:
+            self._forward = distributed.wrap(ctx, student, device)
 
     @classmethod
     def build(
@@ -83,32 +83,23 @@ class Distiller:
     ) -> Distiller:
         """The models of ``model`` with ``num_classes`` outputs, set up once for every caller:
         built (and loaded, unless ``weights`` is False: random weights, as the profiler
-        times), the teacher frozen and fed the student's normalization (:class:`AdaptInput`
-        maps it to its own on the device), on ``device``, channels_last on a GPU.
+        times), the teacher live, frozen and fed the student's normalization (AdaptInput maps
+        it to its own on the device), on ``device``, channels_last on a GPU.
         ``student=False``: a teacher alone (the probe's teacher-entropy pick)."""
-        s = None
-        if student:
-            s = build_model(model.student, num_classes, model.student_weights if weights else "",
-                            role="student")  # fmt: skip
+        s = build_student(model, num_classes, device, weights=weights,
+                          channels_last=channels_last) if student else None  # fmt: skip
         t = None
         if model.teacher:
-            # The teacher's build leaves the run's torch RNG as it was: a run whose teacher is
-            # built late or never (--teacher-cache) draws the same dropout masks etc.
-            teacher_weights = model.teacher_weights if weights else ""
-            with torch.random.fork_rng(devices=[]):
-                t = build_model(model.teacher, num_classes, teacher_weights, role="teacher")
-            t.eval().requires_grad_(False)
-            if s is not None:  # it gets the student's inputs (a timm model's may differ)
-                t = adapt_input(t, input_norm(s))
-        for m in (s, t):
-            if m is not None:
-                place(m, device, channels_last)
+            norm = input_norm(s) if s is not None else None
+            t = LiveTeacher.from_config(model, num_classes, device, norm, weights=weights,
+                                        channels_last=channels_last)  # fmt: skip
+            t.module()  # built now: a wrong weights file is said before the data loads
         return cls(s, t, kd, device, precision, channels_last)
 
     @property
     def input_norm(self) -> InputNorm:
         """The normalization the step's input images get: the student's (the teacher adapts)."""
-        return input_norm(self.student if self.student is not None else self.teacher)
+        return input_norm(self.student if self.student is not None else self.teacher.module())
 
     def train(self) -> Distiller:
         """Only the student goes to train mode; the teacher stays in eval."""
@@ -120,24 +111,21 @@ class Distiller:
             self.student.eval()
         return self
 
-    def teacher_outputs(self, batch: Batch) -> TeacherOut:
-        """One teacher pass over x and x' together (eval mode: the same numbers as two), then
-        the pick of a candidate pool (batch.pool = k > 1), whose teacher logits are reused as
-        the KD targets of the kept rows: the teacher sees B + k·B images per step."""
-        logits_x = logits_aug = keep = None
-        aug_images = batch.aug_images
-        if self.teacher is not None:
-            views = [batch.images] if aug_images is None else [batch.images, aug_images]
-            with torch.no_grad():
-                logits = self.teacher(torch.cat(views))
-            logits_x = logits[: len(batch)]
-            logits_aug = logits[len(batch) :] if aug_images is not None else None
-        if aug_images is not None and batch.pool > 1:
-            keep = pick.select(self.kd, aug_images, logits_aug, self.student)
-            logits_aug = logits_aug[keep] if logits_aug is not None else None
-        return TeacherOut(logits_x, logits_aug, keep)
+    def teacher_outputs(self, batch: Batch, at: Position | None = None) -> TeacherOut:
+        """The teacher source's outputs for ``batch`` at ``at``, then the pick of a candidate
+        pool (batch.pool_size = k > 1) where the source did not make it: its teacher logits are
+        reused as the KD targets of the kept rows (the teacher sees B + k·B images a step)."""
+        if self.teacher is None:
+            out = TeacherOut(None, None)
+        else:
+            out = self.teacher.outputs(batch, at or Position())
+        if batch.aug_images is not None and batch.pool_size > 1 and out.keep is None:
+            keep = pick.select(self.kd, batch.aug_images, out.logits_aug, self.student)
+            aug = out.logits_aug[keep] if out.logits_aug is not None else None
+            out = TeacherOut(out.logits_x, aug, keep, out.tstd_sums)
+        return out
 
-    def __call__(self, batch: Batch) -> StepOutput:
+    def __call__(self, batch: Batch, at: Position | None = None) -> StepOutput:
         """Losses of one step on model-ready images.
 
         With teacher outputs: the two-view KD loss of losses.py, the x' term only when the
@@ -145,19 +133,19 @@ class Distiller:
         adds CE(s(x'), lam·onehot(y) + (1 - lam)·onehot(y[perm])).
         """
         kd = self.kd
-        student_logits = self.student(batch.images)
+        student_logits = self._forward(batch.images)
         losses = {"ce_loss": F.cross_entropy(student_logits, batch.labels)}
-        teacher = self.teacher_outputs(batch)
+        teacher = self.teacher_outputs(batch, at)
         # Labels of each x' row: its own image's, and its partner's (the same without mixing).
         aug_images, lam = batch.aug_images, batch.lam
-        own = batch.labels.repeat(batch.pool)
+        own = batch.labels.repeat(batch.pool_size)
         partner = own if batch.perm is None else batch.labels[batch.perm]
         keep = teacher.keep
         if keep is not None:
             aug_images, own, partner = aug_images[keep], own[keep], partner[keep]
             lam = lam[keep] if lam is not None else None
         # A second, separate student pass: x' is a different batch for BatchNorm statistics.
-        aug_student_logits = self.student(aug_images) if aug_images is not None else None
+        aug_student_logits = self._forward(aug_images) if aug_images is not None else None
 
         if teacher.logits_x is None:
             losses["loss"] = losses["ce_loss"]
@@ -174,17 +162,25 @@ class Distiller:
             targets = soft_labels(own, partner, lam, student_logits.shape[1])
             losses["mixed_ce_loss"] = F.cross_entropy(aug_student_logits.float(), targets)
             losses["loss"] = losses["loss"] + kd.mixed_label_ce * losses["mixed_ce_loss"]
-        return StepOutput(losses, teacher.rows())
+        rows = teacher.rows()
+        sums = teacher.tstd_sums
+        if sums is None and rows is not None:
+            sums = tstddev_sums(rows)
+        return StepOutput(losses, rows, sums)
 
     def step(
-        self, batch: Batch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+        self,
+        batch: Batch,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        at: Position | None = None,
     ) -> StepOutput:
-        """One optimization step on a batch as the loader hands it over (uint8 images):
-        normalize on the device, the losses under autocast, backward (loss-scaled where
-        ``scaler`` is enabled: fp16), optimizer step."""
+        """One optimization step on a batch as the loader hands it over (uint8 images) at
+        position ``at`` of the run: normalize on the device, the losses under autocast,
+        backward (loss-scaled where ``scaler`` is enabled: fp16), optimizer step."""
         batch = prepare_batch(batch, self.device, self.input_norm, self.channels_last)
         with autocast(self.device, self.precision):
-            out = self(batch)
+            out = self(batch, at)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(out.losses["loss"]).backward()
         scaler.step(optimizer)
@@ -192,13 +188,15 @@ class Distiller:
         return out
 
 
-def place(model: nn.Module, device: str, channels_last: bool = True) -> nn.Module:
-    """``model`` on ``device``; channels_last memory on a GPU (the layout its convolutions
-    prefer, and the one :func:`dalikd.device.prepare_images` hands over there)."""
-    model.to(torch_device(device))
-    if device == "gpu" and channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
+def build_student(
+    model: ModelConfig, num_classes: int, device: str, *, weights: bool = True,
+    channels_last: bool = True,
+) -> nn.Module:  # fmt: skip
+    """``model.student`` with ``num_classes`` outputs (its initial weights unless ``weights`` is
+    False), on ``device``, channels_last on a GPU."""
+    s = build_model(model.student, num_classes, model.student_weights if weights else "",
+                    role="student")  # fmt: skip
+    return place(s, device, channels_last)
 
 
 def make_optimizer(student: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:

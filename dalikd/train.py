@@ -1,8 +1,11 @@
 """The training loop: distill a student from a frozen teacher (or train it supervised).
 
 One function, read top to bottom: setup -> resume -> per epoch (lr -> forward -> backward ->
-step -> log) -> validate -> checkpoint. The step is dalikd.step.Distiller; the schedule is a pure
-function of the step.
+step -> log) -> validate -> checkpoint. The step is dalikd.step.Distiller, asking its teacher
+source (dalikd.teacher: the network, or --teacher-cache's CachedTeacher) for the teacher's
+outputs at the step's position; the loop talks to the source only through its interface. The
+data comes from graphs built from one data plan (dalikd.plan); the schedule is a pure function
+of the step.
 """
 
 from __future__ import annotations
@@ -10,67 +13,40 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
-import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from dalikd import distributed, recipes, recovery, rundir, teacher_cache, tensorboard
-from dalikd.checkpoint import (
-    CHECKPOINT_FORMAT,
-    RunState,
-    save_atomic,
-    write_jsonl_atomic,
-    write_text_atomic,
-)
+from dalikd import distributed, recovery, rundir, teacher_cache, tensorboard
+from dalikd.atomic import write_jsonl_atomic, write_text_atomic
+from dalikd.checkpoint import CHECKPOINT_FORMAT, RunState, save_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
 from dalikd.data import Dataset, scan_dataset, train_listing
 from dalikd.device import amp_dtype, resolve_device, torch_device
 from dalikd.errors import DalikdError, RunInterrupted
 from dalikd.evaluate import evaluate
 from dalikd.metrics import GROUP_STEPS, TStddev
-from dalikd.models import check_classes, check_shapes, checkpoint_classes
-from dalikd.step import Distiller, make_optimizer
+from dalikd.models import check_classes, checkpoint_classes, input_norm
+from dalikd.plan import DataPlan, plan_of
+from dalikd.reporter import Reporter, SilentReporter
+from dalikd.resume import (
+    check_listing,
+    load_resume,
+    read_checkpoint,
+    restore_training,
+    restore_tstddev,
+    without_failed,
+)
+from dalikd.step import Distiller, build_student, make_optimizer
+from dalikd.stop import StopSignals
+from dalikd.teacher import LiveTeacher, TeacherSource
 from dalikd.tensorboard import ScalarWriter
 
-
-class Reporter(Protocol):
-    """What the loop tells the outside world; the CLI draws it with rich."""
-
-    def message(self, text: str) -> None: ...
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
-    # cache: (hits, misses) of --teacher-cache so far this run (None without a cache)
-    def step(
-        self, step: int, loss: float, img_per_s: float, lr: float,
-        cache: tuple[int, int] | None = None,
-    ) -> None: ...  # fmt: skip
-    def val_step(self, done: int, total: int) -> None: ...  # val batches done of total
-    def epoch_end(self, record: dict[str, Any]) -> None: ...
-
-
-class SilentReporter:
-    def message(self, text: str) -> None:
-        pass
-
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        pass
-
-    def step(
-        self, step: int, loss: float, img_per_s: float, lr: float,
-        cache: tuple[int, int] | None = None,
-    ) -> None:  # fmt: skip
-        pass
-
-    def val_step(self, done: int, total: int) -> None:
-        pass
-
-    def epoch_end(self, record: dict[str, Any]) -> None:
-        pass
+__all__ = ["Reporter", "SilentReporter", "StopSignals", "load_resume", "lr_at", "train"]
 
 
 # -- schedule ----------------------------------------------------------------------------------
@@ -96,204 +72,13 @@ def default_run_dir() -> str:
     return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
 
 
-def load_resume(
-    run_dir: str | Path, overrides: dict[str, Any], flags: dict[str, str] | None = None
-) -> TrainConfig:
-    """The config a run was started with, updated by flags given again (e.g. more epochs);
-    ``flags``: dotted key -> flag, named in errors (config.build_config)."""
-    run_dir = Path(run_dir)
-    if run_dir.name == "last.pt" and run_dir.is_file():  # the checkpoint: its run is meant
-        run_dir = run_dir.parent
-    out = overrides.get("out")
-    if out and Path(out).expanduser().resolve() != run_dir.resolve():
-        raise DalikdError(
-            f"--resume continues the run in {run_dir}, where it writes; drop --out {out}"
-        )
-    missing = [name for name in ("last.pt", "config.json") if not (run_dir / name).is_file()]
-    if missing:
-        raise DalikdError(f"nothing to resume in {run_dir}: no {' and no '.join(missing)} there")
-    ckpt = _read_checkpoint(run_dir / "last.pt", mmap=True)
-    if not isinstance(ckpt, dict) or not {"model", "epoch", "scheduler"} <= ckpt.keys():
-        raise DalikdError(
-            f"{run_dir / 'last.pt'} is not a dalikd checkpoint (a weights file? those start a "
-            f"new run: --student-weights {run_dir / 'last.pt'})"
-        )
-    found = ckpt.get("format", 1)
-    if found != CHECKPOINT_FORMAT:
-        raise DalikdError(
-            f"{run_dir / 'last.pt'} has checkpoint format {found}; this dalikd resumes format "
-            f"{CHECKPOINT_FORMAT} only (its data pipeline changed). Start a new run; the old "
-            f"weights can seed it: --student-weights {run_dir / 'last.pt'}"
-        )
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
-        raise DalikdError(f"cannot read {run_dir / 'config.json'}: {e}") from None
-    if not isinstance(saved, dict):
-        raise DalikdError(f"{run_dir / 'config.json'} is damaged: not a table of settings")
-    data = saved.setdefault("data", {})
-    if isinstance(data, dict) and ckpt.get("dali"):
-        # saved before the mixing and resize paths were configuration: the DALI state names
-        # its graph's operators
-        from dalikd.loaders import checkpoint_mixing, checkpoint_resize
-
-        if "mixing" not in data:
-            data["mixing"] = checkpoint_mixing(recovery.dali_state(ckpt["dali"][0]))
-        if "resize" not in data:
-            data["resize"] = checkpoint_resize(recovery.dali_state(ckpt["dali"][0]))
-    rundir.check_code_names(saved, ckpt.get("config"), run_dir)  # before anything reads it
-    try:
-        before = build_config(saved, {"out": str(run_dir)})
-    except DalikdError as e:
-        raise DalikdError(f"{run_dir / 'config.json'} is damaged: {e}") from None
-    overrides = {**overrides, **rundir.same_weights(before.model, overrides)}
-    # An explicit `auto` path asks dalikd to choose; on resume the choice is the one the run
-    # made (its DALI state belongs to that graph), so it is kept, not refused as a change.
-    overrides = {k: v for k, v in overrides.items()
-                 if not (k in ("data.mixing", "data.resize") and v == "auto")}  # fmt: skip
-    overrides.update(_resume_data_path(run_dir, before.data.path, overrides.get("data.path"),
-                                       has_listing="train_listing" in ckpt))  # fmt: skip
-    cfg = build_config(overrides={**overrides, "out": str(run_dir)}, base=before, flags=flags)
-    old, new = _flat(before.to_dict()), _flat(cfg.to_dict())
-    fixed = [f"{k} {old[k]} -> {new[k]}" for k in old
-             if old[k] != new[k] and k not in RESUMABLE | {"data.path"}]  # fmt: skip
-    if fixed:
-        raise DalikdError(
-            f"cannot change on resume: {', '.join(fixed)} (the data order, models or step count "
-            f"depend on them); start a new run, seeded with --student-weights {run_dir}/last.pt"
-        )
-    done, epochs = ckpt["epoch"], cfg.optim.epochs
-    if epochs == done == before.optim.epochs:
-        raise DalikdError(
-            f"{run_dir} is complete ({done} of {epochs} epochs); give --epochs N > {done} to "
-            "train on"
-        )
-    if epochs <= done:
-        raise DalikdError(
-            f"{run_dir} has done {done} epochs; --epochs {epochs} is "
-            f"{'fewer' if epochs < done else 'no more'}; give --epochs N > {done} to train on"
-        )
-    return cfg
-
-
-def _resume_data_path(
-    run_dir: Path, saved: str, given: str | None, has_listing: bool
-) -> dict[str, str]:
-    """The data.path override of a resume: a dataset that moved (e.g. copied to a node's
-    scratch disk) may be given; _resume checks that it is the same listing. A run from before
-    the listing was recorded takes only its own folder under another spelling."""
-    if given is None:
-        if not Path(saved).expanduser().is_dir():
-            raise DalikdError(
-                f"{run_dir}'s dataset folder {saved} is not there; give --data DIR where it "
-                "is now (the same classes and train files)"
-            )
-        return {}
-    where = Path(given).expanduser().resolve()
-    if not has_listing and where != Path(saved).expanduser().resolve():
-        raise DalikdError(
-            f"{run_dir} cannot move to --data {where}: it was saved before dalikd recorded "
-            f"its dataset's listing, so only its folder {saved} can be given"
-        )
-    return {"data.path": str(where)}
-
-
-# What --resume may change: the schedule is a pure function of the step, the loss weights and
-# the optimizer's hyperparameters are read each step, the rest is bookkeeping. Everything else
-# (batch size, images, augmentation, models, seed, device, ...) is fixed by the checkpoint.
-RESUMABLE = frozenset(
-    {"optim.epochs", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay",
-     "optim.schedule", "optim.milestones", "optim.gamma", "optim.warmup_epochs",
-     "kd.ce_weight", "kd.kd_weight", "kd.temperature", "kd.mixed_label_ce",
-     "log_every", "ckpt_every", "eval_teacher", "channels_last", "tensorboard", "out",
-     "teacher_cache", "teacher_cache_topk", "log_seconds"}
-)  # fmt: skip
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _kept(run_dir: Path) -> str:
     """The note for a stop on bad numbers: only a run that saved a checkpoint has one to keep."""
     return "; last.pt keeps the last good checkpoint" if (run_dir / "last.pt").is_file() else ""
 
 
-def resolve_mixing(cfg: TrainConfig, recipe: recipes.Recipe | None, device: str) -> TrainConfig:
-    """``cfg`` with its mixing path resolved once ("native" | "composed"), when the recipe
-    mixes: config.json and the checkpoint record the graph the data state belongs to."""
-    if recipe is None or not recipes.recipe_info(recipe).mixing:
-        return cfg
-    from dalikd import native
-
-    return build_config(
-        overrides={"data.mixing": native.resolve(cfg.data.mixing, device)}, base=cfg
-    )
-
-
-def resolve_resize(cfg: TrainConfig, device: str) -> TrainConfig:
-    """``cfg`` with its resize path resolved once ("native" | "dali"): the two differ in
-    pixels, so config.json, the checkpoint and a teacher cache's key record which ran."""
-    from dalikd import native
-
-    resize = native.resolve_resize(cfg.data.resize, cfg.data.antialias, device)
-    return build_config(overrides={"data.resize": resize}, base=cfg)
-
-
-def _read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except (OSError, RuntimeError, ValueError):
-            if not mmap:
-                raise
-            # mmap reads only whole zip checkpoints and, on a damaged one, advises re-saving
-            # for mmap: read it plainly for the real reason (or the data of an older format)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (PermissionError, FileNotFoundError, IsADirectoryError) as e:
-        raise DalikdError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    except Exception as e:  # torch's text for a cut-off zip, an empty file, another format
-        reason = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
-        raise DalikdError(
-            f"{path} is damaged (truncated or not a checkpoint): {reason or type(e).__name__}"
-        ) from None
-
-
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
-
-
-class StopSignals:
-    """SIGTERM, SIGINT and SIGUSR1 ask the loop to stop after the current step.
-
-    The loop then writes a checkpoint and returns; a second SIGINT interrupts at once.
-    Handlers are installed only in the main thread and restored on exit.
-    """
-
-    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received == "SIGINT" and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                signum = getattr(signal, name)
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def train(
@@ -346,7 +131,8 @@ class Run:
     run_dir: Path
     reporter: Reporter
     dataset: Dataset
-    distiller: Distiller  # the student (DDP-wrapped where distributed), teacher and losses
+    distiller: Distiller  # the student (the step calls it through DDP), teacher and losses
+    teacher: TeacherSource | None  # the distiller's: the loop asks it for validation, counts
     student: nn.Module  # the student itself: what checkpoints save
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -358,12 +144,11 @@ class Run:
     train_data: Any = None  # recovery.TrainData
     val_data: Any = None  # loaders.Loader
     tb: ScalarWriter | None = None  # --tensorboard: rank 0 writes the epoch records there too
-    # --teacher-cache: the wrapper of the distiller's teacher pass (teacher_cache.attach)
-    caching: teacher_cache.CachingTeacherPass | None = None
     tstd_sized: bool = False  # the group size was checked against this run's (first step)
     # the scanned train listing (data.train_listing), saved in checkpoints: a resume from
     # another --data checks that it lists the same files
     listing: dict[str, Any] | None = None
+    plan: DataPlan | None = None  # the data plan every graph of the run is built from
 
     @property
     def tdev(self) -> torch.device:
@@ -405,9 +190,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
                 loss = _finite_loss(run, losses)
                 if boundary:
                     img_per_s = seen * ctx.world_size / (time.perf_counter() - t0)
-                    cache = None if run.caching is None else (run.caching.hits,
-                                                              run.caching.misses)  # fmt: skip
-                    reporter.step(step, loss, img_per_s, lr, cache=cache)
+                    reporter.step(step, loss, img_per_s, lr, cache=_counts(run))
             # checkpoint (mid-epoch)
             if save_now:
                 distributed.average_buffers(ctx, run.student)  # the state every rank resumes
@@ -460,12 +243,18 @@ def _summary(run: Run, stopped_by: str | None) -> dict[str, Any]:
     }
 
 
+def _counts(run: Run) -> tuple[int, int] | None:
+    """(steps read from a teacher cache, computed) so far this run; None without a cache."""
+    return run.teacher.counts() if run.teacher is not None else None
+
+
 def _step(run: Run, batch: Any) -> dict[str, torch.Tensor]:
     """One optimization step; its teacher rows go into T. stddev. Returns the named losses."""
-    if run.caching is not None and run.train_data.dataset is not run.dataset:
-        run.caching.detach()  # a file failed mid-run: the views now differ from the cache's
+    if run.teacher is not None and run.train_data.dataset is not run.dataset:
+        run.teacher.views_changed()  # a file failed mid-run: the views differ from a cache's
+    at = run.state.position(run.ctx.rank)
     try:
-        out = run.distiller.step(batch, run.optimizer, run.scaler)
+        out = run.distiller.step(batch, run.optimizer, run.scaler, at)
     except torch.OutOfMemoryError:
         cfg = run.cfg
         raise DalikdError(
@@ -473,13 +262,10 @@ def _step(run: Run, batch: Any) -> dict[str, torch.Tensor]:
             f"(student {cfg.model.student}, teacher {cfg.model.teacher or 'none'}); "
             "lower --batch-size"
         ) from None
-    if out.teacher_logits is not None:
+    if out.tstd_sums is not None:  # exact: a lossy cache's stored ones, else the rows'
         if not run.tstd_sized:  # x's rows + the x' trained on, GROUP_STEPS times
-            _size_tstddev(run, GROUP_STEPS * len(out.teacher_logits))
-        if run.caching is not None and run.caching.tstd_sums is not None:  # a top-K cache hit
-            run.tstd.add_sums(*run.caching.tstd_sums)
-        else:
-            run.tstd.add(out.teacher_logits.float().softmax(dim=1))
+            _size_tstddev(run, GROUP_STEPS * out.tstd_sums[2])
+        run.tstd.add_sums(*out.tstd_sums)
     return out.losses
 
 
@@ -510,9 +296,9 @@ def _finite_loss(run: Run, losses: dict[str, torch.Tensor]) -> float:
 def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) -> dict:
     """The epoch's record: train loss and images/s over every rank, val metrics, and with a
     teacher T. stddev and the teacher-student agreement on val."""
-    ctx, teacher = run.ctx, run.distiller.teacher
-    if run.caching is not None:  # the cached val logits (the teacher runs where they are not)
-        teacher = run.caching.val_teacher
+    ctx = run.ctx
+    # the teacher, or a cache's val logits (the teacher runs where they are not)
+    teacher = run.teacher.val_teacher(len(run.val_data)) if run.teacher is not None else None
     val = evaluate(run.student, run.val_data, run.device, run.cfg.precision, ctx, teacher=teacher,
                    progress=run.reporter.val_step)  # fmt: skip
     totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=run.tdev)
@@ -527,8 +313,8 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
         "img_per_s": float(totals[1]) / train_seconds,
         "seconds": time.perf_counter() - t0,
     }
-    if run.caching is not None:  # this rank's steps read from the cache / computed, so far
-        record["cache_hits"], record["cache_misses"] = run.caching.hits, run.caching.misses
+    if _counts(run) is not None:  # this rank's steps read from the cache / computed, so far
+        record["cache_hits"], record["cache_misses"] = _counts(run)
     if teacher is not None:  # over every rank's rows; NaN (before 2 groups) is written null
         t_std, entropy = run.tstd.pooled(lambda t: distributed.all_sum(ctx, t))
         record["t_stddev"] = _finite_or_none(t_std)
@@ -542,8 +328,8 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
 def _save(run: Run, names: tuple[str, ...]) -> None:
     """All ranks call this: each contributes its DALI and T. stddev states; rank 0 writes."""
     ctx, state = run.ctx, run.state
-    if run.caching is not None:  # the cache's chunks end where checkpoints do
-        run.caching.flush()
+    if run.teacher is not None:  # a cache's chunks end where checkpoints do
+        run.teacher.checkpoint()
     dali_states = distributed.gather_objects(ctx, run.train_data.checkpoint())
     tstd_states = distributed.gather_objects(ctx, run.tstd.state_dict(cpu=True))
     if not ctx.is_main:
@@ -563,6 +349,7 @@ def _save(run: Run, names: tuple[str, ...]) -> None:
         "tstddev": tstd_states,
         "rng": torch.get_rng_state(),
         "config": run.cfg.to_dict(),
+        "plan": run.plan.to_dict(),
         "classes": list(run.dataset.classes),
         "train_listing": run.listing,
     }
@@ -588,53 +375,61 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     listing = train_listing(dataset)
     # read once here: its listing is checked before the models (another class count is the
     # data's mistake, not theirs), the rest restored by _resume
-    ckpt = _read_checkpoint(run_dir / "last.pt") if resume else None
-    if ckpt is not None and ckpt.get("train_listing"):
-        _check_listing(ckpt["train_listing"], listing, run_dir, dataset.root)
-    recipe = recipes.resolve(cfg.kd.aug)
-    cfg = resolve_resize(resolve_mixing(cfg, recipe, device), device)
-    # --teacher-cache: the teacher is built on the first step the cache lacks (teacher_cache)
-    models = replace(cfg.model, teacher="") if cfg.teacher_cache else cfg.model
-    distiller = Distiller.build(models, cfg.kd, dataset.num_classes, device, cfg.precision,
-                                channels_last=cfg.channels_last)  # fmt: skip
-    student = distiller.student
+    ckpt = read_checkpoint(run_dir / "last.pt") if resume else None
+    if ckpt is not None:
+        if ckpt.get("train_listing"):
+            check_listing(ckpt["train_listing"], listing, run_dir, dataset.root)
+        dataset = without_failed(run_dir, dataset, ckpt)
+    student = build_student(cfg.model, dataset.num_classes, device,
+                            channels_last=cfg.channels_last)  # fmt: skip
+    # the data plan, resolved once: config.json and the checkpoints record the paths it chose
+    plan = plan_of(cfg, device, norm=input_norm(student))
+    cfg = build_config(overrides={"data.mixing": plan.data.mixing,
+                                  "data.resize": plan.data.resize}, base=cfg)  # fmt: skip
+    teacher = _teacher_source(cfg, plan, dataset, ctx, run_dir, reporter)
+    # the teacher is frozen, there is nothing to synchronise: only the student is DDP-wrapped
+    distiller = Distiller(student, teacher, cfg.kd, device, cfg.precision, cfg.channels_last,
+                          ctx)  # fmt: skip
+    if ctx.enabled:
+        reporter.message(f"distributed: {ctx.world_size} rank(s), {ctx.backend}, DDP")
     optimizer = make_optimizer(student, cfg.optim)
     # Loss scaling only for fp16 autocast; bf16 has fp32's exponent range and needs none.
     scaler = torch.amp.GradScaler(enabled=amp_dtype(device, cfg.precision) == torch.float16)
-    # The teacher stays unwrapped: it is frozen, there is nothing to synchronise.
-    if ctx.enabled:  # the step calls the wrapper; checkpoints save the student itself
-        distiller.student = distributed.wrap(ctx, student, device)
-        reporter.message(f"distributed: {ctx.world_size} rank(s), {ctx.backend}, DDP")
-    run = Run(cfg, device, ctx, run_dir, reporter, dataset, distiller, student, optimizer,
-              scaler, RunState(), TStddev(group_size=0))  # fmt: skip
-    run.listing = listing
+    run = Run(cfg, device, ctx, run_dir, reporter, dataset, distiller, teacher, student,
+              optimizer, scaler, RunState(), TStddev(group_size=0))  # fmt: skip
+    run.listing, run.plan = listing, plan
     dali_state = _resume(run, ckpt) if ckpt is not None else None
     _open_run_dir(run)
-    _open_loaders(run, recipe, dali_state)
+    _open_loaders(run, dali_state)
     return run
+
+
+def _teacher_source(cfg, plan, dataset, ctx, run_dir, reporter) -> TeacherSource | None:
+    """The teacher live (built now: a wrong teacher is one line before the data loads), or with
+    --teacher-cache a CachedTeacher over the cache of this run's key (the teacher is built on
+    the first step the cache lacks)."""
+    if not cfg.model.teacher:
+        return None
+    live = LiveTeacher.from_config(cfg.model, dataset.num_classes, plan.device, plan.norm,
+                                   channels_last=cfg.channels_last)  # fmt: skip
+    if not cfg.teacher_cache:
+        live.module()
+        return live
+    return teacher_cache.for_run(
+        cfg, plan, dataset, live, world_size=ctx.world_size, rank=ctx.rank,
+        graph_format=CHECKPOINT_FORMAT, message=reporter.message,
+        detached=bool(recovery.read_report(run_dir)),  # files failed: other views than cached
+    )  # fmt: skip
 
 
 def _resume(run: Run, ckpt: dict[str, Any]) -> str | bytes | None:
     """Restore the run from its last.pt, ``ckpt``: weights, optimizer, scaler, RNG, RunState,
     T. stddev. Returns this rank's DALI state (None where the world size changed)."""
-    cfg, ctx, state = run.cfg, run.ctx, None
-    # the data may have moved (data.path): the skip list names the files where they were, under
-    # the checkpoint's root or, where a later start rewrote it before dying, config.json's
-    roots = [ckpt["config"]["data"]["path"], _config_data_path(run.run_dir)]
-    roots = [Path(r).expanduser().resolve() for r in roots if r]
-    skips = recovery.read_report(run.run_dir)  # files that failed in training before stay out
-    run.dataset = recovery.apply_skips(run.dataset, _moved(skips, roots, run.dataset.root))
-    check_shapes(run.student, ckpt["model"], f"{run.run_dir / 'last.pt'} does not fit the student")
-    run.student.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    # settings given again on resume win over the saved ones (lr is set at every step)
-    run.optimizer.param_groups[0]["weight_decay"] = cfg.optim.weight_decay  # the decay group
-    for group in run.optimizer.param_groups:
-        group["momentum"], group["nesterov"] = cfg.optim.momentum, cfg.optim.nesterov
-    run.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"])
+    ctx = run.ctx
+    restore_training(ckpt, run.student, run.optimizer, run.scaler, run.cfg.optim,
+                     run.run_dir / "last.pt")  # fmt: skip
     run.state = state = RunState.from_checkpoint(ckpt)
-    run.tstd = _restore_tstddev(ckpt["tstddev"], ctx, run.tdev)
+    run.tstd = restore_tstddev(ckpt["tstddev"], ctx, run.tdev)
     dali_state = None
     if len(ckpt["dali"]) == ctx.world_size:
         dali_state = ckpt["dali"][ctx.rank]
@@ -650,59 +445,14 @@ def _resume(run: Run, ckpt: dict[str, Any]) -> str | bytes | None:
     return dali_state
 
 
-def _check_listing(saved: dict[str, Any], now: dict[str, Any], run_dir: Path, root: Path) -> None:
-    """One line naming what differs where ``root`` does not list the run's train files."""
-    if saved["sha256"] == now["sha256"]:
-        return
-    differs = [f"{saved[k]} {what} in the run, {now[k]} there"
-               for k, what in (("classes", "classes"), ("train_files", "train files"))
-               if saved[k] != now[k]]  # fmt: skip
-    raise DalikdError(
-        f"{root} is not the dataset {run_dir} was trained on: "
-        f"{', '.join(differs) or 'other class or file names (or order)'}; the data order and "
-        "DALI state refer to its train files"
-    )
-
-
-def _config_data_path(run_dir: Path) -> str:
-    """config.json's data.path ("" where it cannot be read)."""
-    try:
-        path = json.loads((run_dir / "config.json").read_text())["data"]["path"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    return path if isinstance(path, str) else ""
-
-
-def _moved(paths: dict[str, str], old_roots: list[Path], new_root: Path) -> dict[str, str]:
-    """``paths`` (absolute, under one of ``old_roots``) -> the same files under ``new_root``."""
-    moved = {}
-    for path, reason in paths.items():
-        old = next((r for r in old_roots if Path(path).is_relative_to(r)), None)
-        if old is not None:
-            path = str(new_root / Path(path).relative_to(old))
-        moved[path] = reason
-    return moved
-
-
-def _restore_tstddev(states: Any, ctx: distributed.Dist, tdev: torch.device) -> TStddev:
-    """This rank's T. stddev accumulator from the saved ones (one per rank then)."""
-    tstd = TStddev(group_size=0)
-    states = [states] if isinstance(states, dict) else states  # a single dict: before gathering
-    if len(states) > ctx.world_size:  # fewer ranks now: rank 0 takes the surplus
-        states = [TStddev.combine([states[0], *states[ctx.world_size :]]),
-                  *states[1 : ctx.world_size]]  # fmt: skip
-    if ctx.rank < len(states):  # more ranks now: the new ones start empty
-        tstd.load_state_dict(states[ctx.rank], tdev)
-    return tstd
-
-
 def _open_run_dir(run: Run) -> None:
     """Rank 0 writes config.json, metrics.jsonl and the data report; everyone hears the data."""
     dataset = run.dataset
     if run.ctx.is_main:
         run.tb = ScalarWriter(run.run_dir / "tb") if run.cfg.tensorboard else None
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        config = json.dumps(run.cfg.to_dict(), indent=2) + "\n"
+        # the settings, and the data plan resolved from them (a record: not read back)
+        config = json.dumps({**run.cfg.to_dict(), "plan": run.plan.to_dict()}, indent=2) + "\n"
         write_text_atomic(config, run.run_dir / "config.json")
         write_jsonl_atomic(run.state.history, run.run_dir / "metrics.jsonl")
         recovery.write_report(run.run_dir, dataset.skipped)
@@ -714,7 +464,7 @@ def _open_run_dir(run: Run) -> None:
     )
 
 
-def _open_loaders(run: Run, recipe: recipes.Recipe | None, dali_state: Any) -> None:
+def _open_loaders(run: Run, dali_state: Any) -> None:
     """The training loader (a file that fails to decode is left out and the epoch goes on)
     and the validation loader; with --eval-teacher, the teacher's val accuracy first."""
     from dalikd import loaders  # DALI: only where the loaders are built
@@ -724,11 +474,9 @@ def _open_loaders(run: Run, recipe: recipes.Recipe | None, dali_state: Any) -> N
     # seed + e, so a restart does not replay the first epoch's order.
     try:
         run.train_data = recovery.TrainData(
-            dataset, cfg.data, recipe, device=run.device, seed=cfg.seed,
-            epoch=run.state.epoch, step=run.state.step_in_epoch, run_dir=run.run_dir,
-            reporter=run.reporter, is_main=ctx.is_main, shard_id=ctx.rank,
-            num_shards=ctx.world_size, granularity=cfg.kd.granularity,
-            pool_size=cfg.kd.pool_size, checkpoint=dali_state,
+            dataset, run.plan, epoch=run.state.epoch, step=run.state.step_in_epoch,
+            run_dir=run.run_dir, reporter=run.reporter, is_main=ctx.is_main, shard_id=ctx.rank,
+            num_shards=ctx.world_size, checkpoint=dali_state,
         )  # fmt: skip
     except loaders.ForeignState as e:
         raise DalikdError(
@@ -736,24 +484,10 @@ def _open_loaders(run: Run, recipe: recipes.Recipe | None, dali_state: Any) -> N
             f"{run.run_dir / 'last.pt'}"
         ) from None
     run.val_data = loaders.val_loader(
-        dataset.val, cfg.data, device=run.device, shard_id=ctx.rank, num_shards=ctx.world_size
+        dataset.val, run.plan, shard_id=ctx.rank, num_shards=ctx.world_size
     )
-    if len(run.train_data) == 0:
-        raise DalikdError(
-            f"{len(dataset.train)} training images make no full batch of {cfg.data.batch_size}"
-            f"{' per rank' if ctx.enabled else ''}; lower --batch-size"
-        )
-    if cfg.teacher_cache:  # around the distiller's teacher pass; the teacher built for
-        run.caching = teacher_cache.attach(  # --eval-teacher or on the first uncached step
-            cfg, run.dataset, run.distiller, device=run.device, rank=ctx.rank,
-            world_size=ctx.world_size, graph_format=CHECKPOINT_FORMAT,
-            val_batches=len(run.val_data), message=run.reporter.message,
-            detached=bool(recovery.read_report(run.run_dir)),  # files failed: other views
-        )  # fmt: skip
-        run.caching.seek(run.state.epoch, run.state.step_in_epoch, len(run.train_data))
-    teacher = run.distiller.teacher
-    if teacher is not None and cfg.eval_teacher:
-        t = evaluate(teacher, run.val_data, run.device, cfg.precision, ctx)
+    if run.teacher is not None and cfg.eval_teacher:  # (a cache's teacher is built for it)
+        t = evaluate(run.teacher.module(), run.val_data, run.device, cfg.precision, ctx)
         run.reporter.message(
             f"teacher {cfg.model.teacher}: val top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  "
             f"loss {t['loss']:.4f}"

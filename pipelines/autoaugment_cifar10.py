@@ -9,4 +9,4 @@ from dalikd.recipes import AugContext, View, recipe
 )
 def autoaugment_cifar10(images, ctx: AugContext) -> View:
     """images: uint8 HWC on ctx.device. torchvision's CIFAR10 policy; dalikd.autoaugment."""
-    return View(apply_policy(images, "cifar10", ctx.image_size, ctx.granularity))
+    return View(apply_policy(images, "cifar10", ctx.image_size, ctx.granularity, seeds=ctx.seeds))

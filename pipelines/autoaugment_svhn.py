@@ -7,4 +7,4 @@ from dalikd.recipes import AugContext, View, recipe
 )
 def autoaugment_svhn(images, ctx: AugContext) -> View:
     """images: uint8 HWC on ctx.device. torchvision's SVHN policy; dalikd.autoaugment."""
-    return View(apply_policy(images, "svhn", ctx.image_size, ctx.granularity))
+    return View(apply_policy(images, "svhn", ctx.image_size, ctx.granularity, seeds=ctx.seeds))

@@ -11,4 +11,6 @@ def crop_flip(images, ctx: AugContext) -> View:
     """images: uint8 HWC on ctx.device. Padding image_size // 8 px: the paper's 4 px at 32,
     8 at 64, 28 at 224."""
     pad = ctx.image_size // 8
-    return View(ops.crop_flip(images, ctx.image_size, pad=pad, granularity=ctx.granularity))
+    return View(
+        ops.crop_flip(images, ctx.image_size, pad=pad, granularity=ctx.granularity, seeds=ctx.seeds)
+    )

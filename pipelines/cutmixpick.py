@@ -7,6 +7,7 @@ from dalikd.recipes import AugContext, Pool, View, recipe
     "CutMix k times (own lam, box, partner each; --pool-size k, default 2), then keep the "
     "candidates the teacher is least sure of (--pick-criterion)",
     mixing=True,
+    pool=True,
     torchvision="CutMix pool",
 )
 def cutmixpick(images, ctx: AugContext) -> Pool:
@@ -18,5 +19,7 @@ def cutmixpick(images, ctx: AugContext) -> Pool:
         ctx.pool_size,
         alpha=1.0,
         granularity=ctx.granularity,
+        native=ctx.native,
+        seeds=ctx.seeds,
     )  # natively one operator call writes all k candidates (dalikd.native)
     return Pool(tuple(View(mixed, lam, perm) for mixed, lam, perm in pool))

@@ -12,5 +12,12 @@ def cutout(images, ctx: AugContext) -> View:
     16 at 64, 56 at 224), clipped at the borders, filled with ctx.mean rounded to integers."""
     hole = ctx.image_size // 4
     return View(
-        ops.cutout(images, ctx.image_size, hole=hole, fill=ctx.mean, granularity=ctx.granularity)
+        ops.cutout(
+            images,
+            ctx.image_size,
+            hole=hole,
+            fill=ctx.mean,
+            granularity=ctx.granularity,
+            seeds=ctx.seeds,
+        )
     )

@@ -10,4 +10,4 @@ from dalikd.recipes import AugContext, View, recipe
 def flip(images, ctx: AugContext) -> View:
     """images: uint8 HWC on ctx.device. Mirrored left-right with p = 0.5, per sample or with one
     coin for the batch (ctx.granularity)."""
-    return View(ops.flip(images, ctx.granularity))
+    return View(ops.flip(images, ctx.granularity, seeds=ctx.seeds))

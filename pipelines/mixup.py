@@ -10,5 +10,7 @@ from dalikd.recipes import AugContext, View, recipe
 )
 def mixup(images, ctx: AugContext) -> View:
     """images: uint8 HWC on ctx.device. λ per sample or one per batch (ctx.granularity)."""
-    images, lam, perm = ops.mixup(images, alpha=1.0, granularity=ctx.granularity)
+    images, lam, perm = ops.mixup(
+        images, alpha=1.0, granularity=ctx.granularity, native=ctx.native, seeds=ctx.seeds
+    )
     return View(images, lam, perm)

@@ -18,10 +18,10 @@ if not torch.cuda.is_available():
 
 from dalikd.batch import Batch, normalize  # noqa: E402
 from dalikd.config import build_config  # noqa: E402
-from dalikd.device import amp_dtype, autocast, prepare_images  # noqa: E402
+from dalikd.device import amp_dtype, autocast, place, prepare_images  # noqa: E402
 from dalikd.evaluate import evaluate  # noqa: E402
 from dalikd.pick import pick, pick_count, scores  # noqa: E402
-from dalikd.step import Distiller, place  # noqa: E402
+from dalikd.step import Distiller  # noqa: E402
 
 CUDA = torch.device("cuda")
 B, S, CLASSES = 8, 64, 10
@@ -44,7 +44,7 @@ def pool_batch(device: torch.device, k: int = 2) -> Batch:
         aug_images=torch.randint(256, (rows, S, S, 3), generator=gen, dtype=torch.uint8),
         lam=torch.rand(rows, generator=gen),
         perm=torch.randint(B, (rows,), generator=gen),
-        pool=k,
+        pool_size=k,
     )
     return Batch(**{f: (v.to(device) if torch.is_tensor(v) else v)
                     for f, v in vars(batch).items()})  # fmt: skip

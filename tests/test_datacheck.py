@@ -13,6 +13,7 @@ from dalikd.cli.main import main
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 from dalikd.datacheck import check_file, check_files
+from dalikd.plan import resolve_plan
 
 
 def jpeg_bytes(size=(20, 24), mode="RGB", **save) -> bytes:
@@ -85,7 +86,7 @@ def test_scan_leaves_bad_files_out_and_dali_runs_an_epoch(dirty_dataset):
     assert not any(os.path.basename(f) in BAD for f in ds.train.files)
     # Every remaining file decodes: two epochs through the real pipeline.
     cfg = DataConfig(path=str(dirty_dataset), image_size=16, batch_size=4, threads=1)
-    loader = loaders.train_loader(ds.train, cfg, None, device="cpu", seed=0)
+    loader = loaders.train_loader(ds.train, resolve_plan(cfg, device="cpu"))
     assert sum(len(b) for _ in range(2) for b in loader) == 2 * (len(ds.train) // 4) * 4
 
 

@@ -13,12 +13,15 @@ profile graphs, and the "mixed" decoder's settings.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from dalikd import loaders, native
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
-from dalikd.recipes import builtin_recipes, resolve
+from dalikd.plan import resolve_plan
+from dalikd.recipes import builtin_recipes
 
 S = 16  # px
 
@@ -28,14 +31,16 @@ def traced_gpu_train_graph(
 ):
     """The pipeline train_loader(device="gpu") would build, traced but not built: the DALI
     device id is None (no GPU here). Returns ``{name: output node}`` and the pipeline.
-    ``preallocate``: the training loader's decoder (train_loader(preallocate=True))."""
+    ``preallocate``: the training loader's decoder (its plan's ``preallocate``, set by
+    recovery.TrainData)."""
     monkeypatch.setattr(loaders, "_dali_device_id", lambda device: None)
     data = DataConfig(path=str(root), image_size=S, batch_size=4, threads=1,
                       mixing="native" if native_path else "composed")  # fmt: skip
+    plan = resolve_plan(data, aug, device="gpu", granularity=granularity)
+    plan = dataclasses.replace(plan, preallocate=preallocate)
     pipe, names = loaders.build_pipeline(
-        loaders.train_graph, data=data, device="gpu", seed=0, split=scan_dataset(root).train,
-        recipe=resolve(aug), shard_id=0, num_shards=1, granularity=granularity,
-        preallocate=preallocate,
+        loaders.train_graph, plan, seed=0, split=scan_dataset(root).train, shard_id=0,
+        num_shards=1,
     )  # fmt: skip
     pipe._build_graph()  # private: collects the operators without building the backend
     return dict(zip(names, pipe._graph_outputs, strict=True)), pipe
@@ -167,16 +172,16 @@ def test_the_check_finds_a_cpu_output_that_feeds_gpu_arithmetic(solid_dataset, m
 
     from dalikd import ops
 
-    def graph(data, device, split):
+    def graph(plan, seeds, split):
         jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
-        images = loaders.random_resized_crop(jpegs, data, device)
-        mixed, lam, perm = ops.mixup(images, native=False)
+        images = loaders.random_resized_crop(jpegs, plan, seeds)
+        mixed, lam, perm = ops.mixup(images, native=False, seeds=seeds)
         return {"images": mixed, "labels": labels, "lam_0": lam, "perm_0": perm,
                 "coin": fn.random.coin_flip()}  # fmt: skip
 
     data = DataConfig(path=str(solid_dataset), image_size=S, batch_size=4, threads=1)
     pipe, names = loaders.build_pipeline(
-        graph, data=data, device="gpu", seed=0, split=scan_dataset(solid_dataset).train
+        graph, resolve_plan(data, device="gpu"), seed=0, split=scan_dataset(solid_dataset).train
     )
     pipe._build_graph()
     outputs = dict(zip(names, pipe._graph_outputs, strict=True))
@@ -269,12 +274,13 @@ def test_the_validation_and_profile_graphs_have_a_gpu_backend_for_every_operator
     monkeypatch.setattr(loaders, "_dali_device_id", lambda device: None)
     data = DataConfig(path=str(solid_dataset), image_size=S, batch_size=4, threads=1)
     split = scan_dataset(solid_dataset)
+    plan = resolve_plan(data, device="gpu")
     if graph == "val":
         kw = dict(split=split.val, shard_id=0, num_shards=1)
-        pipe, _ = loaders.build_pipeline(loaders.val_graph, data=data, device="gpu", seed=0, **kw)
+        pipe, _ = loaders.build_pipeline(loaders.val_graph, plan, seed=0, **kw)
     else:
         fn = getattr(stages, f"{graph}_graph")
-        pipe, _ = loaders.build_pipeline(fn, data=data, device="gpu", seed=0, split=split.train)
+        pipe, _ = loaders.build_pipeline(fn, plan, seed=0, split=split.train)
     pipe._build_graph()
     assert unregistered_ops(pipe) == []
 
@@ -326,15 +332,15 @@ def test_tooling_decoders_keep_the_engine_share_but_preallocate_nothing(
 
     monkeypatch.setattr(loaders, "_dali_device_id", lambda device: None)
     data = DataConfig(path=str(solid_dataset), image_size=S, batch_size=4, threads=1)
+    plan = resolve_plan(data, device="gpu")
     split = scan_dataset(solid_dataset)
     if graph == "train":
         _, pipe = traced_gpu_train_graph(monkeypatch, solid_dataset, "cutmix", "sample", False)
     elif graph == "val":
         kw = dict(split=split.val, shard_id=0, num_shards=1)
-        pipe, _ = loaders.build_pipeline(loaders.val_graph, data=data, device="gpu", seed=0, **kw)
+        pipe, _ = loaders.build_pipeline(loaders.val_graph, plan, seed=0, **kw)
     elif graph == "decode":
-        pipe, _ = loaders.build_pipeline(stages.decode_graph, data=data, device="gpu", seed=0,
-                                         split=split.train)  # fmt: skip
+        pipe, _ = loaders.build_pipeline(stages.decode_graph, plan, seed=0, split=split.train)
     else:  # recovery's re-decode: record the decoder's arguments where it builds its graph
         seen = []
         real = dali_fn.decoders.image
@@ -344,7 +350,7 @@ def test_tooling_decoders_keep_the_engine_share_but_preallocate_nothing(
             return real(*args, **kw)
 
         monkeypatch.setattr(dali_fn.decoders, "image", recording)
-        recovery._first_failure(list(split.train.files[:2]), data, "gpu")
+        recovery._first_failure(list(split.train.files[:2]), plan)
         assert seen and seen[0]["device"] == "mixed"
         assert not set(PREALLOCATION) & set(seen[0])
         return
@@ -361,12 +367,12 @@ def test_only_the_training_loader_asks_for_the_preallocation(solid_dataset, monk
     asked = []
 
     def recording(*args, **kw):
-        asked.append(kw.get("preallocate", False))
+        asked.append(args[1].preallocate)  # train_loader(split, plan, ...)
         raise RuntimeError("recorded")
 
     monkeypatch.setattr(loaders, "train_loader", recording)
     data = DataConfig(path=str(solid_dataset), image_size=S, batch_size=2, threads=1)
     with pytest.raises(RuntimeError, match="recorded"):
-        recovery.TrainData(scan_dataset(solid_dataset), data, None, device="cpu", seed=0,
+        recovery.TrainData(scan_dataset(solid_dataset), resolve_plan(data, device="cpu"),
                            epoch=0, run_dir=tmp_path, reporter=None)  # fmt: skip
     assert asked == [True]

@@ -11,10 +11,17 @@ from PIL import Image
 from dalikd import loaders
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
+from dalikd.plan import resolve_plan
+from dalikd.recipes import Seeds
 
 
 def data_cfg(root, **kw):
     return DataConfig(path=str(root), **{"image_size": 16, "batch_size": 4, "threads": 1, **kw})
+
+
+def plan(data, aug="none", seed=0, device="cpu"):
+    """The data plan of ``data`` and ``aug``, resolved as training resolves its own."""
+    return resolve_plan(data, aug, device=device, seed=seed)
 
 
 def decode_colour(x: torch.Tensor) -> np.ndarray:
@@ -26,7 +33,7 @@ def decode_colour(x: torch.Tensor) -> np.ndarray:
 
 def test_train_batches_are_uint8_nhwc_solid_colours_with_their_labels(solid_dataset):
     ds = scan_dataset(solid_dataset)
-    loader = loaders.train_loader(ds.train, data_cfg(solid_dataset), None, device="cpu", seed=3)
+    loader = loaders.train_loader(ds.train, plan(data_cfg(solid_dataset), seed=3))
     assert len(loader) == len(ds.train) // 4  # the incomplete last batch is dropped
     batches = list(loader)
     assert len(batches) == len(loader)
@@ -53,9 +60,7 @@ def test_same_seed_same_batches_other_seed_differs(tmp_path):
     ds = scan_dataset(root)
 
     def first(seed):
-        return next(
-            iter(loaders.train_loader(ds.train, data_cfg(root), None, device="cpu", seed=seed))
-        )
+        return next(iter(loaders.train_loader(ds.train, plan(data_cfg(root), seed=seed))))
 
     a, b, c = first(7), first(7), first(8)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
@@ -65,7 +70,7 @@ def test_same_seed_same_batches_other_seed_differs(tmp_path):
 def test_val_visits_every_image_exactly_once(tmp_path):
     root = make_dataset(tmp_path / "d", n_train=2, n_val=5)  # 15 val images, batch 4 -> 4,4,4,3
     ds = scan_dataset(root)
-    loader = loaders.val_loader(ds.val, data_cfg(root), device="cpu")
+    loader = loaders.val_loader(ds.val, plan(data_cfg(root)))
     assert len(loader) == 4
     expected = Counter((lab, colour_of(lab, i)) for lab in range(3) for i in range(5))
     for _epoch in range(2):  # and again, after the automatic reset
@@ -93,9 +98,9 @@ def test_val_resize_and_center_crop_match_pil(tmp_path):
         (tmp_path / split / "a").mkdir(parents=True)
         Image.fromarray(pixels).save(tmp_path / split / "a" / "0.png")
     cfg = data_cfg(tmp_path, image_size=32, batch_size=1)
-    batch = next(iter(loaders.val_loader(scan_dataset(tmp_path).val, cfg, device="cpu")))
+    batch = next(iter(loaders.val_loader(scan_dataset(tmp_path).val, plan(cfg))))
     short = round(32 / 0.875)  # 37
-    native = loaders.native_resize(cfg, "cpu")
+    native = plan(cfg).native_resize
     long = int(w * short / h) if native else round(w * short / h)
     ref = Image.fromarray(pixels).resize((long, short), Image.BILINEAR)
     # DALI places the centre crop at round-half-up((size - 32) / 2).
@@ -108,12 +113,9 @@ def test_val_resize_and_center_crop_match_pil(tmp_path):
 
 
 def test_two_views_come_from_one_decode(solid_dataset):
-    from dalikd.recipes import resolve
 
     ds = scan_dataset(solid_dataset)
-    loader = loaders.train_loader(
-        ds.train, data_cfg(solid_dataset), resolve("identity"), device="cpu", seed=1
-    )
+    loader = loaders.train_loader(ds.train, plan(data_cfg(solid_dataset), "identity", seed=1))
     for batch in loader:
         assert torch.equal(batch.images, batch.aug_images)  # same crop, same flip
 
@@ -128,14 +130,14 @@ def test_gpu_graph_is_traced_and_build_stops_at_the_missing_gpu(solid_dataset, g
     from nvidia.dali import pipeline_def
 
     ds = scan_dataset(solid_dataset)
-    cfg = data_cfg(solid_dataset)
+    gpu = plan(data_cfg(solid_dataset), device="gpu")
     traced = {}
 
     def graph_fn():
         if graph == "train":
-            out = loaders.train_graph(ds.train, cfg, None, "gpu", 0, 1)
+            out = loaders.train_graph(ds.train, gpu, Seeds(0), shard_id=0, num_shards=1)
         else:
-            out = loaders.val_graph(ds.val, cfg, "gpu", 0, 1)
+            out = loaders.val_graph(ds.val, gpu, Seeds(0), shard_id=0, num_shards=1)
         traced.update(out)
         return tuple(out.values())
 

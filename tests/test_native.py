@@ -24,7 +24,8 @@ from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 from dalikd.errors import DalikdError
 from dalikd.native import builder
-from dalikd.recipes import AugContext, builtin_recipes, resolve
+from dalikd.plan import checkpoint_mixing, resolve_plan
+from dalikd.recipes import AugContext, Seeds, builtin_recipes
 
 S = 32  # px
 
@@ -54,20 +55,18 @@ def fresh_native():
 
 def batches(dataset, name, granularity, pool_size=2, steps=2):
     data = DataConfig(path=str(dataset.root), image_size=S, batch_size=4, threads=2)
-    loader = loaders.train_loader(
-        dataset.train, data, resolve(name), device="cpu", seed=5, granularity=granularity,
-        pool_size=pool_size,
-    )  # fmt: skip
+    plan = resolve_plan(data, name, device="cpu", seed=5, granularity=granularity,
+                        pool_size=pool_size)  # fmt: skip
+    loader = loaders.train_loader(dataset.train, plan)
     return [b for _, b in zip(range(steps), loader, strict=False)]
 
 
 def schemas(dataset, name, granularity):
     """The operator schemas in the training graph (to see which path was taken)."""
     data = DataConfig(path=str(dataset.root), image_size=S, batch_size=4, threads=1)
-    pipe, _ = loaders.build_pipeline(
-        loaders.train_graph, data=data, device="cpu", seed=0, split=dataset.train,
-        recipe=resolve(name), shard_id=0, num_shards=1, granularity=granularity,
-    )  # fmt: skip
+    plan = resolve_plan(data, name, device="cpu", granularity=granularity)
+    pipe, _ = loaders.build_pipeline(loaders.train_graph, plan, seed=0, split=dataset.train,
+                                     shard_id=0, num_shards=1)  # fmt: skip
     pipe._build_graph()  # private: collects the graph's operators without building the backend
     return {getattr(op._op, "schema_name", "") for op in pipe._ops}
 
@@ -101,7 +100,7 @@ def test_native_is_bit_identical_to_composed_through_the_train_loader(
     assert "MultiPaste" not in schemas(jpegs, name, granularity)
     assert len(composed) == len(fused) == 2
     for c, f in zip(composed, fused, strict=True):
-        assert c.pool == f.pool == (3 if name == "cutmixpick" else 1)
+        assert c.pool_size == f.pool_size == (3 if name == "cutmixpick" else 1)
         for field in ("images", "labels", "aug_images", "lam", "perm"):
             torch.testing.assert_close(getattr(f, field), getattr(c, field), rtol=0, atol=0)
         assert not torch.equal(f.aug_images[:4], f.images)  # something was mixed
@@ -115,7 +114,8 @@ def test_one_call_writes_k_candidates_exactly_as_k_composed_cutmix_calls():
     def graph(native_op):
         def run():
             x = fn.external_source(source=lambda: list(images), batch=True, layout="HWC")
-            pool = ops.cutmix_pool(x, S, 3, native=native_op)
+            # the same seeds both ways (a graph builder hands them in, as train_graph does)
+            pool = ops.cutmix_pool(x, S, 3, native=native_op, seeds=Seeds(11))
             return tuple(node for candidate in pool for node in candidate)
 
         pipe = pipeline_def(run)(batch_size=6, num_threads=2, device_id=None, seed=11)
@@ -161,9 +161,9 @@ def test_a_resumed_loader_keeps_the_mixing_path_of_its_checkpoint(jpegs, saved, 
     # The two graphs have different operators, so a DALI checkpoint only restores into its own.
     data = DataConfig(path=str(jpegs.root), image_size=S, batch_size=4, threads=1)
 
-    def loader(checkpoint=None):
-        return loaders.train_loader(jpegs.train, data, resolve("cutmixpick"), device="cpu",
-                                     seed=2, checkpoint=checkpoint)  # fmt: skip
+    def loader(checkpoint=None):  # the plan takes the saved state's paths over "auto"
+        plan = resolve_plan(data, "cutmixpick", device="cpu", seed=2, dali_state=checkpoint)
+        return loaders.train_loader(jpegs.train, plan, checkpoint=checkpoint)
 
     monkeypatch.setenv("DALIKD_NATIVE", saved)
     first = loader()
@@ -182,10 +182,9 @@ def test_the_configured_mixing_path_wins_over_the_environment(jpegs, path, monke
     """data.mixing picks the graph; DALIKD_NATIVE is only auto's default."""
     monkeypatch.setenv("DALIKD_NATIVE", "0" if path == "native" else "1")
     data = DataConfig(path=str(jpegs.root), image_size=S, batch_size=4, threads=1, mixing=path)
-    pipe, _ = loaders.build_pipeline(
-        loaders.train_graph, data=data, device="cpu", seed=0, split=jpegs.train,
-        recipe=resolve("cutmix"), shard_id=0, num_shards=1,
-    )  # fmt: skip
+    plan = resolve_plan(data, "cutmix", device="cpu")
+    pipe, _ = loaders.build_pipeline(loaders.train_graph, plan, seed=0, split=jpegs.train,
+                                     shard_id=0, num_shards=1)  # fmt: skip
     pipe._build_graph()
     found = {getattr(op._op, "schema_name", "") for op in pipe._ops}
     assert ("DalikdMix" in found) == (path == "native")
@@ -195,13 +194,15 @@ def test_the_configured_mixing_path_wins_over_the_environment(jpegs, path, monke
 def test_a_checkpoint_restores_only_into_its_own_mixing_path(jpegs):
     data = DataConfig(path=str(jpegs.root), image_size=S, batch_size=4, threads=1,
                       mixing="composed")  # fmt: skip
-    first = loaders.train_loader(jpegs.train, data, resolve("mixup"), device="cpu", seed=0)
+    first = loaders.train_loader(jpegs.train, resolve_plan(data, "mixup", device="cpu"))
     next(iter(first))
     checkpoint = first.checkpoint()
-    assert loaders.checkpoint_mixing(checkpoint) == "composed"
+    assert checkpoint_mixing(checkpoint) == "composed"
+    native_plan = resolve_plan(replace(data, mixing="native"), "mixup", device="cpu")
     with pytest.raises(DalikdError, match="saved with the composed mixing path"):
-        loaders.train_loader(jpegs.train, replace(data, mixing="native"), resolve("mixup"),
-                              device="cpu", seed=0, checkpoint=checkpoint)  # fmt: skip
+        loaders.train_loader(jpegs.train, native_plan, checkpoint=checkpoint)
+    with pytest.raises(DalikdError, match="saved with the composed mixing path"):
+        resolve_plan(replace(data, mixing="native"), "mixup", device="cpu", dali_state=checkpoint)
 
 
 def test_a_run_saves_its_resolved_mixing_path_and_resumes_on_it(
@@ -295,9 +296,9 @@ def test_the_gpu_graph_with_the_native_operator_can_be_defined(name, granularity
 
     def graph():
         x = fn.external_source(source=lambda: [np.zeros((S, S, 3), np.uint8)] * 4, batch=True)
-        ctx = AugContext(S, "gpu", (0.0, 0.0, 0.0), granularity)
-        with ops.mixing_path("native"):  # as train_graph sets it for data.mixing = native
-            out = builtin_recipes()[name](x.gpu(), ctx)
+        # as train_graph hands it over for a plan whose mixing is native
+        ctx = AugContext(S, "gpu", (0.0, 0.0, 0.0), granularity, native=True)
+        out = builtin_recipes()[name](x.gpu(), ctx)
         views = getattr(out, "views", (out,))
         nodes.extend(views)
         return tuple(n for v in views for n in (v.images, v.lam, v.perm))

@@ -14,6 +14,7 @@ from tests_helpers import run_graph
 from dalikd import autoaugment, loaders, ops
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
+from dalikd.plan import resolve_plan
 from dalikd.recipes import AugContext, Pool, builtin_recipes, recipe_info, resolve
 
 B, S = 6, 16  # batch size, image side in px
@@ -423,9 +424,8 @@ def jpeg_dataset(tmp_path_factory):
 def test_every_recipe_runs_through_the_train_loader(jpeg_dataset, name, granularity):
     data = DataConfig(path=str(jpeg_dataset.root), image_size=32, batch_size=4, threads=1)
     recipe = resolve(name)
-    loader = loaders.train_loader(
-        jpeg_dataset.train, data, recipe, device="cpu", seed=0, granularity=granularity
-    )
+    plan = resolve_plan(data, recipe, device="cpu", granularity=granularity)
+    loader = loaders.train_loader(jpeg_dataset.train, plan)
     batches = list(loader)
     assert len(batches) == 2
     for batch in batches:
@@ -433,7 +433,7 @@ def test_every_recipe_runs_through_the_train_loader(jpeg_dataset, name, granular
             assert batch.aug_images is None
             continue
         k = 2 if name == "cutmixpick" else 1  # a pool: k views per image, view-major
-        assert batch.pool == k
+        assert batch.pool_size == k
         assert batch.aug_images.shape == (4 * k, 32, 32, 3)  # NHWC, as DALI hands them over
         assert batch.aug_images.dtype == torch.uint8
         if recipe_info(recipe).mixing:

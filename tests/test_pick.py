@@ -17,8 +17,8 @@ from dalikd.errors import DalikdError
 from dalikd.loaders import Batch
 from dalikd.losses import kd_divergence
 from dalikd.metrics import TStddev, t_stddev
-from dalikd.pick import entropy, pick, pick_count, scores
-from dalikd.recipes import resolve
+from dalikd.pick import logit_entropy, pick, pick_count, scores
+from dalikd.plan import resolve_plan
 from dalikd.step import Distiller
 
 
@@ -34,7 +34,7 @@ def test_pick_keeps_exactly_the_highest_entropy_candidates():
     logits[:, 0] = heights
     p = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(1, keepdims=True)
     np_entropy = -(p * np.log(p)).sum(1)
-    np.testing.assert_allclose(entropy(logits).numpy(), np_entropy, rtol=1e-4)  # float32
+    np.testing.assert_allclose(logit_entropy(logits).numpy(), np_entropy, rtol=1e-4)  # float32
     kept = pick(scores("teacher_entropy", logits, None, 4.0), 3)
     assert kept.tolist() == [3, 1, 5]  # flattest first: h = 0, 0.1, 1
     assert set(kept.tolist()) == set(np.argsort(-np_entropy)[:3].tolist())
@@ -73,7 +73,7 @@ def pool_batch(b=4, k=2, classes=5):
         aug_images=torch.randn(k * b, 3, 8, 8),
         lam=torch.rand(k * b),
         perm=torch.cat([torch.roll(torch.arange(b), j + 1) for j in range(k)]),
-        pool=k,
+        pool_size=k,
     )
 
 
@@ -127,10 +127,10 @@ def test_cutmixpick_pool_through_the_real_pipeline(solid_dataset):
     ds = scan_dataset(solid_dataset)
     data = DataConfig(path=str(solid_dataset), image_size=16, batch_size=4, threads=1)
     loader = loaders.train_loader(
-        ds.train, data, resolve("cutmixpick"), device="cpu", seed=0, pool_size=3
+        ds.train, resolve_plan(data, "cutmixpick", device="cpu", pool_size=3)
     )
     batch = next(iter(loader))
-    assert batch.pool == 3 and batch.aug_images.shape == (12, 16, 16, 3)
+    assert batch.pool_size == 3 and batch.aug_images.shape == (12, 16, 16, 3)
     assert batch.lam.shape == (12,) and batch.perm.shape == (12,)
     teacher = CountingTeacher(tiny_cnn(3)).eval().requires_grad_(False)
     batch = prepare_batch(batch, "cpu")

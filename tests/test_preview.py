@@ -7,9 +7,10 @@ import pytest
 from PIL import Image
 from tests_helpers import run_cli
 
-from dalikd import loaders, preview, recipes
+from dalikd import loaders, preview
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
+from dalikd.plan import resolve_plan
 
 SIZE = 16  # px; tiles are enlarged to 96 px (factor 6) in the PNG
 BATCH = 4
@@ -41,10 +42,8 @@ def reference_batch(data_dir: Path, aug: str, granularity: str) -> loaders.Batch
     """The first training batch straight from the library's loader, as `dalikd train` gets it."""
     dataset = scan_dataset(data_dir)
     data = DataConfig(path=str(data_dir), image_size=SIZE, batch_size=BATCH)
-    loader = loaders.train_loader(
-        dataset.train, data, recipes.resolve(aug), device="cpu", seed=SEED,
-        granularity=granularity,
-    )  # fmt: skip
+    plan = resolve_plan(data, aug, device="cpu", seed=SEED, granularity=granularity)
+    loader = loaders.train_loader(dataset.train, plan)
     return next(iter(loader))
 
 

@@ -25,6 +25,10 @@ def test_profile_writes_every_stage_as_json(solid_dataset, tmp_path, tiny_env, c
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["cpu_count"] >= 1 and report["threads"] == 1
     assert report["mixing"] == "stock operators"  # --mixing composed
+    # the data plan of each scheme, resolved once: the paths it ran
+    assert report["plans"]["cutmix"]["mixing"] == "composed"
+    assert report["plans"]["none"]["resize"] == ("native" if report["resize"].startswith(
+        "native") else "dali")  # fmt: skip
     names = [st["name"] for st in report["stages"]]
     assert len(names) == len(set(names))
     assert names[:5] == [

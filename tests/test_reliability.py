@@ -22,6 +22,7 @@ from dalikd import loaders
 from dalikd.cli.main import main
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
+from dalikd.plan import resolve_plan
 
 
 def env() -> dict[str, str]:
@@ -34,7 +35,9 @@ def test_shards_cover_every_training_sample_once_per_epoch(tmp_path):
     ds = scan_dataset(root)
     cfg = DataConfig(path=str(root), image_size=16, batch_size=4, threads=1)
     shards = [
-        loaders.train_loader(ds.train, cfg, None, device="cpu", seed=11, shard_id=r, num_shards=2)
+        loaders.train_loader(
+            ds.train, resolve_plan(cfg, device="cpu", seed=11), shard_id=r, num_shards=2
+        )  # fmt: skip
         for r in range(2)
     ]
     assert [len(ld) for ld in shards] == [3, 3]
@@ -53,7 +56,8 @@ def test_shards_cover_every_training_sample_once_per_epoch(tmp_path):
 
     val_counts = Counter()
     for r in range(2):
-        for batch in loaders.val_loader(ds.val, cfg, device="cpu", shard_id=r, num_shards=2):
+        val = loaders.val_loader(ds.val, resolve_plan(cfg, device="cpu"), shard_id=r, num_shards=2)
+        for batch in val:
             val_counts.update(
                 (lab, tuple(decode_colour(x)))
                 for x, lab in zip(batch.images, batch.labels.tolist(), strict=True)

@@ -140,6 +140,7 @@ def test_training_and_validation_pipelines_use_it(loaded, tmp_path):
     from dalikd import loaders
     from dalikd.config import DataConfig
     from dalikd.data import scan_dataset
+    from dalikd.plan import resolve_plan
 
     img = np.ascontiguousarray(photos()[2][:, :400])  # chelsea, 300 x 400
     for split in ("train", "val"):
@@ -150,12 +151,12 @@ def test_training_and_validation_pipelines_use_it(loaded, tmp_path):
     aspect = img.shape[1] / img.shape[0]
     cfg = DataConfig(path=str(tmp_path), image_size=64, batch_size=8, threads=1,
                      crop_scale=(1.0, 1.0), crop_ratio=(aspect, aspect))  # fmt: skip
-    assert loaders.native_resize(cfg, "cpu")
-    assert not loaders.native_resize(cfg, "gpu")
-    assert not loaders.native_resize(DataConfig(antialias=False), "cpu")
+    assert resolve_plan(cfg, device="cpu").native_resize
+    assert not resolve_plan(cfg, device="gpu").native_resize
+    assert not resolve_plan(DataConfig(antialias=False), device="cpu").native_resize
     ds = scan_dataset(tmp_path)
     ref = tv_resize(img, [64, 64]).astype(np.int16)
-    loader = loaders.train_loader(ds.train, cfg, None, device="cpu", seed=5)
+    loader = loaders.train_loader(ds.train, resolve_plan(cfg, device="cpu", seed=5))
     flips = []
     for _ in range(2):
         batch = next(iter(loader))
@@ -166,7 +167,7 @@ def test_training_and_validation_pipelines_use_it(loaded, tmp_path):
     assert 0 < sum(flips) < len(flips), flips  # the coin flips some, not all
     assert b"DalikdResize" in loader.checkpoint()
 
-    val = next(iter(loaders.val_loader(ds.val, cfg, device="cpu")))
+    val = next(iter(loaders.val_loader(ds.val, resolve_plan(cfg, device="cpu"))))
     short = round(64 / cfg.val_crop_fraction)
     full = tv_resize(img, short)
     top, left = (int((s - 64) / 2 + 0.5) for s in full.shape[:2])  # fn.crop: round half up
@@ -177,15 +178,15 @@ def test_training_and_validation_pipelines_use_it(loaded, tmp_path):
 def test_the_resize_path_is_configuration(loaded, monkeypatch):
     """data.resize picks the operator; DALIKD_NATIVE_RESIZE is only auto's default; GPU and
     --no-antialias always take DALI's resize, and asking for the native one there is one line."""
-    from dalikd import loaders
     from dalikd.config import DataConfig
     from dalikd.errors import DalikdError
+    from dalikd.plan import resolve_plan
 
     assert native.resolve_resize("auto", True, "cpu") == "native"
     assert native.resolve_resize("dali", True, "cpu") == "dali"
     assert native.resolve_resize("auto", True, "gpu") == "dali"
     assert native.resolve_resize("auto", False, "cpu") == "dali"
-    assert not loaders.native_resize(DataConfig(resize="dali"), "cpu")  # loaded, not used
+    assert not resolve_plan(DataConfig(resize="dali"), device="cpu").native_resize  # loaded
     for antialias, device in ((True, "gpu"), (False, "cpu")):
         with pytest.raises(DalikdError, match="resize = native is CPU-only") as e:
             native.resolve_resize("native", antialias, device)
@@ -193,7 +194,7 @@ def test_the_resize_path_is_configuration(loaded, monkeypatch):
     monkeypatch.setenv("DALIKD_NATIVE_RESIZE", "0")
     assert native.resolve_resize("auto", True, "cpu") == "dali"
     assert native.resolve_resize("native", True, "cpu") == "native"
-    assert loaders.native_resize(DataConfig(resize="native"), "cpu")
+    assert resolve_plan(DataConfig(resize="native"), device="cpu").native_resize
 
 
 def test_a_run_saves_its_resolved_resize_path_and_resumes_on_it(
@@ -209,6 +210,7 @@ def test_a_run_saves_its_resolved_resize_path_and_resumes_on_it(
     from dalikd.config import DataConfig
     from dalikd.data import scan_dataset
     from dalikd.errors import DalikdError
+    from dalikd.plan import checkpoint_resize, resolve_plan
 
     monkeypatch.setenv("DALIKD_NATIVE_RESIZE", "0")
     out = tmp_path / "run"
@@ -234,12 +236,14 @@ def test_a_run_saves_its_resolved_resize_path_and_resumes_on_it(
     # a DALI state restores only into its own resize path
     data = DataConfig(path=str(solid_dataset), image_size=16, batch_size=4, threads=1)
     train = scan_dataset(solid_dataset).train
-    state = loaders.train_loader(train, replace(data, resize="native"), None, device="cpu",
-                                 seed=0).checkpoint()  # fmt: skip
-    assert loaders.checkpoint_resize(state) == "native"
+    native_plan = resolve_plan(replace(data, resize="native"), device="cpu")
+    state = loaders.train_loader(train, native_plan).checkpoint()
+    assert checkpoint_resize(state) == "native"
+    dali_plan = resolve_plan(replace(data, resize="dali"), device="cpu")
     with pytest.raises(DalikdError, match="saved with the native resize path") as e:
-        loaders.train_loader(train, replace(data, resize="dali"), None, device="cpu", seed=0,
-                             checkpoint=state)  # fmt: skip
+        loaders.train_loader(train, dali_plan, checkpoint=state)
     assert "--resize native resumes it" in str(e.value) and "\n" not in str(e.value)
-    resumed = loaders.train_loader(train, data, None, device="cpu", seed=0, checkpoint=state)
+    # "auto" takes the saved state's path
+    restored = resolve_plan(data, device="cpu", dali_state=state)
+    resumed = loaders.train_loader(train, restored, checkpoint=state)
     assert b"DalikdResize" in resumed.checkpoint() or "DalikdResize" in resumed.checkpoint()

@@ -211,13 +211,14 @@ def test_a_failed_write_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
     save_atomic({"a": 1}, target)
 
     def full_disk(obj, f, *a, **k):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(DalikdError, match="No space left on device"):
+    with pytest.raises(DalikdError, match=f"cannot write {target}: disk full$"):
         save_atomic({"a": 2}, target)
     assert not (tmp_path / "last.pt.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file
     assert torch.load(target, weights_only=True) == {"a": 1}  # the last good one is kept
 
 

@@ -253,7 +253,7 @@ def test_skips_stay_out_after_a_resume_on_moved_data_died_before_its_checkpoint(
     shutil.copytree(root, scratch)
     seen: dict[str, tuple] = {}
 
-    def dies(run_, recipe, dali_state):  # before the next checkpoint: config.json and the
+    def dies(run_, dali_state):  # before the next checkpoint: config.json and the
         seen["files"] = run_.dataset.train.files  # report already name the scratch copy
         raise RuntimeError("the node is lost")
 

@@ -1,4 +1,5 @@
-"""The teacher-output cache (dalikd.teacher_cache): key, top-K, storage, validation, info."""
+"""The teacher-output cache (dalikd.teacher_cache): top-K, storage, validation, info, the teacher
+source. The key's coverage: test_teacher_cache_key.py; the compact format: ..._formats.py."""
 
 import json
 import math
@@ -11,15 +12,19 @@ from conftest import make_dataset
 
 from dalikd import native
 from dalikd import teacher_cache as tc
+from dalikd.batch import InputNorm
 from dalikd.config import build_config
 from dalikd.data import scan_dataset
 from dalikd.errors import DalikdError
 from dalikd.metrics import TStddev
+from dalikd.plan import plan_of
 
 
 def _key(**changes):
-    key = {"cache_format": tc.CACHE_FORMAT, "num_classes": 10, "seed": 0, "topk": 0,
-           "temperature": 0.0, "teacher": "resnet34"}  # fmt: skip
+    key = {"cache_format": tc.CACHE_FORMAT, "num_classes": 10, "seed": 0, "format": "exact",
+           "topk": 0, "temperature": 0.0, "teacher": "resnet34"}  # fmt: skip
+    if changes.get("topk"):  # a top-K key, as dalikd writes one
+        key["format"] = "topk"
     return {**key, **changes}
 
 
@@ -52,9 +57,9 @@ def test_topk_keeps_the_top_probabilities_and_the_remainder_mass():
     # the remainder is spread uniformly over the other classes
     spread = q[rest].reshape(6, -1)
     np.testing.assert_allclose(spread, spread[:, :1].repeat(45, 1), rtol=1e-6)
-    kl = tc.soft_target_kl(z, k, t)
+    kl = tc.soft_target_kl(z, tc.Format("topk", k, t))
     assert (kl >= -1e-9).all() and (kl > 0).any()
-    assert tc.soft_target_kl(z, 50, t).abs().max() < 1e-5  # K = C: only fp16 rounding
+    assert tc.soft_target_kl(z, tc.Format("topk", 50, t)).abs().max() < 1e-5  # K = C: fp16
 
 
 def test_add_sums_is_bit_identical_to_adding_the_rows():
@@ -97,15 +102,13 @@ def test_exact_round_trip_chunks_and_counts(tmp_path):
     assert files == ["c0000000-0000003.pt", "c0000003-0000005.pt"]
     assert not list((tmp_path / "c").rglob("*.tmp"))
     reader = tc.TeacherCache(tmp_path / "c", _key())
-    assert reader.covers(0, 0, 5) and not reader.covers(0, 0, 6) and not reader.covers(1, 0, 1)
+    got = [reader.lookup(0, s) for s in range(5)] + [reader.lookup(0, 5), reader.lookup(1, 0)]
     for s in range(5):
-        got = reader.lookup(0, s)
         x, aug, keep = made[s]
-        assert torch.equal(got.teacher_x, x) and torch.equal(got.teacher_aug, aug)
-        assert torch.equal(got.keep, keep) and got.keep.dtype == torch.int64
-        assert got.tstd_sums is None
-    assert reader.lookup(0, 5) is None and reader.lookup(1, 0) is None
-    assert (reader.hits, reader.misses) == (5, 2)
+        assert torch.equal(got[s].teacher_x, x) and torch.equal(got[s].teacher_aug, aug)
+        assert torch.equal(got[s].keep, keep) and got[s].keep.dtype == torch.int64
+        assert got[s].tstd_sums is None
+    assert got[5] is None and got[6] is None  # 5 hits, 2 misses
 
 
 def test_topk_round_trip_and_exact_tstddev_sums(tmp_path):
@@ -230,9 +233,12 @@ def test_the_key_follows_data_teacher_weights_and_settings(tmp_path, monkeypatch
                                   "kd.aug": "cutmixpick"})  # fmt: skip
 
     def key(cfg=cfg, **kw):
-        args = {"device": "cpu", "precision": "fp32", "world_size": 1, "graph_format": 2,
-                "input_norm": ((1, 2, 3), (4, 5, 6)), "topk": 0, **kw}  # fmt: skip
-        return tc.cache_key(cfg, scan_dataset(root, check=False), **args)
+        plan = plan_of(cfg, kw.pop("device", "cpu"), norm=InputNorm((1, 2, 3), (4, 5, 6)))
+        args = {"precision": "fp32", "world_size": 1, "graph_format": 2,
+                "fmt": tc.Format("exact"), "teacher": cfg.model.teacher,
+                "teacher_weights": cfg.model.teacher_weights, "kd": cfg.kd,
+                "channels_last": True, **kw}  # fmt: skip
+        return tc.cache_key(plan, scan_dataset(root, check=False), **args)
 
     base = key()
     json.dumps(base)  # JSON-ready
@@ -354,39 +360,42 @@ def test_cache_info_projects_the_caches_own_recipe(tmp_path, capsys, aug, extra,
     assert "CutMixPick keeping" not in out  # the key's recipe, not the default's
 
 
-def test_caching_pass_hits_misses_and_loads_the_teacher_only_on_a_miss(tmp_path):
-    from types import SimpleNamespace
+def test_cached_teacher_hits_misses_and_builds_the_teacher_only_on_a_miss(tmp_path):
+    """The source of --teacher-cache: a step's outputs by its position; the teacher is built
+    on the first miss only; a resumed run (another start position) reads and fills on."""
+    from dalikd.batch import Batch
+    from dalikd.checkpoint import Position
+    from dalikd.config import KDConfig
+    from dalikd.teacher import LiveTeacher
 
     calls = {"live": 0, "load": 0}
 
-    def live(batch):
-        calls["live"] += 1
-        return SimpleNamespace(logits_x=batch.images.float()[:, :10], logits_aug=None, keep=None)
+    class Teacher(torch.nn.Module):
+        def forward(self, images):
+            calls["live"] += 1
+            return images.flatten(1)[:, :10]
 
-    def load():
+    def build():
         calls["load"] += 1
-
-    def make(x, aug, keep):
-        return SimpleNamespace(logits_x=x, logits_aug=aug, keep=keep)
+        return Teacher()
 
     def run(cache_root, epochs=2, steps=3, start=(0, 0)):
         cache = tc.TeacherCache(cache_root, _key())
-        caching = tc.CachingTeacherPass(cache, live, make, load)
-        caching.seek(*start, steps)
-        covered = caching.covers(start[0], start[1], epochs)
+        source = tc.CachedTeacher(cache, LiveTeacher(build), KDConfig())
         outs = []
         for e in range(start[0], epochs):
             for s in range(start[1] if e == start[0] else 0, steps):
-                images = torch.full((2, 12), float(100 * e + s))
-                outs.append(caching(SimpleNamespace(images=images)).logits_x)
-            cache.flush()
-        return cache, covered, outs
+                images = torch.full((2, 12, 1, 1), float(100 * e + s))
+                batch = Batch(images=images, labels=torch.zeros(2, dtype=torch.int64))
+                outs.append(source.outputs(batch, Position(e, s)).logits_x)
+            source.checkpoint()
+        return source, outs
 
-    cache, covered, first = run(tmp_path / "c")
-    assert not covered and (cache.hits, cache.misses) == (0, 6) and calls == {"live": 6, "load": 1}
-    cache, covered, again = run(tmp_path / "c")
-    assert covered and (cache.hits, cache.misses) == (6, 0) and calls["live"] == 6
-    assert calls["load"] == 1  # all cached: never loaded
+    source, first = run(tmp_path / "c")
+    assert source.counts() == (0, 6) and calls == {"live": 6, "load": 1}
+    source, again = run(tmp_path / "c")
+    assert source.counts() == (6, 0) and calls["live"] == 6
+    assert calls["load"] == 1  # all cached: never built
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    cache, covered, _ = run(tmp_path / "c", epochs=3, start=(1, 2))  # resumed, one more epoch
-    assert not covered and (cache.hits, cache.misses) == (1, 3) and calls["load"] == 2
+    source, _ = run(tmp_path / "c", epochs=3, start=(1, 2))  # resumed, one more epoch
+    assert source.counts() == (1, 3) and calls["load"] == 2

@@ -47,9 +47,12 @@ TEACHER_METRICS = ("train_loss", "val_loss", "t_stddev", "teacher_entropy", "val
                    "val_kl_ts")  # fmt: skip
 
 
-@pytest.mark.parametrize("aug", ["cutmixpick", "flip"])
-def test_topk0_cache_trains_bit_identical_to_the_live_teacher(
-    aug, solid_dataset, tmp_path, tiny_env, teacher, capsys
+@pytest.mark.parametrize(
+    ("aug", "flags"),
+    [("cutmixpick", []), ("flip", []), ("cutmixpick", ["--teacher-cache-topk", 0])],
+)  # the default settings (exact), and K = 0 as runs before the formats spelled exact
+def test_default_cache_trains_bit_identical_to_the_live_teacher(
+    aug, flags, solid_dataset, tmp_path, tiny_env, teacher, capsys
 ):
     cache = tmp_path / "cache"
     runs = {name: tmp_path / name for name in ("live", "fill", "read")}
@@ -57,7 +60,7 @@ def test_topk0_cache_trains_bit_identical_to_the_live_teacher(
     assert code == 0, err
     outs = {}
     for name in ("fill", "read"):
-        extra = ["--teacher-cache", cache, "--teacher-cache-topk", 0]
+        extra = ["--teacher-cache", cache, *flags]
         code, outs[name], err = run_cli(_args(solid_dataset, teacher, runs[name], *extra,
                                               aug=aug), capsys)  # fmt: skip
         assert code == 0, err
@@ -72,6 +75,7 @@ def test_topk0_cache_trains_bit_identical_to_the_live_teacher(
         assert [r[key] for r in live] == [r[key] for r in fill] == [r[key] for r in read], key
     info = cache_info(cache)
     assert info["epochs"] == {1: {0: 6}, 2: {0: 6}} and info["key"]["topk"] == 0
+    assert info["format"] == "exact" and all(kl["mean"] == 0.0 for kl in info["kl"].values())
 
 
 def test_mid_epoch_resume_reads_and_fills_the_cache(
@@ -79,7 +83,7 @@ def test_mid_epoch_resume_reads_and_fills_the_cache(
 ):
     student = "tiny_models:stopping_cnn"
     full, ref = tmp_path / "full", tmp_path / "ref"
-    ckpt = ["--ckpt-every", 2, "--teacher-cache-topk", 0]
+    ckpt = ["--ckpt-every", 2]  # the default cache: exact
     code, _, err = run_cli(_args(solid_dataset, teacher, ref, "--teacher-cache", full, *ckpt,
                                  student=student), capsys)  # fmt: skip
     assert code == 0, err
@@ -121,7 +125,8 @@ def test_topk_cache_keeps_t_stddev_exact(
 
     monkeypatch.setattr(report.RichReporter, "step", step)
     for name in ("fill", "read"):  # 3 classes, K = 2: the soft targets are approximate
-        extra = ["--teacher-cache", cache, "--teacher-cache-topk", 2]
+        extra = ["--teacher-cache", cache, "--teacher-cache-format", "topk",
+                 "--teacher-cache-topk", 2]  # fmt: skip
         code, _, err = run_cli(_args(solid_dataset, teacher, runs[name], *extra), capsys)
         assert code == 0, err
     # logged at each epoch's last step (6 steps, log_every 10): the counts so far this run
@@ -193,7 +198,7 @@ def test_resumed_t_stddev_of_another_group_size_restarts_with_a_topk_cache(
     solid_dataset, tmp_path, tiny_env, teacher, capsys
 ):
     cache, run = tmp_path / "cache", tmp_path / "run"
-    topk = ["--teacher-cache", cache, "--teacher-cache-topk", 2]
+    topk = ["--teacher-cache", cache, "--teacher-cache-format", "topk", "--teacher-cache-topk", 2]
     code, _, err = run_cli(_args(solid_dataset, teacher, tmp_path / "fill", *topk), capsys)
     assert code == 0, err
     code, _, err = run_cli(_args(solid_dataset, teacher, run, *topk, "--epochs", 1), capsys)
@@ -208,3 +213,29 @@ def test_resumed_t_stddev_of_another_group_size_restarts_with_a_topk_cache(
     assert "T. stddev restarts: the checkpoint's groups are 12 rows, this run's 40" in out
     record = _records(run)[-1]
     assert record["group_rows"] == 40 and record["cache_hits"] == 6
+
+
+def test_compact_cache_keeps_t_stddev_exact_and_the_targets_within_its_bound(
+    solid_dataset, tmp_path, tiny_env, teacher, capsys
+):
+    cache = tmp_path / "cache"
+    runs = {name: tmp_path / name for name in ("live", "fill", "read")}
+    code, _, err = run_cli(_args(solid_dataset, teacher, runs["live"]), capsys)
+    assert code == 0, err
+    for name in ("fill", "read"):
+        extra = ["--teacher-cache", cache, "--teacher-cache-format", "compact"]
+        code, out, err = run_cli(_args(solid_dataset, teacher, runs[name], *extra), capsys)
+        assert code == 0, err
+        assert "format moves the soft targets" not in out  # far below the warning bound
+        assert "teacher cache: compact format, soft targets within " in out  # said once
+    live, fill, read = (_records(runs[n]) for n in ("live", "fill", "read"))
+    assert [(r["cache_hits"], r["cache_misses"]) for r in read] == [(6, 0), (12, 0)]
+    for key in ("t_stddev", "teacher_entropy", "group_rows"):  # the stored sums are exact
+        assert [r[key] for r in live] == [r[key] for r in fill] == [r[key] for r in read], key
+    assert _same_weights(runs["live"], runs["fill"])  # a miss trains on the live outputs
+    info = cache_info(cache)
+    assert info["format"] == "compact" and info["key"]["format"] == "compact"
+    assert all(0 < kl["mean"] <= 1e-4 and kl["rows"] == 6 * 8 for kl in info["kl"].values())
+    code, out, _ = run_cli(["cache-info", cache], capsys)
+    assert code == 0 and "epoch 1: rank 0: 6 steps; KL(full || stored) mean" in out
+    assert "compact" in out and "exact bf16" in out

@@ -88,10 +88,11 @@ def test_timm_teacher_and_torchvision_student_each_see_their_own_inputs(solid_da
         "model.teacher_weights": str(teacher_file), "kd.aug": "flip", "device": "cpu",
     })  # fmt: skip
     models = Distiller.build(cfg.model, cfg.kd, scan_dataset(solid_dataset).num_classes, "cpu")
-    assert isinstance(models.teacher, AdaptInput) and not models.teacher.model.training
+    teacher = models.teacher.module()  # the network behind the live teacher source
+    assert isinstance(teacher, AdaptInput) and not teacher.model.training
     seen = {"student": [], "teacher": []}
     models.student.register_forward_pre_hook(lambda m, a: seen["student"].append(a[0]))
-    models.teacher.model.register_forward_pre_hook(lambda m, a: seen["teacher"].append(a[0]))
+    teacher.model.register_forward_pre_hook(lambda m, a: seen["teacher"].append(a[0]))
     gen = torch.Generator().manual_seed(0)
     x, x_aug = (torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=gen)
                 for _ in range(2))  # fmt: skip

@@ -16,8 +16,8 @@ from dalikd.config import DataConfig, KDConfig, build_config
 from dalikd.data import scan_dataset
 from dalikd.metrics import t_stddev
 from dalikd.pick import pick, pick_count, scores
+from dalikd.plan import resolve_plan
 from dalikd.probe import group_rows
-from dalikd.recipes import resolve
 from dalikd.step import Distiller
 
 
@@ -69,7 +69,7 @@ def rows_by_hand(data_dir: Path, teacher_file: Path, aug: str, steps: int) -> to
     a pool is cut with the pick's primitives (not dalikd.pick.select)."""
     dataset = scan_dataset(data_dir)
     data = DataConfig(path=str(data_dir), image_size=SIZE, batch_size=BATCH, threads=1)
-    loader = loaders.train_loader(dataset.train, data, resolve(aug), device="cpu", seed=0)
+    loader = loaders.train_loader(dataset.train, resolve_plan(data, aug, device="cpu"))
     teacher = tiny_cnn(3)
     teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
     teacher.eval()
@@ -79,7 +79,7 @@ def rows_by_hand(data_dir: Path, teacher_file: Path, aug: str, steps: int) -> to
             with torch.no_grad():
                 logits = teacher(normalize(torch.cat([b.images, b.aug_images])))
             x, aug_rows = logits[:BATCH], logits[BATCH:]
-            if b.pool > 1:
+            if b.pool_size > 1:
                 kept = pick(scores("teacher_entropy", aug_rows, None, 4.0), pick_count(8, 0, 0.5))
                 aug_rows = aug_rows[kept]
             rows.append(torch.cat([x, aug_rows]).softmax(dim=1))
@@ -108,6 +108,11 @@ def test_probe_end_to_end_equals_t_stddev_of_the_same_rows(noise, teacher_file, 
     assert by_aug["flip"]["group_rows"] == by_aug["cutmixpick"]["group_rows"] == GROUP
     assert by_aug["none"]["groups"] == by_aug["flip"]["groups"] == SAMPLES // BATCH
     assert by_aug["cutmixpick"]["rows"] == 2 * SAMPLES  # B of x + the B kept of 2B candidates
+    # each scheme names the data plan it ran: its paths resolved, its pool
+    plans = {aug: r["plan"] for aug, r in by_aug.items()}
+    assert plans["cutmix"]["mixing"] in ("native", "composed") and plans["flip"]["mixing"] == "none"
+    assert {p["resize"] for p in plans.values()} <= {"native", "dali"}
+    assert [plans[a]["pool_size"] for a in ("none", "flip", "cutmixpick")] == [0, 1, 2]
     with Image.open(out_png) as png:
         assert png.format == "PNG" and png.width > 100
     assert not list(tmp_path.glob("*.tmp"))
@@ -170,7 +175,7 @@ def test_probe_counts_the_rows_training_counts(criterion):
     batch = loaders.Batch(
         images=torch.randn(b, 3, 8, 8), labels=torch.arange(b) % 3,
         aug_images=torch.randn(k * b, 3, 8, 8), lam=torch.rand(k * b),
-        perm=torch.cat([torch.roll(torch.arange(b), j + 1) for j in range(k)]), pool=k,
+        perm=torch.cat([torch.roll(torch.arange(b), j + 1) for j in range(k)]), pool_size=k,
     )  # fmt: skip
     student, teacher = tiny_cnn(3).eval(), tiny_cnn(3).eval().requires_grad_(False)
     cfg = build_config(overrides={"kd.pick_criterion": criterion})

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from dalikd import __version__
-from dalikd.config import DataConfig
+from dalikd.atomic import write_atomic
 from dalikd.data import Dataset
 from dalikd.profile.config import DALI_RESIZE, Timing
 
@@ -78,23 +78,23 @@ def bound(stages: list[dict], names: list[str]) -> dict[str, Any]:
     return {"stage": worst[0], "own_ms_per_img": worst[1]}
 
 
-def mixing_path(data: DataConfig, device: str) -> str:
-    """Which implementation the mixing recipes ran on (``data.mixing`` resolved): dalikd's
+def mixing_path(plans: dict[str, Any]) -> str:
+    """Which implementation the mixing recipes ran on (their plans' resolved path): dalikd's
     fused operator or stock ones."""
-    from dalikd import native
-
-    native_path = native.resolve(data.mixing, device) == "native"
+    native_path = any(plan.native_mixing for plan in plans.values())
     return "native (fn.dalikd_mix)" if native_path else "stock operators"
 
 
-def resize_path(data: DataConfig, device: str) -> str:
-    """Which resize the pipelines ran: dalikd's operator, or DALI's and why."""
+def resize_path(plan: Any) -> str:
+    """Which resize the pipelines ran (the plan's): dalikd's operator, or DALI's and why."""
     from dalikd import native
 
-    if not data.antialias:
+    if plan.native_resize:
+        return "native (fn.dalikd_resize, flip fused)"
+    if not plan.data.antialias:
         return f"{DALI_RESIZE}, antialias=False (--no-antialias)"
-    reason = native.resize_reason(device)
-    return f"{DALI_RESIZE}: {reason}" if reason else "native (fn.dalikd_resize, flip fused)"
+    reason = native.resize_reason(plan.device) or "--resize dali"
+    return f"{DALI_RESIZE}: {reason}"
 
 
 def versions() -> dict[str, str]:
@@ -138,6 +138,8 @@ def write_plot(report: dict[str, Any], path: str | Path) -> Path:
     )
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
     return path

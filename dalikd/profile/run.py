@@ -9,10 +9,12 @@ from typing import Any
 import torch
 
 from dalikd import loaders
+from dalikd.batch import IMAGENET_NORM
 from dalikd.config import DataConfig, KDConfig, TrainConfig, flags_named_as_keys, validate
 from dalikd.data import Dataset, scan_dataset
 from dalikd.device import prepare_batch, resolve_device
 from dalikd.errors import DalikdError
+from dalikd.plan import DataPlan, resolve_plan
 from dalikd.profile.baseline import BaselineStream, baseline_loader, timm_stream
 from dalikd.profile.config import (
     BASELINES,
@@ -83,7 +85,7 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
     return {
         "device": device,
         "cpu_count": cpu_count(),
-        "threads": profiler.data.threads,
+        "threads": profiler.plan.data.threads,
         "torch_threads": torch.get_num_threads(),
         "batch_size": cfg.batch_size,
         "image_size": cfg.image_size,
@@ -94,10 +96,11 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
         "windows": cfg.windows,
         "window_seconds": cfg.window_seconds,
         "dataset": dataset_facts(dataset),
-        "mixing": mixing_path(profiler.data, device)
-        if any(s.mixing for s in schemes)
-        else "none profiled",
-        "resize": resize_path(profiler.data, device),
+        "mixing": (
+            mixing_path(profiler.plans) if any(s.mixing for s in schemes) else "none profiled"
+        ),  # fmt: skip
+        "resize": resize_path(profiler.plan),
+        "plans": {name: plan.to_dict() for name, plan in profiler.plans.items()},
         "alternatives": profiler.alternatives,
         "versions": versions(),
         "stages": profiler.stages,
@@ -118,10 +121,13 @@ class _Profiler:
             path=cfg.data,
             image_size=cfg.image_size,
             batch_size=cfg.batch_size,
-            threads=cfg.threads or loaders.default_threads(),
+            threads=cfg.threads,
             antialias=cfg.antialias,
             mixing=cfg.mixing,
         )
+        # the plain pipeline's plan (no x'); each scheme gets its own (self.plans)
+        self.plan = resolve_plan(self.data, device=device, seed=cfg.seed)
+        self.plans: dict[str, DataPlan] = {}
         # A pool is picked by teacher entropy (the paper's best); without a teacher, by the
         # student's, as `dalikd train` would require.
         criterion = "teacher_entropy" if cfg.teacher else "student_entropy"
@@ -130,6 +136,8 @@ class _Profiler:
         self.sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
         torch.manual_seed(cfg.seed)
         self.models = build_models(cfg, kd, dataset.num_classes, device)
+        # the normalization the models' inputs get (cutout's fill in the schemes' plans)
+        self.norm = self.models.distiller.input_norm if self.models else IMAGENET_NORM
         self.stages: list[dict] = []
         self.chain: list[str] = []  # the plain pipeline's cumulative stages
         self.baseline: list[dict] = []
@@ -139,21 +147,22 @@ class _Profiler:
         self.efficiency: dict[str, float] = {}
         # fn.dalikd_resize in the pipelines (CPU, antialiased, where it loads); when it is, the
         # plain pipeline is also timed with DALI's fn.resize, in the same windows
-        self.native_resize = loaders.native_resize(self.data, device)
+        self.native_resize = self.plan.native_resize
         self.alternatives: dict[str, dict] = {}  # plain KD: DALI's resize, timm's loader
 
     def add(self, name: str, timing: Timing, kind: str, aug: str | None = None, **extra) -> str:
         self.stages.append(stage_record(name, timing, kind, aug, **extra))
         return name
 
-    def dali(self, graph, data: DataConfig | None = None, **kw) -> tuple[Runner, int]:
-        return dali_runner(
-            graph, data or self.data, self.device, self.cfg.seed, split=self.dataset.train, **kw
-        )
+    def dali(self, graph, plan: DataPlan | None = None, **kw) -> Runner:
+        return dali_runner(graph, plan or self.plan, self.cfg.seed, split=self.dataset.train, **kw)
 
-    def plain_runner(self, native_resize: bool | None = None) -> Runner:
-        graph_kw = {"recipe": None, "shard_id": 0, "num_shards": 1}
-        return self.dali(loaders.train_graph, native_resize=native_resize, **graph_kw)[0]
+    def dali_resize(self) -> DataPlan:
+        """The plain plan on DALI's own resize (timed beside dalikd's)."""
+        return self.plan.with_resize("dali")
+
+    def plain_runner(self, plan: DataPlan | None = None) -> Runner:
+        return self.dali(loaders.train_graph, plan, shard_id=0, num_shards=1)
 
     def plain_pipeline(self) -> None:
         """read; + decode and random crop; + resize; + flip (cumulative), in interleaved
@@ -161,20 +170,22 @@ class _Profiler:
         s = self.cfg.image_size
         aa = "antialias" if self.cfg.antialias else "NO antialias"
         runs = {
-            "read": self.dali(read_graph)[0],
-            "+ decode, random crop": self.dali(decode_graph)[0],
-            f"+ resize {s}² ({aa})": self.dali(resize_graph)[0],
+            "read": self.dali(read_graph),
+            "+ decode, random crop": self.dali(decode_graph),
+            f"+ resize {s}² ({aa})": self.dali(resize_graph),
         }
         side = f"+ resize {s}², no antialias (option)"
         if self.cfg.antialias:  # the faster, lower-quality mode, beside the chain, never in it
-            runs[side] = self.dali(resize_graph, replace(self.data, antialias=False))[0]
+            loose = resolve_plan(replace(self.data, antialias=False), device=self.device,
+                                 seed=self.cfg.seed)  # fmt: skip
+            runs[side] = self.dali(resize_graph, loose)
         runs["+ flip (plain pipeline)"] = self.plain_runner()
         sides = [side]
         if self.native_resize:  # DALI's own antialiased resize (and separate flip), beside it
             dali = f" ({DALI_RESIZE})"
             sides += [f"+ resize {s}² (antialias){dali}", f"+ flip (plain pipeline){dali}"]
-            runs[sides[1]] = self.dali(resize_graph, native_resize=False)[0]
-            runs[sides[2]] = self.plain_runner(native_resize=False)
+            runs[sides[1]] = self.dali(resize_graph, self.dali_resize())
+            runs[sides[2]] = self.plain_runner(self.dali_resize())
         self.say("the plain pipeline, stage by stage")
         for name, timing in time_interleaved(runs, self.cfg).items():
             self.add(name, timing, "side" if name in sides else "data")
@@ -187,25 +198,14 @@ class _Profiler:
         a, cfg = scheme.name, self.cfg
         names = list(self.chain)
         runs: dict[str, Runner] = {}
-        views = 0
+        plan = resolve_plan(self.data, scheme.recipe, device=self.device, seed=cfg.seed,
+                            pool_size=cfg.pool_size, norm=self.norm)  # fmt: skip
+        self.plans[a] = plan
+        pool_size = plan.pool_size  # x' views per image: k for a pool, 1, 0 (plain KD)
         if scheme.recipe is not None:  # + x' (or a pool of k candidates per image)
             runs["plain"] = self.plain_runner()
-            runs["aug"], views = self.dali(
-                loaders.train_graph,
-                recipe=scheme.recipe,
-                shard_id=0,
-                num_shards=1,
-                pool_size=cfg.pool_size,
-            )
-        loader = loaders.train_loader(
-            self.dataset.train,
-            self.data,
-            scheme.recipe,
-            device=self.device,
-            seed=cfg.seed,
-            pool_size=cfg.pool_size,
-        )
-        batches = forever(loader)
+            runs["aug"] = self.dali(loaders.train_graph, plan, shard_id=0, num_shards=1)
+        batches = forever(loaders.train_loader(self.dataset.train, plan))
 
         def handoff() -> None:  # what the model gets: the batch, normalized on the device
             prepare_batch(next(batches), self.device)
@@ -233,12 +233,12 @@ class _Profiler:
             if stream is not None:
                 stream.close()  # the baselines' workers stop before the models run
         del runs, tv, timm
-        names += self.record(a, t, views)
+        names += self.record(a, t, pool_size)
         if self.models is not None:
-            names += self.model_stages(a, views, scheme.mixing, batches)
+            names += self.model_stages(a, pool_size, scheme.mixing, batches)
         self.bound[a] = bound(self.stages, names)
 
-    def record(self, a: str, t: dict[str, Timing], views: int) -> list[str]:
+    def record(self, a: str, t: dict[str, Timing], pool_size: int) -> list[str]:
         """The data stages of scheme ``a`` from one interleaved run ``t``: + x', the hand-off,
         the baselines and the alternatives; returns the names added to the scheme's chain."""
         names: list[str] = []
@@ -252,7 +252,7 @@ class _Profiler:
                 }
         before = t["plain"] if "aug" in t else None
         if "aug" in t:
-            label = f"+ {a}" + (f" (pool of {views}·B)" if views > 1 else "")
+            label = f"+ {a}" + (f" (pool of {pool_size}·B)" if pool_size > 1 else "")
             # Its own cost and its share of the plain pipeline's rate, from the same windows.
             names.append(
                 self.add(
@@ -260,7 +260,7 @@ class _Profiler:
                     t["aug"],
                     "data",
                     a,
-                    views=views,
+                    pool_size=pool_size,
                     own_ms_per_img=extra_ms(t["aug"], t["plain"]),
                     vs_plain=t["aug"].img_per_s / t["plain"].img_per_s,
                     **cpu_vs_plain(t["aug"], t["plain"]),
@@ -296,28 +296,22 @@ class _Profiler:
     def dali_resize_handoff(self) -> Runner:
         """The plain training loader's hand-off with DALI's fn.resize + fn.flip instead of
         fn.dalikd_resize."""
-        pipe, names = loaders.build_pipeline(
-            loaders.train_graph, data=self.data, device=self.device, seed=self.cfg.seed,
-            split=self.dataset.train, recipe=None, shard_id=0, num_shards=1,
-            native_resize=False,
-        )  # fmt: skip
-        loader = loaders.Loader(pipe, names, last_batch=loaders.LastBatchPolicy.DROP,
-                                 device=loaders.torch_device(self.device))  # fmt: skip
+        loader = loaders.train_loader(self.dataset.train, self.dali_resize())
         batches = forever(loader)
         return Runner(lambda: prepare_batch(next(batches), self.device), self.cfg.batch_size,
                        self.sync)  # fmt: skip
 
-    def model_stages(self, a: str, views: int, mixing: bool, batches) -> list[str]:
+    def model_stages(self, a: str, pool_size: int, mixing: bool, batches) -> list[str]:
         cfg, names = self.cfg, []
-        runs = model_runners(views, mixing, self.models, self.data, self.dataset.num_classes)
+        runs = model_runners(pool_size, mixing, self.models, self.data, self.dataset.num_classes)
         if "teacher" in runs:
-            n = 1 + views
+            n = 1 + pool_size
             name = f"teacher forward, {n if n > 1 else ''}B images ({a})"
             self.say(name)
             names.append(
                 self.add(name, time_alone(runs["teacher"], cfg), "model", a, images_per_sample=n)
             )
-        name = f"student forward + backward, {'x and x' + chr(39) if views else 'x'} ({a})"
+        name = f"student forward + backward, {'x and x' + chr(39) if pool_size else 'x'} ({a})"
         self.say(name)
         names.append(self.add(name, time_alone(runs["student"], cfg), "model", a))
         self.say(f"KD step, synthetic tensors ({a})")

@@ -15,6 +15,7 @@ from dalikd.device import autocast, prepare_images
 from dalikd.errors import DalikdError
 from dalikd.models import input_norm
 from dalikd.pick import pick_count
+from dalikd.plan import DataPlan
 from dalikd.profile.config import ProfileConfig
 from dalikd.profile.timing import Runner
 from dalikd.step import Distiller, make_optimizer
@@ -22,27 +23,28 @@ from dalikd.step import Distiller, make_optimizer
 # -- DALI stages (graphs return dicts of named DataNodes, see loaders.build_pipeline) ----------
 
 
-def read_graph(split, data, device):
+def read_graph(split, plan, seeds):
     jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
     return {"jpegs": jpegs, "labels": labels}
 
 
-def decode_graph(split, data, device):
+def decode_graph(split, plan, seeds):
     jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
-    return {"images": loaders.random_crop_decode(jpegs, data, device), "labels": labels}
-
-
-def resize_graph(split, data, device, native_resize=None):
-    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
-    images = loaders.random_resized_crop(jpegs, data, device, native=native_resize)
+    images = loaders.random_crop_decode(jpegs, plan, seeds.stream("base"))
     return {"images": images, "labels": labels}
 
 
-def dali_runner(graph, data: DataConfig, device: str, seed: int, **kw) -> tuple[Runner, int]:
-    """A built pipeline's run(), and how many x' views per image it emits (k for a pool)."""
-    pipe, names = loaders.build_pipeline(graph, data=data, device=device, seed=seed, **kw)
+def resize_graph(split, plan, seeds):
+    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
+    images = loaders.random_resized_crop(jpegs, plan, seeds.stream("base"))
+    return {"images": images, "labels": labels}
+
+
+def dali_runner(graph, plan: DataPlan, seed: int, **kw) -> Runner:
+    """A built pipeline's run()."""
+    pipe, _ = loaders.build_pipeline(graph, plan, seed=seed, **kw)
     pipe.build()
-    return Runner(pipe.run, data.batch_size), sum(n.startswith("aug_images_") for n in names)
+    return Runner(pipe.run, plan.data.batch_size)
 
 
 def forever(loader: loaders.Loader) -> Iterator[loaders.Batch]:
@@ -78,13 +80,13 @@ def build_models(cfg: ProfileConfig, kd: KDConfig, num_classes: int, device: str
 _NO_SCALER = torch.amp.GradScaler(enabled=False)
 
 
-def _synthetic_batch(views: int, mixing: bool, data: DataConfig, classes: int, device: str):
+def _synthetic_batch(pool_size: int, mixing: bool, data: DataConfig, classes: int, device: str):
     """A Batch of random uint8 images already on the device, shaped as the Loader's: x' holds
-    views·B rows, view-major, with per-row λ and partner for mixing schemes."""
+    pool_size·B rows, view-major, with per-row λ and partner for mixing schemes."""
     tdev = loaders.torch_device(device)
     b, s = data.batch_size, data.image_size
     gen = torch.Generator().manual_seed(0)
-    rows = views * b
+    rows = pool_size * b
 
     def pixels(n: int) -> torch.Tensor:
         return torch.randint(256, (n, s, s, 3), generator=gen, dtype=torch.uint8).to(tdev)
@@ -92,23 +94,24 @@ def _synthetic_batch(views: int, mixing: bool, data: DataConfig, classes: int, d
     return loaders.Batch(
         images=pixels(b),
         labels=torch.randint(classes, (b,), generator=gen).to(tdev),
-        aug_images=pixels(rows) if views else None,
-        lam=torch.rand(rows, generator=gen).to(tdev) if views and mixing else None,
-        perm=torch.randint(b, (rows,), generator=gen).to(tdev) if views and mixing else None,
-        pool=max(views, 1),
+        aug_images=pixels(rows) if pool_size else None,
+        lam=torch.rand(rows, generator=gen).to(tdev) if pool_size and mixing else None,
+        perm=torch.randint(b, (rows,), generator=gen).to(tdev) if pool_size and mixing else None,
+        pool_size=max(pool_size, 1),
     )
 
 
 def model_runners(
-    views: int, mixing: bool, models: Models, data: DataConfig, classes: int
+    pool_size: int, mixing: bool, models: Models, data: DataConfig, classes: int
 ) -> dict[str, Runner]:
-    """Teacher forward (B + views·B images: x and every x' row, a pool included), student
+    """Teacher forward (B + k·B images: x and every x' row, a pool included), student
     forward + backward (x, and the B' rows of x' it trains on: all of them, or the pick of a
     pool), and the whole KD step on synthetic tensors already on the device."""
     distiller = models.distiller
-    student, teacher = distiller.student, distiller.teacher
+    student = distiller.student
+    teacher = distiller.teacher.module() if distiller.teacher is not None else None
     device, precision, b = distiller.device, distiller.precision, data.batch_size
-    batch = _synthetic_batch(views, mixing, data, classes, device)
+    batch = _synthetic_batch(pool_size, mixing, data, classes, device)
     sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
     runs: dict[str, Runner] = {}
     seen = [batch.images] if batch.aug_images is None else [batch.images, batch.aug_images]
@@ -120,7 +123,7 @@ def model_runners(
                 teacher(teacher_input)
 
         runs["teacher"] = Runner(teacher_forward, b, sync)
-    if views > 1:  # the student trains on the picked rows only
+    if pool_size > 1:  # the student trains on the picked rows only
         kd = distiller.kd
         seen[1] = seen[1][: pick_count(len(seen[1]), kd.pick_count, kd.pick_fraction)]
     student_views = [prepare_images(x, device, distiller.input_norm) for x in seen]

@@ -1,0 +1,179 @@
+"""The data plan: what the data graphs compute, decided once and handed to every graph builder.
+
+A :class:`DataPlan` is resolved once (:func:`resolve_plan`) from the config, the environment
+(``DALIKD_NATIVE``, ``DALIKD_NATIVE_RESIZE``: the defaults of "auto") and the machine (the
+device, the native operators that load, the thread count), and then nothing re-resolves it:
+``dalikd train``, ``tstddev``, ``profile``, ``preview``, ``eval`` and the teacher cache build it
+the same way, graphs are built from it (:mod:`dalikd.loaders`), runs save it in config.json and
+their checkpoints, the probe's and the profile's JSON name it, and the teacher cache's key is
+derived from it (:mod:`dalikd.teacher_cache.key`).
+
+Extending it: a new data setting is a field of :class:`dalikd.config.DataConfig` (the plan
+carries it as ``plan.data``) handled where the graphs are built; a new plan-level decision is a
+field here. ``tests/test_teacher_cache_key.py`` fails until the field is in the cache key or on
+its commented exclusion list.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from dalikd.batch import IMAGENET_NORM, InputNorm
+from dalikd.config import DataConfig, KDConfig, TrainConfig
+from dalikd.errors import DalikdError
+from dalikd.recipes import AugContext, Recipe, Seeds, recipe_info, resolve
+
+
+def default_threads() -> int:
+    """DALI CPU threads where ``data.threads`` is 0: one per core, at most 8."""
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Every decision the data graphs are built from; nothing in it is "auto"."""
+
+    # the data settings (base view, validation transform, sizes, decoder hints), with
+    # data.mixing ("native" | "composed", where the recipe mixes) and data.resize ("native" |
+    # "dali") resolved and data.threads the thread count DALI gets
+    data: DataConfig
+    device: str = "cpu"  # "cpu" | "gpu": where DALI runs
+    aug: str = "none"  # the --aug spec that makes x' ("none": no x')
+    granularity: str = "sample"  # random draws per image ("sample") or per batch ("batch")
+    pool_size: int = 0  # x' views per image the graph makes: k for a pool recipe, 1, 0 (no x')
+    seed: int = 0  # the run's seed; a loader's draws start from it (+ its shard, + an epoch)
+    norm: InputNorm = IMAGENET_NORM  # the models' input normalization (0-255); cutout's fill
+    # the GPU decoder's preallocation hints and nvJPEG paddings (loaders.decoder_args): the
+    # training loader only (recovery.TrainData sets it); tooling pipelines go without. Changes
+    # memory, not pixels: not in the cache key, not in to_dict (config.json)
+    preallocate: bool = False
+    recipe: Recipe | None = field(default=None, compare=False, repr=False)  # ``aug``, resolved
+
+    @property
+    def mixes(self) -> bool:
+        """The recipe mixes samples of the batch (its x' carries lam and perm)."""
+        return self.recipe is not None and recipe_info(self.recipe).mixing
+
+    @property
+    def native_mixing(self) -> bool:
+        """Mixing's pixel work runs through dalikd's fused operator fn.dalikd_mix."""
+        return self.mixes and self.data.mixing == "native"
+
+    @property
+    def native_resize(self) -> bool:
+        """The antialiased resize runs through dalikd's fn.dalikd_resize (flip fused in)."""
+        return self.data.resize == "native"
+
+    def with_resize(self, resize: str) -> DataPlan:
+        """The same plan on another resize path (the profile times both side by side)."""
+        from dalikd import native
+
+        resolved = native.resolve_resize(resize, self.data.antialias, self.device)
+        return replace(self, data=replace(self.data, resize=resolved))
+
+    def aug_context(self, seeds: Seeds) -> AugContext:
+        """What the recipe gets: the static facts, its ``seeds`` and mixing's path."""
+        return AugContext(self.data.image_size, self.device, self.norm.mean, self.granularity,
+                          max(self.pool_size, 1), seeds, self.native_mixing)  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: what config.json, checkpoints and the probe's and profile's JSON record."""
+        return {
+            "data": asdict(self.data), "device": self.device, "aug": self.aug,
+            "granularity": self.granularity, "pool_size": self.pool_size, "seed": self.seed,
+            "norm": {"mean": list(self.norm.mean), "std": list(self.norm.std)},
+            "mixing": self.data.mixing if self.mixes else "none", "resize": self.data.resize,
+        }  # fmt: skip
+
+
+def resolve_plan(
+    data: DataConfig,
+    aug: str | Recipe | None = "none",
+    *,
+    device: str,
+    seed: int = 0,
+    granularity: str = "sample",
+    pool_size: int = 2,
+    norm: InputNorm = IMAGENET_NORM,
+    dali_state: str | bytes | None = None,
+) -> DataPlan:
+    """The plan of ``data`` with recipe ``aug`` (an --aug spec, or a recipe function) on
+    ``device`` ("cpu" | "gpu"). ``pool_size``: k, the candidates per image of a pool recipe.
+    ``dali_state``: a saved DALI state the graph will restore, whose paths win over "auto" (and
+    contradict any other: a state restores only into the graph it was saved from)."""
+    from dalikd import native
+
+    recipe = aug if callable(aug) else resolve(aug or "none")
+    spec = "none" if recipe is None else (aug if isinstance(aug, str) else recipe_info(aug).name)
+    info = recipe_info(recipe) if recipe is not None else None
+    if dali_state is not None:
+        data = _restored(data, dali_state, info is not None and info.mixing)
+    resize = native.resolve_resize(data.resize, data.antialias, device)
+    mixing = data.mixing
+    if info is not None and info.mixing:  # resolved only where something mixes
+        mixing = native.resolve(mixing, device)
+    views = 0 if info is None else (pool_size if info.pool else 1)
+    threads = data.threads or default_threads()
+    resolved = replace(data, resize=resize, mixing=mixing, threads=threads)
+    return DataPlan(resolved, device, spec.strip(), granularity, views, seed, norm,
+                    recipe=recipe)  # fmt: skip
+
+
+def plan_of(
+    cfg: TrainConfig, device: str, norm: InputNorm = IMAGENET_NORM, dali_state: Any = None
+) -> DataPlan:
+    """The plan of a run's config (its data settings and its kd section's recipe, granularity
+    and pool size)."""
+    return plan_for(cfg.data, cfg.kd, device=device, seed=cfg.seed, norm=norm,
+                    dali_state=dali_state)  # fmt: skip
+
+
+def plan_for(data: DataConfig, kd: KDConfig, **kw: Any) -> DataPlan:
+    return resolve_plan(data, kd.aug, granularity=kd.granularity, pool_size=kd.pool_size, **kw)
+
+
+# -- the paths a saved DALI state was built with ------------------------------------------------
+
+
+def checkpoint_mixing(checkpoint: str | bytes) -> str:
+    """The mixing path a DALI checkpoint was saved from ("native" | "composed"): the operators
+    of its graph are named in it."""
+    return "native" if _holds(checkpoint, "DalikdMix") else "composed"
+
+
+def checkpoint_resize(checkpoint: str | bytes) -> str:
+    """The resize path a DALI checkpoint was saved from ("native" | "dali")."""
+    return "native" if _holds(checkpoint, "DalikdResize") else "dali"
+
+
+def _holds(checkpoint: str | bytes, name: str) -> bool:
+    return (name.encode() if isinstance(checkpoint, bytes) else name) in checkpoint
+
+
+def _restored(data: DataConfig, checkpoint: str | bytes, mixes: bool) -> DataConfig:
+    """``data`` for a graph that restores ``checkpoint``: its resize and mixing paths win over
+    "auto" and contradict any other."""
+    resize = checkpoint_resize(checkpoint)
+    if data.resize not in ("auto", resize):
+        raise DalikdError(
+            f"the data pipeline state was saved with the {resize} resize path; this run asks for "
+            f"{data.resize} (--resize {resize} resumes it)"
+        )
+    data = replace(data, resize=resize)
+    if not mixes:
+        return data
+    mixing = checkpoint_mixing(checkpoint)
+    if data.mixing not in ("auto", mixing):
+        raise DalikdError(
+            f"the data pipeline state was saved with the {mixing} mixing path; this run asks for "
+            f"{data.mixing} (--mixing {mixing} resumes it)"
+        )
+    return replace(data, mixing=mixing)
+
+
+def check_state(plan: DataPlan, checkpoint: str | bytes) -> None:
+    """A DALI state restores only into the graph it was saved from: one line where ``plan``'s
+    paths are not its."""
+    _restored(plan.data, checkpoint, plan.mixes)

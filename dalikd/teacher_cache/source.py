@@ -1,0 +1,163 @@
+"""``--teacher-cache`` as a teacher source: :class:`CachedTeacher` reads what the cache holds for
+a step's position and runs the teacher (a :class:`dalikd.teacher.LiveTeacher`, built on the
+first miss) where it holds nothing; :class:`ValTeacher` does the same for validation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from dalikd import pick
+from dalikd.batch import Batch
+from dalikd.checkpoint import Position
+from dalikd.config import KDConfig
+from dalikd.errors import DalikdError
+from dalikd.teacher import LiveTeacher, TeacherOut
+from dalikd.teacher_cache.formats import Format
+from dalikd.teacher_cache.key import cache_key
+from dalikd.teacher_cache.store import TeacherCache
+
+
+class CachedTeacher:
+    """A :class:`~dalikd.teacher.TeacherSource` over ``cache`` (None: not used, every step runs
+    the teacher, as after :meth:`views_changed`). On a hit it returns the stored outputs (the
+    kept x' rows and the pick's indices: the Distiller does not pick again) and the teacher does
+    not run; on a miss it runs ``live``, makes the pick itself (a cache only replays
+    teacher-based picks, so the student is not needed), records the outputs and returns them.
+    It counts hits and misses, writes its chunks where the run checkpoints, and stands in for
+    the teacher in validation (:meth:`val_teacher`)."""
+
+    def __init__(
+        self,
+        cache: TeacherCache | None,
+        live: LiveTeacher,
+        kd: KDConfig,
+        message: Callable[[str], None] = lambda text: None,
+        name: str = "",
+    ) -> None:
+        self.cache, self.live, self.kd, self.message = cache, live, kd, message
+        self.name = name or (str(cache.root) if cache is not None else "")
+        self.hits = self.misses = 0
+        self._val: ValTeacher | None = None
+
+    def module(self) -> torch.nn.Module:
+        if not self.live.built:
+            self.message(f"teacher cache {self.name}: a step is not cached; teacher loaded")
+        return self.live.module()
+
+    def outputs(self, batch: Batch, at: Position) -> TeacherOut:
+        hit = None
+        if self.cache is not None:
+            hit = self.cache.lookup(at.epoch, at.step, batch.images.device)
+        if hit is not None:
+            self.hits += 1
+            return TeacherOut(hit.teacher_x, hit.teacher_aug, hit.keep, hit.tstd_sums)
+        self.misses += 1
+        self.module()  # built on the first miss
+        out = self.live.outputs(batch, at)
+        if batch.aug_images is not None and batch.pool_size > 1:
+            keep = pick.select(self.kd, batch.aug_images, out.logits_aug, None)
+            out = TeacherOut(out.logits_x, out.logits_aug[keep], keep)
+        if self.cache is not None:
+            self.cache.record(at.epoch, at.step, out.logits_x, out.logits_aug, out.keep)
+        return out
+
+    def val_teacher(self, batches: int = 0) -> ValTeacher:
+        """The cached validation logits (or the teacher, recording them: saved once a whole
+        pass of ``batches`` batches is seen)."""
+        if self._val is None:
+            logits = self.cache.val_logits() if self.cache is not None else None
+            self._val = ValTeacher(lambda images: self.module()(images), logits, self.cache,
+                                   batches)  # fmt: skip
+        return self._val
+
+    def checkpoint(self) -> None:
+        """The cache's chunks end where checkpoints do."""
+        if self.cache is not None:
+            self.cache.flush()
+
+    def views_changed(self) -> None:
+        """Stop reading and writing the cache (what was recorded so far is written)."""
+        if self.cache is not None:
+            self.cache.flush()
+            self.message(
+                f"teacher cache {self.cache.root}: not used from here on (files failed in "
+                "training, see data_report.tsv: the views differ from the cached ones)"
+            )
+            self.cache = None
+
+    def counts(self) -> tuple[int, int]:
+        return self.hits, self.misses
+
+
+class ValTeacher(torch.nn.Module):
+    """Stands in for the teacher during evaluation: replays the cached logits batch by batch
+    (``logits`` given), or runs ``teacher`` and records what it returns (``logits`` None).
+    ``evaluate`` calls it once per validation batch, in the loader's fixed order. Given
+    ``cache`` and ``batches`` (batches per pass), a recorded pass is saved when it completes
+    and replayed from then on."""
+
+    def __init__(
+        self,
+        teacher: Callable[[torch.Tensor], torch.Tensor] | None,
+        logits: list[torch.Tensor] | None,
+        cache: TeacherCache | None = None,
+        batches: int = 0,
+    ) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.replay = logits
+        self.recorded: list[torch.Tensor] = []
+        self.cache, self.batches = cache, batches
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.replay is not None:
+            logits = self.replay[len(self.recorded)].to(images.device)
+            self.recorded.append(logits)
+            if len(logits) != len(images):
+                raise DalikdError("teacher cache: the validation batches changed; delete val/")
+            if len(self.recorded) == len(self.replay):
+                self.recorded = []  # the next pass starts again at the first batch
+            return logits
+        logits = self.teacher(images).float()
+        if self.cache is None and self.batches:
+            return logits  # no cache to save to: nothing to record
+        self.recorded.append(logits.detach().cpu())
+        if self.cache is not None and len(self.recorded) == self.batches:
+            self.cache.save_val(self.recorded)
+            self.replay = self.done()
+        return logits
+
+    def done(self) -> list[torch.Tensor]:
+        """The batches of this pass; resets for the next pass."""
+        out, self.recorded = self.recorded, []
+        return out
+
+
+def for_run(
+    cfg: Any, plan: Any, dataset: Any, live: LiveTeacher, *, world_size: int, rank: int,
+    graph_format: int, message: Callable[[str], None], detached: bool,
+) -> CachedTeacher:  # fmt: skip
+    """``cfg.teacher_cache`` for a run (``cfg`` a TrainConfig, ``plan`` its data plan): the
+    cache of the run's key (its key.json checked or written; a key of other settings is one
+    line naming them) around ``live``. ``detached``: the run's data stream is not the cache's
+    (files failed in training): every step runs the teacher, nothing is read or written."""
+    from dalikd.device import amp_dtype
+
+    fmt = Format(cfg.teacher_cache_format, cfg.teacher_cache_topk, cfg.kd.temperature)
+    precision = str(amp_dtype(plan.device, cfg.precision) or torch.float32).removeprefix("torch.")
+    key = cache_key(
+        plan, dataset, teacher=cfg.model.teacher, teacher_weights=cfg.model.teacher_weights,
+        kd=cfg.kd, precision=precision, world_size=world_size, channels_last=cfg.channels_last,
+        graph_format=graph_format, fmt=fmt,
+    )  # fmt: skip
+    cache = None
+    if detached:
+        message(f"teacher cache {cfg.teacher_cache}: not used (files failed in training, see "
+                "data_report.tsv: the views differ from the cached ones)")  # fmt: skip
+    else:
+        cache = TeacherCache(cfg.teacher_cache, key, rank=rank, message=message,
+                             temperature=cfg.kd.temperature)  # fmt: skip
+    return CachedTeacher(cache, live, cfg.kd, message, cfg.teacher_cache)
