@@ -45,11 +45,11 @@ class DataPlan:
     pool_size: int = 0  # x' views per image the graph makes: k for a pool recipe, 1, 0 (no x')
     seed: int = 0  # the run's seed; a loader's draws start from it (+ its shard, + an epoch)
     norm: InputNorm = IMAGENET_NORM  # the models' input normalization (0-255); cutout's fill
+    recipe: Recipe | None = field(default=None, compare=False, repr=False)  # ``aug``, resolved
     # the GPU decoder's preallocation hints and nvJPEG paddings (loaders.decoder_args): the
     # training loader only (recovery.TrainData sets it); tooling pipelines go without. Changes
     # memory, not pixels: not in the cache key, not in to_dict (config.json)
     preallocate: bool = False
-    recipe: Recipe | None = field(default=None, compare=False, repr=False)  # ``aug``, resolved
 
     @property
     def mixes(self) -> bool:

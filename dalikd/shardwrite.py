@@ -381,6 +381,6 @@ def _read_journal(out: Path) -> dict[str, Any] | None:
 
 
 def _write_journal(out: Path, journal: dict[str, Any]) -> None:
-    from dalikd.checkpoint import write_text_atomic
+    from dalikd.atomic import write_text_atomic
 
     write_text_atomic(json.dumps(journal, indent=1) + "\n", out / JOURNAL)
