@@ -80,6 +80,8 @@ def evaluate(
     loss_sum, top1, top5, count, agree, kl_sum = distributed.all_sum(
         ctx or distributed.Dist(), sums
     ).tolist()
+    if not count:
+        raise DalikdError("no validation image could be decoded (see data_report.tsv)")
     result = {
         "loss": loss_sum / count,
         "top1": 100.0 * top1 / count,
@@ -127,11 +129,26 @@ def evaluate_model(
     check_classes(trained_on, names, f"weights {weights}", subset=val_only)
     dataset = scan_dataset(data, splits=("val",), classes=trained_on or names)
     model = build_model(model_name, dataset.num_classes, weights)
-    from dalikd import loaders  # DALI: only where the loader is built
+    from dalikd import recovery  # DALI: only where the loader is built
     from dalikd.plan import resolve_plan
 
     model.to(torch_device(device))
     data_cfg = DataConfig(path=data, image_size=image_size, batch_size=batch_size, threads=threads)
     plan = resolve_plan(data_cfg, device=device, norm=input_norm(model))
-    result = evaluate(model, loaders.val_loader(dataset.val, plan), device)
+    # a file that fails to decode is left out (one warning line) and the evaluation goes on
+    val = recovery.ValData(recovery.FileSource(dataset.val), plan, on_failure=_left_out)
+    result = evaluate(model, val, device)
     return {**result, "plan": plan.to_dict()}  # the data plan it ran
+
+
+def _left_out(named: dict[str, str], where: str) -> None:
+    import warnings
+
+    from dalikd.errors import escape_text
+
+    warnings.warn(
+        f"dalikd: left out {len(named)} validation file(s) that failed to decode: "
+        f"{', '.join(escape_text(p) for p in sorted(named))} ({next(iter(named.values()))})",
+        RuntimeWarning,
+        stacklevel=2,
+    )

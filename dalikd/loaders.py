@@ -149,15 +149,17 @@ def train_graph(
     num_shards: int,
     reader_seed: int = 0,
     indexed: bool = False,
+    shuffle: bool = True,
 ) -> dict[str, Any]:
     """x = :func:`base_view` of each file; x' = the plan's recipe of x, from the same decode
-    (``plan.pool_size`` views per image). Every image output is uint8 HWC.
+    (``plan.pool_size`` views per image). Every image output is uint8 HWC. ``shuffle``: DALI's
+    global reshuffle each epoch; without it the files are read in ``split``'s order.
 
     On GPU, λ and perm leave the pipeline as GPU nodes (``.gpu()``; a no-op for the native
     operator's λ, already there): a CPU node that also feeds GPU work (``images * lam``) is
     allocated in pinned host memory, which DALI exports over DLPack as kDLCUDAHost, a device
     type torch's ``from_dlpack`` rejects. Labels feed nothing on the GPU and stay on CPU."""
-    jpegs, labels = read(split, shuffle=True, shard_id=shard_id, num_shards=num_shards,
+    jpegs, labels = read(split, shuffle=shuffle, shard_id=shard_id, num_shards=num_shards,
                          seed=reader_seed, indexed=indexed)  # fmt: skip
     images = base_view(jpegs, plan, seeds)
     outputs = {"images": images, "labels": labels}
@@ -318,6 +320,10 @@ class Loader:
         to = self._device
         for out in self._iter:
             d = out[0]
+            if not len(d["labels"]):
+                # a shard one sample short of the others ends in an empty batch (DALI's
+                # pad_last_batch with LastBatchPolicy.PARTIAL): nothing to hand over
+                continue
             # Images come out of DALI already on the training device, uint8 NHWC; labels
             # (and on CPU λ, perm) are moved here: a no-op for what is already there.
             pool_size = self._pool_size
@@ -371,20 +377,26 @@ def train_loader(
     num_shards: int = 1,
     checkpoint: str | bytes | None = None,
     indexed: bool = False,
+    ordered: bool = False,
 ) -> Loader:
     """Shuffled, augmented training batches of ``plan``; the incomplete last batch is dropped.
 
     All shards shuffle with ``seed`` (default: the plan's; one shared permutation, split between
     them); the augmentations of shard i draw from ``seed + i``. ``checkpoint`` resumes a saved
     state (of a graph of the same paths: one line otherwise). ``indexed``: batches carry each
-    sample's position in ``split`` (:class:`Loader`).
+    sample's position in ``split`` (:class:`Loader`). ``ordered``: ``split`` is this shard's
+    own reads, in order (dalikd.recovery orders the epochs): read whole, not shuffled or
+    sharded again (``shard_id`` then seeds only the augmentations).
     """
     seed = plan.seed if seed is None else seed
     if checkpoint is not None:
         check_state(plan, checkpoint)
+    reader = {"shard_id": shard_id, "num_shards": num_shards}
+    if ordered:
+        reader = {"shard_id": 0, "num_shards": 1, "shuffle": False}
     pipe, names = build_pipeline(
         train_graph, plan, seed=seed + shard_id, checkpoint=checkpoint, split=split,
-        shard_id=shard_id, num_shards=num_shards, reader_seed=seed, indexed=indexed,
+        reader_seed=seed, indexed=indexed, **reader,
     )  # fmt: skip
     labels = split.labels if indexed else None
     return Loader(pipe, names, pool_size=plan.pool_size, last_batch=LastBatchPolicy.DROP,

@@ -16,7 +16,6 @@ import torch
 from dalikd import distributed, recovery, rundir
 from dalikd.checkpoint import CHECKPOINT_FORMAT
 from dalikd.config import OptimConfig, TrainConfig, build_config
-from dalikd.data import Dataset
 from dalikd.errors import DalikdError
 from dalikd.metrics import TStddev
 from dalikd.models import check_shapes
@@ -107,10 +106,11 @@ def _upgrade_saved(saved: dict[str, Any], ckpt: dict[str, Any]) -> None:
         # its graph's operators
         from dalikd.plan import checkpoint_mixing, checkpoint_resize
 
-        if "mixing" not in data:
-            data["mixing"] = checkpoint_mixing(recovery.dali_state(ckpt["dali"][0]))
-        if "resize" not in data:
-            data["resize"] = checkpoint_resize(recovery.dali_state(ckpt["dali"][0]))
+        state = recovery.dali_state(ckpt["dali"][0])
+        if "mixing" not in data and state is not None:
+            data["mixing"] = checkpoint_mixing(state)
+        if "resize" not in data and state is not None:
+            data["resize"] = checkpoint_resize(state)
 
 
 def _resume_data_path(
@@ -219,14 +219,14 @@ def restore_tstddev(states: Any, ctx: distributed.Dist, tdev: torch.device) -> T
     return tstd
 
 
-def without_failed(run_dir: Path, dataset: Dataset, ckpt: dict[str, Any]) -> Dataset:
-    """``dataset`` less the files that failed in the run's training before (data_report.tsv).
-    The data may have moved (data.path): the report names the files where they were, under the
-    checkpoint's root or, where a later start rewrote it before dying, config.json's."""
+def run_failures(run_dir: Path, root: Path, ckpt: dict[str, Any]) -> dict[str, str]:
+    """path -> reason of the files the run found failing while it trained or validated
+    (data_report.tsv), named under the dataset's ``root`` now. The data may have moved
+    (data.path): the report names the files where they were, under the checkpoint's root or,
+    where a later start rewrote it before dying, config.json's."""
     roots = [ckpt["config"]["data"]["path"], config_data_path(run_dir)]
     roots = [Path(r).expanduser().resolve() for r in roots if r]
-    skips = recovery.read_report(run_dir)
-    return recovery.apply_skips(dataset, moved(skips, roots, dataset.root))
+    return moved(recovery.read_report(run_dir), roots, Path(root))
 
 
 def restore_training(

@@ -39,7 +39,7 @@ from dalikd.resume import (
     read_checkpoint,
     restore_training,
     restore_tstddev,
-    without_failed,
+    run_failures,
 )
 from dalikd.step import Distiller, build_student, make_optimizer
 from dalikd.stop import StopSignals
@@ -142,7 +142,8 @@ class Run:
     # rows (the reference's 5); its size in rows is set at the first step (0: not yet known).
     tstd: TStddev
     train_data: Any = None  # recovery.TrainData
-    val_data: Any = None  # loaders.Loader
+    val_data: Any = None  # recovery.ValData
+    failures: Any = None  # recovery.RunFailures: what the ranks left out, data_report.tsv
     tb: ScalarWriter | None = None  # --tensorboard: rank 0 writes the epoch records there too
     tstd_sized: bool = False  # the group size was checked against this run's (first step)
     # the scanned train listing (data.train_listing), saved in checkpoints: a resume from
@@ -250,9 +251,8 @@ def _counts(run: Run) -> tuple[int, int] | None:
 
 def _step(run: Run, batch: Any) -> dict[str, torch.Tensor]:
     """One optimization step; its teacher rows go into T. stddev. Returns the named losses."""
-    if run.teacher is not None and run.train_data.dataset is not run.dataset:
-        run.teacher.views_changed()  # a file failed mid-run: the views differ from a cache's
-    at = run.state.position(run.ctx.rank)
+    # the views depend on the files left out so far too: a cache keys its steps by that as well
+    at = run.state.position(run.ctx.rank)._replace(data=run.train_data.history)
     try:
         out = run.distiller.step(batch, run.optimizer, run.scaler, at)
     except torch.OutOfMemoryError:
@@ -298,7 +298,9 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
     teacher T. stddev and the teacher-student agreement on val."""
     ctx = run.ctx
     # the teacher, or a cache's val logits (the teacher runs where they are not)
-    teacher = run.teacher.val_teacher(len(run.val_data)) if run.teacher is not None else None
+    teacher = None
+    if run.teacher is not None:  # the batches depend on the files left out so far
+        teacher = run.teacher.val_teacher(len(run.val_data), lambda: run.val_data.history)
     val = evaluate(run.student, run.val_data, run.device, run.cfg.precision, ctx, teacher=teacher,
                    progress=run.reporter.val_step)  # fmt: skip
     totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=run.tdev)
@@ -328,6 +330,9 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
 def _save(run: Run, names: tuple[str, ...]) -> None:
     """All ranks call this: each contributes its DALI and T. stddev states; rank 0 writes."""
     ctx, state = run.ctx, run.state
+    # every rank's failures to every rank (the next epoch is planned without them), and into
+    # data_report.tsv before the checkpoint that relies on it
+    run.failures.share(run.train_data, run.val_data)
     if run.teacher is not None:  # a cache's chunks end where checkpoints do
         run.teacher.checkpoint()
     dali_states = distributed.gather_objects(ctx, run.train_data.checkpoint())
@@ -365,28 +370,30 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     the loaders."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.out)  # train() claimed it
-    dataset = scan_dataset(cfg.data.path, max_pixels=cfg.data.max_pixels)
+    scanned = scan_dataset(cfg.data.path, max_pixels=cfg.data.max_pixels)
     if cfg.model.teacher_weights:  # a dalikd checkpoint of other classes: wrong labels
         w = cfg.model.teacher_weights
-        check_classes(checkpoint_classes(w), dataset.classes, f"teacher weights {w}")
+        check_classes(checkpoint_classes(w), scanned.classes, f"teacher weights {w}")
     # saved absolute: a resume from another working directory finds the data and weights
-    paths = {"data.path": str(dataset.root), **rundir.absolute_weights(cfg.model)}
+    paths = {"data.path": str(scanned.root), **rundir.absolute_weights(cfg.model)}
     cfg = build_config(overrides=paths, base=cfg)
-    listing = train_listing(dataset)
     # read once here: its listing is checked before the models (another class count is the
     # data's mistake, not theirs), the rest restored by _resume
     ckpt = read_checkpoint(run_dir / "last.pt") if resume else None
-    if ckpt is not None:
-        if ckpt.get("train_listing"):
-            check_listing(ckpt["train_listing"], listing, run_dir, dataset.root)
-        dataset = without_failed(run_dir, dataset, ckpt)
+    failed = run_failures(run_dir, scanned.root, ckpt) if ckpt is not None else {}
+    # the base listing: a file the run reported and the user removed since is still listed
+    # (the same listing, the same sample identities); it is left out like the others
+    dataset = recovery.with_reported(scanned, failed)
+    listing = train_listing(dataset)
+    if ckpt is not None and ckpt.get("train_listing"):
+        check_listing(ckpt["train_listing"], listing, run_dir, dataset.root)
     student = build_student(cfg.model, dataset.num_classes, device,
                             channels_last=cfg.channels_last)  # fmt: skip
     # the data plan, resolved once: config.json and the checkpoints record the paths it chose
     plan = plan_of(cfg, device, norm=input_norm(student))
     cfg = build_config(overrides={"data.mixing": plan.data.mixing,
                                   "data.resize": plan.data.resize}, base=cfg)  # fmt: skip
-    teacher = _teacher_source(cfg, plan, dataset, ctx, run_dir, reporter)
+    teacher = _teacher_source(cfg, plan, scanned, ctx, reporter)
     # the teacher is frozen, there is nothing to synchronise: only the student is DDP-wrapped
     distiller = Distiller(student, teacher, cfg.kd, device, cfg.precision, cfg.channels_last,
                           ctx)  # fmt: skip
@@ -398,16 +405,17 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     run = Run(cfg, device, ctx, run_dir, reporter, dataset, distiller, teacher, student,
               optimizer, scaler, RunState(), TStddev(group_size=0))  # fmt: skip
     run.listing, run.plan = listing, plan
+    run.failures = recovery.RunFailures(run_dir, dataset, failed, ctx, reporter.message)
     dali_state = _resume(run, ckpt) if ckpt is not None else None
     _open_run_dir(run)
     _open_loaders(run, dali_state)
     return run
 
 
-def _teacher_source(cfg, plan, dataset, ctx, run_dir, reporter) -> TeacherSource | None:
+def _teacher_source(cfg, plan, dataset, ctx, reporter) -> TeacherSource | None:
     """The teacher live (built now: a wrong teacher is one line before the data loads), or with
     --teacher-cache a CachedTeacher over the cache of this run's key (the teacher is built on
-    the first step the cache lacks)."""
+    the first step the cache lacks). ``dataset``: as scanned (the key's listing)."""
     if not cfg.model.teacher:
         return None
     live = LiveTeacher.from_config(cfg.model, dataset.num_classes, plan.device, plan.norm,
@@ -418,7 +426,6 @@ def _teacher_source(cfg, plan, dataset, ctx, run_dir, reporter) -> TeacherSource
     return teacher_cache.for_run(
         cfg, plan, dataset, live, world_size=ctx.world_size, rank=ctx.rank,
         graph_format=CHECKPOINT_FORMAT, message=reporter.message,
-        detached=bool(recovery.read_report(run_dir)),  # files failed: other views than cached
     )  # fmt: skip
 
 
@@ -455,12 +462,14 @@ def _open_run_dir(run: Run) -> None:
         config = json.dumps({**run.cfg.to_dict(), "plan": run.plan.to_dict()}, indent=2) + "\n"
         write_text_atomic(config, run.run_dir / "config.json")
         write_jsonl_atomic(run.state.history, run.run_dir / "metrics.jsonl")
-        recovery.write_report(run.run_dir, dataset.skipped)
-    n = len(dataset.skipped)
+    run.failures.write()
+    failed = run.failures.failed
+    n = len(recovery.report_rows(dataset.skipped, failed))
     left_out = f", {n} file{'s' if n > 1 else ''} left out (see data_report.tsv)" if n else ""
+    train = len(dataset.train) - sum(r.startswith(recovery.RUN_TIME) for r in failed.values())
+    val = len(dataset.val) - sum(r.startswith(recovery.VAL_TIME) for r in failed.values())
     run.reporter.message(
-        f"data: {len(dataset.train):,} train / {len(dataset.val):,} val images, "
-        f"{dataset.num_classes} classes{left_out}"
+        f"data: {train:,} train / {val:,} val images, {dataset.num_classes} classes{left_out}"
     )
 
 
@@ -472,20 +481,23 @@ def _open_loaders(run: Run, dali_state: Any) -> None:
     cfg, ctx, dataset = run.cfg, run.ctx, run.dataset
     # Without a saved DALI state (a fresh start, or another world size) epoch e starts from
     # seed + e, so a restart does not replay the first epoch's order.
+    train, val, failures = (recovery.FileSource(dataset.train), recovery.FileSource(dataset.val),
+                            run.failures)  # fmt: skip
     try:
         run.train_data = recovery.TrainData(
-            dataset, run.plan, epoch=run.state.epoch, step=run.state.step_in_epoch,
-            run_dir=run.run_dir, reporter=run.reporter, is_main=ctx.is_main, shard_id=ctx.rank,
-            num_shards=ctx.world_size, checkpoint=dali_state,
+            train, run.plan, epoch=run.state.epoch, step=run.state.step_in_epoch,
+            failed=failures.train_failed(train), rank=ctx.rank, world=ctx.world_size,
+            checkpoint=dali_state, on_failure=failures.found_train,
         )  # fmt: skip
     except loaders.ForeignState as e:
         raise DalikdError(
             f"{run.run_dir / 'last.pt'}: {e}; start a new run, seeded with --student-weights "
             f"{run.run_dir / 'last.pt'}"
         ) from None
-    run.val_data = loaders.val_loader(
-        dataset.val, run.plan, shard_id=ctx.rank, num_shards=ctx.world_size
-    )
+    run.val_data = recovery.ValData(
+        val, run.plan, rank=ctx.rank, world=ctx.world_size, failed=failures.val_failed(val),
+        where=lambda: f"epoch {run.state.epoch + 1}", on_failure=failures.found_val,
+    )  # fmt: skip
     if run.teacher is not None and cfg.eval_teacher:  # (a cache's teacher is built for it)
         t = evaluate(run.teacher.module(), run.val_data, run.device, cfg.precision, ctx)
         run.reporter.message(

@@ -1,0 +1,98 @@
+"""The files a run leaves out while it trains and validates, across its ranks and its resumes.
+
+Each rank finds its own failures (:class:`~dalikd.recovery.TrainData`,
+:class:`~dalikd.recovery.ValData`); :meth:`RunFailures.share` tells every rank every other
+rank's at the run's checkpoints (a collective: every rank calls it at the same point), so all of
+them plan the next epoch without the same files. Rank 0 keeps ``data_report.tsv``: the scan's
+files left out, then every failure of every rank, written as soon as rank 0 learns of one (its
+own: at once; another rank's: at the next checkpoint, before the checkpoint itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dalikd import distributed
+from dalikd.data import Dataset
+from dalikd.recovery.report import (
+    REPORT,
+    RUN_TIME,
+    VAL_TIME,
+    failure_epoch,
+    report_rows,
+    write_report,
+)
+from dalikd.recovery.source import FileSource
+
+
+class RunFailures:
+    """``failed``: path -> reason of the files the run left out before (its report, on a resume);
+    ``dataset``: the run's base listing (:func:`~dalikd.recovery.with_reported`), whose
+    ``skipped`` are the scan's. ``say`` is rank 0's reporter (other ranks: silent)."""
+
+    def __init__(
+        self, run_dir: Path, dataset: Dataset, failed: dict[str, str], ctx: distributed.Dist,
+        say: Callable[[str], None],
+    ) -> None:  # fmt: skip
+        self.run_dir, self.dataset, self.failed = run_dir, dataset, dict(failed)
+        self.ctx, self.say = ctx, say
+
+    def train_failed(self, source: FileSource) -> dict[int, int]:
+        """identity -> epoch of the training files that failed before."""
+        ids = {p: source.index(p) for p, r in self.failed.items() if r.startswith(RUN_TIME)}
+        return {i: failure_epoch(self.failed[p]) for p, i in ids.items() if i is not None}
+
+    def val_failed(self, source: FileSource) -> set[int]:
+        ids = (source.index(p) for p, r in self.failed.items() if r.startswith(VAL_TIME))
+        return {i for i in ids if i is not None}
+
+    def write(self) -> None:
+        """data_report.tsv (rank 0)."""
+        if self.ctx.is_main:
+            write_report(self.run_dir, report_rows(self.dataset.skipped, self.failed))
+
+    def found_train(self, named: dict[str, str], where: str) -> None:
+        """A TrainData's ``on_failure``: rank 0 says so and writes the report at once."""
+        if self.ctx.is_main:
+            self.say(
+                f"left out {len(named)} file(s) that failed to decode at {where}: "
+                f"{', '.join(sorted(named))}; the epoch goes on without them (see {REPORT})"
+            )
+            self._add(named)
+
+    def found_val(self, named: dict[str, str], where: str) -> None:
+        """A ValData's ``on_failure``."""
+        if self.ctx.is_main:
+            self.say(
+                f"left out {len(named)} validation file(s) that failed to decode"
+                f"{f' ({where})' if where else ''}: {', '.join(sorted(named))}; validation goes "
+                f"on without them (see {REPORT})"
+            )
+            self._add(named)
+
+    def _add(self, named: dict[str, str]) -> None:
+        new = {p: r for p, r in named.items() if p not in self.failed}
+        if new:
+            self.failed.update(new)
+            self.write()
+
+    def share(self, train_data: Any, val_data: Any) -> None:
+        """Every rank's new failures to every rank (a collective where distributed); rank 0
+        names those of the other ranks and writes them to the report."""
+        mine = (train_data.take_failures(), val_data.take_failures())
+        if not self.ctx.enabled or self.ctx.world_size == 1:
+            return
+        for rank, (train, val) in enumerate(distributed.gather_objects(self.ctx, mine)):
+            if rank == self.ctx.rank:
+                continue
+            train_data.learn(train)
+            val_data.learn(val)
+            if self.ctx.is_main and (train or val):
+                names = sorted(p for p, _ in [*train, *val])
+                self.say(
+                    f"rank {rank} left out {len(names)} file(s) that failed to decode: "
+                    f"{', '.join(names)} (see {REPORT})"
+                )
+                self._add(dict([*train, *val]))
