@@ -117,6 +117,11 @@ def train(
                               resume, device, ctx, stop)  # fmt: skip
             except KeyboardInterrupt:
                 raise RunInterrupted(str(run_dir)) from None
+    except (DalikdError, RuntimeError) as e:  # under torchrun: which rank, and why it stops
+        said = distributed.explained(ctx, e)
+        if said is None:
+            raise
+        raise said from None
     finally:
         distributed.shutdown(ctx)
 
@@ -235,6 +240,7 @@ def _summary(run: Run, stopped_by: str | None) -> dict[str, Any]:
         "run_dir": str(run.run_dir),
         "device": run.device,
         "world_size": run.ctx.world_size,
+        "rank": run.ctx.rank,  # under torchrun every rank returns one; rank 0's is printed
         "epochs": run.cfg.optim.epochs,
         "epochs_done": state.epoch,
         "best_top1": state.best_top1,
