@@ -136,19 +136,7 @@ def evaluate_model(
     data_cfg = DataConfig(path=data, image_size=image_size, batch_size=batch_size, threads=threads)
     plan = resolve_plan(data_cfg, device=device, norm=input_norm(model))
     # a file that fails to decode is left out (one warning line) and the evaluation goes on
-    val = recovery.ValData(recovery.FileSource(dataset.val), plan, on_failure=_left_out)
+    val = recovery.ValData(recovery.FileSource(dataset.val), plan,
+                           on_failure=recovery.LeftOutWarning("validation file"))  # fmt: skip
     result = evaluate(model, val, device)
     return {**result, "plan": plan.to_dict()}  # the data plan it ran
-
-
-def _left_out(named: dict[str, str], where: str) -> None:
-    import warnings
-
-    from dalikd.errors import escape_text
-
-    warnings.warn(
-        f"dalikd: left out {len(named)} validation file(s) that failed to decode: "
-        f"{', '.join(escape_text(p) for p in sorted(named))} ({next(iter(named.values()))})",
-        RuntimeWarning,
-        stacklevel=2,
-    )

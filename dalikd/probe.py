@@ -2,8 +2,8 @@
 
 Wang et al. (NeurIPS 2022): the lower the T. stddev of a scheme (the standard deviation of the
 teacher's mean probability, dalikd.metrics), the lower the test loss of a student distilled
-with it. The probe trains nothing. For each scheme it runs the training data loader
-(:func:`dalikd.loaders.train_loader`, the one ``dalikd train`` uses) for a number of steps;
+with it. The probe trains nothing. For each scheme it runs the training data
+(:class:`dalikd.recovery.TrainData`, what ``dalikd train`` reads) for a number of steps;
 the frozen teacher sees x and x' of every step, and its softmax rows, x's then those of the x'
 a student would be trained on (for a candidate pool: the picked ones, by the same
 :class:`dalikd.step.Distiller` as training), go into one :class:`~dalikd.metrics.TStddev`, in the
@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from dalikd import loaders, pick
+from dalikd import pick, recovery
 from dalikd.atomic import write_atomic, write_text_atomic
 from dalikd.config import (
     DataConfig,
@@ -185,15 +185,18 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
     distiller = Distiller.build(cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision,
                                 student=needs_student).eval()  # fmt: skip
 
-    results = []
+    results, left_out = [], recovery.LeftOutWarning()
     for aug, plan in plans.items():
         plan = replace(plan, norm=distiller.input_norm)  # the models' inputs (cutout's fill)
         reporter.aug_start(aug, steps)
         t0 = time.perf_counter()
-        loader = loaders.train_loader(dataset.train, plan)
+        # training's own data: every scheme the same x (a file that fails to decode is left
+        # out at the same step in each, said once)
+        loader = recovery.TrainData(recovery.FileSource(dataset.train), plan, epoch=0,
+                                    on_failure=left_out)  # fmt: skip
         acc = TStddev(group_rows(cfg.group_steps, batch_size, plan.pool_size, cfg.kd))
         done = 0
-        while done < steps:  # the loader runs one epoch per iteration, reshuffled each time
+        while done < steps:  # one epoch per iteration, reshuffled each time
             for b in loader:
                 b = prepare_batch(b, device, distiller.input_norm)
                 with autocast(device, cfg.precision):

@@ -339,3 +339,41 @@ def test_eval_leaves_a_bad_file_out_in_one_warning(tmp_path, capsys, tiny_env):
         f"{root / 'val/ant/bad.jpg'} (failed in validation: "
     )
     assert " 8 " in out  # the 8 good images evaluated
+
+
+def test_tstddev_preview_and_profile_leave_a_failing_file_out_in_one_warning(tmp_path, capsys,
+                                                                            tiny_env):  # fmt: skip
+    from tiny_models import tiny_cnn
+
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), n_train=4, n_val=1)
+    bad = root / "train/b/bad.jpg"
+    bad.write_bytes(cut_before_its_scan())
+    source = recovery.FileSource(scan_dataset(root).train)
+    seed = next(
+        s
+        for s in range(100)
+        if source.index(str(bad))
+        in recovery.epoch_reads(range(9), seed=s, epoch=0, rank=0, world=1, batch=4)[0][:4]
+    )  # in the first batch
+    teacher = tmp_path / "t.pt"
+    torch.save(tiny_cnn(2).state_dict(), teacher)
+    small = ["--image-size", 16, "--batch-size", 4, "--device", "cpu"]
+    commands = {
+        "preview": ["preview", "--data", root, "--aug", "cutmix", "--out", tmp_path / "p.png",
+                    "--seed", seed, *small],
+        "tstddev": ["tstddev", "--data", root, "--teacher", "tiny_models:tiny_cnn",
+                    "--teacher-weights", teacher, "--aug", "none,flip", "--epochs", 6,
+                    "--group-steps", 2, "--json", tmp_path / "t.json", "--threads", 1, *small],
+        "profile": ["profile", "--data", root, "--aug", "flip", "--baseline", "torchvision",
+                    "--windows", 2, "--window-seconds", 0, "--warmup", 1,
+                    "--json", tmp_path / "prof.json", "--threads", 1, *small],
+    }  # fmt: skip
+    for name, args in commands.items():
+        with pytest.warns(RuntimeWarning) as warned:
+            code, out, err = run_cli(args, capsys)
+        assert code == 0 and "Traceback" not in out + err, (name, err)
+        said = [str(w.message) for w in warned if "left out" in str(w.message)]
+        assert len(said) == 1, (name, said)  # once, however many schemes or restarts
+        assert said[0].startswith("dalikd: left out 1 file(s) that failed to decode") and (
+            str(bad) in said[0]
+        ), (name, said)

@@ -28,6 +28,7 @@ from dalikd.recovery.report import (
     REPORT,
     RUN_TIME,
     VAL_TIME,
+    LeftOutWarning,
     apply_skips,
     failure_epoch,
     read_report,
@@ -43,9 +44,9 @@ from dalikd.recovery.val_data import ValData
 _first_failure = first_failure  # the name tests of the GPU graph use
 
 __all__ = [
-    "REPORT", "RUN_TIME", "STATE", "VAL_TIME", "FileSource", "RunFailures", "SampleSource",
-    "TrainData", "ValData",
-    "after_failure", "apply_skips", "dali_reason", "dali_state", "epoch_reads",
-    "failure_epoch", "find_culprits", "first_failure", "history_id", "is_decode_failure",
-    "read_report", "report_rows", "steps_per_epoch", "with_reported", "write_report",
+    "REPORT", "RUN_TIME", "STATE", "VAL_TIME", "FileSource", "LeftOutWarning", "RunFailures",
+    "SampleSource", "TrainData", "ValData", "after_failure", "apply_skips", "dali_reason",
+    "dali_state", "epoch_reads", "failure_epoch", "find_culprits", "first_failure",
+    "history_id", "is_decode_failure", "read_report", "report_rows", "steps_per_epoch",
+    "with_reported", "write_report",
 ]  # fmt: skip

@@ -100,3 +100,26 @@ def report_rows(
     """The report's rows: the scan's files left out (a file that also failed in the run is
     listed once, with the run's reason), then the run's failures in the order they were found."""
     return [(p, r) for p, r in skipped if p not in failed] + list(failed.items())
+
+
+class LeftOutWarning:
+    """The ``on_failure`` of a tool without a run folder (eval, tstddev, preview): each file
+    left out said once, as a one-line RuntimeWarning naming it and why ("dalikd: left out ...")."""
+
+    def __init__(self, what: str = "file") -> None:
+        self.what, self.said = what, set()
+
+    def __call__(self, named: dict[str, str], where: str) -> None:
+        import warnings
+
+        new = {p: r for p, r in named.items() if p not in self.said}
+        if not new:
+            return
+        self.said |= set(new)
+        at = f" at {where}" if where else ""
+        warnings.warn(
+            f"dalikd: left out {len(new)} {self.what}(s) that failed to decode{at}: "
+            f"{', '.join(escape_text(p) for p in sorted(new))} ({next(iter(new.values()))})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
