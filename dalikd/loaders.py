@@ -27,7 +27,7 @@ from dalikd.data import Split
 from dalikd.device import torch_device
 from dalikd.errors import DalikdError
 from dalikd.plan import DataPlan, check_state
-from dalikd.recipes import Pool, Seeds, View, recipe_info
+from dalikd.recipes import Pool, Seeds, View, recipe_error, recipe_info
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "Batch", "torch_device", "train_loader", "val_loader",
@@ -251,6 +251,12 @@ def build_pipeline(
         except DalikdError as e:  # conditionals' tracing rewrites it into a multi-line one
             errors.append(e)
             raise
+        except Exception as e:  # a user recipe's own mistake: its line, then where
+            said = recipe_error(plan.recipe, e)
+            if said is None:
+                raise
+            errors.append(said)
+            raise said from None
         names.extend(outputs)
         return tuple(outputs.values())
 
@@ -290,8 +296,10 @@ class Loader:
         last_batch: LastBatchPolicy,
         device: torch.device,
         labels: Sequence[int] | None = None,
+        recipe: str = "",
     ):
         self._device, self._pool_size = device, pool_size
+        self._recipe = recipe  # names the recipe in its mistakes ("recipe cutmix")
         self._labels = None if labels is None else torch.tensor(labels, dtype=torch.int64)
         # builds the pipeline, and restores its saved state if it was given one. The first
         # batches are not prepared here but at the first next(): a file that fails to decode
@@ -316,9 +324,28 @@ class Loader:
         """The pipeline's state after the batches consumed so far (DALI checkpointing)."""
         return self._iter.checkpoints()[0]
 
+    def _outputs(self) -> Iterator[Any]:
+        """The iterator's outputs; a batch of images of several sizes is the recipe's mistake
+        (DALI hands over only batches of one shape), one line naming it."""
+        iterator = iter(self._iter)
+        while True:
+            try:
+                out = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "IsDenseTensor" not in str(e) and "uniform shape" not in str(e):
+                    raise
+                raise DalikdError(
+                    f"{self._recipe or 'the pipeline'} returns images whose size varies from "
+                    "sample to sample; a recipe must return uint8 HWC RGB images of the size it "
+                    "receives"
+                ) from None
+            yield out
+
     def __iter__(self) -> Iterator[Batch]:
         to = self._device
-        for out in self._iter:
+        for out in self._outputs():
             d = out[0]
             if not len(d["labels"]):
                 # a shard one sample short of the others ends in an empty batch (DALI's
@@ -399,8 +426,9 @@ def train_loader(
         reader_seed=seed, indexed=indexed, **reader,
     )  # fmt: skip
     labels = split.labels if indexed else None
+    recipe = f"recipe {recipe_info(plan.recipe).name}" if plan.recipe is not None else ""
     return Loader(pipe, names, pool_size=plan.pool_size, last_batch=LastBatchPolicy.DROP,
-                  device=torch_device(plan.device), labels=labels)  # fmt: skip
+                  device=torch_device(plan.device), labels=labels, recipe=recipe)  # fmt: skip
 
 
 def val_loader(split: Split, plan: DataPlan, *, shard_id: int = 0, num_shards: int = 1) -> Loader:
