@@ -136,7 +136,7 @@ def preview_batch(plan: DataPlan) -> PreviewBatch:
         )
     # training's own data: its epoch order, a file that fails to decode left out (one warning)
     train = recovery.TrainData(recovery.FileSource(dataset.train), plan, epoch=0,
-                               on_failure=recovery.LeftOutWarning())  # fmt: skip
+                               on_failure=recovery.LeftOutWarning(), preallocate=False)  # fmt: skip
     batch = next(iter(train))
     assert batch.aug_images is not None, "a recipe that returns a View makes x'"
     # A candidate pool (cutmixpick) holds k views per image, view-major; the preview draws the

@@ -193,7 +193,7 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
         # training's own data: every scheme the same x (a file that fails to decode is left
         # out at the same step in each, said once)
         loader = recovery.TrainData(recovery.FileSource(dataset.train), plan, epoch=0,
-                                    on_failure=left_out)  # fmt: skip
+                                    on_failure=left_out, preallocate=False)  # fmt: skip
         acc = TStddev(group_rows(cfg.group_steps, batch_size, plan.pool_size, cfg.kd))
         done = 0
         while done < steps:  # one epoch per iteration, reshuffled each time

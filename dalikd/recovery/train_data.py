@@ -47,6 +47,7 @@ class TrainData:
     :meth:`checkpoint`). ``failed``: identity -> the epoch (1-based) the sample failed in, as
     the run's report says (left out from the next epoch on). ``rank`` of ``world``: this
     process. ``on_failure`` hears of the files this rank leaves out, as they are found.
+    ``preallocate``: the GPU decoder's preallocation (training's; not the tools').
 
     Same interface as :class:`dalikd.loaders.Loader` (iterate one epoch, ``len()``,
     ``checkpoint()``), plus what the run shares between ranks: :meth:`take_failures` (found
@@ -66,10 +67,12 @@ class TrainData:
         world: int = 1,
         checkpoint: str | bytes | None = None,
         on_failure: FailureHook | None = None,
+        preallocate: bool = True,
     ) -> None:
         self.source = source
-        # training's loader: the GPU decoder preallocates (loaders.decoder_args)
-        self._data_plan, self._seed = replace(plan, preallocate=True), plan.seed
+        # training's loader: the GPU decoder preallocates (loaders.decoder_args); the tools
+        # that read training's data (tstddev, preview) go without
+        self._data_plan, self._seed = replace(plan, preallocate=preallocate), plan.seed
         self._batch, self._rank, self._world = plan.data.batch_size, rank, world
         self._failed = dict(failed or {})
         self._on_failure = on_failure or (lambda found, where: None)
