@@ -16,6 +16,7 @@ import torch
 from dalikd import distributed, recovery, rundir
 from dalikd.checkpoint import CHECKPOINT_FORMAT
 from dalikd.config import OptimConfig, TrainConfig, build_config
+from dalikd.data import Dataset
 from dalikd.errors import DalikdError
 from dalikd.metrics import TStddev
 from dalikd.models import check_shapes
@@ -217,6 +218,23 @@ def restore_tstddev(states: Any, ctx: distributed.Dist, tdev: torch.device) -> T
     if ctx.rank < len(states):  # more ranks now: the new ones start empty
         tstd.load_state_dict(states[ctx.rank], tdev)
     return tstd
+
+
+def run_dataset(
+    scanned: Dataset, run_dir: Path, ckpt: dict[str, Any] | None
+) -> tuple[Dataset, dict[str, str], dict[str, Any]]:
+    """(the run's dataset, path -> reason of the files it found failing, its train listing):
+    the dataset as ``scanned``, its train split listing again the files the run reported that
+    the user removed since (the same listing, the same sample identities:
+    recovery.with_reported), checked against the checkpoint's listing where resuming (``ckpt``)."""
+    from dalikd.data import train_listing
+
+    failed = run_failures(run_dir, scanned.root, ckpt) if ckpt is not None else {}
+    dataset = recovery.with_reported(scanned, failed)
+    listing = train_listing(dataset)
+    if ckpt is not None and ckpt.get("train_listing"):
+        check_listing(ckpt["train_listing"], listing, run_dir, dataset.root)
+    return dataset, failed, listing
 
 
 def run_failures(run_dir: Path, root: Path, ckpt: dict[str, Any]) -> dict[str, str]:

@@ -25,7 +25,7 @@ from dalikd import distributed, recovery, rundir, teacher_cache, tensorboard
 from dalikd.atomic import write_jsonl_atomic, write_text_atomic
 from dalikd.checkpoint import CHECKPOINT_FORMAT, RunState, save_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
-from dalikd.data import Dataset, scan_dataset, train_listing
+from dalikd.data import Dataset, scan_dataset
 from dalikd.device import amp_dtype, resolve_device, torch_device
 from dalikd.errors import DalikdError, RunInterrupted
 from dalikd.evaluate import evaluate
@@ -34,12 +34,11 @@ from dalikd.models import check_classes, checkpoint_classes, input_norm
 from dalikd.plan import DataPlan, plan_of
 from dalikd.reporter import Reporter, SilentReporter
 from dalikd.resume import (
-    check_listing,
     load_resume,
     read_checkpoint,
     restore_training,
     restore_tstddev,
-    run_failures,
+    run_dataset,
 )
 from dalikd.step import Distiller, build_student, make_optimizer
 from dalikd.stop import StopSignals
@@ -386,13 +385,7 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     # read once here: its listing is checked before the models (another class count is the
     # data's mistake, not theirs), the rest restored by _resume
     ckpt = read_checkpoint(run_dir / "last.pt") if resume else None
-    failed = run_failures(run_dir, scanned.root, ckpt) if ckpt is not None else {}
-    # the base listing: a file the run reported and the user removed since is still listed
-    # (the same listing, the same sample identities); it is left out like the others
-    dataset = recovery.with_reported(scanned, failed)
-    listing = train_listing(dataset)
-    if ckpt is not None and ckpt.get("train_listing"):
-        check_listing(ckpt["train_listing"], listing, run_dir, dataset.root)
+    dataset, failed, listing = run_dataset(scanned, run_dir, ckpt)
     student = build_student(cfg.model, dataset.num_classes, device,
                             channels_last=cfg.channels_last)  # fmt: skip
     # the data plan, resolved once: config.json and the checkpoints record the paths it chose
@@ -460,7 +453,6 @@ def _resume(run: Run, ckpt: dict[str, Any]) -> str | bytes | None:
 
 def _open_run_dir(run: Run) -> None:
     """Rank 0 writes config.json, metrics.jsonl and the data report; everyone hears the data."""
-    dataset = run.dataset
     if run.ctx.is_main:
         run.tb = ScalarWriter(run.run_dir / "tb") if run.cfg.tensorboard else None
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -469,14 +461,7 @@ def _open_run_dir(run: Run) -> None:
         write_text_atomic(config, run.run_dir / "config.json")
         write_jsonl_atomic(run.state.history, run.run_dir / "metrics.jsonl")
     run.failures.write()
-    failed = run.failures.failed
-    n = len(recovery.report_rows(dataset.skipped, failed))
-    left_out = f", {n} file{'s' if n > 1 else ''} left out (see data_report.tsv)" if n else ""
-    train = len(dataset.train) - sum(r.startswith(recovery.RUN_TIME) for r in failed.values())
-    val = len(dataset.val) - sum(r.startswith(recovery.VAL_TIME) for r in failed.values())
-    run.reporter.message(
-        f"data: {train:,} train / {val:,} val images, {dataset.num_classes} classes{left_out}"
-    )
+    run.reporter.message(run.failures.summary())
 
 
 def _open_loaders(run: Run, dali_state: Any) -> None:
@@ -484,26 +469,19 @@ def _open_loaders(run: Run, dali_state: Any) -> None:
     and the validation loader; with --eval-teacher, the teacher's val accuracy first."""
     from dalikd import loaders  # DALI: only where the loaders are built
 
-    cfg, ctx, dataset = run.cfg, run.ctx, run.dataset
-    # Without a saved DALI state (a fresh start, or another world size) epoch e starts from
-    # seed + e, so a restart does not replay the first epoch's order.
-    train, val, failures = (recovery.FileSource(dataset.train), recovery.FileSource(dataset.val),
-                            run.failures)  # fmt: skip
+    cfg, ctx = run.cfg, run.ctx
+    # epoch e's order is drawn from the seed and e (recovery.epochs): a restart without a saved
+    # state (another world size) does not replay the first epoch's
     try:
-        run.train_data = recovery.TrainData(
-            train, run.plan, epoch=run.state.epoch, step=run.state.step_in_epoch,
-            failed=failures.train_failed(train), rank=ctx.rank, world=ctx.world_size,
-            checkpoint=dali_state, on_failure=failures.found_train,
-        )  # fmt: skip
+        run.train_data = run.failures.train_data(
+            run.plan, epoch=run.state.epoch, step=run.state.step_in_epoch, checkpoint=dali_state
+        )
     except loaders.ForeignState as e:
         raise DalikdError(
             f"{run.run_dir / 'last.pt'}: {e}; start a new run, seeded with --student-weights "
             f"{run.run_dir / 'last.pt'}"
         ) from None
-    run.val_data = recovery.ValData(
-        val, run.plan, rank=ctx.rank, world=ctx.world_size, failed=failures.val_failed(val),
-        where=lambda: f"epoch {run.state.epoch + 1}", on_failure=failures.found_val,
-    )  # fmt: skip
+    run.val_data = run.failures.val_data(run.plan, lambda: f"epoch {run.state.epoch + 1}")
     if run.teacher is not None and cfg.eval_teacher:  # (a cache's teacher is built for it)
         t = evaluate(run.teacher.module(), run.val_data, run.device, cfg.precision, ctx)
         run.reporter.message(

@@ -25,6 +25,8 @@ from dalikd.recovery.report import (
     write_report,
 )
 from dalikd.recovery.source import FileSource
+from dalikd.recovery.train_data import TrainData
+from dalikd.recovery.val_data import ValData
 
 
 class RunFailures:
@@ -39,14 +41,32 @@ class RunFailures:
         self.run_dir, self.dataset, self.failed = run_dir, dataset, dict(failed)
         self.ctx, self.say = ctx, say
 
-    def train_failed(self, source: FileSource) -> dict[int, int]:
-        """identity -> epoch of the training files that failed before."""
+    def train_data(self, plan: Any, *, epoch: int, step: int, checkpoint: Any) -> TrainData:
+        """This rank's training data, the files that failed before left out (from the epoch
+        after the one they failed in)."""
+        source = FileSource(self.dataset.train)
         ids = {p: source.index(p) for p, r in self.failed.items() if r.startswith(RUN_TIME)}
-        return {i: failure_epoch(self.failed[p]) for p, i in ids.items() if i is not None}
+        failed = {i: failure_epoch(self.failed[p]) for p, i in ids.items() if i is not None}
+        return TrainData(source, plan, epoch=epoch, step=step, failed=failed, rank=self.ctx.rank,
+                         world=self.ctx.world_size, checkpoint=checkpoint,
+                         on_failure=self.found_train)  # fmt: skip
 
-    def val_failed(self, source: FileSource) -> set[int]:
+    def val_data(self, plan: Any, where: Callable[[], str]) -> ValData:
+        """This rank's validation data, the files that failed before left out."""
+        source = FileSource(self.dataset.val)
         ids = (source.index(p) for p, r in self.failed.items() if r.startswith(VAL_TIME))
-        return {i for i in ids if i is not None}
+        return ValData(source, plan, rank=self.ctx.rank, world=self.ctx.world_size,
+                       failed={i for i in ids if i is not None}, where=where,
+                       on_failure=self.found_val)  # fmt: skip
+
+    def summary(self) -> str:
+        """The run's data in one line: images used, classes, files left out."""
+        ds, failed = self.dataset, self.failed.values()
+        n = len(report_rows(ds.skipped, self.failed))
+        left_out = f", {n} file{'s' if n > 1 else ''} left out (see {REPORT})" if n else ""
+        train = len(ds.train) - sum(r.startswith(RUN_TIME) for r in failed)
+        val = len(ds.val) - sum(r.startswith(VAL_TIME) for r in failed)
+        return f"data: {train:,} train / {val:,} val images, {ds.num_classes} classes{left_out}"
 
     def write(self) -> None:
         """data_report.tsv (rank 0)."""
