@@ -24,7 +24,7 @@ from dalikd.recovery.report import (
     report_rows,
     write_report,
 )
-from dalikd.recovery.source import FileSource
+from dalikd.recovery.source import FileSource, SampleSource
 from dalikd.recovery.train_data import TrainData
 from dalikd.recovery.val_data import ValData
 
@@ -32,19 +32,22 @@ from dalikd.recovery.val_data import ValData
 class RunFailures:
     """``failed``: path -> reason of the files the run left out before (its report, on a resume);
     ``dataset``: the run's base listing (:func:`~dalikd.recovery.with_reported`), whose
-    ``skipped`` are the scan's. ``say`` is rank 0's reporter (other ranks: silent)."""
+    ``skipped`` are the scan's. ``say`` is rank 0's reporter (other ranks: silent).
+    ``sources``: the (train, val) samples (default: the dataset's files); another data source
+    (tar shards) plugs in here."""
 
     def __init__(
         self, run_dir: Path, dataset: Dataset, failed: dict[str, str], ctx: distributed.Dist,
-        say: Callable[[str], None],
+        say: Callable[[str], None], sources: tuple[SampleSource, SampleSource] | None = None,
     ) -> None:  # fmt: skip
         self.run_dir, self.dataset, self.failed = run_dir, dataset, dict(failed)
         self.ctx, self.say = ctx, say
+        self.sources = sources or (FileSource(dataset.train), FileSource(dataset.val))
 
     def train_data(self, plan: Any, *, epoch: int, step: int, checkpoint: Any) -> TrainData:
         """This rank's training data, the files that failed before left out (from the epoch
         after the one they failed in)."""
-        source = FileSource(self.dataset.train)
+        source = self.sources[0]
         ids = {p: source.index(p) for p, r in self.failed.items() if r.startswith(RUN_TIME)}
         failed = {i: failure_epoch(self.failed[p]) for p, i in ids.items() if i is not None}
         return TrainData(source, plan, epoch=epoch, step=step, failed=failed, rank=self.ctx.rank,
@@ -53,7 +56,7 @@ class RunFailures:
 
     def val_data(self, plan: Any, where: Callable[[], str]) -> ValData:
         """This rank's validation data, the files that failed before left out."""
-        source = FileSource(self.dataset.val)
+        source = self.sources[1]
         ids = (source.index(p) for p, r in self.failed.items() if r.startswith(VAL_TIME))
         return ValData(source, plan, rank=self.ctx.rank, world=self.ctx.world_size,
                        failed={i for i in ids if i is not None}, where=where,

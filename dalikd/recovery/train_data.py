@@ -78,6 +78,7 @@ class TrainData:
         self._on_failure = on_failure or (lambda found, where: None)
         self._new: list[tuple[str, str]] = []  # (name, reason) found here, not yet taken
         self._loader: Any = None
+        self._graph: bytes | None = None  # the last loader's DALI state: it names the graph
         self._start_epoch(epoch)
         self._plan()  # too few images for a batch: one line now
         self._step = step  # steps of the current epoch done
@@ -115,12 +116,15 @@ class TrainData:
     def _restore(self, state: dict[str, Any]) -> None:
         """Continue the saved epoch: its failures replayed, the last loader's DALI state."""
         if (state["epoch"], state["step"]) != (self._epoch, self._step):
-            return  # saved at an epoch's end: the next one starts afresh
+            return
+        self._graph = None if state["dali"] is None else base64.b64decode(state["dali"])
+        if not self._step:
+            return  # saved at an epoch's end: the next one starts afresh, its own pipeline
         for step, ids in state["failures"]:
             self._reads = after_failure(self._plan(), self._extra, step, ids, self._batch)
             self._failures.append((step, list(ids)))
             self._start = step
-        self._dali = None if state["dali"] is None else base64.b64decode(state["dali"])
+        self._dali = self._graph
         if self._dali is not None:  # built now: a state of another graph is one line at start
             self._loader = self._build()
 
@@ -148,8 +152,9 @@ class TrainData:
 
     def checkpoint(self) -> str:
         """This rank's place in the epoch: its failures so far and the DALI state of the loader
-        it reads from (bit-exact on resume)."""
-        dali = self._dali
+        it reads from (bit-exact on resume; at an epoch's start the last loader's, which only
+        names the graph's operators: the epoch starts afresh)."""
+        dali = self._dali or self._graph
         if self._loader is not None:
             dali = _as_bytes(self._loader.checkpoint())
         state = {"epoch": self._epoch, "step": self._step,
@@ -176,6 +181,8 @@ class TrainData:
                 if not is_decode_failure(error):
                     raise
                 self._recover(error)
+        if self._loader is not None:
+            self._graph = _as_bytes(self._loader.checkpoint())
         self._loader = None  # frees the pipeline before the next epoch builds its own
         self._start_epoch(self._epoch + 1)
 
