@@ -273,11 +273,12 @@ def test_verified_checksums_are_cached_by_size_and_mtime(solid, tmp_path):
     with pytest.raises(DalikdError, match="sha256 differs"):
         verify_shards(split, cache_root=tmp_path / "cache")
     # ranks share the work: rank r of n hashes every n-th shard from its own
+    val = shard_split(good, "val")
     for r in range(2):
-        hashed = []
-        verify_shards(shard_split(good, "val"), cache_root=None, rank=r, world_size=2,
-                      progress=lambda phase, done, total: hashed.append(total))  # fmt: skip
-        assert hashed[0] == sum(s.bytes for s in shard_split(good, "val").shards[r::2])
+        totals: list[int] = []
+        verify_shards(val, cache_root=None, rank=r, world_size=2,
+                      progress=lambda _p, _d, total, seen=totals: seen.append(total))  # fmt: skip
+        assert totals[0] == sum(s.bytes for s in val.shards[r::2])
 
 
 # -- globs, subsets, listings --------------------------------------------------------------------
