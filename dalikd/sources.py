@@ -98,7 +98,6 @@ def open_dataset(
         for name in ("train", "val")
     }  # fmt: skip
     if verify:
-
         noted: list[bool] = []
 
         def hashing(_phase: str, done: int, total: int) -> None:

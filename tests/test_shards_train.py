@@ -75,8 +75,10 @@ def seen_per_epoch(loaders_, epochs: int = 2) -> list[Counter]:
         seen: Counter = Counter()
         for ld in loaders_:
             for batch in ld:
-                seen.update((lab, tuple(decode_colour(x)))
-                            for x, lab in zip(batch.images, batch.labels.tolist(), strict=True))
+                seen.update(
+                    (lab, tuple(decode_colour(x)))
+                    for x, lab in zip(batch.images, batch.labels.tolist(), strict=True)
+                )
         out.append(seen)
     return out
 
