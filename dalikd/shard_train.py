@@ -249,7 +249,7 @@ def dali_reason(error: BaseException) -> str:
 # {1: operator name, 2: its state}, field 2 the pipeline's and iterator's context. A pipeline
 # restores only a checkpoint naming exactly its operators, so the reader-only replay takes the
 # reader's entry (and the context) from the training graph's checkpoint and its other
-# operators' entries from its own fresh checkpoint. tests/test_shard_train.py checks it on the
+# operators' entries from its own fresh checkpoint. tests/test_shards_train.py checks it on the
 # DALI installed: an upgrade that changes the layout fails there.
 
 

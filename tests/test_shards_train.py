@@ -391,3 +391,31 @@ def test_probe_profile_preview_and_eval_read_shards(noise, tmp_path, tiny_env, c
     code, out, err = run_cli(["eval", "--data", shards, "--model", TINY, "--weights", teacher,
                               "--image-size", 16], capsys)  # fmt: skip
     assert code == 0 and "top-1" in out, err
+
+
+def test_torchrun_two_cpu_processes_read_their_parts_of_a_shard_set(solid, tmp_path):
+    """docs/distributed.md's example, on CPU: 2 gloo ranks, a glob of the whole set."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import TESTS
+
+    _, shards = solid
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(port), "-m", "dalikd", *map(str, train_args(
+             Path(shards / "*.tar"), run, epochs=2))],
+        env={**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distributed: 2 rank(s), gloo, DDP" in proc.stdout + proc.stderr
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert len(ckpt["dali"]) == 2 and ckpt["plan"]["source"] == "shards"
+    assert ckpt["scheduler"]["step"] == 2 * 3  # 24 samples / (2 ranks x 4) per epoch
+    assert json.loads((run / "config.json").read_text())["data"]["path"] == str(shards / "*.tar")
