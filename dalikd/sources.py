@@ -21,6 +21,7 @@ from dalikd.cache import cache_dir
 from dalikd.config import MAX_PIXELS
 from dalikd.data import Dataset, class_names, scan_dataset, train_listing
 from dalikd.errors import DalikdError
+from dalikd.manifest import Manifest, read_manifest
 from dalikd.shardcheck import verify_shards
 from dalikd.shards import ShardSplit, is_glob, shard_manifest, shard_set_of, shard_split
 
@@ -47,6 +48,15 @@ def exists(path: str | Path) -> bool:
     """The dataset ``path`` names is there (a glob: its folder)."""
     where = Path(path).expanduser()
     return where.parent.is_dir() if is_glob(path) else where.is_dir()
+
+
+def manifest_of(path: str | Path) -> Manifest | None:
+    """The manifest of the dataset ``--data path`` names, whichever its kind: a folder's own
+    dataset.json (``dalikd data import``), a shard set's (its folder's, for a glob too); None
+    for a plain folder of images. E.g. for a dataset's ``data_defaults``: a shard set written
+    from an imported folder carries the folder's."""
+    found = shard_set_of(path)
+    return shard_manifest(found[0]) if found is not None else read_manifest(path)
 
 
 def names(path: str | Path) -> tuple[str, ...]:

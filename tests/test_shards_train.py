@@ -419,3 +419,19 @@ def test_torchrun_two_cpu_processes_read_their_parts_of_a_shard_set(solid, tmp_p
     assert len(ckpt["dali"]) == 2 and ckpt["plan"]["source"] == "shards"
     assert ckpt["scheduler"]["step"] == 2 * 3  # 24 samples / (2 ranks x 4) per epoch
     assert json.loads((run / "config.json").read_text())["data"]["path"] == str(shards / "*.tar")
+
+
+def test_a_shard_sets_manifest_is_found_from_its_folder_or_a_glob(tmp_path):
+    """Where a dataset's own settings (data_defaults) come from, whichever the kind."""
+    from dalikd.manifest import Manifest, SplitInfo, write_manifest
+    from dalikd.sources import manifest_of
+
+    folder = make_dataset(tmp_path / "src", n_train=2, n_val=1)
+    assert manifest_of(folder) is None  # a plain folder of images
+    write_manifest(Manifest("mine", "folder", "encoded", ("ant", "bee", "cat"),
+                            {"train": SplitInfo(6, (2, 2, 2))}, data_defaults={"image_size": 20}),
+                   folder)  # fmt: skip
+    shard_dataset(folder, tmp_path / "out", shard_size=8 << 10)
+    for path in (folder, tmp_path / "out", str(tmp_path / "out" / "train-*.tar")):
+        assert manifest_of(path).data_defaults == {"image_size": 20}, path
+    assert manifest_of(tmp_path / "out").layout == "shards"
