@@ -75,7 +75,7 @@ def _numbers(kind):
 
 # (flag, dotted config key, click type or callback, help). Defaults come from TrainConfig.
 TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
-    ("--data", "data.path", click.Path(), "dataset root with train/<class>/* and val/<class>/*"),
+    ("--data", "data.path", click.Path(), "dataset folder (train/, val/) or shard set"),
     (
         "--aug",
         "kd.aug",
@@ -310,7 +310,7 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
 
 @cli.command(name="eval")
 @click.option(
-    "--data", required=True, type=click.Path(), help="dataset root (its val/ split is used)"
+    "--data", required=True, type=click.Path(), help="dataset or shard set: its val split"
 )
 @click.option("--model", "model_name", required=True, help=MODEL_HELP)
 @click.option("--weights", required=True, help=WEIGHTS_HELP)

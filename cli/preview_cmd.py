@@ -9,7 +9,7 @@ from dalikd.cli.options import device_option, granularity_option, resize_option,
 
 @click.command()
 @click.option(
-    "--data", required=True, type=click.Path(), help="dataset root (its train/ split is used)"
+    "--data", required=True, type=click.Path(), help="dataset or shard set: its train split"
 )
 @click.option(
     "--aug",

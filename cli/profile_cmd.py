@@ -16,7 +16,7 @@ console = Console(highlight=False)
 
 
 @click.command()
-@click.option("--data", required=True, type=click.Path(), help="dataset root with train/<class>/*")
+@click.option("--data", required=True, type=click.Path(), help="dataset or shard set: train split")
 @click.option(
     "--aug",
     "augs",

@@ -56,7 +56,7 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
 
 @click.command()
 @click.option(
-    "--data", required=True, type=click.Path(), help="dataset root (its train/ split is used)"
+    "--data", required=True, type=click.Path(), help="dataset or shard set: its train split"
 )
 @click.option("--teacher", required=True, help=f"teacher model: {MODEL_HELP}")
 @click.option("--teacher-weights", required=True, help=f"teacher weights: {WEIGHTS_HELP}")

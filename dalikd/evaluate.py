@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalikd import distributed
+from dalikd import distributed, sources
 from dalikd.config import DataConfig, build_config
-from dalikd.data import class_names, scan_dataset
 from dalikd.device import autocast, prepare_images, resolve_device, torch_device
 from dalikd.errors import DalikdError
 from dalikd.losses import kl_divergence
@@ -121,11 +120,12 @@ def evaluate_model(
             "random weights measures nothing)"
         )
     device = resolve_device(device)
-    names = class_names(data)
+    names = sources.names(data)  # a shard set's: its manifest's
     trained_on = checkpoint_classes(weights)
-    val_only = not (Path(data).expanduser() / "train").is_dir()
+    train = Path(data).expanduser() / "train"
+    val_only = sources.source_kind(data) == "folder" and not train.is_dir()
     check_classes(trained_on, names, f"weights {weights}", subset=val_only)
-    dataset = scan_dataset(data, splits=("val",), classes=trained_on or names)
+    dataset = sources.open_dataset(data, splits=("val",), classes=trained_on or names)
     model = build_model(model_name, dataset.num_classes, weights)
     from dalikd import loaders  # DALI: only where the loader is built
     from dalikd.plan import resolve_plan

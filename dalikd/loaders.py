@@ -28,31 +28,42 @@ from dalikd.device import torch_device
 from dalikd.errors import DalikdError
 from dalikd.plan import DataPlan, check_state
 from dalikd.recipes import Pool, Seeds, View, recipe_info
+from dalikd.shards import ShardSplit
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "Batch", "torch_device", "train_loader", "val_loader",
 ]  # fmt: skip
 
 READER = "Reader"
+AnySplit = Split | ShardSplit  # what read() reads: a folder's files or a shard set's samples
 
 
 # -- graph pieces (DataNode -> DataNode) ---------------------------------------------------------
 
 
 def read(
-    split: Split,
+    split: AnySplit,
     *,
     shuffle: bool,
     shard_id: int,
     num_shards: int,
     seed: int = 0,
     indexed: bool = False,
-) -> tuple[Any, Any]:
-    """Encoded files and int32 labels of this shard (``indexed``: each file's position in
-    ``split`` instead, which :class:`Loader` maps to its label). ``pad_last_batch`` gives every
-    shard the same number of batches; ``shuffle_after_epoch`` is a true global reshuffle each
-    epoch, and the same ``seed`` on every rank makes the shards split one shared permutation."""
-    return fn.readers.file(
+) -> tuple[Any, Any, Any]:
+    """Encoded images, int32 labels and (``indexed``) each sample's position of this rank's
+    part of ``split``: a folder's files (DALI's file reader) or a shard set's samples
+    (:func:`dalikd.shard_source.read_shards`; a position is the sample's number, and the labels
+    are read from the shards). A folder read ``indexed`` hands over each file's position in
+    ``split`` as its label instead (:class:`Loader` maps it to its label) and no third output.
+    ``pad_last_batch`` gives every rank the same number of batches; ``shuffle`` reshuffles each
+    epoch, and the same ``seed`` on every rank makes the ranks split one shared order."""
+    if isinstance(split, ShardSplit):
+        from dalikd.shard_source import read_shards
+
+        images, labels, numbers = read_shards(split, shuffle=shuffle, shard_id=shard_id,
+                                              num_shards=num_shards, seed=seed)  # fmt: skip
+        return images, labels, numbers if indexed else None
+    jpegs, labels = fn.readers.file(
         seed=seed,
         files=list(split.files),
         labels=list(range(len(split))) if indexed else list(split.labels),
@@ -62,6 +73,7 @@ def read(
         shuffle_after_epoch=shuffle,
         pad_last_batch=True,
     )
+    return jpegs, labels, None
 
 
 def decoder_args(data: DataConfig, device: str, preallocate: bool = False) -> dict[str, Any]:
@@ -141,7 +153,7 @@ def base_view(jpegs: Any, plan: DataPlan, seeds: Seeds) -> Any:
 
 
 def train_graph(
-    split: Split,
+    split: AnySplit,
     plan: DataPlan,
     seeds: Seeds,
     *,
@@ -157,10 +169,12 @@ def train_graph(
     operator's λ, already there): a CPU node that also feeds GPU work (``images * lam``) is
     allocated in pinned host memory, which DALI exports over DLPack as kDLCUDAHost, a device
     type torch's ``from_dlpack`` rejects. Labels feed nothing on the GPU and stay on CPU."""
-    jpegs, labels = read(split, shuffle=True, shard_id=shard_id, num_shards=num_shards,
-                         seed=reader_seed, indexed=indexed)  # fmt: skip
+    jpegs, labels, index = read(split, shuffle=True, shard_id=shard_id, num_shards=num_shards,
+                                seed=reader_seed, indexed=indexed)  # fmt: skip
     images = base_view(jpegs, plan, seeds)
     outputs = {"images": images, "labels": labels}
+    if index is not None:  # a shard set's sample numbers (a folder's positions are its labels)
+        outputs["index"] = index
     if plan.recipe is not None:
         out = plan.recipe(images, plan.aug_context(seeds))
         _check_recipe_output(plan, out)
@@ -210,11 +224,11 @@ def val_view(jpegs: Any, plan: DataPlan) -> Any:
 
 
 def val_graph(
-    split: Split, plan: DataPlan, seeds: Seeds, *, shard_id: int, num_shards: int
+    split: AnySplit, plan: DataPlan, seeds: Seeds, *, shard_id: int, num_shards: int
 ) -> dict[str, Any]:
     """Every file of this shard once, in order, through :func:`val_view` (``seeds``: unused,
     the view draws nothing)."""
-    jpegs, labels = read(split, shuffle=False, shard_id=shard_id, num_shards=num_shards)
+    jpegs, labels, _ = read(split, shuffle=False, shard_id=shard_id, num_shards=num_shards)
     return {"images": val_view(jpegs, plan), "labels": labels}
 
 
@@ -335,7 +349,9 @@ class Loader:
                     )
             index = None
             labels = _flat(d["labels"], to, torch.int64)
-            if self._labels is not None:  # file positions: the labels follow on the CPU
+            if "index" in d:  # a shard set's sample numbers, beside their labels
+                index = _flat(d["index"], torch.device("cpu"), torch.int64)
+            elif self._labels is not None:  # file positions: the labels follow on the CPU
                 index = _flat(d["labels"], torch.device("cpu"), torch.int64)
                 labels = self._labels[index].to(to, non_blocking=True)
             yield Batch(
@@ -363,7 +379,7 @@ def _flat(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> t
 
 
 def train_loader(
-    split: Split,
+    split: AnySplit,
     plan: DataPlan,
     *,
     seed: int | None = None,
@@ -386,12 +402,14 @@ def train_loader(
         train_graph, plan, seed=seed + shard_id, checkpoint=checkpoint, split=split,
         shard_id=shard_id, num_shards=num_shards, reader_seed=seed, indexed=indexed,
     )  # fmt: skip
-    labels = split.labels if indexed else None
+    labels = split.labels if indexed and isinstance(split, Split) else None
     return Loader(pipe, names, pool_size=plan.pool_size, last_batch=LastBatchPolicy.DROP,
                   device=torch_device(plan.device), labels=labels)  # fmt: skip
 
 
-def val_loader(split: Split, plan: DataPlan, *, shard_id: int = 0, num_shards: int = 1) -> Loader:
+def val_loader(
+    split: AnySplit, plan: DataPlan, *, shard_id: int = 0, num_shards: int = 1
+) -> Loader:
     """Every validation image exactly once per epoch, in file order (last batch partial)."""
     pipe, names = build_pipeline(
         val_graph, plan, seed=0, split=split, shard_id=shard_id, num_shards=num_shards

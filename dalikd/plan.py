@@ -24,6 +24,7 @@ from dalikd.batch import IMAGENET_NORM, InputNorm
 from dalikd.config import DataConfig, KDConfig, TrainConfig
 from dalikd.errors import DalikdError
 from dalikd.recipes import AugContext, Recipe, Seeds, recipe_info, resolve
+from dalikd.sources import source_kind
 
 
 def default_threads() -> int:
@@ -50,6 +51,9 @@ class DataPlan:
     # training loader only (recovery.TrainData sets it); tooling pipelines go without. Changes
     # memory, not pixels: not in the cache key, not in to_dict (config.json)
     preallocate: bool = False
+    # where the images come from (dalikd.sources): "folder" (image files, DALI's file reader)
+    # or "shards" (a shard set's tars, its webdataset reader: another sample order)
+    source: str = "folder"
 
     @property
     def mixes(self) -> bool:
@@ -85,6 +89,7 @@ class DataPlan:
             "granularity": self.granularity, "pool_size": self.pool_size, "seed": self.seed,
             "norm": {"mean": list(self.norm.mean), "std": list(self.norm.std)},
             "mixing": self.data.mixing if self.mixes else "none", "resize": self.data.resize,
+            "source": self.source,
         }  # fmt: skip
 
 
@@ -118,7 +123,7 @@ def resolve_plan(
     threads = data.threads or default_threads()
     resolved = replace(data, resize=resize, mixing=mixing, threads=threads)
     return DataPlan(resolved, device, spec.strip(), granularity, views, seed, norm,
-                    recipe=recipe)  # fmt: skip
+                    recipe=recipe, source=source_kind(data.path))  # fmt: skip
 
 
 def plan_of(

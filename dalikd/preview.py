@@ -21,11 +21,11 @@ from PIL import Image, ImageDraw, ImageFont
 from dalikd import loaders
 from dalikd.atomic import write_atomic
 from dalikd.config import MAX_IMAGE_SIZE, MAX_SEED, DataConfig
-from dalikd.data import scan_dataset
 from dalikd.device import resolve_device
 from dalikd.errors import DalikdError
 from dalikd.ops import GRANULARITIES
 from dalikd.plan import DataPlan, resolve_plan
+from dalikd.sources import open_dataset
 
 # Layout, all in px of the PNG.
 MIN_TILE = 96  # tiles smaller than this are enlarged by an integer factor (nearest neighbour)
@@ -128,7 +128,7 @@ def preview_batch(plan: DataPlan) -> PreviewBatch:
             f"--aug {plan.aug} makes no second view x', so there is nothing to preview; "
             "pick a recipe from `dalikd pipelines`"
         )
-    dataset = scan_dataset(data.path)
+    dataset = open_dataset(data.path)  # a folder of images or a shard set
     if data.batch_size > len(dataset.train):
         raise DalikdError(
             f"--batch-size {data.batch_size} is more than the {len(dataset.train)} training "

@@ -39,12 +39,12 @@ from dalikd.config import (
     flags_named_as_keys,
     validate,
 )
-from dalikd.data import scan_dataset
 from dalikd.device import autocast, prepare_batch, resolve_device
 from dalikd.errors import DalikdError
 from dalikd.metrics import GROUP_STEPS, TStddev
 from dalikd.models import check_classes, checkpoint_classes
 from dalikd.plan import plan_for
+from dalikd.sources import open_dataset
 from dalikd.step import Distiller
 
 # The paper's nine schemes (--aug values) less the student-entropy pick (--pick-criterion).
@@ -150,7 +150,7 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
     if cfg.precision == "fp16" and device != "gpu":
         raise DalikdError("--precision fp16 needs a GPU; on CPU use fp32 (default) or bf16")
     torch.manual_seed(cfg.seed)
-    dataset = scan_dataset(cfg.data.path)
+    dataset = open_dataset(cfg.data.path)  # a folder of images or a shard set
     w = cfg.model.teacher_weights  # a dalikd checkpoint of other classes: a meaningless probe
     check_classes(checkpoint_classes(w), dataset.classes, f"teacher weights {w}")
     # one data plan per scheme, resolved as training resolves its own

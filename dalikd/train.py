@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dalikd import distributed, recovery, rundir, teacher_cache, tensorboard
+from dalikd import distributed, recovery, rundir, sources, teacher_cache, tensorboard
 from dalikd.atomic import write_jsonl_atomic, write_text_atomic
 from dalikd.checkpoint import CHECKPOINT_FORMAT, RunState, save_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
-from dalikd.data import Dataset, scan_dataset, train_listing
+from dalikd.data import Dataset
 from dalikd.device import amp_dtype, resolve_device, torch_device
 from dalikd.errors import DalikdError, RunInterrupted
 from dalikd.evaluate import evaluate
@@ -41,6 +41,7 @@ from dalikd.resume import (
     restore_tstddev,
     without_failed,
 )
+from dalikd.shard_train import ShardTrainData
 from dalikd.step import Distiller, build_student, make_optimizer
 from dalikd.stop import StopSignals
 from dalikd.teacher import LiveTeacher, TeacherSource
@@ -365,14 +366,16 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     the loaders."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.out)  # train() claimed it
-    dataset = scan_dataset(cfg.data.path, max_pixels=cfg.data.max_pixels)
+    dataset = sources.open_dataset(cfg.data.path, max_pixels=cfg.data.max_pixels, verify=True,
+                                   rank=ctx.rank, world_size=ctx.world_size,
+                                   note=reporter.message)  # fmt: skip
     if cfg.model.teacher_weights:  # a dalikd checkpoint of other classes: wrong labels
         w = cfg.model.teacher_weights
         check_classes(checkpoint_classes(w), dataset.classes, f"teacher weights {w}")
     # saved absolute: a resume from another working directory finds the data and weights
-    paths = {"data.path": str(dataset.root), **rundir.absolute_weights(cfg.model)}
+    paths = {"data.path": sources.data_path(cfg.data.path), **rundir.absolute_weights(cfg.model)}
     cfg = build_config(overrides=paths, base=cfg)
-    listing = train_listing(dataset)
+    listing = sources.listing(dataset)
     # read once here: its listing is checked before the models (another class count is the
     # data's mistake, not theirs), the rest restored by _resume
     ckpt = read_checkpoint(run_dir / "last.pt") if resume else None
@@ -472,8 +475,9 @@ def _open_loaders(run: Run, dali_state: Any) -> None:
     cfg, ctx, dataset = run.cfg, run.ctx, run.dataset
     # Without a saved DALI state (a fresh start, or another world size) epoch e starts from
     # seed + e, so a restart does not replay the first epoch's order.
+    kind = ShardTrainData if sources.is_shards(dataset) else recovery.TrainData
     try:
-        run.train_data = recovery.TrainData(
+        run.train_data = kind(
             dataset, run.plan, epoch=run.state.epoch, step=run.state.step_in_epoch,
             run_dir=run.run_dir, reporter=run.reporter, is_main=ctx.is_main, shard_id=ctx.rank,
             num_shards=ctx.world_size, checkpoint=dali_state,

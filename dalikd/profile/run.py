@@ -11,7 +11,7 @@ import torch
 from dalikd import loaders
 from dalikd.batch import IMAGENET_NORM
 from dalikd.config import DataConfig, KDConfig, TrainConfig, flags_named_as_keys, validate
-from dalikd.data import Dataset, scan_dataset
+from dalikd.data import Dataset
 from dalikd.device import prepare_batch, resolve_device
 from dalikd.errors import DalikdError
 from dalikd.plan import DataPlan, resolve_plan
@@ -46,6 +46,7 @@ from dalikd.profile.stages import (
     resize_graph,
 )
 from dalikd.profile.timing import Runner, time_alone, time_interleaved
+from dalikd.sources import is_shards, open_dataset
 
 # -- the profile -----------------------------------------------------------------------------
 
@@ -61,7 +62,7 @@ def check(cfg: ProfileConfig) -> tuple[Dataset, list[ProfiledAug], str]:
                       threads=cfg.threads, mixing=cfg.mixing)  # fmt: skip
     flags = flags_named_as_keys("data.image_size", "data.batch_size", "data.threads")
     validate(TrainConfig(data=data), flags)  # image size, batch size, threads, mixing
-    dataset = scan_dataset(cfg.data)
+    dataset = open_dataset(cfg.data)
     if len(dataset.train) < cfg.batch_size:
         raise DalikdError(
             f"{len(dataset.train)} training images make no full batch of {cfg.batch_size}; "
@@ -78,6 +79,9 @@ def check(cfg: ProfileConfig) -> tuple[Dataset, list[ProfiledAug], str]:
 def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Measure every stage; return the JSON-ready report (see the module docstring)."""
     dataset, schemes, device = check(cfg)
+    if is_shards(dataset) and cfg.baseline != "none":  # torchvision's loaders read folders
+        (progress or (lambda text: None))("a shard set: no torchvision baseline")
+        cfg = replace(cfg, baseline="none")
     profiler = _Profiler(cfg, dataset, device, progress or (lambda text: None))
     profiler.plain_pipeline()
     for scheme in schemes:

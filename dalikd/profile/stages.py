@@ -24,18 +24,18 @@ from dalikd.step import Distiller, make_optimizer
 
 
 def read_graph(split, plan, seeds):
-    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
+    jpegs, labels, _ = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
     return {"jpegs": jpegs, "labels": labels}
 
 
 def decode_graph(split, plan, seeds):
-    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
+    jpegs, labels, _ = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
     images = loaders.random_crop_decode(jpegs, plan, seeds.stream("base"))
     return {"images": images, "labels": labels}
 
 
 def resize_graph(split, plan, seeds):
-    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
+    jpegs, labels, _ = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
     images = loaders.random_resized_crop(jpegs, plan, seeds.stream("base"))
     return {"images": images, "labels": labels}
 
