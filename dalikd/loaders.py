@@ -84,6 +84,19 @@ def decoder_args(data: DataConfig, device: str, preallocate: bool = False) -> di
     return args
 
 
+def pixels(encoded: Any, plan: DataPlan, preallocate: bool = False) -> Any:
+    """The images of the files :func:`read` gives, whole: uint8 HWC RGB on ``plan.device``.
+    Raw files (``plan.raw_shape``: ``dalikd data import``'s headerless pixels) are reshaped,
+    nothing decoded (on GPU then copied there: a few KB per image); encoded files go through
+    DALI's image decoder ("mixed" on GPU; ``preallocate``: :func:`decoder_args`). A raw file
+    of another size fails here as a damaged image fails in the decoder."""
+    if plan.raw_shape:
+        images = fn.reshape(encoded, shape=list(plan.raw_shape), layout="HWC")
+        return images.gpu() if plan.device == "gpu" else images
+    args = decoder_args(plan.data, plan.device, preallocate)
+    return fn.decoders.image(encoded, **args, output_type=types.RGB)
+
+
 def random_crop_decode(jpegs: Any, plan: DataPlan, seeds: Seeds | None = None) -> Any:
     """Decode only a random crop window (area in crop_scale, aspect in crop_ratio), at its own
     size. Out: uint8 HWC RGB on ``plan.device``."""
@@ -125,7 +138,7 @@ def center_crop(jpegs: Any, plan: DataPlan) -> Any:
     """Decode, resize the shorter side to image_size / val_crop_fraction, crop the centre
     image_size². Deterministic. Out: uint8 HWC RGB on ``plan.device``."""
     data = plan.data
-    images = fn.decoders.image(jpegs, **decoder_args(data, plan.device), output_type=types.RGB)
+    images = pixels(jpegs, plan)
     shorter = round(data.image_size / data.val_crop_fraction)
     if plan.native_resize:
         images = fn.dalikd_resize(images, resize_shorter=shorter)
@@ -134,10 +147,39 @@ def center_crop(jpegs: Any, plan: DataPlan) -> Any:
     return fn.crop(images, crop=(data.image_size, data.image_size))
 
 
+def pad_crop(encoded: Any, plan: DataPlan, seeds: Seeds | None = None) -> Any:
+    """The whole image zero-padded by ``data.pad`` px on every side, a random image_size² window
+    of it, mirrored with p = 1/2 (:func:`dalikd.ops.crop_flip`, a draw per image): torchvision's
+    RandomCrop(size, padding=pad) + RandomHorizontalFlip, the reference's x on CIFAR (32 px,
+    pad 4) and Tiny-ImageNet (64 px, pad 8). The padding is zeros in uint8 space, as there.
+    Out: uint8 HWC RGB on ``plan.device``."""
+    images = pixels(encoded, plan, plan.preallocate)
+    return ops.crop_flip(images, plan.data.image_size, pad=plan.data.pad, seeds=seeds)
+
+
+def raw_random_resized_crop(raw: Any, plan: DataPlan, seeds: Seeds | None = None) -> Any:
+    """:func:`random_resized_crop` of raw images (nothing to decode a window of): DALI's
+    ``fn.random_resized_crop`` over the reshaped image (the same area and aspect ranges, its
+    own resize), then the flip. Out: uint8 HWC RGB on ``plan.device``."""
+    data = plan.data
+    images = fn.random_resized_crop(
+        pixels(raw, plan), size=[data.image_size, data.image_size],
+        random_area=list(data.crop_scale), random_aspect_ratio=list(data.crop_ratio),
+        num_attempts=10, antialias=data.antialias, **ops.seed(seeds),
+    )  # fmt: skip
+    return fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5, **ops.seed(seeds)))
+
+
 def base_view(jpegs: Any, plan: DataPlan, seeds: Seeds) -> Any:
-    """x, the training view every recipe starts from: random-resized-crop + flip. Its draws
-    take the ``base`` stream of ``seeds``, apart from the recipe's."""
-    return random_resized_crop(jpegs, plan, seeds.stream("base"), flip=True)
+    """x, the training view every recipe starts from (``data.base_view``): random-resized-crop
+    + flip, or :func:`pad_crop` (+ flip). Its draws take the ``base`` stream of ``seeds``,
+    apart from the recipe's."""
+    base = seeds.stream("base")
+    if plan.data.base_view == "pad_crop":
+        return pad_crop(jpegs, plan, base)
+    if plan.raw_shape:
+        return raw_random_resized_crop(jpegs, plan, base)
+    return random_resized_crop(jpegs, plan, base, flip=True)
 
 
 def train_graph(
@@ -205,7 +247,11 @@ def _check_recipe_output(plan: DataPlan, out: Any) -> None:
 
 
 def val_view(jpegs: Any, plan: DataPlan) -> Any:
-    """The validation transform (deterministic): :func:`center_crop`."""
+    """The validation transform (``data.val_transform``, deterministic): :func:`center_crop`,
+    or none: the images as stored (:func:`pixels`; the reference's CIFAR and Tiny-ImageNet
+    test transform is ToTensor + Normalize alone)."""
+    if plan.data.val_transform == "none":
+        return pixels(jpegs, plan)
     return center_crop(jpegs, plan)
 
 

@@ -50,6 +50,9 @@ class DataPlan:
     # training loader only (recovery.TrainData sets it); tooling pipelines go without. Changes
     # memory, not pixels: not in the cache key, not in to_dict (config.json)
     preallocate: bool = False
+    # (H, W, C) of a dataset stored as raw pixels (dataset.json's codec "raw": each file is read
+    # and reshaped, nothing is decoded); (): encoded image files, decoded
+    raw_shape: tuple[int, ...] = ()
 
     @property
     def mixes(self) -> bool:
@@ -85,6 +88,7 @@ class DataPlan:
             "granularity": self.granularity, "pool_size": self.pool_size, "seed": self.seed,
             "norm": {"mean": list(self.norm.mean), "std": list(self.norm.std)},
             "mixing": self.data.mixing if self.mixes else "none", "resize": self.data.resize,
+            "raw_shape": list(self.raw_shape),
         }  # fmt: skip
 
 
@@ -98,12 +102,17 @@ def resolve_plan(
     pool_size: int = 2,
     norm: InputNorm = IMAGENET_NORM,
     dali_state: str | bytes | None = None,
+    raw_shape: tuple[int, ...] = (),
 ) -> DataPlan:
     """The plan of ``data`` with recipe ``aug`` (an --aug spec, or a recipe function) on
     ``device`` ("cpu" | "gpu"). ``pool_size``: k, the candidates per image of a pool recipe.
     ``dali_state``: a saved DALI state the graph will restore, whose paths win over "auto" (and
-    contradict any other: a state restores only into the graph it was saved from)."""
+    contradict any other: a state restores only into the graph it was saved from).
+    ``raw_shape``: (H, W, C) of a raw dataset's images (``Dataset.raw_shape``); () for encoded
+    files."""
     from dalikd import native
+
+    _check_raw(data, tuple(raw_shape))
 
     recipe = aug if callable(aug) else resolve(aug or "none")
     spec = "none" if recipe is None else (aug if isinstance(aug, str) else recipe_info(aug).name)
@@ -118,16 +127,37 @@ def resolve_plan(
     threads = data.threads or default_threads()
     resolved = replace(data, resize=resize, mixing=mixing, threads=threads)
     return DataPlan(resolved, device, spec.strip(), granularity, views, seed, norm,
-                    recipe=recipe)  # fmt: skip
+                    recipe=recipe, raw_shape=tuple(raw_shape))  # fmt: skip
+
+
+def _check_raw(data: DataConfig, raw_shape: tuple[int, ...]) -> None:
+    """One line where raw images cannot give the settings' views: validation without a
+    transform shows images as stored, so they must be image_size²."""
+    if not raw_shape:
+        return
+    h, w, c = raw_shape
+    if c != 3:
+        raise DalikdError(f"the dataset's raw images have {c} channels; dalikd reads RGB (3)")
+    size = data.image_size
+    if data.val_transform == "none" and (h, w) != (size, size):
+        raise DalikdError(
+            f"the dataset's images are {h}x{w} px and validation uses them as stored "
+            f"(val_transform none), but --image-size is {size}: give --image-size {h} or "
+            "val_transform center_crop"
+        )
 
 
 def plan_of(
-    cfg: TrainConfig, device: str, norm: InputNorm = IMAGENET_NORM, dali_state: Any = None
+    cfg: TrainConfig,
+    device: str,
+    norm: InputNorm = IMAGENET_NORM,
+    dali_state: Any = None,
+    raw_shape: tuple[int, ...] = (),
 ) -> DataPlan:
     """The plan of a run's config (its data settings and its kd section's recipe, granularity
-    and pool size)."""
+    and pool size) on a dataset of ``raw_shape`` (``Dataset.raw_shape``)."""
     return plan_for(cfg.data, cfg.kd, device=device, seed=cfg.seed, norm=norm,
-                    dali_state=dali_state)  # fmt: skip
+                    dali_state=dali_state, raw_shape=raw_shape)  # fmt: skip
 
 
 def plan_for(data: DataConfig, kd: KDConfig, **kw: Any) -> DataPlan:
