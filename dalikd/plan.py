@@ -118,7 +118,8 @@ def resolve_plan(
     spec = "none" if recipe is None else (aug if isinstance(aug, str) else recipe_info(aug).name)
     info = recipe_info(recipe) if recipe is not None else None
     if dali_state is not None:
-        data = _restored(data, dali_state, info is not None and info.mixing)
+        data = _restored(data, dali_state, info is not None and info.mixing,
+                         _resizes(data, tuple(raw_shape)))  # fmt: skip
     resize = native.resolve_resize(data.resize, data.antialias, device)
     mixing = data.mixing
     if info is not None and info.mixing:  # resolved only where something mixes
@@ -182,10 +183,18 @@ def _holds(checkpoint: str | bytes, name: str) -> bool:
     return (name.encode() if isinstance(checkpoint, bytes) else name) in checkpoint
 
 
-def _restored(data: DataConfig, checkpoint: str | bytes, mixes: bool) -> DataConfig:
-    """``data`` for a graph that restores ``checkpoint``: its resize and mixing paths win over
-    "auto" and contradict any other."""
-    resize = checkpoint_resize(checkpoint)
+def _resizes(data: DataConfig, raw_shape: tuple[int, ...]) -> bool:
+    """The training graph resizes on the plan's resize path (a random-resized crop decoded from
+    image files); pad_crop and raw images (DALI's own random_resized_crop) take no path."""
+    return data.base_view == "random_resized_crop" and not raw_shape
+
+
+def _restored(
+    data: DataConfig, checkpoint: str | bytes, mixes: bool, resizes: bool = True
+) -> DataConfig:
+    """``data`` for a graph that restores ``checkpoint``: its resize (where the graph
+    ``resizes``) and mixing paths win over "auto" and contradict any other."""
+    resize = checkpoint_resize(checkpoint) if resizes else data.resize
     if data.resize not in ("auto", resize):
         raise DalikdError(
             f"the data pipeline state was saved with the {resize} resize path; this run asks for "
@@ -206,4 +215,4 @@ def _restored(data: DataConfig, checkpoint: str | bytes, mixes: bool) -> DataCon
 def check_state(plan: DataPlan, checkpoint: str | bytes) -> None:
     """A DALI state restores only into the graph it was saved from: one line where ``plan``'s
     paths are not its."""
-    _restored(plan.data, checkpoint, plan.mixes)
+    _restored(plan.data, checkpoint, plan.mixes, _resizes(plan.data, plan.raw_shape))
