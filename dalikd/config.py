@@ -76,7 +76,7 @@ class DataConfig:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     batch_size: int = 256  # images per step (per process)
-    threads: int = 0  # DALI CPU threads; 0 = one per core, at most 8
+    threads: int = 0  # DALI CPU threads; 0 = one per core, at most 8 (raw images: one)
     # the scan leaves out images whose header claims more pixels than this (decompression
     # bombs: a few KB on disk, gigabytes decoded); 0 = no limit
     max_pixels: int = MAX_PIXELS

@@ -26,9 +26,11 @@ from dalikd.errors import DalikdError
 from dalikd.recipes import AugContext, Recipe, Seeds, recipe_info, resolve
 
 
-def default_threads() -> int:
-    """DALI CPU threads where ``data.threads`` is 0: one per core, at most 8."""
-    return max(1, min(len(os.sched_getaffinity(0)), 8))
+def default_threads(raw: bool = False) -> int:
+    """DALI CPU threads where ``data.threads`` is 0: one per core, at most 8; one for ``raw``
+    images (a few KB each: reading and cropping one costs a few µs, and a second thread's
+    wake-ups cost more CPU than it adds; benchmarks/README.md, CIFAR hand-off)."""
+    return 1 if raw else max(1, min(len(os.sched_getaffinity(0)), 8))
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ def resolve_plan(
     if info is not None and info.mixing:  # resolved only where something mixes
         mixing = native.resolve(mixing, device)
     views = 0 if info is None else (pool_size if info.pool else 1)
-    threads = data.threads or default_threads()
+    threads = data.threads or default_threads(bool(raw_shape))
     resolved = replace(data, resize=resize, mixing=mixing, threads=threads)
     return DataPlan(resolved, device, spec.strip(), granularity, views, seed, norm,
                     recipe=recipe, raw_shape=tuple(raw_shape))  # fmt: skip

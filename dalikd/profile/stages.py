@@ -24,12 +24,14 @@ from dalikd.step import Distiller, make_optimizer
 
 
 def read_graph(split, plan, seeds):
-    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
+    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1,
+                                 small_files=bool(plan.raw_shape))  # fmt: skip
     return {"jpegs": jpegs, "labels": labels}
 
 
 def pixels_graph(split, plan, seeds):
-    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
+    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1,
+                                 small_files=bool(plan.raw_shape))  # fmt: skip
     return {"images": loaders.pixels(jpegs, plan), "labels": labels}
 
 
