@@ -172,12 +172,23 @@ def folder_manifest(root: Path) -> Manifest | None:
     return manifest if manifest is not None and manifest.layout == "folder" else None
 
 
+def _manifest_classes(root: Path, manifest: Manifest | None) -> bool:
+    """The manifest's classes name the class folders: each is in the folder
+    :func:`dalikd.manifest.class_folders` gives it (as ``dalikd data import`` writes them).
+    A manifest written beside folders of other names leaves the folder names the classes."""
+    if manifest is None:
+        return False
+    split = "train" if (root / "train").is_dir() else "val"
+    found = _class_dirs(root / split) if (root / split).is_dir() else []
+    return set(found) <= set(class_folders(manifest.classes))
+
+
 def class_names(root: str | Path) -> tuple[str, ...]:
     """The class index of a dataset: an imported folder's manifest classes, in label order;
     else its train/ class folders, sorted; val/'s where there is no train/ (evaluation only)."""
     root = _dataset_root(root)
     manifest = folder_manifest(root)
-    if manifest is not None:
+    if _manifest_classes(root, manifest):
         return manifest.classes
     split = "train" if (root / "train").is_dir() or not (root / "val").is_dir() else "val"
     _require_split(root, split)
@@ -261,10 +272,12 @@ def _layout(
     dataset at ``root``: a plain folder's class folders are the class names; an imported one's
     are :func:`dalikd.manifest.class_folders` of its classes, and its raw images ``.hwc``."""
     manifest = folder_manifest(root)
+    index = {name: i for i, name in enumerate(classes)}
     if manifest is None:
-        return {name: i for i, name in enumerate(classes)}, IMAGE_EXTENSIONS, ()
-    folder_of = dict(zip(manifest.classes, class_folders(manifest.classes), strict=True))
-    index = {folder_of.get(name, name): i for i, name in enumerate(classes)}
+        return index, IMAGE_EXTENSIONS, ()
+    if _manifest_classes(root, manifest):
+        folder_of = dict(zip(manifest.classes, class_folders(manifest.classes), strict=True))
+        index = {folder_of.get(name, name): i for i, name in enumerate(classes)}
     if manifest.codec != "raw":
         return index, IMAGE_EXTENSIONS, ()
     return index, (RAW_EXTENSION,), tuple(manifest.image_shape or ())
