@@ -40,11 +40,13 @@ from dalikd.cli.profile_cmd import profile
 from dalikd.cli.report import ScanProgress
 from dalikd.cli.tstddev_cmd import tstddev
 from dalikd.config import (
+    BaseView,
     CacheFormat,
     PickCriterion,
     Precision,
     Schedule,
     TrainConfig,
+    ValTransform,
     choices,
 )
 from dalikd.errors import DalikdError, escape_text
@@ -142,8 +144,21 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         click.Choice(choices(PickCriterion)),
         "what the pick keeps the highest of",
     ),
-    ("--image-size", "data.image_size", int, "training and validation image side in px"),
+    ("--image-size", "data.image_size", int, "train and val image side in px (or the dataset's)"),
     ("--crop-scale", "data.crop_scale", _numbers(float), "random-resized-crop area range, MIN,MAX"),
+    (
+        "--base-view",
+        "data.base_view",
+        click.Choice(choices(BaseView)),
+        "x: random_resized_crop or pad_crop (--pad px of zeros, a window, a flip: CIFAR's)",
+    ),
+    ("--pad", "data.pad", int, "px of zero padding of --base-view pad_crop"),
+    (
+        "--val-transform",
+        "data.val_transform",
+        click.Choice(choices(ValTransform)),
+        "validation: center_crop (shorter side resized, centre crop) or none (as stored)",
+    ),
     (THREADS.name, "data.threads", THREADS.type, THREADS.help),
     ("--max-pixels", "data.max_pixels", int, MAX_PIXELS_HELP),
     (MIXING.name, "data.mixing", MIXING.type, MIXING.help),
@@ -266,13 +281,10 @@ def cli() -> None:
     help="continue the run in this directory (or its last.pt) from last.pt; --data may name "
     "a copy of its dataset in another folder",
 )
-@click.option(
-    "--epochs-factor",
-    type=float,
-    default=None,
-    help="train F times as long: epochs and milestones times F, truncated (the reference's "
-    "--epoch_factor: 2 makes 240 epochs at 150,180,210 into 480 at 300,360,420)",
-)
+@click.option("--epochs-factor", type=float, default=None,
+              help="train F times as long: epochs and milestones times F, truncated (the "
+              "reference's --epoch_factor: 2 makes 240 epochs at 150,180,210 into 480 at "
+              "300,360,420)")  # fmt: skip
 @train_options
 def train(
     config_file: str | None, resume_dir: str | None, epochs_factor: float | None, **params: Any

@@ -312,3 +312,20 @@ def test_the_gpu_validation_graph_of_raw_images(cifar, monkeypatch, transform):
         outputs = dict(zip(names, pipe._graph_outputs, strict=True))
         assert outputs["images"].device == "gpu"
         assert pinned_outputs(outputs, pipe) == [] and unregistered_ops(pipe) == []
+
+
+def test_train_flags_set_the_view_over_the_datasets_own(cifar):
+    from dalikd.cli.main import cli, flags_of, overrides_from
+
+    args = ["--data", str(cifar), "--base-view", "random_resized_crop", "--pad", "2",
+            "--val-transform", "center_crop", "--image-size", "24"]  # fmt: skip
+    params = cli.commands["train"].make_context("train", args).params
+    own = ("config_file", "resume_dir", "epochs_factor")  # the command's, not config keys
+    overrides = overrides_from({k: v for k, v in params.items() if k not in own})
+    d = command_config(None, overrides, flags=flags_of(overrides)).data
+    assert (d.base_view, d.pad, d.val_transform, d.image_size) == (
+        "random_resized_crop", 2, "center_crop", 24,
+    )  # fmt: skip
+    assert d.mean == CIFAR_MEAN  # not given: the dataset's own
+    with pytest.raises(DalikdError, match="--pad must be in"):
+        command_config(None, {**overrides, "data.pad": -1}, flags=flags_of(overrides))
