@@ -4,7 +4,9 @@ their hand-off to PyTorch (:class:`Loader`, :func:`train_loader`, :func:`val_loa
 ``pipeline_def`` and the PyTorch iterator are applied here and nowhere else. Both graphs run on
 CPU (``device="cpu"``, DALI's ``device_id=None``) or GPU (``device="gpu"``: the decoder runs as
 "mixed" and everything after it on the GPU) from the same code. Their outputs are uint8 HWC
-images: torch normalizes them on the training device (:mod:`dalikd.batch`).
+images: torch normalizes them on the training device (:mod:`dalikd.batch`). A raw dataset's
+files (``plan.raw_shape``: ``dalikd data import``'s) are reshaped, not decoded (:func:`pixels`);
+x is a random-resized crop or, for CIFAR and Tiny-ImageNet, a pad-crop (``data.base_view``).
 
 Every graph is built from a :class:`dalikd.plan.DataPlan` (the resolved data settings, recipe,
 paths and seeds) and a :class:`dalikd.recipes.Seeds` the builder makes from the loader's seed:
