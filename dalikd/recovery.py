@@ -100,16 +100,15 @@ def _dali_reason(error: BaseException) -> str:
 
 
 def _first_failure(files: list[str], plan: Any) -> str | None:
-    """Decode ``files`` as one batch the way training reads them; the DALI error or None."""
-    from nvidia.dali import fn, pipeline_def, types
+    """Decode ``files`` as one batch the way training reads them (raw files: reshaped); the
+    DALI error or None."""
+    from nvidia.dali import fn, pipeline_def
 
-    from dalikd.loaders import _dali_device_id
+    from dalikd.loaders import _dali_device_id, pixels
 
     def graph():
         jpegs, _ = fn.readers.file(files=files, name="Check")
-        return fn.decoders.image(
-            jpegs, device="mixed" if plan.device == "gpu" else "cpu", output_type=types.RGB
-        )
+        return pixels(jpegs, plan)
 
     try:
         pipe = pipeline_def(graph)(

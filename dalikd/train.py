@@ -1,11 +1,9 @@
 """The training loop: distill a student from a frozen teacher (or train it supervised).
 
 One function, read top to bottom: setup -> resume -> per epoch (lr -> forward -> backward ->
-step -> log) -> validate -> checkpoint. The step is dalikd.step.Distiller, asking its teacher
-source (dalikd.teacher: the network, or --teacher-cache's CachedTeacher) for the teacher's
-outputs at the step's position; the loop talks to the source only through its interface. The
-data comes from graphs built from one data plan (dalikd.plan); the schedule is a pure function
-of the step.
+step -> log) -> validate -> checkpoint. The step is dalikd.step.Distiller with its teacher source
+(dalikd.teacher), used only through its interface; the data comes from graphs built from one
+data plan (dalikd.plan); the schedule is a pure function of the step.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from torch import nn
 
 from dalikd import distributed, recovery, rundir, sources, teacher_cache, tensorboard
 from dalikd.atomic import write_jsonl_atomic, write_text_atomic
+from dalikd.batch import data_norm
 from dalikd.checkpoint import CHECKPOINT_FORMAT, RunState, save_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
 from dalikd.data import Dataset
@@ -30,7 +29,7 @@ from dalikd.device import amp_dtype, resolve_device, torch_device
 from dalikd.errors import DalikdError, RunInterrupted
 from dalikd.evaluate import evaluate
 from dalikd.metrics import GROUP_STEPS, TStddev
-from dalikd.models import check_classes, checkpoint_classes, input_norm
+from dalikd.models import check_classes, checkpoint_classes, student_norm
 from dalikd.plan import DataPlan, plan_of
 from dalikd.reporter import Reporter, SilentReporter
 from dalikd.resume import (
@@ -301,7 +300,7 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
     # the teacher, or a cache's val logits (the teacher runs where they are not)
     teacher = run.teacher.val_teacher(len(run.val_data)) if run.teacher is not None else None
     val = evaluate(run.student, run.val_data, run.device, run.cfg.precision, ctx, teacher=teacher,
-                   progress=run.reporter.val_step)  # fmt: skip
+                   progress=run.reporter.val_step, norm=run.plan.norm)  # fmt: skip
     totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=run.tdev)
     distributed.all_sum(ctx, totals)
     record = {
@@ -385,14 +384,15 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
         dataset = without_failed(run_dir, dataset, ckpt)
     student = build_student(cfg.model, dataset.num_classes, device,
                             channels_last=cfg.channels_last)  # fmt: skip
-    # the data plan, resolved once: config.json and the checkpoints record the paths it chose
-    plan = plan_of(cfg, device, norm=input_norm(student))
+    # the data plan, resolved once (config.json and checkpoints record it); dn: the data's norm
+    dn = data_norm(cfg.data.mean, cfg.data.std)
+    plan = plan_of(cfg, device, norm=student_norm(student, dn), raw_shape=dataset.raw_shape)
     cfg = build_config(overrides={"data.mixing": plan.data.mixing,
                                   "data.resize": plan.data.resize}, base=cfg)  # fmt: skip
     teacher = _teacher_source(cfg, plan, dataset, ctx, run_dir, reporter)
     # the teacher is frozen, there is nothing to synchronise: only the student is DDP-wrapped
     distiller = Distiller(student, teacher, cfg.kd, device, cfg.precision, cfg.channels_last,
-                          ctx)  # fmt: skip
+                          ctx, data_norm=dn)  # fmt: skip
     if ctx.enabled:
         reporter.message(f"distributed: {ctx.world_size} rank(s), {ctx.backend}, DDP")
     optimizer = make_optimizer(student, cfg.optim)
@@ -414,7 +414,8 @@ def _teacher_source(cfg, plan, dataset, ctx, run_dir, reporter) -> TeacherSource
     if not cfg.model.teacher:
         return None
     live = LiveTeacher.from_config(cfg.model, dataset.num_classes, plan.device, plan.norm,
-                                   channels_last=cfg.channels_last)  # fmt: skip
+                                   channels_last=cfg.channels_last,
+                                   data_norm=data_norm(cfg.data.mean, cfg.data.std))  # fmt: skip
     if not cfg.teacher_cache:
         live.module()
         return live
@@ -491,7 +492,8 @@ def _open_loaders(run: Run, dali_state: Any) -> None:
         dataset.val, run.plan, shard_id=ctx.rank, num_shards=ctx.world_size
     )
     if run.teacher is not None and cfg.eval_teacher:  # (a cache's teacher is built for it)
-        t = evaluate(run.teacher.module(), run.val_data, run.device, cfg.precision, ctx)
+        t = evaluate(run.teacher.module(), run.val_data, run.device, cfg.precision, ctx,
+                     norm=run.plan.norm)  # fmt: skip
         run.reporter.message(
             f"teacher {cfg.model.teacher}: val top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  "
             f"loss {t['loss']:.4f}"
