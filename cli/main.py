@@ -40,11 +40,13 @@ from dalikd.cli.profile_cmd import profile
 from dalikd.cli.report import ScanProgress
 from dalikd.cli.tstddev_cmd import tstddev
 from dalikd.config import (
+    BaseView,
     CacheFormat,
     PickCriterion,
     Precision,
     Schedule,
     TrainConfig,
+    ValTransform,
     choices,
 )
 from dalikd.errors import DalikdError, escape_text
@@ -75,7 +77,7 @@ def _numbers(kind):
 
 # (flag, dotted config key, click type or callback, help). Defaults come from TrainConfig.
 TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
-    ("--data", "data.path", click.Path(), "dataset root with train/<class>/* and val/<class>/*"),
+    ("--data", "data.path", click.Path(), "dataset folder (train/, val/) or shard set"),
     (
         "--aug",
         "kd.aug",
@@ -142,8 +144,21 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         click.Choice(choices(PickCriterion)),
         "what the pick keeps the highest of",
     ),
-    ("--image-size", "data.image_size", int, "training and validation image side in px"),
+    ("--image-size", "data.image_size", int, "train and val image side in px (or the dataset's)"),
     ("--crop-scale", "data.crop_scale", _numbers(float), "random-resized-crop area range, MIN,MAX"),
+    (
+        "--base-view",
+        "data.base_view",
+        click.Choice(choices(BaseView)),
+        "x: random_resized_crop or pad_crop (--pad px of zeros, a window, a flip: CIFAR's)",
+    ),
+    ("--pad", "data.pad", int, "px of zero padding of --base-view pad_crop"),
+    (
+        "--val-transform",
+        "data.val_transform",
+        click.Choice(choices(ValTransform)),
+        "validation: center_crop (shorter side resized, centre crop) or none (as stored)",
+    ),
     (THREADS.name, "data.threads", THREADS.type, THREADS.help),
     ("--max-pixels", "data.max_pixels", int, MAX_PIXELS_HELP),
     (MIXING.name, "data.mixing", MIXING.type, MIXING.help),
@@ -266,18 +281,31 @@ def cli() -> None:
     help="continue the run in this directory (or its last.pt) from last.pt; --data may name "
     "a copy of its dataset in another folder",
 )
+@click.option("--epochs-factor", type=float, default=None,
+              help="train F times as long: epochs and milestones times F, truncated (the "
+              "reference's --epoch_factor: 2 makes 240 epochs at 150,180,210 into 480 at "
+              "300,360,420)")  # fmt: skip
 @train_options
-def train(config_file: str | None, resume_dir: str | None, **params: Any) -> None:
-    """Distill --student from --teacher on --data (or train it supervised without --teacher)."""
+def train(
+    config_file: str | None, resume_dir: str | None, epochs_factor: float | None, **params: Any
+) -> None:
+    """Distill --student from --teacher on --data (or train it supervised without --teacher).
+
+    Settings: built-in defaults < the dataset's own (DATA/dataset.json of `dalikd data
+    import`) < --config < flags."""
     from dalikd.cli.report import RichReporter, print_summary
-    from dalikd.config import build_config, read_config_file
+    from dalikd.config import read_config_file
+    from dalikd.settings import command_config, scale_epochs
     from dalikd.train import load_resume
     from dalikd.train import train as run_training
 
     overrides = overrides_from(params)
     if resume_dir:
-        if config_file:
-            raise DalikdError("--resume takes the run's saved config; drop --config")
+        if config_file or epochs_factor is not None:
+            raise DalikdError(
+                f"--resume takes the run's saved config; drop "
+                f"{'--config' if config_file else '--epochs-factor (give --epochs N instead)'}"
+            )
         cfg = load_resume(resume_dir, overrides, flags_of(overrides))
     else:
         file_values = read_config_file(config_file) if config_file else None
@@ -287,7 +315,9 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
             from dalikd.recipes import resolve
 
             resolve(aug)
-        cfg = build_config(file_values, overrides, flags=flags_of(overrides))
+        cfg = command_config(file_values, overrides, flags=flags_of(overrides))
+        if epochs_factor is not None:
+            cfg = scale_epochs(cfg, epochs_factor)
     try:
         with RichReporter(cfg.log_seconds) as reporter:
             summary = run_training(cfg, reporter, resume=bool(resume_dir))
@@ -312,22 +342,25 @@ def train(config_file: str | None, resume_dir: str | None, **params: Any) -> Non
 
 @cli.command(name="eval")
 @click.option(
-    "--data", required=True, type=click.Path(), help="dataset root (its val/ split is used)"
+    "--data", required=True, type=click.Path(), help="dataset or shard set: its val split"
 )
 @click.option("--model", "model_name", required=True, help=MODEL_HELP)
 @click.option("--weights", required=True, help=WEIGHTS_HELP)
 @click.option("--batch-size", default=100, show_default=True, type=int, help="images per step")
 @click.option(
     "--image-size",
-    default=224,
-    show_default=True,
+    default=None,
     type=int,
-    help="val image side in px (shorter side resized, centre crop, as training's validation)",
+    help="val image side in px (shorter side resized, centre crop, as training's validation)  "
+    "[default: the dataset's (DATA/dataset.json), else 224]",
 )
 @threads_option()
 @device_option
 def evaluate_cmd(data, model_name, weights, batch_size, image_size, threads, device) -> None:
     """Validation top-1 / top-5 / loss of a model on DATA/val (DATA may hold val/ only).
+
+    An imported dataset's own settings apply (image size, validation transform, normalization:
+    DATA/dataset.json); a model without a normalization of its own (cifar:NAME) gets the data's.
 
     The class index is the checkpoint's classes where it carries them (a dalikd checkpoint),
     else DATA/train's class folders, else DATA/val's.

@@ -9,7 +9,7 @@ from dalikd.cli.options import device_option, granularity_option, resize_option,
 
 @click.command()
 @click.option(
-    "--data", required=True, type=click.Path(), help="dataset root (its train/ split is used)"
+    "--data", required=True, type=click.Path(), help="dataset or shard set: its train split"
 )
 @click.option(
     "--aug",
@@ -18,7 +18,7 @@ from dalikd.cli.options import device_option, granularity_option, resize_option,
 )
 @click.option("--out", required=True, type=click.Path(), help="the PNG to write, e.g. grid.png")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="images in the grid")
-@click.option("--image-size", default=224, show_default=True, type=int, help="image side in px")
+@click.option("--image-size", type=int, help="image side in px  [default: the dataset's, else 224]")
 @seed_option
 @granularity_option("--granularity", "--aug-granularity")
 @resize_option

@@ -16,7 +16,7 @@ console = Console(highlight=False)
 
 
 @click.command()
-@click.option("--data", required=True, type=click.Path(), help="dataset root with train/<class>/*")
+@click.option("--data", required=True, type=click.Path(), help="dataset or shard set: train split")
 @click.option(
     "--aug",
     "augs",
@@ -28,7 +28,7 @@ console = Console(highlight=False)
 @device_option
 @click.option("--batch-size", default=32, show_default=True, type=int, help="samples per batch")
 @threads_option("DALI threads, and torchvision workers (0: one per core, at most 8)")
-@click.option("--image-size", default=224, show_default=True, type=int, help="px, square side")
+@click.option("--image-size", type=int, help="px, square side  [default: the dataset's, else 224]")
 @click.option("--teacher", default="", help="teacher model name (random weights); optional")
 @click.option(
     "--student", default="", help="student model name; without it no model stages are timed"
@@ -150,6 +150,8 @@ def print_report(report: dict[str, Any]) -> None:
         "CPU ms per sample / the scheme's. KD efficiency: step fed by the pipeline / the same "
         "step on tensors in memory."
     )
+    if report.get("baseline_skipped"):
+        console.print(report["baseline_skipped"], markup=False)
     for name, alt in report["alternatives"].items():  # plain KD, same interleaved windows
         label = "timm's training loader (prefetcher)" if name == "timm" else f"dalikd with {name}"
         console.print(

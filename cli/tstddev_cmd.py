@@ -20,9 +20,23 @@ from dalikd.cli.options import (
     threads_option,
 )
 from dalikd.cli.report import LiveBar, console, print_table
-from dalikd.config import PickCriterion, Precision, choices
+from dalikd.config import PAPER_AUGS, PickCriterion, Precision, choices
 
-SCHEMES = "identity,flip,crop_flip,cutout,autoaugment,mixup,cutmix,cutmixpick"
+SCHEMES = ",".join(PAPER_AUGS)
+
+# option -> the dotted config key it sets (the probe's settings are a TrainConfig's)
+OPTION_KEYS = {
+    "data": "data.path", "teacher": "model.teacher", "teacher_weights": "model.teacher_weights",
+    "augs": "probe.augs", "epochs": "probe.epochs", "group_steps": "probe.group_steps",
+    "batch_size": "data.batch_size", "image_size": "data.image_size",
+    "crop_scale": "data.crop_scale", "threads": "data.threads", "mixing": "data.mixing",
+    "resize": "data.resize", "device": "device", "precision": "precision",
+    "granularity": "kd.granularity", "seed": "seed", "pick_criterion": "kd.pick_criterion",
+    "pool_size": "kd.pool_size", "student": "model.student",
+    "student_weights": "model.student_weights",
+}  # fmt: skip
+FLAG_NAMES = {"augs": "--aug", "granularity": "--aug-granularity"}  # not --option-name
+_TYPED = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
 
 
 class ProbeProgress(LiveBar):
@@ -46,6 +60,18 @@ class ProbeProgress(LiveBar):
         )
 
 
+def _given(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]:
+    """The options typed on the command line, as dotted config keys: only those override a
+    config file or the dataset's own settings (the defaults shown are the probe's own)."""
+    given = {}
+    for name, key in OPTION_KEYS.items():
+        if params[name] is not None and ctx.get_parameter_source(name) in _TYPED:
+            given[key] = params[name]
+    if "probe.augs" in given:
+        given["probe.augs"] = [a for a in given["probe.augs"].split(",") if a.strip()]
+    return given
+
+
 def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in value.split(","))
@@ -56,10 +82,13 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
 
 @click.command()
 @click.option(
-    "--data", required=True, type=click.Path(), help="dataset root (its train/ split is used)"
-)
-@click.option("--teacher", required=True, help=f"teacher model: {MODEL_HELP}")
-@click.option("--teacher-weights", required=True, help=f"teacher weights: {WEIGHTS_HELP}")
+    "--config", "config_file", type=click.Path(),
+    help="TOML file of settings ([data], [model], [kd], [probe]: e.g. a paper config); the "
+    "flags given override it",
+)  # fmt: skip
+@click.option("--data", type=click.Path(), help="dataset or shard set: its train split")
+@click.option("--teacher", help=f"teacher model: {MODEL_HELP}")
+@click.option("--teacher-weights", help=f"teacher weights: {WEIGHTS_HELP}")
 @click.option(
     "--aug",
     "augs",
@@ -85,7 +114,7 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
     "320 for none)",
 )
 @click.option("--batch-size", default=64, show_default=True, type=int, help="images per step")
-@click.option("--image-size", default=224, show_default=True, type=int, help="image side in px")
+@click.option("--image-size", type=int, help="image side in px  [default: the dataset's, else 224]")
 @click.option(
     "--crop-scale",
     default="0.08,1",
@@ -124,39 +153,29 @@ def _pair(ctx: Any, param: Any, value: str) -> tuple[float, float]:
     "--json", "json_out", type=click.Path(), help="write the ranked results here (folders made)"
 )
 @click.option("--plot", type=click.Path(), help="write a bar chart here (*.png; folders made)")
-def tstddev(
-    data, teacher, teacher_weights, augs, epochs, samples, group_steps, batch_size, image_size,
-    crop_scale, threads, mixing, resize, device, precision, granularity, seed, pick_criterion,
-    pool_size, student, student_weights, json_out, plot,
-) -> None:  # fmt: skip
+def tstddev(config_file, samples, json_out, plot, **params) -> None:
     """Rank augmentation schemes by the teacher's T. stddev (lowest = best for KD first).
 
     The frozen teacher sees x and x' of each scheme's training batches; nothing is trained.
+    Settings: the defaults shown < the dataset's own (DATA/dataset.json) < --config < the flags
+    given (a paper config holds the reference's probe: --config configs/paper/...).
     """
-    from dalikd.config import DataConfig, KDConfig, ModelConfig
     from dalikd.errors import DalikdError
     from dalikd.outputs import output_file
-    from dalikd.probe import ProbeConfig, run_probe, write_json, write_plot
+    from dalikd.probe import probe_config, run_probe, write_json, write_plot
 
-    if epochs is not None and samples is not None:
+    if params["epochs"] is not None and samples is not None:
         raise DalikdError("give --epochs or --samples, not both")
-    for flag, value in (("--epochs", epochs), ("--samples", samples)):
+    for flag, value in (("--epochs", params["epochs"]), ("--samples", samples)):
         if value is not None and value <= 0:
             raise DalikdError(f"{flag} must be > 0, got {value}")
     json_out = output_file(json_out, "--json") if json_out else None
     plot = output_file(plot, "--plot", (".png",)) if plot else None
-    cfg = ProbeConfig(
-        data=DataConfig(path=data, image_size=image_size, batch_size=batch_size, threads=threads,
-                        crop_scale=crop_scale, mixing=mixing, resize=resize),
-        model=ModelConfig(teacher=teacher, teacher_weights=teacher_weights, student=student,
-                          student_weights=student_weights),
-        augs=tuple(a for a in augs.split(",") if a.strip()),
-        epochs=epochs if epochs is not None else (0 if samples is not None else 10),
-        samples=samples or 0,
-        group_steps=group_steps,
-        kd=KDConfig(granularity=granularity, pick_criterion=pick_criterion, pool_size=pool_size),
-        device=device, precision=precision, seed=seed,
-    )  # fmt: skip
+    given = _given(click.get_current_context(), params)
+    flags = {key: FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+             for name, key in OPTION_KEYS.items()}  # fmt: skip
+    cfg = probe_config(config_file, given, samples or 0, flags)
+    teacher, group_steps = cfg.model.teacher, cfg.group_steps
     with ProbeProgress() as progress:
         results = run_probe(cfg, progress)
 

@@ -31,6 +31,12 @@ class InputNorm(NamedTuple):
 IMAGENET_NORM = InputNorm(IMAGENET_MEAN, IMAGENET_STD)  # torchvision's models, most of timm's
 
 
+def data_norm(mean: tuple[float, ...], std: tuple[float, ...]) -> InputNorm | None:
+    """The data's normalization (``DataConfig.mean`` / ``std``, RGB, 0-255 scale); None where
+    the data sets none (each model keeps its own)."""
+    return InputNorm(tuple(mean), tuple(std)) if mean else None  # type: ignore[arg-type]
+
+
 @dataclass
 class Batch:
     """One training or validation batch as torch tensors on the training device.

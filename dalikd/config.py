@@ -28,6 +28,8 @@ PickCriterion = Literal["teacher_entropy", "student_entropy", "kld"]
 Mixing = Literal["auto", "native", "composed"]
 Resize = Literal["auto", "native", "dali"]
 CacheFormat = Literal["exact", "compact", "topk"]
+BaseView = Literal["random_resized_crop", "pad_crop"]
+ValTransform = Literal["center_crop", "none"]
 
 
 def choices(kind: Any) -> tuple[str, ...]:
@@ -58,8 +60,23 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # area fraction range of the random crop
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect-ratio range of the random crop
     val_crop_fraction: float = 0.875  # val: resize shorter side to image_size / this, centre crop
+    # x, the view every recipe starts from: random_resized_crop (a random window, area in
+    # crop_scale and aspect in crop_ratio, resized to image_size², then a flip: ImageNet's) or
+    # pad_crop (zero padding of `pad` px on every side, a random image_size² window, then a flip:
+    # torchvision's RandomCrop(size, padding) + RandomHorizontalFlip, the reference's view on
+    # CIFAR and Tiny-ImageNet, for images stored at image_size²)
+    base_view: BaseView = "random_resized_crop"
+    pad: int = 4  # px of zero padding on every side of pad_crop (reference: 4 at 32 px, 8 at 64)
+    # validation: center_crop (resize the shorter side to image_size / val_crop_fraction, crop
+    # the centre image_size²) or none (images used as stored; they must be image_size²)
+    val_transform: ValTransform = "center_crop"
+    # the data's normalization, (x - mean) / std per RGB channel on the 0-255 scale (dataset.json
+    # sets CIFAR's); empty: each model's own. Where set, the student gets it, and so does a
+    # teacher without a normalization of its own (a cifar: model); docs/datasets.md
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
     batch_size: int = 256  # images per step (per process)
-    threads: int = 0  # DALI CPU threads; 0 = one per core, at most 8
+    threads: int = 0  # DALI CPU threads; 0 = one per core, at most 8 (raw images: one)
     # the scan leaves out images whose header claims more pixels than this (decompression
     # bombs: a few KB on disk, gigabytes decoded); 0 = no limit
     max_pixels: int = MAX_PIXELS
@@ -119,12 +136,29 @@ class KDConfig:
     pick_criterion: PickCriterion = "teacher_entropy"  # what the pick keeps the highest of
 
 
+# The paper's nine schemes (--aug values) less the student-entropy pick (--pick-criterion).
+PAPER_AUGS = (
+    "identity", "flip", "crop_flip", "cutout", "autoaugment", "mixup", "cutmix", "cutmixpick",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """`dalikd tstddev`'s own settings, as a config file's [probe] table holds them (a paper
+    config carries the reference's probe); `dalikd train` does not read them."""
+
+    augs: tuple[str, ...] = PAPER_AUGS  # --aug values to rank, one probe each
+    epochs: int = 10  # probe length in epochs of train/ (the reference's probe: 10)
+    group_steps: int = 5  # steps of teacher rows per group (the reference's 5)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
     device: Device = "auto"  # auto: gpu when CUDA is available
     seed: int = 0  # torch and DALI seeds derive from it
     out: str = ""  # run directory; empty = runs/<timestamp>
@@ -148,9 +182,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-SECTIONS = ("data", "model", "optim", "kd")
 
 
 def flags_named_as_keys(*keys: str) -> dict[str, str]:
@@ -201,9 +232,11 @@ def _coerce(key: str, value: Any, annotation: Any, flags: Mapping[str, str] | No
     raise TypeError(f"unsupported config type {annotation!r}")  # a dalikd bug, not user input
 
 
-def _apply(
+def apply_values(
     obj: Any, values: Mapping[str, Any], prefix: str = "", flags: Mapping[str, str] | None = None
 ) -> Any:
+    """``obj`` (a config dataclass) with nested ``values`` applied, each checked against its
+    field's type; an unknown key is one line naming it."""
     hints = typing.get_type_hints(type(obj))
     known = {f.name for f in fields(obj)}
     unknown = sorted(set(values) - known)
@@ -219,7 +252,7 @@ def _apply(
         if dataclasses.is_dataclass(current):
             if not isinstance(value, Mapping):
                 raise DalikdError(f"config key '{prefix}{name}' must be a table of keys")
-            changes[name] = _apply(current, value, f"{prefix}{name}.", flags)
+            changes[name] = apply_values(current, value, f"{prefix}{name}.", flags)
         else:
             changes[name] = _coerce(f"{prefix}{name}", value, hints[name], flags)
     return dataclasses.replace(obj, **changes)
@@ -266,9 +299,9 @@ def build_config(
     ``flags``: dotted key -> the command-line flag of an override, named in its errors."""
     cfg = base or TrainConfig()
     if file_values:
-        cfg = _apply(cfg, file_values)
+        cfg = apply_values(cfg, file_values)
     if overrides:
-        cfg = _apply(cfg, _nest(overrides), flags=flags)
+        cfg = apply_values(cfg, _nest(overrides), flags=flags)
     validate(cfg, flags if overrides else None)
     return cfg
 
@@ -304,7 +337,7 @@ def validate(cfg: TrainConfig, flags: Mapping[str, str] | None = None) -> None:
     flag its value came from; the message names the flag there, the config key elsewhere."""
     _check_choices(cfg)
     _check_finite(cfg, "", flags)
-    for ok, key, message in _data_checks(cfg.data) + _run_checks(cfg):
+    for ok, key, message in _data_checks(cfg.data) + _view_checks(cfg.data) + _run_checks(cfg):
         if not ok:
             raise DalikdError(f"{_label(key, flags)} {message}" if key else message)
     _check_combinations(cfg)
@@ -364,6 +397,19 @@ def _data_checks(d: DataConfig) -> list[Check]:
     ]
 
 
+# fmt: off
+def _view_checks(d: DataConfig) -> list[Check]:
+    return [
+        (0 <= d.pad <= MAX_IMAGE_SIZE, "data.pad", f"must be in [0, {MAX_IMAGE_SIZE}]: {d.pad}"),
+        (len(d.mean) in (0, 3) and len(d.std) == len(d.mean), "", "data.mean and data.std are 3 "
+         f"values each (RGB, 0-255) or both empty; got {list(d.mean)} and {list(d.std)}"),
+        (all(v > 0 for v in d.std), "data.std", f"must be positive, got {list(d.std)}"),
+        (not d.mean or max(*d.mean, *d.std) > 1, "", "data.mean and data.std are on the 0-255 "
+         f"scale; {list(d.mean)} / {list(d.std)} look like 0-1 values (multiply by 255)"),
+    ]
+# fmt: on
+
+
 def _run_checks(cfg: TrainConfig) -> list[Check]:
     d, o, k = cfg.data, cfg.optim, cfg.kd
     return [
@@ -396,6 +442,12 @@ def _run_checks(cfg: TrainConfig) -> list[Check]:
         ),
         (0 < k.pick_fraction <= 1, "kd.pick_fraction", f"must be in (0, 1], got {k.pick_fraction}"),
         (min(k.ce_weight, k.kd_weight, k.mixed_label_ce) >= 0, "", "loss weights must be >= 0"),
+        (
+            min(cfg.probe.epochs, cfg.probe.group_steps) >= 1,
+            "",
+            "probe.epochs and probe.group_steps must be positive",
+        ),
+        (bool(cfg.probe.augs), "probe.augs", "must name at least one --aug value"),
         (cfg.log_every >= 1, "log_every", f"must be positive, got {cfg.log_every}"),
         (cfg.log_seconds >= 0, "log_seconds", f"must be >= 0, got {cfg.log_seconds}"),
         (cfg.ckpt_every >= 0, "ckpt_every", f"must be >= 0, got {cfg.ckpt_every}"),

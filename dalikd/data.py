@@ -2,6 +2,11 @@
 
 Class index = position of the folder name in the sorted list of train classes, the torchvision
 ImageFolder convention, so a teacher trained elsewhere lines up with the labels here.
+
+A folder that ``dalikd data import`` wrote has a ``dataset.json`` (:mod:`dalikd.manifest`,
+layout "folder"): its classes are the manifest's, in its label order (each in the folder
+:func:`dalikd.manifest.class_folders` names, which sort into that order), and with codec "raw"
+its images are ``.hwc`` files of exactly H·W·C bytes (``Dataset.raw_shape``), checked by size.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 from dalikd.cache import cache_dir
 from dalikd.datacheck import MAX_PIXELS, check_files, not_regular
 from dalikd.errors import DalikdError
+from dalikd.manifest import RAW_EXTENSION, Manifest, class_folders, read_manifest
 from dalikd.rundir import LOCK, RUN_FILES
 
 # What DALI's image decoder reads; other files (.txt, .csv, ...) are left out.
@@ -42,6 +48,8 @@ class Dataset:
     skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of every file left out
     # val class folders without an image: those classes are not validated (no file left out)
     empty_val: tuple[str, ...] = ()
+    # (H, W, C) of a raw dataset's images (dataset.json's codec "raw"); (): encoded files
+    raw_shape: tuple[int, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -103,10 +111,12 @@ def _special(entry: os.DirEntry) -> str:
         return ""
 
 
-def _scan_split(split_dir: Path, split: str, classes: tuple[str, ...], found: _Found) -> Split:
-    """Image files by extension; what is left out goes to ``found`` by kind. Only regular
-    files are listed: a FIFO or device would block or never end when DALI reads it."""
-    index = {name: i for i, name in enumerate(classes)}
+def _scan_split(
+    split_dir: Path, split: str, index: dict[str, int], found: _Found, extensions: tuple[str, ...]
+) -> Split:
+    """Image files by extension (``extensions``); what is left out goes to ``found`` by kind.
+    ``index``: class folder name -> label. Only regular files are listed: a FIFO or device
+    would block or never end when DALI reads it."""
     files: list[str] = []
     labels: list[int] = []
     for name in _class_dirs(split_dir):
@@ -118,7 +128,7 @@ def _scan_split(split_dir: Path, split: str, classes: tuple[str, ...], found: _F
         images = []
         for entry in os.scandir(split_dir / name):
             if _is_file(entry):
-                is_image = entry.name.lower().endswith(IMAGE_EXTENSIONS)
+                is_image = entry.name.lower().endswith(extensions)
                 if is_image and not _utf8(entry.path):
                     found.bad_names.append(entry.path)
                     continue
@@ -156,10 +166,30 @@ def _require_split(root: Path, split: str) -> None:
         )
 
 
+def folder_manifest(root: Path) -> Manifest | None:
+    """The manifest of an imported folder (layout "folder"); None for a plain folder."""
+    manifest = read_manifest(root)
+    return manifest if manifest is not None and manifest.layout == "folder" else None
+
+
+def _manifest_classes(root: Path, manifest: Manifest | None) -> bool:
+    """The manifest's classes name the class folders: each is in the folder
+    :func:`dalikd.manifest.class_folders` gives it (as ``dalikd data import`` writes them).
+    A manifest written beside folders of other names leaves the folder names the classes."""
+    if manifest is None:
+        return False
+    split = "train" if (root / "train").is_dir() else "val"
+    found = _class_dirs(root / split) if (root / split).is_dir() else []
+    return set(found) <= set(class_folders(manifest.classes))
+
+
 def class_names(root: str | Path) -> tuple[str, ...]:
-    """The class index of a dataset: its train/ class folders, sorted; val/'s where there is
-    no train/ (evaluation only)."""
+    """The class index of a dataset: an imported folder's manifest classes, in label order;
+    else its train/ class folders, sorted; val/'s where there is no train/ (evaluation only)."""
     root = _dataset_root(root)
+    manifest = folder_manifest(root)
+    if _manifest_classes(root, manifest):
+        return manifest.classes
     split = "train" if (root / "train").is_dir() or not (root / "val").is_dir() else "val"
     _require_split(root, split)
     classes = tuple(_class_dirs(root / split))
@@ -195,25 +225,26 @@ def scan_dataset(
     for split in splits:
         _require_split(root, split)
     classes = classes or class_names(root)
+    index, extensions, raw_shape = _layout(root, classes)
     listed = _Found()
     found = {
-        name: _scan_split(root / name, name, classes, listed) if name in splits else Split((), ())
+        name: _scan_split(root / name, name, index, listed, extensions)
+        if name in splits else Split((), ())
         for name in ("train", "val")
-    }
+    }  # fmt: skip
     bad: dict[str, str] = {}
     if check:
         bad = check_files(
             [f for split in found.values() for f in split.files],
             root=root, cache_root=cache_dir() if cache else None, decode=decode,
-            progress=progress, max_pixels=max_pixels,
+            progress=progress, max_pixels=max_pixels, raw_shape=raw_shape,
         )  # fmt: skip
     for name, split in found.items():
         keep = [i for i, f in enumerate(split.files) if f not in bad]
         if not keep and strict and name in splits:
             left = f"; {len(split)} left out, see: dalikd check-data {root}" if len(split) else ""
             raise DalikdError(
-                f"{root}/{name} holds no usable images{left} "
-                f"(looked for {', '.join(IMAGE_EXTENSIONS)})"
+                f"{root}/{name} holds no usable images{left} (looked for {', '.join(extensions)})"
             )
         found[name] = Split(
             tuple(split.files[i] for i in keep), tuple(split.labels[i] for i in keep)
@@ -231,7 +262,25 @@ def scan_dataset(
         + [(p + "/", "empty class folder (no image file)") for p in listed.empty["train"]]
     )  # fmt: skip
     return Dataset(root, classes, found["train"], found["val"], tuple(skipped),
-                   empty_val=tuple(listed.empty["val"]))  # fmt: skip
+                   empty_val=tuple(listed.empty["val"]), raw_shape=raw_shape)  # fmt: skip
+
+
+def _layout(
+    root: Path, classes: tuple[str, ...]
+) -> tuple[dict[str, int], tuple[str, ...], tuple[int, ...]]:
+    """(class folder -> label, the image file extensions, the raw image shape or ()) of the
+    dataset at ``root``: a plain folder's class folders are the class names; an imported one's
+    are :func:`dalikd.manifest.class_folders` of its classes, and its raw images ``.hwc``."""
+    manifest = folder_manifest(root)
+    index = {name: i for i, name in enumerate(classes)}
+    if manifest is None:
+        return index, IMAGE_EXTENSIONS, ()
+    if _manifest_classes(root, manifest):
+        folder_of = dict(zip(manifest.classes, class_folders(manifest.classes), strict=True))
+        index = {folder_of.get(name, name): i for i, name in enumerate(classes)}
+    if manifest.codec != "raw":
+        return index, IMAGE_EXTENSIONS, ()
+    return index, (RAW_EXTENSION,), tuple(manifest.image_shape or ())
 
 
 _RUN_MARKS = (LOCK, *RUN_FILES)  # what a dalikd run folder holds: a class folder with one is a run

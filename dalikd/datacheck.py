@@ -12,7 +12,9 @@ file is checked once and left out, with its reason, when it is:
   bytes once trailing 0x00/0xFF padding is stripped, a PNG without IEND, a WebP or BMP shorter
   than its header says;
 - an image whose header claims more than ``max_pixels`` pixels (a decompression bomb: a few KB
-  on disk, gigabytes once decoded).
+  on disk, gigabytes once decoded);
+- in a raw dataset (``raw_shape``: ``dalikd data import``'s headerless uint8 pixels), a file
+  whose size is not H·W·C bytes: a stat tells, nothing is opened or cached.
 
 Each file costs one open, one fstat and two small reads at most for the common case: 4 KiB at
 the head (the format and the image size) and 512 bytes at the tail (the end marker), one read
@@ -259,6 +261,17 @@ def _end_missing(fmt: str | None, f: _File, tail: bytes) -> str | None:
     return None
 
 
+def raw_size_reason(size: int, raw_shape: tuple[int, ...]) -> str | None:
+    """Why a raw image file of ``size`` bytes must be left out (not H·W·C), or None."""
+    h, w, c = raw_shape
+    if size == h * w * c:
+        return None
+    if size == 0:
+        return "empty file"
+    return (f"raw image of {size:,} bytes; the dataset's images are {h}x{w}x{c} = "
+            f"{h * w * c:,} bytes (dataset.json's image_shape): truncated or foreign")  # fmt: skip
+
+
 def check_file(path: str, decode: bool = False, max_pixels: int = MAX_PIXELS) -> str | None:
     """Why ``path`` must be left out, or None when it looks decodable."""
     reason, w, h = _inspect(path, decode)
@@ -336,12 +349,13 @@ def check_files(
     threads: int = 16,
     progress: Callable[[int, int], None] | None = None,
     max_pixels: int = MAX_PIXELS,
+    raw_shape: tuple[int, ...] = (),
 ) -> dict[str, str]:
     """Path -> reason for every file of ``files`` that must be left out.
 
     ``cache_root`` None disables the cache. Checks run in a thread pool (the work is file I/O,
     which releases the GIL). ``max_pixels``: the most pixels an image header may claim (0: no
-    limit).
+    limit). ``raw_shape``: (H, W, C) where the files are raw pixels, checked by size alone.
     """
     files = list(files)
     cache_file = _cache_path(cache_root, root, decode) if cache_root else None
@@ -358,6 +372,9 @@ def check_files(
             verdicts[path] = (-1, -1, not_regular(st.st_mode), 0, 0)
             continue
         key = (st.st_size, st.st_mtime_ns)
+        if raw_shape:  # a stat is the whole check: nothing to cache
+            verdicts[path] = (*key, raw_size_reason(st.st_size, raw_shape), 0, 0)
+            continue
         hit = cached.get(path)
         if hit is not None and hit[:2] == key:
             verdicts[path] = hit

@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalikd import distributed
-from dalikd.config import DataConfig, build_config
-from dalikd.data import class_names, scan_dataset
+from dalikd import distributed, sources
+from dalikd.batch import InputNorm, data_norm
+from dalikd.config import flags_named_as_keys
 from dalikd.device import autocast, prepare_images, resolve_device, torch_device
 from dalikd.errors import DalikdError
 from dalikd.losses import kl_divergence
 from dalikd.models import build_model, check_classes, checkpoint_classes, input_norm
+from dalikd.settings import command_config
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -44,6 +45,7 @@ def evaluate(
     ctx: distributed.Dist | None = None,
     teacher: nn.Module | None = None,
     progress: Callable[[int, int], None] | None = None,
+    norm: InputNorm | None = None,
 ) -> dict[str, float]:
     """Validation loss and top-1 / top-5 accuracy (%) over every image of the loader, summed
     over all ranks when distributed (each rank holds one shard of the split).
@@ -53,9 +55,11 @@ def evaluate(
     (nats per image), a cheap signal of how far the distillation has come.
 
     ``progress(done, total)`` hears of each batch this rank has evaluated (no device sync).
+    ``norm``: the normalization the model's inputs get (a trained student's: the data's where
+    set, :func:`dalikd.models.student_norm`); default: its own (:func:`input_norm`).
     """
     model.eval()
-    norm = input_norm(model)  # a teacher takes the model's inputs (models.adapt_input)
+    norm = norm or input_norm(model)  # a teacher takes the model's inputs (models.adapt_input)
     # Sums stay on the device: no CPU-GPU sync until the end.
     # [loss sum, top-1 hits, top-5 hits, images, agreeing images, KL sum]
     sums = torch.zeros(6, dtype=torch.float64, device=torch_device(device))
@@ -100,43 +104,51 @@ def evaluate_model(
     weights: str,
     *,
     batch_size: int = 100,
-    image_size: int = 224,
+    image_size: int | None = None,
     threads: int = 0,
     device: str = "auto",
 ) -> dict[str, Any]:
     """Build ``model_name`` with ``weights`` and evaluate it on ``data``/val (with ``plan``: the
     data plan the validation graph was built from).
 
+    The data settings are the dataset's own (its dataset.json: an imported CIFAR's image size,
+    validation transform and normalization) where no argument sets them; ``image_size`` None:
+    the dataset's, else 224. The model sees its own normalization, else the data's (a cifar:
+    model's pretrained weights were trained on the data's).
+
     The class index is the checkpoint's classes where it carries them, else train/'s class
     folders, else val/'s (a dataset may hold val/ only); names that differ are refused.
     """
     # the same checks as training's (a batch of 0 or a 0 px image is one line, not a traceback)
-    build_config(
-        overrides={"data.batch_size": batch_size, "data.image_size": image_size,
-                   "data.threads": threads},
-        flags={"data.batch_size": "--batch-size", "data.image_size": "--image-size",
-               "data.threads": "--threads"},
-    )  # fmt: skip
+    given = {"data.path": data, "data.batch_size": batch_size, "data.threads": threads}
+    if image_size is not None:
+        given["data.image_size"] = image_size
+    data_cfg = command_config(overrides=given, flags=flags_named_as_keys(*given)).data
     if not weights.strip():
         raise DalikdError(
             "--weights is empty: give a weights file or a torchvision weights name (evaluating "
             "random weights measures nothing)"
         )
     device = resolve_device(device)
-    names = class_names(data)
+    names = sources.names(data)  # a shard set's: its manifest's
     trained_on = checkpoint_classes(weights)
-    val_only = not (Path(data).expanduser() / "train").is_dir()
+    train = Path(data).expanduser() / "train"
+    val_only = sources.source_kind(data) == "folder" and not train.is_dir()
     check_classes(trained_on, names, f"weights {weights}", subset=val_only)
-    dataset = scan_dataset(data, splits=("val",), classes=trained_on or names)
+    dataset = sources.open_dataset(data, splits=("val",), classes=trained_on or names)
     model = build_model(model_name, dataset.num_classes, weights)
     from dalikd import recovery  # DALI: only where the loader is built
     from dalikd.plan import resolve_plan
 
     model.to(torch_device(device))
-    data_cfg = DataConfig(path=data, image_size=image_size, batch_size=batch_size, threads=threads)
-    plan = resolve_plan(data_cfg, device=device, norm=input_norm(model))
-    # a file that fails to decode is left out (one warning line) and the evaluation goes on
-    val = recovery.ValData(recovery.FileSource(dataset.val), plan,
-                           on_failure=recovery.LeftOutWarning("validation file"))  # fmt: skip
-    result = evaluate(model, val, device)
+    norm = input_norm(model, data_norm(data_cfg.mean, data_cfg.std))
+    plan = resolve_plan(data_cfg, device=device, norm=norm, raw_shape=dataset.raw_shape)
+    if sources.is_shards(dataset):  # (merge: shard sets join recovery in the next commit)
+        from dalikd import loaders
+
+        val: Any = loaders.val_loader(dataset.val, plan)
+    else:  # a file that fails to decode is left out (one warning line) and the evaluation goes on
+        val = recovery.ValData(recovery.FileSource(dataset.val), plan,
+                               on_failure=recovery.LeftOutWarning("validation file"))  # fmt: skip
+    result = evaluate(model, val, device, norm=norm)
     return {**result, "plan": plan.to_dict()}  # the data plan it ran

@@ -4,7 +4,9 @@ their hand-off to PyTorch (:class:`Loader`, :func:`train_loader`, :func:`val_loa
 ``pipeline_def`` and the PyTorch iterator are applied here and nowhere else. Both graphs run on
 CPU (``device="cpu"``, DALI's ``device_id=None``) or GPU (``device="gpu"``: the decoder runs as
 "mixed" and everything after it on the GPU) from the same code. Their outputs are uint8 HWC
-images: torch normalizes them on the training device (:mod:`dalikd.batch`).
+images: torch normalizes them on the training device (:mod:`dalikd.batch`). A raw dataset's
+files (``plan.raw_shape``: ``dalikd data import``'s) are reshaped, not decoded (:func:`pixels`);
+x is a random-resized crop or, for CIFAR and Tiny-ImageNet, a pad-crop (``data.base_view``).
 
 Every graph is built from a :class:`dalikd.plan.DataPlan` (the resolved data settings, recipe,
 paths and seeds) and a :class:`dalikd.recipes.Seeds` the builder makes from the loader's seed:
@@ -28,31 +30,46 @@ from dalikd.device import torch_device
 from dalikd.errors import DalikdError
 from dalikd.plan import DataPlan, check_state
 from dalikd.recipes import Pool, Seeds, View, recipe_error, recipe_info
+from dalikd.shards import ShardSplit
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "Batch", "torch_device", "train_loader", "val_loader",
 ]  # fmt: skip
 
 READER = "Reader"
+AnySplit = Split | ShardSplit  # what read() reads: a folder's files or a shard set's samples
 
 
 # -- graph pieces (DataNode -> DataNode) ---------------------------------------------------------
 
 
 def read(
-    split: Split,
+    split: AnySplit,
     *,
     shuffle: bool,
     shard_id: int,
     num_shards: int,
     seed: int = 0,
     indexed: bool = False,
-) -> tuple[Any, Any]:
-    """Encoded files and int32 labels of this shard (``indexed``: each file's position in
-    ``split`` instead, which :class:`Loader` maps to its label). ``pad_last_batch`` gives every
-    shard the same number of batches; ``shuffle_after_epoch`` is a true global reshuffle each
-    epoch, and the same ``seed`` on every rank makes the shards split one shared permutation."""
-    return fn.readers.file(
+    small_files: bool = False,
+) -> tuple[Any, Any, Any]:
+    """Encoded images, int32 labels and (``indexed``) each sample's position of this rank's
+    part of ``split``: a folder's files (DALI's file reader) or a shard set's samples
+    (:func:`dalikd.shard_source.read_shards`; a position is the sample's number, and the labels
+    are read from the shards). A folder read ``indexed`` hands over each file's position in
+    ``split`` as its label instead (:class:`Loader` maps it to its label) and no third output.
+    ``pad_last_batch`` gives every rank the same number of batches; ``shuffle`` reshuffles each
+    epoch, and the same ``seed`` on every rank makes the ranks split one shared order.
+    ``small_files`` (raw images of a few KB): plain reads instead of a memory map per file,
+    which cost ~10 µs of CPU per 3 KB CIFAR image more (benchmarks/README.md)."""
+    if isinstance(split, ShardSplit):
+        from dalikd.shard_source import read_shards
+
+        images, labels, numbers = read_shards(split, shuffle=shuffle, shard_id=shard_id,
+                                              num_shards=num_shards, seed=seed)  # fmt: skip
+        return images, labels, numbers if indexed else None
+    jpegs, labels = fn.readers.file(
+        dont_use_mmap=small_files,
         seed=seed,
         files=list(split.files),
         labels=list(range(len(split))) if indexed else list(split.labels),
@@ -62,6 +79,7 @@ def read(
         shuffle_after_epoch=shuffle,
         pad_last_batch=True,
     )
+    return jpegs, labels, None
 
 
 def decoder_args(data: DataConfig, device: str, preallocate: bool = False) -> dict[str, Any]:
@@ -82,6 +100,19 @@ def decoder_args(data: DataConfig, device: str, preallocate: bool = False) -> di
             host_memory_padding=data.host_memory_padding,
         )
     return args
+
+
+def pixels(encoded: Any, plan: DataPlan, preallocate: bool = False) -> Any:
+    """The images of the files :func:`read` gives, whole: uint8 HWC RGB on ``plan.device``.
+    Raw files (``plan.raw_shape``: ``dalikd data import``'s headerless pixels) are reshaped,
+    nothing decoded (on GPU then copied there: a few KB per image); encoded files go through
+    DALI's image decoder ("mixed" on GPU; ``preallocate``: :func:`decoder_args`). A raw file
+    of another size fails here as a damaged image fails in the decoder."""
+    if plan.raw_shape:
+        images = fn.reshape(encoded, shape=list(plan.raw_shape), layout="HWC")
+        return images.gpu() if plan.device == "gpu" else images
+    args = decoder_args(plan.data, plan.device, preallocate)
+    return fn.decoders.image(encoded, **args, output_type=types.RGB)
 
 
 def random_crop_decode(jpegs: Any, plan: DataPlan, seeds: Seeds | None = None) -> Any:
@@ -125,7 +156,7 @@ def center_crop(jpegs: Any, plan: DataPlan) -> Any:
     """Decode, resize the shorter side to image_size / val_crop_fraction, crop the centre
     image_size². Deterministic. Out: uint8 HWC RGB on ``plan.device``."""
     data = plan.data
-    images = fn.decoders.image(jpegs, **decoder_args(data, plan.device), output_type=types.RGB)
+    images = pixels(jpegs, plan)
     shorter = round(data.image_size / data.val_crop_fraction)
     if plan.native_resize:
         images = fn.dalikd_resize(images, resize_shorter=shorter)
@@ -134,14 +165,43 @@ def center_crop(jpegs: Any, plan: DataPlan) -> Any:
     return fn.crop(images, crop=(data.image_size, data.image_size))
 
 
+def pad_crop(encoded: Any, plan: DataPlan, seeds: Seeds | None = None) -> Any:
+    """The whole image zero-padded by ``data.pad`` px on every side, a random image_size² window
+    of it, mirrored with p = 1/2 (:func:`dalikd.ops.crop_flip`, a draw per image): torchvision's
+    RandomCrop(size, padding=pad) + RandomHorizontalFlip, the reference's x on CIFAR (32 px,
+    pad 4) and Tiny-ImageNet (64 px, pad 8). The padding is zeros in uint8 space, as there.
+    Out: uint8 HWC RGB on ``plan.device``."""
+    images = pixels(encoded, plan, plan.preallocate)
+    return ops.crop_flip(images, plan.data.image_size, pad=plan.data.pad, seeds=seeds)
+
+
+def raw_random_resized_crop(raw: Any, plan: DataPlan, seeds: Seeds | None = None) -> Any:
+    """:func:`random_resized_crop` of raw images (nothing to decode a window of): DALI's
+    ``fn.random_resized_crop`` over the reshaped image (the same area and aspect ranges, its
+    own resize), then the flip. Out: uint8 HWC RGB on ``plan.device``."""
+    data = plan.data
+    images = fn.random_resized_crop(
+        pixels(raw, plan), size=[data.image_size, data.image_size],
+        random_area=list(data.crop_scale), random_aspect_ratio=list(data.crop_ratio),
+        num_attempts=10, antialias=data.antialias, **ops.seed(seeds),
+    )  # fmt: skip
+    return fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5, **ops.seed(seeds)))
+
+
 def base_view(jpegs: Any, plan: DataPlan, seeds: Seeds) -> Any:
-    """x, the training view every recipe starts from: random-resized-crop + flip. Its draws
-    take the ``base`` stream of ``seeds``, apart from the recipe's."""
-    return random_resized_crop(jpegs, plan, seeds.stream("base"), flip=True)
+    """x, the training view every recipe starts from (``data.base_view``): random-resized-crop
+    + flip, or :func:`pad_crop` (+ flip). Its draws take the ``base`` stream of ``seeds``,
+    apart from the recipe's."""
+    base = seeds.stream("base")
+    if plan.data.base_view == "pad_crop":
+        return pad_crop(jpegs, plan, base)
+    if plan.raw_shape:
+        return raw_random_resized_crop(jpegs, plan, base)
+    return random_resized_crop(jpegs, plan, base, flip=True)
 
 
 def train_graph(
-    split: Split,
+    split: AnySplit,
     plan: DataPlan,
     seeds: Seeds,
     *,
@@ -159,10 +219,13 @@ def train_graph(
     operator's λ, already there): a CPU node that also feeds GPU work (``images * lam``) is
     allocated in pinned host memory, which DALI exports over DLPack as kDLCUDAHost, a device
     type torch's ``from_dlpack`` rejects. Labels feed nothing on the GPU and stay on CPU."""
-    jpegs, labels = read(split, shuffle=shuffle, shard_id=shard_id, num_shards=num_shards,
-                         seed=reader_seed, indexed=indexed)  # fmt: skip
+    jpegs, labels, index = read(split, shuffle=shuffle, shard_id=shard_id, num_shards=num_shards,
+                                seed=reader_seed, indexed=indexed,
+                                small_files=bool(plan.raw_shape))  # fmt: skip
     images = base_view(jpegs, plan, seeds)
     outputs = {"images": images, "labels": labels}
+    if index is not None:  # a shard set's sample numbers (a folder's positions are its labels)
+        outputs["index"] = index
     if plan.recipe is not None:
         out = plan.recipe(images, plan.aug_context(seeds))
         _check_recipe_output(plan, out)
@@ -207,16 +270,21 @@ def _check_recipe_output(plan: DataPlan, out: Any) -> None:
 
 
 def val_view(jpegs: Any, plan: DataPlan) -> Any:
-    """The validation transform (deterministic): :func:`center_crop`."""
+    """The validation transform (``data.val_transform``, deterministic): :func:`center_crop`,
+    or none: the images as stored (:func:`pixels`; the reference's CIFAR and Tiny-ImageNet
+    test transform is ToTensor + Normalize alone)."""
+    if plan.data.val_transform == "none":
+        return pixels(jpegs, plan)
     return center_crop(jpegs, plan)
 
 
 def val_graph(
-    split: Split, plan: DataPlan, seeds: Seeds, *, shard_id: int, num_shards: int
+    split: AnySplit, plan: DataPlan, seeds: Seeds, *, shard_id: int, num_shards: int
 ) -> dict[str, Any]:
     """Every file of this shard once, in order, through :func:`val_view` (``seeds``: unused,
     the view draws nothing)."""
-    jpegs, labels = read(split, shuffle=False, shard_id=shard_id, num_shards=num_shards)
+    jpegs, labels, _ = read(split, shuffle=False, shard_id=shard_id, num_shards=num_shards,
+                            small_files=bool(plan.raw_shape))  # fmt: skip
     return {"images": val_view(jpegs, plan), "labels": labels}
 
 
@@ -368,7 +436,9 @@ class Loader:
                     )
             index = None
             labels = _flat(d["labels"], to, torch.int64)
-            if self._labels is not None:  # file positions: the labels follow on the CPU
+            if "index" in d:  # a shard set's sample numbers, beside their labels
+                index = _flat(d["index"], torch.device("cpu"), torch.int64)
+            elif self._labels is not None:  # file positions: the labels follow on the CPU
                 index = _flat(d["labels"], torch.device("cpu"), torch.int64)
                 labels = self._labels[index].to(to, non_blocking=True)
             yield Batch(
@@ -396,7 +466,7 @@ def _flat(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> t
 
 
 def train_loader(
-    split: Split,
+    split: AnySplit,
     plan: DataPlan,
     *,
     seed: int | None = None,
@@ -425,13 +495,15 @@ def train_loader(
         train_graph, plan, seed=seed + shard_id, checkpoint=checkpoint, split=split,
         reader_seed=seed, indexed=indexed, **reader,
     )  # fmt: skip
-    labels = split.labels if indexed else None
+    labels = split.labels if indexed and isinstance(split, Split) else None
     recipe = f"recipe {recipe_info(plan.recipe).name}" if plan.recipe is not None else ""
     return Loader(pipe, names, pool_size=plan.pool_size, last_batch=LastBatchPolicy.DROP,
                   device=torch_device(plan.device), labels=labels, recipe=recipe)  # fmt: skip
 
 
-def val_loader(split: Split, plan: DataPlan, *, shard_id: int = 0, num_shards: int = 1) -> Loader:
+def val_loader(
+    split: AnySplit, plan: DataPlan, *, shard_id: int = 0, num_shards: int = 1
+) -> Loader:
     """Every validation image exactly once per epoch, in file order (last batch partial)."""
     pipe, names = build_pipeline(
         val_graph, plan, seed=0, split=split, shard_id=shard_id, num_shards=num_shards

@@ -9,8 +9,9 @@ a timm name with a pretrained tag such as ``timm:resnet50.a1_in1k`` (timm downlo
 
 Each model sees its own input normalization (:func:`input_norm`): a timm model its pretrained
 config's mean/std, a ``cifar:`` model (which has none of its own, :func:`own_norm` None) the
-data's, the others ImageNet's; a teacher fed the student's inputs maps them to its own on the
-device (:func:`adapt_input`).
+data's, the others ImageNet's; a student gets the data's wherever the data sets one
+(:func:`student_norm`); a teacher fed the student's inputs maps them to its own on the device
+(:func:`adapt_input`).
 """
 
 from __future__ import annotations
@@ -80,11 +81,19 @@ def own_norm(model: nn.Module) -> InputNorm | None:
     return IMAGENET_NORM
 
 
-def input_norm(model: nn.Module, data_norm: InputNorm = IMAGENET_NORM) -> InputNorm:
+def input_norm(model: nn.Module, data_norm: InputNorm | None = None) -> InputNorm:
     """The normalization ``model``'s inputs get: its own (:func:`own_norm`), else the data's
-    (``data_norm``; ImageNet's until the dataset's own mean/std is passed in)."""
+    (``data_norm``; ImageNet's where the data sets none)."""
     own = own_norm(model)
-    return data_norm if own is None else own
+    return (data_norm or IMAGENET_NORM) if own is None else own
+
+
+def student_norm(model: nn.Module, data_norm: InputNorm | None) -> InputNorm:
+    """The normalization a student's inputs get: the data's where it sets one (the student is
+    trained here, on the data's statistics), else the model's own (:func:`input_norm`). A
+    teacher, whose pretrained weights fix its input, gets :func:`input_norm` instead: its own
+    where it has one, else the data's."""
+    return data_norm if data_norm is not None else input_norm(model)
 
 
 class AdaptInput(nn.Module):
@@ -108,7 +117,7 @@ class AdaptInput(nn.Module):
 
 
 def adapt_input(
-    model: nn.Module, takes: InputNorm, data_norm: InputNorm = IMAGENET_NORM
+    model: nn.Module, takes: InputNorm, data_norm: InputNorm | None = None
 ) -> nn.Module:
     """``model`` taking inputs normalized with ``takes``: itself when that is its normalization
     (:func:`input_norm` with ``data_norm``), else wrapped in :class:`AdaptInput` (kept in

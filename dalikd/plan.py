@@ -24,11 +24,14 @@ from dalikd.batch import IMAGENET_NORM, InputNorm
 from dalikd.config import DataConfig, KDConfig, TrainConfig
 from dalikd.errors import DalikdError
 from dalikd.recipes import AugContext, Recipe, Seeds, recipe_info, resolve
+from dalikd.sources import source_kind
 
 
-def default_threads() -> int:
-    """DALI CPU threads where ``data.threads`` is 0: one per core, at most 8."""
-    return max(1, min(len(os.sched_getaffinity(0)), 8))
+def default_threads(raw: bool = False) -> int:
+    """DALI CPU threads where ``data.threads`` is 0: one per core, at most 8; one for ``raw``
+    images (a few KB each: reading and cropping one costs a few µs, and a second thread's
+    wake-ups cost more CPU than it adds; benchmarks/README.md, CIFAR hand-off)."""
+    return 1 if raw else max(1, min(len(os.sched_getaffinity(0)), 8))
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,12 @@ class DataPlan:
     # training loader only (recovery.TrainData sets it); tooling pipelines go without. Changes
     # memory, not pixels: not in the cache key, not in to_dict (config.json)
     preallocate: bool = False
+    # where the images come from (dalikd.sources): "folder" (image files, DALI's file reader)
+    # or "shards" (a shard set's tars, its webdataset reader: another sample order)
+    source: str = "folder"
+    # (H, W, C) of a dataset stored as raw pixels (dataset.json's codec "raw": each file is read
+    # and reshaped, nothing is decoded); (): encoded image files, decoded
+    raw_shape: tuple[int, ...] = ()
 
     @property
     def mixes(self) -> bool:
@@ -85,6 +94,8 @@ class DataPlan:
             "granularity": self.granularity, "pool_size": self.pool_size, "seed": self.seed,
             "norm": {"mean": list(self.norm.mean), "std": list(self.norm.std)},
             "mixing": self.data.mixing if self.mixes else "none", "resize": self.data.resize,
+            "source": self.source,
+            "raw_shape": list(self.raw_shape),
         }  # fmt: skip
 
 
@@ -98,36 +109,64 @@ def resolve_plan(
     pool_size: int = 2,
     norm: InputNorm = IMAGENET_NORM,
     dali_state: str | bytes | None = None,
+    raw_shape: tuple[int, ...] = (),
 ) -> DataPlan:
     """The plan of ``data`` with recipe ``aug`` (an --aug spec, or a recipe function) on
     ``device`` ("cpu" | "gpu"). ``pool_size``: k, the candidates per image of a pool recipe.
     ``dali_state``: a saved DALI state the graph will restore, whose paths win over "auto" (and
-    contradict any other: a state restores only into the graph it was saved from)."""
+    contradict any other: a state restores only into the graph it was saved from).
+    ``raw_shape``: (H, W, C) of a raw dataset's images (``Dataset.raw_shape``); () for encoded
+    files."""
     from dalikd import native
+
+    _check_raw(data, tuple(raw_shape))
 
     recipe = aug if callable(aug) else resolve(aug or "none")
     spec = "none" if recipe is None else (aug if isinstance(aug, str) else recipe_info(aug).name)
     info = recipe_info(recipe) if recipe is not None else None
     if dali_state is not None:
-        data = _restored(data, dali_state, info is not None and info.mixing)
+        data = _restored(data, dali_state, info is not None and info.mixing,
+                         _resizes(data, tuple(raw_shape)))  # fmt: skip
     resize = native.resolve_resize(data.resize, data.antialias, device)
     mixing = data.mixing
     if info is not None and info.mixing:  # resolved only where something mixes
         mixing = native.resolve(mixing, device)
     views = 0 if info is None else (pool_size if info.pool else 1)
-    threads = data.threads or default_threads()
+    threads = data.threads or default_threads(bool(raw_shape))
     resolved = replace(data, resize=resize, mixing=mixing, threads=threads)
     return DataPlan(resolved, device, spec.strip(), granularity, views, seed, norm,
-                    recipe=recipe)  # fmt: skip
+                    recipe=recipe, source=source_kind(data.path),
+                    raw_shape=tuple(raw_shape))  # fmt: skip
+
+
+def _check_raw(data: DataConfig, raw_shape: tuple[int, ...]) -> None:
+    """One line where raw images cannot give the settings' views: validation without a
+    transform shows images as stored, so they must be image_size²."""
+    if not raw_shape:
+        return
+    h, w, c = raw_shape
+    if c != 3:
+        raise DalikdError(f"the dataset's raw images have {c} channels; dalikd reads RGB (3)")
+    size = data.image_size
+    if data.val_transform == "none" and (h, w) != (size, size):
+        raise DalikdError(
+            f"the dataset's images are {h}x{w} px and validation uses them as stored "
+            f"(val_transform none), but --image-size is {size}: give --image-size {h} or "
+            "val_transform center_crop"
+        )
 
 
 def plan_of(
-    cfg: TrainConfig, device: str, norm: InputNorm = IMAGENET_NORM, dali_state: Any = None
+    cfg: TrainConfig,
+    device: str,
+    norm: InputNorm = IMAGENET_NORM,
+    dali_state: Any = None,
+    raw_shape: tuple[int, ...] = (),
 ) -> DataPlan:
     """The plan of a run's config (its data settings and its kd section's recipe, granularity
-    and pool size)."""
+    and pool size) on a dataset of ``raw_shape`` (``Dataset.raw_shape``)."""
     return plan_for(cfg.data, cfg.kd, device=device, seed=cfg.seed, norm=norm,
-                    dali_state=dali_state)  # fmt: skip
+                    dali_state=dali_state, raw_shape=raw_shape)  # fmt: skip
 
 
 def plan_for(data: DataConfig, kd: KDConfig, **kw: Any) -> DataPlan:
@@ -152,10 +191,18 @@ def _holds(checkpoint: str | bytes, name: str) -> bool:
     return (name.encode() if isinstance(checkpoint, bytes) else name) in checkpoint
 
 
-def _restored(data: DataConfig, checkpoint: str | bytes, mixes: bool) -> DataConfig:
-    """``data`` for a graph that restores ``checkpoint``: its resize and mixing paths win over
-    "auto" and contradict any other."""
-    resize = checkpoint_resize(checkpoint)
+def _resizes(data: DataConfig, raw_shape: tuple[int, ...]) -> bool:
+    """The training graph resizes on the plan's resize path (a random-resized crop decoded from
+    image files); pad_crop and raw images (DALI's own random_resized_crop) take no path."""
+    return data.base_view == "random_resized_crop" and not raw_shape
+
+
+def _restored(
+    data: DataConfig, checkpoint: str | bytes, mixes: bool, resizes: bool = True
+) -> DataConfig:
+    """``data`` for a graph that restores ``checkpoint``: its resize (where the graph
+    ``resizes``) and mixing paths win over "auto" and contradict any other."""
+    resize = checkpoint_resize(checkpoint) if resizes else data.resize
     if data.resize not in ("auto", resize):
         raise DalikdError(
             f"the data pipeline state was saved with the {resize} resize path; this run asks for "
@@ -176,4 +223,4 @@ def _restored(data: DataConfig, checkpoint: str | bytes, mixes: bool) -> DataCon
 def check_state(plan: DataPlan, checkpoint: str | bytes) -> None:
     """A DALI state restores only into the graph it was saved from: one line where ``plan``'s
     paths are not its."""
-    _restored(plan.data, checkpoint, plan.mixes)
+    _restored(plan.data, checkpoint, plan.mixes, _resizes(plan.data, plan.raw_shape))

@@ -20,12 +20,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dalikd import recovery
 from dalikd.atomic import write_atomic
-from dalikd.config import MAX_IMAGE_SIZE, MAX_SEED, DataConfig
-from dalikd.data import scan_dataset
+from dalikd.config import MAX_IMAGE_SIZE, MAX_SEED
+from dalikd.data import Dataset
 from dalikd.device import resolve_device
 from dalikd.errors import DalikdError
 from dalikd.ops import GRANULARITIES
 from dalikd.plan import DataPlan, resolve_plan
+from dalikd.settings import command_config
+from dalikd.sources import open_dataset
 
 # Layout, all in px of the PNG.
 MIN_TILE = 96  # tiles smaller than this are enlarged by an integer factor (nearest neighbour)
@@ -119,16 +121,16 @@ class Layout:
         return x, y + (self.tile + ROW_GAP if view == "x'" else 0)
 
 
-def preview_batch(plan: DataPlan) -> PreviewBatch:
-    """The first training batch of ``plan.data.path`` with the plan's recipe, as training draws
-    it (shard 0)."""
+def preview_batch(plan: DataPlan, dataset: Dataset | None = None) -> PreviewBatch:
+    """The first training batch of ``plan.data.path`` (``dataset``: its scan, if made) with
+    the plan's recipe, as training draws it (shard 0)."""
     data = plan.data
     if plan.recipe is None:
         raise DalikdError(
             f"--aug {plan.aug} makes no second view x', so there is nothing to preview; "
             "pick a recipe from `dalikd pipelines`"
         )
-    dataset = scan_dataset(data.path)
+    dataset = dataset or open_dataset(data.path)  # a folder of images or a shard set
     if data.batch_size > len(dataset.train):
         raise DalikdError(
             f"--batch-size {data.batch_size} is more than the {len(dataset.train)} training "
@@ -234,7 +236,7 @@ def write_preview(
     out: str | Path,
     *,
     batch_size: int = 8,
-    image_size: int = 224,
+    image_size: int | None = None,
     seed: int = 0,
     granularity: str = "sample",
     device: str = "auto",
@@ -243,7 +245,9 @@ def write_preview(
 ) -> dict[str, Any]:
     """Draw x and x' of the first training batch to the PNG ``out``; return a summary:
     ``path, n, size`` (width, height px), ``lam``, ``perm`` (lists, None without mixing),
-    ``captions`` (the λ / partner lines drawn) and ``title`` (its lines as drawn)."""
+    ``captions`` (the λ / partner lines drawn) and ``title`` (its lines as drawn).
+    The data settings are the dataset's own (dataset.json) where no argument sets them
+    (``image_size`` None: the dataset's, else 224)."""
     out = Path(out).expanduser()
     if out.suffix.lower() != ".png":
         raise DalikdError(f"--out {out}: the preview is a PNG; name it *.png")
@@ -251,21 +255,24 @@ def write_preview(
         raise DalikdError(f"--out {out} is a folder; give a file name such as grid.png")
     if granularity not in GRANULARITIES:
         raise DalikdError(f"granularity '{granularity}'; known: {', '.join(GRANULARITIES)}")
-    if image_size < 16:
+    if image_size is not None and image_size < 16:
         raise DalikdError(f"image size must be at least 16 px, got {image_size}")
-    if image_size > MAX_IMAGE_SIZE:
+    if image_size is not None and image_size > MAX_IMAGE_SIZE:
         raise DalikdError(f"image size must be at most {MAX_IMAGE_SIZE} px, got {image_size}")
     if not 0 <= seed <= MAX_SEED:
         raise DalikdError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
     if batch_size < 1:
         raise DalikdError(f"batch size must be positive, got {batch_size}")
-    data = DataConfig(
-        path=str(data_path), image_size=image_size, batch_size=batch_size, threads=threads,
-        resize=resize,
-    )  # fmt: skip
+    given = {"data.path": str(data_path), "data.batch_size": batch_size, "data.threads": threads,
+             "data.resize": resize}  # fmt: skip
+    if image_size is not None:
+        given["data.image_size"] = image_size
+    data = command_config(overrides=given).data
+    image_size = data.image_size
+    dataset = open_dataset(data.path)  # a folder of images or a shard set
     plan = resolve_plan(data, aug, device=resolve_device(device), seed=seed,
-                        granularity=granularity)  # fmt: skip
-    batch = preview_batch(plan)
+                        granularity=granularity, raw_shape=dataset.raw_shape)  # fmt: skip
+    batch = preview_batch(plan, dataset)
     title = (
         f"x (top) and x' (below), first training batch: --aug {aug}, granularity "
         f"{granularity}, seed {seed}, {image_size} px"

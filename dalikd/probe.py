@@ -31,26 +31,24 @@ import torch
 
 from dalikd import pick, recovery
 from dalikd.atomic import write_atomic, write_text_atomic
+from dalikd.batch import data_norm
 from dalikd.config import (
+    PAPER_AUGS,
     DataConfig,
     KDConfig,
     ModelConfig,
     TrainConfig,
     flags_named_as_keys,
+    read_config_file,
     validate,
 )
-from dalikd.data import scan_dataset
 from dalikd.device import autocast, prepare_batch, resolve_device
 from dalikd.errors import DalikdError
 from dalikd.metrics import GROUP_STEPS, TStddev
 from dalikd.models import check_classes, checkpoint_classes
 from dalikd.plan import plan_for
+from dalikd.sources import open_dataset
 from dalikd.step import Distiller
-
-# The paper's nine schemes (--aug values) less the student-entropy pick (--pick-criterion).
-PAPER_AUGS = (
-    "identity", "flip", "crop_flip", "cutout", "autoaugment", "mixup", "cutmix", "cutmixpick",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -105,6 +103,33 @@ class SilentProbeReporter:
         pass
 
 
+def probe_config(
+    config_file: str | None,
+    given: dict,
+    samples: int = 0,
+    flags: dict[str, str] | None = None,
+) -> ProbeConfig:
+    """The probe's settings from its layers: the probe's defaults (batch 64, 10 epochs, groups
+    of 5 steps, the paper's schemes) < the dataset's own (dataset.json) < ``config_file`` (a
+    config with [data], [model], [kd] and [probe] tables: a paper config) < ``given`` (dotted
+    keys: the flags). ``samples`` > 0: the probe's length in images instead of epochs."""
+    from dalikd.settings import command_config
+
+    file_values = read_config_file(config_file) if config_file else None
+    model = (file_values or {}).get("model")
+    teacher = given.get("model.teacher") or (model.get("teacher") if isinstance(model, dict)
+                                             else None)  # fmt: skip
+    if not teacher:
+        raise DalikdError("the T. stddev probe needs --teacher and --teacher-weights")
+    # the reference's batch; a student only where a pick criterion needs one
+    base = TrainConfig(data=DataConfig(batch_size=64), model=ModelConfig(student=""))
+    cfg = command_config(file_values, given, base=base, flags=flags)
+    return ProbeConfig(data=cfg.data, model=cfg.model, augs=cfg.probe.augs,
+                       epochs=0 if samples else cfg.probe.epochs, samples=samples,
+                       group_steps=cfg.probe.group_steps, kd=cfg.kd, device=cfg.device,
+                       precision=cfg.precision, seed=cfg.seed)  # fmt: skip
+
+
 def group_rows(group_steps: int, batch_size: int, pool_size: int, kd: KDConfig) -> int:
     """Rows per group: ``group_steps`` steps of teacher rows (the reference's 5 steps: 640 rows
     at batch 64 with x', 320 of x alone for plain KD)."""
@@ -150,11 +175,12 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
     if cfg.precision == "fp16" and device != "gpu":
         raise DalikdError("--precision fp16 needs a GPU; on CPU use fp32 (default) or bf16")
     torch.manual_seed(cfg.seed)
-    dataset = scan_dataset(cfg.data.path)
+    dataset = open_dataset(cfg.data.path)  # a folder of images or a shard set
     w = cfg.model.teacher_weights  # a dalikd checkpoint of other classes: a meaningless probe
     check_classes(checkpoint_classes(w), dataset.classes, f"teacher weights {w}")
     # one data plan per scheme, resolved as training resolves its own
-    plans = {aug: plan_for(cfg.data, replace(cfg.kd, aug=aug), device=device, seed=cfg.seed)
+    plans = {aug: plan_for(cfg.data, replace(cfg.kd, aug=aug), device=device, seed=cfg.seed,
+                           raw_shape=dataset.raw_shape)
              for aug in dict.fromkeys(a.strip() for a in cfg.augs)}  # fmt: skip
     batch_size = cfg.data.batch_size
     steps_per_epoch = len(dataset.train) // batch_size  # the loader drops the incomplete batch
@@ -182,8 +208,9 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
             "pass --student (and --student-weights)"
         )
     # frozen: only the teacher's pass and the pick of a training step run, in eval mode
+    dn = data_norm(cfg.data.mean, cfg.data.std)  # the data's normalization, where it sets one
     distiller = Distiller.build(cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision,
-                                student=needs_student).eval()  # fmt: skip
+                                student=needs_student, data_norm=dn).eval()  # fmt: skip
 
     results, left_out = [], recovery.LeftOutWarning()
     for aug, plan in plans.items():

@@ -120,20 +120,22 @@ def _resume_data_path(
     """The data.path override of a resume: a dataset that moved (e.g. copied to a node's
     scratch disk) may be given; _resume checks that it is the same listing. A run from before
     the listing was recorded takes only its own folder under another spelling."""
+    from dalikd import sources
+
     if given is None:
-        if not Path(saved).expanduser().is_dir():
+        if not sources.exists(saved):
             raise DalikdError(
                 f"{run_dir}'s dataset folder {saved} is not there; give --data DIR where it "
                 "is now (the same classes and train files)"
             )
         return {}
-    where = Path(given).expanduser().resolve()
-    if not has_listing and where != Path(saved).expanduser().resolve():
+    where = sources.data_path(given)
+    if not has_listing and where != str(Path(saved).expanduser().resolve()):
         raise DalikdError(
             f"{run_dir} cannot move to --data {where}: it was saved before dalikd recorded "
             f"its dataset's listing, so only its folder {saved} can be given"
         )
-    return {"data.path": str(where)}
+    return {"data.path": where}
 
 
 # What --resume may change: the schedule is a pure function of the step, the loss weights and
@@ -176,9 +178,23 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
 
 
 def check_listing(saved: dict[str, Any], now: dict[str, Any], run_dir: Path, root: Path) -> None:
-    """One line naming what differs where ``root`` does not list the run's train files."""
+    """One line naming what differs where ``root`` does not list the run's train files (or
+    shards: a shard set's listing is its manifest's, dalikd.sources.listing)."""
     if saved["sha256"] == now["sha256"]:
         return
+    was, kind = saved.get("source", "folder"), now.get("source", "folder")
+    if was != kind:
+        raise DalikdError(
+            f"{root} is a {'shard set' if kind == 'shards' else 'folder of images'}; {run_dir} "
+            f"was trained on a {'shard set' if was == 'shards' else 'folder'}, whose reader "
+            "gives another data order: resume it on the same kind of data"
+        )
+    if kind == "shards":
+        raise DalikdError(
+            f"{root} is not the shard set {run_dir} was trained on (other shards or checksums: "
+            "another shard run, or its files changed); the data order and DALI state refer "
+            "to the run's shards"
+        )
     differs = [f"{saved[k]} {what} in the run, {now[k]} there"
                for k, what in (("classes", "classes"), ("train_files", "train files"))
                if saved[k] != now[k]]  # fmt: skip

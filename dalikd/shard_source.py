@@ -55,7 +55,7 @@ def read_shards(
         random_shuffle=shuffle,
         initial_fill=initial_fill,
         shuffle_after_epoch=shuffle,
-        shuffle_after_epoch_seed=seed,
         seed=seed,
+        **({"shuffle_after_epoch_seed": seed} if shuffle else {}),  # (DALI warns otherwise)
     )
     return images, ids[0:1], ids[1:2]

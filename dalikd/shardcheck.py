@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from dalikd.cache import private_dir, untrusted
 from dalikd.datacheck import sniff
 from dalikd.errors import DalikdError
 from dalikd.manifest import Manifest, Shard
@@ -28,6 +30,7 @@ from dalikd.shards import (
     IMAGE_EXTS,
     INDEX_VERSION,
     Progress,
+    ShardSplit,
     index_line,
     index_name,
     sample_key,
@@ -207,3 +210,82 @@ def _check_index(path: Path, samples: list[list[tuple[str, int, int, str]]]) -> 
         diff = [i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b]
         line = diff[0] if diff else min(len(got), len(want))
         raise _Bad(f"{path}: does not match its shard (line {line + 1}): DALI reads wrong bytes")
+
+
+# -- the checksums a run checks when it starts ---------------------------------------------------
+
+VERIFY_FORMAT = 1  # the layout of the checksum cache; another is rebuilt
+
+
+def verify_shards(
+    split: ShardSplit,
+    *,
+    cache_root: Path | None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: Progress | None = None,
+) -> None:
+    """Each shard of ``split`` against its manifest sha256, one line at the first that differs.
+    Rank ``rank`` of ``world_size`` hashes every world_size-th shard from its own (together the
+    ranks hash each shard once). A shard's verified checksum is cached under ``cache_root``
+    (None: no cache) with its size and mtime: later runs hash only shards that changed since.
+    ``progress(phase, done, total)`` counts bytes."""
+    mine = split.shards[rank::world_size]
+    cache_file = _verify_cache_path(cache_root, split.folder) if cache_root else None
+    cached = _read_verified(cache_file, cache_root) if cache_file else {}
+    todo = []
+    for shard in mine:
+        st = (split.folder / shard.name).stat()
+        if cached.get(shard.name) != [st.st_size, st.st_mtime_ns, shard.sha256]:
+            todo.append((shard, st))
+    total, done = sum(st.st_size for _, st in todo), 0
+    if todo and progress:
+        progress("checking shard checksums", 0, total)
+    for shard, st in todo:
+        path = split.folder / shard.name
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+                done += len(chunk)
+                if progress:
+                    progress("checking shard checksums", done, total)
+        if h.hexdigest() != shard.sha256:
+            raise DalikdError(
+                f"{path}: sha256 differs from the manifest's (the file changed or is damaged; "
+                f"dalikd check-data {split.folder} lists every problem)"
+            )
+        cached[shard.name] = [st.st_size, st.st_mtime_ns, shard.sha256]
+    if todo and cache_file:
+        _write_verified(cache_file, split.folder, cached)
+
+
+def _verify_cache_path(cache_root: Path, folder: Path) -> Path:
+    digest = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]
+    return cache_root / "shards" / f"{digest}.json"
+
+
+def _read_verified(path: Path, cache_root: Path) -> dict[str, list]:
+    """shard name -> [size, mtime_ns, sha256] verified before; {} where the cache is missing,
+    damaged, of another format or not the user's own (dalikd.cache.untrusted)."""
+    if not path.is_file() or untrusted(path, cache_root):
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != VERIFY_FORMAT:
+            return {}
+        return {str(k): list(v) for k, v in data["shards"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def _write_verified(path: Path, folder: Path, verified: dict[str, list]) -> None:
+    """Best effort: a cache that cannot be written only costs the next start a hash."""
+    from dalikd.atomic import write_text_atomic
+
+    data = {"format": VERIFY_FORMAT, "folder": str(folder), "shards": verified}
+    try:
+        private_dir(path.parent)
+        write_text_atomic(json.dumps(data), path)
+    except (OSError, DalikdError):
+        pass

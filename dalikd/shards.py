@@ -24,19 +24,22 @@ the key is the number, zero-padded; shards hold consecutive numbers.
 from __future__ import annotations
 
 import bisect
+import fnmatch
 import hashlib
+import os
 import re
 import tarfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
+from dalikd.atomic import write_text_atomic
 from dalikd.datacheck import sniff
 from dalikd.errors import DalikdError
-from dalikd.manifest import Manifest, Shard, read_manifest
+from dalikd.manifest import MANIFEST_NAME, Manifest, Shard, read_manifest
 
 SPLITS = ("train", "val")
 BLOCK = 512  # tar's block: every header and every member's data start on one
@@ -84,22 +87,37 @@ def parse_size(text: str) -> int:
 @dataclass(frozen=True)
 class ShardSplit:
     """One split of a shard set, as a reader needs it: the shard files in order and how to name
-    a sample from its number."""
+    a sample from its number. ``first``: the number of each shard's first sample (the shards
+    of a whole split: 0, then running totals; a glob's or a subset's pick of them: their own).
+    ``index_dir``: where the index files DALI reads are (None: beside the shards; a
+    :meth:`subset` writes filtered ones elsewhere)."""
 
     folder: Path
     split: str
     classes: tuple[str, ...]
     shards: tuple[Shard, ...]
+    first: tuple[int, ...] = ()
+    index_dir: Path | None = None
+    picked: int = -1  # samples read (a subset's); -1: every sample of the shards
+
+    def __post_init__(self) -> None:
+        if not self.first:
+            starts = np.cumsum([0] + [s.samples for s in self.shards])[:-1].tolist()
+            object.__setattr__(self, "first", tuple(starts))
 
     @property
     def samples(self) -> int:
-        return sum(s.samples for s in self.shards)
+        return self.picked if self.picked >= 0 else sum(s.samples for s in self.shards)
+
+    def __len__(self) -> int:
+        return self.samples
 
     def tar_paths(self) -> list[str]:
         return [str(self.folder / s.name) for s in self.shards]
 
     def index_paths(self) -> list[str]:
-        return [str(self.folder / index_name(s.name)) for s in self.shards]
+        where = self.index_dir or self.folder
+        return [str(where / index_name(s.name)) for s in self.shards]
 
     def locate(self, number: int) -> tuple[str, str]:
         """(shard file name, key) of sample ``number``."""
@@ -109,7 +127,7 @@ class ShardSplit:
         """The image bytes of sample ``number``, found through its shard's index file (e.g. to
         decode the samples of a failed batch one by one)."""
         i = self._shard_of(number)
-        line = number - sum(s.samples for s in self.shards[:i]) + 1  # line 0: the header
+        line = number - self.first[i] + 1  # line 0: the header
         with open(self.folder / index_name(self.shards[i].name), encoding="utf-8") as f:
             fields = next(islice(f, line, None)).split()
         offset, size = fields[1:3]  # the image is a sample's first member: ext offset size name
@@ -117,11 +135,54 @@ class ShardSplit:
             f.seek(int(offset))
             return f.read(int(size))
 
+    def digest(self) -> str:
+        """sha256 of what this split reads: the class names, then each shard's name, first
+        number, samples and sha256 (from the manifest: nothing is read), and a subset's pick.
+        The same shards copied elsewhere have the same digest; a re-shard (another seed,
+        size or source) another."""
+        h = hashlib.sha256(("\n".join(self.classes) + f"\n[{self.split}]\n").encode())
+        for shard, first in zip(self.shards, self.first, strict=True):
+            h.update(f"{shard.name}\t{first}\t{shard.samples}\t{shard.sha256}\n".encode())
+        if self.index_dir is not None:  # a subset: its filtered index files say which samples
+            for path in self.index_paths():
+                h.update(Path(path).read_bytes())
+        return h.hexdigest()
+
+    def subset(self, numbers: Iterable[int], index_dir: str | Path) -> ShardSplit:
+        """The samples ``numbers`` of this split only, read from the same tars through filtered
+        index files written to ``index_dir`` (DALI reads the samples an index lists, gaps
+        allowed): e.g. a remainder loader over the samples of an epoch not yet trained on,
+        less the ones that failed. Shards with no such sample are left out."""
+        keep = sorted(set(numbers))
+        index_dir = Path(index_dir)
+        index_dir.mkdir(parents=True, exist_ok=True)
+        shards, firsts, picked = [], [], 0
+        for shard, first in zip(self.shards, self.first, strict=True):
+            lo = bisect.bisect_left(keep, first)
+            hi = bisect.bisect_left(keep, first + shard.samples)
+            if lo == hi:
+                continue
+            with open(self.folder / index_name(shard.name), encoding="utf-8") as f:
+                lines = f.read().splitlines()[1:]
+            kept = [lines[n - first] for n in keep[lo:hi]]
+            text = f"{INDEX_VERSION} {len(kept)}\n" + "".join(line + "\n" for line in kept)
+            write_text_atomic(text, index_dir / index_name(shard.name))
+            shards.append(shard)
+            firsts.append(first)
+            picked += len(kept)
+        if len(keep) != picked or (keep and not 0 <= keep[0] <= keep[-1] < self._end()):
+            raise DalikdError(f"{self.folder}: {self.split} does not hold every sample asked for")
+        return replace(self, shards=tuple(shards), first=tuple(firsts), index_dir=index_dir,
+                       picked=picked)  # fmt: skip
+
+    def _end(self) -> int:
+        return self.first[-1] + self.shards[-1].samples if self.shards else 0
+
     def _shard_of(self, number: int) -> int:
-        ends = np.cumsum([s.samples for s in self.shards]).tolist()
-        if not 0 <= number < (ends[-1] if ends else 0):
+        i = bisect.bisect_right(self.first, number) - 1
+        if i < 0 or number >= self.first[i] + self.shards[i].samples:
             raise DalikdError(f"{self.folder}: {self.split} has no sample number {number}")
-        return bisect.bisect_right(ends, number)
+        return i
 
 
 def shard_manifest(folder: str | Path) -> Manifest | None:
@@ -130,17 +191,61 @@ def shard_manifest(folder: str | Path) -> Manifest | None:
     return manifest if manifest is not None and manifest.layout == "shards" else None
 
 
-def shard_split(folder: str | Path, split: str) -> ShardSplit:
+def is_glob(path: str | Path) -> bool:
+    """``--data`` given as a path glob (``OUT/train-0000[0-3].tar``) rather than a folder."""
+    return any(c in str(path) for c in "*?[") and not Path(path).expanduser().is_dir()
+
+
+def shard_set_of(path: str | Path) -> tuple[Path, str] | None:
+    """``(folder, pattern)`` where ``--data path`` names a shard set: a folder whose
+    dataset.json has layout "shards" (pattern ""), or a glob of its tar files (pattern: the
+    glob's file part); None for anything else (a folder of image files).
+
+    A glob picks shards of one shard set: its tars must sit in one folder beside their
+    manifest (the class names, counts and checksums come from there). A glob of tars without
+    one is refused: without it there are no class names, no class count short of reading every
+    sample's label, no split and no checksums a resume can check.
+    """
+    if not str(path):
+        return None
+    if not is_glob(path):
+        folder = Path(path).expanduser()
+        return (folder.resolve(), "") if shard_manifest(folder) is not None else None
+    glob = Path(os.path.abspath(Path(path).expanduser()))
+    if is_glob(glob.parent) or not glob.name.endswith(".tar"):
+        raise DalikdError(
+            f"--data {path}: a glob picks the .tar shards of one folder, e.g. "
+            "OUT/train-0000[0-3].tar (its folder part without * ? [)"
+        )
+    folder = glob.parent.resolve()
+    if shard_manifest(folder) is None:
+        raise DalikdError(
+            f"--data {path}: {folder} has no dataset.json of layout shards beside the tars; "
+            "dalikd reads shards with their manifest (class names, counts, checksums): write "
+            "them with dalikd data shard, or copy its dataset.json there"
+        )
+    return folder, glob.name
+
+
+def shard_split(folder: str | Path, split: str, pattern: str = "") -> ShardSplit:
     """The shards of ``split``, checked cheaply (each file there, each tar of its manifest size:
-    a truncated or missing shard is one line here, not a pipeline error mid-epoch)."""
+    a truncated or missing shard is one line here, not a pipeline error mid-epoch).
+    ``pattern``: a glob of shard file names (:func:`shard_set_of`): the split's shards it
+    matches, or every shard of the split where it matches none of them."""
     folder = Path(folder).expanduser().resolve()
     manifest = shard_manifest(folder)
     if manifest is None:
         raise DalikdError(f"{folder} holds no shard set (no dataset.json of layout shards)")
     if split not in manifest.splits or not manifest.splits[split].shards:
         raise DalikdError(f"the shard set {folder} has no {split} split")
-    shards = manifest.splits[split].shards
-    for shard in shards:
+    whole = ShardSplit(folder, split, manifest.classes, manifest.splits[split].shards)
+    picked = [i for i, s in enumerate(whole.shards) if fnmatch.fnmatchcase(s.name, pattern)]
+    if pattern:
+        _check_pattern(folder, pattern, manifest)
+    if picked:
+        whole = replace(whole, shards=tuple(whole.shards[i] for i in picked),
+                        first=tuple(whole.first[i] for i in picked))  # fmt: skip
+    for shard in whole.shards:
         path = folder / shard.name
         try:
             size = path.stat().st_size
@@ -149,7 +254,21 @@ def shard_split(folder: str | Path, split: str) -> ShardSplit:
             raise DalikdError(f"{e.filename} is missing: the shard set is incomplete") from None
         if size != shard.bytes:
             raise DalikdError(_size_problem(path, size, shard.bytes))
-    return ShardSplit(folder, split, manifest.classes, shards)
+    return whole
+
+
+def _check_pattern(folder: Path, pattern: str, manifest: Manifest) -> None:
+    """A glob must match shards of the manifest, and only those."""
+    names = {s.name for info in manifest.splits.values() for s in info.shards}
+    found = sorted(p.name for p in folder.glob(pattern))
+    if not found:
+        raise DalikdError(f"--data {folder / pattern} matches no file")
+    foreign = [name for name in found if name not in names]
+    if foreign:
+        raise DalikdError(
+            f"--data {folder / pattern} matches {foreign[0]}, which is not a shard of "
+            f"{folder / MANIFEST_NAME}"
+        )
 
 
 def _size_problem(path: Path, size: int, expected: int) -> str:

@@ -25,7 +25,7 @@ from dalikd.config import KDConfig, ModelConfig, OptimConfig
 from dalikd.device import autocast, place, prepare_batch
 from dalikd.losses import kd_divergence, soft_labels
 from dalikd.metrics import tstddev_sums
-from dalikd.models import build_model, input_norm
+from dalikd.models import build_model, input_norm, student_norm
 from dalikd.teacher import LiveTeacher, TeacherOut, TeacherSource, TStdSums
 
 __all__ = ["Distiller", "StepOutput", "TeacherOut", "build_student", "make_optimizer"]
@@ -46,7 +46,8 @@ class Distiller:
     ``teacher``: a :class:`~dalikd.teacher.TeacherSource`, or a built network (run live).
     ``device`` ("cpu" | "gpu"), ``precision`` and ``channels_last`` (the input layout on a
     GPU) matter to :meth:`step` only. ``ctx``: a distributed run, whose student the step calls
-    through DDP (``student`` stays the module itself: what checkpoints save).
+    through DDP (``student`` stays the module itself: what checkpoints save). ``data_norm``: the
+    data's normalization (``DataConfig.mean`` / ``std``), None where it sets none.
     """
 
     def __init__(
@@ -58,11 +59,13 @@ class Distiller:
         precision: str = "auto",
         channels_last: bool = True,
         ctx: distributed.Dist | None = None,
+        data_norm: InputNorm | None = None,
     ) -> None:
         if isinstance(teacher, nn.Module):
             teacher = LiveTeacher(teacher)  # frozen there, once
         self.student, self.teacher, self.kd = student, teacher, kd
         self.device, self.precision, self.channels_last = device, precision, channels_last
+        self.data_norm = data_norm
         # the module the step calls: DDP synchronises the gradients across the ranks
         self._forward = student
         if ctx is not None and ctx.enabled and student is not None:
@@ -80,6 +83,7 @@ class Distiller:
         weights: bool = True,
         student: bool = True,
         channels_last: bool = True,
+        data_norm: InputNorm | None = None,
     ) -> Distiller:
         """The models of ``model`` with ``num_classes`` outputs, set up once for every caller:
         built (and loaded, unless ``weights`` is False: random weights, as the profiler
@@ -90,16 +94,19 @@ class Distiller:
                           channels_last=channels_last) if student else None  # fmt: skip
         t = None
         if model.teacher:
-            norm = input_norm(s) if s is not None else None
+            norm = student_norm(s, data_norm) if s is not None else None
             t = LiveTeacher.from_config(model, num_classes, device, norm, weights=weights,
-                                        channels_last=channels_last)  # fmt: skip
+                                        channels_last=channels_last,
+                                        data_norm=data_norm)  # fmt: skip
             t.module()  # built now: a wrong weights file is said before the data loads
-        return cls(s, t, kd, device, precision, channels_last)
+        return cls(s, t, kd, device, precision, channels_last, data_norm=data_norm)
 
     @property
     def input_norm(self) -> InputNorm:
         """The normalization the step's input images get: the student's (the teacher adapts)."""
-        return input_norm(self.student if self.student is not None else self.teacher.module())
+        if self.student is not None:  # the data's where it sets one, else the student's own
+            return student_norm(self.student, self.data_norm)
+        return input_norm(self.teacher.module(), self.data_norm)  # its own, else the data's
 
     def train(self) -> Distiller:
         """Only the student goes to train mode; the teacher stays in eval."""

@@ -106,10 +106,12 @@ class LiveTeacher:
         *,
         weights: bool = True,
         channels_last: bool = True,
+        data_norm: InputNorm | None = None,
     ) -> LiveTeacher:
         """``model.teacher`` (with its weights, unless ``weights`` is False: random, as the
         profiler times), taking inputs normalized with ``norm`` (the student's; None: its own),
-        on ``device``, channels_last on a GPU. Built on first use."""
+        on ``device``, channels_last on a GPU. Built on first use. ``data_norm``: the data's
+        normalization, the teacher's own where it has none (a cifar: model)."""
 
         def build() -> nn.Module:
             # the build leaves the run's torch RNG as it was: a run whose teacher is built late
@@ -119,7 +121,7 @@ class LiveTeacher:
                 t = build_model(model.teacher, num_classes, chosen, role="teacher")
             t = _frozen(t)
             if norm is not None:  # the student's inputs (a timm model's norm may differ)
-                t = adapt_input(t, norm)
+                t = adapt_input(t, norm, data_norm)
             return place(t, device, channels_last)
 
         return cls(build)

@@ -1,11 +1,9 @@
 """The training loop: distill a student from a frozen teacher (or train it supervised).
 
 One function, read top to bottom: setup -> resume -> per epoch (lr -> forward -> backward ->
-step -> log) -> validate -> checkpoint. The step is dalikd.step.Distiller, asking its teacher
-source (dalikd.teacher: the network, or --teacher-cache's CachedTeacher) for the teacher's
-outputs at the step's position; the loop talks to the source only through its interface. The
-data comes from graphs built from one data plan (dalikd.plan); the schedule is a pure function
-of the step.
+step -> log) -> validate -> checkpoint. The step is dalikd.step.Distiller with its teacher source
+(dalikd.teacher), used only through its interface; the data comes from graphs built from one
+data plan (dalikd.plan); the schedule is a pure function of the step.
 """
 
 from __future__ import annotations
@@ -21,16 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from dalikd import distributed, recovery, rundir, teacher_cache, tensorboard
+from dalikd import distributed, recovery, rundir, sources, teacher_cache, tensorboard
 from dalikd.atomic import write_jsonl_atomic, write_text_atomic
+from dalikd.batch import data_norm
 from dalikd.checkpoint import CHECKPOINT_FORMAT, RunState, save_atomic
 from dalikd.config import OptimConfig, TrainConfig, build_config
-from dalikd.data import Dataset, scan_dataset
+from dalikd.data import Dataset
 from dalikd.device import amp_dtype, resolve_device, torch_device
 from dalikd.errors import DalikdError, RunInterrupted
 from dalikd.evaluate import evaluate
 from dalikd.metrics import GROUP_STEPS, TStddev
-from dalikd.models import check_classes, checkpoint_classes, input_norm
+from dalikd.models import check_classes, checkpoint_classes, student_norm
 from dalikd.plan import DataPlan, plan_of
 from dalikd.reporter import Reporter, SilentReporter
 from dalikd.resume import (
@@ -40,6 +39,7 @@ from dalikd.resume import (
     restore_tstddev,
     run_dataset,
 )
+from dalikd.shard_train import ShardTrainData
 from dalikd.step import Distiller, build_student, make_optimizer
 from dalikd.stop import StopSignals
 from dalikd.teacher import LiveTeacher, TeacherSource
@@ -307,7 +307,7 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
     if run.teacher is not None:  # the batches depend on the files left out so far
         teacher = run.teacher.val_teacher(len(run.val_data), lambda: run.val_data.history)
     val = evaluate(run.student, run.val_data, run.device, run.cfg.precision, ctx, teacher=teacher,
-                   progress=run.reporter.val_step)  # fmt: skip
+                   progress=run.reporter.val_step, norm=run.plan.norm)  # fmt: skip
     totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=run.tdev)
     distributed.all_sum(ctx, totals)
     record = {
@@ -375,12 +375,14 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     the loaders."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.out)  # train() claimed it
-    scanned = scan_dataset(cfg.data.path, max_pixels=cfg.data.max_pixels)
+    scanned = sources.open_dataset(cfg.data.path, max_pixels=cfg.data.max_pixels, verify=True,
+                                   rank=ctx.rank, world_size=ctx.world_size,
+                                   note=reporter.message)  # fmt: skip
     if cfg.model.teacher_weights:  # a dalikd checkpoint of other classes: wrong labels
         w = cfg.model.teacher_weights
         check_classes(checkpoint_classes(w), scanned.classes, f"teacher weights {w}")
     # saved absolute: a resume from another working directory finds the data and weights
-    paths = {"data.path": str(scanned.root), **rundir.absolute_weights(cfg.model)}
+    paths = {"data.path": sources.data_path(cfg.data.path), **rundir.absolute_weights(cfg.model)}
     cfg = build_config(overrides=paths, base=cfg)
     # read once here: its listing is checked before the models (another class count is the
     # data's mistake, not theirs), the rest restored by _resume
@@ -388,14 +390,15 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     dataset, failed, listing = run_dataset(scanned, run_dir, ckpt)
     student = build_student(cfg.model, dataset.num_classes, device,
                             channels_last=cfg.channels_last)  # fmt: skip
-    # the data plan, resolved once: config.json and the checkpoints record the paths it chose
-    plan = plan_of(cfg, device, norm=input_norm(student))
+    # the data plan, resolved once (config.json and checkpoints record it); dn: the data's norm
+    dn = data_norm(cfg.data.mean, cfg.data.std)
+    plan = plan_of(cfg, device, norm=student_norm(student, dn), raw_shape=dataset.raw_shape)
     cfg = build_config(overrides={"data.mixing": plan.data.mixing,
                                   "data.resize": plan.data.resize}, base=cfg)  # fmt: skip
     teacher = _teacher_source(cfg, plan, scanned, ctx, reporter)
     # the teacher is frozen, there is nothing to synchronise: only the student is DDP-wrapped
     distiller = Distiller(student, teacher, cfg.kd, device, cfg.precision, cfg.channels_last,
-                          ctx)  # fmt: skip
+                          ctx, data_norm=dn)  # fmt: skip
     if ctx.enabled:
         reporter.message(f"distributed: {ctx.world_size} rank(s), {ctx.backend}, DDP")
     optimizer = make_optimizer(student, cfg.optim)
@@ -418,7 +421,8 @@ def _teacher_source(cfg, plan, dataset, ctx, reporter) -> TeacherSource | None:
     if not cfg.model.teacher:
         return None
     live = LiveTeacher.from_config(cfg.model, dataset.num_classes, plan.device, plan.norm,
-                                   channels_last=cfg.channels_last)  # fmt: skip
+                                   channels_last=cfg.channels_last,
+                                   data_norm=data_norm(cfg.data.mean, cfg.data.std))  # fmt: skip
     if not cfg.teacher_cache:
         live.module()
         return live
@@ -473,9 +477,16 @@ def _open_loaders(run: Run, dali_state: Any) -> None:
     # epoch e's order is drawn from the seed and e (recovery.epochs): a restart without a saved
     # state (another world size) does not replay the first epoch's
     try:
-        run.train_data = run.failures.train_data(
-            run.plan, epoch=run.state.epoch, step=run.state.step_in_epoch, checkpoint=dali_state
-        )
+        if sources.is_shards(run.dataset):  # (merge: shard sets join recovery next)
+            run.train_data = ShardTrainData(
+                run.dataset, run.plan, epoch=run.state.epoch, step=run.state.step_in_epoch,
+                shard_id=ctx.rank, num_shards=ctx.world_size, checkpoint=dali_state,
+            )  # fmt: skip
+        else:
+            run.train_data = run.failures.train_data(
+                run.plan, epoch=run.state.epoch, step=run.state.step_in_epoch,
+                checkpoint=dali_state,
+            )  # fmt: skip
     except loaders.ForeignState as e:
         raise DalikdError(
             f"{run.run_dir / 'last.pt'}: {e}; start a new run, seeded with --student-weights "
@@ -483,7 +494,8 @@ def _open_loaders(run: Run, dali_state: Any) -> None:
         ) from None
     run.val_data = run.failures.val_data(run.plan, lambda: f"epoch {run.state.epoch + 1}")
     if run.teacher is not None and cfg.eval_teacher:  # (a cache's teacher is built for it)
-        t = evaluate(run.teacher.module(), run.val_data, run.device, cfg.precision, ctx)
+        t = evaluate(run.teacher.module(), run.val_data, run.device, cfg.precision, ctx,
+                     norm=run.plan.norm)  # fmt: skip
         run.reporter.message(
             f"teacher {cfg.model.teacher}: val top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  "
             f"loss {t['loss']:.4f}"

@@ -13,10 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = {"config", "errors", "batch", "device", "checkpoint", "metrics", "distributed",
           "rundir", "tensorboard", "plots", "cache", "outputs", "manifest", "atomic",
-          "__init__"}  # fmt: skip
+          "settings", "__init__"}  # fmt: skip
 MODEL = {"models", "cifar_models", "losses", "pick", "step", "teacher"}
 DATA = {"data", "datacheck", "loaders", "ops", "recipes", "autoaugment", "native", "recovery",
-        "plan", "shards", "shardwrite", "shardcheck", "shard_source"}  # fmt: skip
+        "plan", "shards", "shardwrite", "shardcheck", "shard_source", "shard_train",
+        "sources"}  # fmt: skip
 RUNS = {"train", "evaluate", "probe", "teacher_cache", "resume", "stop", "reporter"}
 TOOLS = {"profile", "preview", "demo", "doctor", "archives", "dataimport"}
 MAY_IMPORT = {  # room -> rooms its modules may import (their own included)

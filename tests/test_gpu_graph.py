@@ -173,7 +173,7 @@ def test_the_check_finds_a_cpu_output_that_feeds_gpu_arithmetic(solid_dataset, m
     from dalikd import ops
 
     def graph(plan, seeds, split):
-        jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
+        jpegs, labels, _ = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
         images = loaders.random_resized_crop(jpegs, plan, seeds)
         mixed, lam, perm = ops.mixup(images, native=False, seeds=seeds)
         return {"images": mixed, "labels": labels, "lam_0": lam, "perm_0": perm,

@@ -320,6 +320,19 @@ def test_shuffles(tars):
     assert len(set(tar_orders)) > 1
 
 
+def test_stick_to_shard_keeps_a_rank_on_its_part_and_forbids_the_epoch_reshuffle(tars):
+    """stick_to_shard: each rank reads its own part every epoch (so a node needs only its
+    part's tars), shuffled only within the buffer of random_shuffle; with shuffle_after_epoch
+    it fails at build. dalikd does not use it (docs/shards.md)."""
+    for r, part in enumerate((range(0, 12), range(12, 24))):
+        epochs = iterate(ids_graph(tars, shard_id=r, num_shards=2, stick_to_shard=True,
+                                   random_shuffle=True, initial_fill=4), 3)  # fmt: skip
+        assert all(sorted(sum(e, [])) == list(part) for e in epochs)
+    with pytest.raises(RuntimeError, match="shuffle_after_epoch and stick_to_shard cannot"):
+        ids_graph(tars, shard_id=0, num_shards=2, stick_to_shard=True, shuffle_after_epoch=True,
+                  shuffle_after_epoch_seed=9).build()  # fmt: skip
+
+
 def test_checkpoint_restores_the_reader_bit_exactly_mid_epoch(tars):
     shuffled = dict(random_shuffle=True, initial_fill=5, shuffle_after_epoch=True,
                     shard_id=1, num_shards=2, pad_last_batch=True)  # fmt: skip

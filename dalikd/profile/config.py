@@ -21,7 +21,7 @@ class ProfileConfig:
     device: str = "auto"  # auto | cpu | gpu
     batch_size: int = 32  # samples per batch, B
     threads: int = 0  # DALI threads = torchvision workers; 0 = one per core, at most 8
-    image_size: int = 224  # px, side of the square training images
+    image_size: int | None = None  # px, side of the square images; None: the dataset's, or 224
     mixing: str = "auto"  # auto | native | composed: the mixing recipes' path (data.mixing)
     antialias: bool = True  # as torchvision's RandomResizedCrop; False is a separate, faster mode
     teacher: str = ""  # model name; empty: no teacher stages

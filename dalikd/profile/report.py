@@ -13,6 +13,7 @@ from dalikd import __version__
 from dalikd.atomic import write_atomic
 from dalikd.data import Dataset
 from dalikd.profile.config import DALI_RESIZE, Timing
+from dalikd.sources import is_shards, mean_sample_kb
 
 
 def stage_record(name: str, timing: Timing, kind: str, aug: str | None = None, **extra) -> dict:
@@ -28,12 +29,12 @@ def stage_record(name: str, timing: Timing, kind: str, aug: str | None = None, *
 
 
 def dataset_facts(dataset: Dataset) -> dict[str, Any]:
-    sizes = [os.path.getsize(f) for f in dataset.train.files[:2000]]
     return {
         "path": str(dataset.root),
+        "source": "shards" if is_shards(dataset) else "folder",
         "train_images": len(dataset.train),
         "classes": dataset.num_classes,
-        "mean_file_kb": round(sum(sizes) / len(sizes) / 1024, 1),
+        "mean_file_kb": round(mean_sample_kb(dataset), 1),  # a shard set's: bytes per sample
     }
 
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from dalikd import loaders, recovery
-from dalikd.batch import IMAGENET_NORM
-from dalikd.config import DataConfig, KDConfig, TrainConfig, flags_named_as_keys, validate
-from dalikd.data import Dataset, scan_dataset
+from dalikd.batch import IMAGENET_NORM, data_norm
+from dalikd.config import DataConfig, KDConfig, flags_named_as_keys
+from dalikd.data import Dataset
 from dalikd.device import prepare_batch, resolve_device
 from dalikd.errors import DalikdError
 from dalikd.plan import DataPlan, resolve_plan
@@ -42,10 +42,13 @@ from dalikd.profile.stages import (
     decode_graph,
     forever,
     model_runners,
+    pixels_graph,
     read_graph,
     resize_graph,
 )
 from dalikd.profile.timing import Runner, time_alone, time_interleaved
+from dalikd.settings import command_config
+from dalikd.sources import is_shards, open_dataset
 
 # -- the profile -----------------------------------------------------------------------------
 
@@ -57,11 +60,8 @@ def check(cfg: ProfileConfig) -> tuple[Dataset, list[ProfiledAug], str]:
         raise DalikdError(f"--baseline must be one of {', '.join(BASELINES)}; got {cfg.baseline}")
     if cfg.windows < 1 or cfg.window_seconds < 0 or cfg.warmup < 0:
         raise DalikdError("--windows must be >= 1, --window-seconds and --warmup >= 0")
-    data = DataConfig(path=cfg.data, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                      threads=cfg.threads, mixing=cfg.mixing)  # fmt: skip
-    flags = flags_named_as_keys("data.image_size", "data.batch_size", "data.threads")
-    validate(TrainConfig(data=data), flags)  # image size, batch size, threads, mixing
-    dataset = scan_dataset(cfg.data)
+    profile_data(cfg)  # image size, batch size, threads, mixing: one line each
+    dataset = open_dataset(cfg.data)  # a folder of images or a shard set
     if len(dataset.train) < cfg.batch_size:
         raise DalikdError(
             f"{len(dataset.train)} training images make no full batch of {cfg.batch_size}; "
@@ -75,12 +75,30 @@ def check(cfg: ProfileConfig) -> tuple[Dataset, list[ProfiledAug], str]:
     return dataset, schemes, device
 
 
+def profile_data(cfg: ProfileConfig) -> DataConfig:
+    """The data settings profiled: the dataset's own (dataset.json) < the options given."""
+    given = {"data.path": cfg.data, "data.batch_size": cfg.batch_size, "data.threads": cfg.threads,
+             "data.mixing": cfg.mixing, "data.antialias": cfg.antialias}  # fmt: skip
+    if cfg.image_size is not None:
+        given["data.image_size"] = cfg.image_size
+    return command_config(overrides=given, flags=flags_named_as_keys(*given)).data
+
+
+def short_chain(data: DataConfig, raw: bool) -> bool:
+    """The plain pipeline has no decode-a-window and resize stages: pad_crop (the whole image,
+    padded and cropped), or raw images (nothing to decode a window of)."""
+    return data.base_view == "pad_crop" or raw
+
+
 def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Measure every stage; return the JSON-ready report (see the module docstring). A file
     that fails to decode in DALI (it passed the scan) is found, left out with one warning line,
     and the profile starts again without it."""
     dataset, schemes, device = check(cfg)
     say = progress or (lambda text: None)
+    if is_shards(dataset) and cfg.baseline != "none":  # torchvision's loaders read folders
+        say("a shard set: no torchvision baseline")
+        cfg = replace(cfg, baseline="none")
     left_out = recovery.LeftOutWarning()
     while True:
         profiler = _Profiler(cfg, dataset, device, say)
@@ -90,7 +108,7 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
                 profiler.scheme(scheme)
             break
         except RuntimeError as error:
-            if not recovery.is_decode_failure(error):
+            if not recovery.is_decode_failure(error) or is_shards(dataset):
                 raise
             dataset = _without_culprits(error, dataset, profiler.plan, say, left_out)
     return {
@@ -99,7 +117,9 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
         "threads": profiler.plan.data.threads,
         "torch_threads": torch.get_num_threads(),
         "batch_size": cfg.batch_size,
-        "image_size": cfg.image_size,
+        "image_size": profiler.data.image_size,
+        "base_view": profiler.data.base_view,
+        "baseline_skipped": profiler.baseline_skipped,
         "antialias": cfg.antialias,
         "teacher": cfg.teacher or None,
         "student": cfg.student or None,
@@ -150,16 +170,20 @@ class _Profiler:
 
     def __init__(self, cfg: ProfileConfig, dataset: Dataset, device: str, say: Progress):
         self.cfg, self.dataset, self.device, self.say = cfg, dataset, device, say
-        self.data = DataConfig(
-            path=cfg.data,
-            image_size=cfg.image_size,
-            batch_size=cfg.batch_size,
-            threads=cfg.threads,
-            antialias=cfg.antialias,
-            mixing=cfg.mixing,
-        )
+        self.data = profile_data(cfg)
+        self.raw_shape = dataset.raw_shape
         # the plain pipeline's plan (no x'); each scheme gets its own (self.plans)
-        self.plan = resolve_plan(self.data, device=device, seed=cfg.seed)
+        self.plan = self.resolve(self.data)
+        # the torchvision baseline and the alternatives read image files with a
+        # random-resized crop; CIFAR's loaders are compared by benchmarks/cifar_loader.py
+        self.short = short_chain(self.data, bool(self.raw_shape))
+        self.baseline_skipped = (
+            f"no torchvision baseline for {self.data.base_view} on "
+            f"{'raw' if self.raw_shape else 'encoded'} images (benchmarks/cifar_loader.py "
+            "compares a reference-style CIFAR loader)"
+            if self.short
+            else None
+        )
         self.plans: dict[str, DataPlan] = {}
         # A pool is picked by teacher entropy (the paper's best); without a teacher, by the
         # student's, as `dalikd train` would require.
@@ -168,7 +192,8 @@ class _Profiler:
 
         self.sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
         torch.manual_seed(cfg.seed)
-        self.models = build_models(cfg, kd, dataset.num_classes, device)
+        self.models = build_models(cfg, kd, dataset.num_classes, device,
+                                   data_norm(self.data.mean, self.data.std))  # fmt: skip
         # the normalization the models' inputs get (cutout's fill in the schemes' plans)
         self.norm = self.models.distiller.input_norm if self.models else IMAGENET_NORM
         self.stages: list[dict] = []
@@ -180,8 +205,13 @@ class _Profiler:
         self.efficiency: dict[str, float] = {}
         # fn.dalikd_resize in the pipelines (CPU, antialiased, where it loads); when it is, the
         # plain pipeline is also timed with DALI's fn.resize, in the same windows
-        self.native_resize = self.plan.native_resize
+        self.native_resize = self.plan.native_resize and not self.short
         self.alternatives: dict[str, dict] = {}  # plain KD: DALI's resize, timm's loader
+
+    def resolve(self, data: DataConfig, recipe=None, **kw) -> DataPlan:
+        """The plan of ``data`` (and ``recipe``) on this profile's device, seed and dataset."""
+        return resolve_plan(data, recipe, device=self.device, seed=self.cfg.seed,
+                            raw_shape=self.raw_shape, **kw)  # fmt: skip
 
     def add(self, name: str, timing: Timing, kind: str, aug: str | None = None, **extra) -> str:
         self.stages.append(stage_record(name, timing, kind, aug, **extra))
@@ -200,7 +230,9 @@ class _Profiler:
     def plain_pipeline(self) -> None:
         """read; + decode and random crop; + resize; + flip (cumulative), in interleaved
         windows."""
-        s = self.cfg.image_size
+        if self.short:
+            return self.short_pipeline()
+        s = self.data.image_size
         aa = "antialias" if self.cfg.antialias else "NO antialias"
         runs = {
             "read": self.dali(read_graph),
@@ -209,8 +241,7 @@ class _Profiler:
         }
         side = f"+ resize {s}², no antialias (option)"
         if self.cfg.antialias:  # the faster, lower-quality mode, beside the chain, never in it
-            loose = resolve_plan(replace(self.data, antialias=False), device=self.device,
-                                 seed=self.cfg.seed)  # fmt: skip
+            loose = self.resolve(replace(self.data, antialias=False))
             runs[side] = self.dali(resize_graph, loose)
         runs["+ flip (plain pipeline)"] = self.plain_runner()
         sides = [side]
@@ -225,14 +256,25 @@ class _Profiler:
             if name not in sides:
                 self.chain.append(name)
 
+    def short_pipeline(self) -> None:
+        """read; + the pixels (reshape or decode); + the base view (plain pipeline)."""
+        pixels = "reshape (raw)" if self.raw_shape else "decode"
+        view = (f"pad {self.data.pad}, crop" if self.data.base_view == "pad_crop"
+                else "random-resized crop")  # fmt: skip
+        runs = {"read": self.dali(read_graph), f"+ {pixels}": self.dali(pixels_graph),
+                f"+ {view}, flip (plain pipeline)": self.plain_runner()}  # fmt: skip
+        self.say("the plain pipeline, stage by stage")
+        for name, timing in time_interleaved(runs, self.cfg).items():
+            self.add(name, timing, "data")
+            self.chain.append(name)
+
     def scheme(self, scheme: ProfiledAug) -> None:
         """+ x' (interleaved with the plain pipeline, for its cost), the hand-off to torch
         (interleaved with the torchvision baseline), then the model stages."""
         a, cfg = scheme.name, self.cfg
         names = list(self.chain)
         runs: dict[str, Runner] = {}
-        plan = resolve_plan(self.data, scheme.recipe, device=self.device, seed=cfg.seed,
-                            pool_size=cfg.pool_size, norm=self.norm)  # fmt: skip
+        plan = self.resolve(self.data, scheme.recipe, pool_size=cfg.pool_size, norm=self.norm)
         self.plans[a] = plan
         pool_size = plan.pool_size  # x' views per image: k for a pool, 1, 0 (plain KD)
         if scheme.recipe is not None:  # + x' (or a pool of k candidates per image)
@@ -241,19 +283,19 @@ class _Profiler:
         batches = forever(loaders.train_loader(self.dataset.train, plan))
 
         def handoff() -> None:  # what the model gets: the batch, normalized on the device
-            prepare_batch(next(batches), self.device)
+            prepare_batch(next(batches), self.device, self.norm)
 
         runs["handoff"] = Runner(handoff, cfg.batch_size, self.sync)
         timm = None
         if scheme.recipe is None:  # plain KD: the alternatives, in the same interleaved run
             if self.native_resize:
                 runs[DALI_RESIZE] = self.dali_resize_handoff()
-            if cfg.baseline == "torchvision":
+            if cfg.baseline == "torchvision" and not self.short:
                 timm = timm_stream(self.dataset.root, self.data, self.device)
                 if timm is not None:
                     runs["timm"] = Runner(timm.step, cfg.batch_size, self.sync, timm.worker_pids)
         tv = None
-        if cfg.baseline == "torchvision":
+        if cfg.baseline == "torchvision" and not self.short:
             tv_loader = baseline_loader(
                 a,
                 self.dataset.root,

@@ -24,18 +24,25 @@ from dalikd.step import Distiller, make_optimizer
 
 
 def read_graph(split, plan, seeds):
-    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
+    jpegs, labels, _ = loaders.read(split, shuffle=True, shard_id=0, num_shards=1,
+                                     small_files=bool(plan.raw_shape))  # fmt: skip
     return {"jpegs": jpegs, "labels": labels}
 
 
+def pixels_graph(split, plan, seeds):
+    jpegs, labels, _ = loaders.read(split, shuffle=True, shard_id=0, num_shards=1,
+                                 small_files=bool(plan.raw_shape))  # fmt: skip
+    return {"images": loaders.pixels(jpegs, plan), "labels": labels}
+
+
 def decode_graph(split, plan, seeds):
-    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
+    jpegs, labels, _ = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
     images = loaders.random_crop_decode(jpegs, plan, seeds.stream("base"))
     return {"images": images, "labels": labels}
 
 
 def resize_graph(split, plan, seeds):
-    jpegs, labels = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
+    jpegs, labels, _ = loaders.read(split, shuffle=True, shard_id=0, num_shards=1)
     images = loaders.random_resized_crop(jpegs, plan, seeds.stream("base"))
     return {"images": images, "labels": labels}
 
@@ -65,15 +72,16 @@ class Models:
         self.distiller.step(batch, self.optimizer, _NO_SCALER)
 
 
-def build_models(cfg: ProfileConfig, kd: KDConfig, num_classes: int, device: str):
+def build_models(cfg: ProfileConfig, kd: KDConfig, num_classes: int, device: str, data_norm=None):
     """Randomly initialised models (weights do not change throughput), or None without a
-    student."""
+    student. ``data_norm``: the data's normalization, where it sets one."""
     if not cfg.student:
         if cfg.teacher:
             raise DalikdError("--teacher needs --student: the KD step trains a student")
         return None
     model = ModelConfig(student=cfg.student, teacher=cfg.teacher)
-    distiller = Distiller.build(model, kd, num_classes, device, weights=False).train()
+    distiller = Distiller.build(model, kd, num_classes, device, weights=False,
+                                data_norm=data_norm).train()  # fmt: skip
     return Models(distiller, make_optimizer(distiller.student, OptimConfig(lr=0.01)))
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dalikd.plan import DataPlan
+from dalikd.shards import ShardSplit
 
 CACHE_FORMAT = 2  # the layout of key.json and the chunk files (2: formats, per-chunk KL)
 
@@ -25,7 +26,8 @@ CACHE_FORMAT = 2  # the layout of key.json and the chunk files (2: formats, per-
 # with the reason. Everything else in the plan is keyed.
 NOT_IN_KEY: dict[str, str] = {
     # where the files are, not what they hold: the listing's hash (data_listing) stands for the
-    # classes, files, sizes and labels, so a dataset copied to another folder keeps its cache
+    # classes, files, sizes and labels (a shard set's: its manifest's shard checksums), so a
+    # dataset copied to another folder keeps its cache
     "path": "the dataset's folder; data_listing keys its contents",
     # DALI's results do not depend on how many threads compute them
     "threads": "thread count",
@@ -90,13 +92,17 @@ def _sha256_file(path: Path) -> str:
 def listing_hash(dataset: Any) -> str:
     """sha256 of the data listing: classes, then per split each file (relative path, size in
     bytes, label), then the files left out and why. Sizes catch a replaced file cheaply; a
-    moved dataset folder keeps its hash."""
+    moved dataset folder keeps its hash. A shard set's split is its manifest's shards (names,
+    sample numbers, sha256: :meth:`dalikd.shards.ShardSplit.digest`), nothing listed."""
     h = hashlib.sha256()
     root = Path(dataset.root)
     h.update(("\n".join(dataset.classes) + "\n").encode())
     for name in ("train", "val"):
         split = getattr(dataset, name)
         h.update(f"[{name}]\n".encode())
+        if isinstance(split, ShardSplit):
+            h.update(f"shards {split.digest()}\n".encode())
+            continue
         for path, label in zip(split.files, split.labels, strict=True):
             rel = os.path.relpath(path, root)
             h.update(f"{rel}\t{os.stat(path).st_size}\t{label}\n".encode())
