@@ -143,12 +143,8 @@ def evaluate_model(
     model.to(torch_device(device))
     norm = input_norm(model, data_norm(data_cfg.mean, data_cfg.std))
     plan = resolve_plan(data_cfg, device=device, norm=norm, raw_shape=dataset.raw_shape)
-    if sources.is_shards(dataset):  # (merge: shard sets join recovery in the next commit)
-        from dalikd import loaders
-
-        val: Any = loaders.val_loader(dataset.val, plan)
-    else:  # a file that fails to decode is left out (one warning line) and the evaluation goes on
-        val = recovery.ValData(recovery.FileSource(dataset.val), plan,
-                               on_failure=recovery.LeftOutWarning("validation file"))  # fmt: skip
+    # a sample that fails to decode is left out (one warning line) and the evaluation goes on
+    val = recovery.ValData(recovery.source_of(dataset.val), plan,
+                           on_failure=recovery.LeftOutWarning("validation file"))  # fmt: skip
     result = evaluate(model, val, device, norm=norm)
     return {**result, "plan": plan.to_dict()}  # the data plan it ran

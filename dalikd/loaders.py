@@ -29,7 +29,7 @@ from dalikd.data import Split
 from dalikd.device import torch_device
 from dalikd.errors import DalikdError
 from dalikd.plan import DataPlan, check_state
-from dalikd.recipes import Pool, Seeds, View, recipe_error, recipe_info
+from dalikd.recipes import Pool, Seeds, check_output, recipe_error, recipe_info
 from dalikd.shards import ShardSplit
 
 __all__ = [
@@ -228,7 +228,7 @@ def train_graph(
         outputs["index"] = index
     if plan.recipe is not None:
         out = plan.recipe(images, plan.aug_context(seeds))
-        _check_recipe_output(plan, out)
+        check_output(plan.recipe, out, plan.pool_size)
         gpu = plan.device == "gpu"
         for j, view in enumerate(out.views if isinstance(out, Pool) else (out,)):
             outputs[f"aug_images_{j}"] = view.images
@@ -236,37 +236,6 @@ def train_graph(
                 outputs[f"lam_{j}"] = view.lam.gpu() if gpu else view.lam
                 outputs[f"perm_{j}"] = view.perm.gpu() if gpu else view.perm
     return outputs
-
-
-def _check_recipe_output(plan: DataPlan, out: Any) -> None:
-    """A user recipe's mistakes as one line naming it, at trace time (DALI's own errors come
-    later, from deep inside the graph)."""
-    from nvidia.dali.data_node import DataNode
-
-    name = f"recipe {recipe_info(plan.recipe).name}"
-    if not isinstance(out, View | Pool):
-        raise DalikdError(f"{name} returned {type(out).__name__}, not a View or a Pool of Views")
-    views = len(out.views) if isinstance(out, Pool) else 1
-    if views != plan.pool_size:
-        raise DalikdError(
-            f"{name} returned {views} view(s) per image; the data plan expects {plan.pool_size} "
-            "(a recipe that returns a Pool is marked @recipe(..., pool=True) and makes "
-            "ctx.pool_size views)"
-        )
-    for view in out.views if isinstance(out, Pool) else (out,):
-        if not isinstance(view, View):
-            raise DalikdError(f"{name}: a Pool holds {type(view).__name__}, not a View")
-        for field in ("images", "lam", "perm"):
-            value = getattr(view, field)
-            if not (value is None and field != "images") and not isinstance(value, DataNode):
-                raise DalikdError(
-                    f"{name}: View.{field} is {type(value).__name__}, not a DALI DataNode"
-                )
-        if (view.lam is None) != (view.perm is None):
-            raise DalikdError(
-                f"{name} returns {'lam without perm' if view.perm is None else 'perm without lam'}"
-                "; a mixing recipe returns both (the loss needs the partner of each sample)"
-            )
 
 
 def val_view(jpegs: Any, plan: DataPlan) -> Any:

@@ -137,7 +137,7 @@ def preview_batch(plan: DataPlan, dataset: Dataset | None = None) -> PreviewBatc
             f"images in {dataset.root}"
         )
     # training's own data: its epoch order, a file that fails to decode left out (one warning)
-    train = recovery.TrainData(recovery.FileSource(dataset.train), plan, epoch=0,
+    train = recovery.TrainData(recovery.source_of(dataset.train), plan, epoch=0,
                                on_failure=recovery.LeftOutWarning(), preallocate=False)  # fmt: skip
     batch = next(iter(train))
     assert batch.aug_images is not None, "a recipe that returns a View makes x'"

@@ -213,14 +213,15 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
                                 student=needs_student, data_norm=dn).eval()  # fmt: skip
 
     results, left_out = [], recovery.LeftOutWarning()
+    source = recovery.source_of(dataset.train)  # a folder's files or a shard set's samples
     for aug, plan in plans.items():
         plan = replace(plan, norm=distiller.input_norm)  # the models' inputs (cutout's fill)
         reporter.aug_start(aug, steps)
         t0 = time.perf_counter()
         # training's own data: every scheme the same x (a file that fails to decode is left
         # out at the same step in each, said once)
-        loader = recovery.TrainData(recovery.FileSource(dataset.train), plan, epoch=0,
-                                    on_failure=left_out, preallocate=False)  # fmt: skip
+        loader = recovery.TrainData(source, plan, epoch=0, on_failure=left_out,
+                                    preallocate=False)  # fmt: skip
         acc = TStddev(group_rows(cfg.group_steps, batch_size, plan.pool_size, cfg.kd))
         done = 0
         while done < steps:  # one epoch per iteration, reshuffled each time

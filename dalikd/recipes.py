@@ -277,3 +277,34 @@ def recipe_error(recipe: Recipe | None, error: Exception) -> DalikdError | None:
     return DalikdError(
         f"recipe {recipe_info(recipe).name} raised {own} ({file}, line {line}, in {function})"
     )
+
+
+def check_output(recipe: Recipe, out: Any, pool_size: int) -> None:
+    """A user recipe's mistakes as one line naming it, at trace time (DALI's own errors come
+    later, from deep inside the graph)."""
+    from nvidia.dali.data_node import DataNode
+
+    name = f"recipe {recipe_info(recipe).name}"
+    if not isinstance(out, View | Pool):
+        raise DalikdError(f"{name} returned {type(out).__name__}, not a View or a Pool of Views")
+    views = len(out.views) if isinstance(out, Pool) else 1
+    if views != pool_size:
+        raise DalikdError(
+            f"{name} returned {views} view(s) per image; the data plan expects {pool_size} "
+            "(a recipe that returns a Pool is marked @recipe(..., pool=True) and makes "
+            "ctx.pool_size views)"
+        )
+    for view in out.views if isinstance(out, Pool) else (out,):
+        if not isinstance(view, View):
+            raise DalikdError(f"{name}: a Pool holds {type(view).__name__}, not a View")
+        for part in ("images", "lam", "perm"):
+            value = getattr(view, part)
+            if not (value is None and part != "images") and not isinstance(value, DataNode):
+                raise DalikdError(
+                    f"{name}: View.{part} is {type(value).__name__}, not a DALI DataNode"
+                )
+        if (view.lam is None) != (view.perm is None):
+            raise DalikdError(
+                f"{name} returns {'lam without perm' if view.perm is None else 'perm without lam'}"
+                "; a mixing recipe returns both (the loss needs the partner of each sample)"
+            )

@@ -39,7 +39,6 @@ from dalikd.resume import (
     restore_tstddev,
     run_dataset,
 )
-from dalikd.shard_train import ShardTrainData
 from dalikd.step import Distiller, build_student, make_optimizer
 from dalikd.stop import StopSignals
 from dalikd.teacher import LiveTeacher, TeacherSource
@@ -477,16 +476,9 @@ def _open_loaders(run: Run, dali_state: Any) -> None:
     # epoch e's order is drawn from the seed and e (recovery.epochs): a restart without a saved
     # state (another world size) does not replay the first epoch's
     try:
-        if sources.is_shards(run.dataset):  # (merge: shard sets join recovery next)
-            run.train_data = ShardTrainData(
-                run.dataset, run.plan, epoch=run.state.epoch, step=run.state.step_in_epoch,
-                shard_id=ctx.rank, num_shards=ctx.world_size, checkpoint=dali_state,
-            )  # fmt: skip
-        else:
-            run.train_data = run.failures.train_data(
-                run.plan, epoch=run.state.epoch, step=run.state.step_in_epoch,
-                checkpoint=dali_state,
-            )  # fmt: skip
+        run.train_data = run.failures.train_data(
+            run.plan, epoch=run.state.epoch, step=run.state.step_in_epoch, checkpoint=dali_state
+        )
     except loaders.ForeignState as e:
         raise DalikdError(
             f"{run.run_dir / 'last.pt'}: {e}; start a new run, seeded with --student-weights "

@@ -22,8 +22,21 @@ same for validation (and ``dalikd eval``), :class:`TrainData` for training (and 
 show or probe it). A data source other than a file list plugs in as a :class:`SampleSource`.
 """
 
-from dalikd.recovery.culprits import dali_reason, find_culprits, first_failure, is_decode_failure
-from dalikd.recovery.epochs import after_failure, epoch_reads, history_id, steps_per_epoch
+from dalikd.recovery.culprits import (
+    bisect_failures,
+    bytes_failure,
+    dali_reason,
+    find_culprits,
+    first_failure,
+    is_decode_failure,
+)
+from dalikd.recovery.epochs import (
+    after_failure,
+    epoch_order,
+    epoch_reads,
+    history_id,
+    steps_per_epoch,
+)
 from dalikd.recovery.report import (
     REPORT,
     RUN_TIME,
@@ -37,7 +50,8 @@ from dalikd.recovery.report import (
     write_report,
 )
 from dalikd.recovery.run import RunFailures
-from dalikd.recovery.source import FileSource, SampleSource
+from dalikd.recovery.shards import ShardSource
+from dalikd.recovery.source import FileSource, SampleSource, source_of
 from dalikd.recovery.train_data import STATE, TrainData, dali_state
 from dalikd.recovery.val_data import ValData
 
@@ -45,8 +59,9 @@ _first_failure = first_failure  # the name tests of the GPU graph use
 
 __all__ = [
     "REPORT", "RUN_TIME", "STATE", "VAL_TIME", "FileSource", "LeftOutWarning", "RunFailures",
-    "SampleSource", "TrainData", "ValData", "after_failure", "apply_skips", "dali_reason",
-    "dali_state", "epoch_reads", "failure_epoch", "find_culprits", "first_failure",
-    "history_id", "is_decode_failure", "read_report", "report_rows", "steps_per_epoch",
+    "SampleSource", "ShardSource", "TrainData", "ValData", "after_failure", "apply_skips",
+    "bisect_failures", "bytes_failure", "dali_reason", "dali_state", "epoch_order",
+    "epoch_reads", "failure_epoch", "find_culprits", "first_failure", "history_id",
+    "is_decode_failure", "read_report", "report_rows", "source_of", "steps_per_epoch",
     "with_reported", "write_report",
 ]  # fmt: skip

@@ -4,10 +4,15 @@ and a resumed run knows exactly what was read before it stopped.
 
 Epoch e shuffles the good samples with one permutation for every rank (NumPy's generator
 seeded with ``[seed, e]``) and gives rank r of n the slice ``[N r / n, N (r + 1) / n)`` of it (the
-rule of DALI's readers). Every rank takes the same number of steps, ``(N // n) // batch``: its
-first ``steps x batch`` samples are its *reads*, the few left over its *extra* (a different few
-each epoch, as DALI's ``LastBatchPolicy.DROP`` leaves out). No padding, no partial batch: a rank
-never reads a sample twice in an epoch, or one that is not its own.
+rule of DALI's readers). Samples stored together (a tar shard's: ``groups``) stay together: the
+permutation then shuffles the groups, and the samples inside each group, from the same
+generator, so that a rank reads each shard it touches in one run (a folder's files stand
+alone: one permutation of them all).
+
+Every rank takes the same number of steps, ``(N // n) // batch``: its first ``steps x batch``
+samples are its *reads*, the few left over its *extra* (a different few each epoch, as DALI's
+``LastBatchPolicy.DROP`` leaves out). No padding, no partial batch: a rank never reads a
+sample twice in an epoch, or one that is not its own.
 
 When a sample fails at step s, the rank's reads from s on become the unseen good ones, in their
 order, topped up to the epoch's length with its extra samples, then (when those run out) with
@@ -30,13 +35,35 @@ def steps_per_epoch(good: int, world: int, batch: int) -> int:
     return (good // world) // batch
 
 
+def epoch_order(
+    n: int, *, seed: int, epoch: int, groups: Sequence[int] | None = None
+) -> np.ndarray:
+    """Epoch ``epoch``'s permutation of ``n`` samples: one draw of NumPy's generator seeded
+    with ``[seed, epoch]``; with ``groups`` (sample k's group), the groups in a drawn order
+    (by their first sample), each group's samples shuffled in turn."""
+    rng = np.random.default_rng([seed, epoch])
+    if groups is None:
+        return rng.permutation(n)
+    ids = np.asarray(groups)
+    by_group = np.argsort(ids, kind="stable")  # positions, grouped, in order within a group
+    starts = np.flatnonzero(np.r_[True, ids[by_group][1:] != ids[by_group][:-1]])
+    parts = np.split(by_group, starts[1:])
+    return np.concatenate(
+        [parts[g][rng.permutation(len(parts[g]))] for g in rng.permutation(len(parts))]
+        or [np.zeros(0, np.int64)]
+    )
+
+
 def epoch_reads(
-    good: Sequence[int], *, seed: int, epoch: int, rank: int, world: int, batch: int
-) -> tuple[list[int], list[int]]:
+    good: Sequence[int], *, seed: int, epoch: int, rank: int, world: int, batch: int,
+    groups: Sequence[int] | None = None,
+) -> tuple[list[int], list[int]]:  # fmt: skip
     """(this rank's reads of epoch ``epoch``: steps x batch identities in order, its extra
-    ones) of the shuffled ``good`` identities."""
+    ones) of the shuffled ``good`` identities (``groups``: the group of every identity, as a
+    :class:`~dalikd.recovery.source.SampleSource` gives them)."""
     n = len(good)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+    mine_groups = None if groups is None else np.asarray(groups)[np.asarray(good, np.int64)]
+    order = epoch_order(n, seed=seed, epoch=epoch, groups=mine_groups)
     mine = [good[i] for i in order[n * rank // world : n * (rank + 1) // world].tolist()]
     cut = steps_per_epoch(n, world, batch) * batch
     return mine[:cut], mine[cut:]

@@ -24,7 +24,7 @@ from dalikd.recovery.report import (
     report_rows,
     write_report,
 )
-from dalikd.recovery.source import FileSource, SampleSource
+from dalikd.recovery.source import SampleSource, source_of
 from dalikd.recovery.train_data import TrainData
 from dalikd.recovery.val_data import ValData
 
@@ -33,8 +33,8 @@ class RunFailures:
     """``failed``: path -> reason of the files the run left out before (its report, on a resume);
     ``dataset``: the run's base listing (:func:`~dalikd.recovery.with_reported`), whose
     ``skipped`` are the scan's. ``say`` is rank 0's reporter (other ranks: silent).
-    ``sources``: the (train, val) samples (default: the dataset's files); another data source
-    (tar shards) plugs in here."""
+    ``sources``: the (train, val) samples (default: the dataset's own, files or shard
+    samples: :func:`~dalikd.recovery.source_of`)."""
 
     def __init__(
         self, run_dir: Path, dataset: Dataset, failed: dict[str, str], ctx: distributed.Dist,
@@ -42,7 +42,7 @@ class RunFailures:
     ) -> None:  # fmt: skip
         self.run_dir, self.dataset, self.failed = run_dir, dataset, dict(failed)
         self.ctx, self.say = ctx, say
-        self.sources = sources or (FileSource(dataset.train), FileSource(dataset.val))
+        self.sources = sources or (source_of(dataset.train), source_of(dataset.val))
 
     def train_data(self, plan: Any, *, epoch: int, step: int, checkpoint: Any) -> TrainData:
         """This rank's training data, the files that failed before left out (from the epoch
@@ -66,7 +66,8 @@ class RunFailures:
         """The run's data in one line: images used, classes, files left out."""
         ds, failed = self.dataset, self.failed.values()
         n = len(report_rows(ds.skipped, self.failed))
-        left_out = f", {n} file{'s' if n > 1 else ''} left out (see {REPORT})" if n else ""
+        what = self.sources[0].what
+        left_out = f", {n} {what}{'s' if n > 1 else ''} left out (see {REPORT})" if n else ""
         train = len(ds.train) - sum(r.startswith(RUN_TIME) for r in failed)
         val = len(ds.val) - sum(r.startswith(VAL_TIME) for r in failed)
         return f"data: {train:,} train / {val:,} val images, {ds.num_classes} classes{left_out}"
@@ -80,7 +81,8 @@ class RunFailures:
         """A TrainData's ``on_failure``: rank 0 says so and writes the report at once."""
         if self.ctx.is_main:
             self.say(
-                f"left out {len(named)} file(s) that failed to decode at {where}: "
+                f"left out {len(named)} {self.sources[0].what}(s) that failed to decode at "
+                f"{where}: "
                 f"{', '.join(sorted(named))}; the epoch goes on without them (see {REPORT})"
             )
             self._add(named)
@@ -89,7 +91,7 @@ class RunFailures:
         """A ValData's ``on_failure``."""
         if self.ctx.is_main:
             self.say(
-                f"left out {len(named)} validation file(s) that failed to decode"
+                f"left out {len(named)} validation {self.sources[1].what}(s) that failed to decode"
                 f"{f' ({where})' if where else ''}: {', '.join(sorted(named))}; validation goes "
                 f"on without them (see {REPORT})"
             )
@@ -115,7 +117,8 @@ class RunFailures:
             if self.ctx.is_main and (train or val):
                 names = sorted(p for p, _ in [*train, *val])
                 self.say(
-                    f"rank {rank} left out {len(names)} file(s) that failed to decode: "
+                    f"rank {rank} left out {len(names)} {self.sources[0].what}(s) that failed to "
+                    "decode: "
                     f"{', '.join(names)} (see {REPORT})"
                 )
                 self._add(dict([*train, *val]))

@@ -1,11 +1,13 @@
-"""Where recovery reads samples from: a :class:`SampleSource` (a split's samples by identity)
-and :class:`FileSource`, the one for an image folder's file list.
+"""Where recovery reads samples from: a :class:`SampleSource` (a split's samples by identity),
+:class:`FileSource`, the one for an image folder's file list, and :func:`source_of`, which
+gives a split its source (a shard set's: :class:`dalikd.recovery.shards.ShardSource`).
 
 A sample's identity is its index in the split. Recovery never asks a source for an order or a
 shard: it decides which samples each rank reads, in which order (:mod:`.epochs`), and asks the
 source for a loader over exactly those (a whole epoch's reads, or the remainder after a
-failure), and, when one fails, which of them fail to decode. A data source other than a file
-list (tar shards) plugs in by implementing the same four methods.
+failure), and, when one fails, which of them fail to decode. The one thing a source says about
+order is :attr:`SampleSource.groups`: samples stored together (a tar shard's), which an epoch's
+order keeps together so that a rank reads each shard in one run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from dalikd.recovery.culprits import find_culprits
 
 class SampleSource(Protocol):
     """The samples of one split, by identity (their index in the split)."""
+
+    # the group (a shard) of each identity, or None: every sample stands alone (a file).
+    # An epoch's order (recovery.epochs) shuffles the groups, then the samples in each
+    groups: Sequence[int] | None
+    what: str  # what the messages call a sample: "file", "sample"
 
     def __len__(self) -> int: ...
 
@@ -43,6 +50,9 @@ class SampleSource(Protocol):
 
 class FileSource:
     """An image folder's split: a sample is a file, its name the file's path."""
+
+    groups = None  # each file is read on its own: any order costs the same
+    what = "file"
 
     def __init__(self, split: Split) -> None:
         self.split = split
@@ -78,3 +88,15 @@ class FileSource:
     def culprits(self, error: BaseException, samples: Sequence[int], plan: Any) -> dict[int, str]:
         found = find_culprits(error, [self.split.files[i] for i in samples], plan)
         return {self._index[f]: reason for f, reason in found.items()}
+
+
+def source_of(split: Any) -> SampleSource:
+    """The :class:`SampleSource` of ``split``: a folder's :class:`~dalikd.data.Split` or a
+    shard set's :class:`~dalikd.shards.ShardSplit` (dalikd.sources.open_dataset gives either)."""
+    from dalikd.shards import ShardSplit
+
+    if isinstance(split, ShardSplit):
+        from dalikd.recovery.shards import ShardSource
+
+        return ShardSource(split)
+    return FileSource(split)

@@ -103,7 +103,7 @@ class TrainData:
             good = [i for i in range(len(self.source)) if self._failed.get(i, epoch + 1) > epoch]
             self._reads, self._extra = epoch_reads(
                 good, seed=self._seed, epoch=epoch, rank=self._rank, world=self._world,
-                batch=self._batch,
+                batch=self._batch, groups=self.source.groups,
             )  # fmt: skip
             if not self._reads:
                 per = " per rank" if self._world > 1 else ""
@@ -194,12 +194,15 @@ class TrainData:
         found = self.source.culprits(error, unseen, self._data_plan)
         if not found:
             raise DalikdError(
-                f"the data pipeline failed at {where} and no single file explains it: "
+                f"the data pipeline failed at {where} and no single {self.source.what} explains "
+                "it: "
                 f"{dali_reason(error)}"
             ) from None
         self._reads = after_failure(self._reads, self._extra, self._step, found, self._batch)
         if not self._reads:
-            raise DalikdError(f"every training file left at {where} failed to decode") from None
+            raise DalikdError(
+                f"every training {self.source.what} left at {where} failed to decode"
+            ) from None
         self._failures.append((self._step, sorted(found)))
         self._start, self._dali = self._step, None
         rank = f", rank {self._rank}" if self._world > 1 else ""

@@ -87,7 +87,7 @@ class ValData:
         found = self.source.culprits(error, unseen, self._plan)
         if not found:
             raise DalikdError(
-                "the validation pipeline failed and no single file explains it: "
+                f"the validation pipeline failed and no single {self.source.what} explains it: "
                 f"{dali_reason(error)}"
             ) from None
         where = self._where()
