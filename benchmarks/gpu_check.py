@@ -259,10 +259,17 @@ def case_recovery(check: Check, data: Path, runs: Path) -> None:
         path.write_bytes(body)
     size = sizes(check.device)
     run = runs / "recovery"
+    # a batch that divides the files the scan keeps: an epoch then reads every one (dalikd's
+    # epoch leaves the few beyond its last whole batch for another epoch)
+    from dalikd.data import scan_dataset
+
+    kept = len(scan_dataset(root, cache=False).train)
+    most = max(2, size["batch_size"] // 4)
+    batch = max((b for b in range(2, most + 1) if kept % b == 0), default=most)
     cmd = dalikd("train", "--data", str(root), "--device", check.device, "--aug", "none",
-                 "--student", "resnet18", "--epochs", "1", "--batch-size",
-                 str(max(2, size["batch_size"] // 4)), "--image-size", str(size["image_size"]),
-                 "--threads", "2", "--out", str(run))  # fmt: skip
+                 "--student", "resnet18", "--epochs", "1", "--batch-size", str(batch),
+                 "--image-size", str(size["image_size"]), "--threads", "2",
+                 "--out", str(run))  # fmt: skip
     code, tail = check.run("recovery", cmd)
     if code is None:
         return

@@ -1,7 +1,9 @@
 """Shards vs a folder of image files, side by side in one run (issue 25).
 
-1. **The training hand-off**: ``dalikd.loaders.train_loader`` (DALI's CPU pipeline: read ->
-   decode + random crop -> resize -> flip) to a normalized ``Batch`` (``prepare_batch``), from
+1. **The training hand-off**: the loader training builds for an epoch (``dalikd.recovery``: the
+   epoch's order drawn by dalikd, a folder's files or a shard set's samples read in it through
+   the source's loader; DALI's CPU pipeline: read -> decode + random crop -> resize -> flip) to
+   a normalized ``Batch`` (``prepare_batch``), from
    the same JPEGs as an ImageNet-style folder (DALI's file reader: an open per file) and as
    tar shards (``dalikd data shard``; DALI's webdataset reader: a few large files, memory-
    mapped). The two take turns in ``--windows`` windows of ``--batches`` batches each; before
@@ -41,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dalikd import loaders
+from dalikd import recovery
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 from dalikd.device import prepare_batch
@@ -131,13 +133,24 @@ def files_of(data: Path) -> list[Path]:
 # -- 1. the hand-off ---------------------------------------------------------------------------
 
 
+def epoch_loader(dataset, plan, epoch: int = 0):
+    """The loader training builds for ``epoch`` on one rank (recovery.TrainData's, without the
+    failure handling): the epoch's reads in dalikd's order, through the split's source (a
+    shard set's: index files of exactly those samples)."""
+    source = recovery.source_of(dataset.train)
+    reads, _ = recovery.epoch_reads(range(len(source)), seed=0, epoch=epoch, rank=0, world=1,
+                                    batch=plan.data.batch_size, groups=source.groups)  # fmt: skip
+    return source.loader(reads, plan, train=True, seed=epoch)
+
+
 def window(data: Path, batches: int, threads: int) -> dict[str, float]:
     """Start-up to the first batch, then ``batches`` more: images/s and CPU ms per image."""
     t0 = time.perf_counter()
     dataset = open_dataset(data, verify=True)  # what a training start does before its loader
     cfg = DataConfig(path=str(data), image_size=112, batch_size=64, threads=threads)
     plan = resolve_plan(cfg, device="cpu", seed=0)
-    it = iter(loaders.train_loader(dataset.train, plan))
+    epoch = 0
+    it = iter(epoch_loader(dataset, plan, epoch))
     prepare_batch(next(it), "cpu")
     start = time.perf_counter() - t0
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -146,6 +159,8 @@ def window(data: Path, batches: int, threads: int) -> dict[str, float]:
         try:
             batch = next(it)
         except StopIteration:  # an epoch ended: the next begins
+            epoch += 1
+            it = iter(epoch_loader(dataset, plan, epoch))
             continue
         prepare_batch(batch, "cpu")
         done += 1
@@ -217,11 +232,12 @@ def timed(fn):
 
 
 def first_batch(data: Path, dataset) -> float:
-    """DALI's pipeline start over the split (built, one batch of 64 read and decoded)."""
+    """The start of an epoch over the split: its order drawn (a shard set: index files of it
+    written), the pipeline built, one batch of 64 read and decoded."""
     cfg = DataConfig(path=str(data), image_size=16, batch_size=64, threads=2)
     plan = resolve_plan(cfg, device="cpu", seed=0)
     t0 = time.perf_counter()
-    next(iter(loaders.train_loader(dataset.train, plan)))
+    next(iter(epoch_loader(dataset, plan)))
     return time.perf_counter() - t0
 
 

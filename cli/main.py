@@ -325,6 +325,8 @@ def train(
         run_dir = getattr(e, "run_dir", "") or cfg.out  # train() names the folder it claimed
         last = bool(run_dir) and (Path(run_dir) / "last.pt").is_file()
         raise Interrupted(run_dir if last else "") from None
+    if summary.get("rank", 0):  # another rank of torchrun's: rank 0 says it all
+        sys.exit(128 + getattr(signal, summary["stopped_by"]) if summary["stopped_by"] else 0)
     if summary["stopped_by"]:
         # Preempted (SIGTERM/SIGUSR1) or Ctrl-C: the checkpoint is written; exit 128 + signal.
         err_console.print(

@@ -23,7 +23,10 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 # restored DALI state overrides the explicit seeds; checked by hand: runs stopped mid-epoch by
 # dalikd d91f5b2 resume here and end bit-identical to its uninterrupted runs), and the
 # checkpoint's "plan" entry is a record that nothing reads back.
-CHECKPOINT_FORMAT = 2
+# 3: dalikd orders the epochs itself (dalikd.recovery.epochs: every rank's reads a function of
+# the seed, the epoch and the files left out) and reads each rank's list in order; "dali" holds
+# each rank's recovery.TrainData state (its failures this epoch and its loader's DALI state).
+CHECKPOINT_FORMAT = 3
 
 EPOCH_START = {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}  # never mutated: rebound per epoch
 
@@ -34,6 +37,9 @@ class Position(NamedTuple):
     epoch: int = 0  # epochs completed before it
     step: int = 0  # its index in the epoch
     rank: int = 0  # the process taking it (each reads its own shard)
+    # what its views depend on beyond the run's settings: the files left out before it
+    # (recovery.TrainData.history; "" when none)
+    data: str = ""
 
 
 @dataclass

@@ -38,7 +38,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +45,7 @@ from pathlib import Path
 
 from dalikd.cache import private_dir, untrusted
 from dalikd.config import MAX_PIXELS  # PIL's Image.MAX_IMAGE_PIXELS
+from dalikd.errors import DalikdError
 
 HEAD = 4096  # bytes read from the start of each file: its format and image size
 TAIL = 512  # bytes read from the end: its end marker
@@ -398,20 +398,20 @@ def check_files(
 
 
 def _write_cache(path: Path, root: Path, decode: bool, verdicts: dict[str, Verdict]) -> None:
-    """Best effort: a cache that cannot be written only costs the next scan time. Each process
-    writes its own temporary file (torchrun ranks scan at once) and renames it into place."""
+    """Best effort: a cache that cannot be written only costs the next scan time. Written
+    through dalikd.atomic (each process its own temporary file: torchrun ranks scan at once),
+    0600 whatever the umask."""
+    from dalikd.atomic import write_atomic
+
     data = {
         "format": CACHE_FORMAT,
         "root": str(root.resolve()),
         "decode": decode,
         "verdicts": {file: list(v) for file, v in verdicts.items() if v[0] >= 0},
     }
+    text = json.dumps(data).encode()
     try:
         private_dir(path.parent)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=path.parent, suffix=".tmp", delete=False
-        ) as f:  # NamedTemporaryFile is created 0600, whatever the umask
-            json.dump(data, f)
-        os.replace(f.name, path)
-    except OSError:
+        write_atomic(path, lambda f: f.write(text), mode=0o600)
+    except (OSError, DalikdError):
         pass

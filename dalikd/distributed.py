@@ -22,6 +22,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dalikd.errors import DalikdError
+
+# what gloo and NCCL say when another rank's process is gone
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
+              "Broken pipe", "NCCL communicator was aborted")  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -107,3 +113,19 @@ def gather_objects(ctx: Dist, value: Any) -> list[Any]:
     out: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, value)
     return out
+
+
+def explained(ctx: Dist, error: Exception) -> DalikdError | None:
+    """The one line a rank of several stops with, so that the reader of every rank's output
+    finds the cause: its own DalikdError prefixed ``rank R:``; the loss of another rank (a
+    collective whose peer is gone: gloo's and NCCL's errors) as one line pointing at that rank's
+    own, instead of a traceback. None: ``error`` as it is (a single process, or another error)."""
+    if not ctx.enabled or ctx.world_size == 1:
+        return None
+    if type(error) is DalikdError:
+        return DalikdError(f"rank {ctx.rank}: {error}")
+    if isinstance(error, RuntimeError) and any(s in str(error) for s in _PEER_LOST):
+        return DalikdError(
+            f"rank {ctx.rank} stops: another rank stopped first (its own error line is above)"
+        )
+    return None

@@ -84,6 +84,8 @@ def evaluate(
     loss_sum, top1, top5, count, agree, kl_sum = distributed.all_sum(
         ctx or distributed.Dist(), sums
     ).tolist()
+    if not count:
+        raise DalikdError("no validation image could be decoded (see data_report.tsv)")
     result = {
         "loss": loss_sum / count,
         "top1": 100.0 * top1 / count,
@@ -135,11 +137,14 @@ def evaluate_model(
     check_classes(trained_on, names, f"weights {weights}", subset=val_only)
     dataset = sources.open_dataset(data, splits=("val",), classes=trained_on or names)
     model = build_model(model_name, dataset.num_classes, weights)
-    from dalikd import loaders  # DALI: only where the loader is built
+    from dalikd import recovery  # DALI: only where the loader is built
     from dalikd.plan import resolve_plan
 
     model.to(torch_device(device))
     norm = input_norm(model, data_norm(data_cfg.mean, data_cfg.std))
     plan = resolve_plan(data_cfg, device=device, norm=norm, raw_shape=dataset.raw_shape)
-    result = evaluate(model, loaders.val_loader(dataset.val, plan), device, norm=norm)
+    # a sample that fails to decode is left out (one warning line) and the evaluation goes on
+    val = recovery.ValData(recovery.source_of(dataset.val), plan,
+                           on_failure=recovery.LeftOutWarning("validation file"))  # fmt: skip
+    result = evaluate(model, val, device, norm=norm)
     return {**result, "plan": plan.to_dict()}  # the data plan it ran

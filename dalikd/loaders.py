@@ -29,7 +29,7 @@ from dalikd.data import Split
 from dalikd.device import torch_device
 from dalikd.errors import DalikdError
 from dalikd.plan import DataPlan, check_state
-from dalikd.recipes import Pool, Seeds, View, recipe_info
+from dalikd.recipes import Pool, Seeds, check_output, recipe_error, recipe_info
 from dalikd.shards import ShardSplit
 
 __all__ = [
@@ -209,15 +209,17 @@ def train_graph(
     num_shards: int,
     reader_seed: int = 0,
     indexed: bool = False,
+    shuffle: bool = True,
 ) -> dict[str, Any]:
     """x = :func:`base_view` of each file; x' = the plan's recipe of x, from the same decode
-    (``plan.pool_size`` views per image). Every image output is uint8 HWC.
+    (``plan.pool_size`` views per image). Every image output is uint8 HWC. ``shuffle``: DALI's
+    global reshuffle each epoch; without it the files are read in ``split``'s order.
 
     On GPU, λ and perm leave the pipeline as GPU nodes (``.gpu()``; a no-op for the native
     operator's λ, already there): a CPU node that also feeds GPU work (``images * lam``) is
     allocated in pinned host memory, which DALI exports over DLPack as kDLCUDAHost, a device
     type torch's ``from_dlpack`` rejects. Labels feed nothing on the GPU and stay on CPU."""
-    jpegs, labels, index = read(split, shuffle=True, shard_id=shard_id, num_shards=num_shards,
+    jpegs, labels, index = read(split, shuffle=shuffle, shard_id=shard_id, num_shards=num_shards,
                                 seed=reader_seed, indexed=indexed,
                                 small_files=bool(plan.raw_shape))  # fmt: skip
     images = base_view(jpegs, plan, seeds)
@@ -226,7 +228,7 @@ def train_graph(
         outputs["index"] = index
     if plan.recipe is not None:
         out = plan.recipe(images, plan.aug_context(seeds))
-        _check_recipe_output(plan, out)
+        check_output(plan.recipe, out, plan.pool_size)
         gpu = plan.device == "gpu"
         for j, view in enumerate(out.views if isinstance(out, Pool) else (out,)):
             outputs[f"aug_images_{j}"] = view.images
@@ -234,37 +236,6 @@ def train_graph(
                 outputs[f"lam_{j}"] = view.lam.gpu() if gpu else view.lam
                 outputs[f"perm_{j}"] = view.perm.gpu() if gpu else view.perm
     return outputs
-
-
-def _check_recipe_output(plan: DataPlan, out: Any) -> None:
-    """A user recipe's mistakes as one line naming it, at trace time (DALI's own errors come
-    later, from deep inside the graph)."""
-    from nvidia.dali.data_node import DataNode
-
-    name = f"recipe {recipe_info(plan.recipe).name}"
-    if not isinstance(out, View | Pool):
-        raise DalikdError(f"{name} returned {type(out).__name__}, not a View or a Pool of Views")
-    views = len(out.views) if isinstance(out, Pool) else 1
-    if views != plan.pool_size:
-        raise DalikdError(
-            f"{name} returned {views} view(s) per image; the data plan expects {plan.pool_size} "
-            "(a recipe that returns a Pool is marked @recipe(..., pool=True) and makes "
-            "ctx.pool_size views)"
-        )
-    for view in out.views if isinstance(out, Pool) else (out,):
-        if not isinstance(view, View):
-            raise DalikdError(f"{name}: a Pool holds {type(view).__name__}, not a View")
-        for field in ("images", "lam", "perm"):
-            value = getattr(view, field)
-            if not (value is None and field != "images") and not isinstance(value, DataNode):
-                raise DalikdError(
-                    f"{name}: View.{field} is {type(value).__name__}, not a DALI DataNode"
-                )
-        if (view.lam is None) != (view.perm is None):
-            raise DalikdError(
-                f"{name} returns {'lam without perm' if view.perm is None else 'perm without lam'}"
-                "; a mixing recipe returns both (the loss needs the partner of each sample)"
-            )
 
 
 def val_view(jpegs: Any, plan: DataPlan) -> Any:
@@ -317,6 +288,12 @@ def build_pipeline(
         except DalikdError as e:  # conditionals' tracing rewrites it into a multi-line one
             errors.append(e)
             raise
+        except Exception as e:  # a user recipe's own mistake: its line, then where
+            said = recipe_error(plan.recipe, e)
+            if said is None:
+                raise
+            errors.append(said)
+            raise said from None
         names.extend(outputs)
         return tuple(outputs.values())
 
@@ -356,8 +333,10 @@ class Loader:
         last_batch: LastBatchPolicy,
         device: torch.device,
         labels: Sequence[int] | None = None,
+        recipe: str = "",
     ):
         self._device, self._pool_size = device, pool_size
+        self._recipe = recipe  # names the recipe in its mistakes ("recipe cutmix")
         self._labels = None if labels is None else torch.tensor(labels, dtype=torch.int64)
         # builds the pipeline, and restores its saved state if it was given one. The first
         # batches are not prepared here but at the first next(): a file that fails to decode
@@ -382,10 +361,33 @@ class Loader:
         """The pipeline's state after the batches consumed so far (DALI checkpointing)."""
         return self._iter.checkpoints()[0]
 
+    def _outputs(self) -> Iterator[Any]:
+        """The iterator's outputs; a batch of images of several sizes is the recipe's mistake
+        (DALI hands over only batches of one shape), one line naming it."""
+        iterator = iter(self._iter)
+        while True:
+            try:
+                out = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "IsDenseTensor" not in str(e) and "uniform shape" not in str(e):
+                    raise
+                raise DalikdError(
+                    f"{self._recipe or 'the pipeline'} returns images whose size varies from "
+                    "sample to sample; a recipe must return uint8 HWC RGB images of the size it "
+                    "receives"
+                ) from None
+            yield out
+
     def __iter__(self) -> Iterator[Batch]:
         to = self._device
-        for out in self._iter:
+        for out in self._outputs():
             d = out[0]
+            if not len(d["labels"]):
+                # a shard one sample short of the others ends in an empty batch (DALI's
+                # pad_last_batch with LastBatchPolicy.PARTIAL): nothing to hand over
+                continue
             # Images come out of DALI already on the training device, uint8 NHWC; labels
             # (and on CPU λ, perm) are moved here: a no-op for what is already there.
             pool_size = self._pool_size
@@ -441,24 +443,31 @@ def train_loader(
     num_shards: int = 1,
     checkpoint: str | bytes | None = None,
     indexed: bool = False,
+    ordered: bool = False,
 ) -> Loader:
     """Shuffled, augmented training batches of ``plan``; the incomplete last batch is dropped.
 
     All shards shuffle with ``seed`` (default: the plan's; one shared permutation, split between
     them); the augmentations of shard i draw from ``seed + i``. ``checkpoint`` resumes a saved
     state (of a graph of the same paths: one line otherwise). ``indexed``: batches carry each
-    sample's position in ``split`` (:class:`Loader`).
+    sample's position in ``split`` (:class:`Loader`). ``ordered``: ``split`` is this shard's
+    own reads, in order (dalikd.recovery orders the epochs): read whole, not shuffled or
+    sharded again (``shard_id`` then seeds only the augmentations).
     """
     seed = plan.seed if seed is None else seed
     if checkpoint is not None:
         check_state(plan, checkpoint)
+    reader = {"shard_id": shard_id, "num_shards": num_shards}
+    if ordered:
+        reader = {"shard_id": 0, "num_shards": 1, "shuffle": False}
     pipe, names = build_pipeline(
         train_graph, plan, seed=seed + shard_id, checkpoint=checkpoint, split=split,
-        shard_id=shard_id, num_shards=num_shards, reader_seed=seed, indexed=indexed,
+        reader_seed=seed, indexed=indexed, **reader,
     )  # fmt: skip
     labels = split.labels if indexed and isinstance(split, Split) else None
+    recipe = f"recipe {recipe_info(plan.recipe).name}" if plan.recipe is not None else ""
     return Loader(pipe, names, pool_size=plan.pool_size, last_batch=LastBatchPolicy.DROP,
-                  device=torch_device(plan.device), labels=labels)  # fmt: skip
+                  device=torch_device(plan.device), labels=labels, recipe=recipe)  # fmt: skip
 
 
 def val_loader(

@@ -1,6 +1,6 @@
 """A PNG grid of x and x' for one training batch: what the student is trained on.
 
-The batch comes from :func:`dalikd.loaders.train_loader`, the loader training uses, built from a
+The batch comes from :class:`dalikd.recovery.TrainData`, the data training reads, built from a
 data plan resolved as training resolves it (:mod:`dalikd.plan`) with the same seed, so the grid
 shows exactly the first batch a run with these settings would see. The
 pipeline's uint8 pixels are drawn with PIL as they are; each x is labelled with its index in
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dalikd import loaders
+from dalikd import recovery
 from dalikd.atomic import write_atomic
 from dalikd.config import MAX_IMAGE_SIZE, MAX_SEED
 from dalikd.data import Dataset
@@ -136,7 +136,10 @@ def preview_batch(plan: DataPlan, dataset: Dataset | None = None) -> PreviewBatc
             f"--batch-size {data.batch_size} is more than the {len(dataset.train)} training "
             f"images in {dataset.root}"
         )
-    batch = next(iter(loaders.train_loader(dataset.train, plan)))
+    # training's own data: its epoch order, a file that fails to decode left out (one warning)
+    train = recovery.TrainData(recovery.source_of(dataset.train), plan, epoch=0,
+                               on_failure=recovery.LeftOutWarning(), preallocate=False)  # fmt: skip
+    batch = next(iter(train))
     assert batch.aug_images is not None, "a recipe that returns a View makes x'"
     # A candidate pool (cutmixpick) holds k views per image, view-major; the preview draws the
     # first view of each image: which candidates are kept is decided by the teacher in training.

@@ -2,8 +2,8 @@
 
 Wang et al. (NeurIPS 2022): the lower the T. stddev of a scheme (the standard deviation of the
 teacher's mean probability, dalikd.metrics), the lower the test loss of a student distilled
-with it. The probe trains nothing. For each scheme it runs the training data loader
-(:func:`dalikd.loaders.train_loader`, the one ``dalikd train`` uses) for a number of steps;
+with it. The probe trains nothing. For each scheme it runs the training data
+(:class:`dalikd.recovery.TrainData`, what ``dalikd train`` reads) for a number of steps;
 the frozen teacher sees x and x' of every step, and its softmax rows, x's then those of the x'
 a student would be trained on (for a candidate pool: the picked ones, by the same
 :class:`dalikd.step.Distiller` as training), go into one :class:`~dalikd.metrics.TStddev`, in the
@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from dalikd import loaders, pick
+from dalikd import pick, recovery
 from dalikd.atomic import write_atomic, write_text_atomic
 from dalikd.batch import data_norm
 from dalikd.config import (
@@ -212,15 +212,19 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
     distiller = Distiller.build(cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision,
                                 student=needs_student, data_norm=dn).eval()  # fmt: skip
 
-    results = []
+    results, left_out = [], recovery.LeftOutWarning()
+    source = recovery.source_of(dataset.train)  # a folder's files or a shard set's samples
     for aug, plan in plans.items():
         plan = replace(plan, norm=distiller.input_norm)  # the models' inputs (cutout's fill)
         reporter.aug_start(aug, steps)
         t0 = time.perf_counter()
-        loader = loaders.train_loader(dataset.train, plan)
+        # training's own data: every scheme the same x (a file that fails to decode is left
+        # out at the same step in each, said once)
+        loader = recovery.TrainData(source, plan, epoch=0, on_failure=left_out,
+                                    preallocate=False)  # fmt: skip
         acc = TStddev(group_rows(cfg.group_steps, batch_size, plan.pool_size, cfg.kd))
         done = 0
-        while done < steps:  # the loader runs one epoch per iteration, reshuffled each time
+        while done < steps:  # one epoch per iteration, reshuffled each time
             for b in loader:
                 b = prepare_batch(b, device, distiller.input_norm)
                 with autocast(device, cfg.precision):

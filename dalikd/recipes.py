@@ -244,3 +244,67 @@ def compose(recipes: list[Recipe], name: str) -> Recipe:
     pool = recipe_info(recipes[-1]).pool  # a Pool only comes from the last (mixing) recipe
     setattr(composed, _ATTR, RecipeInfo(name, "composition: " + name, mixing, pool))
     return composed
+
+
+def recipe_error(recipe: Recipe | None, error: Exception) -> DalikdError | None:
+    """An exception a recipe raised while its graph was traced, as one line: its own
+    ("KeyError: 'b'"), then the innermost frame of the user's code (file, line, function). None
+    where no frame is in the recipe's file (not the recipe's mistake)."""
+    import inspect
+    import traceback
+
+    from nvidia.dali import fn
+
+    if recipe is None:
+        return None
+    try:
+        source = inspect.getsourcefile(inspect.unwrap(recipe))
+    except TypeError:
+        return None
+    # under conditionals the recipe runs converted: its frames are mapped back by AutoGraph
+    # (its translated stack is innermost first): outermost first, as a traceback's
+    meta = getattr(error, "ag_error_metadata", None)
+    if meta is not None:
+        frames = [(f.filename, f.lineno, f.function_name) for f in reversed(meta.translated_stack)]
+    else:
+        frames = [(f.filename, f.lineno, f.name) for f in traceback.extract_tb(error.__traceback__)]
+    if not any(f[0] == source for f in frames):
+        return None
+    library = (str(Path(__file__).parent), str(Path(inspect.getfile(fn)).parents[1]))
+    user = [f for f in frames if not f[0].startswith(library) and "autograph" not in f[0]]
+    file, line, function = user[-1] if user else next(f for f in frames if f[0] == source)
+    own = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[-1]}"
+    return DalikdError(
+        f"recipe {recipe_info(recipe).name} raised {own} ({file}, line {line}, in {function})"
+    )
+
+
+def check_output(recipe: Recipe, out: Any, pool_size: int) -> None:
+    """A user recipe's mistakes as one line naming it, at trace time (DALI's own errors come
+    later, from deep inside the graph)."""
+    from nvidia.dali.data_node import DataNode
+
+    name = f"recipe {recipe_info(recipe).name}"
+    if not isinstance(out, View | Pool):
+        raise DalikdError(f"{name} returned {type(out).__name__}, not a View or a Pool of Views")
+    views = len(out.views) if isinstance(out, Pool) else 1
+    if views != pool_size:
+        raise DalikdError(
+            f"{name} returned {views} view(s) per image; the data plan expects {pool_size} "
+            "(a recipe that returns a Pool is marked @recipe(..., pool=True) and makes "
+            "ctx.pool_size views)"
+        )
+    for view in out.views if isinstance(out, Pool) else (out,):
+        if not isinstance(view, View):
+            raise DalikdError(f"{name}: a Pool holds {type(view).__name__}, not a View")
+        for part in ("images", "lam", "perm"):
+            value = getattr(view, part)
+            if not (value is None and part != "images") and not isinstance(value, DataNode):
+                raise DalikdError(
+                    f"{name}: View.{part} is {type(value).__name__}, not a DALI DataNode"
+                )
+        if (view.lam is None) != (view.perm is None):
+            raise DalikdError(
+                f"{name} returns {'lam without perm' if view.perm is None else 'perm without lam'}"
+                "; a mixing recipe returns both (the loss needs the partner of each sample)"
+            )

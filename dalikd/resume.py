@@ -107,10 +107,11 @@ def _upgrade_saved(saved: dict[str, Any], ckpt: dict[str, Any]) -> None:
         # its graph's operators
         from dalikd.plan import checkpoint_mixing, checkpoint_resize
 
-        if "mixing" not in data:
-            data["mixing"] = checkpoint_mixing(recovery.dali_state(ckpt["dali"][0]))
-        if "resize" not in data:
-            data["resize"] = checkpoint_resize(recovery.dali_state(ckpt["dali"][0]))
+        state = recovery.dali_state(ckpt["dali"][0])
+        if "mixing" not in data and state is not None:
+            data["mixing"] = checkpoint_mixing(state)
+        if "resize" not in data and state is not None:
+            data["resize"] = checkpoint_resize(state)
 
 
 def _resume_data_path(
@@ -235,14 +236,35 @@ def restore_tstddev(states: Any, ctx: distributed.Dist, tdev: torch.device) -> T
     return tstd
 
 
-def without_failed(run_dir: Path, dataset: Dataset, ckpt: dict[str, Any]) -> Dataset:
-    """``dataset`` less the files that failed in the run's training before (data_report.tsv).
-    The data may have moved (data.path): the report names the files where they were, under the
-    checkpoint's root or, where a later start rewrote it before dying, config.json's."""
+def run_dataset(
+    scanned: Dataset, run_dir: Path, ckpt: dict[str, Any] | None
+) -> tuple[Dataset, dict[str, str], dict[str, Any]]:
+    """(the run's dataset, name -> reason of the samples it found failing, its train listing):
+    the dataset as ``scanned`` (a folder's train split listing again the files the run reported
+    that the user removed since: the same listing, the same sample identities,
+    recovery.with_reported; a shard set's as its manifest says), checked against the
+    checkpoint's listing where resuming (``ckpt``)."""
+    from dalikd import sources
+
+    failed = run_failures(run_dir, scanned.root, ckpt) if ckpt is not None else {}
+    dataset = scanned if sources.is_shards(scanned) else recovery.with_reported(scanned, failed)
+    listing = sources.listing(dataset)
+    if ckpt is not None and ckpt.get("train_listing"):
+        check_listing(ckpt["train_listing"], listing, run_dir, dataset.root)
+    return dataset, failed, listing
+
+
+def run_failures(run_dir: Path, root: Path, ckpt: dict[str, Any]) -> dict[str, str]:
+    """name -> reason of the samples the run found failing while it trained or validated
+    (data_report.tsv: a file's path, a shard sample's ``<shard path>:<key>``), named under the
+    dataset's ``root`` now. The data may have moved (data.path): the report names them where
+    they were, under the checkpoint's root or, where a later start rewrote it before dying,
+    config.json's (a shard set given as a glob: its folder)."""
+    from dalikd import sources
+
     roots = [ckpt["config"]["data"]["path"], config_data_path(run_dir)]
-    roots = [Path(r).expanduser().resolve() for r in roots if r]
-    skips = recovery.read_report(run_dir)
-    return recovery.apply_skips(dataset, moved(skips, roots, dataset.root))
+    roots = [Path(sources.root_of(r)) for r in roots if r]
+    return moved(recovery.read_report(run_dir), roots, Path(root))
 
 
 def restore_training(

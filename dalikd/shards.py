@@ -90,7 +90,8 @@ class ShardSplit:
     a sample from its number. ``first``: the number of each shard's first sample (the shards
     of a whole split: 0, then running totals; a glob's or a subset's pick of them: their own).
     ``index_dir``: where the index files DALI reads are (None: beside the shards; a
-    :meth:`subset` writes filtered ones elsewhere)."""
+    :meth:`subset` writes its own there, named ``index_files``, one per entry of ``shards``:
+    a subset may read one shard in several runs, each through its own index file)."""
 
     folder: Path
     split: str
@@ -99,6 +100,7 @@ class ShardSplit:
     first: tuple[int, ...] = ()
     index_dir: Path | None = None
     picked: int = -1  # samples read (a subset's); -1: every sample of the shards
+    index_files: tuple[str, ...] = ()  # a subset's index file per entry, in ``index_dir``
 
     def __post_init__(self) -> None:
         if not self.first:
@@ -116,6 +118,8 @@ class ShardSplit:
         return [str(self.folder / s.name) for s in self.shards]
 
     def index_paths(self) -> list[str]:
+        if self.index_dir is not None and self.index_files:
+            return [str(self.index_dir / name) for name in self.index_files]
         where = self.index_dir or self.folder
         return [str(where / index_name(s.name)) for s in self.shards]
 
@@ -149,39 +153,48 @@ class ShardSplit:
         return h.hexdigest()
 
     def subset(self, numbers: Iterable[int], index_dir: str | Path) -> ShardSplit:
-        """The samples ``numbers`` of this split only, read from the same tars through filtered
-        index files written to ``index_dir`` (DALI reads the samples an index lists, gaps
-        allowed): e.g. a remainder loader over the samples of an epoch not yet trained on,
-        less the ones that failed. Shards with no such sample are left out."""
-        keep = sorted(set(numbers))
+        """The samples ``numbers`` of this split, **in this order** (repeats allowed), read from
+        the same tars through index files written to ``index_dir``: DALI reads the samples an
+        index lists, in the index's order, gaps allowed, and the same tar may be listed again
+        with another index (docs/shards.md, "DALI 2.4 facts"). Consecutive samples of one
+        shard make one entry (one tar opened, one index file); a list that returns to a shard
+        later makes another. This is how dalikd gives a rank its own sample list of an epoch
+        (dalikd.recovery.ShardSource)."""
+        numbers = list(numbers)
         index_dir = Path(index_dir)
         index_dir.mkdir(parents=True, exist_ok=True)
-        shards, firsts, picked = [], [], 0
-        for shard, first in zip(self.shards, self.first, strict=True):
-            lo = bisect.bisect_left(keep, first)
-            hi = bisect.bisect_left(keep, first + shard.samples)
-            if lo == hi:
-                continue
-            with open(self.folder / index_name(shard.name), encoding="utf-8") as f:
-                lines = f.read().splitlines()[1:]
-            kept = [lines[n - first] for n in keep[lo:hi]]
+        lines: dict[int, list[str]] = {}  # shard position -> its index file's sample lines
+        runs: list[tuple[int, list[int]]] = []  # (shard position, numbers in order)
+        for n in numbers:
+            i = self._shard_of(n, asked=True)
+            if runs and runs[-1][0] == i:
+                runs[-1][1].append(n)
+            else:
+                runs.append((i, [n]))
+        files = []
+        for k, (i, run) in enumerate(runs):
+            if i not in lines:
+                with open(self.folder / index_name(self.shards[i].name), encoding="utf-8") as f:
+                    lines[i] = f.read().splitlines()[1:]
+            kept = [lines[i][n - self.first[i]] for n in run]
             text = f"{INDEX_VERSION} {len(kept)}\n" + "".join(line + "\n" for line in kept)
-            write_text_atomic(text, index_dir / index_name(shard.name))
-            shards.append(shard)
-            firsts.append(first)
-            picked += len(kept)
-        if len(keep) != picked or (keep and not 0 <= keep[0] <= keep[-1] < self._end()):
-            raise DalikdError(f"{self.folder}: {self.split} does not hold every sample asked for")
-        return replace(self, shards=tuple(shards), first=tuple(firsts), index_dir=index_dir,
-                       picked=picked)  # fmt: skip
+            files.append(f"{k:06d}-{index_name(self.shards[i].name)}")
+            write_text_atomic(text, index_dir / files[-1])
+        return replace(self, shards=tuple(self.shards[i] for i, _ in runs),
+                       first=tuple(self.first[i] for i, _ in runs), index_dir=index_dir,
+                       picked=len(numbers), index_files=tuple(files))  # fmt: skip
 
-    def _end(self) -> int:
-        return self.first[-1] + self.shards[-1].samples if self.shards else 0
-
-    def _shard_of(self, number: int) -> int:
+    def _shard_of(self, number: int, asked: bool = False) -> int:
+        """The entry of ``shards`` that holds sample ``number`` (the first such entry)."""
         i = bisect.bisect_right(self.first, number) - 1
+        if self.index_files:  # a subset's entries need not be in order: look at each
+            i = next((j for j, f in enumerate(self.first)
+                      if f <= number < f + self.shards[j].samples), -1)  # fmt: skip
         if i < 0 or number >= self.first[i] + self.shards[i].samples:
-            raise DalikdError(f"{self.folder}: {self.split} has no sample number {number}")
+            what = "every sample asked for" if asked else f"sample number {number}"
+            raise DalikdError(
+                f"{self.folder}: {self.split} {'does not hold' if asked else 'has no'} {what}"
+            )
         return i
 
 

@@ -43,9 +43,10 @@ from dalikd.shards import (
 JOURNAL = ".dalikd-shard.json"  # a run in progress: its plan and the shards it finished
 WRITE_FORMAT = 1  # bumped when the bytes written for the same plan change
 _SHARD_FILE = re.compile(r"^(train|val)-\d{5}\.(tar|idx)$")
-# temporary files of a killed run: a shard, an index file, the journal, the manifest
-_TEMP_FILE = re.compile(r"^(\.(train|val)-\d{5}\.(tar|idx)|\.dalikd-shard\.json|dataset\.json)"
-                        r"\.tmp$")  # fmt: skip
+# temporary files of a killed run: a shard, an index file, the journal, the manifest, as
+# dalikd.atomic names them (.NAME.PID.RANDOM.tmp), or as older versions did (.NAME.tmp)
+_TEMP_FILE = re.compile(r"^\.?(\.(train|val)-\d{5}\.(tar|idx)|\.dalikd-shard\.json|"
+                        r"dataset\.json)(\.\d+\.[0-9a-f]{8})?\.tmp$")  # fmt: skip
 
 
 # -- planning -----------------------------------------------------------------------------------
@@ -251,57 +252,41 @@ def _read_source(item: Item) -> bytes:
 def _write_shard(
     out: Path, name: str, items: list[Item], first: int, on_sample: Callable[[int], None]
 ) -> dict[str, Any]:
-    """Write shard ``name`` (samples ``first``..) and its index file, each to a temporary name,
-    synced, then renamed into place. Returns its journal record."""
+    """Write shard ``name`` (samples ``first``..), then its index file, each through
+    dalikd.atomic (a fresh temporary name, never a link followed, synced, renamed into place;
+    a full disk named as such). Returns its journal record."""
+    from dalikd.atomic import write_atomic
+
     idx = index_name(name)
-    tar_tmp, idx_tmp = out / f".{name}.tmp", out / f".{idx}.tmp"
-    digest, offset, lines = hashlib.sha256(), 0, []
-    try:
-        with open(tar_tmp, "wb") as f:
-            for j, item in enumerate(items):
-                image = _read_source(item)
-                try:
-                    members = sample_members(first + j, item.label, image)
-                except ValueError:
-                    raise DalikdError(f"{item.path} changed while it was being sharded") from None
-                entry = []
-                for ext, member, data in members:
-                    block = tar_header(member, len(data)) + data.ljust(padded(len(data)), b"\0")
-                    f.write(block)
-                    digest.update(block)
-                    entry.append((ext, offset + BLOCK, len(data), member))
-                    offset += len(block)
-                lines.append(index_line(entry))
-                on_sample(j + 1)  # samples of this shard written
-            end = bytes(2 * BLOCK)  # tar's end of archive
-            f.write(end)
-            digest.update(end)
-            offset += len(end)
-            f.flush()
-            os.fsync(f.fileno())
-        index = f"{INDEX_VERSION} {len(items)}\n" + "".join(line + "\n" for line in lines)
-        with open(idx_tmp, "w", encoding="utf-8") as f:
-            f.write(index)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tar_tmp, out / name)
-        os.replace(idx_tmp, out / idx)
-        _sync_dir(out)
-    except OSError as e:
-        raise DalikdError(f"cannot write {out / name}: {e.strerror or e}") from None
-    finally:
-        tar_tmp.unlink(missing_ok=True)
-        idx_tmp.unlink(missing_ok=True)
-    return {"samples": len(items), "bytes": offset, "sha256": digest.hexdigest(),
+    digest, lines, size = hashlib.sha256(), [], [0]
+
+    def write_tar(f: Any) -> None:
+        offset = 0
+        for j, item in enumerate(items):
+            image = _read_source(item)
+            try:
+                members = sample_members(first + j, item.label, image)
+            except ValueError:
+                raise DalikdError(f"{item.path} changed while it was being sharded") from None
+            entry = []
+            for ext, member, data in members:
+                block = tar_header(member, len(data)) + data.ljust(padded(len(data)), b"\0")
+                f.write(block)
+                digest.update(block)
+                entry.append((ext, offset + BLOCK, len(data), member))
+                offset += len(block)
+            lines.append(index_line(entry))
+            on_sample(j + 1)  # samples of this shard written
+        end = bytes(2 * BLOCK)  # tar's end of archive
+        f.write(end)
+        digest.update(end)
+        size[0] = offset + len(end)
+
+    write_atomic(out / name, write_tar)
+    index = f"{INDEX_VERSION} {len(items)}\n" + "".join(line + "\n" for line in lines)
+    write_atomic(out / idx, lambda f: f.write(index.encode("utf-8")))
+    return {"samples": len(items), "bytes": size[0], "sha256": digest.hexdigest(),
             "index_sha256": hashlib.sha256(index.encode()).hexdigest()}  # fmt: skip
-
-
-def _sync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _reusable(out: Path, name: str, record: dict | None, samples: int) -> bool:

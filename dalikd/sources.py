@@ -44,6 +44,12 @@ def data_path(path: str | Path) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def root_of(path: str | Path) -> str:
+    """The folder of the dataset ``path`` names, absolute (a glob's: the folder of its tars)."""
+    where = Path(path).expanduser()
+    return str((where.parent if is_glob(path) else where).resolve())
+
+
 def exists(path: str | Path) -> bool:
     """The dataset ``path`` names is there (a glob: its folder)."""
     where = Path(path).expanduser()

@@ -64,17 +64,16 @@ class TeacherSource(Protocol):
         """The teacher network (built and placed now where it was not yet)."""
         ...
 
-    def val_teacher(self, batches: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    def val_teacher(
+        self, batches: int = 0, history: Callable[[], str] = lambda: ""
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         """What evaluation compares the student with: a callable on a val batch's images
-        (``batches``: batches in a validation pass)."""
+        (``batches``: batches in a validation pass; ``history()``: which files are left out,
+        recovery.ValData.history)."""
         ...
 
     def checkpoint(self) -> None:
         """The run saves a checkpoint here (a cache writes what it recorded)."""
-        ...
-
-    def views_changed(self) -> None:
-        """From here on the run's views are not the ones a cache would hold (files failed)."""
         ...
 
     def counts(self) -> tuple[int, int] | None:
@@ -145,13 +144,12 @@ class LiveTeacher:
         n = len(batch)
         return TeacherOut(logits[:n], logits[n:] if batch.aug_images is not None else None)
 
-    def val_teacher(self, batches: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    def val_teacher(
+        self, batches: int = 0, history: Callable[[], str] = lambda: ""
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.module()
 
     def checkpoint(self) -> None:
-        pass
-
-    def views_changed(self) -> None:
         pass
 
     def counts(self) -> tuple[int, int] | None:

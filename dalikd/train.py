@@ -33,14 +33,12 @@ from dalikd.models import check_classes, checkpoint_classes, student_norm
 from dalikd.plan import DataPlan, plan_of
 from dalikd.reporter import Reporter, SilentReporter
 from dalikd.resume import (
-    check_listing,
     load_resume,
     read_checkpoint,
     restore_training,
     restore_tstddev,
-    without_failed,
+    run_dataset,
 )
-from dalikd.shard_train import ShardTrainData
 from dalikd.step import Distiller, build_student, make_optimizer
 from dalikd.stop import StopSignals
 from dalikd.teacher import LiveTeacher, TeacherSource
@@ -117,6 +115,11 @@ def train(
                               resume, device, ctx, stop)  # fmt: skip
             except KeyboardInterrupt:
                 raise RunInterrupted(str(run_dir)) from None
+    except (DalikdError, RuntimeError) as e:  # under torchrun: which rank, and why it stops
+        said = distributed.explained(ctx, e)
+        if said is None:
+            raise
+        raise said from None
     finally:
         distributed.shutdown(ctx)
 
@@ -142,7 +145,8 @@ class Run:
     # rows (the reference's 5); its size in rows is set at the first step (0: not yet known).
     tstd: TStddev
     train_data: Any = None  # recovery.TrainData
-    val_data: Any = None  # loaders.Loader
+    val_data: Any = None  # recovery.ValData
+    failures: Any = None  # recovery.RunFailures: what the ranks left out, data_report.tsv
     tb: ScalarWriter | None = None  # --tensorboard: rank 0 writes the epoch records there too
     tstd_sized: bool = False  # the group size was checked against this run's (first step)
     # the scanned train listing (data.train_listing), saved in checkpoints: a resume from
@@ -234,6 +238,7 @@ def _summary(run: Run, stopped_by: str | None) -> dict[str, Any]:
         "run_dir": str(run.run_dir),
         "device": run.device,
         "world_size": run.ctx.world_size,
+        "rank": run.ctx.rank,  # under torchrun every rank returns one; rank 0's is printed
         "epochs": run.cfg.optim.epochs,
         "epochs_done": state.epoch,
         "best_top1": state.best_top1,
@@ -250,9 +255,8 @@ def _counts(run: Run) -> tuple[int, int] | None:
 
 def _step(run: Run, batch: Any) -> dict[str, torch.Tensor]:
     """One optimization step; its teacher rows go into T. stddev. Returns the named losses."""
-    if run.teacher is not None and run.train_data.dataset is not run.dataset:
-        run.teacher.views_changed()  # a file failed mid-run: the views differ from a cache's
-    at = run.state.position(run.ctx.rank)
+    # the views depend on the files left out so far too: a cache keys its steps by that as well
+    at = run.state.position(run.ctx.rank)._replace(data=run.train_data.history)
     try:
         out = run.distiller.step(batch, run.optimizer, run.scaler, at)
     except torch.OutOfMemoryError:
@@ -298,7 +302,9 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
     teacher T. stddev and the teacher-student agreement on val."""
     ctx = run.ctx
     # the teacher, or a cache's val logits (the teacher runs where they are not)
-    teacher = run.teacher.val_teacher(len(run.val_data)) if run.teacher is not None else None
+    teacher = None
+    if run.teacher is not None:  # the batches depend on the files left out so far
+        teacher = run.teacher.val_teacher(len(run.val_data), lambda: run.val_data.history)
     val = evaluate(run.student, run.val_data, run.device, run.cfg.precision, ctx, teacher=teacher,
                    progress=run.reporter.val_step, norm=run.plan.norm)  # fmt: skip
     totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=run.tdev)
@@ -328,6 +334,9 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
 def _save(run: Run, names: tuple[str, ...]) -> None:
     """All ranks call this: each contributes its DALI and T. stddev states; rank 0 writes."""
     ctx, state = run.ctx, run.state
+    # every rank's failures to every rank (the next epoch is planned without them), and into
+    # data_report.tsv before the checkpoint that relies on it
+    run.failures.share(run.train_data, run.val_data)
     if run.teacher is not None:  # a cache's chunks end where checkpoints do
         run.teacher.checkpoint()
     dali_states = distributed.gather_objects(ctx, run.train_data.checkpoint())
@@ -365,23 +374,19 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     the loaders."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.out)  # train() claimed it
-    dataset = sources.open_dataset(cfg.data.path, max_pixels=cfg.data.max_pixels, verify=True,
+    scanned = sources.open_dataset(cfg.data.path, max_pixels=cfg.data.max_pixels, verify=True,
                                    rank=ctx.rank, world_size=ctx.world_size,
                                    note=reporter.message)  # fmt: skip
     if cfg.model.teacher_weights:  # a dalikd checkpoint of other classes: wrong labels
         w = cfg.model.teacher_weights
-        check_classes(checkpoint_classes(w), dataset.classes, f"teacher weights {w}")
+        check_classes(checkpoint_classes(w), scanned.classes, f"teacher weights {w}")
     # saved absolute: a resume from another working directory finds the data and weights
     paths = {"data.path": sources.data_path(cfg.data.path), **rundir.absolute_weights(cfg.model)}
     cfg = build_config(overrides=paths, base=cfg)
-    listing = sources.listing(dataset)
     # read once here: its listing is checked before the models (another class count is the
     # data's mistake, not theirs), the rest restored by _resume
     ckpt = read_checkpoint(run_dir / "last.pt") if resume else None
-    if ckpt is not None:
-        if ckpt.get("train_listing"):
-            check_listing(ckpt["train_listing"], listing, run_dir, dataset.root)
-        dataset = without_failed(run_dir, dataset, ckpt)
+    dataset, failed, listing = run_dataset(scanned, run_dir, ckpt)
     student = build_student(cfg.model, dataset.num_classes, device,
                             channels_last=cfg.channels_last)  # fmt: skip
     # the data plan, resolved once (config.json and checkpoints record it); dn: the data's norm
@@ -389,7 +394,7 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     plan = plan_of(cfg, device, norm=student_norm(student, dn), raw_shape=dataset.raw_shape)
     cfg = build_config(overrides={"data.mixing": plan.data.mixing,
                                   "data.resize": plan.data.resize}, base=cfg)  # fmt: skip
-    teacher = _teacher_source(cfg, plan, dataset, ctx, run_dir, reporter)
+    teacher = _teacher_source(cfg, plan, scanned, ctx, reporter)
     # the teacher is frozen, there is nothing to synchronise: only the student is DDP-wrapped
     distiller = Distiller(student, teacher, cfg.kd, device, cfg.precision, cfg.channels_last,
                           ctx, data_norm=dn)  # fmt: skip
@@ -401,16 +406,17 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     run = Run(cfg, device, ctx, run_dir, reporter, dataset, distiller, teacher, student,
               optimizer, scaler, RunState(), TStddev(group_size=0))  # fmt: skip
     run.listing, run.plan = listing, plan
+    run.failures = recovery.RunFailures(run_dir, dataset, failed, ctx, reporter.message)
     dali_state = _resume(run, ckpt) if ckpt is not None else None
     _open_run_dir(run)
     _open_loaders(run, dali_state)
     return run
 
 
-def _teacher_source(cfg, plan, dataset, ctx, run_dir, reporter) -> TeacherSource | None:
+def _teacher_source(cfg, plan, dataset, ctx, reporter) -> TeacherSource | None:
     """The teacher live (built now: a wrong teacher is one line before the data loads), or with
     --teacher-cache a CachedTeacher over the cache of this run's key (the teacher is built on
-    the first step the cache lacks)."""
+    the first step the cache lacks). ``dataset``: as scanned (the key's listing)."""
     if not cfg.model.teacher:
         return None
     live = LiveTeacher.from_config(cfg.model, dataset.num_classes, plan.device, plan.norm,
@@ -422,7 +428,6 @@ def _teacher_source(cfg, plan, dataset, ctx, run_dir, reporter) -> TeacherSource
     return teacher_cache.for_run(
         cfg, plan, dataset, live, world_size=ctx.world_size, rank=ctx.rank,
         graph_format=CHECKPOINT_FORMAT, message=reporter.message,
-        detached=bool(recovery.read_report(run_dir)),  # files failed: other views than cached
     )  # fmt: skip
 
 
@@ -451,7 +456,6 @@ def _resume(run: Run, ckpt: dict[str, Any]) -> str | bytes | None:
 
 def _open_run_dir(run: Run) -> None:
     """Rank 0 writes config.json, metrics.jsonl and the data report; everyone hears the data."""
-    dataset = run.dataset
     if run.ctx.is_main:
         run.tb = ScalarWriter(run.run_dir / "tb") if run.cfg.tensorboard else None
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -459,13 +463,8 @@ def _open_run_dir(run: Run) -> None:
         config = json.dumps({**run.cfg.to_dict(), "plan": run.plan.to_dict()}, indent=2) + "\n"
         write_text_atomic(config, run.run_dir / "config.json")
         write_jsonl_atomic(run.state.history, run.run_dir / "metrics.jsonl")
-        recovery.write_report(run.run_dir, dataset.skipped)
-    n = len(dataset.skipped)
-    left_out = f", {n} file{'s' if n > 1 else ''} left out (see data_report.tsv)" if n else ""
-    run.reporter.message(
-        f"data: {len(dataset.train):,} train / {len(dataset.val):,} val images, "
-        f"{dataset.num_classes} classes{left_out}"
-    )
+    run.failures.write()
+    run.reporter.message(run.failures.summary())
 
 
 def _open_loaders(run: Run, dali_state: Any) -> None:
@@ -473,24 +472,19 @@ def _open_loaders(run: Run, dali_state: Any) -> None:
     and the validation loader; with --eval-teacher, the teacher's val accuracy first."""
     from dalikd import loaders  # DALI: only where the loaders are built
 
-    cfg, ctx, dataset = run.cfg, run.ctx, run.dataset
-    # Without a saved DALI state (a fresh start, or another world size) epoch e starts from
-    # seed + e, so a restart does not replay the first epoch's order.
-    kind = ShardTrainData if sources.is_shards(dataset) else recovery.TrainData
+    cfg, ctx = run.cfg, run.ctx
+    # epoch e's order is drawn from the seed and e (recovery.epochs): a restart without a saved
+    # state (another world size) does not replay the first epoch's
     try:
-        run.train_data = kind(
-            dataset, run.plan, epoch=run.state.epoch, step=run.state.step_in_epoch,
-            run_dir=run.run_dir, reporter=run.reporter, is_main=ctx.is_main, shard_id=ctx.rank,
-            num_shards=ctx.world_size, checkpoint=dali_state,
-        )  # fmt: skip
+        run.train_data = run.failures.train_data(
+            run.plan, epoch=run.state.epoch, step=run.state.step_in_epoch, checkpoint=dali_state
+        )
     except loaders.ForeignState as e:
         raise DalikdError(
             f"{run.run_dir / 'last.pt'}: {e}; start a new run, seeded with --student-weights "
             f"{run.run_dir / 'last.pt'}"
         ) from None
-    run.val_data = loaders.val_loader(
-        dataset.val, run.plan, shard_id=ctx.rank, num_shards=ctx.world_size
-    )
+    run.val_data = run.failures.val_data(run.plan, lambda: f"epoch {run.state.epoch + 1}")
     if run.teacher is not None and cfg.eval_teacher:  # (a cache's teacher is built for it)
         t = evaluate(run.teacher.module(), run.val_data, run.device, cfg.precision, ctx,
                      norm=run.plan.norm)  # fmt: skip

@@ -16,7 +16,7 @@ SHARED = {"config", "errors", "batch", "device", "checkpoint", "metrics", "distr
           "settings", "__init__"}  # fmt: skip
 MODEL = {"models", "cifar_models", "losses", "pick", "step", "teacher"}
 DATA = {"data", "datacheck", "loaders", "ops", "recipes", "autoaugment", "native", "recovery",
-        "plan", "shards", "shardwrite", "shardcheck", "shard_source", "shard_train",
+        "plan", "shards", "shardwrite", "shardcheck", "shard_source",
         "sources"}  # fmt: skip
 RUNS = {"train", "evaluate", "probe", "teacher_cache", "resume", "stop", "reporter"}
 TOOLS = {"profile", "preview", "demo", "doctor", "archives", "dataimport"}

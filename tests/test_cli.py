@@ -66,8 +66,12 @@ def test_train_two_epochs_then_resume_to_three(solid_dataset, tmp_path, tiny_env
     # A checkpoint of an older format (before the uint8 hand-off) is refused in one line.
     torch.save({k: v for k, v in last.items() if k != "format"}, run / "last.pt")
     code, _, err = run_cli(["train", "--resume", run, "--epochs", 4], capsys)
-    assert code != 0 and "checkpoint format 1; this dalikd resumes format 2" in err
+    assert code != 0 and "checkpoint format 1; this dalikd resumes format 3" in err
     assert "Traceback" not in err
+    # ... and one of format 2 (before dalikd ordered the epochs itself)
+    torch.save({**last, "format": 2}, run / "last.pt")
+    code, _, err = run_cli(["train", "--resume", run, "--epochs", 4], capsys)
+    assert code != 0 and "checkpoint format 2; this dalikd resumes format 3" in err
 
 
 def test_supervised_run_with_config_file(solid_dataset, tmp_path, tiny_env, capsys):

@@ -373,6 +373,6 @@ def test_only_the_training_loader_asks_for_the_preallocation(solid_dataset, monk
     monkeypatch.setattr(loaders, "train_loader", recording)
     data = DataConfig(path=str(solid_dataset), image_size=S, batch_size=2, threads=1)
     with pytest.raises(RuntimeError, match="recorded"):
-        recovery.TrainData(scan_dataset(solid_dataset), resolve_plan(data, device="cpu"),
-                           epoch=0, run_dir=tmp_path, reporter=None)  # fmt: skip
+        source = recovery.FileSource(scan_dataset(solid_dataset).train)
+        next(iter(recovery.TrainData(source, resolve_plan(data, device="cpu"), epoch=0)))
     assert asked == [True]

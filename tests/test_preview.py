@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from tests_helpers import run_cli
 
-from dalikd import loaders, preview
+from dalikd import loaders, preview, recovery
 from dalikd.config import DataConfig
 from dalikd.data import scan_dataset
 from dalikd.plan import resolve_plan
@@ -39,12 +39,12 @@ def gradients(tmp_path_factory) -> Path:
 
 
 def reference_batch(data_dir: Path, aug: str, granularity: str) -> loaders.Batch:
-    """The first training batch straight from the library's loader, as `dalikd train` gets it."""
+    """The first training batch straight from the library's training data (recovery.TrainData),
+    as `dalikd train` gets it."""
     dataset = scan_dataset(data_dir)
     data = DataConfig(path=str(data_dir), image_size=SIZE, batch_size=BATCH)
     plan = resolve_plan(data, aug, device="cpu", seed=SEED, granularity=granularity)
-    loader = loaders.train_loader(dataset.train, plan)
-    return next(iter(loader))
+    return next(iter(recovery.TrainData(recovery.FileSource(dataset.train), plan, epoch=0)))
 
 
 def tile(png: np.ndarray, layout: preview.Layout, i: int, view: str) -> np.ndarray:

@@ -57,22 +57,28 @@ class FakeLoader:
 def test_train_data_reads_positions_on_cpu_and_no_device_tensor(tmp_path, monkeypatch):
     asked = []
 
+    made = []
+
     def fake_train_loader(split, plan, *, indexed=False, **kw):
         asked.append(indexed)
-        return FakeLoader(split, indexed)
+        made.append(FakeLoader(split, indexed))
+        return made[-1]
 
     monkeypatch.setattr(loaders, "train_loader", fake_train_loader)
     files = tuple(f"f{i}.jpg" for i in range(6))
     classes = (2, 0, 1, 1, 0, 2)
     dataset = Dataset(Path(tmp_path), ("a", "b", "c"), Split(files, classes), Split((), ()))
     plan = resolve_plan(DataConfig(path=str(tmp_path), batch_size=2), device="cpu")
-    train = recovery.TrainData(dataset, plan, epoch=0, run_dir=tmp_path, reporter=None)
+    train = recovery.TrainData(recovery.FileSource(dataset.train), plan, epoch=0)
     labels = [b.labels for b in train]  # without indexed the fake gives no index: it fails
     assert asked == [True]
     assert all(type(t) is DeviceTensor for t in labels)  # handed on as they came
     # the split TrainData built carries each file's class: position i -> class of file i
+    # (its files are the epoch's reads, in their order)
+    read = made[0].split.files
+    assert sorted(read) == sorted(files)
     assert [int(v) for t in labels for v in torch.Tensor.tolist(t.as_subclass(torch.Tensor))] == (
-        list(classes)
+        [classes[files.index(f)] for f in read]
     )
 
 

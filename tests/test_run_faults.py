@@ -390,3 +390,45 @@ def test_a_config_json_edited_to_name_code_is_refused_and_imports_nothing(run, t
     _one_line(*run_cli(["train", "--resume", run, "--epochs", "3"], capsys),
               "model.student 'tiny_models:tiny_cnn' -> 'evil:f'")  # fmt: skip
     assert not marker.exists()
+
+
+RECIPES = """
+from nvidia.dali import fn
+from dalikd.recipes import View
+
+
+def varying(images, ctx):
+    size = fn.random.uniform(range=[8.0, 16.0], shape=[2])
+    return View(images=fn.resize(images, size=size))
+
+
+def raises(images, ctx):
+    scale = {"a": 1}["b"]
+    return View(images=images)
+
+
+def _helper(x):
+    return x / 0
+
+
+def raises_deeper(images, ctx):
+    return View(images=images * _helper(1))
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [
+        ("varying", "recipe varying returns images whose size varies from sample to sample"),
+        ("raises", "recipe raises raised KeyError: 'b' ({file}, line 12, in raises)"),
+        ("raises_deeper", "recipe raises_deeper raised ZeroDivisionError: division by zero "
+                          "({file}, line 17, in _helper)"),
+    ],
+)  # fmt: skip
+def test_a_recipe_that_raises_or_varies_in_size_is_its_own_line(name, needle, data, tmp_path,
+                                                                capsys, tiny_env):  # fmt: skip
+    recipes = tmp_path / "my_recipes.py"
+    recipes.write_text(RECIPES)
+    args = [*TRAIN, "--data", data, "--epochs", "1", "--out", tmp_path / "r",
+            "--aug", f"{recipes}:{name}", "--mixed-label-ce", "1"]  # fmt: skip
+    _one_line(*run_cli(args, capsys), needle.format(file=recipes))

@@ -175,6 +175,42 @@ def test_a_killed_run_leaves_no_manifest_and_a_rerun_keeps_finished_shards(
     assert sorted(os.listdir(out)) == sorted(os.listdir(clean))
 
 
+def test_a_kill_9_leaves_temporary_files_a_rerun_recognises(source, tmp_path, monkeypatch):
+    # every file is written through dalikd.atomic (.NAME.PID.RANDOM.tmp): what a kill -9 leaves
+    # mid-write (a shard, its index, the journal, the manifest) is a killed run's, not foreign
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        kill_after(m, 1)
+        with pytest.raises(Killed):
+            shard_dataset(source, out, shard_size=8 << 10)
+    for name in (
+        ".train-00001.tar.4242.0123abcd.tmp",
+        ".train-00001.idx.4242.0123abcd.tmp",
+        "..dalikd-shard.json.4242.0123abcd.tmp",
+        ".dataset.json.4242.0123abcd.tmp",
+    ):
+        (out / name).write_bytes(b"a kill -9 leaves this")
+    result = shard_dataset(source, out, shard_size=8 << 10)
+    assert result.reused == ("train-00000.tar",) and not result.restarted
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_a_link_planted_where_a_shard_is_written_is_never_followed(source, tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    real = shardwrite._write_shard
+
+    def plant_then_write(out_, name, items, first, on_sample):
+        (out_ / f".{name}.tmp").symlink_to(victim)  # the name the old writer used
+        return real(out_, name, items, first, on_sample)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(shardwrite, "_write_shard", plant_then_write)
+        shard_dataset(source, out, shard_size=1 << 20)
+    assert victim.read_bytes() == b"precious"
+    assert not check_shard_set(out).problems
+
+
 def test_a_rerun_rewrites_a_finished_shard_whose_checksum_fails(source, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with monkeypatch.context() as m:

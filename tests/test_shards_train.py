@@ -1,14 +1,15 @@
 """Shard sets as a data source (issue 25): `--data OUT` trains, validates, probes, profiles,
-previews and evaluates from tar shards through the same data plan as folders; a run from shards
-sees per epoch what a run from the folder sees; resume is bit-identical; a sample that fails to
-decode is named by shard and key; a truncated shard or a wrong checksum is one line at start."""
+previews and evaluates from tar shards through the same data plan and the same recovery as
+folders; a run from shards sees per epoch what a run from the folder sees, each rank reading its
+own list in dalikd's order; resume is bit-identical; a sample that fails to decode is skipped,
+the epoch goes on and data_report.tsv names it by shard and key (under torchrun too); a
+truncated shard or a wrong checksum is one line at start."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -26,7 +27,6 @@ from dalikd import loaders, recovery
 from dalikd.config import DataConfig
 from dalikd.errors import DalikdError
 from dalikd.plan import resolve_plan
-from dalikd.shard_train import ShardTrainData, reader_state, replay
 from dalikd.shardcheck import verify_shards
 from dalikd.shards import shard_split
 from dalikd.shardwrite import shard_dataset
@@ -95,13 +95,9 @@ def test_a_run_from_shards_sees_per_epoch_what_a_run_from_the_folder_sees(solid,
     kinds = {}
     for data in (folder, shards):
         plan = plan_of(data)
-        dataset = open_dataset(data)
-        kind = ShardTrainData if plan.source == "shards" else recovery.TrainData
-        kinds[plan.source] = [
-            kind(dataset, plan, epoch=0, run_dir=tmp_path, reporter=None, shard_id=r,
-                 num_shards=ranks)
-            for r in range(ranks)
-        ]  # fmt: skip
+        source = recovery.source_of(open_dataset(data).train)  # the one path for both kinds
+        kinds[plan.source] = [recovery.TrainData(source, plan, epoch=0, rank=r, world=ranks)
+                              for r in range(ranks)]  # fmt: skip
     assert set(kinds) == {"folder", "shards"}
     everything = Counter((label, colour_of(label, i)) for label in range(3) for i in range(8))
     for kind, lds in kinds.items():
@@ -122,6 +118,57 @@ def test_a_run_from_shards_sees_per_epoch_what_a_run_from_the_folder_sees(solid,
             val.update((lab, tuple(decode_colour(x)))
                        for x, lab in zip(b.images, b.labels.tolist(), strict=True))  # fmt: skip
     assert val == Counter((label, colour_of(label, i)) for label in range(3) for i in range(3))
+    val = Counter()  # validation as a run reads it: each rank its part, in stored order
+    for r in range(ranks):
+        part = recovery.ValData(recovery.source_of(open_dataset(shards).val), plan_of(shards),
+                                rank=r, world=ranks)  # fmt: skip
+        for b in part:
+            val.update((lab, tuple(decode_colour(x)))
+                       for x, lab in zip(b.images, b.labels.tolist(), strict=True))  # fmt: skip
+    assert val == Counter((label, colour_of(label, i)) for label in range(3) for i in range(3))
+
+
+def test_each_rank_reads_its_own_list_in_dalikds_order_a_shard_in_one_run(solid):
+    """The shard order rule: epoch e's permutation of [seed, e] over the shards, then over each
+    shard's samples; rank r the slice [N r/n, N (r+1)/n), (N//n)//batch whole batches, read in
+    that order (the batches' sample numbers), each shard it touches in one run; the same
+    function a folder's order is (recovery.epoch_reads), its groups the shards."""
+    _, shards = solid
+    plan = plan_of(shards)
+    source = recovery.source_of(open_dataset(shards).train)
+    assert isinstance(source, recovery.ShardSource) and len(source) == 24
+    assert [int(source.groups[i]) for i in range(24)] == [
+        k for k, s in enumerate(source.split.shards) for _ in range(s.samples)
+    ]
+    for ranks in (1, 2):
+        for epoch in range(2):
+            data = [recovery.TrainData(source, plan, epoch=epoch, rank=r, world=ranks)
+                    for r in range(ranks)]  # fmt: skip
+            got_all = []
+            for r, ld in enumerate(data):
+                want, _ = recovery.epoch_reads(
+                    range(24),
+                    seed=plan.seed,
+                    epoch=epoch,
+                    rank=r,
+                    world=ranks,
+                    batch=4,
+                    groups=source.groups,
+                )
+                got = [n for b in ld for n in b.index.tolist()]
+                assert got == [source.number(i) for i in want], (ranks, epoch, r)
+                shard_runs = [source.groups[i] for i in want]
+                runs = [g for k, g in enumerate(shard_runs) if k == 0 or g != shard_runs[k - 1]]
+                assert len(runs) == len(set(runs))  # a shard is read in one run
+                got_all += got
+            assert len(set(got_all)) == len(got_all) == 24 // ranks // 4 * 4 * ranks
+    orders = [recovery.epoch_reads(range(24), seed=3, epoch=e, rank=0, world=1, batch=4,
+                                   groups=source.groups)[0] for e in range(2)]  # fmt: skip
+    assert orders[0] != orders[1]  # reshuffled every epoch
+    # a folder's files stand alone: the permutation of them all, as before shards existed
+    assert recovery.epoch_order(24, seed=3, epoch=1).tolist() == (
+        np.random.default_rng([3, 1]).permutation(24).tolist()
+    )
 
 
 def _labels_in_shards(out: Path, split: str) -> dict[int, int]:
@@ -208,20 +255,63 @@ def test_a_resume_checks_it_is_on_the_same_shard_set(noise, solid, tmp_path, tin
 # -- damage --------------------------------------------------------------------------------------
 
 
-def test_a_sample_that_fails_to_decode_is_named_by_shard_and_key(tmp_path, tiny_env, capsys):
-    """A JPEG that passes the scan (and so is written into a shard) but that DALI cannot
-    decode: the run stops with one line naming its shard and key."""
-    folder = make_dataset(tmp_path / "src", n_train=8, n_val=1)
-    (folder / "train/ant/bad.jpg").write_bytes(cut_before_its_scan())
+def bad_shard_set(tmp_path: Path, n_train: int = 5, n_val: int = 2) -> tuple[Path, list, list]:
+    """A shard set of CLASSES x ``n_train`` solid train images and two JPEGs that pass the scan
+    (so they are written into shards) but that DALI cannot decode, and one such val image:
+    (the set, the bad train samples' numbers, the bad val samples' numbers)."""
+    from test_robustness import CLASSES, corrupt_sof
+
+    folder = make_dataset(tmp_path / "src", classes=CLASSES, n_train=n_train, n_val=n_val)
+    bad = {"train/ant/bad1.jpg": cut_before_its_scan(), "train/cat/bad2.jpg": corrupt_sof(),
+           "val/bee/bad.jpg": cut_before_its_scan()}  # fmt: skip
+    for name, data in bad.items():
+        (folder / name).write_bytes(data)
     shards = tmp_path / "out"
     shard_dataset(folder, shards, shard_size=8 << 10)
-    bad = next(n for n, m in _members(shards, "train") if "jpg" in m)
-    name, key = shard_split(shards, "train").locate(bad)
-    code, _, err = run_cli(train_args(shards, tmp_path / "run", epochs=1), capsys)
-    assert code == 1 and "Traceback" not in err
-    line = err.strip().splitlines()[-1]
-    assert f"{shards / name}: sample {key} fails to decode at epoch 1, step " in line
-    assert f"dalikd check-data {shards} --decode" in line
+    found = [[n for n, m in _members(shards, split) if m.get("jpg") in bad.values()]
+             for split in ("train", "val")]  # fmt: skip
+    assert [len(f) for f in found] == [2, 1]
+    return shards, found[0], found[1]
+
+
+def test_a_sample_that_fails_to_decode_is_skipped_reported_by_shard_and_key_and_the_epoch_goes_on(
+    tmp_path, tiny_env, capsys
+):  # fmt: skip
+    """Two train samples and a val sample that DALI cannot decode: each is found, left out and
+    named in data_report.tsv as <shard path>:<key>; every good image is trained on exactly
+    once in the failing epoch and in the next, and every epoch validates."""
+    from test_robustness import recording_args
+    from tiny_models import Recording
+
+    shards, bad, bad_val = bad_shard_set(tmp_path)
+    source = recovery.source_of(open_dataset(shards).train)
+    ids = [source.index(f"{shards / source.split.locate(n)[0]}:{n:09d}") for n in bad]
+    assert [source.number(i) for i in ids] == bad  # a report's name gives the sample back
+    seed = next(s for s in range(100) if set(ids) <= set(recovery.epoch_reads(
+        range(22), seed=s, epoch=0, rank=0, world=1, batch=4,
+        groups=source.groups)[0]))  # fmt: skip
+    Recording.seen = []
+    run = tmp_path / "run"
+    code, out, err = run_cli([*recording_args(shards, run, epochs=2), "--seed", seed], capsys)
+    assert code == 0 and "Traceback" not in out + err, err
+    good = Counter(colour_of(label, i) for label in range(4) for i in range(5))
+    assert len(Recording.seen) == 40
+    assert Counter(Recording.seen[:20]) == good == Counter(Recording.seen[20:])
+    rows = dict(line.split("\t", 1) for line in (run / "data_report.tsv").read_text().splitlines())
+    train, val = shard_split(shards, "train"), shard_split(shards, "val")
+    for split, numbers, reason in ((train, bad, "failed in training (epoch 1"),
+                                   (val, bad_val, "failed in validation (epoch 1)")):  # fmt: skip
+        for n in numbers:
+            name, key = split.locate(n)
+            assert rows[f"{shards / name}:{key}"].startswith(reason), rows
+    assert len(rows) == 1 + 3  # the header and the three samples
+    assert "left out 1 sample(s) that failed to decode at epoch 1" in out + err
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert "data: 22 train / 9 val images, 4 classes\n" in out  # what the shards hold
+    code, out, err = run_cli(["train", "--resume", run, "--epochs", 3], capsys)
+    assert code == 0, err  # the report's names are read back: they stay out
+    assert "data: 20 train / 8 val images, 4 classes, 3 samples left out" in out
 
 
 def _members(out: Path, split: str):
@@ -342,25 +432,32 @@ def test_a_subset_reads_the_samples_it_names_through_filtered_index_files(solid,
         split.subset([24], tmp_path / "idx2")
 
 
-def test_a_replay_from_a_training_state_gives_the_next_batches_numbers(solid):
-    """The reader-only replay that names a failed batch: restored to the reader's part of a
-    training graph's checkpoint (DALI's checkpoint layout, checked here on the DALI
-    installed), it reads the sample numbers the training loader reads next."""
+def test_a_subset_keeps_its_order_returns_to_a_shard_and_resumes_mid_list(solid, tmp_path):
+    """What a rank's loader reads: the samples it names in their order (the same tar again
+    later, a sample twice: a remainder's top-up), one index file per run, and a DALI state
+    taken mid-list restores the rest of it."""
     _, shards = solid
     split = shard_split(shards, "train")
+    first = split.shards[0].samples
+    order = [first + 1, first, 0, 2, 1, first + 2, 0, 5]  # shard 1, shard 0, 1, 0, shard 1, ...
+    sub = split.subset(order, tmp_path / "idx")
+    assert len(sub) == 8 and len(sub.index_paths()) == len(sub.tar_paths())
+    runs = [split.locate(n)[0] for n in order]
+    runs = [name for k, name in enumerate(runs) if k == 0 or name != runs[k - 1]]
+    assert [Path(p).name for p in sub.tar_paths()] == runs
     plan = plan_of(shards)
-    ld = loaders.train_loader(split, plan, seed=5, shard_id=1, num_shards=2, indexed=True)
+    ld = loaders.train_loader(sub, plan, indexed=True, ordered=True)
+    for _ in range(2):
+        assert [n for b in ld for n in b.index.tolist()] == order
     batches = iter(ld)
     next(batches)
     state = ld.checkpoint()
-    expected = [b.index.tolist() for b in batches]
-    kw = dict(seed=5, shard_id=1, num_shards=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert replay(split, 4, state=state, batches=2, **kw) == expected
-        assert replay(split, 4, state=None, batches=3, **kw)[1:] == expected
-    with pytest.raises(ValueError, match="not a DALI checkpoint"):
-        reader_state(b"\x08\x01", b"")
+    rest = [b.index.tolist() for b in batches]
+    again = loaders.train_loader(sub, plan, indexed=True, ordered=True, checkpoint=state)
+    assert [b.index.tolist() for b in again] == rest == [order[4:]]
+    assert sub.image(order[2]) == split.image(order[2])  # a subset names its samples still
+    with pytest.raises(DalikdError, match="does not hold every sample"):
+        split.subset([0, 24], tmp_path / "idx2")
 
 
 # -- the other commands --------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from PIL import Image
 from tests_helpers import run_cli
 from tiny_models import tiny_cnn
 
-from dalikd import loaders
+from dalikd import loaders, recovery
 from dalikd.batch import normalize
 from dalikd.config import DataConfig, KDConfig, build_config
 from dalikd.data import scan_dataset
@@ -65,11 +65,13 @@ def teacher_file(tmp_path, tiny_env) -> Path:
 
 
 def rows_by_hand(data_dir: Path, teacher_file: Path, aug: str, steps: int) -> torch.Tensor:
-    """Softmax rows of the teacher, x then x' per step, from the library's loader directly;
-    a pool is cut with the pick's primitives (not dalikd.pick.select)."""
+    """Softmax rows of the teacher, x then x' per step, from the library's training data
+    directly (recovery.TrainData, what `dalikd train` reads); a pool is cut with the pick's
+    primitives (not dalikd.pick.select)."""
     dataset = scan_dataset(data_dir)
     data = DataConfig(path=str(data_dir), image_size=SIZE, batch_size=BATCH, threads=1)
-    loader = loaders.train_loader(dataset.train, resolve_plan(data, aug, device="cpu"))
+    loader = recovery.TrainData(recovery.FileSource(dataset.train),
+                                resolve_plan(data, aug, device="cpu"), epoch=0)  # fmt: skip
     teacher = tiny_cnn(3)
     teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
     teacher.eval()

@@ -76,6 +76,7 @@ class Recording(nn.Module):
 
     seen: list[tuple[int, int, int]] = []
     stop_at: int | None = None  # SIGTERM this process once this many images were seen
+    hook = None  # called with len(seen) after each training forward (a test's snapshot)
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -94,8 +95,34 @@ class Recording(nn.Module):
                 import signal
 
                 os.kill(os.getpid(), signal.SIGTERM)  # the loop stops after this step
+            if Recording.hook is not None:
+                Recording.hook(len(Recording.seen))
         return self.inner(x)
 
 
 def recording_cnn(num_classes: int) -> nn.Module:
     return Recording(num_classes)
+
+
+class _FailOnRank(nn.Module):
+    """Raises a DalikdError at its ``at``-th training forward on rank ``rank`` only (the RANK
+    torchrun sets), as a rank-specific failure would: the other ranks must not bury its line."""
+
+    def __init__(self, inner: nn.Module, rank: int, at: int) -> None:
+        super().__init__()
+        self.inner, self.rank, self.at, self.calls = inner, rank, at, 0
+
+    def forward(self, x):
+        import os
+
+        if self.training and int(os.environ.get("RANK", "0")) == self.rank:
+            self.calls += 1
+            if self.calls == self.at:
+                from dalikd.errors import DalikdError
+
+                raise DalikdError("a failure of this rank alone")
+        return self.inner(x)
+
+
+def failing_on_rank1(num_classes: int) -> nn.Module:
+    return _FailOnRank(tiny_cnn(num_classes), 1, 3)

@@ -24,6 +24,7 @@ skips the CUDA build.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -235,13 +236,13 @@ def _read_verified(record: Path) -> dict[str, str]:
 
 
 def _write_verified(record: Path, verified: dict[str, str]) -> None:
-    """Atomically (ranks verify at once); a read-only folder only costs the next run a check."""
-    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(verified, indent=1) + "\n")
-        os.replace(tmp, record)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    """Through dalikd.atomic (ranks verify at once), 0644 as the build's other files; a
+    read-only folder only costs the next run a check."""
+    from dalikd.atomic import write_atomic
+
+    text = (json.dumps(verified, indent=1) + "\n").encode()
+    with contextlib.suppress(DalikdError):
+        write_atomic(record, lambda f: f.write(text), mode=0o644)
 
 
 def _gpu_smoke(library: str, device: int) -> tuple[bool, str]:

@@ -10,6 +10,7 @@ import torch
 
 from dalikd import loaders
 from dalikd.config import DataConfig
+from dalikd.errors import DalikdError
 from dalikd.recipes import recipe_info, resolve
 
 # -- torchvision baseline --------------------------------------------------------------------
@@ -96,9 +97,11 @@ def torchvision_parts(name: str, data: DataConfig, num_classes: int):
     return table.get(name)
 
 
-def baseline_loader(aug: str, root: Path, data: DataConfig, classes: int, pool_size: int):
+def baseline_loader(aug: str, root: Path, data: DataConfig, classes: int, pool_size: int,
+                    files: frozenset[str] | None = None):  # fmt: skip
     """The torchvision DataLoader of one aug (workers = DALI threads), or None when a part
-    of it has no torchvision equivalent."""
+    of it has no torchvision equivalent. ``files``: the ones it reads (default: every image of
+    ImageFolder's), the files the scan and the profile kept."""
     from torch.utils.data import DataLoader
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
@@ -121,7 +124,11 @@ def baseline_loader(aug: str, root: Path, data: DataConfig, classes: int, pool_s
         tensor_aug=T.Compose(tensor) if tensor else None,
     )
     return DataLoader(
-        ImageFolder(str(root / "train"), transform),
+        ImageFolder(
+            str(root / "train"),
+            transform,
+            is_valid_file=None if files is None else files.__contains__,
+        ),
         batch_size=data.batch_size,
         shuffle=True,
         num_workers=data.threads,
@@ -150,7 +157,14 @@ class BaselineStream:
                 yield _to(batch, self.device)
 
     def step(self) -> None:
-        next(self._it)
+        try:
+            next(self._it)
+        except (OSError, RuntimeError, ValueError) as e:  # PIL is stricter than DALI's decoder
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise DalikdError(
+                f"the baseline's PIL could not read an image DALI decodes ({first}); profile "
+                "with --baseline none, or find it with: dalikd check-data DIR --decode"
+            ) from None
 
     def _iterator(self):
         # DataLoader does not expose its worker processes; read them where they are today

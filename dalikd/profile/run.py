@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from dalikd import loaders
+from dalikd import loaders, recovery
 from dalikd.batch import IMAGENET_NORM, data_norm
 from dalikd.config import DataConfig, KDConfig, flags_named_as_keys
 from dalikd.data import Dataset
@@ -91,15 +91,26 @@ def short_chain(data: DataConfig, raw: bool) -> bool:
 
 
 def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Measure every stage; return the JSON-ready report (see the module docstring)."""
+    """Measure every stage; return the JSON-ready report (see the module docstring). A file
+    that fails to decode in DALI (it passed the scan) is found, left out with one warning line,
+    and the profile starts again without it."""
     dataset, schemes, device = check(cfg)
+    say = progress or (lambda text: None)
     if is_shards(dataset) and cfg.baseline != "none":  # torchvision's loaders read folders
-        (progress or (lambda text: None))("a shard set: no torchvision baseline")
+        say("a shard set: no torchvision baseline")
         cfg = replace(cfg, baseline="none")
-    profiler = _Profiler(cfg, dataset, device, progress or (lambda text: None))
-    profiler.plain_pipeline()
-    for scheme in schemes:
-        profiler.scheme(scheme)
+    left_out = recovery.LeftOutWarning()
+    while True:
+        profiler = _Profiler(cfg, dataset, device, say)
+        try:
+            profiler.plain_pipeline()
+            for scheme in schemes:
+                profiler.scheme(scheme)
+            break
+        except RuntimeError as error:
+            if not recovery.is_decode_failure(error) or is_shards(dataset):
+                raise
+            dataset = _without_culprits(error, dataset, profiler.plan, say, left_out)
     return {
         "device": device,
         "cpu_count": cpu_count(),
@@ -130,6 +141,28 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
         "bound": profiler.bound,
         "efficiency": profiler.efficiency,
     }
+
+
+def _without_culprits(error: RuntimeError, dataset: Dataset, plan: DataPlan, say: Progress,
+                      left_out: recovery.LeftOutWarning) -> Dataset:  # fmt: skip
+    """``dataset`` without the files that made a pipeline fail: the ones DALI names, else the
+    first batch of train/ (in file order) that holds one (the profile reads in its own order:
+    a later failure finds the next)."""
+    say("a training file failed to decode: finding it, then profiling again without it")
+    found = recovery.find_culprits(error, list(dataset.train.files), plan)
+    if not found:
+        raise DalikdError(
+            f"a pipeline failed while profiling and no single file explains it: "
+            f"{recovery.dali_reason(error)}"
+        ) from None
+    left_out(found, "")
+    dataset = recovery.apply_skips(dataset, found)
+    if len(dataset.train) < plan.data.batch_size:
+        raise DalikdError(
+            f"{len(dataset.train)} training images decode, no full batch of "
+            f"{plan.data.batch_size}; lower --batch-size"
+        )
+    return dataset
 
 
 class _Profiler:
@@ -264,7 +297,12 @@ class _Profiler:
         tv = None
         if cfg.baseline == "torchvision" and not self.short:
             tv_loader = baseline_loader(
-                a, self.dataset.root, self.data, self.dataset.num_classes, cfg.pool_size
+                a,
+                self.dataset.root,
+                self.data,
+                self.dataset.num_classes,
+                cfg.pool_size,
+                files=frozenset(self.dataset.train.files),  # what DALI reads: no file left out
             )
             if tv_loader is not None:
                 tv = BaselineStream(tv_loader, loaders.torch_device(self.device))

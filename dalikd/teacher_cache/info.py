@@ -13,8 +13,9 @@ import torch
 
 from dalikd.config import TrainConfig
 from dalikd.errors import DalikdError
+from dalikd.teacher_cache.files import read_bytes, read_file
 from dalikd.teacher_cache.formats import Format, imagenet_projection, kl_quantile
-from dalikd.teacher_cache.store import CHUNK_NAME, read_file
+from dalikd.teacher_cache.store import CHUNK_NAME
 
 DEFAULT_TOPK = TrainConfig().teacher_cache_topk  # the K of --teacher-cache-format topk
 SIZE_TARGET = 20e9  # bytes: the ImageNet-100-epoch budget the default K is chosen for
@@ -22,14 +23,15 @@ SIZE_TARGET = 20e9  # bytes: the ImageNet-100-epoch budget the default K is chos
 
 def read_key(root: Path) -> dict[str, Any]:
     path = root / "key.json"
-    if not path.is_file():
+    if not path.exists():
         raise DalikdError(f"{root} is not a dalikd teacher cache (no key.json)")
+    data, why = read_bytes(path, root)
     try:
-        key = json.loads(path.read_text())
-    except (OSError, ValueError):
+        key = json.loads(data) if data is not None else None
+    except ValueError:
         key = None
     if not isinstance(key, dict):
-        raise DalikdError(f"{path} is unreadable: not a teacher cache's key")
+        raise DalikdError(f"{path} {why or 'is unreadable'}: not a teacher cache's key")
     return key
 
 
@@ -49,7 +51,7 @@ def cache_info(root: str | Path) -> dict[str, Any]:
         epochs.setdefault(epoch, {}).setdefault(rank, 0)
         epochs[epoch][rank] += steps
         train_bytes += chunk_path.stat().st_size
-        chunk = read_file(chunk_path)
+        chunk, _ = read_file(chunk_path, root)
         if chunk is None or "kl_rows" not in chunk:
             continue
         main = next((chunk[k] for k in ("logits", "codes", "values") if k in chunk), None)

@@ -22,7 +22,7 @@ from dalikd.teacher_cache.store import TeacherCache
 
 class CachedTeacher:
     """A :class:`~dalikd.teacher.TeacherSource` over ``cache`` (None: not used, every step runs
-    the teacher, as after :meth:`views_changed`). On a hit it returns the stored outputs (the
+    the teacher). On a hit it returns the stored outputs (the
     kept x' rows and the pick's indices: the Distiller does not pick again) and the teacher does
     not run; on a miss it runs ``live``, makes the pick itself (a cache only replays
     teacher-based picks, so the student is not needed), records the outputs and returns them.
@@ -50,7 +50,7 @@ class CachedTeacher:
     def outputs(self, batch: Batch, at: Position) -> TeacherOut:
         hit = None
         if self.cache is not None:
-            hit = self.cache.lookup(at.epoch, at.step, batch.images.device)
+            hit = self.cache.lookup(at.epoch, at.step, batch.images.device, at.data)
         if hit is not None:
             self.hits += 1
             return TeacherOut(hit.teacher_x, hit.teacher_aug, hit.keep, hit.tstd_sums)
@@ -61,32 +61,24 @@ class CachedTeacher:
             keep = pick.select(self.kd, batch.aug_images, out.logits_aug, None)
             out = TeacherOut(out.logits_x, out.logits_aug[keep], keep)
         if self.cache is not None:
-            self.cache.record(at.epoch, at.step, out.logits_x, out.logits_aug, out.keep)
+            self.cache.record(at.epoch, at.step, out.logits_x, out.logits_aug, out.keep, at.data)
         return out
 
-    def val_teacher(self, batches: int = 0) -> ValTeacher:
+    def val_teacher(self, batches: int = 0, history: Callable[[], str] = lambda: "") -> ValTeacher:
         """The cached validation logits (or the teacher, recording them: saved once a whole
-        pass of ``batches`` batches is seen)."""
-        if self._val is None:
-            logits = self.cache.val_logits() if self.cache is not None else None
+        pass of ``batches`` batches is seen) of the validation batches ``history()`` names
+        (which files are left out: another history, other batches)."""
+        if self._val is None or self._val.data != history():
+            data = history()
+            logits = self.cache.val_logits(data) if self.cache is not None else None
             self._val = ValTeacher(lambda images: self.module()(images), logits, self.cache,
-                                   batches)  # fmt: skip
+                                   batches, history)  # fmt: skip
         return self._val
 
     def checkpoint(self) -> None:
         """The cache's chunks end where checkpoints do."""
         if self.cache is not None:
             self.cache.flush()
-
-    def views_changed(self) -> None:
-        """Stop reading and writing the cache (what was recorded so far is written)."""
-        if self.cache is not None:
-            self.cache.flush()
-            self.message(
-                f"teacher cache {self.cache.root}: not used from here on (files failed in "
-                "training, see data_report.tsv: the views differ from the cached ones)"
-            )
-            self.cache = None
 
     def counts(self) -> tuple[int, int]:
         return self.hits, self.misses
@@ -97,7 +89,9 @@ class ValTeacher(torch.nn.Module):
     (``logits`` given), or runs ``teacher`` and records what it returns (``logits`` None).
     ``evaluate`` calls it once per validation batch, in the loader's fixed order. Given
     ``cache`` and ``batches`` (batches per pass), a recorded pass is saved when it completes
-    and replayed from then on."""
+    and replayed from then on. ``history()`` names the batches (which files are left out): when
+    a file fails in the middle of a pass the batches after it are others, so the rest of that
+    pass runs the teacher and nothing of it is saved."""
 
     def __init__(
         self,
@@ -105,14 +99,18 @@ class ValTeacher(torch.nn.Module):
         logits: list[torch.Tensor] | None,
         cache: TeacherCache | None = None,
         batches: int = 0,
+        history: Callable[[], str] = lambda: "",
     ) -> None:
         super().__init__()
         self.teacher = teacher
         self.replay = logits
         self.recorded: list[torch.Tensor] = []
         self.cache, self.batches = cache, batches
+        self.history, self.data = history, history()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.history() != self.data:  # a file failed mid-pass: other batches from here on
+            self.replay, self.cache, self.batches = None, None, 0
         if self.replay is not None:
             logits = self.replay[len(self.recorded)].to(images.device)
             self.recorded.append(logits)
@@ -126,7 +124,7 @@ class ValTeacher(torch.nn.Module):
             return logits  # no cache to save to: nothing to record
         self.recorded.append(logits.detach().cpu())
         if self.cache is not None and len(self.recorded) == self.batches:
-            self.cache.save_val(self.recorded)
+            self.cache.save_val(self.recorded, self.data)
             self.replay = self.done()
         return logits
 
@@ -138,12 +136,11 @@ class ValTeacher(torch.nn.Module):
 
 def for_run(
     cfg: Any, plan: Any, dataset: Any, live: LiveTeacher, *, world_size: int, rank: int,
-    graph_format: int, message: Callable[[str], None], detached: bool,
+    graph_format: int, message: Callable[[str], None],
 ) -> CachedTeacher:  # fmt: skip
-    """``cfg.teacher_cache`` for a run (``cfg`` a TrainConfig, ``plan`` its data plan): the
-    cache of the run's key (its key.json checked or written; a key of other settings is one
-    line naming them) around ``live``. ``detached``: the run's data stream is not the cache's
-    (files failed in training): every step runs the teacher, nothing is read or written."""
+    """``cfg.teacher_cache`` for a run (``cfg`` a TrainConfig, ``plan`` its data plan,
+    ``dataset`` as scanned): the cache of the run's key (its key.json checked or written; a key
+    of other settings is one line naming them) around ``live``."""
     from dalikd.device import amp_dtype
 
     fmt = Format(cfg.teacher_cache_format, cfg.teacher_cache_topk, cfg.kd.temperature)
@@ -153,11 +150,6 @@ def for_run(
         kd=cfg.kd, precision=precision, world_size=world_size, channels_last=cfg.channels_last,
         graph_format=graph_format, fmt=fmt,
     )  # fmt: skip
-    cache = None
-    if detached:
-        message(f"teacher cache {cfg.teacher_cache}: not used (files failed in training, see "
-                "data_report.tsv: the views differ from the cached ones)")  # fmt: skip
-    else:
-        cache = TeacherCache(cfg.teacher_cache, key, rank=rank, message=message,
-                             temperature=cfg.kd.temperature)  # fmt: skip
+    cache = TeacherCache(cfg.teacher_cache, key, rank=rank, message=message,
+                         temperature=cfg.kd.temperature)  # fmt: skip
     return CachedTeacher(cache, live, cfg.kd, message, cfg.teacher_cache)

@@ -1,0 +1,102 @@
+"""A shard set's split as a :class:`~dalikd.recovery.source.SampleSource`: recovery plans and
+reads a shard set exactly as it does a folder (the same epoch order rule, each rank its own
+list in order, a sample that fails to decode left out and reported, exact resume).
+
+A sample's identity is its position in the split (the shards in manifest order, each shard's
+samples in stored order); its name in ``data_report.tsv`` and the messages is
+``<shard path>:<key>``. Its group is its shard: an epoch's order shuffles the shards, then the
+samples inside each (:mod:`.epochs`), so a rank's list reads each shard it touches in one run.
+
+A loader over a list of samples reads the same tars through index files dalikd writes for it
+(:meth:`dalikd.shards.ShardSplit.subset`: DALI's webdataset reader reads the samples an index
+lists, in its order), in a private temporary folder removed with the source. A sample that
+fails is found by decoding the unseen ones again, a batch at a time, from their bytes
+(:func:`dalikd.recovery.culprits.bytes_failure`; DALI's error names neither the sample nor the
+tar).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dalikd.recovery.culprits import bisect_failures, bytes_failure
+from dalikd.shards import ShardSplit, sample_key
+
+
+class ShardSource:
+    """``split``'s samples by identity (``index_root``: where the loaders' index files go; a
+    new temporary folder by default, removed when the source is)."""
+
+    what = "sample"
+
+    def __init__(self, split: ShardSplit, index_root: str | Path | None = None) -> None:
+        self.split = split
+        sizes = [s.samples for s in split.shards]
+        self._starts = np.cumsum([0, *sizes])  # identity of each shard's first sample
+        self.groups = np.repeat(np.arange(len(sizes)), sizes)
+        self._shard = {str(split.folder / s.name): k for k, s in enumerate(split.shards)}
+        if index_root is None:
+            index_root = tempfile.mkdtemp(prefix="dalikd-shards-")
+            weakref.finalize(self, shutil.rmtree, index_root, ignore_errors=True)
+        self._root = Path(index_root)
+        self._loaders = 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def number(self, i: int) -> int:
+        """The sample number (its key) of identity ``i``."""
+        return int(self.numbers([i])[0])
+
+    def numbers(self, samples: Sequence[int]) -> np.ndarray:
+        """The sample numbers of identities ``samples``."""
+        ids = np.asarray(samples, dtype=np.int64)
+        k = np.searchsorted(self._starts, ids, side="right") - 1
+        return np.asarray(self.split.first, dtype=np.int64)[k] + ids - self._starts[k]
+
+    def name(self, i: int) -> str:
+        shard, key = self.split.locate(self.number(i))
+        return f"{self.split.folder / shard}:{key}"
+
+    def index(self, name: str) -> int | None:
+        shard, _, key = name.rpartition(":")
+        k = self._shard.get(shard)
+        if k is None or not key.isdigit():
+            return None
+        offset = int(key) - self.split.first[k]
+        if not 0 <= offset < self.split.shards[k].samples or sample_key(int(key)) != key:
+            return None
+        return int(self._starts[k]) + offset
+
+    def subset(self, samples: Sequence[int]) -> ShardSplit:
+        """The samples ``samples``, in this order, as a split DALI's reader reads (its index
+        files in a folder of their own)."""
+        self._loaders += 1
+        where = self._root / f"{self._loaders:06d}"
+        return self.split.subset(self.numbers(samples).tolist(), where)
+
+    def loader(
+        self, samples: Sequence[int], plan: Any, *, train: bool, seed: int = 0, rank: int = 0,
+        checkpoint: str | bytes | None = None,
+    ) -> Any:  # fmt: skip
+        from dalikd import loaders
+
+        shutil.rmtree(self._root / f"{self._loaders:06d}", ignore_errors=True)  # the last one's
+        sub = self.subset(samples)
+        if not train:
+            return loaders.val_loader(sub, plan)
+        return loaders.train_loader(sub, plan, seed=seed, shard_id=rank, checkpoint=checkpoint,
+                                    indexed=True, ordered=True)  # fmt: skip
+
+    def culprits(self, error: BaseException, samples: Sequence[int], plan: Any) -> dict[int, str]:
+        def fails(part: list[int]) -> str | None:
+            return bytes_failure([self.split.image(self.number(i)) for i in part], plan)
+
+        return bisect_failures(list(samples), fails, plan.data.batch_size)
