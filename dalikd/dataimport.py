@@ -46,6 +46,11 @@ _MEAN_STD = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "tiny-imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+_ARCHIVES = {
+    "cifar100": "cifar-100-python.tar.gz",
+    "cifar10": "cifar-10-python.tar.gz",
+    "tiny-imagenet": "tiny-imagenet-200.zip",
+}
 _PAD = {32: 4, 64: 8}  # px, RandomCrop(size, padding) of the reference at each image size
 
 
@@ -194,10 +199,15 @@ def import_dataset(
     if name not in DATASETS:
         raise DalikdError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
     path, out = Path(archive).expanduser(), Path(out).expanduser().absolute()
+    if path.is_dir():
+        raise DalikdError(f"{path} is a folder; give the archive file ({_ARCHIVES[name]})")
     if not path.is_file():
         raise DalikdError(f"archive not found: {path}")
     _check_out(out)
-    tmp = _claim(out, reporter)
+    try:
+        tmp = _claim(out, reporter)
+    except OSError as e:  # OUT's parent missing as a folder, read-only, not writable
+        raise DalikdError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
     try:
         source = _sha256(path, reporter)
         with open_archive(name, path, reporter.progress) as arc:

@@ -1,0 +1,22 @@
+"""The CIFAR-100 / Tiny-ImageNet setting as a user meets it on the command line (issue 21's
+QA pass): user mistakes are one line, --help says what the commands do."""
+
+from fake_archives import make_cifar10
+from tests_helpers import run_cli
+
+
+def test_import_into_an_unwritable_place_is_one_line(tmp_path, capsys):
+    archive, _ = make_cifar10(tmp_path / "cifar-10-python.tar.gz")
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "c10"  # OUT's parent is a file: the temporary folder cannot be made
+    code, _, err = run_cli(["data", "import", "cifar10", archive, out], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith("error: cannot write") and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-python.tar.gz", "file"]
+
+
+def test_import_of_a_folder_says_it_is_a_folder(tmp_path, capsys):
+    code, _, err = run_cli(["data", "import", "cifar10", tmp_path, tmp_path / "out"], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert "is a folder; give the archive file (cifar-10-python.tar.gz)" in err
+    assert not (tmp_path / "out").exists()
