@@ -20,3 +20,13 @@ def test_import_of_a_folder_says_it_is_a_folder(tmp_path, capsys):
     assert code == 1 and err.count("\n") == 1, err
     assert "is a folder; give the archive file (cifar-10-python.tar.gz)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_train_help_names_the_cifar_models_and_the_dataset_defaults(capsys):
+    code, out, _ = run_cli(["train", "--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    for flag in ("--teacher TEXT", "--student TEXT"):
+        assert f"{flag} {flag[2:-5]} model (torchvision name, timm:NAME, cifar:NAME" in text
+    for flag in ("--base-view", "--pad INTEGER", "--val-transform"):
+        assert "or the dataset's" in text.split(flag, 1)[1].split("[default:", 1)[0], flag
