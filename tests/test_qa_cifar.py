@@ -30,3 +30,41 @@ def test_train_help_names_the_cifar_models_and_the_dataset_defaults(capsys):
         assert f"{flag} {flag[2:-5]} model (torchvision name, timm:NAME, cifar:NAME" in text
     for flag in ("--base-view", "--pad INTEGER", "--val-transform"):
         assert "or the dataset's" in text.split(flag, 1)[1].split("[default:", 1)[0], flag
+
+
+def _imported_cifar10(tmp_path):
+    from dalikd.dataimport import import_dataset
+
+    archive, _ = make_cifar10(tmp_path / "cifar-10-python.tar.gz", batch_per_class=2)
+    import_dataset("cifar10", archive, tmp_path / "c10")
+    return tmp_path / "c10"
+
+
+def test_a_view_at_another_size_is_refused_only_where_validation_is_built(tmp_path, capsys):
+    """Preview reads train/ alone: x at 40 px of 32-px images is drawn (train with
+    --val-transform center_crop sees the same); a plan with validation keeps validation as
+    stored and says how to change it."""
+    from dataclasses import replace
+
+    import pytest
+    from PIL import Image
+
+    from dalikd.config import DataConfig
+    from dalikd.errors import DalikdError
+    from dalikd.plan import resolve_plan
+
+    data = _imported_cifar10(tmp_path)
+    png = tmp_path / "p.png"
+    args = ["preview", "--data", data, "--aug", "flip", "--out", png, "--batch-size", "1"]
+    code, out, err = run_cli([*args, "--image-size", "40"], capsys)
+    assert code == 0, err
+    assert Image.open(png).height > 2 * 40
+    cfg = DataConfig(path=str(data), image_size=40, base_view="pad_crop", val_transform="none")
+    with pytest.raises(DalikdError) as e:
+        resolve_plan(cfg, device="cpu", raw_shape=(32, 32, 3))
+    assert "give --image-size 32, or validate at 40 px with --val-transform center_crop" in str(
+        e.value
+    )
+    assert resolve_plan(cfg, device="cpu", raw_shape=(32, 32, 3), validates=False)
+    assert resolve_plan(replace(cfg, val_transform="center_crop"), device="cpu",
+                        raw_shape=(32, 32, 3))  # fmt: skip
