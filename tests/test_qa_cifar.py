@@ -1,7 +1,7 @@
 """The CIFAR-100 / Tiny-ImageNet setting as a user meets it on the command line (issue 21's
 QA pass): user mistakes are one line, --help says what the commands do."""
 
-from fake_archives import make_cifar10
+from fake_archives import make_cifar10, make_cifar100
 from tests_helpers import run_cli
 
 
@@ -20,6 +20,21 @@ def test_import_of_a_folder_says_it_is_a_folder(tmp_path, capsys):
     assert code == 1 and err.count("\n") == 1, err
     assert "is a folder; give the archive file (cifar-10-python.tar.gz)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_tar_gz_is_refused_not_imported(tmp_path, capsys):
+    """Random pixels deflate to stored blocks: bytes changed there decode without a zlib error,
+    and only the gzip trailer's CRC-32 tells. The import must check it."""
+    archive, _ = make_cifar100(tmp_path / "cifar-100-python.tar.gz", train_per_class=40)
+    data = bytearray(archive.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        data[i] ^= 0x55
+    archive.write_bytes(bytes(data))
+    out = tmp_path / "c100"
+    code, _, err = run_cli(["data", "import", "cifar100", archive, out], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert "is damaged or truncated: CRC check failed" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-100-python.tar.gz"]
 
 
 def test_train_help_names_the_cifar_models_and_the_dataset_defaults(capsys):
