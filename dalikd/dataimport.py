@@ -12,8 +12,9 @@ the class names where those sort into label order (all three datasets), else ``N
 (``00042``), or its name in the zip (``n01443537_0``, ``val_42``).
 
 Atomic: everything is written into ``.OUT.importing`` beside OUT, the manifest last, then
-renamed to OUT in one step, so a killed import leaves nothing at OUT. A leftover temporary
-folder from a killed import is removed (with one line) by the next import to the same OUT.
+renamed to OUT in one step, so a killed import leaves nothing at OUT. Ctrl-C and SIGTERM remove
+the temporary folder; one left by a SIGKILL or a crash is removed (with one line) by the next
+import to the same OUT.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -204,6 +209,29 @@ def import_dataset(
     if not path.is_file():
         raise DalikdError(f"archive not found: {path}")
     _check_out(out)
+    with _term_as_interrupt():
+        return _import(name, path, out, reporter)
+
+
+@contextmanager
+def _term_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, ``timeout``, a job scheduler) interrupts the import as Ctrl-C does, so
+    its temporary folder is removed too (SIGKILL leaves it to the next import into OUT)."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _import(name: str, path: Path, out: Path, reporter: ImportReporter) -> Manifest:
     try:
         tmp = _claim(out, reporter)
     except OSError as e:  # OUT's parent missing as a folder, read-only, not writable

@@ -37,6 +37,36 @@ def test_a_corrupt_tar_gz_is_refused_not_imported(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-100-python.tar.gz"]
 
 
+_TERM_MID_IMPORT = """
+import os, signal, sys
+from dalikd.dataimport import import_dataset
+
+class TermWhileWriting:
+    def progress(self, phase, done, total):
+        if phase == "writing train":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def message(self, text):
+        pass
+
+import_dataset("cifar10", sys.argv[1], sys.argv[2], TermWhileWriting())
+"""
+
+
+def test_sigterm_mid_import_leaves_no_temporary_folder(tmp_path):
+    """``kill`` / ``timeout`` / a scheduler's SIGTERM cleans up as Ctrl-C does: no hidden
+    half dataset is left beside OUT."""
+    import subprocess
+    import sys
+
+    archive, _ = make_cifar10(tmp_path / "cifar-10-python.tar.gz")
+    out = tmp_path / "c10"
+    done = subprocess.run([sys.executable, "-c", _TERM_MID_IMPORT, str(archive), str(out)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr, done.stderr[-500:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-python.tar.gz"]
+
+
 def test_train_help_names_the_cifar_models_and_the_dataset_defaults(capsys):
     code, out, _ = run_cli(["train", "--help"], capsys)
     assert code == 0
