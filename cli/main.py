@@ -353,7 +353,8 @@ def train(
     "--image-size",
     default=None,
     type=int,
-    help="val image side in px (shorter side resized, centre crop, as training's validation)  "
+    help="val image side in px: the shorter side resized and a centre crop, as training's "
+    "validation (an imported dataset's images are used as stored: only their own size fits)  "
     "[default: the dataset's (DATA/dataset.json), else 224]",
 )
 @threads_option()

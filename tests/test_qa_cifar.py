@@ -113,3 +113,10 @@ def test_a_view_at_another_size_is_refused_only_where_validation_is_built(tmp_pa
     assert resolve_plan(cfg, device="cpu", raw_shape=(32, 32, 3), validates=False)
     assert resolve_plan(replace(cfg, val_transform="center_crop"), device="cpu",
                         raw_shape=(32, 32, 3))  # fmt: skip
+
+
+def test_eval_help_says_an_imported_dataset_is_used_as_stored(capsys):
+    code, out, _ = run_cli(["eval", "--help"], capsys)
+    text = " ".join(out.split())
+    assert code == 0
+    assert "an imported dataset's images are used as stored: only their own size fits" in text
