@@ -34,6 +34,7 @@ import numpy as np
 from dalikd.archives import OFFICIAL_COUNTS, Archive, open_archive
 from dalikd.errors import DalikdError
 from dalikd.manifest import (
+    MANIFEST_NAME,
     RAW_EXTENSION,
     Manifest,
     SplitInfo,
@@ -153,13 +154,23 @@ def _write_split(archive: Archive, split: str, folder: Path, reporter: ImportRep
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Make the written files durable, then rename the folder into place (one step)."""
+    """Make the written files durable, then rename the folder into place (one step). An OUT
+    that exists (empty: checked before the work) is kept, as a shell may stand in it (``import
+    ... .``): the folders move in, and the manifest, which makes the dataset whole, last."""
     (tmp / ".pid").unlink()
     os.sync()  # the files' data on disk before the rename makes them visible as a dataset
-    if out.is_dir():
-        out.rmdir()  # empty (checked before the work); rename cannot replace it everywhere
-    os.rename(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
+    if not out.is_dir():
+        os.rename(tmp, out)
+    else:
+        for entry in sorted(tmp.iterdir(), key=lambda e: e.name == MANIFEST_NAME):
+            os.rename(entry, out / entry.name)
+        tmp.rmdir()
+        _fsync_dir(out)
+    _fsync_dir(out.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -120,3 +120,21 @@ def test_eval_help_says_an_imported_dataset_is_used_as_stored(capsys):
     text = " ".join(out.split())
     assert code == 0
     assert "an imported dataset's images are used as stored: only their own size fits" in text
+
+
+def test_import_into_the_current_folder_keeps_that_folder(tmp_path, monkeypatch, capsys):
+    """`cd data/c10 && dalikd data import cifar10 ARCHIVE .`: the shell stands in OUT, so OUT
+    must stay the same folder (not be replaced by a renamed one the shell cannot see)."""
+    from dalikd.manifest import read_manifest
+
+    archive, _ = make_cifar10(tmp_path / "cifar-10-python.tar.gz")
+    out = tmp_path / "c10"
+    out.mkdir()
+    inode = out.stat().st_ino
+    monkeypatch.chdir(out)
+    code, _, err = run_cli(["data", "import", "cifar10", archive, "."], capsys)
+    assert code == 0, err
+    assert out.stat().st_ino == inode
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "train", "val"]
+    assert read_manifest(out).splits["train"].samples == 15
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c10", "cifar-10-python.tar.gz"]
