@@ -138,3 +138,11 @@ def test_import_into_the_current_folder_keeps_that_folder(tmp_path, monkeypatch,
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "train", "val"]
     assert read_manifest(out).splits["train"].samples == 15
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c10", "cifar-10-python.tar.gz"]
+
+
+def test_profile_help_names_the_cifar_models(capsys):
+    code, out, _ = run_cli(["profile", "--help"], capsys)
+    text = " ".join(out.split())
+    assert code == 0
+    for role in ("teacher", "student"):
+        assert f"{role} model (torchvision name, timm:NAME, cifar:NAME (dalikd models)" in text
