@@ -154,7 +154,7 @@ def _check_raw(data: DataConfig, raw_shape: tuple[int, ...], validates: bool) ->
     if validates and data.val_transform == "none" and (h, w) != (size, size):
         raise DalikdError(
             f"the dataset's images are {h}x{w} px and validation uses them as stored "
-            f"(val_transform none), but the image size is {size}: give --image-size {h}, or "
+            f"(val_transform none), but --image-size is {size}: give --image-size {h}, or "
             f"validate at {size} px with --val-transform center_crop (dalikd train)"
         )
 

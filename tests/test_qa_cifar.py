@@ -146,3 +146,26 @@ def test_profile_help_names_the_cifar_models(capsys):
     assert code == 0
     for role in ("teacher", "student"):
         assert f"{role} model (torchvision name, timm:NAME, cifar:NAME (dalikd models)" in text
+
+
+def test_a_config_for_another_dataset_is_named_as_the_mistake(tmp_path):
+    """A Tiny-ImageNet paper config (64 px) on an imported CIFAR folder: the line says the
+    config is for another dataset; --image-size 32 or a CIFAR config goes on."""
+    import pytest
+
+    from dalikd.errors import DalikdError
+    from dalikd.settings import command_config
+
+    data = str(_imported_cifar10(tmp_path))
+    tiny = {"data": {"image_size": 64, "pad": 8, "val_transform": "none"}}
+    with pytest.raises(
+        DalikdError,
+        match="the config file is for 64-px images, but .* holds "
+        "cifar10's 32-px images, used as stored: take the config of cifar10",
+    ):
+        command_config(tiny, {"data.path": data})
+    assert command_config(tiny, {"data.path": data, "data.image_size": 32}).data.image_size == 32
+    cifar = {"data": {"image_size": 32, "pad": 4}}
+    assert command_config(cifar, {"data.path": data}).data.base_view == "pad_crop"
+    crop = {"data": {"image_size": 64, "val_transform": "center_crop"}}
+    assert command_config(crop, {"data.path": data}).data.image_size == 64
