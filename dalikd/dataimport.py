@@ -104,7 +104,12 @@ def _sha256(path: Path, reporter: ImportReporter) -> dict[str, Any]:
 
 
 def _check_out(out: Path) -> None:
-    if out.is_file() or out.is_symlink():
+    if out.is_symlink():  # the temporary folder beside it may be on another disk than its target
+        raise DalikdError(
+            f"{out} is a symbolic link; give a new or empty folder to import into (e.g. the "
+            f"link's target, {out.resolve()})"
+        )
+    if out.is_file():
         raise DalikdError(f"{out} is a file; give a new or empty folder to import into")
     if out.is_dir() and any(out.iterdir()):
         raise DalikdError(f"{out} is not empty; give a new or empty folder to import into")

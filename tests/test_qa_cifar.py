@@ -169,3 +169,17 @@ def test_a_config_for_another_dataset_is_named_as_the_mistake(tmp_path):
     assert command_config(cifar, {"data.path": data}).data.base_view == "pad_crop"
     crop = {"data": {"image_size": 64, "val_transform": "center_crop"}}
     assert command_config(crop, {"data.path": data}).data.image_size == 64
+
+
+def test_import_into_a_symbolic_link_names_it_and_its_target(tmp_path, capsys):
+    archive, _ = make_cifar10(tmp_path / "cifar-10-python.tar.gz")
+    target = tmp_path / "scratch"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    code, _, err = run_cli(["data", "import", "cifar10", archive, tmp_path / "link"], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    text = " ".join(err.split())
+    assert "link is a symbolic link; give a new or empty folder to import into" in text
+    assert f"(e.g. the link's target, {target})" in text
+    code, _, err = run_cli(["data", "import", "cifar10", archive, target], capsys)
+    assert code == 0, err
