@@ -89,7 +89,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         "--teacher",
         "model.teacher",
         str,
-        "teacher model (torchvision name, timm:NAME or module:function); omit to train supervised",
+        f"teacher model ({MODEL_HELP}); omit to train supervised",
     ),
     (
         "--teacher-weights",
@@ -102,7 +102,7 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         "--student",
         "model.student",
         str,
-        "student model (torchvision name, timm:NAME or module:function)",
+        f"student model ({MODEL_HELP})",
     ),
     ("--student-weights", "model.student_weights", str, f"initial student weights: {WEIGHTS_HELP}"),
     ("--epochs", "optim.epochs", int, "epochs to train (with --resume: the new total)"),
@@ -150,14 +150,16 @@ TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
         "--base-view",
         "data.base_view",
         click.Choice(choices(BaseView)),
-        "x: random_resized_crop or pad_crop (--pad px of zeros, a window, a flip: CIFAR's)",
+        "x: random_resized_crop or pad_crop (--pad px of zeros, a window, a flip: CIFAR's); "
+        "or the dataset's",
     ),
-    ("--pad", "data.pad", int, "px of zero padding of --base-view pad_crop"),
+    ("--pad", "data.pad", int, "px of zero padding of --base-view pad_crop (or the dataset's)"),
     (
         "--val-transform",
         "data.val_transform",
         click.Choice(choices(ValTransform)),
-        "validation: center_crop (shorter side resized, centre crop) or none (as stored)",
+        "validation: center_crop (shorter side resized, centre crop) or none (as stored); "
+        "or the dataset's",
     ),
     (THREADS.name, "data.threads", THREADS.type, THREADS.help),
     ("--max-pixels", "data.max_pixels", int, MAX_PIXELS_HELP),
@@ -351,7 +353,8 @@ def train(
     "--image-size",
     default=None,
     type=int,
-    help="val image side in px (shorter side resized, centre crop, as training's validation)  "
+    help="val image side in px: the shorter side resized and a centre crop, as training's "
+    "validation (an imported dataset's images are used as stored: only their own size fits)  "
     "[default: the dataset's (DATA/dataset.json), else 224]",
 )
 @threads_option()

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dalikd.cli.options import device_option, mixing_option, threads_option
+from dalikd.cli.options import MODEL_HELP, device_option, mixing_option, threads_option
 from dalikd.cli.report import print_table
 
 console = Console(highlight=False)
@@ -29,9 +29,13 @@ console = Console(highlight=False)
 @click.option("--batch-size", default=32, show_default=True, type=int, help="samples per batch")
 @threads_option("DALI threads, and torchvision workers (0: one per core, at most 8)")
 @click.option("--image-size", type=int, help="px, square side  [default: the dataset's, else 224]")
-@click.option("--teacher", default="", help="teacher model name (random weights); optional")
 @click.option(
-    "--student", default="", help="student model name; without it no model stages are timed"
+    "--teacher", default="", help=f"teacher model ({MODEL_HELP}), random weights; optional"
+)
+@click.option(
+    "--student",
+    default="",
+    help=f"student model ({MODEL_HELP}); without it no model stages are timed",
 )
 @click.option(
     "--baseline", type=click.Choice(["torchvision", "none"]), default="torchvision",

@@ -19,6 +19,7 @@ not add up) is one :class:`DalikdError` line naming the file and what was expect
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import pickle
@@ -146,13 +147,18 @@ def _tar_members(path: Path, wanted: set[str], progress: Progress) -> dict[str, 
     try:
         with open(path, "rb", buffering=0) as raw:
             counted = io.BufferedReader(_Counting(raw, size, progress, f"reading {path.name}"))
-            with tarfile.open(fileobj=counted, mode="r|gz") as tar:
-                for member in tar:
-                    name = member.name.removeprefix("./")  # a re-packed archive's prefix
-                    seen.append(name)
-                    if name in wanted and member.isfile():
-                        f = tar.extractfile(member)
-                        found[name] = f.read() if f else b""
+            # gzip's reader, not tarfile's "r|gz": only it checks the stream's CRC-32, at its
+            # end, which the loop below must reach (corrupt stored blocks decode without error)
+            with gzip.GzipFile(fileobj=counted, mode="rb") as gz:
+                with tarfile.open(fileobj=gz, mode="r|") as tar:
+                    for member in tar:
+                        name = member.name.removeprefix("./")  # a re-packed archive's prefix
+                        seen.append(name)
+                        if name in wanted and member.isfile():
+                            f = tar.extractfile(member)
+                            found[name] = f.read() if f else b""
+                while gz.read(1 << 20):  # the rest (end-of-archive padding), then the CRC
+                    pass
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         kind = _kind_of(path)
         if kind != "a gzip file":

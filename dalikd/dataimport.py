@@ -12,8 +12,9 @@ the class names where those sort into label order (all three datasets), else ``N
 (``00042``), or its name in the zip (``n01443537_0``, ``val_42``).
 
 Atomic: everything is written into ``.OUT.importing`` beside OUT, the manifest last, then
-renamed to OUT in one step, so a killed import leaves nothing at OUT. A leftover temporary
-folder from a killed import is removed (with one line) by the next import to the same OUT.
+renamed to OUT in one step, so a killed import leaves nothing at OUT. Ctrl-C and SIGTERM remove
+the temporary folder; one left by a SIGKILL or a crash is removed (with one line) by the next
+import to the same OUT.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +34,7 @@ import numpy as np
 from dalikd.archives import OFFICIAL_COUNTS, Archive, open_archive
 from dalikd.errors import DalikdError
 from dalikd.manifest import (
+    MANIFEST_NAME,
     RAW_EXTENSION,
     Manifest,
     SplitInfo,
@@ -45,6 +51,11 @@ _MEAN_STD = {
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "tiny-imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+_ARCHIVES = {
+    "cifar100": "cifar-100-python.tar.gz",
+    "cifar10": "cifar-10-python.tar.gz",
+    "tiny-imagenet": "tiny-imagenet-200.zip",
 }
 _PAD = {32: 4, 64: 8}  # px, RandomCrop(size, padding) of the reference at each image size
 
@@ -93,7 +104,12 @@ def _sha256(path: Path, reporter: ImportReporter) -> dict[str, Any]:
 
 
 def _check_out(out: Path) -> None:
-    if out.is_file() or out.is_symlink():
+    if out.is_symlink():  # the temporary folder beside it may be on another disk than its target
+        raise DalikdError(
+            f"{out} is a symbolic link; give a new or empty folder to import into (e.g. the "
+            f"link's target, {out.resolve()})"
+        )
+    if out.is_file():
         raise DalikdError(f"{out} is a file; give a new or empty folder to import into")
     if out.is_dir() and any(out.iterdir()):
         raise DalikdError(f"{out} is not empty; give a new or empty folder to import into")
@@ -143,13 +159,23 @@ def _write_split(archive: Archive, split: str, folder: Path, reporter: ImportRep
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Make the written files durable, then rename the folder into place (one step)."""
+    """Make the written files durable, then rename the folder into place (one step). An OUT
+    that exists (empty: checked before the work) is kept, as a shell may stand in it (``import
+    ... .``): the folders move in, and the manifest, which makes the dataset whole, last."""
     (tmp / ".pid").unlink()
     os.sync()  # the files' data on disk before the rename makes them visible as a dataset
-    if out.is_dir():
-        out.rmdir()  # empty (checked before the work); rename cannot replace it everywhere
-    os.rename(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
+    if not out.is_dir():
+        os.rename(tmp, out)
+    else:
+        for entry in sorted(tmp.iterdir(), key=lambda e: e.name == MANIFEST_NAME):
+            os.rename(entry, out / entry.name)
+        tmp.rmdir()
+        _fsync_dir(out)
+    _fsync_dir(out.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -194,10 +220,38 @@ def import_dataset(
     if name not in DATASETS:
         raise DalikdError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
     path, out = Path(archive).expanduser(), Path(out).expanduser().absolute()
+    if path.is_dir():
+        raise DalikdError(f"{path} is a folder; give the archive file ({_ARCHIVES[name]})")
     if not path.is_file():
         raise DalikdError(f"archive not found: {path}")
     _check_out(out)
-    tmp = _claim(out, reporter)
+    with _term_as_interrupt():
+        return _import(name, path, out, reporter)
+
+
+@contextmanager
+def _term_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, ``timeout``, a job scheduler) interrupts the import as Ctrl-C does, so
+    its temporary folder is removed too (SIGKILL leaves it to the next import into OUT)."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _import(name: str, path: Path, out: Path, reporter: ImportReporter) -> Manifest:
+    try:
+        tmp = _claim(out, reporter)
+    except OSError as e:  # OUT's parent missing as a folder, read-only, not writable
+        raise DalikdError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
     try:
         source = _sha256(path, reporter)
         with open_archive(name, path, reporter.progress) as arc:

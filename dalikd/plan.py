@@ -110,16 +110,19 @@ def resolve_plan(
     norm: InputNorm = IMAGENET_NORM,
     dali_state: str | bytes | None = None,
     raw_shape: tuple[int, ...] = (),
+    validates: bool = True,
 ) -> DataPlan:
     """The plan of ``data`` with recipe ``aug`` (an --aug spec, or a recipe function) on
     ``device`` ("cpu" | "gpu"). ``pool_size``: k, the candidates per image of a pool recipe.
     ``dali_state``: a saved DALI state the graph will restore, whose paths win over "auto" (and
     contradict any other: a state restores only into the graph it was saved from).
     ``raw_shape``: (H, W, C) of a raw dataset's images (``Dataset.raw_shape``); () for encoded
-    files."""
+    files. ``validates``: the plan also builds the validation graph (train, eval), whose
+    settings must then fit the raw images; a command that reads train/ alone (preview, profile,
+    the probe) passes False."""
     from dalikd import native
 
-    _check_raw(data, tuple(raw_shape))
+    _check_raw(data, tuple(raw_shape), validates)
 
     recipe = aug if callable(aug) else resolve(aug or "none")
     spec = "none" if recipe is None else (aug if isinstance(aug, str) else recipe_info(aug).name)
@@ -139,20 +142,20 @@ def resolve_plan(
                     raw_shape=tuple(raw_shape))  # fmt: skip
 
 
-def _check_raw(data: DataConfig, raw_shape: tuple[int, ...]) -> None:
+def _check_raw(data: DataConfig, raw_shape: tuple[int, ...], validates: bool) -> None:
     """One line where raw images cannot give the settings' views: validation without a
-    transform shows images as stored, so they must be image_size²."""
+    transform shows images as stored, so they must be image_size² (where it is built)."""
     if not raw_shape:
         return
     h, w, c = raw_shape
     if c != 3:
         raise DalikdError(f"the dataset's raw images have {c} channels; dalikd reads RGB (3)")
     size = data.image_size
-    if data.val_transform == "none" and (h, w) != (size, size):
+    if validates and data.val_transform == "none" and (h, w) != (size, size):
         raise DalikdError(
             f"the dataset's images are {h}x{w} px and validation uses them as stored "
-            f"(val_transform none), but --image-size is {size}: give --image-size {h} or "
-            "val_transform center_crop"
+            f"(val_transform none), but --image-size is {size}: give --image-size {h}, or "
+            f"validate at {size} px with --val-transform center_crop (dalikd train)"
         )
 
 

@@ -271,7 +271,8 @@ def write_preview(
     image_size = data.image_size
     dataset = open_dataset(data.path)  # a folder of images or a shard set
     plan = resolve_plan(data, aug, device=resolve_device(device), seed=seed,
-                        granularity=granularity, raw_shape=dataset.raw_shape)  # fmt: skip
+                        granularity=granularity, raw_shape=dataset.raw_shape,
+                        validates=False)  # fmt: skip
     batch = preview_batch(plan, dataset)
     title = (
         f"x (top) and x' (below), first training batch: --aug {aug}, granularity "

@@ -180,7 +180,7 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
     check_classes(checkpoint_classes(w), dataset.classes, f"teacher weights {w}")
     # one data plan per scheme, resolved as training resolves its own
     plans = {aug: plan_for(cfg.data, replace(cfg.kd, aug=aug), device=device, seed=cfg.seed,
-                           raw_shape=dataset.raw_shape)
+                           raw_shape=dataset.raw_shape, validates=False)
              for aug in dict.fromkeys(a.strip() for a in cfg.augs)}  # fmt: skip
     batch_size = cfg.data.batch_size
     steps_per_epoch = len(dataset.train) // batch_size  # the loader drops the incomplete batch

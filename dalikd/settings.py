@@ -68,8 +68,31 @@ def command_config(
     config file, nested) < ``overrides`` (the flags given, dotted keys). ``flags``: dotted key
     -> the flag named in errors."""
     overrides = dict(overrides or {})
-    base = with_dataset_defaults(data_path_of(file_values, overrides), base)
-    return build_config(file_values, overrides, base=base, flags=flags)
+    path = data_path_of(file_values, overrides)
+    base = with_dataset_defaults(path, base)
+    cfg = build_config(file_values, overrides, base=base, flags=flags)
+    if "data.image_size" not in overrides:
+        _check_config_size(file_values, path, cfg)
+    return cfg
+
+
+def _check_config_size(file_values: Mapping[str, Any] | None, path: str, cfg: TrainConfig) -> None:
+    """One line naming the likely mistake where a config file for another dataset (a Tiny-
+    ImageNet paper config on CIFAR-100) sets an image size the imported images cannot give as
+    stored: the plan's own refusal would only ask for another --image-size."""
+    data = (file_values or {}).get("data")
+    size = data.get("image_size") if isinstance(data, Mapping) else None
+    own = dataset_defaults(path).get("image_size") if path else None
+    if size is None or own is None or size == own or cfg.data.val_transform != "none":
+        return
+    from dalikd.manifest import read_manifest
+
+    manifest = read_manifest(Path(path).expanduser())
+    name = manifest.name if manifest is not None else "the dataset"
+    raise DalikdError(
+        f"the config file is for {size}-px images, but {path} holds {name}'s {own}-px images, "
+        f"used as stored: take the config of {name} (configs/paper/), or give --image-size {own}"
+    )
 
 
 def scale_epochs(cfg: TrainConfig, factor: float) -> TrainConfig:

@@ -211,7 +211,7 @@ class _Profiler:
     def resolve(self, data: DataConfig, recipe=None, **kw) -> DataPlan:
         """The plan of ``data`` (and ``recipe``) on this profile's device, seed and dataset."""
         return resolve_plan(data, recipe, device=self.device, seed=self.cfg.seed,
-                            raw_shape=self.raw_shape, **kw)  # fmt: skip
+                            raw_shape=self.raw_shape, validates=False, **kw)  # fmt: skip
 
     def add(self, name: str, timing: Timing, kind: str, aug: str | None = None, **extra) -> str:
         self.stages.append(stage_record(name, timing, kind, aug, **extra))
