@@ -361,6 +361,7 @@ def _save(run: Run, names: tuple[str, ...]) -> None:
         "plan": run.plan.to_dict(),
         "classes": list(run.dataset.classes),
         "train_listing": run.listing,
+        "failed_sizes": run.failures.sizes(),  # a removed file keeps a teacher cache's key
     }
     for name in names:
         save_atomic(ckpt, run.run_dir / name)
@@ -394,7 +395,8 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     plan = plan_of(cfg, device, norm=student_norm(student, dn), raw_shape=dataset.raw_shape)
     cfg = build_config(overrides={"data.mixing": plan.data.mixing,
                                   "data.resize": plan.data.resize}, base=cfg)  # fmt: skip
-    teacher = _teacher_source(cfg, plan, scanned, ctx, reporter)
+    sizes = ckpt.get("failed_sizes", {}) if ckpt is not None else {}
+    teacher = _teacher_source(cfg, plan, dataset, ctx, reporter, sizes)
     # the teacher is frozen, there is nothing to synchronise: only the student is DDP-wrapped
     distiller = Distiller(student, teacher, cfg.kd, device, cfg.precision, cfg.channels_last,
                           ctx, data_norm=dn)  # fmt: skip
@@ -406,17 +408,19 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     run = Run(cfg, device, ctx, run_dir, reporter, dataset, distiller, teacher, student,
               optimizer, scaler, RunState(), TStddev(group_size=0))  # fmt: skip
     run.listing, run.plan = listing, plan
-    run.failures = recovery.RunFailures(run_dir, dataset, failed, ctx, reporter.message)
+    run.failures = recovery.RunFailures(run_dir, dataset, failed, ctx, reporter.message,
+                                        sizes=sizes)  # fmt: skip
     dali_state = _resume(run, ckpt) if ckpt is not None else None
     _open_run_dir(run)
     _open_loaders(run, dali_state)
     return run
 
 
-def _teacher_source(cfg, plan, dataset, ctx, reporter) -> TeacherSource | None:
+def _teacher_source(cfg, plan, dataset, ctx, reporter, sizes) -> TeacherSource | None:
     """The teacher live (built now: a wrong teacher is one line before the data loads), or with
     --teacher-cache a CachedTeacher over the cache of this run's key (the teacher is built on
-    the first step the cache lacks). ``dataset``: as scanned (the key's listing)."""
+    the first step the cache lacks). ``dataset``, ``sizes``: the key's listing (the run's: a
+    file it reported and the user removed keeps the key)."""
     if not cfg.model.teacher:
         return None
     live = LiveTeacher.from_config(cfg.model, dataset.num_classes, plan.device, plan.norm,
@@ -427,7 +431,7 @@ def _teacher_source(cfg, plan, dataset, ctx, reporter) -> TeacherSource | None:
         return live
     return teacher_cache.for_run(
         cfg, plan, dataset, live, world_size=ctx.world_size, rank=ctx.rank,
-        graph_format=CHECKPOINT_FORMAT, message=reporter.message,
+        graph_format=CHECKPOINT_FORMAT, message=reporter.message, sizes=sizes,
     )  # fmt: skip
 
 

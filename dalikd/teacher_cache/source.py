@@ -136,11 +136,12 @@ class ValTeacher(torch.nn.Module):
 
 def for_run(
     cfg: Any, plan: Any, dataset: Any, live: LiveTeacher, *, world_size: int, rank: int,
-    graph_format: int, message: Callable[[str], None],
+    graph_format: int, message: Callable[[str], None], sizes: dict[str, int] | None = None,
 ) -> CachedTeacher:  # fmt: skip
     """``cfg.teacher_cache`` for a run (``cfg`` a TrainConfig, ``plan`` its data plan,
-    ``dataset`` as scanned): the cache of the run's key (its key.json checked or written; a key
-    of other settings is one line naming them) around ``live``."""
+    ``dataset`` the run's listing, ``sizes`` its failed files' sizes: key.listing_hash): the
+    cache of the run's key (its key.json checked or written; a key of other settings is one
+    line naming them) around ``live``."""
     from dalikd.device import amp_dtype
 
     fmt = Format(cfg.teacher_cache_format, cfg.teacher_cache_topk, cfg.kd.temperature)
@@ -148,7 +149,7 @@ def for_run(
     key = cache_key(
         plan, dataset, teacher=cfg.model.teacher, teacher_weights=cfg.model.teacher_weights,
         kd=cfg.kd, precision=precision, world_size=world_size, channels_last=cfg.channels_last,
-        graph_format=graph_format, fmt=fmt,
+        graph_format=graph_format, fmt=fmt, sizes=sizes,
     )  # fmt: skip
     cache = TeacherCache(cfg.teacher_cache, key, rank=rank, message=message,
                          temperature=cfg.kd.temperature)  # fmt: skip
