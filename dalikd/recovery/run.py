@@ -10,6 +10,7 @@ own: at once; another rank's: at the next checkpoint, before the checkpoint itse
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -55,10 +56,9 @@ class RunFailures:
         for path, reason in self.failed.items():
             rel = os.path.relpath(path, self.dataset.root)
             if reason.startswith(RUN_TIME) and rel not in self._sizes:
-                try:
+                # removed before a checkpoint knew it: the key will differ
+                with contextlib.suppress(OSError):
                     self._sizes[rel] = os.stat(path).st_size
-                except OSError:  # removed before a checkpoint knew it: the key will differ
-                    pass
         return dict(self._sizes)
 
     def train_data(self, plan: Any, *, epoch: int, step: int, checkpoint: Any) -> TrainData:
