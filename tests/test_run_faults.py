@@ -432,3 +432,17 @@ def test_a_recipe_that_raises_or_varies_in_size_is_its_own_line(name, needle, da
     args = [*TRAIN, "--data", data, "--epochs", "1", "--out", tmp_path / "r",
             "--aug", f"{recipes}:{name}", "--mixed-label-ce", "1"]  # fmt: skip
     _one_line(*run_cli(args, capsys), needle.format(file=recipes))
+
+
+def test_a_resume_removes_the_temporary_files_a_killed_checkpoint_left(run, capsys, tiny_env):
+    # a SIGKILL while last.pt is written leaves .last.pt.PID.RANDOM.tmp (a partial checkpoint,
+    # as large as one); every later resume kept it (issue 24 re-test)
+    left = [run / ".last.pt.4242.0123abcd.tmp", run / ".metrics.jsonl.77.deadbeef.tmp"]
+    for path in left:
+        path.write_bytes(b"\0" * 1000)
+    other = run / ".notes.txt.4242.0123abcd.tmp"  # not a run's file: not ours to remove
+    other.write_bytes(b"")
+    code, out, err = run_cli(["train", "--resume", run, "--epochs", 3], capsys)
+    assert code == 0, err
+    assert not any(p.exists() for p in left) and other.exists()
+    assert f"{run}: removed 2 temporary file(s) a stopped run left" in out + err
