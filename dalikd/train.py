@@ -226,7 +226,8 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
 
     if run.tb is not None:
         run.tb.close()
-    return _summary(run, stop.received)
+    # a stop that came after the last epoch's training (in its validation) stopped nothing
+    return _summary(run, stop.received if state.epoch < cfg.optim.epochs else None)
 
 
 # -- the loop's parts ----------------------------------------------------------------------------

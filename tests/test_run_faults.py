@@ -446,3 +446,19 @@ def test_a_resume_removes_the_temporary_files_a_killed_checkpoint_left(run, caps
     assert code == 0, err
     assert not any(p.exists() for p in left) and other.exists()
     assert f"{run}: removed 2 temporary file(s) a stopped run left" in out + err
+
+
+def test_a_stop_during_the_last_validation_ends_a_complete_run(data, tmp_path, capsys,
+                                                               tiny_env):  # fmt: skip
+    # SIGTERM while the last epoch validates: the run finishes its epoch and is complete; it
+    # said "stopped ... continue with --resume" and exited 143, and that resume was refused
+    # ("is complete"): a requeueing scheduler got a failed job (issue 24 re-test)
+    run = tmp_path / "run"
+    args = [*TRAIN, "--data", data, "--epochs", 2, "--out", run]
+    args[args.index("tiny_models:tiny_cnn")] = "tiny_models:stopping_in_val_cnn"
+    code, out, err = run_cli(args, capsys)
+    assert code == 128 + 10, err  # SIGUSR1 in epoch 1's validation: a stop
+    assert "stopped by SIGUSR1 at epoch 2, step 0" in err
+    code, out, err = run_cli(["train", "--resume", run], capsys)  # stopped again, at epoch 2
+    assert code == 0 and "stopped by" not in err, err
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
