@@ -223,6 +223,23 @@ def _refuse_locked(path: Path, run_dir: Path, resume: bool) -> None:
     )
 
 
+def check_held(run_dir: Path) -> None:
+    """Raise DalikdError where another process now holds ``run_dir``'s lock: it took it over
+    from this one, thought lost (a node cut off for STALE_BEATS heartbeats), and this one must
+    write nothing more there. A lock removed by hand is nobody's: this run goes on."""
+    _, lock, _ = _read_lock(run_dir / LOCK)
+    if not lock or lock.get("gone"):
+        return
+    me = _parse_lock(_lock_text(HEARTBEAT_S))
+    fields = ("pid", "host", "boot", "start")
+    if any(lock.get(k) != me.get(k) for k in fields):
+        raise DalikdError(
+            f"{run_dir} was taken over by process {lock['pid']} on {lock['host']} (this run "
+            f"did not renew its lock for {STALE_BEATS} heartbeats and was taken for lost); "
+            "this run stops without writing there"
+        )
+
+
 def _renew(path: Path, me: str, period: float, stop: threading.Event) -> None:
     """The heartbeat: touch our lock every ``period`` seconds until ``stop``."""
     while not stop.wait(period):

@@ -75,10 +75,6 @@ def _kept(run_dir: Path) -> str:
     return "; last.pt keeps the last good checkpoint" if (run_dir / "last.pt").is_file() else ""
 
 
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 def train(
     cfg: TrainConfig,
     reporter: Reporter | None = None,
@@ -226,8 +222,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
 
     if run.tb is not None:
         run.tb.close()
-    # a stop that came after the last epoch's training (in its validation) stopped nothing
-    return _summary(run, stop.received if state.epoch < cfg.optim.epochs else None)
+    return _summary(run, stop.received)
 
 
 # -- the loop's parts ----------------------------------------------------------------------------
@@ -244,7 +239,8 @@ def _summary(run: Run, stopped_by: str | None) -> dict[str, Any]:
         "epochs_done": state.epoch,
         "best_top1": state.best_top1,
         "final": state.history[-1] if state.history else {},
-        "stopped_by": stopped_by,
+        # a stop in the last epoch's validation stopped nothing: the run is complete
+        "stopped_by": stopped_by if state.epoch < run.cfg.optim.epochs else None,
         "step_in_epoch": state.step_in_epoch,
     }
 
@@ -324,8 +320,8 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
         record["cache_hits"], record["cache_misses"] = _counts(run)
     if teacher is not None:  # over every rank's rows; NaN (before 2 groups) is written null
         t_std, entropy = run.tstd.pooled(lambda t: distributed.all_sum(ctx, t))
-        record["t_stddev"] = _finite_or_none(t_std)
-        record["teacher_entropy"] = _finite_or_none(entropy)
+        record["t_stddev"] = t_std if math.isfinite(t_std) else None
+        record["teacher_entropy"] = entropy if math.isfinite(entropy) else None
         record["group_rows"] = run.tstd.group_size
         # teacher-student agreement on val: top-1 (%) and KL(teacher || student) at T = 1
         record["val_agree_top1"], record["val_kl_ts"] = val["agree_top1"], val["kl_ts"]
@@ -335,6 +331,8 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
 def _save(run: Run, names: tuple[str, ...]) -> None:
     """All ranks call this: each contributes its DALI and T. stddev states; rank 0 writes."""
     ctx, state = run.ctx, run.state
+    if ctx.is_main:  # a run thought lost, whose folder another run took over, writes nothing
+        rundir.check_held(run.run_dir)
     # every rank's failures to every rank (the next epoch is planned without them), and into
     # data_report.tsv before the checkpoint that relies on it
     run.failures.share(run.train_data, run.val_data)

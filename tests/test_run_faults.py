@@ -462,3 +462,26 @@ def test_a_stop_during_the_last_validation_ends_a_complete_run(data, tmp_path, c
     code, out, err = run_cli(["train", "--resume", run], capsys)  # stopped again, at epoch 2
     assert code == 0 and "stopped by" not in err, err
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+
+
+def test_a_run_whose_lock_was_taken_over_writes_nothing_more(data, tmp_path, capsys, tiny_env,
+                                                             monkeypatch):  # fmt: skip
+    # a node cut off for 5 heartbeats is taken for lost and its run requeued elsewhere; when it
+    # comes back it must not go on writing checkpoints into the folder the new run now owns
+    from dalikd import recovery
+
+    run, share, calls = tmp_path / "run", recovery.RunFailures.share, []
+
+    def taken_over(self, *args):  # the first checkpoint: meanwhile another host takes the lock
+        calls.append(1)
+        if len(calls) == 1:
+            (run / LOCK).write_text("4242 othernode boot=x start=1 heartbeat=60\n")
+        return share(self, *args)
+
+    monkeypatch.setattr(recovery.RunFailures, "share", taken_over)
+    code, out, err = run_cli([*TRAIN, "--data", data, "--epochs", 1, "--ckpt-every", 1,
+                              "--out", run], capsys)  # fmt: skip
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"{run} was taken over by process 4242 on othernode" in err
+    assert torch.load(run / "last.pt", weights_only=True)["scheduler"]["step"] == 1
+    assert (run / LOCK).read_text().startswith("4242 othernode")  # the new owner's, kept
