@@ -395,7 +395,7 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     cfg = build_config(overrides={"data.mixing": plan.data.mixing,
                                   "data.resize": plan.data.resize}, base=cfg)  # fmt: skip
     sizes = ckpt.get("failed_sizes", {}) if ckpt is not None else {}
-    teacher = _teacher_source(cfg, plan, dataset, ctx, reporter, sizes)
+    teacher = _teacher_source(cfg, plan, dataset, ctx, reporter, failed, sizes)
     # the teacher is frozen, there is nothing to synchronise: only the student is DDP-wrapped
     distiller = Distiller(student, teacher, cfg.kd, device, cfg.precision, cfg.channels_last,
                           ctx, data_norm=dn)  # fmt: skip
@@ -415,11 +415,11 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     return run
 
 
-def _teacher_source(cfg, plan, dataset, ctx, reporter, sizes) -> TeacherSource | None:
+def _teacher_source(cfg, plan, dataset, ctx, reporter, failed, sizes) -> TeacherSource | None:
     """The teacher live (built now: a wrong teacher is one line before the data loads), or with
     --teacher-cache a CachedTeacher over the cache of this run's key (the teacher is built on
-    the first step the cache lacks). ``dataset``, ``sizes``: the key's listing (the run's: a
-    file it reported and the user removed keeps the key)."""
+    the first step the cache lacks). The key lists the run's ``dataset`` with the files it
+    reported (``failed``, of ``sizes``): removing them keeps the key."""
     if not cfg.model.teacher:
         return None
     live = LiveTeacher.from_config(cfg.model, dataset.num_classes, plan.device, plan.norm,
@@ -428,8 +428,9 @@ def _teacher_source(cfg, plan, dataset, ctx, reporter, sizes) -> TeacherSource |
     if not cfg.teacher_cache:
         live.module()
         return live
+    listed = recovery.with_reported(dataset, failed, val=True)
     return teacher_cache.for_run(
-        cfg, plan, dataset, live, world_size=ctx.world_size, rank=ctx.rank,
+        cfg, plan, listed, live, world_size=ctx.world_size, rank=ctx.rank,
         graph_format=CHECKPOINT_FORMAT, message=reporter.message, sizes=sizes,
     )  # fmt: skip
 

@@ -246,21 +246,25 @@ def test_a_key_json_that_is_not_a_key_is_one_line(solid_dataset, tmp_path, teach
 
 def test_remove_the_reported_file_and_resume_keeps_the_cache(tmp_path, capsys, tiny_env):
     # "remove the file and --resume" (issue 24 item 1) with --teacher-cache: the run's listing
-    # keeps the removed file, and so does the cache's key (its size from the checkpoint)
+    # keeps the removed files (train/ and val/), and so does the cache's key (their sizes from
+    # the checkpoint)
     from conftest import make_dataset
     from test_robustness import corrupt_sof
 
     root = make_dataset(tmp_path / "d", classes=("a", "b", "c"), n_train=5, n_val=2)
-    bad = root / "train/b/bad.jpg"
+    bad, val_bad = root / "train/b/bad.jpg", root / "val/a/bad.jpg"
     bad.write_bytes(corrupt_sof())
+    val_bad.write_bytes(corrupt_sof())
     teacher = tmp_path / "teacher.pt"
     torch.save(tiny_cnn(3).state_dict(), teacher)
     run, cache = tmp_path / "run", tmp_path / "cache"
     code, _, err = run_cli(_train_args(root, teacher, run, cache), capsys)
     assert code == 0, err
-    assert f"{bad}\tfailed in training" in (run / "data_report.tsv").read_text()
+    report = (run / "data_report.tsv").read_text()
+    assert f"{bad}\tfailed in training" in report and f"{val_bad}\tfailed in validation" in report
     key = (cache / "key.json").read_text()
     bad.unlink()
+    val_bad.unlink()
     code, out, err = run_cli(["train", "--resume", run, "--epochs", 2], capsys)
     assert code == 0, err  # was: "holds another run's teacher outputs (data_listing ...)"
     assert _records(run)[-1]["cache_misses"] > 0

@@ -49,13 +49,14 @@ class RunFailures:
         self._sizes = dict(sizes or {})
 
     def sizes(self) -> dict[str, int]:
-        """The size in bytes of each file that failed in training, by its path relative to the
-        dataset's root (``sizes`` given, then each such file still there): a checkpoint keeps
-        them, so a teacher cache's key lists a file removed since as the run first listed it
-        (:func:`dalikd.teacher_cache.key.listing_hash`: "remove the file and --resume")."""
+        """The size in bytes of each file that failed in training or validation, by its path
+        relative to the dataset's root (``sizes`` given, then each such file still there): a
+        checkpoint keeps them, so a teacher cache's key lists a file removed since as the run
+        first listed it (:func:`dalikd.teacher_cache.key.listing_hash`: "remove the file and
+        --resume")."""
         for path, reason in self.failed.items():
             rel = os.path.relpath(path, self.dataset.root)
-            if reason.startswith(RUN_TIME) and rel not in self._sizes:
+            if reason.startswith((RUN_TIME, VAL_TIME)) and rel not in self._sizes:
                 # removed before a checkpoint knew it: the key will differ
                 with contextlib.suppress(OSError):
                     self._sizes[rel] = os.stat(path).st_size
