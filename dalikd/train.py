@@ -304,7 +304,9 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
         teacher = run.teacher.val_teacher(len(run.val_data), lambda: run.val_data.history)
     val = evaluate(run.student, run.val_data, run.device, run.cfg.precision, ctx, teacher=teacher,
                    progress=run.reporter.val_step, norm=run.plan.norm)  # fmt: skip
-    totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=run.tdev)
+    counts = _counts(run)  # a cache's hits and misses: summed over the ranks with the rest
+    totals = torch.tensor([float(loss_sum), float(seen), *(counts or ())], dtype=torch.float64,
+                          device=run.tdev)  # fmt: skip
     distributed.all_sum(ctx, totals)
     record = {
         "epoch": run.state.epoch + 1,
@@ -316,8 +318,8 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
         "img_per_s": float(totals[1]) / train_seconds,
         "seconds": time.perf_counter() - t0,
     }
-    if _counts(run) is not None:  # this rank's steps read from the cache / computed, so far
-        record["cache_hits"], record["cache_misses"] = _counts(run)
+    if counts is not None:  # every rank's steps read from the cache / computed, so far
+        record["cache_hits"], record["cache_misses"] = int(totals[2]), int(totals[3])
     if teacher is not None:  # over every rank's rows; NaN (before 2 groups) is written null
         t_std, entropy = run.tstd.pooled(lambda t: distributed.all_sum(ctx, t))
         record["t_stddev"] = t_std if math.isfinite(t_std) else None

@@ -270,3 +270,16 @@ def test_remove_the_reported_file_and_resume_keeps_the_cache(tmp_path, capsys, t
     assert _records(run)[-1]["cache_misses"] > 0
     assert (cache / "key.json").read_text() == key
     assert (cache / "train" / "e0001").is_dir()  # epoch 2 was written to the same cache
+
+
+def test_under_torchrun_the_counts_are_every_ranks(tmp_path, teacher3):
+    # a chunk damaged on rank 1 was a miss there, but the epoch's line and metrics.jsonl said
+    # rank 0's counts only ("5 hit / 0 miss"): the counts are summed over the ranks now
+    from conftest import make_dataset
+    from test_recovery_faults import _torchrun
+
+    root = make_dataset(tmp_path / "d", classes=("a", "b", "c"), n_train=8, n_val=2)  # 3 steps
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    proc = _torchrun(_train_args(root, teacher3, run, cache))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert (_records(run)[-1]["cache_hits"], _records(run)[-1]["cache_misses"]) == (0, 2 * 3)
