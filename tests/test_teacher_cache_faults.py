@@ -283,3 +283,22 @@ def test_under_torchrun_the_counts_are_every_ranks(tmp_path, teacher3):
     proc = _torchrun(_train_args(root, teacher3, run, cache))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert (_records(run)[-1]["cache_hits"], _records(run)[-1]["cache_misses"]) == (0, 2 * 3)
+
+
+def test_temporary_files_of_killed_writers_are_removed_once_stale(tmp_path):
+    # a SIGKILL while a chunk is written leaves .NAME.PID.RANDOM.tmp (as large as the chunk):
+    # nothing removed them, run after run; a fresh one may be another run's write in progress
+    root = tmp_path / "c"
+    _filled(root)
+    folder = (root / CHUNK).parent
+    old = [folder / ".c0000003-0000005.pt.4242.0123abcd.tmp", root / ".key.json.77.deadbeef.tmp"]
+    fresh = folder / ".c0000005-0000007.pt.4243.0123abcd.tmp"
+    for path in [*old, fresh]:
+        path.write_bytes(b"\0" * 100)
+    for path in old:
+        os.utime(path, (1e9, 1e9))
+    messages = []
+    tc.TeacherCache(root, _key(), message=messages.append)
+    assert not any(p.exists() for p in old) and fresh.exists()
+    assert messages == [f"teacher cache {root}: removed 2 temporary file(s) that stopped runs "
+                        "left"]  # fmt: skip
