@@ -162,7 +162,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         steps_per_epoch = len(run.train_data)  # fewer once files that failed in training are out
         reporter.epoch_start(state.epoch, cfg.optim.epochs, steps_per_epoch)
         run.distiller.train()
-        loss_sum = torch.tensor(state.partial["loss_sum"], device=tdev)
+        loss_sum = torch.tensor(state.partial["loss_sum"] * ctx.is_main, device=tdev)  # all ranks'
         seen, t0 = state.partial["seen"], time.perf_counter() - state.partial["seconds"]
         for batch in run.train_data:
             # lr: a pure function of the step
@@ -191,11 +191,11 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
                 if boundary:
                     img_per_s = seen * ctx.world_size / (time.perf_counter() - t0)
                     reporter.step(step, loss, img_per_s, lr, cache=_counts(run))
-            # checkpoint (mid-epoch)
-            if save_now:
+            if save_now:  # checkpoint (mid-epoch)
                 distributed.average_buffers(ctx, run.student)  # the state every rank resumes
                 elapsed = time.perf_counter() - t0
-                state.partial = {"loss_sum": float(loss_sum), "seen": seen, "seconds": elapsed}
+                total = float(distributed.all_sum(ctx, loss_sum.clone()))  # every rank's so far
+                state.partial = {"loss_sum": total, "seen": seen, "seconds": elapsed}
                 _save(run, ("last.pt",))
                 if stopping:
                     stop.received = stop.received or "SIGTERM"  # signalled on another rank
