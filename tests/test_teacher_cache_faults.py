@@ -272,9 +272,10 @@ def test_remove_the_reported_file_and_resume_keeps_the_cache(tmp_path, capsys, t
     assert (cache / "train" / "e0001").is_dir()  # epoch 2 was written to the same cache
 
 
-def test_under_torchrun_the_counts_are_every_ranks(tmp_path, teacher3):
+def test_under_torchrun_counts_are_every_ranks_and_rank_1_names_its_damage(tmp_path, teacher3):
     # a chunk damaged on rank 1 was a miss there, but the epoch's line and metrics.jsonl said
-    # rank 0's counts only ("5 hit / 0 miss"): the counts are summed over the ranks now
+    # rank 0's counts only ("5 hit / 0 miss") and no note: the counts are summed over the ranks,
+    # and rank 1 says the note on its own chunk
     from conftest import make_dataset
     from test_recovery_faults import _torchrun
 
@@ -283,6 +284,16 @@ def test_under_torchrun_the_counts_are_every_ranks(tmp_path, teacher3):
     proc = _torchrun(_train_args(root, teacher3, run, cache))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert (_records(run)[-1]["cache_hits"], _records(run)[-1]["cache_misses"]) == (0, 2 * 3)
+    # rank 1's chunk damaged: a miss there, said by rank 1 itself (rank 0 prints the rest)
+    chunk = next((cache / "train/e0000/r1").iterdir())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    proc = _torchrun(_train_args(root, teacher3, tmp_path / "run2", cache))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"warning: dalikd: rank 1: teacher cache: {chunk} is" in proc.stderr, proc.stderr
+    record = _records(tmp_path / "run2")[-1]
+    assert (record["cache_hits"], record["cache_misses"]) == (3, 3)
 
 
 def test_temporary_files_of_killed_writers_are_removed_once_stale(tmp_path):

@@ -141,8 +141,11 @@ def for_run(
     """``cfg.teacher_cache`` for a run (``cfg`` a TrainConfig, ``plan`` its data plan,
     ``dataset`` the run's listing, ``sizes`` its failed files' sizes: key.listing_hash): the
     cache of the run's key (its key.json checked or written; a key of other settings is one
-    line naming them) around ``live``."""
+    line naming them) around ``live``. ``message``: rank 0's reporter; another rank says the
+    notes on its own files itself (:func:`rank_notes`)."""
     from dalikd.device import amp_dtype
+
+    message = message if rank == 0 else rank_notes(rank)
 
     fmt = Format(cfg.teacher_cache_format, cfg.teacher_cache_topk, cfg.kd.temperature)
     precision = str(amp_dtype(plan.device, cfg.precision) or torch.float32).removeprefix("torch.")
@@ -154,3 +157,20 @@ def for_run(
     cache = TeacherCache(cfg.teacher_cache, key, rank=rank, message=message,
                          temperature=cfg.kd.temperature)  # fmt: skip
     return CachedTeacher(cache, live, cfg.kd, message, cfg.teacher_cache)
+
+
+def rank_notes(rank: int) -> Callable[[str], None]:
+    """The cache's notes of rank ``rank`` (not 0) that name its own files (a damaged chunk of its
+    ``r{rank}/`` folder, its ``val/r{rank}.pt``, a disk that filled as it wrote one), as one
+    warning line each prefixed ``rank R:``; those about the whole cache (read-only, not used)
+    rank 0 says once for every rank."""
+    import os
+    import warnings
+
+    own = (f"{os.sep}r{rank}{os.sep}", f"{os.sep}r{rank}.pt")
+
+    def say(text: str) -> None:
+        if any(part in text for part in own):
+            warnings.warn(f"dalikd: rank {rank}: {text}", RuntimeWarning, stacklevel=2)
+
+    return say
