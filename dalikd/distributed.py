@@ -126,6 +126,7 @@ def explained(ctx: Dist, error: Exception) -> DalikdError | None:
         return DalikdError(f"rank {ctx.rank}: {error}")
     if isinstance(error, RuntimeError) and any(s in str(error) for s in _PEER_LOST):
         return DalikdError(
-            f"rank {ctx.rank} stops: another rank stopped first (its own error line is above)"
+            f"rank {ctx.rank} stops: another rank stopped first (its own error line is above; "
+            "none where it was killed: torchrun's report below names its exit code)"
         )
     return None

@@ -13,8 +13,10 @@ what it wrote and the folders it made (:func:`claimed`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
 import shutil
 import socket
 import threading
@@ -221,6 +223,23 @@ def _refuse_locked(path: Path, run_dir: Path, resume: bool) -> None:
     )
 
 
+def check_held(run_dir: Path) -> None:
+    """Raise DalikdError where another process now holds ``run_dir``'s lock: it took it over
+    from this one, thought lost (a node cut off for STALE_BEATS heartbeats), and this one must
+    write nothing more there. A lock removed by hand is nobody's: this run goes on."""
+    _, lock, _ = _read_lock(run_dir / LOCK)
+    if not lock or lock.get("gone"):
+        return
+    me = _parse_lock(_lock_text(HEARTBEAT_S))
+    fields = ("pid", "host", "boot", "start")
+    if any(lock.get(k) != me.get(k) for k in fields):
+        raise DalikdError(
+            f"{run_dir} was taken over by process {lock['pid']} on {lock['host']} (this run "
+            f"did not renew its lock for {STALE_BEATS} heartbeats and was taken for lost); "
+            "this run stops without writing there"
+        )
+
+
 def _renew(path: Path, me: str, period: float, stop: threading.Event) -> None:
     """The heartbeat: touch our lock every ``period`` seconds until ``stop``."""
     while not stop.wait(period):
@@ -296,6 +315,7 @@ def claimed(
             if fresh and _leftovers({e.name for e in run_dir.iterdir()} - {LOCK}):
                 note(f"{run_dir}: cleared what a run stopped before its first checkpoint left")
                 _remove_contents(run_dir)
+            _remove_temporaries(run_dir, note)
             try:
                 yield run_dir
             except BaseException:
@@ -309,6 +329,25 @@ def claimed(
             except OSError:
                 break
         raise
+
+
+# dalikd.atomic's temporary names (.NAME.PID.RANDOM.tmp) of the files a run writes
+_TEMPORARY = re.compile(
+    r"\.(config\.json|last\.pt|best\.pt|metrics\.jsonl|data_report\.tsv)\.(\d+)\.[0-9a-f]{8}\.tmp"
+)
+
+
+def _remove_temporaries(run_dir: Path, note: Callable[[str], None]) -> None:
+    """The temporary files of a run's atomic writes that a killed run left (a SIGKILL
+    mid-checkpoint leaves a partial checkpoint, as large as one): the lock's holder is the only
+    writer of a run's files, so every one is a leftover. Said in one note."""
+    found = [e for e in os.scandir(run_dir)
+             if (m := _TEMPORARY.fullmatch(e.name)) and int(m[2]) != os.getpid()]  # fmt: skip
+    for entry in found:
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+    if found:
+        note(f"{run_dir}: removed {len(found)} temporary file(s) a stopped run left")
 
 
 def _remove_contents(run_dir: Path) -> None:

@@ -75,10 +75,6 @@ def _kept(run_dir: Path) -> str:
     return "; last.pt keeps the last good checkpoint" if (run_dir / "last.pt").is_file() else ""
 
 
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 def train(
     cfg: TrainConfig,
     reporter: Reporter | None = None,
@@ -166,7 +162,7 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
         steps_per_epoch = len(run.train_data)  # fewer once files that failed in training are out
         reporter.epoch_start(state.epoch, cfg.optim.epochs, steps_per_epoch)
         run.distiller.train()
-        loss_sum = torch.tensor(state.partial["loss_sum"], device=tdev)
+        loss_sum = torch.tensor(state.partial["loss_sum"] * ctx.is_main, device=tdev)  # all ranks'
         seen, t0 = state.partial["seen"], time.perf_counter() - state.partial["seconds"]
         for batch in run.train_data:
             # lr: a pure function of the step
@@ -195,11 +191,11 @@ def _train(cfg, reporter, resume, device, ctx, stop) -> dict:
                 if boundary:
                     img_per_s = seen * ctx.world_size / (time.perf_counter() - t0)
                     reporter.step(step, loss, img_per_s, lr, cache=_counts(run))
-            # checkpoint (mid-epoch)
-            if save_now:
+            if save_now:  # checkpoint (mid-epoch)
                 distributed.average_buffers(ctx, run.student)  # the state every rank resumes
                 elapsed = time.perf_counter() - t0
-                state.partial = {"loss_sum": float(loss_sum), "seen": seen, "seconds": elapsed}
+                total = float(distributed.all_sum(ctx, loss_sum.clone()))  # every rank's so far
+                state.partial = {"loss_sum": total, "seen": seen, "seconds": elapsed}
                 _save(run, ("last.pt",))
                 if stopping:
                     stop.received = stop.received or "SIGTERM"  # signalled on another rank
@@ -243,7 +239,8 @@ def _summary(run: Run, stopped_by: str | None) -> dict[str, Any]:
         "epochs_done": state.epoch,
         "best_top1": state.best_top1,
         "final": state.history[-1] if state.history else {},
-        "stopped_by": stopped_by,
+        # a stop in the last epoch's validation stopped nothing: the run is complete
+        "stopped_by": stopped_by if state.epoch < run.cfg.optim.epochs else None,
         "step_in_epoch": state.step_in_epoch,
     }
 
@@ -307,7 +304,9 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
         teacher = run.teacher.val_teacher(len(run.val_data), lambda: run.val_data.history)
     val = evaluate(run.student, run.val_data, run.device, run.cfg.precision, ctx, teacher=teacher,
                    progress=run.reporter.val_step, norm=run.plan.norm)  # fmt: skip
-    totals = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=run.tdev)
+    counts = _counts(run)  # a cache's hits and misses: summed over the ranks with the rest
+    totals = torch.tensor([float(loss_sum), float(seen), *(counts or ())], dtype=torch.float64,
+                          device=run.tdev)  # fmt: skip
     distributed.all_sum(ctx, totals)
     record = {
         "epoch": run.state.epoch + 1,
@@ -319,12 +318,12 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
         "img_per_s": float(totals[1]) / train_seconds,
         "seconds": time.perf_counter() - t0,
     }
-    if _counts(run) is not None:  # this rank's steps read from the cache / computed, so far
-        record["cache_hits"], record["cache_misses"] = _counts(run)
+    if counts is not None:  # every rank's steps read from the cache / computed, so far
+        record["cache_hits"], record["cache_misses"] = int(totals[2]), int(totals[3])
     if teacher is not None:  # over every rank's rows; NaN (before 2 groups) is written null
         t_std, entropy = run.tstd.pooled(lambda t: distributed.all_sum(ctx, t))
-        record["t_stddev"] = _finite_or_none(t_std)
-        record["teacher_entropy"] = _finite_or_none(entropy)
+        record["t_stddev"] = t_std if math.isfinite(t_std) else None
+        record["teacher_entropy"] = entropy if math.isfinite(entropy) else None
         record["group_rows"] = run.tstd.group_size
         # teacher-student agreement on val: top-1 (%) and KL(teacher || student) at T = 1
         record["val_agree_top1"], record["val_kl_ts"] = val["agree_top1"], val["kl_ts"]
@@ -334,6 +333,8 @@ def _validate(run: Run, loss_sum, seen, steps_per_epoch, lr, train_seconds, t0) 
 def _save(run: Run, names: tuple[str, ...]) -> None:
     """All ranks call this: each contributes its DALI and T. stddev states; rank 0 writes."""
     ctx, state = run.ctx, run.state
+    if ctx.is_main:  # a run thought lost, whose folder another run took over, writes nothing
+        rundir.check_held(run.run_dir)
     # every rank's failures to every rank (the next epoch is planned without them), and into
     # data_report.tsv before the checkpoint that relies on it
     run.failures.share(run.train_data, run.val_data)
@@ -361,6 +362,7 @@ def _save(run: Run, names: tuple[str, ...]) -> None:
         "plan": run.plan.to_dict(),
         "classes": list(run.dataset.classes),
         "train_listing": run.listing,
+        "failed_sizes": run.failures.sizes(),  # a removed file keeps a teacher cache's key
     }
     for name in names:
         save_atomic(ckpt, run.run_dir / name)
@@ -394,7 +396,8 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     plan = plan_of(cfg, device, norm=student_norm(student, dn), raw_shape=dataset.raw_shape)
     cfg = build_config(overrides={"data.mixing": plan.data.mixing,
                                   "data.resize": plan.data.resize}, base=cfg)  # fmt: skip
-    teacher = _teacher_source(cfg, plan, scanned, ctx, reporter)
+    sizes = ckpt.get("failed_sizes", {}) if ckpt is not None else {}
+    teacher = _teacher_source(cfg, plan, dataset, ctx, reporter, failed, sizes)
     # the teacher is frozen, there is nothing to synchronise: only the student is DDP-wrapped
     distiller = Distiller(student, teacher, cfg.kd, device, cfg.precision, cfg.channels_last,
                           ctx, data_norm=dn)  # fmt: skip
@@ -406,17 +409,19 @@ def _setup(cfg: TrainConfig, reporter: Reporter, resume: bool, device: str, ctx)
     run = Run(cfg, device, ctx, run_dir, reporter, dataset, distiller, teacher, student,
               optimizer, scaler, RunState(), TStddev(group_size=0))  # fmt: skip
     run.listing, run.plan = listing, plan
-    run.failures = recovery.RunFailures(run_dir, dataset, failed, ctx, reporter.message)
+    run.failures = recovery.RunFailures(run_dir, dataset, failed, ctx, reporter.message,
+                                        sizes=sizes)  # fmt: skip
     dali_state = _resume(run, ckpt) if ckpt is not None else None
     _open_run_dir(run)
     _open_loaders(run, dali_state)
     return run
 
 
-def _teacher_source(cfg, plan, dataset, ctx, reporter) -> TeacherSource | None:
+def _teacher_source(cfg, plan, dataset, ctx, reporter, failed, sizes) -> TeacherSource | None:
     """The teacher live (built now: a wrong teacher is one line before the data loads), or with
     --teacher-cache a CachedTeacher over the cache of this run's key (the teacher is built on
-    the first step the cache lacks). ``dataset``: as scanned (the key's listing)."""
+    the first step the cache lacks). The key lists the run's ``dataset`` with the files it
+    reported (``failed``, of ``sizes``): removing them keeps the key."""
     if not cfg.model.teacher:
         return None
     live = LiveTeacher.from_config(cfg.model, dataset.num_classes, plan.device, plan.norm,
@@ -425,9 +430,10 @@ def _teacher_source(cfg, plan, dataset, ctx, reporter) -> TeacherSource | None:
     if not cfg.teacher_cache:
         live.module()
         return live
+    listed = recovery.with_reported(dataset, failed, val=True)
     return teacher_cache.for_run(
-        cfg, plan, dataset, live, world_size=ctx.world_size, rank=ctx.rank,
-        graph_format=CHECKPOINT_FORMAT, message=reporter.message,
+        cfg, plan, listed, live, world_size=ctx.world_size, rank=ctx.rank,
+        graph_format=CHECKPOINT_FORMAT, message=reporter.message, sizes=sizes,
     )  # fmt: skip
 
 

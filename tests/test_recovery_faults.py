@@ -377,3 +377,25 @@ def test_tstddev_preview_and_profile_leave_a_failing_file_out_in_one_warning(tmp
         assert said[0].startswith("dalikd: left out 1 file(s) that failed to decode") and (
             str(bad) in said[0]
         ), (name, said)
+
+
+def test_a_mid_epoch_resume_under_torchrun_keeps_every_ranks_train_loss(tmp_path, monkeypatch):
+    # a checkpoint saved only rank 0's partial loss sum, and every rank restored it: the resumed
+    # epoch's train loss counted rank 0's steps twice and rank 1's never (issue 24 re-test)
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), n_train=8, n_val=2)  # 4 steps a rank
+    (tmp_path / "log.toml").write_text("log_every = 1\n")  # stops are agreed at log boundaries
+    args = ["train", "--config", tmp_path / "log.toml", "--data", root, "--student",
+            "tiny_models:stopping_cnn", "--epochs", 1, "--image-size", 16, "--batch-size", 2,
+            "--threads", 1, "--device", "cpu", "--out"]  # fmt: skip
+    runs = {}
+    for name, stop_at in (("ref", 0), ("run", 2)):
+        monkeypatch.setenv("TINY_STOP_AT", str(stop_at))
+        runs[name] = _torchrun([*args, tmp_path / name])
+    assert runs["ref"].returncode == 0, runs["ref"].stderr[-3000:]
+    assert "stopped by SIGUSR1 at epoch 1, step 2" in runs["run"].stderr, runs["run"].stderr
+    monkeypatch.setenv("TINY_STOP_AT", "0")
+    resumed = _torchrun(["train", "--resume", tmp_path / "run"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    loss = [json.loads((tmp_path / n / "metrics.jsonl").read_text())["train_loss"]
+            for n in ("ref", "run")]  # fmt: skip
+    assert loss[1] == pytest.approx(loss[0], rel=1e-6)

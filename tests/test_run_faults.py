@@ -432,3 +432,56 @@ def test_a_recipe_that_raises_or_varies_in_size_is_its_own_line(name, needle, da
     args = [*TRAIN, "--data", data, "--epochs", "1", "--out", tmp_path / "r",
             "--aug", f"{recipes}:{name}", "--mixed-label-ce", "1"]  # fmt: skip
     _one_line(*run_cli(args, capsys), needle.format(file=recipes))
+
+
+def test_a_resume_removes_the_temporary_files_a_killed_checkpoint_left(run, capsys, tiny_env):
+    # a SIGKILL while last.pt is written leaves .last.pt.PID.RANDOM.tmp (a partial checkpoint,
+    # as large as one); every later resume kept it (issue 24 re-test)
+    left = [run / ".last.pt.4242.0123abcd.tmp", run / ".metrics.jsonl.77.deadbeef.tmp"]
+    for path in left:
+        path.write_bytes(b"\0" * 1000)
+    other = run / ".notes.txt.4242.0123abcd.tmp"  # not a run's file: not ours to remove
+    other.write_bytes(b"")
+    code, out, err = run_cli(["train", "--resume", run, "--epochs", 3], capsys)
+    assert code == 0, err
+    assert not any(p.exists() for p in left) and other.exists()
+    assert f"{run}: removed 2 temporary file(s) a stopped run left" in out + err
+
+
+def test_a_stop_during_the_last_validation_ends_a_complete_run(data, tmp_path, capsys,
+                                                               tiny_env):  # fmt: skip
+    # SIGTERM while the last epoch validates: the run finishes its epoch and is complete; it
+    # said "stopped ... continue with --resume" and exited 143, and that resume was refused
+    # ("is complete"): a requeueing scheduler got a failed job (issue 24 re-test)
+    run = tmp_path / "run"
+    args = [*TRAIN, "--data", data, "--epochs", 2, "--out", run]
+    args[args.index("tiny_models:tiny_cnn")] = "tiny_models:stopping_in_val_cnn"
+    code, out, err = run_cli(args, capsys)
+    assert code == 128 + 10, err  # SIGUSR1 in epoch 1's validation: a stop
+    assert "stopped by SIGUSR1 at epoch 2, step 0" in err
+    code, out, err = run_cli(["train", "--resume", run], capsys)  # stopped again, at epoch 2
+    assert code == 0 and "stopped by" not in err, err
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+
+
+def test_a_run_whose_lock_was_taken_over_writes_nothing_more(data, tmp_path, capsys, tiny_env,
+                                                             monkeypatch):  # fmt: skip
+    # a node cut off for 5 heartbeats is taken for lost and its run requeued elsewhere; when it
+    # comes back it must not go on writing checkpoints into the folder the new run now owns
+    from dalikd import recovery
+
+    run, share, calls = tmp_path / "run", recovery.RunFailures.share, []
+
+    def taken_over(self, *args):  # the first checkpoint: meanwhile another host takes the lock
+        calls.append(1)
+        if len(calls) == 1:
+            (run / LOCK).write_text("4242 othernode boot=x start=1 heartbeat=60\n")
+        return share(self, *args)
+
+    monkeypatch.setattr(recovery.RunFailures, "share", taken_over)
+    code, out, err = run_cli([*TRAIN, "--data", data, "--epochs", 1, "--ckpt-every", 1,
+                              "--out", run], capsys)  # fmt: skip
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"{run} was taken over by process 4242 on othernode" in err
+    assert torch.load(run / "last.pt", weights_only=True)["scheduler"]["step"] == 1
+    assert (run / LOCK).read_text().startswith("4242 othernode")  # the new owner's, kept

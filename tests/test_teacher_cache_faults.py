@@ -242,3 +242,74 @@ def test_a_key_json_that_is_not_a_key_is_one_line(solid_dataset, tmp_path, teach
         code, out, err = run_cli(args, capsys)
         assert code == 1 and "Traceback" not in out + err, err
         assert len(err.strip().splitlines()) == 1 and "key.json" in err, err
+
+
+def test_remove_the_reported_file_and_resume_keeps_the_cache(tmp_path, capsys, tiny_env):
+    # "remove the file and --resume" (issue 24 item 1) with --teacher-cache: the run's listing
+    # keeps the removed files (train/ and val/), and so does the cache's key (their sizes from
+    # the checkpoint)
+    from conftest import make_dataset
+    from test_robustness import corrupt_sof
+
+    root = make_dataset(tmp_path / "d", classes=("a", "b", "c"), n_train=5, n_val=2)
+    bad, val_bad = root / "train/b/bad.jpg", root / "val/a/bad.jpg"
+    bad.write_bytes(corrupt_sof())
+    val_bad.write_bytes(corrupt_sof())
+    teacher = tmp_path / "teacher.pt"
+    torch.save(tiny_cnn(3).state_dict(), teacher)
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    code, _, err = run_cli(_train_args(root, teacher, run, cache), capsys)
+    assert code == 0, err
+    report = (run / "data_report.tsv").read_text()
+    assert f"{bad}\tfailed in training" in report and f"{val_bad}\tfailed in validation" in report
+    key = (cache / "key.json").read_text()
+    bad.unlink()
+    val_bad.unlink()
+    code, out, err = run_cli(["train", "--resume", run, "--epochs", 2], capsys)
+    assert code == 0, err  # was: "holds another run's teacher outputs (data_listing ...)"
+    assert _records(run)[-1]["cache_misses"] > 0
+    assert (cache / "key.json").read_text() == key
+    assert (cache / "train" / "e0001").is_dir()  # epoch 2 was written to the same cache
+
+
+def test_under_torchrun_counts_are_every_ranks_and_rank_1_names_its_damage(tmp_path, teacher3):
+    # a chunk damaged on rank 1 was a miss there, but the epoch's line and metrics.jsonl said
+    # rank 0's counts only ("5 hit / 0 miss") and no note: the counts are summed over the ranks,
+    # and rank 1 says the note on its own chunk
+    from conftest import make_dataset
+    from test_recovery_faults import _torchrun
+
+    root = make_dataset(tmp_path / "d", classes=("a", "b", "c"), n_train=8, n_val=2)  # 3 steps
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    proc = _torchrun(_train_args(root, teacher3, run, cache))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert (_records(run)[-1]["cache_hits"], _records(run)[-1]["cache_misses"]) == (0, 2 * 3)
+    # rank 1's chunk damaged: a miss there, said by rank 1 itself (rank 0 prints the rest)
+    chunk = next((cache / "train/e0000/r1").iterdir())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    proc = _torchrun(_train_args(root, teacher3, tmp_path / "run2", cache))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"warning: dalikd: rank 1: teacher cache: {chunk} is" in proc.stderr, proc.stderr
+    record = _records(tmp_path / "run2")[-1]
+    assert (record["cache_hits"], record["cache_misses"]) == (3, 3)
+
+
+def test_temporary_files_of_killed_writers_are_removed_once_stale(tmp_path):
+    # a SIGKILL while a chunk is written leaves .NAME.PID.RANDOM.tmp (as large as the chunk):
+    # nothing removed them, run after run; a fresh one may be another run's write in progress
+    root = tmp_path / "c"
+    _filled(root)
+    folder = (root / CHUNK).parent
+    old = [folder / ".c0000003-0000005.pt.4242.0123abcd.tmp", root / ".key.json.77.deadbeef.tmp"]
+    fresh = folder / ".c0000005-0000007.pt.4243.0123abcd.tmp"
+    for path in [*old, fresh]:
+        path.write_bytes(b"\0" * 100)
+    for path in old:
+        os.utime(path, (1e9, 1e9))
+    messages = []
+    tc.TeacherCache(root, _key(), message=messages.append)
+    assert not any(p.exists() for p in old) and fresh.exists()
+    assert messages == [f"teacher cache {root}: removed 2 temporary file(s) that stopped runs "
+                        "left"]  # fmt: skip

@@ -72,26 +72,36 @@ def apply_skips(dataset: Dataset, skips: dict[str, str]) -> Dataset:
     )
 
 
-def with_reported(dataset: Dataset, reported: dict[str, str]) -> Dataset:
+def with_reported(dataset: Dataset, reported: dict[str, str], val: bool = False) -> Dataset:
     """``dataset`` whose train split lists again the files ``reported`` as failed in training
     that the scan no longer lists (removed since, or now left out), each in its class folder's
-    place (the scan's order: class, then path). A reported path outside ``train/<class>/`` is
-    ignored; nothing else changes."""
+    place (the scan's order: class, then path); ``val``: its val split too, the files reported
+    as failed in validation (a teacher cache's key lists them). A reported path outside
+    ``<split>/<class>/`` is ignored; nothing else changes."""
+    splits = {"train": RUN_TIME, **({"val": VAL_TIME} if val else {})}
+    for name, when in splits.items():
+        split = _relisted(dataset, name, {p: r for p, r in reported.items() if r.startswith(when)})
+        dataset = replace(dataset, **{name: split}) if split is not None else dataset
+    return dataset
+
+
+def _relisted(dataset: Dataset, name: str, reported: dict[str, str]) -> Split | None:
+    """Split ``name`` of ``dataset`` with the ``reported`` files it lacks, in place; None where
+    it lacks none."""
     index = {name: i for i, name in enumerate(dataset.classes)}
-    train_dir = Path(dataset.root) / "train"
-    listed = set(dataset.train.files)
+    folder, split = Path(dataset.root) / name, getattr(dataset, name)
+    if not isinstance(split, Split):  # a shard set's: its manifest's samples, never relisted
+        return None
+    listed = set(split.files)
     missing: list[tuple[int, str]] = []
-    for path, reason in reported.items():
+    for path in reported:
         parent = Path(path).parent
-        in_train = parent.parent == train_dir and parent.name in index
-        if reason.startswith(RUN_TIME) and path not in listed and in_train:
+        if path not in listed and parent.parent == folder and parent.name in index:
             missing.append((index[parent.name], path))
     if not missing:
-        return dataset
-    rows = sorted([*zip(dataset.train.labels, dataset.train.files, strict=True),
-                   *missing])  # fmt: skip
-    train = Split(tuple(f for _, f in rows), tuple(label for label, _ in rows))
-    return replace(dataset, train=train)
+        return None
+    rows = sorted([*zip(split.labels, split.files, strict=True), *missing])
+    return Split(tuple(f for _, f in rows), tuple(label for label, _ in rows))
 
 
 def report_rows(

@@ -10,6 +10,8 @@ own: at once; another rank's: at the next checkpoint, before the checkpoint itse
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,10 +41,26 @@ class RunFailures:
     def __init__(
         self, run_dir: Path, dataset: Dataset, failed: dict[str, str], ctx: distributed.Dist,
         say: Callable[[str], None], sources: tuple[SampleSource, SampleSource] | None = None,
+        sizes: dict[str, int] | None = None,
     ) -> None:  # fmt: skip
         self.run_dir, self.dataset, self.failed = run_dir, dataset, dict(failed)
         self.ctx, self.say = ctx, say
         self.sources = sources or (source_of(dataset.train), source_of(dataset.val))
+        self._sizes = dict(sizes or {})
+
+    def sizes(self) -> dict[str, int]:
+        """The size in bytes of each file that failed in training or validation, by its path
+        relative to the dataset's root (``sizes`` given, then each such file still there): a
+        checkpoint keeps them, so a teacher cache's key lists a file removed since as the run
+        first listed it (:func:`dalikd.teacher_cache.key.listing_hash`: "remove the file and
+        --resume")."""
+        for path, reason in self.failed.items():
+            rel = os.path.relpath(path, self.dataset.root)
+            if reason.startswith((RUN_TIME, VAL_TIME)) and rel not in self._sizes:
+                # removed before a checkpoint knew it: the key will differ
+                with contextlib.suppress(OSError):
+                    self._sizes[rel] = os.stat(path).st_size
+        return dict(self._sizes)
 
     def train_data(self, plan: Any, *, epoch: int, step: int, checkpoint: Any) -> TrainData:
         """This rank's training data, the files that failed before left out (from the epoch

@@ -89,13 +89,17 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def listing_hash(dataset: Any) -> str:
+def listing_hash(dataset: Any, sizes: dict[str, int] | None = None) -> str:
     """sha256 of the data listing: classes, then per split each file (relative path, size in
     bytes, label), then the files left out and why. Sizes catch a replaced file cheaply; a
-    moved dataset folder keeps its hash. A shard set's split is its manifest's shards (names,
-    sample numbers, sha256: :meth:`dalikd.shards.ShardSplit.digest`), nothing listed."""
+    moved dataset folder keeps its hash. ``sizes`` (relative path -> bytes): the sizes of the
+    files a resumed run found failing (its checkpoint's), hashed for such a file the user removed
+    since, so the run's listing (:func:`dalikd.recovery.with_reported`) keeps its hash. A shard
+    set's split is its manifest's shards (names, sample numbers, sha256:
+    :meth:`dalikd.shards.ShardSplit.digest`), nothing listed."""
     h = hashlib.sha256()
     root = Path(dataset.root)
+    sizes = sizes or {}
     h.update(("\n".join(dataset.classes) + "\n").encode())
     for name in ("train", "val"):
         split = getattr(dataset, name)
@@ -105,11 +109,19 @@ def listing_hash(dataset: Any) -> str:
             continue
         for path, label in zip(split.files, split.labels, strict=True):
             rel = os.path.relpath(path, root)
-            h.update(f"{rel}\t{os.stat(path).st_size}\t{label}\n".encode())
+            h.update(f"{rel}\t{_size(path, sizes.get(rel))}\t{label}\n".encode())
     h.update(b"[skipped]\n")
     for path, reason in dataset.skipped:
         h.update(f"{os.path.relpath(path, root)}\t{reason}\n".encode())
     return h.hexdigest()
+
+
+def _size(path: str, saved: int | None) -> int | str:
+    """A listed file's size; ``saved`` where it is gone ("?" where that is unknown too)."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return "?" if saved is None else saved
 
 
 def weights_id(weights: str) -> str:
@@ -168,11 +180,13 @@ def cache_key(
     channels_last: bool,
     graph_format: int,
     fmt: Any,
+    sizes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Every setting that decides the teacher's inputs and outputs: the plan (:func:`plan_key`),
     the data listing, the teacher and its weights, the pick (a pool's), the precision
     (resolved) and layout, the shard layout, the code, and the storage format ``fmt``
-    (:class:`~dalikd.teacher_cache.formats.Format`). Flat, JSON-ready, compared key by key."""
+    (:class:`~dalikd.teacher_cache.formats.Format`). Flat, JSON-ready, compared key by key.
+    ``sizes``: see :func:`listing_hash`."""
     import nvidia.dali as dali
 
     pool = plan.pool_size > 1
@@ -180,7 +194,7 @@ def cache_key(
         "cache_format": CACHE_FORMAT,
         "graph_format": graph_format,
         "dali_version": dali.__version__,
-        "data_listing": listing_hash(dataset),
+        "data_listing": listing_hash(dataset, sizes),
         "num_classes": dataset.num_classes,
         **plan_key(plan),
         "data_source": data_source_hash(),

@@ -136,20 +136,41 @@ class ValTeacher(torch.nn.Module):
 
 def for_run(
     cfg: Any, plan: Any, dataset: Any, live: LiveTeacher, *, world_size: int, rank: int,
-    graph_format: int, message: Callable[[str], None],
+    graph_format: int, message: Callable[[str], None], sizes: dict[str, int] | None = None,
 ) -> CachedTeacher:  # fmt: skip
     """``cfg.teacher_cache`` for a run (``cfg`` a TrainConfig, ``plan`` its data plan,
-    ``dataset`` as scanned): the cache of the run's key (its key.json checked or written; a key
-    of other settings is one line naming them) around ``live``."""
+    ``dataset`` the run's listing, ``sizes`` its failed files' sizes: key.listing_hash): the
+    cache of the run's key (its key.json checked or written; a key of other settings is one
+    line naming them) around ``live``. ``message``: rank 0's reporter; another rank says the
+    notes on its own files itself (:func:`rank_notes`)."""
     from dalikd.device import amp_dtype
+
+    message = message if rank == 0 else rank_notes(rank)
 
     fmt = Format(cfg.teacher_cache_format, cfg.teacher_cache_topk, cfg.kd.temperature)
     precision = str(amp_dtype(plan.device, cfg.precision) or torch.float32).removeprefix("torch.")
     key = cache_key(
         plan, dataset, teacher=cfg.model.teacher, teacher_weights=cfg.model.teacher_weights,
         kd=cfg.kd, precision=precision, world_size=world_size, channels_last=cfg.channels_last,
-        graph_format=graph_format, fmt=fmt,
+        graph_format=graph_format, fmt=fmt, sizes=sizes,
     )  # fmt: skip
     cache = TeacherCache(cfg.teacher_cache, key, rank=rank, message=message,
                          temperature=cfg.kd.temperature)  # fmt: skip
     return CachedTeacher(cache, live, cfg.kd, message, cfg.teacher_cache)
+
+
+def rank_notes(rank: int) -> Callable[[str], None]:
+    """The cache's notes of rank ``rank`` (not 0) that name its own files (a damaged chunk of its
+    ``r{rank}/`` folder, its ``val/r{rank}.pt``, a disk that filled as it wrote one), as one
+    warning line each prefixed ``rank R:``; those about the whole cache (read-only, not used)
+    rank 0 says once for every rank."""
+    import os
+    import warnings
+
+    own = (f"{os.sep}r{rank}{os.sep}", f"{os.sep}r{rank}.pt")
+
+    def say(text: str) -> None:
+        if any(part in text for part in own):
+            warnings.warn(f"dalikd: rank {rank}: {text}", RuntimeWarning, stacklevel=2)
+
+    return say
