@@ -481,9 +481,7 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print(f"[bold red]error:[/] {escape(escape_text(str(e)))}", soft_wrap=True)
         sys.exit(1)
     except click.UsageError as e:
-        hint = f" (see: dalikd {e.ctx.info_name if e.ctx and e.ctx.parent else ''} --help)".replace(
-            "  ", " "
-        )
+        hint = f" (see: {e.ctx.command_path if e.ctx else 'dalikd'} --help)"  # dalikd data shard
         err_console.print(
             f"[bold red]error:[/] {escape(e.format_message() + hint)}", soft_wrap=True
         )

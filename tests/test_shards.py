@@ -432,6 +432,7 @@ def test_data_shard_command(source, tmp_path, capsys):
     args = ["data", "shard", source, tmp_path / "x", "--shard-size", "lots"]
     code, _, err = run_cli(args, capsys)
     assert code == 2 and "cannot read the size 'lots'" in err
+    assert "(see: dalikd data shard --help)" in err  # the subcommand's help, not "dalikd shard"
 
 
 def test_progress_reports_each_phase_up_to_its_total(source, tmp_path):
