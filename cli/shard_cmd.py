@@ -90,7 +90,13 @@ def check_shards(folder: str, decode: bool) -> None:
     """check-data for a shard set: one line per damaged shard, then a summary; a damaged set
     ends with one error line naming its first problem."""
     from dalikd.shardcheck import check_shard_set
+    from dalikd.shards import shard_set_of
 
+    found = shard_set_of(folder)
+    if found is not None and found[1]:  # a glob: its shards' set, whole (counts are per split)
+        folder = str(found[0])
+        console.print(f"checking the whole shard set {folder} (a glob picks shards of it)",
+                      soft_wrap=True, markup=False)  # fmt: skip
     with PhaseProgress() as progress:
         result = check_shard_set(folder, decode=decode, progress=progress.update)
     if len(result.problems) > 1:

@@ -343,6 +343,18 @@ def test_check_data_passes_a_good_set(shard_set, capsys):
     assert "shard set ok" in out and "15 train, 5 val samples" in out and "decoded" in out
 
 
+def test_check_data_takes_a_glob_of_the_shards_as_their_whole_set(shard_set, capsys):
+    code, out, err = run_cli(["check-data", shard_set / "train-0000[01].tar"], capsys)
+    assert code is None or code == 0, err
+    assert f"checking the whole shard set {shard_set}" in out
+    assert "shard set ok" in out and "15 train, 5 val samples" in out
+    data = bytearray((shard_set / "val-00000.tar").read_bytes())
+    data[600] ^= 1
+    (shard_set / "val-00000.tar").write_bytes(bytes(data))
+    code, out, err = run_cli(["check-data", shard_set / "train-*.tar"], capsys)
+    _one_line_error(code, out, err, "val-00000.tar: sha256 differs")
+
+
 def _one_line_error(code, out, err, *pieces):
     assert code == 1 and err.count("\n") == 1 and err.startswith("error: "), (out, err)
     for piece in pieces:
