@@ -312,6 +312,24 @@ def test_shard_split_finds_samples_and_stops_at_a_truncated_shard(source, tmp_pa
         shard_split(source, "train")
 
 
+def test_a_stale_index_file_is_one_line_before_dali_reads_through_it(shard_set, tmp_path):
+    split = shard_split(shard_set, "train")
+    assert [s.samples for s in split.shards[:2]] == [2, 2]
+    fine = split.subset([3, 0], tmp_path / "ok")  # the index files are checked as they are read
+    assert fine.index_paths()[0].endswith("train-00001.idx")
+    idx = shard_set / "train-00001.idx"
+    idx.write_bytes((shard_set / "train-00000.idx").read_bytes())  # same count, other samples
+    stale = rf"train-00001.idx is stale or damaged \(it does not list sample 00000000[23]\)"
+    with pytest.raises(DalikdError, match=stale + ".*dalikd check-data"):
+        split.subset([0, 3], tmp_path / "sub")
+    with pytest.raises(DalikdError, match=stale):
+        split.image(2)
+    idx.write_text("v1.2 5\n")  # another count
+    with pytest.raises(DalikdError, match="train-00001.idx is stale .*header"):
+        split.subset([2], tmp_path / "sub2")
+    split.subset([0, 1], tmp_path / "sub3")  # the other shards' are still read
+
+
 @pytest.mark.parametrize(
     ("text", "size"),
     [("1GiB", 1 << 30), ("512MiB", 512 << 20), ("500MB", 500_000_000), ("2G", 2 << 30),
