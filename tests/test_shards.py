@@ -319,7 +319,7 @@ def test_a_stale_index_file_is_one_line_before_dali_reads_through_it(shard_set, 
     assert fine.index_paths()[0].endswith("train-00001.idx")
     idx = shard_set / "train-00001.idx"
     idx.write_bytes((shard_set / "train-00000.idx").read_bytes())  # same count, other samples
-    stale = rf"train-00001.idx is stale or damaged \(it does not list sample 00000000[23]\)"
+    stale = r"train-00001.idx is stale or damaged \(it does not list sample 00000000[23]\)"
     with pytest.raises(DalikdError, match=stale + ".*dalikd check-data"):
         split.subset([0, 3], tmp_path / "sub")
     with pytest.raises(DalikdError, match=stale):
@@ -477,3 +477,22 @@ def test_progress_reports_each_phase_up_to_its_total(source, tmp_path):
         assert done == sorted(done) and len(total) == 1 and done[-1] == total.pop()
     assert calls[-1] == ("writing shards", 20, 20)
     assert len([c for c in calls if c[0] == "writing shards"]) > 20  # per sample, not per shard
+
+
+def test_a_resume_on_shards_says_how_many_samples_differ_and_which_glob_the_run_read(tmp_path):
+    from dalikd.resume import check_listing
+
+    run = tmp_path / "run"
+    run.mkdir()
+    glob = str(tmp_path / "set" / "train-0000[0-3].tar")
+    (run / "config.json").write_text(json.dumps({"data": {"path": glob}}))
+    saved = {"classes": 3, "train_files": 8, "sha256": "a", "source": "shards"}
+    whole = {"classes": 3, "train_files": 36, "sha256": "b", "source": "shards"}
+    check_listing(saved, dict(saved), run, tmp_path / "set")  # the same listing: goes on
+    with pytest.raises(DalikdError) as e:
+        check_listing(saved, whole, run, tmp_path / "set")
+    assert "(8 train samples in the run, 36 there; the run read the shards of " in str(e.value)
+    assert f"{glob}: give --data that glob, quoted)" in str(e.value)
+    (run / "config.json").write_text(json.dumps({"data": {"path": str(tmp_path / "set")}}))
+    with pytest.raises(DalikdError, match=r"was trained on \(other shards or checksums: another"):
+        check_listing(saved, {**saved, "sha256": "c"}, run, tmp_path / "set")
