@@ -62,11 +62,10 @@ def shard(source: str, out: str, shard_size: int, split: str | None, seed: int, 
         result = shard_dataset(
             source, out, shard_size=shard_size, splits=(split,) if split else None, seed=seed,
             cache=not no_cache, progress=progress.update,
+            note=lambda line: console.print(line, soft_wrap=True, markup=False),
         )  # fmt: skip
     for path, reason in result.skipped:
         console.print(f"left out: {path}  ({reason})", soft_wrap=True, markup=False)
-    if result.restarted:
-        console.print("a killed run of other files or settings was discarded", markup=False)
     if result.reused:
         console.print(
             f"kept {len(result.reused)} shard(s) a killed run had finished (checksums match): "

@@ -168,8 +168,12 @@ def test_a_killed_run_leaves_no_manifest_and_a_rerun_keeps_finished_shards(
     assert left == [".dalikd-shard.json", "train-00000.idx", "train-00000.tar",
                     "train-00001.idx", "train-00001.tar"]  # fmt: skip
     (out / ".train-00002.tar.tmp").write_bytes(b"a kill -9 leaves this")
-    result = shard_dataset(source, out, shard_size=8 << 10)
+    events: list = []
+    result = shard_dataset(source, out, shard_size=8 << 10, note=events.append,
+                           progress=lambda *call: events.append(call))  # fmt: skip
     assert result.reused == ("train-00000.tar", "train-00001.tar") and not result.restarted
+    said = "continuing a killed run: checking the 2 shard(s) it finished, writing the rest"
+    assert events.index(said) < events.index(("writing shards", 0, 20))  # said before, not after
     assert "train-00000.tar" not in result.written and "train-00002.tar" in result.written
     assert read_manifest(out) == read_manifest(clean)  # same shards, same checksums
     assert sorted(os.listdir(out)) == sorted(os.listdir(clean))
@@ -231,8 +235,12 @@ def test_other_settings_restart_a_killed_run(source, tmp_path, monkeypatch):
         kill_after(m, 1)
         with pytest.raises(Killed):
             shard_dataset(source, out, shard_size=8 << 10, seed=1)
-    result = shard_dataset(source, out, shard_size=8 << 10, seed=2)
+    events: list = []
+    result = shard_dataset(source, out, shard_size=8 << 10, seed=2, note=events.append,
+                           progress=lambda *call: events.append(call))  # fmt: skip
     assert result.restarted and not result.reused
+    said = "a killed run of other files or settings was found and discarded: writing every shard"
+    assert events.index(said + " again") < events.index(("writing shards", 0, 20))
     assert not check_shard_set(out).problems
 
 
