@@ -508,6 +508,17 @@ def test_a_profile_of_shards_leaves_out_samples_that_fail_to_decode(tmp_path, ca
     assert report["dataset"]["train_images"] == 20  # 22 - the 2 that fail
 
 
+def test_eval_on_shards_calls_a_sample_that_fails_to_decode_a_sample(tmp_path, capsys, tiny_env):
+    shards, _, bad_val = bad_shard_set(tmp_path)
+    name = f"{shards / shard_split(shards, 'val').locate(bad_val[0])[0]}:{bad_val[0]:09d}"
+    torch.save(tiny_cnn(4).state_dict(), tmp_path / "w.pt")
+    with pytest.warns(RuntimeWarning, match=rf"left out 1 validation sample\(s\) .*: {name} "):
+        code, out, err = run_cli(["eval", "--data", shards, "--model", TINY, "--weights",
+                                  tmp_path / "w.pt", "--image-size", 16, "--batch-size", 4,
+                                  "--device", "cpu"], capsys)  # fmt: skip
+    assert code == 0 and "top-1" in out, err
+
+
 def test_torchrun_two_cpu_processes_read_their_parts_of_a_shard_set(solid, tmp_path):
     """docs/distributed.md's example, on CPU: 2 gloo ranks, a glob of the whole set."""
     import socket
