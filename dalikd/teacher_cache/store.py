@@ -20,11 +20,9 @@ on (reading what is there).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +38,6 @@ from dalikd.teacher_cache.formats import LOSSY_BOUND, Format, kl_histogram, meas
 from dalikd.teacher_cache.key import CACHE_FORMAT, key_difference, key_digest
 
 CHUNK_NAME = re.compile(r"c(\d{7})-(\d{7})(?:-([0-9a-f]{16}))?\.pt$")
-# dalikd.atomic's temporary names; one not modified for STALE_TEMP_S is a killed writer's (a
-# chunk is written in seconds; a younger one may be another run's write in progress)
-TEMPORARY = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
-STALE_TEMP_S = 3600
 ROWS = ("logits", "values", "scale", "codes")  # a format's floating-point rows (finite)
 
 
@@ -272,30 +266,6 @@ class TeacherCache:
         self.writer = ChunkWriter(self.root, rank, self.digest, self.fmt, self.meter,
                                   self.reader.forget, message)  # fmt: skip
         self._check_key()
-        if not self.writer.off:
-            self._sweep()
-
-    def _sweep(self) -> None:
-        """Remove the temporary files that killed writers left in the cache's folder, in its
-        validation folder and in this rank's chunk folders (a SIGKILL mid-chunk leaves one as
-        large as the chunk), with one note."""
-        folders = [self.root, self.root / "val", *self.root.glob(f"train/e*/r{self.rank}")]
-        now, removed = time.time(), 0
-        for folder in folders:
-            try:
-                entries = list(os.scandir(folder))
-            except OSError:
-                continue
-            for e in entries:
-                if not TEMPORARY.fullmatch(e.name):
-                    continue
-                with contextlib.suppress(OSError):
-                    if now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMP_S:
-                        os.unlink(e.path)
-                        removed += 1
-        if removed:
-            self.message(f"teacher cache {self.root}: removed {removed} temporary file(s) that "
-                         "stopped runs left")  # fmt: skip
 
     def _not_used(self, why: str) -> None:
         self.unused = why
