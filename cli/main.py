@@ -388,14 +388,15 @@ def check_data(data: str, decode: bool, no_cache: bool, max_pixels: int) -> None
     """Scan DATA's train/ and val/ for files that would stop a run; list what is left out.
 
     Exits non-zero only when a split has no usable image or a train class folder holds none.
-    A shard set (DATA/dataset.json of `dalikd data shard`) is checked shard by shard against
-    its manifest instead; any damage exits non-zero.
+    A shard set (DATA/dataset.json of `dalikd data shard`, or a quoted glob of its tars: the
+    whole set) is checked shard by shard against its manifest instead; any damage exits
+    non-zero.
     """
     from dalikd.cli.report import print_check
     from dalikd.data import scan_dataset
-    from dalikd.shards import shard_manifest
+    from dalikd.shards import shard_set_of
 
-    if shard_manifest(data) is not None:  # a shard set (dalikd data shard)
+    if shard_set_of(data) is not None:  # a shard set (dalikd data shard), or a glob of its tars
         from dalikd.cli.shard_cmd import check_shards
 
         return check_shards(data, decode)
@@ -484,9 +485,7 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print(f"[bold red]error:[/] {escape(escape_text(str(e)))}", soft_wrap=True)
         sys.exit(1)
     except click.UsageError as e:
-        hint = f" (see: dalikd {e.ctx.info_name if e.ctx and e.ctx.parent else ''} --help)".replace(
-            "  ", " "
-        )
+        hint = f" (see: {e.ctx.command_path if e.ctx else 'dalikd'} --help)"  # dalikd data shard
         err_console.print(
             f"[bold red]error:[/] {escape(e.format_message() + hint)}", soft_wrap=True
         )

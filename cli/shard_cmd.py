@@ -62,11 +62,10 @@ def shard(source: str, out: str, shard_size: int, split: str | None, seed: int, 
         result = shard_dataset(
             source, out, shard_size=shard_size, splits=(split,) if split else None, seed=seed,
             cache=not no_cache, progress=progress.update,
+            note=lambda line: console.print(line, soft_wrap=True, markup=False),
         )  # fmt: skip
     for path, reason in result.skipped:
         console.print(f"left out: {path}  ({reason})", soft_wrap=True, markup=False)
-    if result.restarted:
-        console.print("a killed run of other files or settings was discarded", markup=False)
     if result.reused:
         console.print(
             f"kept {len(result.reused)} shard(s) a killed run had finished (checksums match): "
@@ -90,7 +89,13 @@ def check_shards(folder: str, decode: bool) -> None:
     """check-data for a shard set: one line per damaged shard, then a summary; a damaged set
     ends with one error line naming its first problem."""
     from dalikd.shardcheck import check_shard_set
+    from dalikd.shards import shard_set_of
 
+    found = shard_set_of(folder)
+    if found is not None and found[1]:  # a glob: its shards' set, whole (counts are per split)
+        folder = str(found[0])
+        console.print(f"checking the whole shard set {folder} (a glob picks shards of it)",
+                      soft_wrap=True, markup=False)  # fmt: skip
     with PhaseProgress() as progress:
         result = check_shard_set(folder, decode=decode, progress=progress.update)
     if len(result.problems) > 1:

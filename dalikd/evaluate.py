@@ -144,7 +144,8 @@ def evaluate_model(
     norm = input_norm(model, data_norm(data_cfg.mean, data_cfg.std))
     plan = resolve_plan(data_cfg, device=device, norm=norm, raw_shape=dataset.raw_shape)
     # a sample that fails to decode is left out (one warning line) and the evaluation goes on
-    val = recovery.ValData(recovery.source_of(dataset.val), plan,
-                           on_failure=recovery.LeftOutWarning("validation file"))  # fmt: skip
+    source = recovery.source_of(dataset.val)  # a folder's files or a shard set's samples
+    left_out = recovery.LeftOutWarning(f"validation {source.what}")
+    val = recovery.ValData(source, plan, on_failure=left_out)
     result = evaluate(model, val, device, norm=norm)
     return {**result, "plan": plan.to_dict()}  # the data plan it ran

@@ -137,8 +137,9 @@ def preview_batch(plan: DataPlan, dataset: Dataset | None = None) -> PreviewBatc
             f"images in {dataset.root}"
         )
     # training's own data: its epoch order, a file that fails to decode left out (one warning)
-    train = recovery.TrainData(recovery.source_of(dataset.train), plan, epoch=0,
-                               on_failure=recovery.LeftOutWarning(), preallocate=False)  # fmt: skip
+    source = recovery.source_of(dataset.train)  # a folder's files or a shard set's samples
+    train = recovery.TrainData(source, plan, epoch=0, on_failure=recovery.LeftOutWarning(
+        source.what), preallocate=False)  # fmt: skip
     batch = next(iter(train))
     assert batch.aug_images is not None, "a recipe that returns a View makes x'"
     # A candidate pool (cutmixpick) holds k views per image, view-major; the preview draws the

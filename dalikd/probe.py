@@ -212,8 +212,8 @@ def run_probe(cfg: ProbeConfig, reporter: ProbeReporter | None = None) -> list[P
     distiller = Distiller.build(cfg.model, cfg.kd, dataset.num_classes, device, cfg.precision,
                                 student=needs_student, data_norm=dn).eval()  # fmt: skip
 
-    results, left_out = [], recovery.LeftOutWarning()
     source = recovery.source_of(dataset.train)  # a folder's files or a shard set's samples
+    results, left_out = [], recovery.LeftOutWarning(source.what)
     for aug, plan in plans.items():
         plan = replace(plan, norm=distiller.input_norm)  # the models' inputs (cutout's fill)
         reporter.aug_start(aug, steps)

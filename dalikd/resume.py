@@ -190,10 +190,15 @@ def check_listing(saved: dict[str, Any], now: dict[str, Any], run_dir: Path, roo
             "gives another data order: resume it on the same kind of data"
         )
     if kind == "shards":
+        n, m = saved["train_files"], now["train_files"]
+        what = f"{n:,} train samples in the run, {m:,} there" if n != m else "other shards or "
+        what += "" if n != m else "checksums: another shard run, or its files changed"
+        was_read = config_data_path(run_dir)
+        if any(c in Path(was_read).name for c in "*?["):  # the run read a glob's shards
+            what += f"; the run read the shards of {was_read}: give --data that glob, quoted"
         raise DalikdError(
-            f"{root} is not the shard set {run_dir} was trained on (other shards or checksums: "
-            "another shard run, or its files changed); the data order and DALI state refer "
-            "to the run's shards"
+            f"{root} is not the shard set {run_dir} was trained on ({what}); the data order and "
+            "DALI state refer to the run's shards"
         )
     differs = [f"{saved[k]} {what} in the run, {now[k]} there"
                for k, what in (("classes", "classes"), ("train_files", "train files"))

@@ -133,7 +133,8 @@ class ShardSplit:
         i = self._shard_of(number)
         line = number - self.first[i] + 1  # line 0: the header
         with open(self.folder / index_name(self.shards[i].name), encoding="utf-8") as f:
-            fields = next(islice(f, line, None)).split()
+            text = next(islice(f, line, None), "")
+        fields = self._index_line(i, number, text).split()
         offset, size = fields[1:3]  # the image is a sample's first member: ext offset size name
         with open(self.folder / self.shards[i].name, "rb") as f:
             f.seek(int(offset))
@@ -174,15 +175,39 @@ class ShardSplit:
         files = []
         for k, (i, run) in enumerate(runs):
             if i not in lines:
-                with open(self.folder / index_name(self.shards[i].name), encoding="utf-8") as f:
-                    lines[i] = f.read().splitlines()[1:]
-            kept = [lines[i][n - self.first[i]] for n in run]
+                lines[i] = self._index_lines(i)
+            kept = [self._index_line(i, n, lines[i][n - self.first[i]]) for n in run]
             text = f"{INDEX_VERSION} {len(kept)}\n" + "".join(line + "\n" for line in kept)
             files.append(f"{k:06d}-{index_name(self.shards[i].name)}")
             write_text_atomic(text, index_dir / files[-1])
         return replace(self, shards=tuple(self.shards[i] for i, _ in runs),
                        first=tuple(self.first[i] for i, _ in runs), index_dir=index_dir,
                        picked=len(numbers), index_files=tuple(files))  # fmt: skip
+
+    def _index_lines(self, i: int) -> list[str]:
+        """The sample lines of entry ``i``'s index file, as many as the manifest's samples."""
+        path = self.folder / index_name(self.shards[i].name)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DalikdError(f"cannot read {path}: {e}") from None
+        if lines[:1] != [f"{INDEX_VERSION} {self.shards[i].samples}"] or len(lines) < 2:
+            raise DalikdError(self._stale(path, "its header does not match the manifest"))
+        return lines[1:]
+
+    def _index_line(self, i: int, number: int, line: str) -> str:
+        """``line`` of entry ``i``'s index file, checked to be sample ``number``'s (its first
+        member named ``<key>.<ext>``): DALI trusts an index blindly, so a stale or foreign one
+        would feed it another sample's bytes."""
+        fields = line.split(" ", 4)
+        if len(fields) < 4 or fields[3] != f"{sample_key(number)}.{fields[0]}":
+            path = self.folder / index_name(self.shards[i].name)
+            raise DalikdError(self._stale(path, f"it does not list sample {sample_key(number)}"))
+        return line
+
+    def _stale(self, path: Path, why: str) -> str:
+        return (f"{path} is stale or damaged ({why}): DALI would read wrong bytes through it; "
+                f"dalikd check-data {self.folder} names every problem")  # fmt: skip
 
     def _shard_of(self, number: int, asked: bool = False) -> int:
         """The entry of ``shards`` that holds sample ``number`` (the first such entry)."""

@@ -138,6 +138,7 @@ def shard_dataset(
     seed: int = 0,
     cache: bool = True,
     progress: Progress | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> ShardResult:
     """Write the ImageNet-style folder ``source`` as tar shards in ``out`` (see the module
     docstring for the layout), the manifest last.
@@ -145,7 +146,8 @@ def shard_dataset(
     ``splits``: default the ones ``source`` has. The data scan runs first (its bad files are
     left out and returned). ``out`` must be new, empty, or a killed run's: a rerun keeps the
     shards that run finished when their checksums still match its journal, and starts over
-    when the source files or the settings changed. ``progress(phase, done, total)``.
+    when the source files or the settings changed. ``progress(phase, done, total)``; ``note``
+    hears, before the writing, whether a killed run is continued or discarded.
     """
     report = progress or (lambda phase, done, total: None)
     root = Path(source).expanduser().resolve()
@@ -160,6 +162,12 @@ def shard_dataset(
     journal, restarted = _prepare_out(
         out, root, _plan_digest(root, plans, dataset.classes, seed, shard_size)
     )
+    if restarted and note:
+        note("a killed run of other files or settings was found and discarded: writing every "
+             "shard again")  # fmt: skip
+    elif journal["done"] and note:
+        note(f"continuing a killed run: checking the {len(journal['done'])} shard(s) it "
+             "finished, writing the rest")  # fmt: skip
     total = sum(len(getattr(dataset, s)) for s in splits)
     done, written, reused, infos = 0, [], [], {}
     report("writing shards", 0, total)

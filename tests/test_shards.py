@@ -168,8 +168,12 @@ def test_a_killed_run_leaves_no_manifest_and_a_rerun_keeps_finished_shards(
     assert left == [".dalikd-shard.json", "train-00000.idx", "train-00000.tar",
                     "train-00001.idx", "train-00001.tar"]  # fmt: skip
     (out / ".train-00002.tar.tmp").write_bytes(b"a kill -9 leaves this")
-    result = shard_dataset(source, out, shard_size=8 << 10)
+    events: list = []
+    result = shard_dataset(source, out, shard_size=8 << 10, note=events.append,
+                           progress=lambda *call: events.append(call))  # fmt: skip
     assert result.reused == ("train-00000.tar", "train-00001.tar") and not result.restarted
+    said = "continuing a killed run: checking the 2 shard(s) it finished, writing the rest"
+    assert events.index(said) < events.index(("writing shards", 0, 20))  # said before, not after
     assert "train-00000.tar" not in result.written and "train-00002.tar" in result.written
     assert read_manifest(out) == read_manifest(clean)  # same shards, same checksums
     assert sorted(os.listdir(out)) == sorted(os.listdir(clean))
@@ -231,8 +235,12 @@ def test_other_settings_restart_a_killed_run(source, tmp_path, monkeypatch):
         kill_after(m, 1)
         with pytest.raises(Killed):
             shard_dataset(source, out, shard_size=8 << 10, seed=1)
-    result = shard_dataset(source, out, shard_size=8 << 10, seed=2)
+    events: list = []
+    result = shard_dataset(source, out, shard_size=8 << 10, seed=2, note=events.append,
+                           progress=lambda *call: events.append(call))  # fmt: skip
     assert result.restarted and not result.reused
+    said = "a killed run of other files or settings was found and discarded: writing every shard"
+    assert events.index(said + " again") < events.index(("writing shards", 0, 20))
     assert not check_shard_set(out).problems
 
 
@@ -312,6 +320,24 @@ def test_shard_split_finds_samples_and_stops_at_a_truncated_shard(source, tmp_pa
         shard_split(source, "train")
 
 
+def test_a_stale_index_file_is_one_line_before_dali_reads_through_it(shard_set, tmp_path):
+    split = shard_split(shard_set, "train")
+    assert [s.samples for s in split.shards[:2]] == [2, 2]
+    fine = split.subset([3, 0], tmp_path / "ok")  # the index files are checked as they are read
+    assert fine.index_paths()[0].endswith("train-00001.idx")
+    idx = shard_set / "train-00001.idx"
+    idx.write_bytes((shard_set / "train-00000.idx").read_bytes())  # same count, other samples
+    stale = r"train-00001.idx is stale or damaged \(it does not list sample 00000000[23]\)"
+    with pytest.raises(DalikdError, match=stale + ".*dalikd check-data"):
+        split.subset([0, 3], tmp_path / "sub")
+    with pytest.raises(DalikdError, match=stale):
+        split.image(2)
+    idx.write_text("v1.2 5\n")  # another count
+    with pytest.raises(DalikdError, match="train-00001.idx is stale .*header"):
+        split.subset([2], tmp_path / "sub2")
+    split.subset([0, 1], tmp_path / "sub3")  # the other shards' are still read
+
+
 @pytest.mark.parametrize(
     ("text", "size"),
     [("1GiB", 1 << 30), ("512MiB", 512 << 20), ("500MB", 500_000_000), ("2G", 2 << 30),
@@ -341,6 +367,18 @@ def test_check_data_passes_a_good_set(shard_set, capsys):
     code, out, err = run_cli(["check-data", shard_set, "--decode"], capsys)
     assert code is None or code == 0, err
     assert "shard set ok" in out and "15 train, 5 val samples" in out and "decoded" in out
+
+
+def test_check_data_takes_a_glob_of_the_shards_as_their_whole_set(shard_set, capsys):
+    code, out, err = run_cli(["check-data", shard_set / "train-0000[01].tar"], capsys)
+    assert code is None or code == 0, err
+    assert f"checking the whole shard set {shard_set}" in out
+    assert "shard set ok" in out and "15 train, 5 val samples" in out
+    data = bytearray((shard_set / "val-00000.tar").read_bytes())
+    data[600] ^= 1
+    (shard_set / "val-00000.tar").write_bytes(bytes(data))
+    code, out, err = run_cli(["check-data", shard_set / "train-*.tar"], capsys)
+    _one_line_error(code, out, err, "val-00000.tar: sha256 differs")
 
 
 def _one_line_error(code, out, err, *pieces):
@@ -432,6 +470,7 @@ def test_data_shard_command(source, tmp_path, capsys):
     args = ["data", "shard", source, tmp_path / "x", "--shard-size", "lots"]
     code, _, err = run_cli(args, capsys)
     assert code == 2 and "cannot read the size 'lots'" in err
+    assert "(see: dalikd data shard --help)" in err  # the subcommand's help, not "dalikd shard"
 
 
 def test_progress_reports_each_phase_up_to_its_total(source, tmp_path):
@@ -446,3 +485,22 @@ def test_progress_reports_each_phase_up_to_its_total(source, tmp_path):
         assert done == sorted(done) and len(total) == 1 and done[-1] == total.pop()
     assert calls[-1] == ("writing shards", 20, 20)
     assert len([c for c in calls if c[0] == "writing shards"]) > 20  # per sample, not per shard
+
+
+def test_a_resume_on_shards_says_how_many_samples_differ_and_which_glob_the_run_read(tmp_path):
+    from dalikd.resume import check_listing
+
+    run = tmp_path / "run"
+    run.mkdir()
+    glob = str(tmp_path / "set" / "train-0000[0-3].tar")
+    (run / "config.json").write_text(json.dumps({"data": {"path": glob}}))
+    saved = {"classes": 3, "train_files": 8, "sha256": "a", "source": "shards"}
+    whole = {"classes": 3, "train_files": 36, "sha256": "b", "source": "shards"}
+    check_listing(saved, dict(saved), run, tmp_path / "set")  # the same listing: goes on
+    with pytest.raises(DalikdError) as e:
+        check_listing(saved, whole, run, tmp_path / "set")
+    assert "(8 train samples in the run, 36 there; the run read the shards of " in str(e.value)
+    assert f"{glob}: give --data that glob, quoted)" in str(e.value)
+    (run / "config.json").write_text(json.dumps({"data": {"path": str(tmp_path / "set")}}))
+    with pytest.raises(DalikdError, match=r"was trained on \(other shards or checksums: another"):
+        check_listing(saved, {**saved, "sha256": "c"}, run, tmp_path / "set")

@@ -490,6 +490,35 @@ def test_probe_profile_preview_and_eval_read_shards(noise, tmp_path, tiny_env, c
     assert code == 0 and "top-1" in out, err
 
 
+def test_a_profile_of_shards_leaves_out_samples_that_fail_to_decode(tmp_path, capsys):
+    """As for a folder's files (was: DALI's error as a traceback)."""
+    shards, bad, _ = bad_shard_set(tmp_path)
+    split = shard_split(shards, "train")
+    named = sorted(f"{shards / split.locate(n)[0]}:{n:09d}" for n in bad)
+    with pytest.warns(RuntimeWarning) as warned:
+        code, _, err = run_cli(["profile", "--data", shards, "--aug", "none", "--json",
+                                tmp_path / "p.json", "--windows", 2, "--window-seconds", 0,
+                                "--warmup", 1, "--image-size", 16, "--batch-size", 4,
+                                "--threads", 1, "--device", "cpu"], capsys)  # fmt: skip
+    assert code == 0 and "Traceback" not in err, err
+    said = [str(w.message) for w in warned if "left out" in str(w.message)]
+    assert sorted(", ".join(m.split(": ")[2].split(" (")[0] for m in said).split(", ")) == named
+    assert all("sample(s) that failed to decode" in m for m in said)
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["dataset"]["train_images"] == 20  # 22 - the 2 that fail
+
+
+def test_eval_on_shards_calls_a_sample_that_fails_to_decode_a_sample(tmp_path, capsys, tiny_env):
+    shards, _, bad_val = bad_shard_set(tmp_path)
+    name = f"{shards / shard_split(shards, 'val').locate(bad_val[0])[0]}:{bad_val[0]:09d}"
+    torch.save(tiny_cnn(4).state_dict(), tmp_path / "w.pt")
+    with pytest.warns(RuntimeWarning, match=rf"left out 1 validation sample\(s\) .*: {name} "):
+        code, out, err = run_cli(["eval", "--data", shards, "--model", TINY, "--weights",
+                                  tmp_path / "w.pt", "--image-size", 16, "--batch-size", 4,
+                                  "--device", "cpu"], capsys)  # fmt: skip
+    assert code == 0 and "top-1" in out, err
+
+
 def test_torchrun_two_cpu_processes_read_their_parts_of_a_shard_set(solid, tmp_path):
     """docs/distributed.md's example, on CPU: 2 gloo ranks, a glob of the whole set."""
     import socket

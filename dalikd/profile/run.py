@@ -100,6 +100,7 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
         say("a shard set: no torchvision baseline")
         cfg = replace(cfg, baseline="none")
     left_out = recovery.LeftOutWarning()
+    shards: dict[str, Any] = {}  # a shard set's whole train source and the samples left out
     while True:
         profiler = _Profiler(cfg, dataset, device, say)
         try:
@@ -108,9 +109,13 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
                 profiler.scheme(scheme)
             break
         except RuntimeError as error:
-            if not recovery.is_decode_failure(error) or is_shards(dataset):
+            if not recovery.is_decode_failure(error):
                 raise
-            dataset = _without_culprits(error, dataset, profiler.plan, say, left_out)
+            if is_shards(dataset):
+                dataset = _shards_without_culprits(error, dataset, profiler.plan, say, left_out,
+                                                   shards)  # fmt: skip
+            else:
+                dataset = _without_culprits(error, dataset, profiler.plan, say, left_out)
     return {
         "device": device,
         "cpu_count": cpu_count(),
@@ -163,6 +168,35 @@ def _without_culprits(error: RuntimeError, dataset: Dataset, plan: DataPlan, say
             f"{plan.data.batch_size}; lower --batch-size"
         )
     return dataset
+
+
+def _shards_without_culprits(
+    error: RuntimeError, dataset: Dataset, plan: DataPlan, say: Progress,
+    left_out: recovery.LeftOutWarning, state: dict,
+) -> Dataset:  # fmt: skip
+    """``dataset`` whose train split leaves out the samples that made a pipeline fail, found
+    from their bytes (DALI's error names none), the first failing batch in stored order (a
+    later failure finds the next): the same tars read through index files of the good samples.
+    ``state`` keeps the whole split's source (it owns those index files) and what is out."""
+    say("a training sample failed to decode: finding it, then profiling again without it")
+    if "source" not in state:
+        state["source"], state["out"] = recovery.source_of(dataset.train), set()
+    source, out = state["source"], state["out"]
+    left_out.what = source.what  # "sample"
+    good = [i for i in range(len(source)) if i not in out]
+    found = source.culprits(error, good, plan)
+    if not found:
+        raise DalikdError(
+            f"a pipeline failed while profiling and no single sample explains it: "
+            f"{recovery.dali_reason(error)}"
+        ) from None
+    left_out({source.name(i): reason for i, reason in found.items()}, "")
+    out |= set(found)
+    good = [i for i in good if i not in found]
+    if len(good) < plan.data.batch_size:
+        raise DalikdError(f"{len(good)} training samples decode, no full batch of "
+                          f"{plan.data.batch_size}; lower --batch-size")  # fmt: skip
+    return replace(dataset, train=source.subset(good))
 
 
 class _Profiler:
