@@ -131,24 +131,41 @@ def _jpeg_ends(f: _File, tail: bytes) -> bool:
     return b"\xff\xd9" in body[-EOI_WINDOW:]
 
 
-def _jpeg_size(f: _File) -> tuple[int, int] | None:
-    pos = 2
-    for _ in range(512):  # segments before the frame header: a few, seldom dozens
+# DALI 2.4's image decoder can crash the process (SIGSEGV, while the batch runs or when the
+# failed pipeline is freed) on such a JPEG in a batch of ~50 or more, instead of raising: it must
+# never reach DALI (docs/reliability.md; tests/test_scan_faults.py)
+NO_SCAN = "truncated JPEG: its header ends before any image data (no start-of-scan)"
+
+
+def _jpeg_segments(f: _File) -> tuple[tuple[int, int] | None, bool | None]:
+    """(the frame header's (width, height) or None, whether a start-of-scan follows it): the
+    header's segments walked by their lengths from the start to the first scan (a few, seldom
+    dozens; one more small read where an APP segment is large). ``False``: the segments end
+    (an end-of-image marker, or the file's end) before any scan; ``None``: unknown (a byte that
+    is no marker, or too many segments)."""
+    pos, size = 2, None
+    for _ in range(512):
         seg = f.at(pos, 9)
-        if len(seg) < 4 or seg[0] != 0xFF:
-            return None
+        if len(seg) < 4:
+            return size, False if pos >= f.size - 2 else None
+        if seg[0] != 0xFF:
+            return size, None
         marker = seg[1]
         if marker == 0xFF:  # a fill byte
             pos += 1
-        elif marker in _SOF:
-            return (int.from_bytes(seg[7:9]), int.from_bytes(seg[5:7])) if len(seg) == 9 else None
-        elif marker in (0xD9, 0xDA):  # the end, or a scan, before any frame header
-            return None
+        elif marker == 0xDA:  # a scan: a frame header must have come before it
+            return size, size is not None
+        elif marker == 0xD9:  # the end, before any scan
+            return size, False
         elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
             pos += 2
         else:
+            if marker in _SOF and size is None:
+                size = (
+                    (int.from_bytes(seg[7:9]), int.from_bytes(seg[5:7])) if len(seg) == 9 else None
+                )
             pos += 2 + int.from_bytes(seg[2:4])
-    return None
+    return size, None
 
 
 def _tiff_size(f: _File) -> tuple[int, int] | None:
@@ -195,11 +212,10 @@ def _jp2_size(head: bytes) -> tuple[int, int] | None:
 
 
 def image_size(fmt: str, f: _File) -> tuple[int, int] | None:
-    """(width, height) as the header of a ``fmt`` file claims it, or None where unknown."""
+    """(width, height) as the header of a ``fmt`` file (not a JPEG: :func:`_jpeg_segments`)
+    claims it, or None where unknown."""
     head = f.block
     try:
-        if fmt == "jpeg":
-            return _jpeg_size(f)
         if fmt == "png":
             return int.from_bytes(head[16:20]), int.from_bytes(head[20:24])
         if fmt == "bmp":
@@ -235,7 +251,11 @@ def _inspect(path: str, decode: bool) -> tuple[str | None, int, int]:
         tail = f.block[-TAIL:] if f.size <= HEAD else os.pread(fd, TAIL, f.size - TAIL)
         fmt = sniff(f.block)
         reason = _end_missing(fmt, f, tail)
-        size = image_size(fmt, f) if fmt else None
+        if fmt == "jpeg":  # one walk of the header's segments: the size, and a scan after it
+            size, scan = _jpeg_segments(f)
+            reason = reason or (NO_SCAN if scan is False else None)
+        else:
+            size = image_size(fmt, f) if fmt else None
     except OSError as e:
         return f"unreadable: {e.strerror or e}", 0, 0
     finally:
@@ -300,7 +320,8 @@ def _cache_path(cache_root: Path, root: Path, decode: bool) -> Path:
 
 
 # 2: each verdict also holds the header's image size; JPEG's end marker must be at the very end
-CACHE_FORMAT = 2  # bumped when the cache layout or a rule changes; another value is rebuilt
+# 3: a JPEG's header must reach a start-of-scan
+CACHE_FORMAT = 3  # bumped when the cache layout or a rule changes; another value is rebuilt
 
 
 def _read_cache(path: Path, root: Path, decode: bool) -> dict[str, Verdict]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import colour_of, make_dataset
 from test_reliability import _free_port, env
-from test_robustness import CLASSES, corrupt_sof, cut_before_its_scan, recording_args
+from test_robustness import CLASSES, bad_scan_header, corrupt_sof, recording_args
 from tests_helpers import run_cli
 
 from dalikd import loaders, recovery
@@ -116,7 +116,7 @@ def test_a_bad_file_among_an_epochs_left_over_samples_is_recovered_later(tmp_pat
     from tiny_models import Recording
 
     root = make_dataset(tmp_path / "d", classes=("a", "b"), n_train=4, n_val=1)
-    (root / "train/b/bad.jpg").write_bytes(cut_before_its_scan())
+    (root / "train/b/bad.jpg").write_bytes(bad_scan_header())
     source = recovery.FileSource(scan_dataset(root).train)
     bad = source.index(str(root / "train/b/bad.jpg"))
     seed = next(s for s in range(100) if recovery.epoch_reads(
@@ -138,7 +138,7 @@ def _grid_data(tmp_path):
     5 steps an epoch). Returns (root, seed, {epoch: step of its failure})."""
     root = make_dataset(tmp_path / "d", classes=CLASSES, n_train=5, n_val=1)
     (root / "train/ant/bad_sof.jpg").write_bytes(corrupt_sof())
-    (root / "train/cat/bad_cut.jpg").write_bytes(cut_before_its_scan())
+    (root / "train/cat/bad_cut.jpg").write_bytes(bad_scan_header())
     source = recovery.FileSource(scan_dataset(root).train)
     bad = [source.index(str(root / "train" / p)) for p in ("ant/bad_sof.jpg", "cat/bad_cut.jpg")]
     for seed in range(500):
@@ -224,8 +224,8 @@ def _torchrun_data(tmp_path: Path) -> tuple[Path, list[str], int]:
     rank reads a bad one in epoch 1, before and after the first checkpoint (--ckpt-every 2)."""
     root = make_dataset(tmp_path / "d", classes=CLASSES, n_train=10, n_val=2)
     bad = ["train/ant/bad1.jpg", "train/bee/bad2.jpg", "train/cat/bad3.jpg", "val/dog/bad.jpg"]
-    for name, data in zip(bad, (corrupt_sof(), cut_before_its_scan(), corrupt_sof(),
-                                cut_before_its_scan()), strict=True):  # fmt: skip
+    for name, data in zip(bad, (corrupt_sof(), bad_scan_header(), corrupt_sof(),
+                                bad_scan_header()), strict=True):  # fmt: skip
         (root / name).write_bytes(data)
     source = recovery.FileSource(scan_dataset(root).train)
     ids = [source.index(str(root / b)) for b in bad[:3]]
@@ -308,7 +308,7 @@ def test_remove_the_reported_file_and_resume(tmp_path, capsys, tiny_env):
 
 def test_a_bad_val_file_is_left_out_and_every_epoch_validates(tmp_path, capsys, tiny_env):
     root = make_dataset(tmp_path / "d", classes=CLASSES, n_train=5, n_val=2)
-    (root / "val/cat/bad.jpg").write_bytes(cut_before_its_scan())
+    (root / "val/cat/bad.jpg").write_bytes(bad_scan_header())
     run = tmp_path / "run"
     code, out, err = run_cli(recording_args(root, run, epochs=2), capsys)
     assert code == 0 and "Traceback" not in out + err, err
@@ -347,7 +347,7 @@ def test_tstddev_preview_and_profile_leave_a_failing_file_out_in_one_warning(tmp
 
     root = make_dataset(tmp_path / "d", classes=("a", "b"), n_train=4, n_val=1)
     bad = root / "train/b/bad.jpg"
-    bad.write_bytes(cut_before_its_scan())
+    bad.write_bytes(bad_scan_header())
     source = recovery.FileSource(scan_dataset(root).train)
     seed = next(
         s

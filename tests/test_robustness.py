@@ -55,11 +55,21 @@ def truncated_with_thumbnail() -> bytes:
 
 def cut_before_its_scan() -> bytes:
     """A JPEG cut off before its scan, with an end-of-image marker appended (a copy tool that
-    "repairs" the end): the scan passes it, DALI's decoder fails on it ("Unexpected end of
-    stream"). Cut inside the scan instead, it would decode as a partly grey image and no one
-    could tell (docs/reliability.md)."""
+    "repairs" the end): the scan leaves it out (its header ends before any start-of-scan). DALI
+    2.4's decoder fails on it ("Unexpected end of stream") and, in a batch of ~50 or more, can
+    crash the process instead (tests/test_scan_faults.py)."""
     main = _jpeg((64, 64), noise=True)
     return main[: main.find(b"\xff\xda")] + b"\xff\xd9"
+
+
+def bad_scan_header() -> bytes:
+    """A JPEG whose start-of-scan header names a component the frame does not have: head and
+    tail look fine, so the scan passes it, and DALI's decoder raises on it (at any batch
+    size, without crashing)."""
+    data = bytearray(_jpeg((64, 64), noise=True))
+    sos = data.find(b"\xff\xda")
+    data[sos + 5] = 0xF9  # the first component selector: no frame component has this id
+    return bytes(data)
 
 
 def recording_args(root: Path, run: Path, epochs: int, batch_size: int = 4) -> list:
@@ -75,7 +85,7 @@ def test_bad_files_are_left_out_mid_run_and_every_good_image_is_seen(tmp_path, c
 
     root = make_dataset(tmp_path / "d", classes=CLASSES, n_train=5, n_val=2)
     (root / "train/ant/bad_sof.jpg").write_bytes(corrupt_sof())
-    (root / "train/bee/bad_cut.jpg").write_bytes(cut_before_its_scan())
+    (root / "train/bee/bad_cut.jpg").write_bytes(bad_scan_header())
     replaced = root / "train/cat/bad_replaced.jpg"
     replaced.write_bytes(_jpeg())
     (root / "train/dog").joinpath(os.fsdecode(b"bad_\xff\xfe.jpg")).write_bytes(_jpeg())
@@ -115,7 +125,7 @@ def test_a_bad_file_in_the_first_batch_of_a_short_epoch_is_left_out(tmp_path, ca
 
     root = make_dataset(tmp_path / "d", classes=("a", "b"), n_train=4, n_val=1)
     (root / "train/a/img003.png").unlink()
-    (root / "train/a/bad.jpg").write_bytes(cut_before_its_scan())
+    (root / "train/a/bad.jpg").write_bytes(bad_scan_header())
     Recording.seen = []
     run = tmp_path / "run"
     code, out, err = run_cli(recording_args(root, run, epochs=1, batch_size=8), capsys)
@@ -133,7 +143,7 @@ def stopped_inside_a_remainder(tmp_path: Path, capsys) -> tuple[Path, Path]:
 
     root = make_dataset(tmp_path / "d", classes=CLASSES, n_train=5, n_val=2)
     (root / "train/ant/bad_sof.jpg").write_bytes(corrupt_sof())
-    (root / "train/bee/bad_cut.jpg").write_bytes(cut_before_its_scan())
+    (root / "train/bee/bad_cut.jpg").write_bytes(bad_scan_header())
     Recording.seen, Recording.stop_at = [], 16  # SIGTERM during step 4 of 5
     run = tmp_path / "run"
     args = recording_args(root, run, epochs=1)

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from conftest import make_dataset
 from PIL import Image
-from test_robustness import _jpeg, _one_line, cut_before_its_scan, truncated_with_thumbnail
+from test_robustness import (
+    _jpeg,
+    _one_line,
+    bad_scan_header,
+    cut_before_its_scan,
+    truncated_with_thumbnail,
+)
 from tests_helpers import run_cli
 
 from dalikd import recovery
@@ -53,11 +59,56 @@ def test_a_jpeg_is_left_out_unless_its_last_32_bytes_hold_the_end_marker(
         assert reason is None, (name, reason)
 
 
+def _with_app_segment(jpeg: bytes, n: int) -> bytes:
+    """``jpeg`` with an APP2 segment of ``n`` bytes after its start marker (ICC profiles, EXIF
+    thumbnails: a header that reaches past the scan's first read)."""
+    return jpeg[:2] + b"\xff\xe2" + (n + 2).to_bytes(2, "big") + bytes(n) + jpeg[2:]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "left_out"),
+    [
+        ("cut before its scan, FF D9 appended", cut_before_its_scan(), True),
+        ("the same behind a 60 KB APP segment", _with_app_segment(cut_before_its_scan(), 60_000),
+         True),
+        ("only its start marker and an end marker", b"\xff\xd8\xff\xd9", True),
+        ("whole, behind a 60 KB APP segment", _with_app_segment(_noise_jpeg(), 60_000), False),
+        ("whole, fill bytes between segments", _noise_jpeg()[:2] + b"\xff" * 5
+         + _noise_jpeg()[2:], False),
+        ("a scan header naming no frame component (DALI raises on it)", bad_scan_header(),
+         False),
+    ],
+)  # fmt: skip
+def test_a_jpeg_whose_header_ends_before_any_scan_is_left_out(tmp_path, name, data, left_out):
+    """Such a file can crash DALI 2.4's decoder (SIGSEGV) in a batch of ~50 or more instead of
+    raising, so recovery cannot catch it: the scan must (one walk of the header's segments)."""
+    path = tmp_path / "x.JPEG"
+    path.write_bytes(data)
+    reason = check_file(str(path))
+    if left_out:
+        assert reason == "truncated JPEG: its header ends before any image data (no start-of-scan)"
+    else:
+        assert reason is None, (name, reason)
+
+
+def test_a_progressive_jpeg_and_photographs_pass_the_header_walk(tmp_path):
+    """No false alarm: a progressive JPEG and every JPEG PIL writes with EXIF pass."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 9000  # ImageDescription: a large APP1
+    for i, kw in enumerate(({"progressive": True}, {"exif": exif}, {"quality": 5},
+                            {"subsampling": 0, "optimize": True})):  # fmt: skip
+        path = tmp_path / f"{i}.jpg"
+        image.save(path, "JPEG", **kw)
+        assert check_file(str(path)) is None, kw
+
+
 def test_a_truncated_jpeg_reaches_data_report_tsv(tmp_path, capsys, tiny_env):
     # 3 x 5 + 1 = 4 full batches: the file that fails in DALI is never in a dropped tail
     root = make_dataset(tmp_path / "d", classes=("a", "b", "c"), n_train=5, n_val=1)
     (root / "train/a/thumb.jpg").write_bytes(truncated_with_thumbnail())
-    (root / "train/b/cut.jpg").write_bytes(cut_before_its_scan())  # passes; DALI fails on it
+    (root / "train/b/cut.jpg").write_bytes(bad_scan_header())  # passes; DALI fails on it
     run = tmp_path / "run"
     args = ["train", "--data", root, "--student", "tiny_models:tiny_cnn", "--epochs", "1",
             "--image-size", "16", "--batch-size", "4", "--threads", "1", "--device", "cpu",

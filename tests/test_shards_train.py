@@ -19,7 +19,7 @@ import torch
 from conftest import colour_of, make_dataset
 from PIL import Image
 from test_loaders import decode_colour
-from test_robustness import cut_before_its_scan
+from test_robustness import bad_scan_header
 from tests_helpers import run_cli
 from tiny_models import tiny_cnn
 
@@ -262,8 +262,8 @@ def bad_shard_set(tmp_path: Path, n_train: int = 5, n_val: int = 2) -> tuple[Pat
     from test_robustness import CLASSES, corrupt_sof
 
     folder = make_dataset(tmp_path / "src", classes=CLASSES, n_train=n_train, n_val=n_val)
-    bad = {"train/ant/bad1.jpg": cut_before_its_scan(), "train/cat/bad2.jpg": corrupt_sof(),
-           "val/bee/bad.jpg": cut_before_its_scan()}  # fmt: skip
+    bad = {"train/ant/bad1.jpg": bad_scan_header(), "train/cat/bad2.jpg": corrupt_sof(),
+           "val/bee/bad.jpg": bad_scan_header()}  # fmt: skip
     for name, data in bad.items():
         (folder / name).write_bytes(data)
     shards = tmp_path / "out"
