@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 import re
+import secrets
 import shutil
 import socket
 import threading
@@ -194,16 +195,29 @@ def _read_lock(path: Path) -> tuple[str, dict[str, str], float]:
 
 def _take(path: Path, run_dir: Path, note: Callable[[str], None]) -> bool:
     """Remove the lock at ``path`` when it is stale or damaged, with a note; False when its run
-    may still be going."""
+    may still be going.
+
+    The lock is moved aside (one atomic rename) and judged again there: of two runs taking the
+    same stale lock over, one moves it and the other finds none (it then meets the winner's new
+    lock), and a lock renewed or replaced between the judgement and the move is put back."""
     text, lock, age = _read_lock(path)
     if lock.get("gone"):
         return True
     why = stale_reason(lock, age) if lock else ""
     if lock and not why:
         return False
-    if _read_lock(path)[0] != text:  # renewed or replaced meanwhile: look again
+    aside = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.taken")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # another run took it first: look again
         return True
-    path.unlink(missing_ok=True)
+    moved, moved_lock, moved_age = _read_lock(aside)
+    if moved != text or (moved_lock and not stale_reason(moved_lock, moved_age)):
+        with contextlib.suppress(OSError):
+            os.link(aside, path)  # back where it was, unless a new lock is there already
+        aside.unlink(missing_ok=True)
+        return True
+    aside.unlink(missing_ok=True)
     note(f"took over the lock of {run_dir} {why}" if why else f"replaced a damaged lock {path}")
     return True
 

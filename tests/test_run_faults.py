@@ -92,6 +92,33 @@ def test_a_lock_of_a_lost_node_or_a_reused_pid_is_taken_over_with_a_note(tmp_pat
     assert notes == [f"took over the lock of {tmp_path} " + note.format(pid=os.getpid())]
 
 
+@pytest.mark.parametrize("renewed", [False, True], ids=["replaced", "renewed"])
+def test_a_lock_taken_or_renewed_after_it_was_judged_stale_is_kept(tmp_path, monkeypatch,
+                                                                   renewed):  # fmt: skip
+    """Two runs take over the same stale lock: the other one removed it and made its own (or
+    its lost node came back and renewed it) between this run's look at the lock and its
+    takeover. The lock there now is kept and this run is refused."""
+    from dalikd.errors import DalikdError
+
+    stale = _me(host="node-7")  # not renewed for 400 s: a lost node's
+    live = stale if renewed else _me()  # renewed: the same text, a fresh mtime
+    _plant(tmp_path, live, 0)
+    real = rundir._read_lock
+
+    def as_first_seen(path):  # the lock as it was when first read: stale
+        if path == tmp_path / LOCK:
+            return stale, rundir._parse_lock(stale), 400.0
+        return real(path)
+
+    monkeypatch.setattr(rundir, "_read_lock", as_first_seen)
+    assert rundir._take(tmp_path / LOCK, tmp_path, print)  # look again
+    monkeypatch.setattr(rundir, "_read_lock", real)
+    assert (tmp_path / LOCK).read_text() == live
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK]  # nothing left aside
+    with pytest.raises(DalikdError, match="is in use by another run"), locked(tmp_path, print):
+        pass
+
+
 @pytest.mark.parametrize(
     ("fields", "age_s", "needle"),
     [
