@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from dalikd.errors import DalikdError
 
 FILE_MODE = 0o644  # rw-r--r--; a stricter umask narrows it, a looser one (000) cannot widen it
 TMP_SUFFIX = ".tmp"  # every temporary file ends so (rundir counts such names as leftovers)
+_TEMP_NAME = re.compile(r"\.(.+)\.(\d+)\.[0-9a-f]{8}" + re.escape(TMP_SUFFIX))
 
 # errno -> how the one-line error names it
 _REASONS = {
@@ -65,6 +67,14 @@ def _create_temp(path: Path, mode: int) -> tuple[Path, int]:
         except FileExistsError:  # someone holds that name (even as a link): take another
             continue
     raise OSError(errno.EEXIST, "no free temporary name", str(path.parent))
+
+
+def temporary_of(name: str) -> tuple[str, int] | None:
+    """(the target's name, the writer's pid) where ``name`` is one of :func:`write_atomic`'s
+    temporary files (``.NAME.PID.RANDOM.tmp``), else None: for the sweeps of what a killed
+    writer left."""
+    match = _TEMP_NAME.fullmatch(name)
+    return (match[1], int(match[2])) if match else None
 
 
 def reason(error: BaseException, recorded: OSError | None = None) -> str:

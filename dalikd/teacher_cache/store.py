@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from dalikd.atomic import temporary_of
 from dalikd.errors import DalikdError
 from dalikd.metrics import tstddev_sums
 from dalikd.teacher_cache.files import CacheWriteError, finite, read_bytes, read_file, writable
@@ -40,9 +41,8 @@ from dalikd.teacher_cache.formats import LOSSY_BOUND, Format, kl_histogram, meas
 from dalikd.teacher_cache.key import CACHE_FORMAT, key_difference, key_digest
 
 CHUNK_NAME = re.compile(r"c(\d{7})-(\d{7})(?:-([0-9a-f]{16}))?\.pt$")
-# dalikd.atomic's temporary names; one not modified for STALE_TEMP_S is a killed writer's (a
-# chunk is written in seconds; a younger one may be another run's write in progress)
-TEMPORARY = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
+# a temporary file of dalikd.atomic not modified for STALE_TEMP_S is a killed writer's (a chunk
+# is written in seconds; a younger one may be another run's write in progress)
 STALE_TEMP_S = 3600
 ROWS = ("logits", "values", "scale", "codes")  # a format's floating-point rows (finite)
 
@@ -287,7 +287,7 @@ class TeacherCache:
             except OSError:
                 continue
             for e in entries:
-                if not TEMPORARY.fullmatch(e.name):
+                if temporary_of(e.name) is None:
                     continue
                 with contextlib.suppress(OSError):
                     if now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMP_S:
