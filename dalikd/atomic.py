@@ -126,12 +126,12 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(data: bytes, path: str | Path) -> None:
-    write_atomic(path, lambda f: f.write(data))
+def write_bytes_atomic(data: bytes, path: str | Path, mode: int = FILE_MODE) -> None:
+    write_atomic(path, lambda f: f.write(data), mode=mode)
 
 
-def write_text_atomic(text: str, path: str | Path) -> None:
-    write_bytes_atomic(text.encode("utf-8"), path)
+def write_text_atomic(text: str, path: str | Path, mode: int = FILE_MODE) -> None:
+    write_bytes_atomic(text.encode("utf-8"), path, mode=mode)
 
 
 def write_json_atomic(value: Any, path: str | Path) -> None:

@@ -32,10 +32,17 @@ from typing import Any
 
 import torch
 
-from dalikd.atomic import temporary_of
+from dalikd.atomic import temporary_of, write_text_atomic
 from dalikd.errors import DalikdError
 from dalikd.metrics import tstddev_sums
-from dalikd.teacher_cache.files import CacheWriteError, finite, read_bytes, read_file, writable
+from dalikd.teacher_cache.files import (
+    FILE_MODE,
+    CacheWriteError,
+    finite,
+    read_bytes,
+    read_file,
+    writable,
+)
 from dalikd.teacher_cache.files import write_file as _write_file
 from dalikd.teacher_cache.formats import LOSSY_BOUND, Format, kl_histogram, measure_kl
 from dalikd.teacher_cache.key import CACHE_FORMAT, key_difference, key_digest
@@ -328,7 +335,8 @@ class TeacherCache:
         if why:
             return self._not_used(f"cannot be made ({why})")
         try:  # every rank writes the same text: either is right
-            _write_text(path, json.dumps(self.key, indent=2, sort_keys=True) + "\n")
+            write_text_atomic(json.dumps(self.key, indent=2, sort_keys=True) + "\n", path,
+                              mode=FILE_MODE)  # fmt: skip
         except DalikdError as e:
             self._not_used(str(e))
 
@@ -427,10 +435,3 @@ class TeacherCache:
             _write_file(self.root, self._val_path(), saved)
         except CacheWriteError as e:
             self.writer.stop(str(e))
-
-
-def _write_text(path: Path, text: str) -> None:
-    from dalikd.atomic import write_atomic
-    from dalikd.teacher_cache.files import FILE_MODE
-
-    write_atomic(path, lambda f: f.write(text.encode()), mode=FILE_MODE)
