@@ -102,7 +102,7 @@ def write_atomic(
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         raise DalikdError(
             f"cannot write {path}: {reason(e, recorder.error if recorder else None)}"
@@ -113,7 +113,7 @@ def write_atomic(
                 tmp.unlink()
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """The rename itself survives a crash once the folder's entry is on disk."""
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
