@@ -82,8 +82,10 @@ def _check_config_size(file_values: Mapping[str, Any] | None, path: str, cfg: Tr
     stored: the plan's own refusal would only ask for another --image-size."""
     data = (file_values or {}).get("data")
     size = data.get("image_size") if isinstance(data, Mapping) else None
-    own = dataset_defaults(path).get("image_size") if path else None
-    if size is None or own is None or size == own or cfg.data.val_transform != "none":
+    if size is None or not path or cfg.data.val_transform != "none":
+        return  # (the common case: no manifest read again)
+    own = dataset_defaults(path).get("image_size")
+    if own is None or size == own:
         return
     from dalikd.manifest import read_manifest
 
