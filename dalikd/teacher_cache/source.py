@@ -5,6 +5,7 @@ first miss) where it holds nothing; :class:`ValTeacher` does the same for valida
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -141,7 +142,7 @@ def for_run(
     notes on its own files itself (:func:`rank_notes`)."""
     from dalikd.device import amp_dtype
 
-    message = message if rank == 0 else rank_notes(rank)
+    message = message if rank == 0 else rank_notes(rank, cfg.teacher_cache)
 
     fmt = Format(cfg.teacher_cache_format, cfg.teacher_cache_topk, cfg.kd.temperature)
     precision = str(amp_dtype(plan.device, cfg.precision) or torch.float32).removeprefix("torch.")
@@ -155,18 +156,19 @@ def for_run(
     return CachedTeacher(cache, live, cfg.kd, message, cfg.teacher_cache)
 
 
-def rank_notes(rank: int) -> Callable[[str], None]:
-    """The cache's notes of rank ``rank`` (not 0) that name its own files (a damaged chunk of its
-    ``r{rank}/`` folder, its ``val/r{rank}.pt``, a disk that filled as it wrote one), as one
-    warning line each prefixed ``rank R:``; those about the whole cache (read-only, not used)
-    rank 0 says once for every rank."""
+def rank_notes(rank: int, root: str | Path) -> Callable[[str], None]:
+    """The notes of rank ``rank`` (not 0) on the cache at ``root`` that name its own files (a
+    damaged chunk of its ``r{rank}/`` folder, its ``val/r{rank}.pt``, a disk that filled as it
+    wrote one), as one warning line each prefixed ``rank R:``; those about the whole cache
+    (read-only, not used) rank 0 says once for every rank. Its files are told by their path
+    inside the cache (a cache under a folder named ``r1`` is not rank 1's file)."""
     import os
     import warnings
 
-    own = (f"{os.sep}r{rank}{os.sep}", f"{os.sep}r{rank}.pt")
+    own, where = (f"{os.sep}r{rank}{os.sep}", f"{os.sep}r{rank}.pt"), str(Path(root))
 
     def say(text: str) -> None:
-        if any(part in text for part in own):
+        if any(part in text.replace(where, "") for part in own):
             warnings.warn(f"dalikd: rank {rank}: {text}", RuntimeWarning, stacklevel=2)
 
     return say
