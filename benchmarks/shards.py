@@ -134,13 +134,10 @@ def files_of(data: Path) -> list[Path]:
 
 
 def epoch_loader(dataset, plan, epoch: int = 0):
-    """The loader training builds for ``epoch`` on one rank (recovery.TrainData's, without the
-    failure handling): the epoch's reads in dalikd's order, through the split's source (a
-    shard set's: index files of exactly those samples)."""
-    source = recovery.source_of(dataset.train)
-    reads, _ = recovery.epoch_reads(range(len(source)), seed=0, epoch=epoch, rank=0, world=1,
-                                    batch=plan.data.batch_size, groups=source.groups)  # fmt: skip
-    return source.loader(reads, plan, train=True, seed=epoch)
+    """What training reads in ``epoch`` on one rank (recovery.TrainData itself): the epoch's
+    reads in dalikd's order, through the split's source (a shard set's: index files of exactly
+    those samples), built at the first batch."""
+    return recovery.TrainData(recovery.source_of(dataset.train), plan, epoch=epoch)
 
 
 def window(data: Path, batches: int, threads: int) -> dict[str, float]:

@@ -49,6 +49,7 @@ CIFAR = {
                 "labels", "label_names"),
 }  # fmt: skip
 TINY = ("tiny-imagenet-200.zip", "tiny-imagenet-200")
+ARCHIVE_NAMES = {**{name: spec[0] for name, spec in CIFAR.items()}, "tiny-imagenet": TINY[0]}
 OFFICIAL_COUNTS = {  # images per split and classes of the official archives
     "cifar100": (50_000, 10_000, 100),
     "cifar10": (50_000, 10_000, 10),

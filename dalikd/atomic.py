@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from dalikd.errors import DalikdError
 
 FILE_MODE = 0o644  # rw-r--r--; a stricter umask narrows it, a looser one (000) cannot widen it
 TMP_SUFFIX = ".tmp"  # every temporary file ends so (rundir counts such names as leftovers)
+_TEMP_NAME = re.compile(r"\.(.+)\.(\d+)\.[0-9a-f]{8}" + re.escape(TMP_SUFFIX))
 
 # errno -> how the one-line error names it
 _REASONS = {
@@ -67,6 +69,14 @@ def _create_temp(path: Path, mode: int) -> tuple[Path, int]:
     raise OSError(errno.EEXIST, "no free temporary name", str(path.parent))
 
 
+def temporary_of(name: str) -> tuple[str, int] | None:
+    """(the target's name, the writer's pid) where ``name`` is one of :func:`write_atomic`'s
+    temporary files (``.NAME.PID.RANDOM.tmp``), else None: for the sweeps of what a killed
+    writer left."""
+    match = _TEMP_NAME.fullmatch(name)
+    return (match[1], int(match[2])) if match else None
+
+
 def reason(error: BaseException, recorded: OSError | None = None) -> str:
     """What went wrong, in a few words: "disk full", "read-only file system", ..."""
     e = recorded or error
@@ -92,7 +102,7 @@ def write_atomic(
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         raise DalikdError(
             f"cannot write {path}: {reason(e, recorder.error if recorder else None)}"
@@ -103,7 +113,7 @@ def write_atomic(
                 tmp.unlink()
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """The rename itself survives a crash once the folder's entry is on disk."""
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -116,12 +126,12 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(data: bytes, path: str | Path) -> None:
-    write_atomic(path, lambda f: f.write(data))
+def write_bytes_atomic(data: bytes, path: str | Path, mode: int = FILE_MODE) -> None:
+    write_atomic(path, lambda f: f.write(data), mode=mode)
 
 
-def write_text_atomic(text: str, path: str | Path) -> None:
-    write_bytes_atomic(text.encode("utf-8"), path)
+def write_text_atomic(text: str, path: str | Path, mode: int = FILE_MODE) -> None:
+    write_bytes_atomic(text.encode("utf-8"), path, mode=mode)
 
 
 def write_json_atomic(value: Any, path: str | Path) -> None:

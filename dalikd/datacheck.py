@@ -422,7 +422,7 @@ def _write_cache(path: Path, root: Path, decode: bool, verdicts: dict[str, Verdi
     """Best effort: a cache that cannot be written only costs the next scan time. Written
     through dalikd.atomic (each process its own temporary file: torchrun ranks scan at once),
     0600 whatever the umask."""
-    from dalikd.atomic import write_atomic
+    from dalikd.atomic import write_bytes_atomic
 
     data = {
         "format": CACHE_FORMAT,
@@ -433,6 +433,6 @@ def _write_cache(path: Path, root: Path, decode: bool, verdicts: dict[str, Verdi
     text = json.dumps(data).encode()
     try:
         private_dir(path.parent)
-        write_atomic(path, lambda f: f.write(text), mode=0o600)
+        write_bytes_atomic(text, path, mode=0o600)
     except (OSError, DalikdError):
         pass

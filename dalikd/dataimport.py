@@ -31,7 +31,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dalikd.archives import OFFICIAL_COUNTS, Archive, open_archive
+from dalikd.archives import ARCHIVE_NAMES, OFFICIAL_COUNTS, Archive, open_archive
+from dalikd.atomic import fsync_folder
 from dalikd.errors import DalikdError
 from dalikd.manifest import (
     MANIFEST_NAME,
@@ -51,11 +52,6 @@ _MEAN_STD = {
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "tiny-imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-_ARCHIVES = {
-    "cifar100": "cifar-100-python.tar.gz",
-    "cifar10": "cifar-10-python.tar.gz",
-    "tiny-imagenet": "tiny-imagenet-200.zip",
 }
 _PAD = {32: 4, 64: 8}  # px, RandomCrop(size, padding) of the reference at each image size
 
@@ -170,16 +166,8 @@ def _publish(tmp: Path, out: Path) -> None:
         for entry in sorted(tmp.iterdir(), key=lambda e: e.name == MANIFEST_NAME):
             os.rename(entry, out / entry.name)
         tmp.rmdir()
-        _fsync_dir(out)
-    _fsync_dir(out.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_folder(out)
+    fsync_folder(out.parent)
 
 
 def _counts_warning(archive: Archive, path: Path) -> str:
@@ -221,7 +209,7 @@ def import_dataset(
         raise DalikdError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
     path, out = Path(archive).expanduser(), Path(out).expanduser().absolute()
     if path.is_dir():
-        raise DalikdError(f"{path} is a folder; give the archive file ({_ARCHIVES[name]})")
+        raise DalikdError(f"{path} is a folder; give the archive file ({ARCHIVE_NAMES[name]})")
     if not path.is_file():
         raise DalikdError(f"archive not found: {path}")
     _check_out(out)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -27,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dalikd.atomic import temporary_of
 from dalikd.errors import DalikdError
 
 LOCK = "run.lock"
@@ -345,18 +345,16 @@ def claimed(
         raise
 
 
-# dalikd.atomic's temporary names (.NAME.PID.RANDOM.tmp) of the files a run writes
-_TEMPORARY = re.compile(
-    r"\.(config\.json|last\.pt|best\.pt|metrics\.jsonl|data_report\.tsv)\.(\d+)\.[0-9a-f]{8}\.tmp"
-)
+# the files a run writes through dalikd.atomic, whose temporaries a killed run may leave
+_WRITTEN = frozenset({"config.json", "last.pt", "best.pt", "metrics.jsonl", "data_report.tsv"})
 
 
 def _remove_temporaries(run_dir: Path, note: Callable[[str], None]) -> None:
     """The temporary files of a run's atomic writes that a killed run left (a SIGKILL
     mid-checkpoint leaves a partial checkpoint, as large as one): the lock's holder is the only
     writer of a run's files, so every one is a leftover. Said in one note."""
-    found = [e for e in os.scandir(run_dir)
-             if (m := _TEMPORARY.fullmatch(e.name)) and int(m[2]) != os.getpid()]  # fmt: skip
+    temps = ((e, temporary_of(e.name)) for e in os.scandir(run_dir))
+    found = [e for e, t in temps if t and t[0] in _WRITTEN and t[1] != os.getpid()]
     for entry in found:
         with contextlib.suppress(OSError):
             os.unlink(entry.path)

@@ -13,24 +13,33 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dalikd.config import TrainConfig, apply_values, build_config, validate
 from dalikd.errors import DalikdError
+
+if TYPE_CHECKING:
+    from dalikd.manifest import Manifest
 
 
 def dataset_defaults(path: str | Path) -> dict[str, Any]:
     """The dataset's own [data] settings: ``data_defaults`` of ``path``/dataset.json; {} where
     there is none (a plain folder, or no path yet)."""
+    manifest = _manifest(path)
+    return dict(manifest.data_defaults) if manifest is not None else {}
+
+
+def _manifest(path: str | Path) -> Manifest | None:
+    """The dataset.json of ``path`` (a glob of a shard set's tars: the set's); None where there
+    is none (a plain folder, or no path yet)."""
     from dalikd.manifest import read_manifest
 
     folder = Path(path).expanduser() if str(path) else None
     if folder is not None and not folder.is_dir() and any(c in str(path) for c in "*?["):
         folder = folder.parent  # a glob of a shard set's tars: the set's manifest
     if folder is None or not folder.is_dir():
-        return {}
-    manifest = read_manifest(folder)
-    return dict(manifest.data_defaults) if manifest is not None else {}
+        return None
+    return read_manifest(folder)
 
 
 def with_dataset_defaults(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
@@ -82,13 +91,13 @@ def _check_config_size(file_values: Mapping[str, Any] | None, path: str, cfg: Tr
     stored: the plan's own refusal would only ask for another --image-size."""
     data = (file_values or {}).get("data")
     size = data.get("image_size") if isinstance(data, Mapping) else None
-    own = dataset_defaults(path).get("image_size") if path else None
-    if size is None or own is None or size == own or cfg.data.val_transform != "none":
+    if size is None or not path or cfg.data.val_transform != "none":
+        return  # (the common case: no manifest read again)
+    manifest = _manifest(path)  # a glob's too: its set's
+    own = manifest.data_defaults.get("image_size") if manifest is not None else None
+    if own is None or size == own:
         return
-    from dalikd.manifest import read_manifest
-
-    manifest = read_manifest(Path(path).expanduser())
-    name = manifest.name if manifest is not None else "the dataset"
+    name = manifest.name
     raise DalikdError(
         f"the config file is for {size}-px images, but {path} holds {name}'s {own}-px images, "
         f"used as stored: take the config of {name} (configs/paper/), or give --image-size {own}"

@@ -263,7 +263,7 @@ def _write_shard(
     """Write shard ``name`` (samples ``first``..), then its index file, each through
     dalikd.atomic (a fresh temporary name, never a link followed, synced, renamed into place;
     a full disk named as such). Returns its journal record."""
-    from dalikd.atomic import write_atomic
+    from dalikd.atomic import write_atomic, write_text_atomic
 
     idx = index_name(name)
     digest, lines, size = hashlib.sha256(), [], [0]
@@ -292,7 +292,7 @@ def _write_shard(
 
     write_atomic(out / name, write_tar)
     index = f"{INDEX_VERSION} {len(items)}\n" + "".join(line + "\n" for line in lines)
-    write_atomic(out / idx, lambda f: f.write(index.encode("utf-8")))
+    write_text_atomic(index, out / idx)
     return {"samples": len(items), "bytes": size[0], "sha256": digest.hexdigest(),
             "index_sha256": hashlib.sha256(index.encode()).hexdigest()}  # fmt: skip
 

@@ -350,7 +350,7 @@ def test_tooling_decoders_keep_the_engine_share_but_preallocate_nothing(
             return real(*args, **kw)
 
         monkeypatch.setattr(dali_fn.decoders, "image", recording)
-        recovery._first_failure(list(split.train.files[:2]), plan)
+        recovery.first_failure(list(split.train.files[:2]), plan)
         assert seen and seen[0]["device"] == "mixed"
         assert not set(PREALLOCATION) & set(seen[0])
         return

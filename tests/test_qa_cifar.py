@@ -169,6 +169,9 @@ def test_a_config_for_another_dataset_is_named_as_the_mistake(tmp_path):
     assert command_config(cifar, {"data.path": data}).data.base_view == "pad_crop"
     crop = {"data": {"image_size": 64, "val_transform": "center_crop"}}
     assert command_config(crop, {"data.path": data}).data.image_size == 64
+    # a glob of a shard set's tars reads its set's manifest: the line names the dataset too
+    with pytest.raises(DalikdError, match="holds cifar10's 32-px images"):
+        command_config(tiny, {"data.path": f"{data}/train-0000[0-1].tar"})
 
 
 def test_import_into_a_symbolic_link_names_it_and_its_target(tmp_path, capsys):

@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -313,3 +314,22 @@ def test_temporary_files_of_killed_writers_are_removed_once_stale(tmp_path):
     assert not any(p.exists() for p in old) and fresh.exists()
     assert messages == [f"teacher cache {root}: removed 2 temporary file(s) that stopped runs "
                         "left"]  # fmt: skip
+
+
+def test_rank_notes_tell_a_ranks_own_files_by_their_path_inside_the_cache(tmp_path):
+    # a cache under a folder named r1: rank 1 repeated rank 0's notes on the whole cache
+    from dalikd.teacher_cache.source import rank_notes
+
+    root = tmp_path / "r1" / "cache"
+    whole = f"teacher cache {root} cannot be written (read-only file system): the steps ..."
+    own = f"teacher cache: {root / 'train/e0000/r1/c0000000-0000003.pt'} is damaged"
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        rank_notes(1, root)(whole)
+        rank_notes(1, root)(own)
+        rank_notes(1, root)(f"teacher cache: {root / 'val/r1.pt'} is damaged; recomputing it")
+        rank_notes(2, root)(own)
+    assert [str(w.message) for w in said] == [
+        f"dalikd: rank 1: {own}",
+        f"dalikd: rank 1: teacher cache: {root / 'val/r1.pt'} is damaged; recomputing it",
+    ]

@@ -238,11 +238,10 @@ def _read_verified(record: Path) -> dict[str, str]:
 def _write_verified(record: Path, verified: dict[str, str]) -> None:
     """Through dalikd.atomic (ranks verify at once), 0644 as the build's other files; a
     read-only folder only costs the next run a check."""
-    from dalikd.atomic import write_atomic
+    from dalikd.atomic import write_text_atomic
 
-    text = (json.dumps(verified, indent=1) + "\n").encode()
     with contextlib.suppress(DalikdError):
-        write_atomic(record, lambda f: f.write(text), mode=0o644)
+        write_text_atomic(json.dumps(verified, indent=1) + "\n", record, mode=0o644)
 
 
 def _gpu_smoke(library: str, device: int) -> tuple[bool, str]:

@@ -99,8 +99,7 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
     if is_shards(dataset) and cfg.baseline != "none":  # torchvision's loaders read folders
         say("a shard set: no torchvision baseline")
         cfg = replace(cfg, baseline="none")
-    left_out = recovery.LeftOutWarning()
-    shards: dict[str, Any] = {}  # a shard set's whole train source and the samples left out
+    left_out = _LeftOut()
     while True:
         profiler = _Profiler(cfg, dataset, device, say)
         try:
@@ -111,11 +110,7 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
         except RuntimeError as error:
             if not recovery.is_decode_failure(error):
                 raise
-            if is_shards(dataset):
-                dataset = _shards_without_culprits(error, dataset, profiler.plan, say, left_out,
-                                                   shards)  # fmt: skip
-            else:
-                dataset = _without_culprits(error, dataset, profiler.plan, say, left_out)
+            dataset = left_out.without(error, dataset, profiler.plan, say)
     return {
         "device": device,
         "cpu_count": cpu_count(),
@@ -148,55 +143,40 @@ def run_profile(cfg: ProfileConfig, progress: Progress | None = None) -> dict[st
     }
 
 
-def _without_culprits(error: RuntimeError, dataset: Dataset, plan: DataPlan, say: Progress,
-                      left_out: recovery.LeftOutWarning) -> Dataset:  # fmt: skip
-    """``dataset`` without the files that made a pipeline fail: the ones DALI names, else the
-    first batch of train/ (in file order) that holds one (the profile reads in its own order:
-    a later failure finds the next)."""
-    say("a training file failed to decode: finding it, then profiling again without it")
-    found = recovery.find_culprits(error, list(dataset.train.files), plan)
-    if not found:
-        raise DalikdError(
-            f"a pipeline failed while profiling and no single file explains it: "
-            f"{recovery.dali_reason(error)}"
-        ) from None
-    left_out(found, "")
-    dataset = recovery.apply_skips(dataset, found)
-    if len(dataset.train) < plan.data.batch_size:
-        raise DalikdError(
-            f"{len(dataset.train)} training images decode, no full batch of "
-            f"{plan.data.batch_size}; lower --batch-size"
-        )
-    return dataset
+class _LeftOut:
+    """The training samples a profile left out so far: a pipeline that fails to decode one is
+    searched for it (the ones DALI names, else the first failing batch in stored order; a later
+    failure finds the next), and the profile starts again on the rest (a folder's files, or the
+    same tars read through index files of the good samples)."""
 
+    def __init__(self) -> None:
+        self.source: Any = None  # the whole train split's recovery.SampleSource, from the first
+        self.out: set[int] = set()  # failure on (a shard set's owns the index files)
+        self.warning = recovery.LeftOutWarning()
 
-def _shards_without_culprits(
-    error: RuntimeError, dataset: Dataset, plan: DataPlan, say: Progress,
-    left_out: recovery.LeftOutWarning, state: dict,
-) -> Dataset:  # fmt: skip
-    """``dataset`` whose train split leaves out the samples that made a pipeline fail, found
-    from their bytes (DALI's error names none), the first failing batch in stored order (a
-    later failure finds the next): the same tars read through index files of the good samples.
-    ``state`` keeps the whole split's source (it owns those index files) and what is out."""
-    say("a training sample failed to decode: finding it, then profiling again without it")
-    if "source" not in state:
-        state["source"], state["out"] = recovery.source_of(dataset.train), set()
-    source, out = state["source"], state["out"]
-    left_out.what = source.what  # "sample"
-    good = [i for i in range(len(source)) if i not in out]
-    found = source.culprits(error, good, plan)
-    if not found:
-        raise DalikdError(
-            f"a pipeline failed while profiling and no single sample explains it: "
-            f"{recovery.dali_reason(error)}"
-        ) from None
-    left_out({source.name(i): reason for i, reason in found.items()}, "")
-    out |= set(found)
-    good = [i for i in good if i not in found]
-    if len(good) < plan.data.batch_size:
-        raise DalikdError(f"{len(good)} training samples decode, no full batch of "
-                          f"{plan.data.batch_size}; lower --batch-size")  # fmt: skip
-    return replace(dataset, train=source.subset(good))
+    def without(self, error: RuntimeError, dataset: Dataset, plan: DataPlan, say: Progress
+                ) -> Dataset:  # fmt: skip
+        """``dataset`` whose train split leaves out the samples that made ``error``."""
+        if self.source is None:
+            self.source = recovery.source_of(dataset.train)
+            self.warning.what = self.source.what
+        source, what = self.source, self.source.what
+        say(f"a training {what} failed to decode: finding it, then profiling again without it")
+        good = [i for i in range(len(source)) if i not in self.out]
+        found = source.culprits(error, good, plan)
+        if not found:
+            raise DalikdError(
+                f"a pipeline failed while profiling and no single {what} explains it: "
+                f"{recovery.dali_reason(error)}"
+            ) from None
+        self.warning({source.name(i): reason for i, reason in found.items()}, "")
+        self.out |= set(found)
+        good = [i for i in good if i not in found]
+        if len(good) < plan.data.batch_size:
+            samples = "images" if what == "file" else "samples"
+            raise DalikdError(f"{len(good)} training {samples} decode, no full batch of "
+                              f"{plan.data.batch_size}; lower --batch-size")  # fmt: skip
+        return replace(dataset, train=source.subset(good))
 
 
 class _Profiler:

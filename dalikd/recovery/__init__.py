@@ -42,7 +42,6 @@ from dalikd.recovery.report import (
     RUN_TIME,
     VAL_TIME,
     LeftOutWarning,
-    apply_skips,
     failure_epoch,
     read_report,
     report_rows,
@@ -55,11 +54,9 @@ from dalikd.recovery.source import FileSource, SampleSource, source_of
 from dalikd.recovery.train_data import STATE, TrainData, dali_state
 from dalikd.recovery.val_data import ValData
 
-_first_failure = first_failure  # the name tests of the GPU graph use
-
 __all__ = [
     "REPORT", "RUN_TIME", "STATE", "VAL_TIME", "FileSource", "LeftOutWarning", "RunFailures",
-    "SampleSource", "ShardSource", "TrainData", "ValData", "after_failure", "apply_skips",
+    "SampleSource", "ShardSource", "TrainData", "ValData", "after_failure",
     "bisect_failures", "bytes_failure", "dali_reason", "dali_state", "epoch_order",
     "epoch_reads", "failure_epoch", "find_culprits", "first_failure", "history_id",
     "is_decode_failure", "read_report", "report_rows", "source_of", "steps_per_epoch",

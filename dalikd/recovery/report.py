@@ -56,22 +56,6 @@ def write_report(run_dir: Path, skipped: tuple[tuple[str, str], ...] | list) -> 
     write_text_atomic("path\treason\n" + "".join(rows), run_dir / REPORT)
 
 
-def apply_skips(dataset: Dataset, skips: dict[str, str]) -> Dataset:
-    """``dataset`` without the files of ``skips``, which join ``dataset.skipped``."""
-    if not skips:
-        return dataset
-
-    def keep(split: Split) -> Split:
-        idx = [i for i, f in enumerate(split.files) if f not in skips]
-        return Split(tuple(split.files[i] for i in idx), tuple(split.labels[i] for i in idx))
-
-    listed = {p for p, _ in dataset.skipped}
-    extra = tuple((p, r) for p, r in sorted(skips.items()) if p not in listed)
-    return replace(
-        dataset, train=keep(dataset.train), val=keep(dataset.val), skipped=dataset.skipped + extra
-    )
-
-
 def with_reported(dataset: Dataset, reported: dict[str, str], val: bool = False) -> Dataset:
     """``dataset`` whose train split lists again the files ``reported`` as failed in training
     that the scan no longer lists (removed since, or now left out), each in its class folder's

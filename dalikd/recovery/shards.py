@@ -32,6 +32,7 @@ import numpy as np
 
 from dalikd.cache import cache_dir, private_dir
 from dalikd.recovery.culprits import bisect_failures, bytes_failure
+from dalikd.recovery.source import subset_loader
 from dalikd.shards import ShardSplit, sample_key
 
 INDEX_DIR = "shard-index"  # under cache_dir(): the loaders' index folders, one per live source
@@ -104,6 +105,7 @@ class ShardSource:
         self.split = split
         sizes = [s.samples for s in split.shards]
         self._starts = np.cumsum([0, *sizes])  # identity of each shard's first sample
+        self._first = np.asarray(split.first, dtype=np.int64)  # its sample number
         self.groups = np.repeat(np.arange(len(sizes)), sizes)
         self._shard = {str(split.folder / s.name): k for k, s in enumerate(split.shards)}
         if index_root is None:
@@ -123,7 +125,7 @@ class ShardSource:
         """The sample numbers of identities ``samples``."""
         ids = np.asarray(samples, dtype=np.int64)
         k = np.searchsorted(self._starts, ids, side="right") - 1
-        return np.asarray(self.split.first, dtype=np.int64)[k] + ids - self._starts[k]
+        return self._first[k] + ids - self._starts[k]
 
     def name(self, i: int) -> str:
         shard, key = self.split.locate(self.number(i))
@@ -150,17 +152,12 @@ class ShardSource:
         self, samples: Sequence[int], plan: Any, *, train: bool, seed: int = 0, rank: int = 0,
         checkpoint: str | bytes | None = None,
     ) -> Any:  # fmt: skip
-        from dalikd import loaders
-
         shutil.rmtree(self._root / f"{self._loaders:06d}", ignore_errors=True)  # the last one's
-        sub = self.subset(samples)
-        if not train:
-            return loaders.val_loader(sub, plan)
-        return loaders.train_loader(sub, plan, seed=seed, shard_id=rank, checkpoint=checkpoint,
-                                    indexed=True, ordered=True)  # fmt: skip
+        return subset_loader(self.subset(samples), plan, train=train, seed=seed, rank=rank,
+                             checkpoint=checkpoint)  # fmt: skip
 
     def culprits(self, error: BaseException, samples: Sequence[int], plan: Any) -> dict[int, str]:
         def fails(part: list[int]) -> str | None:
-            return bytes_failure([self.split.image(self.number(i)) for i in part], plan)
+            return bytes_failure([self.split.image(n) for n in self.numbers(part).tolist()], plan)
 
         return bisect_failures(list(samples), fails, plan.data.batch_size)

@@ -78,16 +78,25 @@ class FileSource:
         self, samples: Sequence[int], plan: Any, *, train: bool, seed: int = 0, rank: int = 0,
         checkpoint: str | bytes | None = None,
     ) -> Any:  # fmt: skip
-        from dalikd import loaders
-
-        if not train:
-            return loaders.val_loader(self.subset(samples), plan)
-        return loaders.train_loader(self.subset(samples), plan, seed=seed, shard_id=rank,
-                                    checkpoint=checkpoint, indexed=True, ordered=True)  # fmt: skip
+        return subset_loader(self.subset(samples), plan, train=train, seed=seed, rank=rank,
+                             checkpoint=checkpoint)  # fmt: skip
 
     def culprits(self, error: BaseException, samples: Sequence[int], plan: Any) -> dict[int, str]:
         found = find_culprits(error, [self.split.files[i] for i in samples], plan)
         return {self._index[f]: reason for f, reason in found.items()}
+
+
+def subset_loader(
+    sub: Any, plan: Any, *, train: bool, seed: int, rank: int, checkpoint: str | bytes | None
+) -> Any:
+    """A source's loader over ``sub``, its samples' split in reading order (a folder's
+    :class:`~dalikd.data.Split` or a shard set's subset): :meth:`SampleSource.loader`."""
+    from dalikd import loaders
+
+    if not train:
+        return loaders.val_loader(sub, plan)
+    return loaders.train_loader(sub, plan, seed=seed, shard_id=rank, checkpoint=checkpoint,
+                                indexed=True, ordered=True)  # fmt: skip
 
 
 def source_of(split: Any) -> SampleSource:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from dalikd.atomic import write_atomic
+from dalikd.atomic import reason, write_atomic
 from dalikd.cache import private_dir, untrusted
 from dalikd.errors import DalikdError
 
@@ -66,18 +66,12 @@ def write_file(root: Path, path: Path, obj: dict[str, Any]) -> None:
     try:
         private_dir(path.parent)
     except OSError as e:
-        raise CacheWriteError(f"cannot write {path}: {_why(e)}") from None
+        raise CacheWriteError(f"cannot write {path}: {reason(e)}") from None
     obj = {**obj, CHECKSUM: checksum(obj)}
     try:
         write_atomic(path, lambda f: torch.save(obj, f), mode=FILE_MODE)
     except DalikdError as e:
         raise CacheWriteError(str(e)) from None
-
-
-def _why(e: OSError) -> str:
-    from dalikd.atomic import reason
-
-    return reason(e)
 
 
 def read_bytes(path: Path, root: Path) -> tuple[bytes | None, str]:
@@ -141,14 +135,14 @@ def writable(folder: Path) -> str:
     try:
         private_dir(folder)
     except OSError as e:
-        return _why(e)
+        return reason(e)
     probe = folder / f".dalikd-write-check.{os.getpid()}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
     except OSError as e:
         if e.errno == errno.EEXIST:
             return ""
-        return _why(e)
+        return reason(e)
     os.close(fd)
     with contextlib.suppress(OSError):
         probe.unlink()

@@ -5,6 +5,7 @@ first miss) where it holds nothing; :class:`ValTeacher` does the same for valida
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,24 +22,24 @@ from dalikd.teacher_cache.store import TeacherCache
 
 
 class CachedTeacher:
-    """A :class:`~dalikd.teacher.TeacherSource` over ``cache`` (None: not used, every step runs
-    the teacher). On a hit it returns the stored outputs (the
-    kept x' rows and the pick's indices: the Distiller does not pick again) and the teacher does
-    not run; on a miss it runs ``live``, makes the pick itself (a cache only replays
+    """A :class:`~dalikd.teacher.TeacherSource` over ``cache`` (one the run cannot use, read or
+    write says so itself: :attr:`TeacherCache.unused`). On a hit it returns the stored outputs
+    (the kept x' rows and the pick's indices: the Distiller does not pick again) and the teacher
+    does not run; on a miss it runs ``live``, makes the pick itself (a cache only replays
     teacher-based picks, so the student is not needed), records the outputs and returns them.
     It counts hits and misses, writes its chunks where the run checkpoints, and stands in for
     the teacher in validation (:meth:`val_teacher`)."""
 
     def __init__(
         self,
-        cache: TeacherCache | None,
+        cache: TeacherCache,
         live: LiveTeacher,
         kd: KDConfig,
         message: Callable[[str], None] = lambda text: None,
         name: str = "",
     ) -> None:
         self.cache, self.live, self.kd, self.message = cache, live, kd, message
-        self.name = name or (str(cache.root) if cache is not None else "")
+        self.name = name or str(cache.root)
         self.hits = self.misses = 0
         self._val: ValTeacher | None = None
 
@@ -48,9 +49,7 @@ class CachedTeacher:
         return self.live.module()
 
     def outputs(self, batch: Batch, at: Position) -> TeacherOut:
-        hit = None
-        if self.cache is not None:
-            hit = self.cache.lookup(at.epoch, at.step, batch.images.device, at.data)
+        hit = self.cache.lookup(at.epoch, at.step, batch.images.device, at.data)
         if hit is not None:
             self.hits += 1
             return TeacherOut(hit.teacher_x, hit.teacher_aug, hit.keep, hit.tstd_sums)
@@ -60,25 +59,23 @@ class CachedTeacher:
         if batch.aug_images is not None and batch.pool_size > 1:
             keep = pick.select(self.kd, batch.aug_images, out.logits_aug, None)
             out = TeacherOut(out.logits_x, out.logits_aug[keep], keep)
-        if self.cache is not None:
-            self.cache.record(at.epoch, at.step, out.logits_x, out.logits_aug, out.keep, at.data)
+        self.cache.record(at.epoch, at.step, out.logits_x, out.logits_aug, out.keep, at.data)
         return out
 
     def val_teacher(self, batches: int = 0, history: Callable[[], str] = lambda: "") -> ValTeacher:
         """The cached validation logits (or the teacher, recording them: saved once a whole
         pass of ``batches`` batches is seen) of the validation batches ``history()`` names
         (which files are left out: another history, other batches)."""
-        if self._val is None or self._val.data != history():
-            data = history()
-            logits = self.cache.val_logits(data) if self.cache is not None else None
+        data = history()
+        if self._val is None or self._val.data != data:
+            logits = self.cache.val_logits(data)
             self._val = ValTeacher(lambda images: self.module()(images), logits, self.cache,
                                    batches, history)  # fmt: skip
         return self._val
 
     def checkpoint(self) -> None:
         """The cache's chunks end where checkpoints do."""
-        if self.cache is not None:
-            self.cache.flush()
+        self.cache.flush()
 
     def counts(self) -> tuple[int, int]:
         return self.hits, self.misses
@@ -145,7 +142,7 @@ def for_run(
     notes on its own files itself (:func:`rank_notes`)."""
     from dalikd.device import amp_dtype
 
-    message = message if rank == 0 else rank_notes(rank)
+    message = message if rank == 0 else rank_notes(rank, cfg.teacher_cache)
 
     fmt = Format(cfg.teacher_cache_format, cfg.teacher_cache_topk, cfg.kd.temperature)
     precision = str(amp_dtype(plan.device, cfg.precision) or torch.float32).removeprefix("torch.")
@@ -159,18 +156,19 @@ def for_run(
     return CachedTeacher(cache, live, cfg.kd, message, cfg.teacher_cache)
 
 
-def rank_notes(rank: int) -> Callable[[str], None]:
-    """The cache's notes of rank ``rank`` (not 0) that name its own files (a damaged chunk of its
-    ``r{rank}/`` folder, its ``val/r{rank}.pt``, a disk that filled as it wrote one), as one
-    warning line each prefixed ``rank R:``; those about the whole cache (read-only, not used)
-    rank 0 says once for every rank."""
+def rank_notes(rank: int, root: str | Path) -> Callable[[str], None]:
+    """The notes of rank ``rank`` (not 0) on the cache at ``root`` that name its own files (a
+    damaged chunk of its ``r{rank}/`` folder, its ``val/r{rank}.pt``, a disk that filled as it
+    wrote one), as one warning line each prefixed ``rank R:``; those about the whole cache
+    (read-only, not used) rank 0 says once for every rank. Its files are told by their path
+    inside the cache (a cache under a folder named ``r1`` is not rank 1's file)."""
     import os
     import warnings
 
-    own = (f"{os.sep}r{rank}{os.sep}", f"{os.sep}r{rank}.pt")
+    own, where = (f"{os.sep}r{rank}{os.sep}", f"{os.sep}r{rank}.pt"), str(Path(root))
 
     def say(text: str) -> None:
-        if any(part in text for part in own):
+        if any(part in text.replace(where, "") for part in own):
             warnings.warn(f"dalikd: rank {rank}: {text}", RuntimeWarning, stacklevel=2)
 
     return say

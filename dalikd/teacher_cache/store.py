@@ -32,17 +32,24 @@ from typing import Any
 
 import torch
 
+from dalikd.atomic import temporary_of, write_text_atomic
 from dalikd.errors import DalikdError
 from dalikd.metrics import tstddev_sums
-from dalikd.teacher_cache.files import CacheWriteError, finite, read_bytes, read_file, writable
+from dalikd.teacher_cache.files import (
+    FILE_MODE,
+    CacheWriteError,
+    finite,
+    read_bytes,
+    read_file,
+    writable,
+)
 from dalikd.teacher_cache.files import write_file as _write_file
 from dalikd.teacher_cache.formats import LOSSY_BOUND, Format, kl_histogram, measure_kl
 from dalikd.teacher_cache.key import CACHE_FORMAT, key_difference, key_digest
 
 CHUNK_NAME = re.compile(r"c(\d{7})-(\d{7})(?:-([0-9a-f]{16}))?\.pt$")
-# dalikd.atomic's temporary names; one not modified for STALE_TEMP_S is a killed writer's (a
-# chunk is written in seconds; a younger one may be another run's write in progress)
-TEMPORARY = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
+# a temporary file of dalikd.atomic not modified for STALE_TEMP_S is a killed writer's (a chunk
+# is written in seconds; a younger one may be another run's write in progress)
 STALE_TEMP_S = 3600
 ROWS = ("logits", "values", "scale", "codes")  # a format's floating-point rows (finite)
 
@@ -287,7 +294,7 @@ class TeacherCache:
             except OSError:
                 continue
             for e in entries:
-                if not TEMPORARY.fullmatch(e.name):
+                if temporary_of(e.name) is None:
                     continue
                 with contextlib.suppress(OSError):
                     if now - e.stat(follow_symlinks=False).st_mtime > STALE_TEMP_S:
@@ -328,7 +335,8 @@ class TeacherCache:
         if why:
             return self._not_used(f"cannot be made ({why})")
         try:  # every rank writes the same text: either is right
-            _write_text(path, json.dumps(self.key, indent=2, sort_keys=True) + "\n")
+            write_text_atomic(json.dumps(self.key, indent=2, sort_keys=True) + "\n", path,
+                              mode=FILE_MODE)  # fmt: skip
         except DalikdError as e:
             self._not_used(str(e))
 
@@ -427,10 +435,3 @@ class TeacherCache:
             _write_file(self.root, self._val_path(), saved)
         except CacheWriteError as e:
             self.writer.stop(str(e))
-
-
-def _write_text(path: Path, text: str) -> None:
-    from dalikd.atomic import write_atomic
-    from dalikd.teacher_cache.files import FILE_MODE
-
-    write_atomic(path, lambda f: f.write(text.encode()), mode=FILE_MODE)
