@@ -2,4 +2,5 @@
 
 from dalikd.cli.main import main
 
-main()
+if __name__ == "__main__":  # not when a worker process imports this module again (forkserver)
+    main()

@@ -163,3 +163,27 @@ def test_cpu_share_of_the_plain_pipeline_is_the_inverse_ratio_of_cpu_ms():
     plain, mixed = Timing(100.0, cpu_ms_per_img=2.0), Timing(120.0, cpu_ms_per_img=2.5)
     assert cpu_vs_plain(mixed, plain) == {"vs_plain_cpu": 0.8}  # 2.0 / 2.5: costlier per image
     assert cpu_vs_plain(mixed, Timing(100.0)) == {}  # not measured: not reported
+
+
+def test_the_baselines_workers_start_from_a_forkserver_not_a_fork_of_this_process(tmp_path):
+    """The profile's process runs DALI's threads: a DataLoader worker forked from it can hang
+    on a lock one of them held. The torchvision baseline's workers start from a forkserver and
+    deliver batches."""
+    import multiprocessing
+
+    import torch
+    from conftest import make_dataset
+
+    from dalikd.config import DataConfig
+    from dalikd.profile.baseline import BaselineStream, baseline_loader
+
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), n_train=8, n_val=2)
+    data = DataConfig(path=str(root), image_size=16, batch_size=4, threads=2)
+    stream = BaselineStream(baseline_loader("cutmix", root, data, 2, 1), torch.device("cpu"))
+    try:
+        assert stream.loader.multiprocessing_context is multiprocessing.get_context("forkserver")
+        for _ in range(5):  # more than an epoch: the persistent workers go on
+            stream.step()
+        assert len(stream.worker_pids()) == 2
+    finally:
+        stream.close()

@@ -4,6 +4,8 @@ mixing schemes, and timm's prefetching loader."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -144,11 +146,26 @@ def _to(obj, device: torch.device):
     return [_to(o, device) for o in obj]
 
 
+def worker_start() -> str:
+    """How the baselines' DataLoader workers start: from a clean forkserver process, not forked
+    from this one, which runs DALI's threads (a worker forked from it can inherit a lock one of
+    them holds and hang; seen under load). Fork only where a worker could not import this
+    process's ``__main__`` again (a script read from stdin)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or getattr(main, "__spec__", None) is not None or os.path.isfile(path):
+        return "forkserver"
+    return "fork"
+
+
 class BaselineStream:
     """Endless batches of a DataLoader, moved to the training device as DALI's would be."""
 
     def __init__(self, loader, device: torch.device):
         self.loader, self.device = loader, device
+        inner = getattr(loader, "loader", loader)  # timm's PrefetchLoader wraps its DataLoader
+        if inner.num_workers > 0:
+            inner.multiprocessing_context = worker_start()
         self._it = self._batches()
 
     def _batches(self):
