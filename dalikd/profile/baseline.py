@@ -163,9 +163,8 @@ class BaselineStream:
 
     def __init__(self, loader, device: torch.device):
         self.loader, self.device = loader, device
-        inner = getattr(loader, "loader", loader)  # timm's PrefetchLoader wraps its DataLoader
-        if inner.num_workers > 0:
-            inner.multiprocessing_context = worker_start()
+        if self._data_loader().num_workers > 0:
+            self._data_loader().multiprocessing_context = worker_start()
         self._it = self._batches()
 
     def _batches(self):
@@ -183,10 +182,13 @@ class BaselineStream:
                 "with --baseline none, or find it with: dalikd check-data DIR --decode"
             ) from None
 
+    def _data_loader(self):
+        """The DataLoader itself (timm's PrefetchLoader wraps it as .loader)."""
+        return getattr(self.loader, "loader", self.loader)
+
     def _iterator(self):
         # DataLoader does not expose its worker processes; read them where they are today
-        # (timm's PrefetchLoader wraps the DataLoader as .loader).
-        return getattr(getattr(self.loader, "loader", self.loader), "_iterator", None)
+        return getattr(self._data_loader(), "_iterator", None)
 
     def _workers(self) -> list:
         return getattr(self._iterator(), "_workers", None) or []
